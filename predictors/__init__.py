@@ -1,0 +1,1 @@
+"""Head-property predictor and granularity-budget selector, installed as `vortex_hybrid.predictors`."""

@@ -1,0 +1,173 @@
+"""`HybridConfig`: every knob of vortex-hybrid in one frozen dataclass.
+
+A config is validated when it is built: a bad value raises `ValueError` naming the field, the value
+and what is allowed, so nothing downstream (kernels, pools, scheduler) has to re-check it.
+
+    cfg = HybridConfig(page_size=16, flow="quest", budget_ratio=0.02)
+    cfg = HybridConfig.from_json("hybrid.json")      # a path or a JSON text
+    cfg.budget_for(num_pages=8192)                   # pages one head attends per step
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+PLACEMENTS = ("hybrid", "gpu", "cpu")
+"""Where attention runs: both devices under the scheduler, the GPU only, or the CPU only."""
+
+KV_DTYPES = ("bfloat16", "float16", "float32")
+SUMMARY_DTYPES = ("float32", "bfloat16", "float16")
+MAX_PAGE_SIZE = 1024
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"HybridConfig.{name}={value!r} is invalid: {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    """All settings of the hybrid sparse-attention runtime.
+
+    Budget: `budget_pages` (a fixed count) and/or `budget_ratio` (a fraction of the request's pages).
+    With both, a head attends `max(budget_pages, ceil(budget_ratio * num_pages))` pages; either way
+    the budget never drops below `sink_pages + recent_pages` and never exceeds the request's pages.
+    """
+
+    page_size: int = 16
+    """Tokens per page; a power of two in [1, 1024]."""
+    flow: str = "quest"
+    """A registered flow name, or `path/to/file.py:name` for a user's flow."""
+    budget_pages: Optional[int] = None
+    """Pages per (request, KV head) per step, sink and recent included; None to use the ratio only."""
+    budget_ratio: Optional[float] = 0.02
+    """Fraction of the request's pages attended, in (0, 1]; None to use `budget_pages` only."""
+    sink_pages: int = 1
+    """First pages always attended (attention sinks); >= 0."""
+    recent_pages: int = 2
+    """Last pages always attended, the partly filled tail page among them; >= 1."""
+    placement: str = "hybrid"
+    """One of PLACEMENTS."""
+    gpu_cache_pages: int = 4096
+    """Slots of the GPU page cache (pages kept in HBM), >= 0."""
+    host_memory_gib: Optional[float] = None
+    """Cap on pinned host memory for the host page pool in GiB; None for 80% of free memory."""
+    kv_dtype: str = "bfloat16"
+    """Storage dtype of K and V pages; one of KV_DTYPES."""
+    summary_dtype: str = "float32"
+    """Storage dtype of page summaries; one of SUMMARY_DTYPES."""
+    cpu_threads: Optional[int] = None
+    """Numba worker threads for CPU kernels; None for NUMBA_NUM_THREADS or every core."""
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    """Free-form flow options (e.g. {"channels": 16}); passed to the flow unchecked."""
+
+    def __post_init__(self) -> None:
+        ps = self.page_size
+        if not _is_int(ps) or ps < 1 or ps > MAX_PAGE_SIZE or ps & (ps - 1):
+            _fail("page_size", ps, f"a power of two from 1 to {MAX_PAGE_SIZE} (e.g. 16)")
+        if not isinstance(self.flow, str) or not self.flow.strip():
+            _fail("flow", self.flow, "a registered flow name such as 'quest' or 'path/to/file.py:name'")
+        for name in ("sink_pages", "recent_pages", "gpu_cache_pages"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                _fail(name, value, "a non-negative integer")
+        if self.recent_pages < 1:
+            _fail("recent_pages", self.recent_pages,
+                  "at least 1 (the partly filled last page is always attended)")
+        if self.budget_pages is None and self.budget_ratio is None:
+            _fail("budget_pages", None, "set budget_pages and/or budget_ratio (both are None)")
+        if self.budget_pages is not None:
+            floor = self.sink_pages + self.recent_pages
+            if not _is_int(self.budget_pages) or self.budget_pages < floor:
+                _fail("budget_pages", self.budget_pages,
+                      f"an integer >= sink_pages + recent_pages = {floor}")
+        if self.budget_ratio is not None:
+            r = self.budget_ratio
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 < r <= 1.0) \
+                    or math.isnan(r):
+                _fail("budget_ratio", r, "a fraction in (0, 1], e.g. 0.02 for 2% of the pages")
+        if self.placement not in PLACEMENTS:
+            _fail("placement", self.placement, f"one of {list(PLACEMENTS)}")
+        if self.host_memory_gib is not None:
+            h = self.host_memory_gib
+            if isinstance(h, bool) or not isinstance(h, (int, float)) or not (h > 0) \
+                    or math.isinf(h):
+                _fail("host_memory_gib", h, "a positive finite number of GiB, or None")
+        if self.kv_dtype not in KV_DTYPES:
+            _fail("kv_dtype", self.kv_dtype, f"one of {list(KV_DTYPES)}")
+        if self.summary_dtype not in SUMMARY_DTYPES:
+            _fail("summary_dtype", self.summary_dtype, f"one of {list(SUMMARY_DTYPES)}")
+        if self.cpu_threads is not None and (not _is_int(self.cpu_threads) or self.cpu_threads < 1):
+            _fail("cpu_threads", self.cpu_threads, "a positive integer, or None")
+        if not isinstance(self.extra, Mapping):
+            _fail("extra", self.extra, "a mapping of flow options")
+
+    # ---- derived values -------------------------------------------------------------------------
+    def budget_for(self, num_pages: int) -> int:
+        """Pages one (request, KV head) attends when the request holds `num_pages` pages."""
+        if not _is_int(num_pages) or num_pages < 0:
+            raise ValueError(f"num_pages={num_pages!r} must be a non-negative integer")
+        budget = self.sink_pages + self.recent_pages
+        if self.budget_pages is not None:
+            budget = max(budget, self.budget_pages)
+        if self.budget_ratio is not None:
+            budget = max(budget, math.ceil(self.budget_ratio * num_pages))
+        return min(budget, num_pages)
+
+    def resolved_cpu_threads(self) -> int:
+        """Thread count for CPU kernels: the field, else NUMBA_NUM_THREADS, else every core."""
+        if self.cpu_threads is not None:
+            return self.cpu_threads
+        env = os.environ.get("NUMBA_NUM_THREADS")
+        if env and env.isdigit() and int(env) > 0:
+            return int(env)
+        return os.cpu_count() or 1
+
+    # ---- serialisation --------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "HybridConfig":
+        """Build from a mapping; unknown keys raise `ValueError` naming the key and the known ones."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"HybridConfig.from_dict expects a mapping, got {type(data).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"HybridConfig: unknown key {key!r}{hint}; known keys: {known}")
+        return cls(**dict(data))
+
+    @classmethod
+    def from_json(cls, source: str | os.PathLike) -> "HybridConfig":
+        """Build from a JSON file path or a JSON text (a string that starts with '{')."""
+        text = str(source)
+        if not text.lstrip().startswith("{"):
+            with open(source, encoding="utf-8") as fh:
+                text = fh.read()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"HybridConfig.from_json: not valid JSON ({exc})") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["extra"] = dict(self.extra)
+        return out
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """The config as JSON text; also written to `path` when given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+        return text

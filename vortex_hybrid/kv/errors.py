@@ -1,0 +1,20 @@
+"""Errors of the paged KV substrate; each message names the request, the pages and the limit."""
+
+
+class KVCacheError(RuntimeError):
+    """Base class of every error the KV substrate raises."""
+
+
+class OutOfPagesError(KVCacheError):
+    """A pool has too few free pages; nothing was allocated and every existing page is intact."""
+
+
+class PageOwnershipError(KVCacheError):
+    """A request addressed a page it does not own (another request's, or a free one)."""
+
+
+class UnknownRequestError(KVCacheError, KeyError):
+    """A request id that the cache never created or already freed."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

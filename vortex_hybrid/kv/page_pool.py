@@ -1,0 +1,74 @@
+"""`PagePool`: the K and V page storage of one device, in the layout of DESIGN.md."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import psutil
+import torch
+
+GIB = 1 << 30
+
+
+def pool_bytes(num_layers: int, num_pages: int, num_kv_heads: int, page_size: int, head_dim: int,
+               dtype: torch.dtype) -> int:
+    """Bytes of K plus V for a pool of this shape."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * num_pages * num_kv_heads * page_size * head_dim * elem
+
+
+class PagePool:
+    """K and V pages `[num_layers, num_pages, num_kv_heads, page_size, head_dim]` on one device.
+
+    `pool.k[layer]` is the contract's `k_pool` `[num_pages, num_kv_heads, page_size, head_dim]`,
+    contiguous, so kernels take it directly. A host pool is pinned when CUDA is present (pageable
+    host memory moves ~6x slower over PCIe, ENVIRONMENT.md).
+    """
+
+    def __init__(self, num_layers: int, num_pages: int, num_kv_heads: int, page_size: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str,
+                 pin: Optional[bool] = None, memory_cap_bytes: Optional[int] = None,
+                 name: str = "pool") -> None:
+        for field, value in (("num_layers", num_layers), ("num_pages", num_pages),
+                             ("num_kv_heads", num_kv_heads), ("page_size", page_size),
+                             ("head_dim", head_dim)):
+            if not isinstance(value, int) or value < (0 if field == "num_pages" else 1):
+                raise ValueError(f"{name}: {field}={value!r} must be a positive integer")
+        self.name = name
+        self.device = torch.device(device)
+        need = pool_bytes(num_layers, num_pages, num_kv_heads, page_size, head_dim, dtype)
+        self._check_memory(need, memory_cap_bytes)
+        if pin is None:
+            pin = self.device.type == "cpu" and torch.cuda.is_available()
+        shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=self.device, pin_memory=pin)
+        self.v = torch.zeros(shape, dtype=dtype, device=self.device, pin_memory=pin)
+        self.pinned = pin
+
+    def _check_memory(self, need: int, cap: Optional[int]) -> None:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            limit, what = free, "free GPU memory"
+        else:
+            avail = psutil.virtual_memory().available
+            limit, what = (cap, "the host memory cap") if cap is not None else \
+                (int(0.8 * avail), "80% of available host memory")
+        if need > limit:
+            raise ValueError(f"{self.name}: {need / GIB:.2f} GiB of pages exceed {what} "
+                             f"({limit / GIB:.2f} GiB); use fewer pages")
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[1]
+
+    def copy_pages_from(self, src: "PagePool", src_pages: Sequence[int],
+                        dst_pages: Sequence[int]) -> None:
+        """Copy whole pages (all layers, K and V) from `src`; bit-exact."""
+        if len(src_pages) != len(dst_pages):
+            raise ValueError(f"{len(src_pages)} source pages but {len(dst_pages)} destinations")
+        if not src_pages:
+            return
+        s = torch.as_tensor(list(src_pages), dtype=torch.int64, device=src.device)
+        d = torch.as_tensor(list(dst_pages), dtype=torch.int64, device=self.device)
+        for dst_t, src_t in ((self.k, src.k), (self.v, src.v)):
+            dst_t[:, d] = src_t[:, s].to(self.device, non_blocking=False)

@@ -1,0 +1,305 @@
+"""`PagedKVCache`: requests, their page tables, and KV pages split between a device and a host pool.
+
+Each request owns logical pages `0..n-1`. Logical page `p` holds tokens
+`[p*page_size, min((p+1)*page_size, seq_len))` of every layer and KV head, and lives in the device
+pool, the host pool, or both (a host page loaded into a GPU cache slot keeps its host copy, so
+evicting it again costs no copy). New tokens always land in device pages.
+
+    kv = PagedKVCache(num_layers=2, num_kv_heads=8, head_dim=128, page_size=16,
+                      device_pages=1024, host_pages=8192)
+    rid = kv.create_request()
+    kv.append(rid, k, v)            # k, v: [num_layers, T, num_kv_heads, head_dim]
+    kv.offload(rid, [0, 1])         # full pages -> host; device pages freed
+    kv.load(rid, [1])               # host page -> a device slot (host copy kept)
+    table, lens = kv.page_table([rid], where="device")   # int32 tables for the kernels
+    kv.free_request(rid)
+
+A request can only name its own logical pages; physical pages are checked against the allocators'
+ownership before every copy or free, so no call can touch another request's KV. Every operation that
+can run out of pages allocates first and changes nothing when it fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+from ..config import HybridConfig
+from .errors import KVCacheError, OutOfPagesError, UnknownRequestError
+from .page_allocator import PageAllocator
+from .page_pool import GIB, PagePool
+
+log = logging.getLogger(__name__)
+
+NOT_RESIDENT = -1
+
+PageFilledListener = Callable[[int, int, int, int], None]
+"""`fn(request_id, layer, logical_page, device_page)`, called when a page's last token is written."""
+
+
+@dataclass
+class _Request:
+    seq_len: int = 0
+    device_pages: list[int] = field(default_factory=list)   # logical -> device page or -1
+    host_pages: list[int] = field(default_factory=list)     # logical -> host page or -1
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class PagedKVCache:
+    """The paged KV substrate: a device page pool, a host page pool and per-request page tables.
+
+    On a machine without CUDA the device pool is a CPU tensor, so everything runs in CI.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int,
+                 device_pages: int, host_pages: int, dtype: torch.dtype = torch.bfloat16,
+                 device: Optional[torch.device | str] = None,
+                 host_memory_cap_bytes: Optional[int] = None) -> None:
+        if not isinstance(page_size, int) or page_size < 1 or page_size & (page_size - 1):
+            raise ValueError(f"page_size={page_size!r} must be a power of two")
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.page_size = page_size
+        self.dtype = dtype
+        dev = torch.device(device) if device is not None else default_device()
+        self.device_pool = PagePool(num_layers, device_pages, num_kv_heads, page_size, head_dim,
+                                    dtype, dev, name="device pool")
+        self.host_pool = PagePool(num_layers, host_pages, num_kv_heads, page_size, head_dim,
+                                  dtype, "cpu", memory_cap_bytes=host_memory_cap_bytes,
+                                  name="host pool")
+        self.device_alloc = PageAllocator(device_pages, "device pool")
+        self.host_alloc = PageAllocator(host_pages, "host pool")
+        self._requests: dict[int, _Request] = {}
+        self._ids = itertools.count()
+        self._listeners: list[PageFilledListener] = []
+
+    @classmethod
+    def from_config(cls, cfg: HybridConfig, num_layers: int, num_kv_heads: int, head_dim: int,
+                    device_pages: int, host_pages: int,
+                    device: Optional[torch.device | str] = None) -> "PagedKVCache":
+        cap = None if cfg.host_memory_gib is None else int(cfg.host_memory_gib * GIB)
+        return cls(num_layers, num_kv_heads, head_dim, cfg.page_size, device_pages, host_pages,
+                   getattr(torch, cfg.kv_dtype), device, cap)
+
+    @property
+    def device(self) -> torch.device:
+        return self.device_pool.device
+
+    # ---- requests ---------------------------------------------------------------------------
+    def create_request(self) -> int:
+        """A new empty request; returns its id."""
+        rid = next(self._ids)
+        self._requests[rid] = _Request()
+        return rid
+
+    def _req(self, rid: int) -> _Request:
+        try:
+            return self._requests[rid]
+        except (KeyError, TypeError):
+            raise UnknownRequestError(f"request {rid!r} does not exist (never created or already "
+                                      f"freed); live requests: {sorted(self._requests)}") from None
+
+    @property
+    def request_ids(self) -> list[int]:
+        return sorted(self._requests)
+
+    def seq_len(self, rid: int) -> int:
+        return self._req(rid).seq_len
+
+    def num_pages(self, rid: int) -> int:
+        return len(self._req(rid).device_pages)
+
+    def num_full_pages(self, rid: int) -> int:
+        return self._req(rid).seq_len // self.page_size
+
+    def residency(self, rid: int) -> list[tuple[int, int]]:
+        """Per logical page: (device page or -1, host page or -1)."""
+        r = self._req(rid)
+        return list(zip(r.device_pages, r.host_pages))
+
+    def free_request(self, rid: int) -> None:
+        """Return every page of a finished request to its pool."""
+        r = self._req(rid)
+        self.device_alloc.free(rid, [p for p in r.device_pages if p != NOT_RESIDENT])
+        self.host_alloc.free(rid, [p for p in r.host_pages if p != NOT_RESIDENT])
+        del self._requests[rid]
+
+    # ---- writing ----------------------------------------------------------------------------
+    def add_page_filled_listener(self, fn: PageFilledListener) -> None:
+        """Call `fn(rid, layer, logical_page, device_page)` whenever a write fills a page of a layer
+        (the vFlow cache stage computes that page's summaries there)."""
+        self._listeners.append(fn)
+
+    def extend(self, rid: int, num_tokens: int) -> int:
+        """Reserve room for `num_tokens` more tokens; returns the first new position.
+
+        Allocates device pages for the new logical pages, all or nothing.
+        """
+        r = self._req(rid)
+        if not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"num_tokens={num_tokens!r} must be a non-negative integer")
+        start = r.seq_len
+        need = -(-(start + num_tokens) // self.page_size) - len(r.device_pages)
+        new = self.device_alloc.alloc(rid, need) if need > 0 else []
+        r.device_pages.extend(new)
+        r.host_pages.extend([NOT_RESIDENT] * len(new))
+        r.seq_len = start + num_tokens
+        return start
+
+    def write(self, rid: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write `k`, `v` `[T, num_kv_heads, head_dim]` of one layer at positions `[start, start+T)`.
+
+        The positions must have been reserved by `extend` and their pages must be on the device.
+        """
+        r = self._req(rid)
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer={layer} outside 0..{self.num_layers - 1}")
+        shape = (self.num_kv_heads, self.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            if t.dim() != 3 or tuple(t.shape[1:]) != shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [T, {shape[0]}, "
+                                 f"{shape[1]}]")
+        if k.shape[0] != v.shape[0]:
+            raise ValueError(f"k has {k.shape[0]} tokens but v has {v.shape[0]}")
+        n = k.shape[0]
+        if start < 0 or start + n > r.seq_len:
+            raise ValueError(f"request {rid}: positions [{start}, {start + n}) are outside the "
+                             f"reserved [0, {r.seq_len}); call extend first")
+        if n == 0:
+            return
+        ps = self.page_size
+        first, last = start // ps, (start + n - 1) // ps
+        dev = r.device_pages[first:last + 1]
+        if NOT_RESIDENT in dev:
+            raise KVCacheError(f"request {rid}: a page of positions [{start}, {start + n}) is not "
+                               f"on the device (offloaded pages are read-only)")
+        self.device_alloc.check_owned(rid, dev)
+        pos = torch.arange(start, start + n, device=self.device)
+        pages = torch.as_tensor(r.device_pages, device=self.device)[pos // ps]
+        slots = pos % ps
+        pool = self.device_pool
+        pool.k[layer, pages, :, slots] = k.to(device=self.device, dtype=self.dtype)
+        pool.v[layer, pages, :, slots] = v.to(device=self.device, dtype=self.dtype)
+        for p in range(first, last + 1):
+            if start <= (p + 1) * ps - 1 < start + n:
+                for fn in self._listeners:
+                    fn(rid, layer, p, r.device_pages[p])
+
+    def append(self, rid: int, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Append tokens of every layer: `k`, `v` `[num_layers, T, num_kv_heads, head_dim]`.
+
+        A prefill chunk or one decode token; returns the first new position.
+        """
+        expect = (self.num_layers, self.num_kv_heads, self.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            if t.dim() != 4 or (t.shape[0], t.shape[2], t.shape[3]) != expect:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{expect[0]}, T, "
+                                 f"{expect[1]}, {expect[2]}]")
+        if k.shape != v.shape:
+            raise ValueError(f"k shape {tuple(k.shape)} differs from v shape {tuple(v.shape)}")
+        start = self.extend(rid, k.shape[1])
+        for layer in range(self.num_layers):
+            self.write(rid, layer, start, k[layer], v[layer])
+        return start
+
+    # ---- moving pages -----------------------------------------------------------------------
+    def _logical(self, rid: int, pages: Iterable[int], full_only: bool) -> list[int]:
+        r = self._req(rid)
+        pages = [int(p) for p in pages]
+        limit = r.seq_len // self.page_size if full_only else len(r.device_pages)
+        for p in pages:
+            if not 0 <= p < limit:
+                what = "full pages" if full_only else "pages"
+                raise ValueError(f"request {rid} has {what} 0..{limit - 1}; got logical page {p}"
+                                 + (" (the partly filled tail page stays on the device)"
+                                    if full_only and p < len(r.device_pages) else ""))
+        if len(set(pages)) != len(pages):
+            raise ValueError(f"request {rid}: logical pages listed twice in {pages}")
+        return pages
+
+    def offload(self, rid: int, pages: Sequence[int]) -> None:
+        """Move full pages to the host pool and free their device pages (bit-exact).
+
+        Pages that already have a host copy only drop their device copy; host-only pages are left.
+        """
+        r = self._req(rid)
+        pages = [p for p in self._logical(rid, pages, full_only=True)
+                 if r.device_pages[p] != NOT_RESIDENT]
+        to_copy = [p for p in pages if r.host_pages[p] == NOT_RESIDENT]
+        self.device_alloc.check_owned(rid, [r.device_pages[p] for p in pages])
+        dst = self.host_alloc.alloc(rid, len(to_copy))
+        self.host_pool.copy_pages_from(self.device_pool, [r.device_pages[p] for p in to_copy], dst)
+        for p, h in zip(to_copy, dst):
+            r.host_pages[p] = h
+        self._drop_device(rid, r, pages)
+
+    def load(self, rid: int, pages: Sequence[int]) -> None:
+        """Copy host-resident pages into device slots (bit-exact); the host copies stay."""
+        r = self._req(rid)
+        pages = [p for p in self._logical(rid, pages, full_only=False)
+                 if r.device_pages[p] == NOT_RESIDENT]
+        src = [r.host_pages[p] for p in pages]
+        self.host_alloc.check_owned(rid, src)
+        dst = self.device_alloc.alloc(rid, len(pages))
+        self.device_pool.copy_pages_from(self.host_pool, src, dst)
+        for p, d in zip(pages, dst):
+            r.device_pages[p] = d
+
+    def evict(self, rid: int, pages: Sequence[int]) -> None:
+        """Drop the device copy of pages that have a host copy (no copy is made)."""
+        r = self._req(rid)
+        pages = self._logical(rid, pages, full_only=False)
+        lost = [p for p in pages if r.host_pages[p] == NOT_RESIDENT]
+        if lost:
+            raise KVCacheError(f"request {rid}: pages {lost} have no host copy; offload them "
+                               f"instead of evicting")
+        self._drop_device(rid, r, [p for p in pages if r.device_pages[p] != NOT_RESIDENT])
+
+    def _drop_device(self, rid: int, r: _Request, pages: list[int]) -> None:
+        self.device_alloc.free(rid, [r.device_pages[p] for p in pages])
+        for p in pages:
+            r.device_pages[p] = NOT_RESIDENT
+
+    # ---- reading ----------------------------------------------------------------------------
+    def read(self, rid: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V `[seq_len, num_kv_heads, head_dim]` of one layer, on the CPU, from whichever
+        copy each page has (for tests and debugging; kernels read the pools directly)."""
+        r = self._req(rid)
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer={layer} outside 0..{self.num_layers - 1}")
+        ks, vs = [], []
+        for d, h in zip(r.device_pages, r.host_pages):
+            pool, page = (self.device_pool, d) if d != NOT_RESIDENT else (self.host_pool, h)
+            ks.append(pool.k[layer, page].transpose(0, 1).cpu())
+            vs.append(pool.v[layer, page].transpose(0, 1).cpu())
+        shape = (0, self.num_kv_heads, self.head_dim)
+        k = torch.cat(ks)[:r.seq_len] if ks else torch.empty(shape, dtype=self.dtype)
+        v = torch.cat(vs)[:r.seq_len] if vs else torch.empty(shape, dtype=self.dtype)
+        return k, v
+
+    def page_table(self, rids: Sequence[int], where: str = "device",
+                   max_pages: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel inputs for a batch: `page_table` int32 `[B, max_pages]` (physical page in the
+        `where` pool, -1 where the page is not resident there) and `seq_lens` int32 `[B]`, both on
+        that pool's device."""
+        if where not in ("device", "host"):
+            raise ValueError(f"where={where!r} must be 'device' or 'host'")
+        reqs = [self._req(rid) for rid in rids]
+        width = max([len(r.device_pages) for r in reqs], default=0)
+        if max_pages is not None:
+            if max_pages < width:
+                raise ValueError(f"max_pages={max_pages} is below the {width} pages a request holds")
+            width = max_pages
+        table = torch.full((len(reqs), width), NOT_RESIDENT, dtype=torch.int32)
+        for i, r in enumerate(reqs):
+            row = r.device_pages if where == "device" else r.host_pages
+            table[i, :len(row)] = torch.as_tensor(row, dtype=torch.int32)
+        lens = torch.as_tensor([r.seq_len for r in reqs], dtype=torch.int32)
+        dev = self.device if where == "device" else torch.device("cpu")
+        return table.to(dev), lens.to(dev)
