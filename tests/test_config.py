@@ -1,0 +1,80 @@
+"""HybridConfig: defaults, budgets, JSON round trips, and one message per kind of bad value."""
+
+import json
+
+import pytest
+
+from vortex_hybrid import HybridConfig
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(page_size=12), "page_size=12 is invalid: a power of two"),
+    (dict(page_size=0), "page_size=0 is invalid"),
+    (dict(page_size=2048), "page_size=2048 is invalid"),
+    (dict(page_size=16.0), "page_size=16.0 is invalid"),
+    (dict(recent_pages=0), "recent_pages=0 is invalid: at least 1"),
+    (dict(sink_pages=-1), "sink_pages=-1 is invalid: a non-negative integer"),
+    (dict(budget_pages=2, sink_pages=1, recent_pages=2), "budget_pages=2 is invalid: an integer >= "
+                                                         "sink_pages \\+ recent_pages = 3"),
+    (dict(budget_ratio=0.0), "budget_ratio=0.0 is invalid: a fraction in \\(0, 1\\]"),
+    (dict(budget_ratio=1.5), "budget_ratio=1.5 is invalid"),
+    (dict(budget_ratio=None, budget_pages=None), "set budget_pages and/or budget_ratio"),
+    (dict(placement="tpu"), "placement='tpu' is invalid: one of \\['hybrid', 'gpu', 'cpu'\\]"),
+    (dict(gpu_cache_pages=-5), "gpu_cache_pages=-5 is invalid: a non-negative integer"),
+    (dict(host_memory_gib=-1.0), "host_memory_gib=-1.0 is invalid: a positive finite number"),
+    (dict(kv_dtype="int8"), "kv_dtype='int8' is invalid: one of"),
+    (dict(summary_dtype="float64"), "summary_dtype='float64' is invalid"),
+    (dict(cpu_threads=0), "cpu_threads=0 is invalid: a positive integer, or None"),
+    (dict(flow=""), "flow='' is invalid"),
+])
+def test_bad_values_are_rejected_with_field_value_and_allowed(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        HybridConfig(**kwargs)
+
+
+def test_unknown_json_key_is_named_with_suggestion():
+    with pytest.raises(ValueError, match="unknown key 'page_sise' \\(did you mean 'page_size'\\?\\)"):
+        HybridConfig.from_json('{"page_sise": 16}')
+
+
+def test_invalid_json_text_is_reported():
+    with pytest.raises(ValueError, match="not valid JSON"):
+        HybridConfig.from_json('{"page_size": }')
+
+
+def test_json_round_trip_through_a_file(tmp_path):
+    cfg = HybridConfig(page_size=32, flow="centroid", budget_pages=64, budget_ratio=None,
+                       sink_pages=2, recent_pages=4, placement="cpu", gpu_cache_pages=0,
+                       host_memory_gib=12.5, kv_dtype="float16", cpu_threads=3,
+                       extra={"channels": 16})
+    path = tmp_path / "hybrid.json"
+    cfg.to_json(path)
+    assert json.loads(path.read_text())["flow"] == "centroid"
+    assert HybridConfig.from_json(path) == cfg
+    assert HybridConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_config_is_frozen_and_hashable():
+    cfg = HybridConfig()
+    with pytest.raises(Exception):
+        cfg.page_size = 32
+    assert hash(cfg) == hash(HybridConfig())
+
+
+@pytest.mark.parametrize("pages, ratio, n, expected", [
+    (None, 0.02, 8192, 164),   # ceil(0.02 * 8192)
+    (None, 0.02, 10, 3),       # floor: sink + recent
+    (64, None, 8192, 64),
+    (64, 0.02, 8192, 164),     # both: the larger
+    (64, 0.02, 40, 40),        # never more pages than the request has
+    (None, 0.5, 0, 0),
+])
+def test_budget_for(pages, ratio, n, expected):
+    cfg = HybridConfig(budget_pages=pages, budget_ratio=ratio, sink_pages=1, recent_pages=2)
+    assert cfg.budget_for(n) == expected
+
+
+def test_cpu_threads_resolution(monkeypatch):
+    assert HybridConfig(cpu_threads=5).resolved_cpu_threads() == 5
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "7")
+    assert HybridConfig().resolved_cpu_threads() == 7
