@@ -1,0 +1,26 @@
+"""`centroid`: score pages by the query's dot product with the page's mean key."""
+
+from __future__ import annotations
+
+from .. import ops
+from ..flow import Flow
+from ..registry import register
+
+
+@register("centroid")
+class Centroid(Flow):
+    """Centroid routing, as in the block-top-k routing of Kinetics (Sadhukhan et al.,
+    arXiv:2506.05333) and the page centroids of Vortex's block-sparse flow.
+
+    Summary per page and KV head: "mean" (1, D), the mean key of the page. Score of page p for a
+    KV head: sum over its query heads j of q_j . mean_p.
+    """
+
+    def create_cache(self, page_size, head_dim):
+        return {"mean": (1, head_dim)}
+
+    def forward_cache(self, keys, cache):
+        cache["mean"] = keys.mean(0, keepdim=True)
+
+    def forward_indexer(self, q, cache):
+        return ops.topk(ops.gemm(q, cache["mean"]).sum((-2, -1)))   # (pages, 1, G) -> (pages,)

@@ -1,0 +1,51 @@
+"""`double_sparsity`: Quest's key bounds on a small subset of heavy channels."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from .. import ops
+from ..flow import Flow
+from ..registry import register
+
+
+@register("double_sparsity")
+class DoubleSparsity(Flow):
+    """Channel-subset page scores, after Double Sparsity (Yang et al., "Post-Training Sparse
+    Attention with Double Sparsity", arXiv:2408.07092): a few "heavy" channels, found offline,
+    approximate q . k well, so a label cache over those channels is enough to rank tokens. Here the
+    labels are per page: the Quest bounds (arXiv:2406.10774) of the page's keys on the heavy
+    channels only, so summaries cost C / D of Quest's.
+
+    Summaries per page and KV head: "kmin", "kmax" (1, C). Score of page p: sum over the group's
+    query heads j and the heavy channels d of max(q_jd * kmax_pd, q_jd * kmin_pd).
+
+    Options: `channels`, the heavy channel indices (from offline calibration, e.g. passed through
+    HybridConfig.extra), or `num_channels` (default head_dim // 8, at least 1) evenly spaced
+    channels when uncalibrated.
+    """
+
+    def __init__(self, channels: Optional[Sequence[int]] = None,
+                 num_channels: Optional[int] = None) -> None:
+        self.channels = None if channels is None else [int(c) for c in channels]
+        self.num_channels = num_channels
+
+    def heavy_channels(self, head_dim: int) -> list[int]:
+        if self.channels is not None:
+            return self.channels
+        n = self.num_channels or max(1, head_dim // 8)
+        return sorted({(i * head_dim) // n for i in range(n)})
+
+    def create_cache(self, page_size, head_dim):
+        c = len(self.heavy_channels(head_dim))
+        return {"kmin": (1, c), "kmax": (1, c)}
+
+    def forward_cache(self, keys, cache):
+        heavy = ops.take(keys, self.heavy_channels(keys.shape[-1]), dim=-1)   # (page_size, C)
+        cache["kmin"] = heavy.min(0, keepdim=True)
+        cache["kmax"] = heavy.max(0, keepdim=True)
+
+    def forward_indexer(self, q, cache):
+        qc = ops.take(q, self.heavy_channels(q.shape[-1]), dim=-1)             # (G, C)
+        bound = ops.maximum(qc * cache["kmax"], qc * cache["kmin"])            # (pages, G, C)
+        return ops.topk(bound.sum((-2, -1)))

@@ -1,0 +1,94 @@
+"""`select_pages`: run a flow's cache stage over every full page, then its indexer (DESIGN.md).
+
+    sel = select_pages("quest", q, k_pool, page_table, seq_lens, budget=64, sink=1, recent=2)
+
+The selection, per (request, KV head): the first `sink` pages, the last `recent` pages (the partly
+filled last page among them) and the highest-scoring other pages up to `budget` pages in all (ties
+toward the lower page index); every page when `budget >= num_pages`. This is exactly
+`vortex_hybrid.reference.topk_pages` applied to the flow's page scores.
+
+`budget < sink + recent` is rejected with `ValueError` (the budget counts the forced pages, so it
+cannot be smaller than them); `recent` must be >= 1 because the tail page has no summary yet.
+
+Each stage runs a registered lowering for (flow, stage, device) when there is one and `lower=True`
+(see `lowering`), else the reference interpreter. Inputs in float64 always take the interpreter: it
+is the ground truth, and lowerings read float32 summaries.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Union
+
+import torch
+
+from ..contracts import check_attention_args
+from .flow import Flow
+from .interpreter import compute_dtype, run_cache, run_indexer
+from .lowering import find_lowering
+from .registry import load_flow
+
+log = logging.getLogger(__name__)
+
+
+def _check_counts(budget, sink, recent) -> None:
+    for name, v in (("budget", budget), ("sink", sink), ("recent", recent)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{name}={v!r} must be a non-negative integer")
+    if recent < 1:
+        raise ValueError(f"recent={recent} must be >= 1: the partly filled last page is always "
+                         "attended (it has no summary to be scored by)")
+    if budget < sink + recent:
+        raise ValueError(f"budget={budget} must be >= sink + recent = {sink + recent}: the budget "
+                         "counts the sink and recent pages")
+
+
+def full_pages(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Physical pages (int64 [n], unique, ascending) that are full in some request."""
+    cols = torch.arange(page_table.shape[1], device=page_table.device)
+    full = cols[None, :] < (seq_lens.to(page_table.device, torch.int64) // page_size)[:, None]
+    return torch.unique(page_table.to(torch.int64)[full])
+
+
+def new_summaries(summaries: dict[str, tuple[int, int]], num_pages: int, num_kv_heads: int,
+                  dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Zeroed summary store: name -> [num_pages, num_kv_heads, r, c], rows by physical page."""
+    return {name: torch.zeros(num_pages, num_kv_heads, r, c, dtype=dtype, device=device)
+            for name, (r, c) in summaries.items()}
+
+
+def select_pages(flow: Union[str, Flow], q: torch.Tensor, k_pool: torch.Tensor,
+                 page_table: torch.Tensor, seq_lens: torch.Tensor, budget: int, sink: int,
+                 recent: int, *, lower: bool = True) -> torch.Tensor:
+    """Pages each (request, KV head) attends, chosen by `flow`.
+
+    flow: a registered name, `path/to/file.py:name`, or a `Flow`.
+    q [B, Hq, D] float; k_pool [N, Hkv, P, D] float (P a power of two); page_table int32
+    [B, max_pages]; seq_lens int32 [B]; budget, sink, recent: pages (budget >= sink + recent,
+    recent >= 1). Returns sel int32 [B, Hkv, budget], unique logical pages padded with -1.
+    lower=False forces the reference interpreter even where a lowering is registered.
+    """
+    check_attention_args(q, k_pool, k_pool, page_table, seq_lens)
+    _check_counts(budget, sink, recent)
+    flow = load_flow(flow)
+    B, hq, d = q.shape
+    N, hkv, P, _ = k_pool.shape
+    compiled = flow.compiled(P, d, hq // hkv)
+    cdt = compute_dtype(q, k_pool)
+    use_lowering = lower and cdt == torch.float32 and flow.name is not None
+    summaries = new_summaries(compiled.summaries, N, hkv, cdt, k_pool.device)
+    if summaries:
+        pages = full_pages(page_table, seq_lens, P)
+        fn = find_lowering(flow.name, "cache", q.device) if use_lowering else None
+        if fn is None:
+            run_cache(compiled, k_pool, pages, summaries)
+        else:
+            fn(k_pool, pages, summaries)
+    fn = find_lowering(flow.name, "indexer", q.device) if use_lowering else None
+    if fn is None:
+        return run_indexer(compiled, q, summaries, k_pool, page_table, seq_lens, budget, sink, recent)
+    sel = fn(q, summaries, page_table, seq_lens, budget, sink, recent)
+    if tuple(sel.shape) != (B, hkv, budget) or sel.dtype != torch.int32:
+        raise RuntimeError(f"lowering {fn!r} for flow {flow.name!r} returned sel of shape "
+                           f"{tuple(sel.shape)} {sel.dtype}; expected ({B}, {hkv}, {budget}) int32")
+    return sel
