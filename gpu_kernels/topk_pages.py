@@ -1,0 +1,158 @@
+"""Exact per-row top-k over page scores with forced sink/recent pages (`topk_pages`), in Triton.
+
+One program per (request, KV head) row. Scores become unsigned 32-bit keys whose order is the order
+`torch.sort` gives floats (NaN largest, -0.0 == +0.0); a radix search over those keys, DIGIT_BITS
+bits per pass from the top, finds the key T of the `n_free`-th best candidate page, where
+`n_free = k - sink - recent` (candidates: pages that are neither sink nor recent). The row is then
+selected in one ordered pass: forced pages, keys above T, and the first `n_free - count(key > T)`
+pages whose key equals T (ties toward the lower page index), written ascending through a prefix sum,
+then `-1` padding. The search stops early once a candidate threshold counts exactly `n_free` pages.
+
+Rows of up to MAX_REGISTER_ROW pages are read once and kept in registers; longer rows are streamed
+in chunks of CHUNK pages once per pass (from L2 / HBM).
+
+Shapes: scores float32 [B, Hkv, max_pages]; num_pages int32 [B]; sel int32 [B, Hkv, k].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vortex_hybrid.contracts import check_topk_args
+
+MAX_REGISTER_ROW = 16384
+CHUNK = 2048
+
+
+@triton.jit
+def _page_keys(src, idx, n, sink, recent):
+    """Keys of candidate pages `idx` of a row (0 for forced pages and pages past `n`), uint32."""
+    cand = (idx < n) & (idx >= sink) & (idx < n - recent)
+    x = tl.load(src + idx, mask=cand, other=0.0)
+    x = tl.where(x == 0.0, 0.0, x)                      # -0.0 ties with +0.0, as in torch.sort
+    bits = x.to(tl.int32, bitcast=True)
+    bits = tl.where(x != x, 0x7FFFFFFF, bits)           # every NaN sorts above +inf, as in torch.sort
+    key = tl.where(bits < 0, ~bits, bits | -2147483648).to(tl.uint32, bitcast=True)
+    return tl.where(cand, key, 0)
+
+
+@triton.jit
+def _count_at_least(keys, src, n, sink, recent, cands, offs,
+                    BLOCK: tl.constexpr, IN_REGISTERS: tl.constexpr):
+    """counts[j] = number of candidate keys >= cands[j]; cands uint32 [R] -> int32 [R]."""
+    if IN_REGISTERS:
+        counts = tl.sum((keys[None, :] >= cands[:, None]).to(tl.int32), axis=1)
+    else:
+        counts = tl.zeros(cands.shape, tl.int32)
+        for start in range(0, n, BLOCK):
+            kc = _page_keys(src, start + offs, n, sink, recent)
+            counts += tl.sum((kc[None, :] >= cands[:, None]).to(tl.int32), axis=1)
+    return counts
+
+
+@triton.jit
+def _topk_pages_kernel(scores_ptr, num_pages_ptr, out_ptr, H, stride_sb, stride_sh, stride_ob,
+                       stride_oh, k, sink, recent,
+                       BLOCK: tl.constexpr, IN_REGISTERS: tl.constexpr, DIGIT_BITS: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    b = row // H
+    h = row % H
+    n = tl.load(num_pages_ptr + b)
+    src = scores_ptr + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+    dst = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    offs = tl.arange(0, BLOCK)
+    take_all = n <= k
+    n_free = k - sink - recent
+    keys = tl.zeros([BLOCK], tl.uint32)
+    if IN_REGISTERS:
+        keys = _page_keys(src, offs, n, sink, recent)
+
+    # Radix search for T, the n_free-th largest candidate key. Invariants before a pass at `shift`:
+    # count(key >= T) >= n_free, and above = count(key >= T + 2**(shift + DIGIT_BITS)) < n_free.
+    RADIX: tl.constexpr = 1 << DIGIT_BITS
+    digits = tl.arange(0, RADIX).to(tl.uint32)
+    T = tl.where(n_free == 0, tl.full([], 0xFFFFFFFF, tl.uint32), tl.full([], 0, tl.uint32))
+    above = tl.zeros([], tl.int32)
+    shift = 32 - DIGIT_BITS
+    done = (take_all | (n_free == 0)).to(tl.int32)
+    while (shift >= 0) & (done == 0):
+        cands = T + (digits << shift.to(tl.uint32))
+        counts = _count_at_least(keys, src, n, sink, recent, cands, offs, BLOCK, IN_REGISTERS)
+        best = tl.max(tl.where(counts >= n_free, digits, 0), axis=0)
+        T = T + (best << shift.to(tl.uint32))
+        at_best = tl.sum(tl.where(digits == best, counts, 0), axis=0)
+        next_up = tl.sum(tl.where(digits == best + 1, counts, 0), axis=0)
+        above = tl.where(best + 1 < RADIX, next_up, above)
+        if at_best == n_free:               # {key >= T} is exactly the answer: stop here
+            T = T - 1
+            above = n_free
+            done = 1
+        shift -= DIGIT_BITS
+    need_eq = n_free - above                # ties at T still to take, lowest page index first
+    n_forced_head = tl.where(take_all, n, sink)   # a row with n <= k keeps every page
+
+    # Ordered selection pass: prefix sums give each selected page its output slot.
+    n_sel = tl.zeros([], tl.int32)
+    n_eq = tl.zeros([], tl.int32)
+    for start in range(0, n, BLOCK):
+        idx = start + offs
+        if not IN_REGISTERS:
+            keys = _page_keys(src, idx, n, sink, recent)
+        in_row = idx < n
+        forced = (idx < n_forced_head) | (idx >= n - recent)
+        eq = (keys == T) & (keys != 0)
+        rank_eq = n_eq + tl.cumsum(eq.to(tl.int32), axis=0)
+        pick = in_row & (forced | (keys > T) | (eq & (rank_eq <= need_eq)))
+        slot = n_sel + tl.cumsum(pick.to(tl.int32), axis=0) - 1
+        tl.store(dst + slot, idx, mask=pick)
+        n_sel += tl.sum(pick.to(tl.int32), axis=0)
+        n_eq += tl.sum(eq.to(tl.int32), axis=0)
+    for start in range(0, k, BLOCK_K):
+        j = start + tl.arange(0, BLOCK_K)
+        tl.store(dst + j, tl.full([BLOCK_K], -1, tl.int32), mask=(j >= n_sel) & (j < k))
+
+
+def launch_topk_pages(scores: torch.Tensor, k: int, num_pages: torch.Tensor, sink: int, recent: int,
+                      out: torch.Tensor, *, block: int | None = None, digit_bits: int | None = None,
+                      num_warps: int | None = None) -> torch.Tensor:
+    """Unchecked launcher: writes `out` int32 [B, Hkv, k] (last dim contiguous) and returns it.
+
+    scores float32 [B, Hkv, max_pages] with a contiguous last dim; num_pages int32 [B] on the same
+    device. `block`, `digit_bits` and `num_warps` override the tuned choices (for benchmarks).
+    """
+    B, H, max_pages = scores.shape
+    if B * H == 0 or k == 0:
+        return out
+    in_registers = max_pages <= MAX_REGISTER_ROW if block is None else block >= max_pages
+    if block is None:
+        block = max(triton.next_power_of_2(max_pages), 128) if in_registers else CHUNK
+    if digit_bits is None:
+        digit_bits = 1 if in_registers else 4
+    if num_warps is None:
+        num_warps = min(max(block // 512, 4), 16)
+    _topk_pages_kernel[(B * H,)](
+        scores, num_pages, out, H, scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
+        k, sink, recent, BLOCK=block, IN_REGISTERS=in_registers, DIGIT_BITS=digit_bits,
+        BLOCK_K=min(triton.next_power_of_2(k), 1024), num_warps=num_warps)
+    return out
+
+
+def topk_pages(scores: torch.Tensor, k: int, num_pages: torch.Tensor, sink: int,
+               recent: int) -> torch.Tensor:
+    """Select `k` pages per (request, KV head) row: sink and recent pages, then the best-scoring rest.
+
+    scores: float32 [B, Hkv, max_pages] (entries at or past `num_pages[b]` are ignored);
+    num_pages: int32 [B]. Returns sel int32 [B, Hkv, k], ascending, padded with -1. A row with
+    `num_pages <= k` selects all its pages; score ties go to the lower page index. Exactly
+    `vortex_hybrid.reference.topk_pages`.
+    """
+    check_topk_args(scores, k, num_pages, sink, recent)
+    if scores.dtype != torch.float32:
+        raise ValueError(f"scores dtype {scores.dtype}; the GPU top-k takes float32 scores")
+    if scores.stride(-1) != 1:
+        scores = scores.contiguous()
+    out = torch.empty(scores.shape[0], scores.shape[1], k, dtype=torch.int32, device=scores.device)
+    return launch_topk_pages(scores, k, num_pages.to(torch.int32), sink, recent, out)
