@@ -87,8 +87,8 @@ class _Run:
     """One execution of one graph: node id -> (value, mask)."""
 
     def __init__(self, graph: Graph, cdt: torch.dtype, device: torch.device,
-                 inputs: dict[str, Value], num_pages: int) -> None:
-        self.graph, self.cdt, self.device, self.num_pages = graph, cdt, device, num_pages
+                 inputs: dict[str, Value], held: Optional[torch.Tensor] = None) -> None:
+        self.graph, self.cdt, self.device, self.held = graph, cdt, device, held   # held: [B, 1, S]
         self.env: dict[int, Value] = {}
         self.inputs = inputs
 
@@ -112,8 +112,8 @@ class _Run:
         if op == "fill":
             return torch.full((1, 1) + a["shape"], a["value"], dtype=self.cdt, device=self.device), None
         if op == "page_index":
-            idx = torch.arange(self.num_pages, device=self.device, dtype=self.cdt)
-            return idx.reshape(1, 1, -1), None
+            idx = torch.arange(self.held.shape[-1], device=self.device, dtype=self.cdt)
+            return idx.reshape(1, 1, -1), self.held
         if op in _BINARY:
             (x, mx), (y, my) = ins
             return _BINARY[op](_align(x, r), _align(y, r)), _and(_align(mx, r), _align(my, r))
@@ -169,7 +169,7 @@ def _scores(run: _Run, nid: int, B: int, hkv: int, S: int) -> torch.Tensor:
         x = torch.where(m, x, torch.full_like(x, float("-inf")))
     x = x.reshape(x.shape[0], x.shape[1], -1).expand(B, hkv, S)
     big = torch.finfo(x.dtype).max
-    return torch.nan_to_num(x, nan=float("-inf"), posinf=big).contiguous()
+    return torch.nan_to_num(x, nan=float("-inf"), posinf=big, neginf=float("-inf")).contiguous()
 
 
 def _selection_parts(graph: Graph, nid: int, weight: float = 1.0) -> list[tuple[int, float]]:
@@ -204,7 +204,7 @@ def run_cache(compiled: CompiledFlow, k_pool: torch.Tensor, pages: torch.Tensor,
         return
     cdt = compute_dtype(*summaries.values())
     keys = k_pool.index_select(0, pages).to(cdt)                    # [n, Hkv, P, D]
-    run = _Run(graph, cdt, k_pool.device, {"keys": (keys, None)}, 0)
+    run = _Run(graph, cdt, k_pool.device, {"keys": (keys, None)})
     run.run(_needed(graph, list(graph.outputs.values())))
     n, hkv = keys.shape[:2]
     for name, nid in graph.outputs.items():
@@ -213,13 +213,15 @@ def run_cache(compiled: CompiledFlow, k_pool: torch.Tensor, pages: torch.Tensor,
         store[pages] = value.expand(n, hkv, *store.shape[2:]).to(store.dtype)
 
 
-def run_indexer(compiled: CompiledFlow, q: torch.Tensor, summaries: dict[str, torch.Tensor],
-                k_pool: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
-                budget: int, sink: int, recent: int) -> torch.Tensor:
-    """Indexer stage for every (request, KV head): sel int32 [B, Hkv, budget], -1 padded.
+def indexer_scores(compiled: CompiledFlow, q: torch.Tensor, summaries: dict[str, torch.Tensor],
+                   k_pool: torch.Tensor, page_table: torch.Tensor,
+                   seq_lens: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
+    """Page scores of every `topk` in the indexer: [(scores [B, Hkv, max_pages], share)].
 
-    q [B, Hq, D]; summaries as in `run_cache`; k_pool [N, Hkv, P, D] (read only when the flow
-    uses cache["k"]); page_table int32 [B, max_pages]; seq_lens int32 [B]. Arguments are valid.
+    Scores are float64 for float64 inputs, else float32; pages without a score (past the request's
+    pages, the partial tail page of a summary-based flow) and NaN scores are -inf. `share` is the
+    fraction of the free budget the topk gets (1.0 without `ops.union`). Arguments as in
+    `run_indexer`.
     """
     graph = compiled.indexer_graph
     B, hq, d = q.shape
@@ -228,7 +230,6 @@ def run_indexer(compiled: CompiledFlow, q: torch.Tensor, summaries: dict[str, to
     cdt = compute_dtype(q, k_pool)
     dev = q.device
     lens = seq_lens.to(dev, torch.int64)
-    num_pages = pages_of(lens, P)
     phys = page_table.to(torch.int64).clamp(0, max(N - 1, 0))          # [B, S]
     page_ids = torch.arange(S, device=dev)
     inputs: dict[str, Value] = {"q": (q.to(cdt).reshape(B, hkv, hq // hkv, d), None)}
@@ -242,20 +243,33 @@ def run_indexer(compiled: CompiledFlow, q: torch.Tensor, summaries: dict[str, to
             value = k_pool[phys].to(cdt).transpose(1, 2)                # [B, Hkv, S, P, D]
             tok = page_ids[:, None] * P + torch.arange(P, device=dev)[None, :]
             inputs[key] = (value, (tok[None] < lens[:, None, None])[:, None, :, :, None])
-    out_id = graph.outputs["selection"]
-    parts = _selection_parts(graph, out_id)
-    run = _Run(graph, cdt, dev, inputs, S)
+    parts = _selection_parts(graph, graph.outputs["selection"])
+    held = page_ids[None, None, :] < pages_of(lens, P)[:, None, None]   # pages a request holds
+    run = _Run(graph, cdt, dev, inputs, held)
     run.run(_needed(graph, [nid for nid, _ in parts]))
-    n_pages = num_pages.to(torch.int32)
+    return [(_scores(run, nid, B, hkv, S), share) for nid, share in parts]
+
+
+def run_indexer(compiled: CompiledFlow, q: torch.Tensor, summaries: dict[str, torch.Tensor],
+                k_pool: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
+                budget: int, sink: int, recent: int) -> torch.Tensor:
+    """Indexer stage for every (request, KV head): sel int32 [B, Hkv, budget], -1 padded.
+
+    q [B, Hq, D]; summaries as in `run_cache`; k_pool [N, Hkv, P, D] (read only when the flow
+    uses cache["k"]); page_table int32 [B, max_pages]; seq_lens int32 [B]. Arguments are valid.
+    With `ops.union`, the free budget (budget - sink - recent) is split by the shares: each topk in
+    turn adds its quota of best pages among those not yet chosen.
+    """
+    B, hkv = q.shape[0], k_pool.shape[1]
+    dev = q.device
     if B == 0:
         return torch.full((0, hkv, budget), -1, dtype=torch.int32, device=dev)
+    n_pages = pages_of(seq_lens.to(dev), k_pool.shape[2]).to(torch.int32)
     free = budget - sink - recent
-    chosen = None
-    taken = 0.0
-    for nid, share in parts:
+    chosen, taken = None, 0.0
+    for scores, share in indexer_scores(compiled, q, summaries, k_pool, page_table, seq_lens):
         taken += share
         k = sink + recent + min(free, int(round(taken * free, 9)))
-        scores = _scores(run, nid, B, hkv, S)
         if chosen is not None:                                          # earlier picks stay picked
             rows = torch.arange(B, device=dev)[:, None, None].expand_as(chosen)
             heads = torch.arange(hkv, device=dev)[None, :, None].expand_as(chosen)

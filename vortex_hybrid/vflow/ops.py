@@ -217,7 +217,12 @@ def gemm(x: Any, y: Any) -> VTensor:
 
     With q (G, D) and a summary (pages, r, D): (pages, r, G), one dot product per query head.
     """
-    return matmul(y, transpose(x, -1, -2))
+    g = _graph("gemm", x, y)
+    a, b = _operand(g, "gemm", x), _operand(g, "gemm", y)
+    if len(a.shape) != 2 or len(b.shape) < 2 or a.shape[-1] != b.shape[-1]:
+        raise g.error("gemm", f"shape mismatch: x {format_shape(a.shape)} must be [M, K] and y "
+                      f"{format_shape(b.shape)} [..., N, K] with the same K")
+    return matmul(b, transpose(a, -1, -2))
 
 
 def gemv(v: Any, y: Any) -> VTensor:

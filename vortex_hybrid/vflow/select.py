@@ -24,7 +24,7 @@ import torch
 
 from ..contracts import check_attention_args
 from .flow import Flow
-from .interpreter import compute_dtype, run_cache, run_indexer
+from .interpreter import compute_dtype, indexer_scores, run_cache, run_indexer
 from .lowering import find_lowering
 from .registry import load_flow
 
@@ -57,21 +57,11 @@ def new_summaries(summaries: dict[str, tuple[int, int]], num_pages: int, num_kv_
             for name, (r, c) in summaries.items()}
 
 
-def select_pages(flow: Union[str, Flow], q: torch.Tensor, k_pool: torch.Tensor,
-                 page_table: torch.Tensor, seq_lens: torch.Tensor, budget: int, sink: int,
-                 recent: int, *, lower: bool = True) -> torch.Tensor:
-    """Pages each (request, KV head) attends, chosen by `flow`.
-
-    flow: a registered name, `path/to/file.py:name`, or a `Flow`.
-    q [B, Hq, D] float; k_pool [N, Hkv, P, D] float (P a power of two); page_table int32
-    [B, max_pages]; seq_lens int32 [B]; budget, sink, recent: pages (budget >= sink + recent,
-    recent >= 1). Returns sel int32 [B, Hkv, budget], unique logical pages padded with -1.
-    lower=False forces the reference interpreter even where a lowering is registered.
-    """
+def _cache_stage(flow, q, k_pool, page_table, seq_lens, lower: bool):
+    """Validate, compile, and run the cache stage: (flow, compiled, summaries, use_lowering)."""
     check_attention_args(q, k_pool, k_pool, page_table, seq_lens)
-    _check_counts(budget, sink, recent)
     flow = load_flow(flow)
-    B, hq, d = q.shape
+    _, hq, d = q.shape
     N, hkv, P, _ = k_pool.shape
     compiled = flow.compiled(P, d, hq // hkv)
     cdt = compute_dtype(q, k_pool)
@@ -84,11 +74,46 @@ def select_pages(flow: Union[str, Flow], q: torch.Tensor, k_pool: torch.Tensor,
             run_cache(compiled, k_pool, pages, summaries)
         else:
             fn(k_pool, pages, summaries)
+    return flow, compiled, summaries, use_lowering
+
+
+def select_pages(flow: Union[str, Flow], q: torch.Tensor, k_pool: torch.Tensor,
+                 page_table: torch.Tensor, seq_lens: torch.Tensor, budget: int, sink: int,
+                 recent: int, *, lower: bool = True) -> torch.Tensor:
+    """Pages each (request, KV head) attends, chosen by `flow`.
+
+    flow: a registered name, `path/to/file.py:name`, or a `Flow`.
+    q [B, Hq, D] float; k_pool [N, Hkv, P, D] float (P a power of two); page_table int32
+    [B, max_pages]; seq_lens int32 [B]; budget, sink, recent: pages (budget >= sink + recent,
+    recent >= 1). Returns sel int32 [B, Hkv, budget], unique logical pages padded with -1.
+    lower=False forces the reference interpreter even where a lowering is registered.
+    """
+    _check_counts(budget, sink, recent)
+    flow, compiled, summaries, use_lowering = _cache_stage(flow, q, k_pool, page_table, seq_lens,
+                                                           lower)
     fn = find_lowering(flow.name, "indexer", q.device) if use_lowering else None
     if fn is None:
         return run_indexer(compiled, q, summaries, k_pool, page_table, seq_lens, budget, sink, recent)
     sel = fn(q, summaries, page_table, seq_lens, budget, sink, recent)
+    B, hkv = q.shape[0], k_pool.shape[1]
     if tuple(sel.shape) != (B, hkv, budget) or sel.dtype != torch.int32:
         raise RuntimeError(f"lowering {fn!r} for flow {flow.name!r} returned sel of shape "
                            f"{tuple(sel.shape)} {sel.dtype}; expected ({B}, {hkv}, {budget}) int32")
     return sel
+
+
+def page_scores(flow: Union[str, Flow], q: torch.Tensor, k_pool: torch.Tensor,
+                page_table: torch.Tensor, seq_lens: torch.Tensor, *,
+                lower: bool = True) -> torch.Tensor:
+    """The score the flow's `topk` ranks pages by: float [B, Hkv, max_pages] (float64 for float64
+    inputs, else float32), -inf where a page has no score (past the request's pages, or the partial
+    tail page of a summary-based flow). For research and for checking fused kernels; the indexer
+    always runs in the interpreter here (`lower` applies to the cache stage). Flows ending in
+    `ops.union` have several scores: they raise ValueError.
+    """
+    flow, compiled, summaries, _ = _cache_stage(flow, q, k_pool, page_table, seq_lens, lower)
+    parts = indexer_scores(compiled, q, summaries, k_pool, page_table, seq_lens)
+    if len(parts) != 1:
+        raise ValueError(f"flow {flow!r} combines {len(parts)} scores with ops.union; page_scores "
+                         "needs a flow that ends in a single ops.topk")
+    return parts[0][0]
