@@ -53,16 +53,12 @@ def _count_at_least(keys, src, n, sink, recent, cands, offs,
 
 
 @triton.jit
-def _topk_pages_kernel(scores_ptr, num_pages_ptr, out_ptr, H, stride_sb, stride_sh, stride_ob,
-                       stride_oh, k, sink, recent,
-                       BLOCK: tl.constexpr, IN_REGISTERS: tl.constexpr, DIGIT_BITS: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    row = tl.program_id(0)
-    b = row // H
-    h = row % H
-    n = tl.load(num_pages_ptr + b)
-    src = scores_ptr + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
-    dst = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+def select_row(src, dst, n, k, sink, recent, BLOCK: tl.constexpr, IN_REGISTERS: tl.constexpr,
+               DIGIT_BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Top-k of one row: reads scores src[0:n] (float32), writes dst[0:k] (int32, ascending, -1 pad).
+
+    IN_REGISTERS needs n <= BLOCK; otherwise the row is streamed in chunks of BLOCK pages.
+    """
     offs = tl.arange(0, BLOCK)
     take_all = n <= k
     n_free = k - sink - recent
@@ -115,17 +111,23 @@ def _topk_pages_kernel(scores_ptr, num_pages_ptr, out_ptr, H, stride_sb, stride_
         tl.store(dst + j, tl.full([BLOCK_K], -1, tl.int32), mask=(j >= n_sel) & (j < k))
 
 
-def launch_topk_pages(scores: torch.Tensor, k: int, num_pages: torch.Tensor, sink: int, recent: int,
-                      out: torch.Tensor, *, block: int | None = None, digit_bits: int | None = None,
-                      num_warps: int | None = None) -> torch.Tensor:
-    """Unchecked launcher: writes `out` int32 [B, Hkv, k] (last dim contiguous) and returns it.
+@triton.jit
+def _topk_pages_kernel(scores_ptr, lens_ptr, out_ptr, H, stride_sb, stride_sh, stride_ob, stride_oh,
+                       k, sink, recent, page_size,
+                       BLOCK: tl.constexpr, IN_REGISTERS: tl.constexpr, DIGIT_BITS: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    b = row // H
+    h = row % H
+    n = tl.cdiv(tl.load(lens_ptr + b), page_size)
+    src = scores_ptr + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+    dst = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    select_row(src, dst, n, k, sink, recent, BLOCK, IN_REGISTERS, DIGIT_BITS, BLOCK_K)
 
-    scores float32 [B, Hkv, max_pages] with a contiguous last dim; num_pages int32 [B] on the same
-    device. `block`, `digit_bits` and `num_warps` override the tuned choices (for benchmarks).
-    """
-    B, H, max_pages = scores.shape
-    if B * H == 0 or k == 0:
-        return out
+
+def row_config(max_pages: int, block: int | None = None, digit_bits: int | None = None,
+               num_warps: int | None = None) -> dict:
+    """Launch choices of `select_row` for rows of up to `max_pages` pages (None -> tuned default)."""
     in_registers = max_pages <= MAX_REGISTER_ROW if block is None else block >= max_pages
     if block is None:
         block = max(triton.next_power_of_2(max_pages), 128) if in_registers else CHUNK
@@ -133,10 +135,24 @@ def launch_topk_pages(scores: torch.Tensor, k: int, num_pages: torch.Tensor, sin
         digit_bits = 1 if in_registers else 4
     if num_warps is None:
         num_warps = min(max(block // 512, 4), 16)
+    return dict(BLOCK=block, IN_REGISTERS=in_registers, DIGIT_BITS=digit_bits, num_warps=num_warps)
+
+
+def launch_topk_pages(scores: torch.Tensor, k: int, lens: torch.Tensor, sink: int, recent: int,
+                      out: torch.Tensor, page_size: int = 1, **config) -> torch.Tensor:
+    """Unchecked launcher: writes `out` int32 [B, Hkv, k] (last dim contiguous) and returns it.
+
+    scores float32 [B, Hkv, max_pages] with a contiguous last dim; lens int32 [B] on the same
+    device: pages per request when page_size == 1, else tokens (pages = ceil(lens / page_size)).
+    `config` (block, digit_bits, num_warps) overrides the tuned choices of `row_config`.
+    """
+    B, H, max_pages = scores.shape
+    if B * H == 0 or k == 0:
+        return out
     _topk_pages_kernel[(B * H,)](
-        scores, num_pages, out, H, scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
-        k, sink, recent, BLOCK=block, IN_REGISTERS=in_registers, DIGIT_BITS=digit_bits,
-        BLOCK_K=min(triton.next_power_of_2(k), 1024), num_warps=num_warps)
+        scores, lens, out, H, scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
+        k, sink, recent, page_size, BLOCK_K=min(triton.next_power_of_2(k), 1024),
+        **row_config(max_pages, **config))
     return out
 
 

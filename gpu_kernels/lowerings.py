@@ -1,0 +1,29 @@
+"""Registers this backend's flow kernels with the vFlow lowering hook for device "cuda".
+
+Imported by `vortex_hybrid.gpu_kernels`, so `vortex_hybrid.vflow.find_lowering(flow, stage, "cuda")`
+finds them; every other (flow, stage) falls back to the reference interpreter.
+
+    quest:    cache -> page_summaries.quest_cache      indexer -> page_scoring.quest_indexer
+    centroid: cache -> page_summaries.centroid_cache   indexer -> page_scoring.centroid_indexer
+
+The indexers take the shared signature `fn(q, summaries, page_table, seq_lens, budget, sink,
+recent)`; it carries no page size, so they read the page size the cache kernels recorded for the
+summary store (or an explicit `page_size=` keyword).
+"""
+
+from __future__ import annotations
+
+from vortex_hybrid.vflow.lowering import register_lowering
+
+from .page_scoring import centroid_indexer, quest_indexer
+from .page_summaries import centroid_cache, quest_cache
+
+LOWERINGS = {
+    ("quest", "cache"): quest_cache,
+    ("quest", "indexer"): quest_indexer,
+    ("centroid", "cache"): centroid_cache,
+    ("centroid", "indexer"): centroid_indexer,
+}
+
+for (_flow, _stage), _fn in LOWERINGS.items():
+    register_lowering(_flow, _stage, "cuda", _fn)
