@@ -1,0 +1,145 @@
+"""Sparse decode attention over selected pages of a host-resident pool (Numba), and dense attention.
+
+Same contract as `vortex_hybrid.reference.sparse_decode_attention` (DESIGN.md). Work items are
+(request, KV head, chunk of the selection): one chunk per row when the batch alone gives every thread
+work, several when it does not (small batches, long selections); chunk states merge exactly by
+log-sum-exp. Each item decodes one page's `page_size x head_dim` K and V slice at a time from raw
+bf16/fp16/fp32 bits into float32 scratch and folds it into an online softmax for the group's query
+heads, so a KV byte is read from memory once per step.
+
+Shapes (B requests, Hq query heads, Hkv KV heads, G = Hq // Hkv, D head_dim, P page_size):
+    q [B, Hq, D] any float       k_pool, v_pool [N, Hkv, P, D] bf16 / fp16 / fp32 (CPU, contiguous)
+    page_table [B, max_pages] int32   seq_lens [B] int32   sel [B, Hkv, K] int32, -1 padded
+    returns o float32 [B, Hq, D], lse float32 [B, Hq]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from vortex_hybrid.contracts import check_attention_args
+from vortex_hybrid.reference import all_pages_sel
+
+from .online_softmax import NEG_INF, attend_tile, finish_row
+from .storage_decode import decode_into
+from .tensor_views import float32_array, int32_array, storage_bits
+from .threads import kernel_call
+
+MIN_CHUNK_PAGES = 4
+"""Fewest selected pages per work item when a row is split into chunks."""
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _sparse_attention_kernel(qs, k_bits, v_bits, kind, page_size, page_table, seq_lens, sel,
+                             chunk_slots, o, lse):
+    """qs float32 [B*Hkv, G, D] scaled queries; k_bits, v_bits flat raw storage; sel int32
+    [B, Hkv, K]; writes o float32 [B*Hkv, G, D] and lse float32 [B*Hkv, G]."""
+    rows, G, D = qs.shape
+    hkv = sel.shape[1]
+    K = sel.shape[2]
+    n_chunks = max(1, (K + chunk_slots - 1) // chunk_slots)
+    tile = page_size * D
+    part_m = np.empty((rows, n_chunks, G), np.float32)
+    part_l = np.empty((rows, n_chunks, G), np.float32)
+    part_acc = np.empty((rows, n_chunks, G, D), np.float32)
+    for item in prange(rows * n_chunks):
+        row = item // n_chunks
+        c = item - row * n_chunks
+        b = row // hkv
+        h = row - b * hkv
+        k_tile_bits = np.empty(tile, np.uint32)
+        v_tile_bits = np.empty(tile, np.uint32)
+        k_tile = k_tile_bits.view(np.float32)
+        v_tile = v_tile_bits.view(np.float32)
+        scores = np.empty((G, page_size), np.float32)
+        m = part_m[row, c]
+        l = part_l[row, c]
+        acc = part_acc[row, c]
+        m[:] = NEG_INF
+        l[:] = 0.0
+        acc[:] = 0.0
+        seq_len = np.int64(seq_lens[b])
+        for j in range(c * chunk_slots, min(K, (c + 1) * chunk_slots)):
+            p = np.int64(sel[b, h, j])
+            if p < 0:
+                continue
+            ntok = min(page_size, seq_len - p * page_size)
+            if ntok <= 0:
+                continue
+            start = (np.int64(page_table[b, p]) * hkv + h) * tile
+            decode_into(k_bits, start, ntok * D, kind, k_tile_bits, k_tile, 0)
+            decode_into(v_bits, start, ntok * D, kind, v_tile_bits, v_tile, 0)
+            attend_tile(qs[row], k_tile, v_tile, ntok, scores, m, l, acc)
+    for row in prange(rows):
+        finish_row(part_m, part_l, part_acc, row, n_chunks, o, lse)
+
+
+def chunk_slots_for(rows: int, k: int, threads: int) -> int:
+    """Selection slots per work item: the whole row when rows alone fill `threads` twice over, else
+    enough chunks for about four items per thread, never fewer than MIN_CHUNK_PAGES slots."""
+    if k <= 0:
+        return 1
+    if rows >= 2 * threads:
+        return k
+    want = math.ceil(4 * threads / max(rows, 1))
+    return max(MIN_CHUNK_PAGES, math.ceil(k / want))
+
+
+def run_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                                page_table: torch.Tensor, seq_lens: torch.Tensor, sel: torch.Tensor,
+                                sm_scale: Optional[float] = None,
+                                chunk_slots: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sparse_decode_attention` without the value checks (the runtime checks once per step).
+
+    chunk_slots: selection slots per work item (None: `chunk_slots_for`); any value >= 1 gives the
+    same state up to float32 rounding.
+    """
+    B, hq, d = q.shape
+    _, hkv, page_size, _ = k_pool.shape
+    group = hq // hkv
+    o = torch.empty(B, hq, d, dtype=torch.float32)
+    lse = torch.empty(B, hq, dtype=torch.float32)
+    if B == 0:
+        return o, lse
+    scale = d ** -0.5 if sm_scale is None else float(sm_scale)
+    qs = float32_array("q", q.detach().to(torch.float32) * scale).reshape(B * hkv, group, d)
+    k_bits, kind = storage_bits("k_pool", k_pool)
+    v_bits, _ = storage_bits("v_pool", v_pool)
+    pt = int32_array("page_table", page_table)
+    sl = int32_array("seq_lens", seq_lens)
+    s = int32_array("sel", sel)
+    with kernel_call() as threads:
+        slots = chunk_slots if chunk_slots is not None else chunk_slots_for(B * hkv, s.shape[2], threads)
+        _sparse_attention_kernel(qs, k_bits, v_bits, kind, page_size, pt, sl, s, max(1, slots),
+                                 o.numpy().reshape(B * hkv, group, d), lse.numpy().reshape(B * hkv, group))
+    return o, lse
+
+
+def sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                            page_table: torch.Tensor, seq_lens: torch.Tensor, sel: torch.Tensor,
+                            sm_scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of each query head over the tokens of its KV head's selected pages.
+
+    q [B, Hq, D] any float; k_pool, v_pool [N, Hkv, P, D] bf16/fp16/fp32 on the CPU; page_table
+    [B, max_pages] int32; seq_lens [B] int32; sel [B, Hkv, K] int32 (unique logical pages, -1 padded).
+    Returns o float32 [B, Hq, D], lse float32 [B, Hq] (o = 0, lse = -inf for an empty selection).
+    """
+    check_attention_args(q, k_pool, v_pool, page_table, seq_lens, sel, sm_scale)
+    return run_sparse_decode_attention(q, k_pool, v_pool, page_table, seq_lens, sel, sm_scale)
+
+
+def dense_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                           page_table: torch.Tensor, seq_lens: torch.Tensor,
+                           sm_scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention over every token of every request: `sparse_decode_attention` with all pages.
+
+    Shapes as `sparse_decode_attention`; returns o float32 [B, Hq, D], lse float32 [B, Hq].
+    """
+    check_attention_args(q, k_pool, v_pool, page_table, seq_lens, None, sm_scale)
+    sel = all_pages_sel(seq_lens, k_pool.shape[1], page_table.shape[1], k_pool.shape[2])
+    return run_sparse_decode_attention(q, k_pool, v_pool, page_table, seq_lens, sel, sm_scale)

@@ -1,0 +1,219 @@
+"""Token-granularity sparse attention: keep the best `k_tokens` tokens of candidate pages, attend them.
+
+The granularity-budget selector picks this for heads whose attention mass sits on few tokens spread
+over many pages. Per (request, KV head), every token of the candidate pages is scored for the group's
+query heads; the score of token t is the **max over the group** of the scaled dot product
+`sm_scale * q_g . k_t` (a token one query head needs is kept even when the others ignore it; a sum would
+let the other heads' logits hide it). The `k_tokens` best tokens (ties toward the lower token position)
+are attended by every query head of the group, and the result is a state `(o, lse)` over exactly those
+tokens, so it merges (`merge_states`) with page-level states over disjoint tokens.
+
+Shapes (B requests, Hq query heads, Hkv KV heads, G = Hq // Hkv, D head_dim, P page_size):
+    q [B, Hq, D] any float        k_pool, v_pool [N, Hkv, P, D] bf16 / fp16 / fp32 (CPU, contiguous)
+    page_table [B, max_pages] int32   seq_lens [B] int32
+    cand [B, Hkv, C] int32: unique logical candidate pages, -1 padded, any order
+    returns o float32 [B, Hq, D], lse float32 [B, Hq]; tokens int32 [B, Hkv, k_tokens] (logical token
+    positions, ascending, -1 padded) from `select_tokens`
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from vortex_hybrid.contracts import check_attention_args
+
+from .float_bits import f32_to_bits
+from .online_softmax import NEG_INF, attend_tile, finish_row
+from .storage_decode import decode_into
+from .tensor_views import float32_array, int32_array, storage_bits
+from .threads import kernel_call
+from .topk_pages import order_key, radix_threshold
+
+MIN_CHUNK_TOKENS = 64
+"""Fewest tokens per attention work item when a row is split into chunks."""
+
+
+@njit(nogil=True, cache=True)
+def _score_chunk(qs, k_bits, kind, page_size, hkv, h, pt_row, seq_len, cand_row, j0, j1, keys):
+    """Keys (uint32 [C * P], 0 = not a token) of the tokens of candidate slots j0..j1 of one row."""
+    G, D = qs.shape
+    tile = page_size * D
+    k_tile = np.empty((page_size, D), np.float32)
+    for j in range(j0, j1):
+        p = np.int64(cand_row[j])
+        ntok = 0 if p < 0 else min(page_size, seq_len - p * page_size)
+        for t in range(max(ntok, 0), page_size):
+            keys[j * page_size + t] = 0
+        if ntok <= 0:
+            continue
+        start = (np.int64(pt_row[p]) * hkv + h) * tile
+        decode_into(k_bits[start:start + ntok * D], kind, k_tile.reshape(tile)[:ntok * D])
+        for t in range(ntok):
+            best = NEG_INF
+            for g in range(G):
+                s = np.float32(0.0)
+                for d in range(D):
+                    s += qs[g, d] * k_tile[t, d]
+                best = max(best, s)
+            keys[j * page_size + t] = order_key(f32_to_bits(best))
+
+
+@njit(nogil=True, cache=True)
+def _select_tokens_row(keys, k_tokens, tokens, hist):
+    """Ascending slot*P+t indices of the k_tokens largest nonzero keys into tokens (int32 [k_tokens],
+    -1 padded); returns how many were selected."""
+    n_valid = 0
+    for i in range(keys.shape[0]):
+        if keys[i] != 0:
+            n_valid += 1
+    r = min(k_tokens, n_valid)
+    j = 0
+    if r > 0:
+        threshold, need_eq = radix_threshold(keys, r, hist)
+        for i in range(keys.shape[0]):
+            key = np.int64(keys[i])
+            if key > threshold or (key == threshold and need_eq > 0):
+                if key == threshold:
+                    need_eq -= 1
+                tokens[j] = i
+                j += 1
+    for i in range(j, k_tokens):
+        tokens[i] = -1
+    return j
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _token_attention_kernel(qs, k_bits, v_bits, kind, page_size, page_table, seq_lens, cand,
+                            k_tokens, chunk_slots, chunk_tokens, o, lse, tokens):
+    """qs float32 [B*Hkv, G, D] scaled; cand int32 [B, Hkv, C] ascending (-1 last); writes o float32
+    [B*Hkv, G, D], lse float32 [B*Hkv, G], tokens int32 [B, Hkv, k_tokens] (logical positions)."""
+    rows, G, D = qs.shape
+    hkv = cand.shape[1]
+    C = cand.shape[2]
+    tile = page_size * D
+    keys = np.empty((rows, C * page_size), np.uint32)
+    n_slot_chunks = max(1, (C + chunk_slots - 1) // chunk_slots)
+    for item in prange(rows * n_slot_chunks):
+        row = item // n_slot_chunks
+        c = item - row * n_slot_chunks
+        b = row // hkv
+        h = row - b * hkv
+        _score_chunk(qs[row], k_bits, kind, page_size, hkv, h, page_table[b],
+                     np.int64(seq_lens[b]), cand[b, h], c * chunk_slots,
+                     min(C, (c + 1) * chunk_slots), keys[row])
+    n_sel = np.empty(rows, np.int64)
+    for row in prange(rows):
+        b = row // hkv
+        h = row - b * hkv
+        hist = np.empty(2048, np.int64)
+        n_sel[row] = _select_tokens_row(keys[row], k_tokens, tokens[b, h], hist)
+    n_tok_chunks = max(1, (k_tokens + chunk_tokens - 1) // chunk_tokens)
+    part_m = np.empty((rows, n_tok_chunks, G), np.float32)
+    part_l = np.empty((rows, n_tok_chunks, G), np.float32)
+    part_acc = np.empty((rows, n_tok_chunks, G, D), np.float32)
+    for item in prange(rows * n_tok_chunks):
+        row = item // n_tok_chunks
+        c = item - row * n_tok_chunks
+        b = row // hkv
+        h = row - b * hkv
+        k_tile = np.empty((page_size, D), np.float32)
+        v_tile = np.empty((page_size, D), np.float32)
+        scores = np.empty((G, page_size), np.float32)
+        m = part_m[row, c]
+        l = part_l[row, c]
+        acc = part_acc[row, c]
+        m[:] = NEG_INF
+        l[:] = 0.0
+        acc[:] = 0.0
+        i = c * chunk_tokens
+        stop = min(n_sel[row], (c + 1) * chunk_tokens)
+        while i < stop:
+            n = min(page_size, stop - i)
+            for t in range(n):
+                idx = np.int64(tokens[b, h, i + t])
+                slot = idx // page_size
+                off = idx - slot * page_size
+                page = np.int64(cand[b, h, slot])
+                start = ((np.int64(page_table[b, page]) * hkv + h) * page_size + off) * D
+                decode_into(k_bits[start:start + D], kind, k_tile[t])
+                decode_into(v_bits[start:start + D], kind, v_tile[t])
+                tokens[b, h, i + t] = page * page_size + off
+            attend_tile(qs[row], k_tile, v_tile, n, scores, m, l, acc)
+            i += n
+    for row in prange(rows):
+        finish_row(part_m, part_l, part_acc, row, n_tok_chunks, o, lse)
+
+
+def run_token_topk_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                             page_table: torch.Tensor, seq_lens: torch.Tensor, cand: torch.Tensor,
+                             k_tokens: int, sm_scale: Optional[float] = None,
+                             chunk_slots: Optional[int] = None,
+                             chunk_tokens: Optional[int] = None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unchecked launcher: (o, lse, tokens), shapes in the module docstring. chunk_slots /
+    chunk_tokens: candidate slots per scoring item and tokens per attention item (None: sized so
+    every thread gets work); any value >= 1 gives the same result up to float32 rounding."""
+    B, hq, d = q.shape
+    _, hkv, page_size, _ = k_pool.shape
+    group = hq // hkv
+    o = torch.empty(B, hq, d, dtype=torch.float32)
+    lse = torch.empty(B, hq, dtype=torch.float32)
+    tokens = torch.empty(B, hkv, k_tokens, dtype=torch.int32)
+    if B == 0:
+        return o, lse, tokens
+    scale = d ** -0.5 if sm_scale is None else float(sm_scale)
+    qs = float32_array("q", q.detach().to(torch.float32) * scale).reshape(B * hkv, group, d)
+    k_bits, kind = storage_bits("k_pool", k_pool)
+    v_bits, _ = storage_bits("v_pool", v_pool)
+    big = torch.iinfo(torch.int32).max
+    cand_sorted = torch.where(cand >= 0, cand, big).sort(dim=-1).values
+    cand_sorted = torch.where(cand_sorted == big, -1, cand_sorted)
+    c = int32_array("cand", cand_sorted)
+    rows = B * hkv
+    with kernel_call() as threads:
+        split = max(1, math.ceil(4 * threads / rows)) if rows < 2 * threads else 1
+        slots = chunk_slots or max(1, math.ceil(c.shape[2] / split))
+        toks = chunk_tokens or max(MIN_CHUNK_TOKENS, math.ceil(k_tokens / split))
+        _token_attention_kernel(qs, k_bits, v_bits, kind, page_size,
+                                int32_array("page_table", page_table),
+                                int32_array("seq_lens", seq_lens), c, k_tokens, slots, toks,
+                                o.numpy().reshape(rows, group, d), lse.numpy().reshape(rows, group),
+                                tokens.numpy())
+    return o, lse, tokens
+
+
+def _check(q, k_pool, v_pool, page_table, seq_lens, cand, k_tokens, sm_scale) -> None:
+    check_attention_args(q, k_pool, v_pool, page_table, seq_lens, cand, sm_scale)
+    if not isinstance(k_tokens, int) or isinstance(k_tokens, bool) or k_tokens < 0:
+        raise ValueError(f"k_tokens={k_tokens!r} must be a non-negative integer (tokens kept per "
+                         "request and KV head)")
+
+
+def token_topk_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                         page_table: torch.Tensor, seq_lens: torch.Tensor, cand: torch.Tensor,
+                         k_tokens: int, sm_scale: Optional[float] = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the `k_tokens` best tokens of each (request, KV head)'s candidate pages.
+
+    Shapes in the module docstring; k_tokens >= 0 (all candidate tokens when it exceeds them).
+    Returns the state o float32 [B, Hq, D], lse float32 [B, Hq] (o = 0, lse = -inf: no token).
+    """
+    _check(q, k_pool, v_pool, page_table, seq_lens, cand, k_tokens, sm_scale)
+    o, lse, _ = run_token_topk_attention(q, k_pool, v_pool, page_table, seq_lens, cand, k_tokens,
+                                         sm_scale)
+    return o, lse
+
+
+def select_tokens(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                  page_table: torch.Tensor, seq_lens: torch.Tensor, cand: torch.Tensor,
+                  k_tokens: int, sm_scale: Optional[float] = None) -> torch.Tensor:
+    """The tokens `token_topk_attention` attends: int32 [B, Hkv, k_tokens], logical token positions
+    (page * page_size + offset), ascending, -1 padded. For tests and research (it also attends)."""
+    _check(q, k_pool, v_pool, page_table, seq_lens, cand, k_tokens, sm_scale)
+    return run_token_topk_attention(q, k_pool, v_pool, page_table, seq_lens, cand, k_tokens,
+                                    sm_scale)[2]

@@ -1,0 +1,54 @@
+"""`warmup()`: compile (or load from Numba's disk cache) every kernel specialisation the runtime uses.
+
+Kernels are compiled per argument types, not per shape: one specialisation per KV storage width
+(bf16 and fp16 pools travel as uint16 bits, fp32 pools as uint32) with int32 indices, float32 queries
+and scores. Running each public entry point once on tiny inputs of every storage dtype compiles them
+all, so the first decode step pays no compile time. The first warm-up on a machine compiles (tens of
+seconds); later processes load the cached machine code (`cache=True`, next to the sources).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .merge_states import merge_states
+from .page_scoring import CENTROID, QUEST, _run_cache, page_scores
+from .sparse_decode_attention import run_sparse_decode_attention
+from .threads import cpu_threads
+from .token_selection import run_token_topk_attention
+from .topk_pages import run_topk_pages
+
+log = logging.getLogger(__name__)
+
+STORAGE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def warmup() -> float:
+    """Compile every CPU kernel specialisation; returns the seconds it took."""
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(0)
+    B, hq, hkv, P, D, N = 1, 2, 1, 2, 4, 4
+    q = torch.randn(B, hq, D, generator=gen)
+    page_table = torch.arange(2, dtype=torch.int32)[None]
+    seq_lens = torch.tensor([3], dtype=torch.int32)
+    sel = torch.tensor([[[0, 1]]], dtype=torch.int32)
+    for dtype in STORAGE_DTYPES:
+        k = torch.randn(N, hkv, P, D, generator=gen).to(dtype)
+        v = torch.randn(N, hkv, P, D, generator=gen).to(dtype)
+        o, lse = run_sparse_decode_attention(q, k, v, page_table, seq_lens, sel)
+        run_token_topk_attention(q, k, v, page_table, seq_lens, sel, 2)
+        for flow, names in ((QUEST, ("kmin", "kmax")), (CENTROID, ("mean",))):
+            summaries = {name: torch.zeros(N, hkv, 1, D) for name in names}
+            _run_cache(flow, k, torch.tensor([0]), summaries)
+    merge_states(o, lse, o, lse)
+    for flow, names in ((QUEST, ("kmin", "kmax")), (CENTROID, ("mean",))):
+        summaries = {name: torch.zeros(N, hkv, 1, D) for name in names}
+        scores = page_scores(flow, q, summaries, page_table, seq_lens, P)
+    run_topk_pages(scores, 1, torch.tensor([2], dtype=torch.int32), 0, 1)
+    run_topk_pages(scores, 1, torch.tensor([2], dtype=torch.int32), 0, 1, parallel_row_min=1)
+    seconds = time.perf_counter() - start
+    log.info("CPU kernels warm (%d threads) in %.2f s", cpu_threads(), seconds)
+    return seconds
