@@ -41,7 +41,10 @@ _backends_tried: set[str] = set()
 
 
 def _device_type(device: Union[str, torch.device]) -> str:
-    kind = torch.device(device).type if isinstance(device, (str, torch.device)) else None
+    try:
+        kind = torch.device(device).type if isinstance(device, (str, torch.device)) else None
+    except RuntimeError:
+        kind = None
     if kind not in DEVICES:
         raise ValueError(f"device={device!r} must be one of {list(DEVICES)} (or a torch.device of "
                          "those types)")

@@ -24,10 +24,15 @@ log = logging.getLogger(__name__)
 _flows: dict[str, type[Flow]] = {}
 _instances: dict[str, Flow] = {}
 _files: dict[str, str] = {}        # absolute path of a user file -> module name
+_USER_PREFIX = "vflow_user_"       # module names of flow files loaded by path
 
 
 def register(name: str) -> Callable[[type[Flow]], type[Flow]]:
-    """Class decorator: make a `Flow` subclass loadable as `name`; trace-checks it right away."""
+    """Class decorator: make a `Flow` subclass loadable as `name`; trace-checks it right away.
+
+    A name may be registered again by the same class (a module imported twice) or when the old flow
+    came from a file loaded by path (a newer version of a user's flow); otherwise it is taken.
+    """
     if not isinstance(name, str) or not name or ":" in name or os.sep in name:
         raise ValueError(f"register: flow name {name!r} must be a non-empty string without ':' "
                          "or path separators")
@@ -37,7 +42,9 @@ def register(name: str) -> Callable[[type[Flow]], type[Flow]]:
             raise ValueError(f"register({name!r}) decorates {cls!r}; it must be a subclass of "
                              "vortex_hybrid.vflow.Flow")
         old = _flows.get(name)
-        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        if old is not None and old.__module__.startswith(_USER_PREFIX):
+            log.warning("flow %r from %s replaced by %s", name, old.__module__, cls.__module__)
+        elif old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
             raise ValueError(f"register: flow name {name!r} is taken by {old.__module__}."
                              f"{old.__qualname__}; pick another name")
         cls.name = name
@@ -66,7 +73,7 @@ def _import_file(path: str) -> None:
         raise ValueError(f"flow file {path!r} does not exist")
     if full in _files:
         return
-    mod_name = "vflow_user_" + hashlib.sha1(full.encode()).hexdigest()[:12]
+    mod_name = _USER_PREFIX + hashlib.sha1(full.encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(mod_name, full)
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module

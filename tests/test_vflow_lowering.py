@@ -1,0 +1,150 @@
+"""The lowering hook: registration, lazy backend import, and select_pages using a registered
+lowering (or the interpreter when lower=False, for float64, or when none is registered)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from test_vflow_select import assert_selection, brute_scores, make_inputs, tolerance
+from vortex_hybrid import reference, vflow
+from vortex_hybrid.contracts import pages_of
+from vortex_hybrid.vflow import lowering
+from vortex_hybrid.vflow.flows import Centroid
+from vortex_hybrid.vflow.interpreter import run_cache
+from vortex_hybrid.vflow.select import full_pages, new_summaries
+
+
+@vflow.register("test_lowered_centroid")
+class LoweredCentroid(Centroid):
+    """Centroid under another name, so this file's fake lowerings touch no library flow."""
+
+
+def fake_cache(k_pool, pages, summaries):
+    """A stand-in 'kernel' with the cache signature: mean key of each full page."""
+    fake_cache.calls.append((pages.clone(), {k: (v.shape, v.dtype) for k, v in summaries.items()}))
+    summaries["mean"][pages] = k_pool[pages].float().mean(2, keepdim=True)
+
+
+def fake_indexer(q, summaries, page_table, seq_lens, budget, sink, recent):
+    """A stand-in 'kernel' with the indexer signature: centroid scores, then reference.topk_pages."""
+    fake_indexer.calls += 1
+    B, hq, d = q.shape
+    n_phys, hkv = summaries["mean"].shape[:2]
+    page_size = fake_indexer.page_size
+    mean = summaries["mean"][page_table.long().clamp(0, n_phys - 1)][:, :, :, 0]   # [B, S, Hkv, D]
+    qg = q.float().reshape(B, hkv, hq // hkv, d).sum(2)                             # [B, Hkv, D]
+    scores = torch.einsum("bhd,bshd->bhs", qg, mean)
+    return reference.topk_pages(scores.contiguous(), budget, pages_of(seq_lens, page_size).int(),
+                                sink, recent)
+
+
+@pytest.fixture
+def fakes():
+    fake_cache.calls, fake_indexer.calls = [], 0
+    vflow.register_lowering("test_lowered_centroid", "cache", "cpu", fake_cache)
+    vflow.register_lowering("test_lowered_centroid", "indexer", torch.device("cpu"), fake_indexer)
+    yield
+    vflow.unregister_lowering("test_lowered_centroid", "cache", "cpu")
+    vflow.unregister_lowering("test_lowered_centroid", "indexer", "cpu")
+
+
+def test_register_find_and_unregister():
+    fn = lambda *args: None                                             # noqa: E731
+    assert vflow.register_lowering("test_flow_x", "indexer", "cuda", fn) is fn
+    assert vflow.find_lowering("test_flow_x", "indexer", torch.device("cuda", 0)) is fn
+    assert vflow.find_lowering("test_flow_x", "cache", "cuda") is None
+    assert ("test_flow_x", "indexer", "cuda") in vflow.registered_lowerings()
+    vflow.unregister_lowering("test_flow_x", "indexer", "cuda")
+    assert vflow.find_lowering("test_flow_x", "indexer", "cuda") is None
+
+
+@pytest.mark.parametrize("args,match", [
+    (("quest", "score", "cpu", print), "stage='score' must be one of"),
+    (("quest", "cache", "tpu", print), "device='tpu' must be one of"),
+    (("", "cache", "cpu", print), "flow='' must be a non-empty flow name"),
+    (("quest", "cache", "cpu", 3), "fn=3 must be callable"),
+])
+def test_bad_registration_is_rejected(args, match):
+    with pytest.raises(ValueError, match=match):
+        vflow.register_lowering(*args)
+
+
+def test_find_lowering_imports_the_backend_once(monkeypatch):
+    monkeypatch.setattr(lowering, "_backends_tried", set())
+    monkeypatch.setitem(lowering.BACKEND_MODULES, "cpu", "vortex_hybrid.no_such_backend")
+    assert vflow.find_lowering("test_unlowered", "indexer", "cpu") is None   # ImportError -> None
+    assert "cpu" in lowering._backends_tried
+    monkeypatch.setattr(lowering, "_backends_tried", set())
+    monkeypatch.setitem(lowering.BACKEND_MODULES, "cpu", "vortex_hybrid.cpu_kernels")
+    vflow.find_lowering("test_unlowered", "indexer", "cpu")
+    assert "vortex_hybrid.cpu_kernels" in sys.modules
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_select_pages_uses_registered_lowerings(fakes, group):
+    q, k_pool, table, lens = make_inputs(4, torch.float32, 3, 2, group, 16, 4, 9)
+    fake_indexer.page_size = 4
+    lowered = vflow.select_pages("test_lowered_centroid", q, k_pool, table, lens, 5, 1, 2)
+    assert fake_indexer.calls == 1 and len(fake_cache.calls) == 1
+    pages, shapes = fake_cache.calls[0]
+    assert pages.dtype == torch.int64
+    assert pages.tolist() == full_pages(table, lens, 4).tolist()
+    assert shapes == {"mean": (torch.Size([k_pool.shape[0], 2, 1, 16]), torch.float32)}
+    interpreted = vflow.select_pages("test_lowered_centroid", q, k_pool, table, lens, 5, 1, 2,
+                                     lower=False)
+    assert fake_indexer.calls == 1 and len(fake_cache.calls) == 1    # lower=False: not called
+    scores = brute_scores("centroid", q, k_pool, table, lens)
+    for sel in (lowered, interpreted):
+        assert_selection(sel, scores, lens, 4, 5, 1, 2, tolerance(torch.float32, scores))
+
+
+def test_float64_takes_the_interpreter(fakes):
+    q, k_pool, table, lens = make_inputs(6, torch.float64, 2, 1, 2, 8, 4, 6)
+    sel = vflow.select_pages("test_lowered_centroid", q, k_pool, table, lens, 4, 1, 1)
+    assert fake_indexer.calls == 0 and fake_cache.calls == []
+    assert_selection(sel, brute_scores("centroid", q, k_pool, table, lens), lens, 4, 4, 1, 1)
+
+
+def test_lowering_with_a_wrong_output_shape_is_reported(fakes):
+    q, k_pool, table, lens = make_inputs(6, torch.float32, 2, 1, 2, 8, 4, 6)
+    vflow.register_lowering("test_lowered_centroid", "indexer", "cpu",
+                            lambda *a: torch.zeros(1, 1, 1, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="returned sel of shape \\(1, 1, 1\\)"):
+        vflow.select_pages("test_lowered_centroid", q, k_pool, table, lens, 4, 1, 1)
+
+
+def test_interpreted_cache_stage_writes_exactly_the_full_pages():
+    q, k_pool, table, lens = make_inputs(8, torch.float32, 3, 2, 2, 8, 4, 7)
+    compiled = vflow.load_flow("quest").compiled(4, 8, 2)
+    summaries = new_summaries(compiled.summaries, k_pool.shape[0], 2, torch.float32, k_pool.device)
+    for t in summaries.values():
+        t.fill_(float("nan"))                                              # poison
+    pages = full_pages(table, lens, 4)
+    run_cache(compiled, k_pool, pages, summaries)
+    written = torch.zeros(k_pool.shape[0], dtype=torch.bool)
+    written[pages] = True
+    for name, fn in (("kmin", np.min), ("kmax", np.max)):
+        store = summaries[name]
+        assert torch.isnan(store[~written]).all() and not torch.isnan(store[written]).any()
+        want = fn(k_pool[pages].numpy(), axis=2, keepdims=True)
+        np.testing.assert_array_equal(store[pages].numpy(), want)
+
+
+@pytest.mark.parametrize("flow", ["quest", "centroid"])
+def test_backend_lowerings_agree_with_the_interpreter(flow):
+    """Runs only where a kernel backend registered a lowering for this device (cpu_kernels here)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if vflow.find_lowering(flow, "indexer", dev) is None and vflow.find_lowering(flow, "cache", dev) is None:
+        pytest.skip(f"no {flow} lowering registered for {dev}")
+    q, k_pool, table, lens = make_inputs(12, torch.float32, 3, 2, 4, 32, 8, 12)
+    q, k_pool, table, lens = (t.to(dev) for t in (q, k_pool, table, lens))
+    scores = brute_scores(flow, q.cpu(), k_pool.cpu(), table.cpu(), lens.cpu())
+    for budget in (3, 6, 13):
+        lowered = vflow.select_pages(flow, q, k_pool, table, lens, budget, 1, 2)
+        interpreted = vflow.select_pages(flow, q, k_pool, table, lens, budget, 1, 2, lower=False)
+        for sel in (lowered, interpreted):
+            assert_selection(sel, scores, lens.cpu(), 8, budget, 1, 2, tolerance(torch.float32, scores))
