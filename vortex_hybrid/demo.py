@@ -3,7 +3,8 @@
     python -m vortex_hybrid.demo [--batch 2 --context 8192 ...]
 
 Builds a paged KV cache with random keys and values, offloads part of each request's full pages to
-the host pool, selects pages with the configured flow, and runs the step:
+the host pool, selects pages with the configured flow (`vflow.select_pages(cfg.flow, ...)`), and
+runs the step:
   - `hybrid`: pages resident on the device are attended by the device backend, host-only pages by the
     host backend, and the two states are merged;
   - `gpu-fetch`: host-only selected pages are first loaded into device slots, then everything is
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from . import reference
+from . import reference, vflow
 from .backends import available_backends
 from .config import HybridConfig
 from .kv import NOT_RESIDENT, PagedKVCache
@@ -40,24 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions, median kept (default 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     return p
-
-
-def _centroid_scores(q: torch.Tensor, kv: PagedKVCache, rids: list[int], max_pages: int):
-    """Page scores [B, Hkv, max_pages]: sum over a KV head's query heads of q . mean key."""
-    B, hq, d = q.shape
-    hkv = kv.num_kv_heads
-    scores = torch.full((B, hkv, max_pages), float("-inf"))
-    for b, rid in enumerate(rids):
-        k, _ = kv.read(rid, 0)
-        n = kv.num_pages(rid)
-        pad = torch.zeros(n * kv.page_size - k.shape[0], hkv, d, dtype=k.dtype)
-        pages = torch.cat([k, pad]).float().reshape(n, kv.page_size, hkv, d)
-        counts = torch.full((n,), float(kv.page_size))
-        counts[-1] = k.shape[0] - (n - 1) * kv.page_size
-        mean = pages.sum(1) / counts[:, None, None]                      # [n, Hkv, D]
-        qg = q[b].float().reshape(hkv, hq // hkv, d).sum(1)              # [Hkv, D]
-        scores[b, :, :n] = torch.einsum("hd,nhd->hn", qg, mean)
-    return scores
 
 
 def _timed(fn, repeats: int):
@@ -101,18 +84,19 @@ def run_demo(args: argparse.Namespace) -> list[dict]:
 
     num_pages = torch.tensor([kv.num_pages(r) for r in rids], dtype=torch.int32)
     budget = cfg.budget_for(int(num_pages.max()))
-    scores = _centroid_scores(q, kv, rids, pages_per_req)
-    sel = reference.topk_pages(scores, budget, num_pages, cfg.sink_pages, cfg.recent_pages)
 
-    # Ground truth: float64 over one pool holding every page (device copy where there is one).
+    # One pool holding every page (device copy where there is one), for selection and ground truth.
     dev_table, lens = kv.page_table(rids, "device")
     host_table, _ = kv.page_table(rids, "host")
     on_dev = dev_table.cpu().long() != NOT_RESIDENT
-    k_all = torch.cat([kv.device_pool.k[0].cpu(), kv.host_pool.k[0]]).double()
-    v_all = torch.cat([kv.device_pool.v[0].cpu(), kv.host_pool.v[0]]).double()
-    all_table = torch.where(on_dev, dev_table.cpu(), host_table + kv.device_pool.num_pages)
-    o_ref, _ = reference.sparse_decode_attention(q.double(), k_all, v_all, all_table.int(),
-                                                 lens.cpu(), sel)
+    k_all = torch.cat([kv.device_pool.k[0].cpu(), kv.host_pool.k[0]])
+    v_all = torch.cat([kv.device_pool.v[0].cpu(), kv.host_pool.v[0]])
+    all_table = torch.where(on_dev, dev_table.cpu(), host_table + kv.device_pool.num_pages).int()
+    flow = vflow.load_flow(cfg.flow, **cfg.extra)
+    sel = vflow.select_pages(flow, q, k_all.float(), all_table, lens.cpu(), budget,
+                             cfg.sink_pages, cfg.recent_pages)
+    o_ref, _ = reference.sparse_decode_attention(q.double(), k_all.double(), v_all.double(),
+                                                 all_table, lens.cpu(), sel)
 
     backends = available_backends()
     dev_name = "gpu" if "gpu" in backends else "reference"
@@ -158,7 +142,7 @@ def run_demo(args: argparse.Namespace) -> list[dict]:
     attended = int((sel >= 0).sum()) // (args.batch * args.kv_heads)
     print(f"vortex-hybrid demo: batch {args.batch}, context {args.context}, {args.q_heads}/"
           f"{args.kv_heads} heads, D={args.head_dim}, page {cfg.page_size}, {cfg.kv_dtype}, flow "
-          f"scores: centroid, budget {budget} of {pages_per_req} pages (~{attended}/head), "
+          f"{flow.name or type(flow).__name__}, budget {budget} of {pages_per_req} pages (~{attended}/head), "
           f"{args.offload_fraction:.0%} of full pages on the host, device={kv.device}")
     print(f"{'placement':<11} {'device side':<11} {'host side':<10} {'ms':>9} {'rel err':>9}")
     for r in rows:
