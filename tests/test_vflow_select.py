@@ -218,6 +218,19 @@ def test_float32_and_float64_agree_on_well_separated_scores():
     assert_selection(sel32, scores, lens, 4, 6, 1, 2, tolerance(torch.float32, scores))
 
 
+@pytest.mark.parametrize("flow", ["quest", "oracle", "double_sparsity"])
+def test_one_flow_object_runs_on_every_device(flow):
+    obj = vflow.load_flow(flow)
+    q, k_pool, table, lens = make_inputs(13, torch.float64, 2, 2, 3, 8, 4, 8)
+    want = vflow.select_pages(obj, q, k_pool, table, lens, 4, 1, 1)
+    traced = dict(obj._compiled)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        got = vflow.select_pages(obj, *(t.to(dev) for t in (q, k_pool, table, lens)), 4, 1, 1)
+        assert got.device.type == dev and torch.equal(got.cpu(), want)
+    assert obj._compiled == traced                                # traced once for this shape
+
+
 def test_library_is_listed_and_documented():
     names = vflow.list_flows()
     assert {"streaming", "quest", "centroid", "oracle", "double_sparsity"} <= set(names)

@@ -8,6 +8,7 @@ summary read, shapes and dtypes of every op (in `ops`), no torch op on a traced 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -16,6 +17,8 @@ from .errors import FlowError, definition_location, flow_error, user_location
 from .flow import Flow
 from .graph import FLOAT, PAGES, Graph, format_shape, tracing
 from .vtensor import Selection, VTensor
+
+_LOCK = threading.RLock()           # tracing records into one active graph at a time
 
 KEYS = "k"
 """Reserved summary name: in forward_indexer, cache["k"] is every page's keys (pages, page_size, D)."""
@@ -134,7 +137,12 @@ def _declarations(flow: Flow, page_size: int, head_dim: int) -> dict[str, tuple[
 
 def compile_flow(flow: Flow, page_size: int, head_dim: int, group: int = 1) -> CompiledFlow:
     """Trace and check `flow` for pages of `page_size` tokens, `head_dim`, and `group` query heads
-    per KV head. Raises `FlowError` (a `ValueError`) on any problem."""
+    per KV head. Raises `FlowError` (a `ValueError`) on any problem. Thread-safe."""
+    with _LOCK:
+        return _compile(flow, page_size, head_dim, group)
+
+
+def _compile(flow: Flow, page_size: int, head_dim: int, group: int) -> CompiledFlow:
     if not isinstance(flow, Flow):
         raise FlowError(f"compile_flow: {flow!r} is not a vortex_hybrid.vflow.Flow")
     name = flow.name or type(flow).__name__

@@ -47,8 +47,12 @@ def definition_location(fn: Callable) -> str:
         _, line = inspect.getsourcelines(target)
         return f"{inspect.getsourcefile(target)}:{line}"
     except (OSError, TypeError):
-        code = getattr(target, "__code__", None)
-        return f"{code.co_filename}:{code.co_firstlineno}" if code else "<unknown>:0"
+        pass
+    if isinstance(target, type):       # a class whose module is not importable: its first method
+        funcs = [f for f in vars(target).values() if hasattr(f, "__code__")]
+        target = min(funcs, key=lambda f: f.__code__.co_firstlineno) if funcs else None
+    code = getattr(target, "__code__", None)
+    return f"{code.co_filename}:{code.co_firstlineno}" if code else "<unknown>:0"
 
 
 def flow_error(context: str, op: str, problem: str, where: Optional[str] = None) -> FlowError:
