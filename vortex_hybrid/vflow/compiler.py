@@ -176,7 +176,7 @@ def _compile(flow: Flow, page_size: int, head_dim: int, group: int) -> CompiledF
         indexer_graph.inputs["q"] = node.id
         reader = _CacheReader(indexer_graph, declared, page_size, head_dim)
         try:
-            out = flow.forward_indexer(VTensor(indexer_graph, node, "query"), reader)
+            out = flow.forward_indexer(VTensor(indexer_graph, node, "batched"), reader)
         except NotImplementedError:
             raise flow_error(indexer_graph.context, "forward_indexer", "the flow does not define "
                              "forward_indexer", definition_location(type(flow))) from None

@@ -262,7 +262,7 @@ def run_indexer(compiled: CompiledFlow, q: torch.Tensor, summaries: dict[str, to
     """
     B, hkv = q.shape[0], k_pool.shape[1]
     dev = q.device
-    if B == 0:
+    if B == 0 or k_pool.shape[0] == 0:                                 # no request, or no page
         return torch.full((0, hkv, budget), -1, dtype=torch.int32, device=dev)
     n_pages = pages_of(seq_lens.to(dev), k_pool.shape[2]).to(torch.int32)
     free = budget - sink - recent

@@ -48,7 +48,7 @@ def _graph(op: str, *args: Any) -> Graph:
 def _new(g: Graph, op: str, inputs: Sequence[VTensor], attrs: dict, shape: tuple,
          dtype: str = FLOAT) -> VTensor:
     formats = {x.format for x in inputs}
-    fmt = next((f for f in ("paged", "page", "query") if f in formats), "const")
+    fmt = next((f for f in ("paged", "page", "batched") if f in formats), "const")
     node = g.add(op, tuple(x.node.id for x in inputs), attrs, shape, dtype, user_location())
     return VTensor(g, node, fmt)
 
@@ -156,6 +156,8 @@ def _reduce(op: str, x: Any, dim: Dim, keepdim: bool) -> VTensor:
     v = _operand(g, op, x)
     _need_float(g, op, v)
     dims = _norm_dims(g, op, dim, len(v.shape))
+    if not dims:
+        raise g.error(op, f"dim={dim!r} names no axis of a tensor of shape {format_shape(v.shape)}")
     shape = tuple(1 if i in dims else s for i, s in enumerate(v.shape)) if keepdim else \
         tuple(s for i, s in enumerate(v.shape) if i not in dims)
     return _new(g, op, (v,), {"dims": dims, "keepdim": bool(keepdim)}, shape)

@@ -17,7 +17,6 @@ is the ground truth, and lowerings read float32 summaries.
 
 from __future__ import annotations
 
-import logging
 from typing import Union
 
 import torch
@@ -27,8 +26,6 @@ from .flow import Flow
 from .interpreter import compute_dtype, indexer_scores, run_cache, run_indexer
 from .lowering import find_lowering
 from .registry import load_flow
-
-log = logging.getLogger(__name__)
 
 
 def _check_counts(budget, sink, recent) -> None:

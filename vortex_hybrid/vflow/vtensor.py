@@ -6,11 +6,14 @@ Flow code sees logical shapes for one (request, KV head) at a time:
                      cache[name] (pages, r, c)        the summary `name` of every page
                      cache["k"]  (pages, page_size, D) every page's keys (the partial tail masked)
 A vTensor records ops into the IR graph instead of computing; the interpreter later runs the graph
-over the whole batch. `format` says how the interpreter lays the value out: "query" (batched over
-requests), "paged" (one row per logical page of a request; requests hold different page counts, the
-ragged part), "page" (the tokens of one page, cache stage) or "const". Page tables, batching, GQA
-grouping and padding stay out of sight: padded pages and tokens past `seq_len` are masked and never
-reach a reduction.
+over the whole batch. `format` says how the interpreter lays the value out:
+    "batched"  the query: one row per request and KV head
+    "paged"    one row per logical page of a request, gathered through the page table; requests
+               hold different page counts, so it is ragged, and masked past each request's end
+    "page"     the tokens of one full page (cache stage)
+    "const"    a constant
+Page tables, batching, GQA grouping and padding stay out of sight: padded pages and tokens past
+`seq_len` are masked and never reach a reduction.
 
 Using a torch function on a vTensor, branching on its value or indexing it raises `FlowError` with
 the line of the flow that did it.
@@ -20,9 +23,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .graph import BOOL, PAGES, Graph, Node, format_shape
+from .graph import Graph, Node, format_shape
 
-FORMATS = ("query", "paged", "page", "const")
+FORMATS = ("batched", "paged", "page", "const")
 
 
 class VTensor:
@@ -181,4 +184,4 @@ def _flatten(args, kwargs):
             yield a
 
 
-__all__ = ["VTensor", "Selection", "PAGES", "BOOL", "FORMATS"]
+__all__ = ["VTensor", "Selection", "FORMATS"]
