@@ -7,6 +7,8 @@ lse = -inf is empty, and two empty sides give o = 0, lse = -inf. Computed and re
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 from numba import njit, prange
@@ -15,7 +17,7 @@ from vortex_hybrid.contracts import check_merge_args
 
 from .float_bits import exp32
 from .online_softmax import NEG_INF
-from .tensor_views import float32_array
+from .tensor_views import float32_array, out_tensor
 from .threads import kernel_call
 
 
@@ -41,17 +43,19 @@ def _merge_kernel(o_a, lse_a, o_b, lse_b, o, lse):
         lse[r] = m + np.log(total)
 
 
-def merge_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
-                 lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor,
+                 out: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge states `(o_a, lse_a)` and `(o_b, lse_b)` of the same query heads over disjoint tokens.
 
     o_a, o_b: float [B, Hq, D] on the CPU; lse_a, lse_b: float [B, Hq] (natural log, -inf = empty).
-    Returns o float32 [B, Hq, D], lse float32 [B, Hq].
+    Returns o float32 [B, Hq, D], lse float32 [B, Hq], written into `out` = (o, lse) when given
+    (out may alias o_a / lse_a or o_b / lse_b when those are contiguous float32).
     """
     check_merge_args(o_a, lse_a, o_b, lse_b)
     B, hq, d = o_a.shape
-    o = torch.empty(B, hq, d, dtype=torch.float32)
-    lse = torch.empty(B, hq, dtype=torch.float32)
+    o = out_tensor("out[0]", None if out is None else out[0], (B, hq, d), torch.float32)
+    lse = out_tensor("out[1]", None if out is None else out[1], (B, hq), torch.float32)
     if o.numel() == 0 and lse.numel() == 0:
         return o, lse
     arrays = [float32_array(name, t) for name, t in

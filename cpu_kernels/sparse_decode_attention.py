@@ -27,7 +27,7 @@ from vortex_hybrid.reference import all_pages_sel
 
 from .online_softmax import NEG_INF, attend_tile, finish_row
 from .storage_decode import decode_into
-from .tensor_views import float32_array, int32_array, storage_bits
+from .tensor_views import float32_array, int32_array, out_tensor, storage_bits
 from .threads import kernel_call
 
 MIN_CHUNK_PAGES = 4
@@ -52,10 +52,8 @@ def _sparse_attention_kernel(qs, k_bits, v_bits, kind, page_size, page_table, se
         c = item - row * n_chunks
         b = row // hkv
         h = row - b * hkv
-        k_tile_bits = np.empty(tile, np.uint32)
-        v_tile_bits = np.empty(tile, np.uint32)
-        k_tile = k_tile_bits.view(np.float32)
-        v_tile = v_tile_bits.view(np.float32)
+        k_tile = np.empty((page_size, D), np.float32)
+        v_tile = np.empty((page_size, D), np.float32)
         scores = np.empty((G, page_size), np.float32)
         m = part_m[row, c]
         l = part_l[row, c]
@@ -72,8 +70,9 @@ def _sparse_attention_kernel(qs, k_bits, v_bits, kind, page_size, page_table, se
             if ntok <= 0:
                 continue
             start = (np.int64(page_table[b, p]) * hkv + h) * tile
-            decode_into(k_bits, start, ntok * D, kind, k_tile_bits, k_tile, 0)
-            decode_into(v_bits, start, ntok * D, kind, v_tile_bits, v_tile, 0)
+            n = ntok * D
+            decode_into(k_bits[start:start + n], kind, k_tile.reshape(tile)[:n])
+            decode_into(v_bits[start:start + n], kind, v_tile.reshape(tile)[:n])
             attend_tile(qs[row], k_tile, v_tile, ntok, scores, m, l, acc)
     for row in prange(rows):
         finish_row(part_m, part_l, part_acc, row, n_chunks, o, lse)
@@ -93,17 +92,19 @@ def chunk_slots_for(rows: int, k: int, threads: int) -> int:
 def run_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                                 page_table: torch.Tensor, seq_lens: torch.Tensor, sel: torch.Tensor,
                                 sm_scale: Optional[float] = None,
-                                chunk_slots: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                chunk_slots: Optional[int] = None,
+                                out: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sparse_decode_attention` without the value checks (the runtime checks once per step).
 
     chunk_slots: selection slots per work item (None: `chunk_slots_for`); any value >= 1 gives the
-    same state up to float32 rounding.
+    same state up to float32 rounding. out: optional (o, lse) to write into.
     """
     B, hq, d = q.shape
     _, hkv, page_size, _ = k_pool.shape
     group = hq // hkv
-    o = torch.empty(B, hq, d, dtype=torch.float32)
-    lse = torch.empty(B, hq, dtype=torch.float32)
+    o = out_tensor("out[0]", None if out is None else out[0], (B, hq, d), torch.float32)
+    lse = out_tensor("out[1]", None if out is None else out[1], (B, hq), torch.float32)
     if B == 0:
         return o, lse
     scale = d ** -0.5 if sm_scale is None else float(sm_scale)
@@ -122,24 +123,31 @@ def run_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: t
 
 def sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                             page_table: torch.Tensor, seq_lens: torch.Tensor, sel: torch.Tensor,
-                            sm_scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            sm_scale: Optional[float] = None,
+                            out: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of each query head over the tokens of its KV head's selected pages.
 
     q [B, Hq, D] any float; k_pool, v_pool [N, Hkv, P, D] bf16/fp16/fp32 on the CPU; page_table
     [B, max_pages] int32; seq_lens [B] int32; sel [B, Hkv, K] int32 (unique logical pages, -1 padded).
-    Returns o float32 [B, Hq, D], lse float32 [B, Hq] (o = 0, lse = -inf for an empty selection).
+    Returns o float32 [B, Hq, D], lse float32 [B, Hq] (o = 0, lse = -inf for an empty selection),
+    written into `out` = (o, lse) when given.
     """
     check_attention_args(q, k_pool, v_pool, page_table, seq_lens, sel, sm_scale)
-    return run_sparse_decode_attention(q, k_pool, v_pool, page_table, seq_lens, sel, sm_scale)
+    return run_sparse_decode_attention(q, k_pool, v_pool, page_table, seq_lens, sel, sm_scale,
+                                       out=out)
 
 
 def dense_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                            page_table: torch.Tensor, seq_lens: torch.Tensor,
-                           sm_scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           sm_scale: Optional[float] = None,
+                           out: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over every token of every request: `sparse_decode_attention` with all pages.
 
     Shapes as `sparse_decode_attention`; returns o float32 [B, Hq, D], lse float32 [B, Hq].
     """
     check_attention_args(q, k_pool, v_pool, page_table, seq_lens, None, sm_scale)
     sel = all_pages_sel(seq_lens, k_pool.shape[1], page_table.shape[1], k_pool.shape[2])
-    return run_sparse_decode_attention(q, k_pool, v_pool, page_table, seq_lens, sel, sm_scale)
+    return run_sparse_decode_attention(q, k_pool, v_pool, page_table, seq_lens, sel, sm_scale,
+                                       out=out)

@@ -10,6 +10,7 @@ dtype differs).
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import numpy as np
 import torch
@@ -73,3 +74,15 @@ def int32_array(name: str, t: torch.Tensor) -> np.ndarray:
 def float_bits(name: str, t: torch.Tensor) -> np.ndarray:
     """The uint32 bit patterns of a float32 tensor (same shape, a view when contiguous)."""
     return float32_array(name, t).view(np.uint32)
+
+
+def out_tensor(name: str, out: Optional[torch.Tensor], shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """`out` when given (checked: a contiguous CPU tensor of this shape and dtype), else a new one."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype != dtype \
+            or out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor of shape {tuple(shape)}, "
+                         f"got {getattr(out, 'dtype', type(out).__name__)} "
+                         f"{tuple(getattr(out, 'shape', ()))}")
+    return out

@@ -30,7 +30,7 @@ from vortex_hybrid.contracts import check_attention_args
 from .float_bits import f32_to_bits
 from .online_softmax import NEG_INF, attend_tile, finish_row
 from .storage_decode import decode_into
-from .tensor_views import float32_array, int32_array, storage_bits
+from .tensor_views import float32_array, int32_array, out_tensor, storage_bits
 from .threads import kernel_call
 from .topk_pages import order_key, radix_threshold
 
@@ -153,16 +153,18 @@ def run_token_topk_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
                              page_table: torch.Tensor, seq_lens: torch.Tensor, cand: torch.Tensor,
                              k_tokens: int, sm_scale: Optional[float] = None,
                              chunk_slots: Optional[int] = None,
-                             chunk_tokens: Optional[int] = None
+                             chunk_tokens: Optional[int] = None,
+                             out: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unchecked launcher: (o, lse, tokens), shapes in the module docstring. chunk_slots /
     chunk_tokens: candidate slots per scoring item and tokens per attention item (None: sized so
-    every thread gets work); any value >= 1 gives the same result up to float32 rounding."""
+    every thread gets work); any value >= 1 gives the same result up to float32 rounding.
+    out: optional (o, lse) to write into."""
     B, hq, d = q.shape
     _, hkv, page_size, _ = k_pool.shape
     group = hq // hkv
-    o = torch.empty(B, hq, d, dtype=torch.float32)
-    lse = torch.empty(B, hq, dtype=torch.float32)
+    o = out_tensor("out[0]", None if out is None else out[0], (B, hq, d), torch.float32)
+    lse = out_tensor("out[1]", None if out is None else out[1], (B, hq), torch.float32)
     tokens = torch.empty(B, hkv, k_tokens, dtype=torch.int32)
     if B == 0:
         return o, lse, tokens
@@ -196,16 +198,18 @@ def _check(q, k_pool, v_pool, page_table, seq_lens, cand, k_tokens, sm_scale) ->
 
 def token_topk_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                          page_table: torch.Tensor, seq_lens: torch.Tensor, cand: torch.Tensor,
-                         k_tokens: int, sm_scale: Optional[float] = None
+                         k_tokens: int, sm_scale: Optional[float] = None,
+                         out: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the `k_tokens` best tokens of each (request, KV head)'s candidate pages.
 
     Shapes in the module docstring; k_tokens >= 0 (all candidate tokens when it exceeds them).
-    Returns the state o float32 [B, Hq, D], lse float32 [B, Hq] (o = 0, lse = -inf: no token).
+    Returns the state o float32 [B, Hq, D], lse float32 [B, Hq] (o = 0, lse = -inf: no token),
+    written into `out` = (o, lse) when given.
     """
     _check(q, k_pool, v_pool, page_table, seq_lens, cand, k_tokens, sm_scale)
     o, lse, _ = run_token_topk_attention(q, k_pool, v_pool, page_table, seq_lens, cand, k_tokens,
-                                         sm_scale)
+                                         sm_scale, out=out)
     return o, lse
 
 

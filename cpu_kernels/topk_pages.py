@@ -21,7 +21,7 @@ from numba import njit, prange
 
 from vortex_hybrid.contracts import check_topk_args
 
-from .tensor_views import float_bits, int32_array
+from .tensor_views import float_bits, int32_array, out_tensor
 from .threads import kernel_call
 
 PARALLEL_ROW_MIN = 1 << 16
@@ -228,10 +228,12 @@ def _topk_long_row(bits, n, k, sink, recent, out, n_chunks):
 
 
 def run_topk_pages(scores: torch.Tensor, k: int, num_pages: torch.Tensor, sink: int, recent: int,
-                   parallel_row_min: Optional[int] = None) -> torch.Tensor:
-    """`topk_pages` without the value checks. parallel_row_min: override PARALLEL_ROW_MIN."""
+                   parallel_row_min: Optional[int] = None,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`topk_pages` without the value checks. parallel_row_min: override PARALLEL_ROW_MIN; out:
+    optional int32 [B, Hkv, k] to write into."""
     B, H, M = scores.shape
-    out = torch.empty(B, H, k, dtype=torch.int32)
+    out = out_tensor("out", out, (B, H, k), torch.int32)
     if B * H == 0 or k == 0:
         return out
     bits = float_bits("scores", scores)
@@ -248,13 +250,14 @@ def run_topk_pages(scores: torch.Tensor, k: int, num_pages: torch.Tensor, sink: 
     return out
 
 
-def topk_pages(scores: torch.Tensor, k: int, num_pages: torch.Tensor, sink: int,
-               recent: int) -> torch.Tensor:
+def topk_pages(scores: torch.Tensor, k: int, num_pages: torch.Tensor, sink: int, recent: int,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Select `k` pages per (request, KV head) row: sink and recent pages, then the best-scoring rest.
 
     scores: float32 [B, Hkv, max_pages] on the CPU (float64 is rounded to float32; entries at or past
     num_pages[b] are ignored); num_pages: int32 [B]. Returns sel int32 [B, Hkv, k], ascending,
     padded with -1; a row with num_pages <= k selects all its pages; ties go to the lower page index.
+    Written into `out` (int32 [B, Hkv, k]) when given.
     """
     check_topk_args(scores, k, num_pages, sink, recent)
-    return run_topk_pages(scores, k, num_pages, sink, recent)
+    return run_topk_pages(scores, k, num_pages, sink, recent, out=out)

@@ -1,0 +1,201 @@
+"""Numba sparse/dense decode attention and merge_states vs the float64 torch reference.
+
+Same shape sweep as the GPU kernels' tests (dtypes fp32/fp16/bf16, GQA groups 1/4/8, head_dim 64/128,
+partial last pages, -1 padding anywhere, K = 0, empty requests). Every case draws fresh random inputs
+(the seed is in the failure message), poisons the outputs with NaN before the launch and requires
+every element written; NaN never passes.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from vortex_hybrid import reference
+from vortex_hybrid.cpu_kernels import (dense_decode_attention, merge_states,
+                                       run_sparse_decode_attention, sparse_decode_attention)
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+"""Relative error vs the float64 reference on the same stored values: storage rounding is shared, so
+only float32 arithmetic differs."""
+
+
+def new_seed() -> int:
+    return random.SystemRandom().randrange(2 ** 31)
+
+
+def make_case(seed: int, dtype: torch.dtype, group: int, head_dim: int, batch: int = 2,
+              num_kv_heads: int = 2, page_size: int = 8, max_pages: int = 6, num_sel: int = 5,
+              q_dtype: torch.dtype = torch.float32):
+    """Random pools, a shuffled page table, a partial last page and -1-padded shuffled selections:
+    (q, k_pool, v_pool, page_table, seq_lens, sel) on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    hq = num_kv_heads * group
+    n_phys = batch * max_pages + 3
+    k_pool = torch.randn(n_phys, num_kv_heads, page_size, head_dim, generator=g).to(dtype)
+    v_pool = torch.randn(n_phys, num_kv_heads, page_size, head_dim, generator=g).to(dtype)
+    q = torch.randn(batch, hq, head_dim, generator=g).to(q_dtype)
+    page_table = torch.randperm(n_phys, generator=g)[:batch * max_pages]
+    page_table = page_table.reshape(batch, max_pages).to(torch.int32)
+    seq_lens = torch.randint(1, max_pages * page_size + 1, (batch,), generator=g, dtype=torch.int32)
+    seq_lens[0] = (max_pages - 1) * page_size + 3
+    n_pages = (seq_lens + page_size - 1) // page_size
+    sel = torch.full((batch, num_kv_heads, num_sel), -1, dtype=torch.int32)
+    for b in range(batch):
+        for h in range(num_kv_heads):
+            take = int(torch.randint(0, min(num_sel, int(n_pages[b])) + 1, (1,), generator=g))
+            pages = torch.randperm(int(n_pages[b]), generator=g)[:take]
+            slots = torch.randperm(num_sel, generator=g)[:take]
+            sel[b, h, slots] = pages.to(torch.int32)
+    return q, k_pool, v_pool, page_table, seq_lens, sel
+
+
+def poisoned(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, hq, d = q.shape
+    return torch.full((B, hq, d), float("nan")), torch.full((B, hq), float("nan"))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "output holds NaN (unwritten or wrong)"
+    den = ref.norm().item()
+    return (out.double() - ref).norm().item() / (den if den > 0 else 1.0)
+
+
+def assert_state_close(o, lse, ref_o, ref_lse, tol: float, seed: int) -> None:
+    assert o.dtype == torch.float32 and lse.dtype == torch.float32
+    assert not torch.isnan(lse).any(), f"seed {seed}: lse holds NaN"
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty), f"seed {seed}: -inf pattern differs"
+    assert torch.all(o[empty] == 0), f"seed {seed}: an empty state must give o = 0"
+    err_o = rel_err(o, ref_o)
+    err_l = rel_err(lse[~empty], ref_lse[~empty])
+    assert err_o < tol and err_l < tol, f"seed {seed}: rel err o {err_o:.2e}, lse {err_l:.2e}"
+
+
+def reference_state(q, k, v, pt, sl, sel, sm_scale=None):
+    return reference.sparse_decode_attention(q.double(), k.double(), v.double(), pt, sl, sel,
+                                             sm_scale)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_sparse_matches_reference_for_dtypes_gqa_and_head_dims(dtype, group, head_dim):
+    seed = new_seed()
+    q, k, v, pt, sl, sel = make_case(seed, dtype, group, head_dim)
+    out = poisoned(q)
+    o, lse = sparse_decode_attention(q, k, v, pt, sl, sel, out=out)
+    assert o is out[0] and lse is out[1]
+    assert_state_close(o, lse, *reference_state(q, k, v, pt, sl, sel), TOL[dtype], seed)
+
+
+@pytest.mark.parametrize("chunk_slots", [1, 2, 3, 11])
+def test_page_chunks_merge_exactly(chunk_slots):
+    """Rows split into chunks of selected pages (small-batch parallelism) give the same state."""
+    seed = new_seed()
+    q, k, v, pt, sl, sel = make_case(seed, torch.bfloat16, 4, 64, page_size=4, max_pages=12,
+                                     num_sel=11)
+    o, lse = run_sparse_decode_attention(q, k, v, pt, sl, sel, chunk_slots=chunk_slots,
+                                         out=poisoned(q))
+    assert_state_close(o, lse, *reference_state(q, k, v, pt, sl, sel), TOL[torch.bfloat16], seed)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_query_dtypes_page_size_16_and_custom_scale(q_dtype):
+    seed = new_seed()
+    q, k, v, pt, sl, sel = make_case(seed, torch.bfloat16, 4, 128, batch=1, page_size=16,
+                                     max_pages=5, num_sel=4, q_dtype=q_dtype)
+    o, lse = sparse_decode_attention(q, k, v, pt, sl, sel, sm_scale=0.3, out=poisoned(q))
+    assert_state_close(o, lse, *reference_state(q, k, v, pt, sl, sel, 0.3), TOL[torch.bfloat16],
+                       seed)
+
+
+def test_k_zero_gives_empty_state():
+    q, k, v, pt, sl, sel = make_case(new_seed(), torch.float32, 4, 64)
+    o, lse = sparse_decode_attention(q, k, v, pt, sl, sel[:, :, :0], out=poisoned(q))
+    assert torch.all(o == 0) and torch.all(torch.isneginf(lse))
+
+
+def test_all_padding_and_one_token_requests():
+    seed = new_seed()
+    q, k, v, pt, sl, sel = make_case(seed, torch.float16, 4, 64, batch=3)
+    sel[1] = -1
+    sl[2] = 1
+    sel[2] = -1
+    sel[2, 0, 2] = 0
+    o, lse = sparse_decode_attention(q, k, v, pt, sl, sel, out=poisoned(q))
+    ref_o, ref_lse = reference_state(q, k, v, pt, sl, sel)
+    assert torch.all(o[1] == 0) and torch.all(torch.isneginf(lse[1]))
+    assert_state_close(o, lse, ref_o, ref_lse, TOL[torch.float16], seed)
+
+
+def test_zero_batch_returns_empty_state():
+    q, k, v, pt, sl, sel = make_case(new_seed(), torch.float32, 2, 64)
+    o, lse = sparse_decode_attention(q[:0], k, v, pt[:0], sl[:0], sel[:0])
+    assert o.shape == (0, q.shape[1], 64) and lse.shape == (0, q.shape[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_equals_reference_dense(dtype):
+    seed = new_seed()
+    q, k, v, pt, sl, _ = make_case(seed, dtype, 4, 64, batch=3)
+    o, lse = dense_decode_attention(q, k, v, pt, sl, out=poisoned(q))
+    ref_o, ref_lse = reference.dense_decode_attention(q.double(), k.double(), v.double(), pt, sl)
+    assert_state_close(o, lse, ref_o, ref_lse, TOL[dtype], seed)
+
+
+def test_split_selection_merged_equals_whole_selection():
+    """Page states over two halves of a selection merge into the state of the whole selection."""
+    seed = new_seed()
+    q, k, v, pt, sl, sel = make_case(seed, torch.bfloat16, 4, 64, page_size=4, max_pages=12,
+                                     num_sel=11)
+    a, b = sel.clone(), sel.clone()
+    a[..., 5:] = -1
+    b[..., :5] = -1
+    o_a, lse_a = sparse_decode_attention(q, k, v, pt, sl, a)
+    o_b, lse_b = sparse_decode_attention(q, k, v, pt, sl, b)
+    o, lse = merge_states(o_a, lse_a, o_b, lse_b, out=poisoned(q))
+    assert_state_close(o, lse, *reference_state(q, k, v, pt, sl, sel), TOL[torch.bfloat16], seed)
+
+
+def test_merge_states_matches_reference_with_empty_sides():
+    seed = new_seed()
+    g = torch.Generator().manual_seed(seed)
+    o_a, o_b = torch.randn(3, 4, 32, generator=g), torch.randn(3, 4, 32, generator=g)
+    lse_a, lse_b = 5 * torch.randn(3, 4, generator=g), 5 * torch.randn(3, 4, generator=g)
+    lse_a[0, :2] = float("-inf")
+    lse_b[0, 1:3] = float("-inf")
+    o_a[0, :2] = 0.0
+    o_b[0, 1:3] = 0.0
+    o, lse = merge_states(o_a, lse_a, o_b, lse_b, out=poisoned(o_a))
+    ref_o, ref_lse = reference.merge_states(o_a.double(), lse_a.double(), o_b.double(),
+                                            lse_b.double())
+    assert_state_close(o, lse, ref_o, ref_lse, 1e-6, seed)
+    assert torch.isneginf(lse[0, 1]) and torch.all(o[0, 1] == 0)
+
+
+def test_merge_states_propagates_nan():
+    o = torch.randn(1, 2, 8)
+    lse = torch.tensor([[float("nan"), 0.0]])
+    out_o, out_lse = merge_states(o, lse, o, torch.zeros(1, 2))
+    assert torch.isnan(out_lse[0, 0]) and torch.isnan(out_o[0, 0]).all()
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("out_shape", "must be a contiguous CPU torch.float32 tensor of shape"),
+    ("sel_range", "is not a page of request"),
+    ("kv_dtype", "k_pool dtype torch.int32 not in"),
+])
+def test_bad_arguments_name_the_value(bad, match):
+    q, k, v, pt, sl, sel = make_case(new_seed(), torch.float32, 2, 64)
+    out = None
+    if bad == "out_shape":
+        out = (torch.empty(1), torch.empty(1))
+    elif bad == "sel_range":
+        sel[0, 0, 0] = 99
+    else:
+        k, v = k.view(torch.int32), v.view(torch.int32)
+    with pytest.raises(ValueError, match=match):
+        sparse_decode_attention(q, k, v, pt, sl, sel, out=out)
