@@ -8,7 +8,8 @@ exactly into the state over their union:
 
 A side with `lse = -inf` is empty and contributes nothing; both empty gives `o = 0`, `lse = -inf`.
 
-Two entry points share one combine routine (`_combine`):
+Two entry points share one combine routine (`combine_states`, also used by the split kernel of
+`sparse_decode_attention` when it merges its own splits):
   - `merge_states(o_a, lse_a, o_b, lse_b)`: the contract function (two states, e.g. GPU + CPU parts).
   - `merge_split_states(o_part, lse_part, o, lse)`: S states per row at once (the split reduction of
     flash-decoding in `sparse_decode_attention`), unchecked, writes into `o` / `lse`.
@@ -28,7 +29,7 @@ STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _combine(o, lse):
+def combine_states(o, lse):
     """Merge S states: o fp32 [BLOCK_S, BLOCK_D], lse fp32 [BLOCK_S] (-inf rows are empty).
 
     Returns (o fp32 [BLOCK_D], lse fp32 scalar).
@@ -57,7 +58,7 @@ def _merge_pair_kernel(oa_ptr, la_ptr, ob_ptr, lb_ptr, o_ptr, lse_ptr,
     o_ptrs = tl.where(is_a, oa_ptr, ob_ptr) + r * HEAD_DIM + offs_d[None, :]
     o = tl.load(o_ptrs, mask=d_mask[None, :], other=0.0).to(tl.float32)
     lse = tl.load(tl.where(offs_s == 0, la_ptr, lb_ptr) + r).to(tl.float32)
-    out, out_lse = _combine(o, lse)
+    out, out_lse = combine_states(o, lse)
     tl.store(o_ptr + r * HEAD_DIM + offs_d, out, mask=d_mask)
     tl.store(lse_ptr + r, out_lse)
 
@@ -74,7 +75,7 @@ def _merge_split_kernel(op_ptr, lp_ptr, o_ptr, lse_ptr, num_splits,
     lse = tl.load(lp_ptr + r * num_splits + offs_s, mask=s_mask, other=float("-inf"))
     o = tl.load(op_ptr + (r * num_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
                 mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-    out, out_lse = _combine(o, lse)
+    out, out_lse = combine_states(o, lse)
     tl.store(o_ptr + r * HEAD_DIM + offs_d, out, mask=d_mask)
     tl.store(lse_ptr + r, out_lse)
 

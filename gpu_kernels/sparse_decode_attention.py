@@ -35,7 +35,7 @@ import triton.language as tl
 from vortex_hybrid.contracts import check_attention_args
 from vortex_hybrid.reference import all_pages_sel
 
-from .merge_states import merge_split_states
+from .merge_states import combine_states, merge_split_states
 
 POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
@@ -53,6 +53,9 @@ class LaunchConfig:
     """Target programs per launch, in multiples of the GPU's SM count."""
     min_split_tokens: int = 128
     """A split never holds fewer selected tokens than this (unless K is smaller)."""
+    fused_merge: bool = False
+    """Merge split states in the split kernel (last program of a pair, atomic counter) instead of
+    a second launch."""
 
 
 DEFAULT_CONFIG = LaunchConfig()
@@ -83,9 +86,26 @@ def plan_splits(batch: int, num_kv_heads: int, num_sel: int, page_size: int, num
     return -(-num_sel // per_split), per_split
 
 
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters (>= n) for FUSED_MERGE, one buffer per (device, stream).
+
+    The kernel leaves them zero again, so a buffer is reused by every later launch on its stream
+    (launches on one stream never overlap).
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    buf = _COUNTERS.get((device, stream))
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[(device, stream)] = buf
+    return buf
+
+
 @triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, sl_ptr, sel_ptr, o_ptr, lse_ptr,
-                  scale_log2, num_sel, pages_per_split,
+                  fo_ptr, flse_ptr, count_ptr, scale_log2, num_sel, pages_per_split, num_splits,
                   stride_qb, stride_qh, stride_qd,
                   stride_kn, stride_kh, stride_kp, stride_kd,
                   stride_vn, stride_vh, stride_vp, stride_vd,
@@ -93,8 +113,15 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, sl_ptr, sel_ptr, o_ptr, lse_ptr,
                   stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh, stride_ls,
                   NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_T: tl.constexpr, FP32_DOT: tl.constexpr):
-    """State of the GROUP query heads of KV head h over sel[b, h, split range]."""
+                  BLOCK_T: tl.constexpr, FP32_DOT: tl.constexpr, FUSED_MERGE: tl.constexpr,
+                  BLOCK_S: tl.constexpr):
+    """State of the GROUP query heads of KV head h over sel[b, h, split range].
+
+    FUSED_MERGE: the partial states (o_ptr, lse_ptr: contiguous [B, Hq, S, D], [B, Hq, S]) are
+    merged into (fo_ptr [B, Hq, D], flse_ptr [B, Hq]) by the last program of the (b, h) pair to
+    finish, found with an atomic counter per pair (count_ptr int32 [B * Hkv], zero on entry, reset
+    to zero on exit).
+    """
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // NUM_KV_HEADS
@@ -161,6 +188,23 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, sl_ptr, sel_ptr, o_ptr, lse_ptr,
              + offs_d[None, :] * stride_od,
              o, mask=g_mask[:, None] & d_mask[None, :])
     tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=g_mask)
+    if FUSED_MERGE:
+        tl.debug_barrier()                           # every thread's partial state is stored
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+        if arrived == num_splits - 1:                # the last split of this pair merges them all
+            offs_s = tl.arange(0, BLOCK_S)
+            s_mask = offs_s < num_splits
+            for g in range(GROUP):
+                row = (b * NUM_KV_HEADS * GROUP + h * GROUP + g).to(tl.int64)
+                part_lse = tl.load(lse_ptr + row * num_splits + offs_s, mask=s_mask,
+                                   other=float("-inf"), cache_modifier=".cg")
+                part_o = tl.load(o_ptr + (row * num_splits + offs_s[:, None]) * HEAD_DIM
+                                 + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :],
+                                 other=0.0, cache_modifier=".cg")
+                out, out_lse = combine_states(part_o, part_lse)
+                tl.store(fo_ptr + row * HEAD_DIM + offs_d, out, mask=d_mask)
+                tl.store(flse_ptr + row, out_lse)
+            tl.atomic_xchg(count_ptr + pid, 0)
 
 
 def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -196,16 +240,19 @@ def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool
         o_part = torch.empty(B, hq, num_splits, d, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(B, hq, num_splits, dtype=torch.float32, device=q.device)
     fp32_dot = k_pool.dtype == torch.float32 or q.device.type != "cuda"
+    fused = config.fused_merge and num_splits > 1
+    counters = _split_counters(q.device, B * hkv) if fused else o_part
     _split_kernel[(B * hkv, num_splits)](
-        q, k_pool, v_pool, page_table, seq_lens, sel, o_part, lse_part,
-        scale * LOG2E, num_sel, per_split,
+        q, k_pool, v_pool, page_table, seq_lens, sel, o_part, lse_part, o, lse, counters,
+        scale * LOG2E, num_sel, per_split, num_splits,
         *q.stride(), *k_pool.stride(), *v_pool.stride(), *page_table.stride(), *sel.stride(),
         *o_part.stride(), *lse_part.stride(),
         NUM_KV_HEADS=hkv, GROUP=hq // hkv, PAGE=page_size, HEAD_DIM=d,
         BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_D=max(16, triton.next_power_of_2(d)),
-        BLOCK_T=config.block_t, FP32_DOT=fp32_dot,
+        BLOCK_T=config.block_t, FP32_DOT=fp32_dot, FUSED_MERGE=fused,
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)) if fused else 2,
         num_warps=config.num_warps, num_stages=config.num_stages)
-    if num_splits > 1:
+    if num_splits > 1 and not fused:
         merge_split_states(o_part, lse_part, o, lse)
     return o, lse
 
