@@ -21,24 +21,78 @@ NEG_INF = np.float32(-np.inf)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def attend_tile(qs, kt, vt, ntok, scores, m, l, acc):
-    """Fold `ntok` tokens into the running state of one work item.
+def tile_scores(qs, kt, ntok, scores, tile_max):
+    """scores[g, t] = qs[g] . kt[t] for t < ntok, and tile_max[g] = max over t (-inf if ntok = 0).
 
-    qs: float32 [G, D], the group's queries already multiplied by sm_scale. kt, vt: float32
-    [>= ntok, D], decoded keys and values. scores: float32 scratch [G, >= ntok].
-    m, l: float32 [G]; acc: float32 [G, D]; all updated in place.
-    """
+    qs float32 [G, D], kt float32 [>= ntok, D], scores float32 [G, >= ntok], tile_max float32 [G].
+    Four query heads share each key load (GQA groups are multiples of 4 at the shapes that matter);
+    the rest go one by one."""
     G, D = qs.shape
-    for g in range(G):
-        tile_max = NEG_INF
+    g = 0
+    while g + 4 <= G:
+        for t in range(ntok):
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
+            for d in range(D):
+                k = kt[t, d]
+                s0 += qs[g, d] * k
+                s1 += qs[g + 1, d] * k
+                s2 += qs[g + 2, d] * k
+                s3 += qs[g + 3, d] * k
+            scores[g, t] = s0
+            scores[g + 1, t] = s1
+            scores[g + 2, t] = s2
+            scores[g + 3, t] = s3
+        g += 4
+    for h in range(g, G):
         for t in range(ntok):
             s = np.float32(0.0)
             for d in range(D):
-                s += qs[g, d] * kt[t, d]
-            scores[g, t] = s
-            if s > tile_max:
-                tile_max = s
-        m_new = max(m[g], tile_max)
+                s += qs[h, d] * kt[t, d]
+            scores[h, t] = s
+    for h in range(G):
+        best = NEG_INF
+        for t in range(ntok):
+            if scores[h, t] > best or scores[h, t] != scores[h, t]:
+                best = scores[h, t]
+        tile_max[h] = best
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def accumulate_values(p, vt, ntok, acc):
+    """acc[:] += sum over t < ntok of p[t] * vt[t]; four tokens per pass over acc (float32 [D])."""
+    D = acc.shape[0]
+    t = 0
+    while t + 4 <= ntok:
+        p0 = p[t]
+        p1 = p[t + 1]
+        p2 = p[t + 2]
+        p3 = p[t + 3]
+        for d in range(D):
+            acc[d] += (p0 * vt[t, d] + p1 * vt[t + 1, d]) + (p2 * vt[t + 2, d] + p3 * vt[t + 3, d])
+        t += 4
+    while t < ntok:
+        p0 = p[t]
+        for d in range(D):
+            acc[d] += p0 * vt[t, d]
+        t += 1
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def attend_tile(qs, kt, vt, ntok, scores, tile_max, m, l, acc):
+    """Fold `ntok` tokens into the running state of one work item.
+
+    qs: float32 [G, D], the group's queries already multiplied by sm_scale. kt, vt: float32
+    [>= ntok, D], decoded keys and values. scores: float32 scratch [G, >= ntok]; tile_max: float32
+    scratch [G]. m, l: float32 [G]; acc: float32 [G, D]; all updated in place. A NaN score makes the
+    state NaN (it is never dropped).
+    """
+    G, D = qs.shape
+    tile_scores(qs, kt, ntok, scores, tile_max)
+    for g in range(G):
+        m_new = tile_max[g] if tile_max[g] > m[g] or tile_max[g] != tile_max[g] else m[g]
         if m_new == NEG_INF:
             continue
         if m_new > m[g]:
@@ -53,10 +107,7 @@ def attend_tile(qs, kt, vt, ntok, scores, m, l, acc):
             scores[g, t] = p
             total += p
         l[g] += total
-        for t in range(ntok):
-            p = scores[g, t]
-            for d in range(D):
-                acc[g, d] += p * vt[t, d]
+        accumulate_values(scores[g], vt, ntok, acc[g])
 
 
 @njit(nogil=True, cache=True)

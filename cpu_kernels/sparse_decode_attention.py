@@ -55,6 +55,7 @@ def _sparse_attention_kernel(qs, k_bits, v_bits, kind, page_size, page_table, se
         k_tile = np.empty((page_size, D), np.float32)
         v_tile = np.empty((page_size, D), np.float32)
         scores = np.empty((G, page_size), np.float32)
+        tile_max = np.empty(G, np.float32)
         m = part_m[row, c]
         l = part_l[row, c]
         acc = part_acc[row, c]
@@ -73,7 +74,7 @@ def _sparse_attention_kernel(qs, k_bits, v_bits, kind, page_size, page_table, se
             n = ntok * D
             decode_into(k_bits[start:start + n], kind, k_tile.reshape(tile)[:n])
             decode_into(v_bits[start:start + n], kind, v_tile.reshape(tile)[:n])
-            attend_tile(qs[row], k_tile, v_tile, ntok, scores, m, l, acc)
+            attend_tile(qs[row], k_tile, v_tile, ntok, scores, tile_max, m, l, acc)
     for row in prange(rows):
         finish_row(part_m, part_l, part_acc, row, n_chunks, o, lse)
 

@@ -124,6 +124,7 @@ def _token_attention_kernel(qs, k_bits, v_bits, kind, page_size, page_table, seq
         k_tile = np.empty((page_size, D), np.float32)
         v_tile = np.empty((page_size, D), np.float32)
         scores = np.empty((G, page_size), np.float32)
+        tile_max = np.empty(G, np.float32)
         m = part_m[row, c]
         l = part_l[row, c]
         acc = part_acc[row, c]
@@ -143,7 +144,7 @@ def _token_attention_kernel(qs, k_bits, v_bits, kind, page_size, page_table, seq
                 decode_into(k_bits[start:start + D], kind, k_tile[t])
                 decode_into(v_bits[start:start + D], kind, v_tile[t])
                 tokens[b, h, i + t] = page * page_size + off
-            attend_tile(qs[row], k_tile, v_tile, n, scores, m, l, acc)
+            attend_tile(qs[row], k_tile, v_tile, n, scores, tile_max, m, l, acc)
             i += n
     for row in prange(rows):
         finish_row(part_m, part_l, part_acc, row, n_tok_chunks, o, lse)
