@@ -39,6 +39,7 @@ from .merge_states import combine_states, merge_split_states
 
 POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
+MAX_SPLITS = 64
 
 
 @dataclass(frozen=True)
@@ -73,14 +74,15 @@ def plan_splits(batch: int, num_kv_heads: int, num_sel: int, page_size: int, num
     """Split count S and `sel` entries per split for a launch: (num_splits, pages_per_split).
 
     Enough programs for `config.waves` waves over `num_sms` SMs, none with fewer than
-    `config.min_split_tokens` tokens; split boundaries fall on whole loop blocks.
+    `config.min_split_tokens` tokens and at most MAX_SPLITS per pair; split boundaries fall on
+    whole loop blocks.
     """
     if num_sel == 0:
         return 1, 0
     pages_per_block = max(1, config.block_t // page_size)
     min_pages = max(pages_per_block, -(-config.min_split_tokens // page_size))
     want = max(1, math.ceil(config.waves * num_sms / max(1, batch * num_kv_heads)))
-    splits = max(1, min(want, -(-num_sel // min_pages)))
+    splits = max(1, min(want, -(-num_sel // min_pages), MAX_SPLITS))
     per_split = -(-num_sel // splits)
     per_split = -(-per_split // pages_per_block) * pages_per_block
     return -(-num_sel // per_split), per_split
@@ -250,7 +252,7 @@ def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool
         NUM_KV_HEADS=hkv, GROUP=hq // hkv, PAGE=page_size, HEAD_DIM=d,
         BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_T=config.block_t, FP32_DOT=fp32_dot, FUSED_MERGE=fused,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)) if fused else 2,
+        BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(num_splits)) if fused else 2,
         num_warps=config.num_warps, num_stages=config.num_stages)
     if num_splits > 1 and not fused:
         merge_split_states(o_part, lse_part, o, lse)
