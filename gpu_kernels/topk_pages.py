@@ -66,12 +66,16 @@ def select_row(src, dst, n, k, sink, recent, BLOCK: tl.constexpr, IN_REGISTERS: 
     if IN_REGISTERS:
         keys = _page_keys(src, offs, n, sink, recent)
 
-    # Radix search for T, the n_free-th largest candidate key. Invariants before a pass at `shift`:
-    # count(key >= T) >= n_free, and above = count(key >= T + 2**(shift + DIGIT_BITS)) < n_free.
+    # Radix search for T, the n_free-th largest candidate key, DIGIT_BITS bits per pass. Before a
+    # pass at `shift`: at_T = count(key >= T) >= n_free and
+    # above = count(key >= T + 2**(shift + DIGIT_BITS)) < n_free. A pass counts the keys at or
+    # above T + j * 2**shift for digits j >= 1 (one count when DIGIT_BITS == 1; j = 0 is known).
     RADIX: tl.constexpr = 1 << DIGIT_BITS
-    digits = tl.arange(0, RADIX).to(tl.uint32)
+    N_CANDS: tl.constexpr = RADIX - (DIGIT_BITS == 1)
+    digits = (tl.arange(0, N_CANDS) + (RADIX - N_CANDS)).to(tl.uint32)
     T = tl.where(n_free == 0, tl.full([], 0xFFFFFFFF, tl.uint32), tl.full([], 0, tl.uint32))
     above = tl.zeros([], tl.int32)
+    at_T = n - sink - recent
     shift = 32 - DIGIT_BITS
     done = (take_all | (n_free == 0)).to(tl.int32)
     while (shift >= 0) & (done == 0):
@@ -79,10 +83,10 @@ def select_row(src, dst, n, k, sink, recent, BLOCK: tl.constexpr, IN_REGISTERS: 
         counts = _count_at_least(keys, src, n, sink, recent, cands, offs, BLOCK, IN_REGISTERS)
         best = tl.max(tl.where(counts >= n_free, digits, 0), axis=0)
         T = T + (best << shift.to(tl.uint32))
-        at_best = tl.sum(tl.where(digits == best, counts, 0), axis=0)
+        at_T = tl.where(best > 0, tl.sum(tl.where(digits == best, counts, 0), axis=0), at_T)
         next_up = tl.sum(tl.where(digits == best + 1, counts, 0), axis=0)
         above = tl.where(best + 1 < RADIX, next_up, above)
-        if at_best == n_free:               # {key >= T} is exactly the answer: stop here
+        if at_T == n_free:                  # {key >= T} is exactly the answer: stop here
             T = T - 1
             above = n_free
             done = 1
