@@ -69,3 +69,4 @@ def exp32(x):
     y = _ZERO if x < _MIN_X else y
     y = _INF if x > _MAX_X else y
     return x if x != x else y
+

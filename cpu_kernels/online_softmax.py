@@ -21,30 +21,62 @@ NEG_INF = np.float32(-np.inf)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _dots4(qs, g, kt, t0, t1, scores):
+    """scores[g:g+4, t] = qs[g:g+4] . kt[t] for t in [t0, t1), two tokens per pass over D."""
+    D = qs.shape[1]
+    t = t0
+    while t + 2 <= t1:
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        a2 = np.float32(0.0)
+        a3 = np.float32(0.0)
+        b0 = np.float32(0.0)
+        b1 = np.float32(0.0)
+        b2 = np.float32(0.0)
+        b3 = np.float32(0.0)
+        for d in range(D):
+            k0 = kt[t, d]
+            k1 = kt[t + 1, d]
+            q0 = qs[g, d]
+            q1 = qs[g + 1, d]
+            q2 = qs[g + 2, d]
+            q3 = qs[g + 3, d]
+            a0 += q0 * k0
+            a1 += q1 * k0
+            a2 += q2 * k0
+            a3 += q3 * k0
+            b0 += q0 * k1
+            b1 += q1 * k1
+            b2 += q2 * k1
+            b3 += q3 * k1
+        scores[g, t] = a0
+        scores[g + 1, t] = a1
+        scores[g + 2, t] = a2
+        scores[g + 3, t] = a3
+        scores[g, t + 1] = b0
+        scores[g + 1, t + 1] = b1
+        scores[g + 2, t + 1] = b2
+        scores[g + 3, t + 1] = b3
+        t += 2
+    if t < t1:
+        for h in range(g, g + 4):
+            s = np.float32(0.0)
+            for d in range(D):
+                s += qs[h, d] * kt[t, d]
+            scores[h, t] = s
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
 def tile_scores(qs, kt, ntok, scores, tile_max):
     """scores[g, t] = qs[g] . kt[t] for t < ntok, and tile_max[g] = max over t (-inf if ntok = 0).
 
     qs float32 [G, D], kt float32 [>= ntok, D], scores float32 [G, >= ntok], tile_max float32 [G].
-    Four query heads share each key load (GQA groups are multiples of 4 at the shapes that matter);
-    the rest go one by one."""
+    Query heads go four at a time (GQA groups are multiples of 4 at the shapes that matter) and
+    tokens two at a time, so each loaded key and query element feeds several products."""
     G, D = qs.shape
     g = 0
     while g + 4 <= G:
-        for t in range(ntok):
-            s0 = np.float32(0.0)
-            s1 = np.float32(0.0)
-            s2 = np.float32(0.0)
-            s3 = np.float32(0.0)
-            for d in range(D):
-                k = kt[t, d]
-                s0 += qs[g, d] * k
-                s1 += qs[g + 1, d] * k
-                s2 += qs[g + 2, d] * k
-                s3 += qs[g + 3, d] * k
-            scores[g, t] = s0
-            scores[g + 1, t] = s1
-            scores[g + 2, t] = s2
-            scores[g + 3, t] = s3
+        _dots4(qs, g, kt, 0, ntok, scores)
         g += 4
     for h in range(g, G):
         for t in range(ntok):
@@ -61,23 +93,65 @@ def tile_scores(qs, kt, ntok, scores, tile_max):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def accumulate_values(p, vt, ntok, acc):
-    """acc[:] += sum over t < ntok of p[t] * vt[t]; four tokens per pass over acc (float32 [D])."""
-    D = acc.shape[0]
+def _accumulate4(p, g, vt, ntok, acc):
+    """acc[g:g+4] += p[g:g+4, :ntok] @ vt[:ntok]; four tokens per pass over D."""
+    D = acc.shape[1]
     t = 0
     while t + 4 <= ntok:
-        p0 = p[t]
-        p1 = p[t + 1]
-        p2 = p[t + 2]
-        p3 = p[t + 3]
+        p00 = p[g, t]
+        p01 = p[g, t + 1]
+        p02 = p[g, t + 2]
+        p03 = p[g, t + 3]
+        p10 = p[g + 1, t]
+        p11 = p[g + 1, t + 1]
+        p12 = p[g + 1, t + 2]
+        p13 = p[g + 1, t + 3]
+        p20 = p[g + 2, t]
+        p21 = p[g + 2, t + 1]
+        p22 = p[g + 2, t + 2]
+        p23 = p[g + 2, t + 3]
+        p30 = p[g + 3, t]
+        p31 = p[g + 3, t + 1]
+        p32 = p[g + 3, t + 2]
+        p33 = p[g + 3, t + 3]
         for d in range(D):
-            acc[d] += (p0 * vt[t, d] + p1 * vt[t + 1, d]) + (p2 * vt[t + 2, d] + p3 * vt[t + 3, d])
+            v0 = vt[t, d]
+            v1 = vt[t + 1, d]
+            v2 = vt[t + 2, d]
+            v3 = vt[t + 3, d]
+            acc[g, d] += (p00 * v0 + p01 * v1) + (p02 * v2 + p03 * v3)
+            acc[g + 1, d] += (p10 * v0 + p11 * v1) + (p12 * v2 + p13 * v3)
+            acc[g + 2, d] += (p20 * v0 + p21 * v1) + (p22 * v2 + p23 * v3)
+            acc[g + 3, d] += (p30 * v0 + p31 * v1) + (p32 * v2 + p33 * v3)
         t += 4
     while t < ntok:
-        p0 = p[t]
+        p0 = p[g, t]
+        p1 = p[g + 1, t]
+        p2 = p[g + 2, t]
+        p3 = p[g + 3, t]
         for d in range(D):
-            acc[d] += p0 * vt[t, d]
+            v = vt[t, d]
+            acc[g, d] += p0 * v
+            acc[g + 1, d] += p1 * v
+            acc[g + 2, d] += p2 * v
+            acc[g + 3, d] += p3 * v
         t += 1
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def accumulate_values(p, vt, ntok, acc):
+    """acc[g] += sum over t < ntok of p[g, t] * vt[t] for every g; p float32 [G, >= ntok],
+    vt float32 [>= ntok, D], acc float32 [G, D]. Query heads four at a time, as in tile_scores."""
+    G, D = acc.shape
+    g = 0
+    while g + 4 <= G:
+        _accumulate4(p, g, vt, ntok, acc)
+        g += 4
+    for h in range(g, G):
+        for t in range(ntok):
+            ph = p[h, t]
+            for d in range(D):
+                acc[h, d] += ph * vt[t, d]
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
@@ -94,6 +168,8 @@ def attend_tile(qs, kt, vt, ntok, scores, tile_max, m, l, acc):
     for g in range(G):
         m_new = tile_max[g] if tile_max[g] > m[g] or tile_max[g] != tile_max[g] else m[g]
         if m_new == NEG_INF:
+            for t in range(ntok):
+                scores[g, t] = 0.0
             continue
         if m_new > m[g]:
             alpha = exp32(m[g] - m_new)
@@ -107,7 +183,7 @@ def attend_tile(qs, kt, vt, ntok, scores, tile_max, m, l, acc):
             scores[g, t] = p
             total += p
         l[g] += total
-        accumulate_values(scores[g], vt, ntok, acc[g])
+    accumulate_values(scores, vt, ntok, acc)
 
 
 @njit(nogil=True, cache=True)

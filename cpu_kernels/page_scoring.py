@@ -27,7 +27,8 @@ from numba import njit, prange
 
 from vortex_hybrid.contracts import check_topk_args, pages_of
 
-from .online_softmax import NEG_INF
+from .online_softmax import FASTMATH, NEG_INF
+from .prefetch import prefetch_range
 from .storage_decode import decode_into
 from .tensor_views import float32_array, int32_array, storage_bits
 from .threads import kernel_call
@@ -70,10 +71,16 @@ def _cache_kernel(k_bits, kind, hkv, page_size, head_dim, pages, flow, s0, s1):
                 s0[page, h, d] *= inv
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
 def _score_kernel(q, page_table, seq_lens, page_size, flow, s0, s1, chunk, scores):
     """Page scores float32 [B, Hkv, max_pages]: q float32 [B, Hkv, G, D]; s0, s1 float32 [N, Hkv, D]
-    (quest: kmin, kmax; centroid: mean, unused). -inf for the unscored tail page and past the end."""
+    (quest: kmin, kmax; centroid: mean, unused). -inf for the unscored tail page and past the end.
+
+    Both scores are linear in the summary once the group is folded: quest's
+    sum_j sum_d max(q_jd kmax_d, q_jd kmin_d) = sum_d (pos_d kmax_d + neg_d kmin_d) with
+    pos_d = sum_j max(q_jd, 0), neg_d = sum_j min(q_jd, 0) (as kmin <= kmax), and centroid's
+    sum_j q_j . mean = (sum_j q_j) . mean; so a page costs 2 D (quest) or D multiply-adds, and the
+    kernel streams summary rows, prefetching the rows of the page two ahead."""
     B, hkv, G, D = q.shape
     max_pages = scores.shape[2]
     n_chunks = (max_pages + chunk - 1) // chunk
@@ -82,27 +89,37 @@ def _score_kernel(q, page_table, seq_lens, page_size, flow, s0, s1, chunk, score
         c = item - row * n_chunks
         b = row // hkv
         h = row - b * hkv
-        seq_len = np.int64(seq_lens[b])
-        n_full = seq_len // page_size
-        qsum = np.zeros(D, np.float32)
-        if flow == CENTROID:
-            for g in range(G):
-                for d in range(D):
-                    qsum[d] += q[b, h, g, d]
-        for p in range(c * chunk, min(max_pages, (c + 1) * chunk)):
+        n_full = np.int64(seq_lens[b]) // page_size
+        pos = np.zeros(D, np.float32)
+        neg = np.zeros(D, np.float32)
+        for g in range(G):
+            for d in range(D):
+                qv = q[b, h, g, d]
+                if flow == CENTROID or qv > 0:
+                    pos[d] += qv
+                else:
+                    neg[d] += qv
+        p0 = c * chunk
+        p1 = min(max_pages, (c + 1) * chunk)
+        for p in range(p0, p1):
             if p >= n_full:
                 scores[b, h, p] = NEG_INF
                 continue
+            if p + 2 < min(p1, n_full):
+                ahead = np.int64(page_table[b, p + 2])
+                prefetch_range(s0[ahead, h], 0, D)
+                if flow == QUEST:
+                    prefetch_range(s1[ahead, h], 0, D)
             phys = np.int64(page_table[b, p])
+            lo = s0[phys, h]
             s = np.float32(0.0)
             if flow == QUEST:
-                for g in range(G):
-                    for d in range(D):
-                        qv = q[b, h, g, d]
-                        s += max(qv * s1[phys, h, d], qv * s0[phys, h, d])
+                hi = s1[phys, h]
+                for d in range(D):
+                    s += pos[d] * hi[d] + neg[d] * lo[d]
             else:
                 for d in range(D):
-                    s += qsum[d] * s0[phys, h, d]
+                    s += pos[d] * lo[d]
             scores[b, h, p] = s
 
 

@@ -26,6 +26,7 @@ from vortex_hybrid.contracts import check_attention_args
 from vortex_hybrid.reference import all_pages_sel
 
 from .online_softmax import NEG_INF, attend_tile, finish_row
+from .prefetch import prefetch_range
 from .storage_decode import decode_into
 from .tensor_views import float32_array, int32_array, out_tensor, storage_bits
 from .threads import kernel_call
@@ -63,20 +64,32 @@ def _sparse_attention_kernel(qs, k_bits, v_bits, kind, page_size, page_table, se
         l[:] = 0.0
         acc[:] = 0.0
         seq_len = np.int64(seq_lens[b])
-        for j in range(c * chunk_slots, min(K, (c + 1) * chunk_slots)):
+        stop = min(K, (c + 1) * chunk_slots)
+        nxt = _next_page(sel[b, h], c * chunk_slots, stop)
+        while nxt < stop:
+            j = nxt
             p = np.int64(sel[b, h, j])
-            if p < 0:
-                continue
             ntok = min(page_size, seq_len - p * page_size)
-            if ntok <= 0:
-                continue
             start = (np.int64(page_table[b, p]) * hkv + h) * tile
+            nxt = _next_page(sel[b, h], j + 1, stop)
+            if nxt < stop:
+                ahead = (np.int64(page_table[b, sel[b, h, nxt]]) * hkv + h) * tile
+                prefetch_range(k_bits, ahead, tile)
+                prefetch_range(v_bits, ahead, tile)
             n = ntok * D
             decode_into(k_bits[start:start + n], kind, k_tile.reshape(tile)[:n])
             decode_into(v_bits[start:start + n], kind, v_tile.reshape(tile)[:n])
             attend_tile(qs[row], k_tile, v_tile, ntok, scores, tile_max, m, l, acc)
     for row in prange(rows):
         finish_row(part_m, part_l, part_acc, row, n_chunks, o, lse)
+
+
+@njit(nogil=True, cache=True)
+def _next_page(sel_row, j, stop):
+    """First slot >= j (and < stop) holding a page, or stop."""
+    while j < stop and sel_row[j] < 0:
+        j += 1
+    return j
 
 
 def chunk_slots_for(rows: int, k: int, threads: int) -> int:

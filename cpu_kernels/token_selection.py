@@ -28,7 +28,8 @@ from numba import njit, prange
 from vortex_hybrid.contracts import check_attention_args
 
 from .float_bits import f32_to_bits
-from .online_softmax import NEG_INF, attend_tile, finish_row
+from .online_softmax import NEG_INF, attend_tile, finish_row, tile_scores
+from .prefetch import prefetch_range
 from .storage_decode import decode_into
 from .tensor_views import float32_array, int32_array, out_tensor, storage_bits
 from .threads import kernel_call
@@ -44,6 +45,8 @@ def _score_chunk(qs, k_bits, kind, page_size, hkv, h, pt_row, seq_len, cand_row,
     G, D = qs.shape
     tile = page_size * D
     k_tile = np.empty((page_size, D), np.float32)
+    scores = np.empty((G, page_size), np.float32)
+    tile_max = np.empty(G, np.float32)
     for j in range(j0, j1):
         p = np.int64(cand_row[j])
         ntok = 0 if p < 0 else min(page_size, seq_len - p * page_size)
@@ -51,15 +54,16 @@ def _score_chunk(qs, k_bits, kind, page_size, hkv, h, pt_row, seq_len, cand_row,
             keys[j * page_size + t] = 0
         if ntok <= 0:
             continue
+        if j + 1 < j1 and cand_row[j + 1] >= 0:
+            prefetch_range(k_bits, (np.int64(pt_row[cand_row[j + 1]]) * hkv + h) * tile, tile)
         start = (np.int64(pt_row[p]) * hkv + h) * tile
         decode_into(k_bits[start:start + ntok * D], kind, k_tile.reshape(tile)[:ntok * D])
+        tile_scores(qs, k_tile, ntok, scores, tile_max)
         for t in range(ntok):
-            best = NEG_INF
-            for g in range(G):
-                s = np.float32(0.0)
-                for d in range(D):
-                    s += qs[g, d] * k_tile[t, d]
-                best = max(best, s)
+            best = scores[0, t]
+            for g in range(1, G):
+                if scores[g, t] > best or scores[g, t] != scores[g, t]:
+                    best = scores[g, t]
             keys[j * page_size + t] = order_key(f32_to_bits(best))
 
 
@@ -85,6 +89,23 @@ def _select_tokens_row(keys, k_tokens, tokens, hist):
     for i in range(j, k_tokens):
         tokens[i] = -1
     return j
+
+
+@njit(nogil=True, cache=True)
+def _token_start(idx, pt_row, cand_row, page_size, hkv, h, D):
+    """Offset in the flat pool of the key/value row of candidate token idx (= slot * P + offset)."""
+    slot = idx // page_size
+    page = np.int64(cand_row[slot])
+    return ((np.int64(pt_row[page]) * hkv + h) * page_size + idx - slot * page_size) * D
+
+
+@njit(nogil=True, cache=True)
+def _prefetch_tokens(k_bits, v_bits, pt_row, cand_row, tok_row, i0, i1, page_size, hkv, h, D):
+    """Prefetch the key and value rows of selected tokens tok_row[i0:i1] (candidate indices)."""
+    for i in range(i0, i1):
+        start = _token_start(np.int64(tok_row[i]), pt_row, cand_row, page_size, hkv, h, D)
+        prefetch_range(k_bits, start, D)
+        prefetch_range(v_bits, start, D)
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -133,17 +154,19 @@ def _token_attention_kernel(qs, k_bits, v_bits, kind, page_size, page_table, seq
         acc[:] = 0.0
         i = c * chunk_tokens
         stop = min(n_sel[row], (c + 1) * chunk_tokens)
+        _prefetch_tokens(k_bits, v_bits, page_table[b], cand[b, h], tokens[b, h], i,
+                         min(stop, i + page_size), page_size, hkv, h, D)
         while i < stop:
             n = min(page_size, stop - i)
+            _prefetch_tokens(k_bits, v_bits, page_table[b], cand[b, h], tokens[b, h], i + n,
+                             min(stop, i + n + page_size), page_size, hkv, h, D)
             for t in range(n):
                 idx = np.int64(tokens[b, h, i + t])
-                slot = idx // page_size
-                off = idx - slot * page_size
-                page = np.int64(cand[b, h, slot])
-                start = ((np.int64(page_table[b, page]) * hkv + h) * page_size + off) * D
+                start = _token_start(idx, page_table[b], cand[b, h], page_size, hkv, h, D)
                 decode_into(k_bits[start:start + D], kind, k_tile[t])
                 decode_into(v_bits[start:start + D], kind, v_tile[t])
-                tokens[b, h, i + t] = page * page_size + off
+                slot = idx // page_size
+                tokens[b, h, i + t] = np.int64(cand[b, h, slot]) * page_size + idx - slot * page_size
             attend_tile(qs[row], k_tile, v_tile, n, scores, tile_max, m, l, acc)
             i += n
     for row in prange(rows):

@@ -7,8 +7,9 @@ uint32 keys that order like torch's descending sort (NaN above +inf, -0 equal to
 radix select (11, 11, 10 bits) finds the threshold key T and how many keys equal to T to keep, and one
 ordered scan writes the selection, so a row costs O(num_pages) whatever k is.
 
-Rows run in parallel; a batch with fewer rows than threads and long rows (>= PARALLEL_ROW_MIN
-pages) instead splits each row over all threads (per-chunk histograms, then an offset scan).
+Rows run in parallel; a batch with fewer rows than twice the threads and long rows (>=
+PARALLEL_ROW_MIN pages) instead splits every row into chunks over all threads (per-chunk
+histograms, then an offset scan), with the same result.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from vortex_hybrid.contracts import check_topk_args
 from .tensor_views import float_bits, int32_array, out_tensor
 from .threads import kernel_call
 
-PARALLEL_ROW_MIN = 1 << 16
-"""Rows at least this long are split over threads when the batch has fewer rows than threads."""
+PARALLEL_ROW_MIN = 1 << 14
+"""Rows at least this long are split over threads when the batch has few rows."""
 
 _DIGITS = ((21, 2048), (10, 2048), (0, 1024))
 _ABS = np.uint32(0x7FFFFFFF)
@@ -128,103 +129,133 @@ def _chunk_histogram(keys, mask, prefix, shift, nb, hist):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _long_row_histograms(keys, size, mask, prefix, shift, nb, hist):
-    """Per-chunk histograms: hist int64 [n_chunks, 2048], chunk c = keys[c*size:(c+1)*size]."""
-    m = keys.shape[0]
-    for c in prange(hist.shape[0]):
-        _chunk_histogram(keys[min(m, c * size):min(m, (c + 1) * size)], mask, prefix, shift, nb,
-                         hist[c])
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def _long_row_keys(bits, keys, size, n_chunks):
-    m = keys.shape[0]
-    for c in prange(n_chunks):
+def _split_keys(bits, num_pages, sink, recent, n_chunks, keys):
+    """keys[row, i] = order_key of candidate page sink + i of row (bits uint32 [B, H, M])."""
+    B, H, M = bits.shape
+    for item in prange(B * H * n_chunks):
+        row = item // n_chunks
+        c = item - row * n_chunks
+        b = row // H
+        m = max(np.int64(0), np.int64(num_pages[b]) - sink - recent)
+        size = (m + n_chunks - 1) // n_chunks
         for i in range(c * size, min(m, (c + 1) * size)):
-            keys[i] = order_key(bits[i])
+            keys[row, i] = order_key(bits[b, row - b * H, sink + i])
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _long_row_counts(keys, size, threshold, above, equal):
-    m = keys.shape[0]
-    for c in prange(above.shape[0]):
+def _split_histograms(keys, lengths, n_chunks, mask, prefix, shift, nb, hist):
+    """hist[row, c] = digit histogram of chunk c of keys[row, :lengths[row]] under (mask, prefix)."""
+    rows = keys.shape[0]
+    for item in prange(rows * n_chunks):
+        row = item // n_chunks
+        c = item - row * n_chunks
+        m = lengths[row]
+        size = (m + n_chunks - 1) // n_chunks
+        _chunk_histogram(keys[row, min(m, c * size):min(m, (c + 1) * size)], mask[row],
+                         prefix[row], shift, nb, hist[row, c])
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _split_counts(keys, lengths, n_chunks, threshold, above, equal):
+    rows = keys.shape[0]
+    for item in prange(rows * n_chunks):
+        row = item // n_chunks
+        c = item - row * n_chunks
+        m = lengths[row]
+        size = (m + n_chunks - 1) // n_chunks
         a = 0
         e = 0
         for i in range(c * size, min(m, (c + 1) * size)):
-            key = np.int64(keys[i])
-            if key > threshold:
+            key = np.int64(keys[row, i])
+            if key > threshold[row]:
                 a += 1
-            elif key == threshold:
+            elif key == threshold[row]:
                 e += 1
-        above[c] = a
-        equal[c] = e
+        above[row, c] = a
+        equal[row, c] = e
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _long_row_write(keys, size, threshold, start, quota, first, out):
-    m = keys.shape[0]
-    for c in prange(start.shape[0]):
-        j = start[c]
-        left = quota[c]
+def _split_write(keys, lengths, n_chunks, threshold, start, quota, first, H, out):
+    rows = keys.shape[0]
+    for item in prange(rows * n_chunks):
+        row = item // n_chunks
+        c = item - row * n_chunks
+        b = row // H
+        h = row - b * H
+        m = lengths[row]
+        size = (m + n_chunks - 1) // n_chunks
+        j = start[row, c]
+        left = quota[row, c]
         for i in range(c * size, min(m, (c + 1) * size)):
-            key = np.int64(keys[i])
-            if key > threshold or (key == threshold and left > 0):
-                if key == threshold:
+            key = np.int64(keys[row, i])
+            if key > threshold[row] or (key == threshold[row] and left > 0):
+                if key == threshold[row]:
                     left -= 1
-                out[j] = first + i
+                out[b, h, j] = first + i
                 j += 1
 
 
 @njit(nogil=True, cache=True)
-def _topk_long_row(bits, n, k, sink, recent, out, n_chunks):
-    """One long row over all threads: bits uint32 [>= n]; out int32 [k]. Same result as select_row."""
-    if n <= k:
-        for i in range(n):
-            out[i] = i
-        for i in range(n, k):
-            out[i] = -1
-        return
-    lo = sink
-    hi = n - recent
-    m = hi - lo
-    r = np.int64(k - sink - recent)
-    for i in range(lo):
-        out[i] = i
-    for i in range(recent):
-        out[k - recent + i] = hi + i
-    if r == 0:
-        return
-    size = (m + n_chunks - 1) // n_chunks
-    keys = np.empty(m, np.uint32)
-    _long_row_keys(bits[lo:hi], keys, size, n_chunks)
-    hist = np.empty((n_chunks, 2048), np.int64)
-    prefix = np.int64(0)
-    mask = np.int64(0)
+def _topk_split_rows(bits, num_pages, k, sink, recent, out, n_chunks):
+    """Every row split into n_chunks pieces over all threads (few, long rows): bits uint32 [B, H, M],
+    out int32 [B, H, k]. Same result as select_row on each row."""
+    B, H, M = bits.shape
+    rows = B * H
+    lengths = np.zeros(rows, np.int64)
+    need = np.zeros(rows, np.int64)
+    for row in range(rows):
+        b = row // H
+        h = row - b * H
+        n = np.int64(num_pages[b])
+        if n <= k:
+            for i in range(n):
+                out[b, h, i] = i
+            for i in range(n, k):
+                out[b, h, i] = -1
+            continue
+        for i in range(sink):
+            out[b, h, i] = i
+        for i in range(recent):
+            out[b, h, k - recent + i] = n - recent + i
+        need[row] = k - sink - recent
+        if need[row] > 0:
+            lengths[row] = n - sink - recent
+    keys = np.empty((rows, M), np.uint32)
+    _split_keys(bits, num_pages, sink, recent, n_chunks, keys)
+    hist = np.empty((rows, n_chunks, 2048), np.int64)
+    prefix = np.zeros(rows, np.int64)
+    mask = np.zeros(rows, np.int64)
     for shift, nb in _DIGITS:
-        _long_row_histograms(keys, size, mask, prefix, shift, nb, hist)
-        d = nb - 1
-        while True:
-            count = np.int64(0)
-            for c in range(n_chunks):
-                count += hist[c, d]
-            if count >= r:
-                break
-            r -= count
-            d -= 1
-        prefix |= np.int64(d) << shift
-        mask |= np.int64(nb - 1) << shift
-    above = np.empty(n_chunks, np.int64)
-    equal = np.empty(n_chunks, np.int64)
-    _long_row_counts(keys, size, prefix, above, equal)
-    start = np.empty(n_chunks, np.int64)
-    quota = np.empty(n_chunks, np.int64)
-    pos = np.int64(lo)
-    for c in range(n_chunks):
-        quota[c] = min(r, equal[c])
-        r -= quota[c]
-        start[c] = pos
-        pos += above[c] + quota[c]
-    _long_row_write(keys, size, prefix, start, quota, lo, out)
+        _split_histograms(keys, lengths, n_chunks, mask, prefix, shift, nb, hist)
+        for row in range(rows):
+            if need[row] == 0:
+                continue
+            d = nb - 1
+            while True:
+                count = np.int64(0)
+                for c in range(n_chunks):
+                    count += hist[row, c, d]
+                if count >= need[row]:
+                    break
+                need[row] -= count
+                d -= 1
+            prefix[row] |= np.int64(d) << shift
+            mask[row] |= np.int64(nb - 1) << shift
+    above = np.zeros((rows, n_chunks), np.int64)
+    equal = np.zeros((rows, n_chunks), np.int64)
+    _split_counts(keys, lengths, n_chunks, prefix, above, equal)
+    start = np.zeros((rows, n_chunks), np.int64)
+    quota = np.zeros((rows, n_chunks), np.int64)
+    for row in range(rows):
+        pos = np.int64(sink)
+        r = need[row]
+        for c in range(n_chunks):
+            quota[row, c] = min(r, equal[row, c])
+            r -= quota[row, c]
+            start[row, c] = pos
+            pos += above[row, c] + quota[row, c]
+    _split_write(keys, lengths, n_chunks, prefix, start, quota, sink, H, out)
 
 
 def run_topk_pages(scores: torch.Tensor, k: int, num_pages: torch.Tensor, sink: int, recent: int,
@@ -241,10 +272,8 @@ def run_topk_pages(scores: torch.Tensor, k: int, num_pages: torch.Tensor, sink: 
     o = out.numpy()
     row_min = PARALLEL_ROW_MIN if parallel_row_min is None else parallel_row_min
     with kernel_call() as threads:
-        if B * H < threads and M >= row_min:
-            for b in range(B):
-                for h in range(H):
-                    _topk_long_row(bits[b, h], int(n[b]), k, sink, recent, o[b, h], 4 * threads)
+        if B * H < 2 * threads and M >= row_min:
+            _topk_split_rows(bits, n, k, sink, recent, o, -(-4 * threads // (B * H)))
         else:
             _topk_rows_kernel(bits, n, k, sink, recent, o)
     return out

@@ -16,7 +16,7 @@ from conftest import DEVICE
 from vortex_hybrid import reference
 from vortex_hybrid.gpu_kernels import (dense_decode_attention, launch_sparse_decode_attention,
                                        sparse_decode_attention)
-from vortex_hybrid.gpu_kernels.sparse_decode_attention import _COUNTERS, LaunchConfig
+from vortex_hybrid.gpu_kernels.sparse_decode_attention import LaunchConfig
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
@@ -85,19 +85,18 @@ def test_sparse_matches_reference_for_dtypes_gqa_and_head_dims(dtype, group, hea
     _assert_state_close(o, lse, ref_o, ref_lse, TOL[dtype], seed)
 
 
-@pytest.mark.parametrize("fused_merge", [False, True])
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("block_t", [16, 64])
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
-def test_split_counts_and_loop_blocks_give_the_same_state(num_splits, block_t, fused_merge):
-    """Several loop iterations per split (online softmax rescaling) and several splits, merged by
-    a second kernel or by the last split program of each (request, KV head) pair."""
+def test_split_counts_and_loop_blocks_give_the_same_state(num_splits, block_t, prefetch):
+    """Several loop iterations per split (online softmax rescaling, with and without prefetching
+    the next block's page indices) and several splits (the split merge)."""
     seed = _seed()
     q, k, v, pt, sl, sel = _case(seed, torch.float32, 4, 64, page_size=4, max_pages=12, num_sel=11)
     out = _poisoned(q)
     o, lse = launch_sparse_decode_attention(q, k, v, pt, sl, sel, out=out, num_splits=num_splits,
                                             config=LaunchConfig(block_t=block_t,
-                                                                fused_merge=fused_merge))
-    assert all(int(c.abs().sum()) == 0 for c in _COUNTERS.values()), "arrival counters not reset"
+                                                                prefetch_indices=prefetch))
     ref_o, ref_lse = reference.sparse_decode_attention(q.double(), k, v, pt, sl, sel)
     _assert_state_close(o, lse, ref_o, ref_lse, TOL[torch.float32], seed)
 

@@ -67,7 +67,7 @@ def brute_scores(flow, q, k_pool, table, seq_lens):
     return torch.from_numpy(out)
 
 
-def run_indexer(flow, q, k_pool, table, seq_lens, budget, sink, recent, fused, page_size=None):
+def run_indexer(flow, q, k_pool, table, seq_lens, budget, sink, recent, page_size=None):
     """Cache kernel over every full page, then the indexer; everything on DEVICE, sel on the CPU."""
     summaries = poisoned_summaries(flow, k_pool)
     P = k_pool.shape[2]
@@ -75,7 +75,7 @@ def run_indexer(flow, q, k_pool, table, seq_lens, budget, sink, recent, fused, p
     pages = torch.unique(table.long()[full])
     CACHE[flow][0](k_pool.to(DEVICE), pages.to(DEVICE), summaries)
     sel = INDEXER[flow](q.to(DEVICE), summaries, table.to(DEVICE), seq_lens.to(DEVICE), budget,
-                        sink, recent, page_size=page_size, fused=fused)
+                        sink, recent, page_size=page_size)
     assert sel.dtype == torch.int32 and sel.shape == (q.shape[0], k_pool.shape[1], budget)
     return sel.cpu()
 
@@ -84,8 +84,8 @@ def run_indexer(flow, q, k_pool, table, seq_lens, budget, sink, recent, fused, p
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cache_kernels_write_exactly_the_listed_pages(flow, dtype):
     rng = random.Random()
-    for d, P in ((64, 4), (128, 16)):
-        _, k_pool, _, _ = make_pool(rng, 1, 2, 1, d, P, dtype=dtype)
+    for hkv, d, P in ((2, 64, 4), (2, 128, 16), (3, 128, 128)):      # last: one head per program
+        _, k_pool, _, _ = make_pool(rng, 1, hkv, 1, d, P, dtype=dtype)
         k_pool = torch.cat([k_pool, torch.randn(4, *k_pool.shape[1:]).to(dtype)])
         pages = torch.randperm(k_pool.shape[0])[: k_pool.shape[0] // 2]
         summaries = poisoned_summaries(flow, k_pool)
@@ -110,8 +110,7 @@ def test_cache_kernels_accept_an_empty_page_list():
 
 
 @pytest.mark.parametrize("flow", ["quest", "centroid"])
-@pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
-def test_indexer_equals_reference_topk_of_brute_scores_exactly(flow, fused):
+def test_indexer_equals_reference_topk_of_brute_scores_exactly(flow):
     """Small-integer keys and queries: every score is exact in float32, ties are frequent, so the
     selection must equal reference.topk_pages of the float64 brute-force scores page for page."""
     rng = random.Random()
@@ -120,7 +119,7 @@ def test_indexer_equals_reference_topk_of_brute_scores_exactly(flow, fused):
         scores = brute_scores(flow, q, k_pool, table, lens)
         n_max = table.shape[1]
         for budget, sink, recent in ((2, 0, 1), (rng.randint(3, n_max), 1, 2), (n_max + 1, 1, 1)):
-            sel = run_indexer(flow, q, k_pool, table, lens, budget, sink, recent, fused)
+            sel = run_indexer(flow, q, k_pool, table, lens, budget, sink, recent)
             want = reference.topk_pages(scores, budget, pages_of(lens, 4).int(), sink, recent)
             assert torch.equal(sel.sort(-1).values, want.sort(-1).values), (group, budget)
 
@@ -132,9 +131,8 @@ def test_indexer_on_random_floats_picks_the_best_pages_up_to_rounding(flow):
     scores = brute_scores(flow, q, k_pool, table, lens)
     n = pages_of(lens, 16)
     tol = 1e-4 * float(scores.abs().max())
-    for fused in (False, True):
-        budget, sink, recent = int(n.max()) // 2 + 2, 1, 1
-        sel = run_indexer(flow, q, k_pool, table, lens, budget, sink, recent, fused, page_size=16)
+    for budget, sink, recent in ((int(n.max()) // 2 + 2, 1, 1), (int(n.max()) // 4 + 3, 2, 1)):
+        sel = run_indexer(flow, q, k_pool, table, lens, budget, sink, recent, page_size=16)
         for b in range(2):
             nb = int(n[b])
             for h in range(2):
