@@ -9,12 +9,14 @@ least sink + recent + 1), sink 1, recent 2; peer: torch.topk over scores with fo
 +inf, then torch.sort of the indices (the order our kernel returns). With --tune, a sweep of
 (digit_bits, num_warps, block) per row size first.
 Indexers: Llama-3-8B shapes (32 query / 8 KV heads, D=128), page 16, contexts 32K / 128K, batch
-1 / 8 / 32, budgets 1/2/5/10%; ours split (scoring grid + top-k kernel) and fused (one program per
-row) vs a torch peer (gathered summaries, einsum scores, the same torch top-k). Cache kernels:
-quest_cache / centroid_cache over 64K full pages of a bf16 pool.
-`triton.testing.do_bench` medians (L2 flushed before every call); bytes = the fewest bytes each
-call must move (inputs read once, outputs written once), over the device-to-device copy bandwidth
-measured in the same run.
+1 / 8 / 32, budgets 1/2/5/10%; ours (scoring grid + top-k kernel) vs a torch peer (gathered
+summaries, einsum scores, the same torch top-k). Cache kernels: quest_cache / centroid_cache over
+64K full pages of a bf16 pool.
+`triton.testing.do_bench` medians (L2 flushed before every call; launch overhead shows where the
+GPU work is shorter than the host's launch path), and "graph": medians of CUDA-graph replays
+(`do_bench_cudagraph`: no launch overhead, L2 not flushed). Bytes = the fewest bytes each call must
+move (inputs read once, outputs written once), over the device-to-device copy bandwidth measured in
+the same run.
 
     python3 benchmarks/gpu_topk.py [--tune] [--out DIR]     # GPU machine, ~3 minutes
     python3 benchmarks/gpu_topk.py --smoke                    # tiny shapes, any machine
@@ -59,6 +61,13 @@ def bench(fn, rep: int = 100) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
+def bench_graph(fn) -> float:
+    """Median milliseconds of fn replayed in a CUDA graph (no launch overhead; L2 not flushed)."""
+    if DEV.type == "cuda":
+        return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
+    return bench(fn)
+
+
 def hbm_copy_bandwidth() -> float:
     """Device-to-device copy GB/s, counting bytes read plus written."""
     n = (1 << 28) if DEV.type == "cuda" else (1 << 16)
@@ -92,10 +101,10 @@ def topk_section(bw: float, tune: bool, sizes, n_rows: int) -> tuple[list, list]
         if tune:
             k = budget_pages(n_pages, 0.05)
             out = torch.empty(B, HKV, k, dtype=torch.int32, device=DEV)
-            grid = [dict(digit_bits=db, num_warps=w) for db in (1, 2, 4) for w in (4, 8, 16)] \
+            grid = [dict(digit_bits=db, num_warps=w) for db in (1, 2) for w in (2, 4, 8)] \
                 if n_pages <= 16384 else \
                 [dict(block=bl, digit_bits=db, num_warps=w)
-                 for bl in (1024, 2048, 4096) for db in (2, 4, 8) for w in (8, 16)]
+                 for bl in (2048, 4096, 8192) for db in (2, 4) for w in (16, 32)]
             for cfg in grid:
                 try:
                     ms = bench(lambda: launch_topk_pages(scores, k, n, SINK, RECENT, out, **cfg))
@@ -108,13 +117,15 @@ def topk_section(bw: float, tune: bool, sizes, n_rows: int) -> tuple[list, list]
             k = budget_pages(n_pages, frac)
             out = torch.empty(B, HKV, k, dtype=torch.int32, device=DEV)
             ours = bench(lambda: launch_topk_pages(scores, k, n, SINK, RECENT, out))
+            ours_graph = bench_graph(lambda: launch_topk_pages(scores, k, n, SINK, RECENT, out))
             peer = bench(lambda: torch_topk(scores, n, k))
             agree = torch.equal(launch_topk_pages(scores, k, n, SINK, RECENT, out).clone(),
                                 torch_topk(scores, n, k))          # distinct random scores: same set
             ties = torch.randint(0, 8, scores.shape, device=DEV).float()
             ours_ties = bench(lambda: launch_topk_pages(ties, k, n, SINK, RECENT, out))
             nbytes = n_rows * (n_pages + k) * 4
-            rows.append(dict(rows=n_rows, pages=n_pages, k=k, ours_us=ours * 1e3, ours_ties_us=ours_ties * 1e3,
+            rows.append(dict(rows=n_rows, pages=n_pages, k=k, ours_us=ours * 1e3, ours_graph_us=ours_graph * 1e3,
+                             ours_ties_us=ours_ties * 1e3,
                              torch_us=peer * 1e3, speedup=peer / ours, agrees_with_torch=agree,
                              hbm_frac=nbytes / (ours * 1e-3) / 1e9 / bw))
             print(f"topk pages={n_pages} k={k}: ours {ours * 1e3:.1f} us (ties {ours_ties * 1e3:.1f}),"
@@ -135,11 +146,11 @@ class IndexerSetup:
         self.summaries = {"kmin": kmin, "kmax": kmin + torch.rand_like(kmin),
                           "mean": torch.randn(N, HKV, 1, D, device=DEV)}
 
-    def ours(self, flow: str, budget: int, fused: bool):
+    def ours(self, flow: str, budget: int):
         s = self.summaries
         a, b = (s["kmax"], s["kmin"]) if flow == "quest" else (s["mean"], s["mean"])
         return lambda: launch_indexer(self.q, a, b, self.table, self.lens, budget, SINK, RECENT,
-                                      PAGE, quest=flow == "quest", fused=fused)
+                                      PAGE, quest=flow == "quest")
 
     def torch_peer(self, flow: str, budget: int):
         B, pt = self.B, self.table.to(torch.int64)
@@ -171,17 +182,15 @@ def indexer_section(bw: float, contexts, batches) -> list:
             for flow in ("quest", "centroid"):
                 for frac in BUDGETS:
                     budget = budget_pages(setup.pages, frac)
-                    split = bench(setup.ours(flow, budget, fused=False))
-                    fused = bench(setup.ours(flow, budget, fused=True))
+                    ours = bench(setup.ours(flow, budget))
+                    graph = bench_graph(setup.ours(flow, budget))
                     peer = bench(setup.torch_peer(flow, budget))
-                    best = min(split, fused)
-                    same = torch.equal(setup.ours(flow, budget, True)(), setup.ours(flow, budget, False)())
                     nbytes = setup.min_bytes(flow, budget)
-                    rows.append(dict(flow=flow, ctx=ctx, B=B, budget=budget, split_us=split * 1e3,
-                                     fused_us=fused * 1e3, torch_us=peer * 1e3, split_equals_fused=same,
-                                     speedup=peer / best, hbm_frac=nbytes / (best * 1e-3) / 1e9 / bw))
-                    print(f"{flow} ctx={ctx} B={B} budget={budget}: split {split * 1e3:.1f} us, "
-                          f"fused {fused * 1e3:.1f} us, torch {peer * 1e3:.1f} us", flush=True)
+                    rows.append(dict(flow=flow, ctx=ctx, B=B, budget=budget, ours_us=ours * 1e3,
+                                     ours_graph_us=graph * 1e3, torch_us=peer * 1e3,
+                                     speedup=peer / ours, hbm_frac=nbytes / (ours * 1e-3) / 1e9 / bw))
+                    print(f"{flow} ctx={ctx} B={B} budget={budget}: ours {ours * 1e3:.1f} us "
+                          f"(graph {graph * 1e3:.1f}), torch {peer * 1e3:.1f} us", flush=True)
             del setup
             torch.cuda.empty_cache() if DEV.type == "cuda" else None
     return rows
@@ -225,20 +234,19 @@ def main() -> None:
         json.dump(result, f, indent=1)
     print(f"\n{device}, HBM copy {bw:.0f} GB/s")
     print(f"top-k over {n_rows} rows")
-    print("| pages | k | ours us | ours (ties) us | torch.topk+sort us | speedup | HBM frac | same set |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| pages | k | ours us | ours graph us | ours (ties) us | torch.topk+sort us | speedup | HBM frac | same set |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in topk_rows:
-        print(f"| {r['pages']} | {r['k']} | {r['ours_us']:.1f} | {r['ours_ties_us']:.1f} | "
+        print(f"| {r['pages']} | {r['k']} | {r['ours_us']:.1f} | {r['ours_graph_us']:.1f} | {r['ours_ties_us']:.1f} | "
               f"{r['torch_us']:.1f} | {r['speedup']:.1f}x | {r['hbm_frac']:.2f} | {r['agrees_with_torch']} |")
     print("\n| cache kernel | pages | us | HBM frac |\n|---|---|---|---|")
     for r in cache_rows:
         print(f"| {r['flow']} | {r['pages']} | {r['us']:.1f} | {r['hbm_frac']:.2f} |")
-    print("\n| flow | ctx | B | budget | split us | fused us | torch us | speedup | HBM frac | split = fused |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| flow | ctx | B | budget | ours us | ours graph us | torch us | speedup | HBM frac |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in idx_rows:
-        print(f"| {r['flow']} | {r['ctx'] // 1024}K | {r['B']} | {r['budget']} | {r['split_us']:.1f} | "
-              f"{r['fused_us']:.1f} | {r['torch_us']:.1f} | {r['speedup']:.1f}x | {r['hbm_frac']:.2f} | "
-              f"{r['split_equals_fused']} |")
+        print(f"| {r['flow']} | {r['ctx'] // 1024}K | {r['B']} | {r['budget']} | {r['ours_us']:.1f} | "
+              f"{r['ours_graph_us']:.1f} | {r['torch_us']:.1f} | {r['speedup']:.1f}x | {r['hbm_frac']:.2f} |")
 
 
 if __name__ == "__main__":

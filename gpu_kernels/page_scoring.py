@@ -9,11 +9,11 @@ The selection is `vortex_hybrid.reference.topk_pages` applied to those scores (f
 `recent` pages forced, best others up to `budget`, ties toward the lower page index, all pages when
 `budget >= num_pages`), computed by `topk_pages.select_row`.
 
-Two launch shapes, same result:
-- split (default while B * Hkv is small): a scoring grid over (row, block of pages) writes the score
-  rows, then the top-k kernel runs one program per row. Every SM streams summaries even at B = 1.
-- fused: one program per (request, KV head) scores its row block by block into a scratch row that
-  stays in L2, then selects from it. One launch instead of two, but only B * Hkv programs.
+Two launches: a scoring grid over (row, block of BLOCK_PAGES pages) writes float32 score rows, so
+every SM streams summaries even at B = 1; then the top-k kernel runs one program per row. The score
+round trip costs 8 bytes per page against 512-1024 bytes of summaries read. A fused variant (one
+program per row scoring into an L2-resident scratch row, then selecting) was measured slower at
+every Llama-3-8B shape (docs/BENCHMARKS.md) and removed.
 
 Shapes (B requests, Hq query heads, Hkv KV heads, G = Hq / Hkv, D head_dim, N physical pages):
     q [B, Hq, D] float16 / bfloat16 / float32    page_table int32 [B, max_pages]   seq_lens int32 [B]
@@ -30,10 +30,9 @@ import triton.language as tl
 from vortex_hybrid.contracts import FLOAT_DTYPES, INDEX_DTYPES, pages_of
 
 from .page_summaries import summary_page_size
-from .topk_pages import launch_topk_pages, row_config, select_row
+from .topk_pages import launch_topk_pages
 
 BLOCK_PAGES = 32
-FUSE_MIN_ROWS_PER_SM = 2
 
 
 @triton.jit
@@ -75,31 +74,6 @@ def _page_scores_kernel(q_ptr, a_ptr, b_ptr, table_ptr, lens_ptr, scores_ptr, H,
                      stride_qh, stride_sn, stride_sh, D, G, QUEST, BLOCK_D)
     out = scores_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(out + p_offs, s, mask=p_offs < n)
-
-
-@triton.jit
-def _fused_indexer_kernel(q_ptr, a_ptr, b_ptr, table_ptr, lens_ptr, scores_ptr, sel_ptr, H,
-                          page_size, D, k, sink, recent,
-                          stride_qb, stride_qh, stride_sn, stride_sh, stride_tb, stride_ob,
-                          stride_oh, stride_kb, stride_kh,
-                          G: tl.constexpr, QUEST: tl.constexpr, BLOCK_P: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, IN_REGISTERS: tl.constexpr,
-                          DIGIT_BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0)
-    b = row // H
-    h = row % H
-    n = tl.cdiv(tl.load(lens_ptr + b), page_size)
-    q_row = q_ptr + b.to(tl.int64) * stride_qb + (h * G) * stride_qh
-    table_row = table_ptr + b.to(tl.int64) * stride_tb
-    scratch = scores_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    for p0 in range(0, n, BLOCK_P):
-        p_offs = p0 + tl.arange(0, BLOCK_P)
-        s = _score_pages(q_row, a_ptr, b_ptr, table_row, h, p_offs, n, stride_qh, stride_sn,
-                         stride_sh, D, G, QUEST, BLOCK_D)
-        tl.store(scratch + p_offs, s, mask=p_offs < n)
-    tl.debug_barrier()                      # this program's score row is written: select from it
-    select_row(scratch, sel_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh, n, k,
-               sink, recent, BLOCK, IN_REGISTERS, DIGIT_BITS, BLOCK_K)
 
 
 def _check_indexer_args(q, summaries, names, page_table, seq_lens, budget, sink, recent,
@@ -151,14 +125,10 @@ def _check_indexer_args(q, summaries, names, page_table, seq_lens, budget, sink,
 
 def launch_indexer(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, page_table: torch.Tensor,
                    seq_lens: torch.Tensor, budget: int, sink: int, recent: int, page_size: int,
-                   quest: bool, fused: bool | None = None, block_pages: int = BLOCK_PAGES,
-                   **config) -> torch.Tensor:
-    """Unchecked launcher; a, b: float32 summary stores [N, Hkv, 1, D] (b unused by centroid).
-
-    fused=None picks the fused kernel when there are FUSE_MIN_ROWS_PER_SM rows per SM or more.
-    `config` overrides the top-k launch choices (`topk_pages.row_config`). Returns sel int32
-    [B, Hkv, budget].
-    """
+                   quest: bool, block_pages: int = BLOCK_PAGES, **config) -> torch.Tensor:
+    """Unchecked launcher; a, b: float32 summary stores [N, Hkv, 1, D] (kmax, kmin for quest;
+    mean twice for centroid). `config` overrides the top-k launch choices (`topk_pages.row_config`).
+    Returns sel int32 [B, Hkv, budget]."""
     B, hq, d = q.shape
     hkv = a.shape[1]
     max_pages = page_table.shape[1]
@@ -171,29 +141,16 @@ def launch_indexer(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, page_table
         page_table = page_table.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32)
     scores = torch.empty(B, hkv, max_pages, dtype=torch.float32, device=q.device)
-    if fused is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count \
-            if q.device.type == "cuda" else 1
-        fused = B * hkv >= FUSE_MIN_ROWS_PER_SM * sms
-    common = (q, a, b, page_table, lens, scores)
-    strides = (q.stride(0), q.stride(1), a.stride(0), a.stride(1), page_table.stride(0),
-               scores.stride(0), scores.stride(1))
-    meta = dict(G=hq // hkv, QUEST=quest, BLOCK_P=block_pages, BLOCK_D=triton.next_power_of_2(d))
-    block_k = min(triton.next_power_of_2(budget), 1024)
-    if fused:
-        _fused_indexer_kernel[(B * hkv,)](
-            *common, sel, hkv, page_size, d, budget, sink, recent, *strides, sel.stride(0),
-            sel.stride(1), BLOCK_K=block_k, **meta, **row_config(max_pages, **config))
-    else:
-        _page_scores_kernel[(B * hkv, triton.cdiv(max_pages, block_pages))](
-            *common, hkv, page_size, d, *strides, **meta, num_warps=4)
-        launch_topk_pages(scores, budget, lens, sink, recent, sel, page_size=page_size, **config)
-    return sel
+    _page_scores_kernel[(B * hkv, triton.cdiv(max_pages, block_pages))](
+        q, a, b, page_table, lens, scores, hkv, page_size, d, q.stride(0), q.stride(1), a.stride(0),
+        a.stride(1), page_table.stride(0), scores.stride(0), scores.stride(1), G=hq // hkv,
+        QUEST=quest, BLOCK_P=block_pages, BLOCK_D=triton.next_power_of_2(d), num_warps=4)
+    return launch_topk_pages(scores, budget, lens, sink, recent, sel, page_size=page_size, **config)
 
 
 def quest_indexer(q: torch.Tensor, summaries: dict[str, torch.Tensor], page_table: torch.Tensor,
                   seq_lens: torch.Tensor, budget: int, sink: int, recent: int,
-                  page_size: int | None = None, fused: bool | None = None) -> torch.Tensor:
+                  page_size: int | None = None) -> torch.Tensor:
     """Quest selection: sel int32 [B, Hkv, budget] from q [B, Hq, D] and summaries "kmin", "kmax"
     (float32 [N, Hkv, 1, D]); page_table int32 [B, max_pages]; seq_lens int32 [B] tokens;
     page_size: tokens per page (None: the page size the cache kernels here last wrote the
@@ -201,12 +158,12 @@ def quest_indexer(q: torch.Tensor, summaries: dict[str, torch.Tensor], page_tabl
     page_size = _check_indexer_args(q, summaries, ("kmax", "kmin"), page_table, seq_lens, budget,
                                     sink, recent, page_size)
     return launch_indexer(q, summaries["kmax"], summaries["kmin"], page_table, seq_lens, budget,
-                          sink, recent, page_size, quest=True, fused=fused)
+                          sink, recent, page_size, quest=True)
 
 
 def centroid_indexer(q: torch.Tensor, summaries: dict[str, torch.Tensor], page_table: torch.Tensor,
                      seq_lens: torch.Tensor, budget: int, sink: int, recent: int,
-                     page_size: int | None = None, fused: bool | None = None) -> torch.Tensor:
+                     page_size: int | None = None) -> torch.Tensor:
     """Centroid selection: sel int32 [B, Hkv, budget] from q [B, Hq, D] and summaries "mean"
     (float32 [N, Hkv, 1, D]); page_table int32 [B, max_pages]; seq_lens int32 [B] tokens;
     page_size: tokens per page (None: the page size the cache kernels here last wrote the
@@ -214,4 +171,4 @@ def centroid_indexer(q: torch.Tensor, summaries: dict[str, torch.Tensor], page_t
     page_size = _check_indexer_args(q, summaries, ("mean",), page_table, seq_lens, budget, sink,
                                     recent, page_size)
     return launch_indexer(q, summaries["mean"], summaries["mean"], page_table, seq_lens, budget,
-                          sink, recent, page_size, quest=False, fused=fused)
+                          sink, recent, page_size, quest=False)

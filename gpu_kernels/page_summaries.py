@@ -1,8 +1,9 @@
 """Cache-stage kernels of the library flows: summaries of filled pages, written in place (Triton).
 
 `quest_cache` writes the elementwise min and max of each page's keys ("kmin", "kmax");
-`centroid_cache` writes their mean ("mean"). One program per (listed page, KV head) reads the
-page's [page_size, D] keys once and accumulates in float32.
+`centroid_cache` writes their mean ("mean"). One program per listed page (and group of KV heads
+when a page holds more than TILE_ELEMENTS keys' elements) reads the page's [Hkv, page_size, D] keys
+once and accumulates in float32.
 
 Shapes (N physical pages, Hkv KV heads, P page_size, D head_dim, n listed pages):
     k_pool [N, Hkv, P, D] float16 / bfloat16 / float32      pages int64 [n] (physical, all full)
@@ -18,6 +19,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from vortex_hybrid.contracts import FLOAT_DTYPES, INDEX_DTYPES
 
+TILE_ELEMENTS = 16384                   # keys one program reads: all KV heads of a page when they fit
 _page_size_of = WeakIdKeyDictionary()   # summary store -> page_size of the pool it summarises
 
 
@@ -32,22 +34,24 @@ def summary_page_size(store: torch.Tensor) -> int | None:
 
 @triton.jit
 def _page_summary_kernel(k_ptr, pages_ptr, a_ptr, b_ptr, stride_kn, stride_kh, stride_kp,
-                         stride_sn, stride_sh, H, P, D, MEAN: tl.constexpr,
+                         stride_sn, stride_sh, H, P, D, MEAN: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    i = tl.program_id(0)
-    h = tl.program_id(1)
-    page = tl.load(pages_ptr + i).to(tl.int64)
+    """One program: BLOCK_H KV heads of one listed page, keys [BLOCK_H, P, D] read once."""
+    page = tl.load(pages_ptr + tl.program_id(0)).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_p[:, None] < P) & (offs_d[None, :] < D)
-    keys = tl.load(k_ptr + page * stride_kn + h * stride_kh + offs_p[:, None] * stride_kp
-                   + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    row = page * stride_sn + h * stride_sh + offs_d
+    hd = (offs_h[:, None] < H) & (offs_d[None, :] < D)
+    mask = hd[:, None, :] & (offs_p[None, :, None] < P)
+    keys = tl.load(k_ptr + page * stride_kn + offs_h[:, None, None] * stride_kh
+                   + offs_p[None, :, None] * stride_kp + offs_d[None, None, :],
+                   mask=mask, other=0.0).to(tl.float32)
+    row = page * stride_sn + offs_h[:, None] * stride_sh + offs_d[None, :]
     if MEAN:
-        tl.store(a_ptr + row, tl.sum(keys, axis=0) / P, mask=offs_d < D)
+        tl.store(a_ptr + row, tl.sum(keys, axis=1) / P, mask=hd)
     else:
-        tl.store(a_ptr + row, tl.min(tl.where(mask, keys, float("inf")), axis=0), mask=offs_d < D)
-        tl.store(b_ptr + row, tl.max(tl.where(mask, keys, float("-inf")), axis=0), mask=offs_d < D)
+        tl.store(a_ptr + row, tl.min(tl.where(mask, keys, float("inf")), axis=1), mask=hd)
+        tl.store(b_ptr + row, tl.max(tl.where(mask, keys, float("-inf")), axis=1), mask=hd)
 
 
 def _check_cache_args(k_pool: torch.Tensor, pages: torch.Tensor, summaries: dict,
@@ -86,11 +90,12 @@ def _launch(k_pool: torch.Tensor, pages: torch.Tensor, a: torch.Tensor, b: torch
         return
     if k_pool.stride(-1) != 1:
         k_pool = k_pool.contiguous()
-    block_d = triton.next_power_of_2(d)
-    _page_summary_kernel[(n, hkv)](
+    block_p, block_d = triton.next_power_of_2(P), triton.next_power_of_2(d)
+    block_h = max(1, min(triton.next_power_of_2(hkv), TILE_ELEMENTS // (block_p * block_d)))
+    _page_summary_kernel[(n, triton.cdiv(hkv, block_h))](
         k_pool, pages, a, b, k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        a.stride(0), a.stride(1), hkv, P, d, MEAN=mean, BLOCK_P=triton.next_power_of_2(P),
-        BLOCK_D=block_d, num_warps=4 if P * block_d <= 4096 else 8)
+        a.stride(0), a.stride(1), hkv, P, d, MEAN=mean, BLOCK_H=block_h, BLOCK_P=block_p,
+        BLOCK_D=block_d, num_warps=8)
 
 
 def quest_cache(k_pool: torch.Tensor, pages: torch.Tensor, summaries: dict[str, torch.Tensor]) -> None:

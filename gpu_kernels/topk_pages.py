@@ -23,7 +23,7 @@ import triton.language as tl
 from vortex_hybrid.contracts import check_topk_args
 
 MAX_REGISTER_ROW = 16384
-CHUNK = 2048
+CHUNK = 4096
 
 
 @triton.jit
@@ -41,13 +41,22 @@ def _page_keys(src, idx, n, sink, recent):
 @triton.jit
 def _count_at_least(keys, src, n, sink, recent, cands, offs,
                     BLOCK: tl.constexpr, IN_REGISTERS: tl.constexpr):
-    """counts[j] = number of candidate keys >= cands[j]; cands uint32 [R] -> int32 [R]."""
+    """counts[j] = number of candidate keys >= cands[j]; cands uint32 [R] -> int32 [R].
+
+    Streamed rows load chunk i + 1 before counting chunk i, so the load latency overlaps the work.
+    """
     if IN_REGISTERS:
-        counts = tl.sum((keys[None, :] >= cands[:, None]).to(tl.int32), axis=1)
+        if cands.shape[0] == 1:
+            counts = tl.zeros(cands.shape, tl.int32) + \
+                tl.sum((keys >= tl.max(cands, axis=0)).to(tl.int32), axis=0)
+        else:
+            counts = tl.sum((keys[None, :] >= cands[:, None]).to(tl.int32), axis=1)
     else:
         counts = tl.zeros(cands.shape, tl.int32)
+        nxt = _page_keys(src, offs, n, sink, recent)
         for start in range(0, n, BLOCK):
-            kc = _page_keys(src, start + offs, n, sink, recent)
+            kc = nxt
+            nxt = _page_keys(src, start + BLOCK + offs, n, sink, recent)
             counts += tl.sum((kc[None, :] >= cands[:, None]).to(tl.int32), axis=1)
     return counts
 
@@ -94,7 +103,9 @@ def select_row(src, dst, n, k, sink, recent, BLOCK: tl.constexpr, IN_REGISTERS: 
     need_eq = n_free - above                # ties at T still to take, lowest page index first
     n_forced_head = tl.where(take_all, n, sink)   # a row with n <= k keeps every page
 
-    # Ordered selection pass: prefix sums give each selected page its output slot.
+    # Ordered selection pass: prefix sums give each selected page its output slot. Ties at T need
+    # ranks by page index only when some but not all of them are taken.
+    rank_ties = (need_eq > 0) & (need_eq < at_T - above)
     n_sel = tl.zeros([], tl.int32)
     n_eq = tl.zeros([], tl.int32)
     for start in range(0, n, BLOCK):
@@ -103,13 +114,16 @@ def select_row(src, dst, n, k, sink, recent, BLOCK: tl.constexpr, IN_REGISTERS: 
             keys = _page_keys(src, idx, n, sink, recent)
         in_row = idx < n
         forced = (idx < n_forced_head) | (idx >= n - recent)
-        eq = (keys == T) & (keys != 0)
-        rank_eq = n_eq + tl.cumsum(eq.to(tl.int32), axis=0)
-        pick = in_row & (forced | (keys > T) | (eq & (rank_eq <= need_eq)))
+        eq = ((keys == T) & (keys != 0)).to(tl.int32)
+        if rank_ties:
+            rank_eq = n_eq + tl.cumsum(eq, axis=0)
+            n_eq += tl.sum(eq, axis=0)
+        else:
+            rank_eq = eq
+        pick = in_row & (forced | (keys > T) | ((eq > 0) & (rank_eq <= need_eq)))
         slot = n_sel + tl.cumsum(pick.to(tl.int32), axis=0) - 1
         tl.store(dst + slot, idx, mask=pick)
         n_sel += tl.sum(pick.to(tl.int32), axis=0)
-        n_eq += tl.sum(eq.to(tl.int32), axis=0)
     for start in range(0, k, BLOCK_K):
         j = start + tl.arange(0, BLOCK_K)
         tl.store(dst + j, tl.full([BLOCK_K], -1, tl.int32), mask=(j >= n_sel) & (j < k))
@@ -136,9 +150,9 @@ def row_config(max_pages: int, block: int | None = None, digit_bits: int | None 
     if block is None:
         block = max(triton.next_power_of_2(max_pages), 128) if in_registers else CHUNK
     if digit_bits is None:
-        digit_bits = 1 if in_registers else 4
+        digit_bits = 1 if in_registers else 2
     if num_warps is None:
-        num_warps = min(max(block // 512, 4), 16)
+        num_warps = (4 if block <= 8192 else 8) if in_registers else 16
     return dict(BLOCK=block, IN_REGISTERS=in_registers, DIGIT_BITS=digit_bits, num_warps=num_warps)
 
 
