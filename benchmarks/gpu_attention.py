@@ -5,11 +5,12 @@ how much faster is a whole sparse step (page scoring + top-k + sparse attention)
 
 Shapes: 32 query / 8 KV heads, head_dim 128, bf16 pools, page 16; contexts 32K and 128K; batch 1, 8,
 32; budgets 1/2/5/10% of the pages (sink 1, recent 2 pages). Per point, `triton.testing.do_bench`
-medians (L2 flushed before every call) of:
+medians (eager, host launch included) and GPU time from CUDA-graph replays (`bench_gpu`, L2 flushed
+clean before every call) of:
   - sparse: our split kernel + split merge on a fixed `sel` from the quest indexer;
-  - step (quest / centroid): indexer (GPU-B's fused `quest_indexer` / `centroid_indexer` from
-    `vortex_hybrid.gpu_kernels` when present, else torch scoring + `torch.topk`, named in the output)
-    followed by the sparse attention;
+  - step (quest / centroid): indexer (GPU-B's `gpu_kernels.page_scoring.launch_indexer`, the
+    unchecked launcher behind `quest_indexer` / `centroid_indexer`, when present, else torch scoring
+    + `torch.topk`; the output names which) followed by the sparse attention;
   - peer: full attention by `torch.nn.functional.scaled_dot_product_attention` on contiguous K/V
     `[B, 8, T, 128]` built from the same pool outside the timing (the 4 query heads of a KV head as
     4 query rows: exact GQA, each KV byte read once), and our kernel over all pages (`dense`).
@@ -43,10 +44,12 @@ if SMOKE and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from vortex_hybrid import gpu_kernels  # noqa: E402
-from vortex_hybrid.gpu_kernels import launch_gather_pages, launch_sparse_decode_attention  # noqa: E402
+from vortex_hybrid.gpu_kernels import (launch_gather_pages, launch_sparse_decode_attention,  # noqa: E402
+                                       merge_split_states)
 from vortex_hybrid.gpu_kernels.sparse_decode_attention import (DEFAULT_CONFIG, LaunchConfig,  # noqa: E402
                                                                plan_splits)
 from vortex_hybrid.reference import all_pages_sel  # noqa: E402
@@ -59,10 +62,9 @@ ELEM = 2
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TUNE_POINTS = [(131072, 8, 0.02), (131072, 8, 0.10), (131072, 1, 0.02), (32768, 8, 0.01),
                (131072, 32, 0.05), (32768, 32, 0.02)]
-TUNE_GRID = [LaunchConfig(block_t=bt, num_warps=w, num_stages=s, waves=wv, min_split_tokens=mt,
-                          fused_merge=fm)
-             for fm, wv, mt, bt, w, s in itertools.product((False, True), (1.0, 4.0), (64, 256),
-                                                           (32, 64, 128), (4, 8), (2, 3))]
+TUNE_GRID = [LaunchConfig(block_t=bt, num_warps=w, num_stages=s, waves=wv, prefetch_indices=pf)
+             for pf, wv, bt, w, s in itertools.product((False, True), (1.0, 4.0), (32, 64, 128), (4, 8),
+                                                       (2, 3))]
 TUNE_SECONDS_PER_POINT = 35.0
 
 
@@ -82,7 +84,9 @@ def bench_gpu(fn, n: int = 10, reps: int = 7) -> float:
     """Median GPU milliseconds of fn: CUDA-graph replays of n x (L2 flush, fn) minus n x (flush).
 
     Host launch overhead is out of this number (graphs replay without the Python launcher), so it
-    is the kernels' own time plus the gaps between them; NaN when fn cannot be captured.
+    is the kernels' own time plus the gaps between them; NaN when fn cannot be captured. The flush
+    *reads* 256 MiB, leaving L2 cold and clean (a zero-fill flush, as do_bench's, leaves L2 full of
+    dirty lines that fn then pays to write back: up to 50 MB of extra HBM traffic).
     """
     if DEV.type != "cuda":
         return float("nan")
@@ -97,7 +101,7 @@ def bench_gpu(fn, n: int = 10, reps: int = 7) -> float:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 for _ in range(n):
-                    flush.zero_()
+                    flush.sum()
                     if with_fn:
                         fn()
             graphs.append(g)
@@ -118,6 +122,17 @@ def bench_gpu(fn, n: int = 10, reps: int = 7) -> float:
         times.append((pair[0] - pair[1]) / n)
     del graphs
     return statistics.median(times)
+
+
+@triton.jit
+def _empty_kernel(x_ptr):
+    tl.store(x_ptr + tl.program_id(0), 1.0)
+
+
+def launch_floor_ms() -> float:
+    """GPU time of one trivial one-program Triton launch, the same way as bench_gpu."""
+    x = torch.zeros(1, device=DEV)
+    return bench_gpu(lambda: _empty_kernel[(1,)](x))
 
 
 def host_us(fn, n: int = 200) -> float:
@@ -245,16 +260,29 @@ class Setup:
         return launch_sparse_decode_attention(self.q, self.k_pool, self.v_pool, self.page_table,
                                               self.seq_lens, sel, config=config)
 
-    def sparse_bytes(self, sel: torch.Tensor) -> tuple[int, int]:
+    def sparse_bytes(self, sel: torch.Tensor, config: LaunchConfig = DEFAULT_CONFIG) -> tuple[int, int]:
         """(KV + q + sel + state bytes the kernel must touch, extra bytes of split partial states)."""
         pages = int((sel >= 0).sum())
         must = pages * PAGE * D * ELEM * 2 + self.q.numel() * ELEM + sel.numel() * 4 + \
             self.batch * HQ * (D + 1) * 4
         splits, _ = plan_splits(self.batch, HKV, sel.shape[2], PAGE,
                                 torch.cuda.get_device_properties(DEV).multi_processor_count
-                                if DEV.type == "cuda" else 4)
+                                if DEV.type == "cuda" else 4, config)
         extra = 0 if splits == 1 else 2 * self.batch * HQ * splits * (D + 1) * 4
         return must, extra
+
+    def merge_ms(self, sel: torch.Tensor, config: LaunchConfig) -> float:
+        """GPU time of the split merge alone at this launch's split count (0 without splits)."""
+        splits, _ = plan_splits(self.batch, HKV, sel.shape[2], PAGE,
+                                torch.cuda.get_device_properties(DEV).multi_processor_count
+                                if DEV.type == "cuda" else 4, config)
+        if splits == 1:
+            return 0.0
+        o_part = torch.randn(self.batch, HQ, splits, D, device=DEV)
+        lse_part = torch.randn(self.batch, HQ, splits, device=DEV)
+        o = torch.empty(self.batch, HQ, D, device=DEV)
+        lse = torch.empty(self.batch, HQ, device=DEV)
+        return bench_gpu(lambda: merge_split_states(o_part, lse_part, o, lse))
 
     def index_bytes(self, flow: str) -> int:
         """Summary bytes an indexer must read (+ page table) for every page of every request."""
@@ -356,7 +384,7 @@ def run_table(contexts, batches, budgets, indexers, config: LaunchConfig, hbm: f
                     checks.append(dict(ctx=ctx, batch=batch, budget=frac, flow=f,
                                        indexer_equals_torch_topk=same))
             sel = sels["quest"]
-            must, extra = st.sparse_bytes(sel)
+            must, extra = st.sparse_bytes(sel, config)
             ms_sparse = bench_gpu(lambda: st.sparse(sel, config))
             row = dict(ctx=ctx, batch=batch, budget=frac, budget_pages=budget,
                        ms_sdpa=ms_sdpa, ms_sdpa_eager=ms_sdpa_eager,
@@ -365,7 +393,8 @@ def run_table(contexts, batches, budgets, indexers, config: LaunchConfig, hbm: f
                        ms_sparse=ms_sparse, ms_sparse_eager=bench(lambda: st.sparse(sel, config)),
                        host_us_sparse=host_us(lambda: st.sparse(sel, config)),
                        sparse_bytes=must, split_state_bytes=extra,
-                       sparse_frac_hbm=must / ms_sparse / 1e6 / hbm)
+                       sparse_frac_hbm=must / ms_sparse / 1e6 / hbm,
+                       ms_merge_only=st.merge_ms(sel, config))
             for f, (fn, _) in indexers.items():
                 def step(fn=fn):
                     return st.sparse(fn(st.q, *args), config)
@@ -404,7 +433,9 @@ def main() -> None:
                 date=datetime.date.today().isoformat(), torch=torch.__version__,
                 triton=triton.__version__, hbm_copy_gbps=hbm, default_config=DEFAULT_CONFIG.__dict__,
                 indexers={f: src for f, (_, src) in indexers.items()})
-    print(f"{info['device']}: HBM copy {hbm:.0f} GB/s; indexers {info['indexers']}")
+    info["launch_floor_us"] = launch_floor_ms() * 1e3
+    print(f"{info['device']}: HBM copy {hbm:.0f} GB/s; one trivial launch {info['launch_floor_us']:.1f} us "
+          f"GPU time; indexers {info['indexers']}")
     config, tune_rows, best = DEFAULT_CONFIG, [], None
     if args.tune:
         tune_rows, best = run_tune(hbm, indexers)
@@ -442,12 +473,14 @@ def main() -> None:
           f"GPU time from CUDA-graph replays, L2 flushed before each call; step = indexer + sparse "
           f"attention; indexers: {info['indexers']}")
     print("| ctx | B | budget | pages | SDPA us | SDPA %HBM | dense(ours) us | dense %HBM | sparse us "
-          "| sparse %HBM | quest step us | x SDPA (bound) | centroid step us | x SDPA (bound) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| sparse %HBM | of it: merge us | quest step us | x SDPA (bound) | centroid step us "
+          "| x SDPA (bound) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['ctx'] // 1024}K | {r['batch']} | {r['budget']:.0%} | {r['budget_pages']} "
               f"| {r['ms_sdpa'] * 1e3:.0f} | {r['sdpa_frac_hbm']:.0%} | {r['ms_dense'] * 1e3:.0f} "
               f"| {r['dense_frac_hbm']:.0%} | {r['ms_sparse'] * 1e3:.1f} | {r['sparse_frac_hbm']:.0%} "
+              f"| {r['ms_merge_only'] * 1e3:.1f} "
               f"| {r['ms_step_quest'] * 1e3:.1f} | {r['speedup_quest']:.1f} ({r['step_quest_speedup_bound']:.0f}) "
               f"| {r['ms_step_centroid'] * 1e3:.1f} | {r['speedup_centroid']:.1f} "
               f"({r['step_centroid_speedup_bound']:.0f}) |")

@@ -8,8 +8,7 @@ exactly into the state over their union:
 
 A side with `lse = -inf` is empty and contributes nothing; both empty gives `o = 0`, `lse = -inf`.
 
-Two entry points share one combine routine (`combine_states`, also used by the split kernel of
-`sparse_decode_attention` when it merges its own splits):
+Two entry points share one combine routine (`combine_states`):
   - `merge_states(o_a, lse_a, o_b, lse_b)`: the contract function (two states, e.g. GPU + CPU parts).
   - `merge_split_states(o_part, lse_part, o, lse)`: S states per row at once (the split reduction of
     flash-decoding in `sparse_decode_attention`), unchecked, writes into `o` / `lse`.

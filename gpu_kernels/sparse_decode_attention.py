@@ -35,7 +35,7 @@ import triton.language as tl
 from vortex_hybrid.contracts import check_attention_args
 from vortex_hybrid.reference import all_pages_sel
 
-from .merge_states import combine_states, merge_split_states
+from .merge_states import merge_split_states
 
 POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
@@ -46,17 +46,16 @@ MAX_SPLITS = 64
 class LaunchConfig:
     """Tuning knobs of the split kernel (measured in benchmarks/gpu_attention.py)."""
 
-    block_t: int = 64
+    block_t: int = 32
     """Tokens per loop iteration (a power of two >= 16)."""
     num_warps: int = 4
     num_stages: int = 2
-    waves: float = 2.0
+    waves: float = 4.0
     """Target programs per launch, in multiples of the GPU's SM count."""
-    min_split_tokens: int = 128
+    min_split_tokens: int = 64
     """A split never holds fewer selected tokens than this (unless K is smaller)."""
-    fused_merge: bool = False
-    """Merge split states in the split kernel (last program of a pair, atomic counter) instead of
-    a second launch."""
+    prefetch_indices: bool = False
+    """Load the next block's page indices (sel, page_table) while the current K/V loads fly."""
 
 
 DEFAULT_CONFIG = LaunchConfig()
@@ -88,26 +87,25 @@ def plan_splits(batch: int, num_kv_heads: int, num_sel: int, page_size: int, num
     return -(-num_sel // per_split), per_split
 
 
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+@triton.jit
+def _block_rows(sel_row, pt_row, flat, t_end, seq_len, stride_selk, stride_ptp, PAGE: tl.constexpr):
+    """Pool rows of a block of a split's selected tokens.
 
-
-def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters (>= n) for FUSED_MERGE, one buffer per (device, stream).
-
-    The kernel leaves them zero again, so a buffer is reused by every later launch on its stream
-    (launches on one stream never overlap).
+    flat int32 [BLOCK_T]: positions in the (b, h) selection's token list (slot * PAGE + offset).
+    Returns (phys int64 physical page, within int32 token offset in the page, valid bool): valid
+    is False past t_end, for -1 padding and for tokens at or past seq_len.
     """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    buf = _COUNTERS.get((device, stream))
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[(device, stream)] = buf
-    return buf
+    slot = flat // PAGE
+    within = flat % PAGE
+    page = tl.load(sel_row + slot * stride_selk, mask=flat < t_end, other=-1).to(tl.int64)
+    valid = (page >= 0) & (page * PAGE + within < seq_len)
+    phys = tl.load(pt_row + page * stride_ptp, mask=valid, other=0).to(tl.int64)
+    return phys, within, valid
 
 
 @triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, sl_ptr, sel_ptr, o_ptr, lse_ptr,
-                  fo_ptr, flse_ptr, count_ptr, scale_log2, num_sel, pages_per_split, num_splits,
+                  scale_log2, num_sel, pages_per_split,
                   stride_qb, stride_qh, stride_qd,
                   stride_kn, stride_kh, stride_kp, stride_kd,
                   stride_vn, stride_vh, stride_vp, stride_vd,
@@ -115,15 +113,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, sl_ptr, sel_ptr, o_ptr, lse_ptr,
                   stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh, stride_ls,
                   NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_T: tl.constexpr, FP32_DOT: tl.constexpr, FUSED_MERGE: tl.constexpr,
-                  BLOCK_S: tl.constexpr):
-    """State of the GROUP query heads of KV head h over sel[b, h, split range].
-
-    FUSED_MERGE: the partial states (o_ptr, lse_ptr: contiguous [B, Hq, S, D], [B, Hq, S]) are
-    merged into (fo_ptr [B, Hq, D], flse_ptr [B, Hq]) by the last program of the (b, h) pair to
-    finish, found with an atomic counter per pair (count_ptr int32 [B * Hkv], zero on entry, reset
-    to zero on exit).
-    """
+                  BLOCK_T: tl.constexpr, FP32_DOT: tl.constexpr, PREFETCH: tl.constexpr):
+    """State of the GROUP query heads of KV head h over sel[b, h, split range]."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // NUM_KV_HEADS
@@ -153,18 +144,24 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, sl_ptr, sel_ptr, o_ptr, lse_ptr,
     k_head = k_ptr + h * stride_kh
     v_head = v_ptr + h * stride_vh
     t_end = j1 * PAGE
+    if PREFETCH:
+        nxt_phys, nxt_within, nxt_valid = _block_rows(sel_row, pt_row, j0 * PAGE + offs_t, t_end,
+                                                      seq_len, stride_selk, stride_ptp, PAGE)
     for t0 in range(j0 * PAGE, t_end, BLOCK_T):
-        flat = t0 + offs_t                           # index into the split's selected tokens
-        slot = flat // PAGE
-        within = flat % PAGE
-        page = tl.load(sel_row + slot * stride_selk, mask=flat < t_end, other=-1).to(tl.int64)
-        valid = (page >= 0) & (page * PAGE + within < seq_len)
-        phys = tl.load(pt_row + page * stride_ptp, mask=valid, other=0).to(tl.int64)
+        if PREFETCH:
+            phys, within, valid = nxt_phys, nxt_within, nxt_valid
+        else:
+            phys, within, valid = _block_rows(sel_row, pt_row, t0 + offs_t, t_end, seq_len,
+                                              stride_selk, stride_ptp, PAGE)
         kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(k_head + phys[:, None] * stride_kn + within[:, None] * stride_kp
                     + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(v_head + phys[:, None] * stride_vn + within[:, None] * stride_vp
                     + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if PREFETCH:                                 # next block's indices fly with this K/V
+            nxt_phys, nxt_within, nxt_valid = _block_rows(
+                sel_row, pt_row, t0 + BLOCK_T + offs_t, t_end, seq_len, stride_selk, stride_ptp,
+                PAGE)
         if FP32_DOT:
             s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -190,23 +187,6 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, sl_ptr, sel_ptr, o_ptr, lse_ptr,
              + offs_d[None, :] * stride_od,
              o, mask=g_mask[:, None] & d_mask[None, :])
     tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=g_mask)
-    if FUSED_MERGE:
-        tl.debug_barrier()                           # every thread's partial state is stored
-        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
-        if arrived == num_splits - 1:                # the last split of this pair merges them all
-            offs_s = tl.arange(0, BLOCK_S)
-            s_mask = offs_s < num_splits
-            for g in range(GROUP):
-                row = (b * NUM_KV_HEADS * GROUP + h * GROUP + g).to(tl.int64)
-                part_lse = tl.load(lse_ptr + row * num_splits + offs_s, mask=s_mask,
-                                   other=float("-inf"), cache_modifier=".cg")
-                part_o = tl.load(o_ptr + (row * num_splits + offs_s[:, None]) * HEAD_DIM
-                                 + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :],
-                                 other=0.0, cache_modifier=".cg")
-                out, out_lse = combine_states(part_o, part_lse)
-                tl.store(fo_ptr + row * HEAD_DIM + offs_d, out, mask=d_mask)
-                tl.store(flse_ptr + row, out_lse)
-            tl.atomic_xchg(count_ptr + pid, 0)
 
 
 def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -242,19 +222,16 @@ def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool
         o_part = torch.empty(B, hq, num_splits, d, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(B, hq, num_splits, dtype=torch.float32, device=q.device)
     fp32_dot = k_pool.dtype == torch.float32 or q.device.type != "cuda"
-    fused = config.fused_merge and num_splits > 1
-    counters = _split_counters(q.device, B * hkv) if fused else o_part
     _split_kernel[(B * hkv, num_splits)](
-        q, k_pool, v_pool, page_table, seq_lens, sel, o_part, lse_part, o, lse, counters,
-        scale * LOG2E, num_sel, per_split, num_splits,
+        q, k_pool, v_pool, page_table, seq_lens, sel, o_part, lse_part,
+        scale * LOG2E, num_sel, per_split,
         *q.stride(), *k_pool.stride(), *v_pool.stride(), *page_table.stride(), *sel.stride(),
         *o_part.stride(), *lse_part.stride(),
         NUM_KV_HEADS=hkv, GROUP=hq // hkv, PAGE=page_size, HEAD_DIM=d,
         BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_D=max(16, triton.next_power_of_2(d)),
-        BLOCK_T=config.block_t, FP32_DOT=fp32_dot, FUSED_MERGE=fused,
-        BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(num_splits)) if fused else 2,
+        BLOCK_T=config.block_t, FP32_DOT=fp32_dot, PREFETCH=config.prefetch_indices,
         num_warps=config.num_warps, num_stages=config.num_stages)
-    if num_splits > 1 and not fused:
+    if num_splits > 1:
         merge_split_states(o_part, lse_part, o, lse)
     return o, lse
 
