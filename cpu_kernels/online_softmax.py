@@ -187,6 +187,34 @@ def attend_tile(qs, kt, vt, ntok, scores, tile_max, m, l, acc):
 
 
 @njit(nogil=True, cache=True)
+def new_parts(rows, n_chunks, G, D):
+    """Chunk states of a launch: part_m, part_l float32 [rows, n_chunks, G], part_acc float32
+    [rows, n_chunks, G, D] (each item sets its own with `empty_state`)."""
+    return (np.empty((rows, n_chunks, G), np.float32), np.empty((rows, n_chunks, G), np.float32),
+            np.empty((rows, n_chunks, G, D), np.float32))
+
+
+@njit(nogil=True, cache=True)
+def new_tiles(G, page_size, D):
+    """Scratch of one work item: (k_tile, v_tile) float32 [page_size, D], scores float32
+    [G, page_size], tile_max float32 [G]."""
+    return (np.empty((page_size, D), np.float32), np.empty((page_size, D), np.float32),
+            np.empty((G, page_size), np.float32), np.empty(G, np.float32))
+
+
+@njit(nogil=True, cache=True)
+def empty_state(part_m, part_l, part_acc, row, c):
+    """Views (m [G], l [G], acc [G, D]) of chunk c of row, set to the empty state."""
+    m = part_m[row, c]
+    l = part_l[row, c]
+    acc = part_acc[row, c]
+    m[:] = NEG_INF
+    l[:] = 0.0
+    acc[:] = 0.0
+    return m, l, acc
+
+
+@njit(nogil=True, cache=True)
 def finish_row(part_m, part_l, part_acc, row, n_chunks, o, lse):
     """Merge the chunk states of `row` into `o[row]` (float32 [G, D]) and `lse[row]` (float32 [G]).
 

@@ -25,7 +25,7 @@ from numba import njit, prange
 from vortex_hybrid.contracts import check_attention_args
 from vortex_hybrid.reference import all_pages_sel
 
-from .online_softmax import NEG_INF, attend_tile, finish_row
+from .online_softmax import attend_tile, empty_state, finish_row, new_parts, new_tiles
 from .prefetch import prefetch_range
 from .storage_decode import decode_into
 from .tensor_views import float32_array, int32_array, out_tensor, storage_bits
@@ -45,24 +45,14 @@ def _sparse_attention_kernel(qs, k_bits, v_bits, kind, page_size, page_table, se
     K = sel.shape[2]
     n_chunks = max(1, (K + chunk_slots - 1) // chunk_slots)
     tile = page_size * D
-    part_m = np.empty((rows, n_chunks, G), np.float32)
-    part_l = np.empty((rows, n_chunks, G), np.float32)
-    part_acc = np.empty((rows, n_chunks, G, D), np.float32)
+    part_m, part_l, part_acc = new_parts(rows, n_chunks, G, D)
     for item in prange(rows * n_chunks):
         row = item // n_chunks
         c = item - row * n_chunks
         b = row // hkv
         h = row - b * hkv
-        k_tile = np.empty((page_size, D), np.float32)
-        v_tile = np.empty((page_size, D), np.float32)
-        scores = np.empty((G, page_size), np.float32)
-        tile_max = np.empty(G, np.float32)
-        m = part_m[row, c]
-        l = part_l[row, c]
-        acc = part_acc[row, c]
-        m[:] = NEG_INF
-        l[:] = 0.0
-        acc[:] = 0.0
+        k_tile, v_tile, scores, tile_max = new_tiles(G, page_size, D)
+        m, l, acc = empty_state(part_m, part_l, part_acc, row, c)
         seq_len = np.int64(seq_lens[b])
         stop = min(K, (c + 1) * chunk_slots)
         nxt = _next_page(sel[b, h], c * chunk_slots, stop)

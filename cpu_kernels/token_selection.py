@@ -28,12 +28,13 @@ from numba import njit, prange
 from vortex_hybrid.contracts import check_attention_args
 
 from .float_bits import f32_to_bits
-from .online_softmax import NEG_INF, attend_tile, finish_row, tile_scores
+from .online_softmax import (attend_tile, empty_state, finish_row, new_parts, new_tiles,
+                             tile_scores)
 from .prefetch import prefetch_range
 from .storage_decode import decode_into
 from .tensor_views import float32_array, int32_array, out_tensor, storage_bits
 from .threads import kernel_call
-from .topk_pages import order_key, radix_threshold
+from .topk_pages import order_key, radix_threshold, take_top
 
 MIN_CHUNK_TOKENS = 64
 """Fewest tokens per attention work item when a row is split into chunks."""
@@ -79,13 +80,7 @@ def _select_tokens_row(keys, k_tokens, tokens, hist):
     j = 0
     if r > 0:
         threshold, need_eq = radix_threshold(keys, r, hist)
-        for i in range(keys.shape[0]):
-            key = np.int64(keys[i])
-            if key > threshold or (key == threshold and need_eq > 0):
-                if key == threshold:
-                    need_eq -= 1
-                tokens[j] = i
-                j += 1
+        j = take_top(keys, threshold, need_eq, 0, tokens, 0)
     for i in range(j, k_tokens):
         tokens[i] = -1
     return j
@@ -134,24 +129,14 @@ def _token_attention_kernel(qs, k_bits, v_bits, kind, page_size, page_table, seq
         hist = np.empty(2048, np.int64)
         n_sel[row] = _select_tokens_row(keys[row], k_tokens, tokens[b, h], hist)
     n_tok_chunks = max(1, (k_tokens + chunk_tokens - 1) // chunk_tokens)
-    part_m = np.empty((rows, n_tok_chunks, G), np.float32)
-    part_l = np.empty((rows, n_tok_chunks, G), np.float32)
-    part_acc = np.empty((rows, n_tok_chunks, G, D), np.float32)
+    part_m, part_l, part_acc = new_parts(rows, n_tok_chunks, G, D)
     for item in prange(rows * n_tok_chunks):
         row = item // n_tok_chunks
         c = item - row * n_tok_chunks
         b = row // hkv
         h = row - b * hkv
-        k_tile = np.empty((page_size, D), np.float32)
-        v_tile = np.empty((page_size, D), np.float32)
-        scores = np.empty((G, page_size), np.float32)
-        tile_max = np.empty(G, np.float32)
-        m = part_m[row, c]
-        l = part_l[row, c]
-        acc = part_acc[row, c]
-        m[:] = NEG_INF
-        l[:] = 0.0
-        acc[:] = 0.0
+        k_tile, v_tile, scores, tile_max = new_tiles(G, page_size, D)
+        m, l, acc = empty_state(part_m, part_l, part_acc, row, c)
         i = c * chunk_tokens
         stop = min(n_sel[row], (c + 1) * chunk_tokens)
         _prefetch_tokens(k_bits, v_bits, page_table[b], cand[b, h], tokens[b, h], i,

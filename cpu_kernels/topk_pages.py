@@ -70,6 +70,20 @@ def radix_threshold(keys, r, hist):
 
 
 @njit(nogil=True, cache=True)
+def take_top(keys, threshold, need_eq, first, out, j):
+    """Append first + i to out[j:] for every keys[i] > threshold and for the first need_eq keys equal
+    to it (ascending i, so ties go to the lower index); returns the next free position of out."""
+    for i in range(keys.shape[0]):
+        key = np.int64(keys[i])
+        if key > threshold or (key == threshold and need_eq > 0):
+            if key == threshold:
+                need_eq -= 1
+            out[j] = first + i
+            j += 1
+    return j
+
+
+@njit(nogil=True, cache=True)
 def select_row(bits, n, k, sink, recent, out, keys, hist):
     """Select pages of one row into out (int32 [k], ascending, -1 padded).
 
@@ -90,18 +104,14 @@ def select_row(bits, n, k, sink, recent, out, keys, hist):
         for i in range(hi - lo):
             keys[i] = order_key(bits[lo + i])
         threshold, need_eq = radix_threshold(keys[:hi - lo], n_free, hist)
-    j = 0
-    for i in range(n):
-        if i < lo or i >= hi:
-            out[j] = i
-            j += 1
-        elif n_free > 0:
-            key = np.int64(keys[i - lo])
-            if key > threshold or (key == threshold and need_eq > 0):
-                if key == threshold:
-                    need_eq -= 1
-                out[j] = i
-                j += 1
+    for i in range(lo):
+        out[i] = i
+    j = lo
+    if n_free > 0:
+        j = take_top(keys[:hi - lo], threshold, need_eq, lo, out, j)
+    for i in range(hi, n):
+        out[j] = i
+        j += 1
     for i in range(j, k):
         out[i] = -1
 
@@ -182,18 +192,11 @@ def _split_write(keys, lengths, n_chunks, threshold, start, quota, first, H, out
         row = item // n_chunks
         c = item - row * n_chunks
         b = row // H
-        h = row - b * H
         m = lengths[row]
         size = (m + n_chunks - 1) // n_chunks
-        j = start[row, c]
-        left = quota[row, c]
-        for i in range(c * size, min(m, (c + 1) * size)):
-            key = np.int64(keys[row, i])
-            if key > threshold[row] or (key == threshold[row] and left > 0):
-                if key == threshold[row]:
-                    left -= 1
-                out[b, h, j] = first + i
-                j += 1
+        lo = min(m, c * size)
+        take_top(keys[row, lo:min(m, (c + 1) * size)], threshold[row], quota[row, c], first + lo,
+                 out[b, row - b * H], start[row, c])
 
 
 @njit(nogil=True, cache=True)
