@@ -101,10 +101,17 @@ def topk_section(bw: float, tune: bool, sizes, n_rows: int) -> tuple[list, list]
         if tune:
             k = budget_pages(n_pages, 0.05)
             out = torch.empty(B, HKV, k, dtype=torch.int32, device=DEV)
-            grid = [dict(digit_bits=db, num_warps=w) for db in (1, 2) for w in (2, 4, 8)] \
-                if n_pages <= 16384 else \
-                [dict(block=bl, digit_bits=db, num_warps=w)
-                 for bl in (2048, 4096, 8192) for db in (2, 4) for w in (16, 32)]
+            if n_pages <= 16384:
+                grid = [dict(digit_bits=1, num_warps=w, small=sm) for w in (2, 4, 8) for sm in (0, 256, 1024)]
+                grid += [dict(digit_bits=2, num_warps=4, small=256)]
+            else:
+                grid = [dict(block=bl, digit_bits=db, num_warps=16, small=sm)
+                        for bl in (4096, 8192) for db in (2, 4) for sm in (0, 1024, 4096)]
+                grid += [dict(block=4096, digit_bits=2, num_warps=32, small=1024)]
+            base_out = torch.empty(B, HKV, SINK + RECENT, dtype=torch.int32, device=DEV)
+            ms = bench(lambda: launch_topk_pages(scores, SINK + RECENT, n, SINK, RECENT, base_out))
+            sweep.append(dict(pages=n_pages, k=SINK + RECENT, note="no search: load + select pass", us=ms * 1e3))
+            print(f"tune pages={n_pages} no-search (k = sink + recent): {ms * 1e3:.1f} us", flush=True)
             for cfg in grid:
                 try:
                     ms = bench(lambda: launch_topk_pages(scores, k, n, SINK, RECENT, out, **cfg))

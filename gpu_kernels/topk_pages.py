@@ -24,6 +24,8 @@ from vortex_hybrid.contracts import check_topk_args
 
 MAX_REGISTER_ROW = 16384
 CHUNK = 4096
+SMALL_IN_REGISTERS = 256
+SMALL_STREAMED = 1024
 
 
 @triton.jit
@@ -62,11 +64,28 @@ def _count_at_least(keys, src, n, sink, recent, cands, offs,
 
 
 @triton.jit
-def select_row(src, dst, n, k, sink, recent, BLOCK: tl.constexpr, IN_REGISTERS: tl.constexpr,
-               DIGIT_BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _search_step(counts, digits, T, above, at_T, n_free, shift, RADIX: tl.constexpr):
+    """One radix pass: counts[j] = count(key >= T + digits[j] << shift) -> (T, above, at_T, done)."""
+    best = tl.max(tl.where(counts >= n_free, digits, 0), axis=0)
+    T = T + (best << shift.to(tl.uint32))
+    at_T = tl.where(best > 0, tl.sum(tl.where(digits == best, counts, 0), axis=0), at_T)
+    next_up = tl.sum(tl.where(digits == best + 1, counts, 0), axis=0)
+    above = tl.where(best + 1 < RADIX, next_up, above)
+    done = (at_T == n_free).to(tl.int32)    # {key >= T} is exactly the answer: stop here
+    T = tl.where(done > 0, T - 1, T)
+    above = tl.where(done > 0, n_free, above)
+    return T, above, at_T, done
+
+
+@triton.jit
+def select_row(src, dst, scratch, n, k, sink, recent, BLOCK: tl.constexpr,
+               IN_REGISTERS: tl.constexpr, DIGIT_BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+               SMALL: tl.constexpr):
     """Top-k of one row: reads scores src[0:n] (float32), writes dst[0:k] (int32, ascending, -1 pad).
 
-    IN_REGISTERS needs n <= BLOCK; otherwise the row is streamed in chunks of BLOCK pages.
+    IN_REGISTERS needs n <= BLOCK; otherwise the row is streamed in chunks of BLOCK pages. With
+    SMALL > 0, once the keys still undecided (those in [T, T + 2**bits_left)) are at most SMALL,
+    they are compacted into scratch[0:SMALL] (uint32) and the remaining passes count only them.
     """
     offs = tl.arange(0, BLOCK)
     take_all = n <= k
@@ -87,19 +106,34 @@ def select_row(src, dst, n, k, sink, recent, BLOCK: tl.constexpr, IN_REGISTERS: 
     at_T = n - sink - recent
     shift = 32 - DIGIT_BITS
     done = (take_all | (n_free == 0)).to(tl.int32)
-    while (shift >= 0) & (done == 0):
+    while (shift >= 0) & (done == 0) & (at_T - above > SMALL):
         cands = T + (digits << shift.to(tl.uint32))
         counts = _count_at_least(keys, src, n, sink, recent, cands, offs, BLOCK, IN_REGISTERS)
-        best = tl.max(tl.where(counts >= n_free, digits, 0), axis=0)
-        T = T + (best << shift.to(tl.uint32))
-        at_T = tl.where(best > 0, tl.sum(tl.where(digits == best, counts, 0), axis=0), at_T)
-        next_up = tl.sum(tl.where(digits == best + 1, counts, 0), axis=0)
-        above = tl.where(best + 1 < RADIX, next_up, above)
-        if at_T == n_free:                  # {key >= T} is exactly the answer: stop here
-            T = T - 1
-            above = n_free
-            done = 1
+        T, above, at_T, done = _search_step(counts, digits, T, above, at_T, n_free, shift, RADIX)
         shift -= DIGIT_BITS
+    if SMALL > 0:
+        if (shift >= 0) & (done == 0):     # the undecided keys fit in SMALL: compact, go on there
+            span = tl.full([], 0xFFFFFFFF, tl.uint32) >> (32 - shift - DIGIT_BITS).to(tl.uint32)
+            small_offs = tl.arange(0, SMALL)
+            n_in = tl.zeros([], tl.int32)
+            for start in range(0, n, BLOCK):
+                if not IN_REGISTERS:
+                    keys = _page_keys(src, start + offs, n, sink, recent)
+                inb = (keys >= T) & (keys - T <= span) & (keys != 0)
+                slot = n_in + tl.cumsum(inb.to(tl.int32), axis=0) - 1
+                tl.store(scratch + slot, keys.to(tl.int32, bitcast=True), mask=inb)
+                n_in += tl.sum(inb.to(tl.int32), axis=0)
+            tl.debug_barrier()
+            small = tl.load(scratch + small_offs, mask=small_offs < n_in, other=0)
+            small = small.to(tl.uint32, bitcast=True)
+            base = above                    # keys above the compacted range: counted once, here
+            while (shift >= 0) & (done == 0):
+                cands = T + (digits << shift.to(tl.uint32))
+                counts = base + _count_at_least(small, src, 0, 0, 0, cands, small_offs, SMALL,
+                                                True)
+                T, above, at_T, done = _search_step(counts, digits, T, above, at_T, n_free, shift,
+                                                    RADIX)
+                shift -= DIGIT_BITS
     need_eq = n_free - above                # ties at T still to take, lowest page index first
     n_forced_head = tl.where(take_all, n, sink)   # a row with n <= k keeps every page
 
@@ -130,21 +164,22 @@ def select_row(src, dst, n, k, sink, recent, BLOCK: tl.constexpr, IN_REGISTERS: 
 
 
 @triton.jit
-def _topk_pages_kernel(scores_ptr, lens_ptr, out_ptr, H, stride_sb, stride_sh, stride_ob, stride_oh,
-                       k, sink, recent, page_size,
+def _topk_pages_kernel(scores_ptr, lens_ptr, out_ptr, scratch_ptr, H, stride_sb, stride_sh,
+                       stride_ob, stride_oh, k, sink, recent, page_size,
                        BLOCK: tl.constexpr, IN_REGISTERS: tl.constexpr, DIGIT_BITS: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       BLOCK_K: tl.constexpr, SMALL: tl.constexpr):
     row = tl.program_id(0)
     b = row // H
     h = row % H
     n = tl.cdiv(tl.load(lens_ptr + b), page_size)
     src = scores_ptr + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
     dst = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    select_row(src, dst, n, k, sink, recent, BLOCK, IN_REGISTERS, DIGIT_BITS, BLOCK_K)
+    select_row(src, dst, scratch_ptr + row.to(tl.int64) * SMALL, n, k, sink, recent, BLOCK,
+               IN_REGISTERS, DIGIT_BITS, BLOCK_K, SMALL)
 
 
 def row_config(max_pages: int, block: int | None = None, digit_bits: int | None = None,
-               num_warps: int | None = None) -> dict:
+               num_warps: int | None = None, small: int | None = None) -> dict:
     """Launch choices of `select_row` for rows of up to `max_pages` pages (None -> tuned default)."""
     in_registers = max_pages <= MAX_REGISTER_ROW if block is None else block >= max_pages
     if block is None:
@@ -153,7 +188,10 @@ def row_config(max_pages: int, block: int | None = None, digit_bits: int | None 
         digit_bits = 1 if in_registers else 2
     if num_warps is None:
         num_warps = (4 if block <= 8192 else 8) if in_registers else 16
-    return dict(BLOCK=block, IN_REGISTERS=in_registers, DIGIT_BITS=digit_bits, num_warps=num_warps)
+    if small is None:
+        small = SMALL_IN_REGISTERS if in_registers else SMALL_STREAMED
+    return dict(BLOCK=block, IN_REGISTERS=in_registers, DIGIT_BITS=digit_bits, num_warps=num_warps,
+                SMALL=small)
 
 
 def launch_topk_pages(scores: torch.Tensor, k: int, lens: torch.Tensor, sink: int, recent: int,
@@ -162,15 +200,17 @@ def launch_topk_pages(scores: torch.Tensor, k: int, lens: torch.Tensor, sink: in
 
     scores float32 [B, Hkv, max_pages] with a contiguous last dim; lens int32 [B] on the same
     device: pages per request when page_size == 1, else tokens (pages = ceil(lens / page_size)).
-    `config` (block, digit_bits, num_warps) overrides the tuned choices of `row_config`.
+    `config` (block, digit_bits, num_warps, small) overrides the tuned choices of `row_config`.
     """
     B, H, max_pages = scores.shape
     if B * H == 0 or k == 0:
         return out
+    cfg = row_config(max_pages, **config)
+    scratch = torch.empty(B * H * max(cfg["SMALL"], 1), dtype=torch.int32, device=scores.device)
     _topk_pages_kernel[(B * H,)](
-        scores, lens, out, H, scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
-        k, sink, recent, page_size, BLOCK_K=min(triton.next_power_of_2(k), 1024),
-        **row_config(max_pages, **config))
+        scores, lens, out, scratch, H, scores.stride(0), scores.stride(1), out.stride(0),
+        out.stride(1), k, sink, recent, page_size, BLOCK_K=min(triton.next_power_of_2(k), 1024),
+        **cfg)
     return out
 
 
