@@ -28,8 +28,52 @@ def test_cache_lowerings_are_registered():
     assert find_lowering("centroid", "cache", "cpu") is cpu_kernels.centroid_cache
 
 
-def test_warmup_compiles_everything_and_returns_seconds():
+def _compiled_signatures() -> dict:
+    """Compiled specialisations of every Numba dispatcher in vortex_hybrid.cpu_kernels."""
+    import sys
+
+    from numba.core.registry import CPUDispatcher
+    found = {}
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("vortex_hybrid.cpu_kernels"):
+            for attr, obj in vars(mod).items():
+                if isinstance(obj, CPUDispatcher):
+                    found[f"{name}.{attr}"] = len(obj.signatures)
+    return found
+
+
+def test_warmup_compiles_every_specialisation_the_runtime_uses():
+    """After warmup(), decode-step calls with every storage dtype compile nothing new."""
     assert warmup() >= 0.0
+    before = _compiled_signatures()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        q, k, v, pt, sl, sel = make_case(new_seed(), dtype, 4, 128, page_size=16)
+        run_sparse_decode_attention(q, k, v, pt, sl, sel)
+        token_topk_attention(q, k, v, pt, sl, sel, 5)
+        summaries = {"kmin": torch.zeros(k.shape[0], 2, 1, 128),
+                     "kmax": torch.zeros(k.shape[0], 2, 1, 128)}
+        cpu_kernels.quest_cache(k, torch.tensor([0, 1]), summaries)
+        cpu_kernels.quest_indexer(q, summaries, pt, sl, 4, 1, 2, page_size=16)
+        topk_pages(torch.randn(2, 2, 1 << 15), 40, torch.tensor([1 << 15, 9], dtype=torch.int32),
+                   1, 2)
+    assert _compiled_signatures() == before
+
+
+def test_indexers_register_once_the_hook_passes_page_size(monkeypatch):
+    from vortex_hybrid.vflow import lowering
+    before = lowering.registered_lowerings()
+    monkeypatch.setattr(lowering, "INDEXER_PASSES_PAGE_SIZE", True, raising=False)
+    try:
+        cpu_kernels._register_lowerings()
+        assert find_lowering("quest", "indexer", "cpu") is cpu_kernels.quest_indexer
+        assert find_lowering("centroid", "indexer", "cpu") is cpu_kernels.centroid_indexer
+    finally:
+        for flow in ("quest", "centroid"):
+            key = (flow, "indexer", "cpu")
+            if key in before:
+                lowering.register_lowering(*key, before[key])
+            else:
+                lowering.unregister_lowering(*key)
 
 
 @pytest.mark.parametrize("dtype,kind", [(torch.bfloat16, BF16), (torch.float16, FP16)])
