@@ -36,11 +36,11 @@ MIN_CHUNK_PAGES = 4
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _sparse_attention_kernel(qs, k_bits, v_bits, kind, page_size, page_table, seq_lens, sel,
+def _sparse_attention_kernel(q, scale, k_bits, v_bits, kind, page_size, page_table, seq_lens, sel,
                              chunk_slots, o, lse):
-    """qs float32 [B*Hkv, G, D] scaled queries; k_bits, v_bits flat raw storage; sel int32
+    """q float32 [B*Hkv, G, D] queries, scale: sm_scale; k_bits, v_bits flat raw storage; sel int32
     [B, Hkv, K]; writes o float32 [B*Hkv, G, D] and lse float32 [B*Hkv, G]."""
-    rows, G, D = qs.shape
+    rows, G, D = q.shape
     hkv = sel.shape[1]
     K = sel.shape[2]
     n_chunks = max(1, (K + chunk_slots - 1) // chunk_slots)
@@ -53,6 +53,7 @@ def _sparse_attention_kernel(qs, k_bits, v_bits, kind, page_size, page_table, se
         h = row - b * hkv
         k_tile, v_tile, scores, tile_max = new_tiles(G, page_size, D)
         m, l, acc = empty_state(part_m, part_l, part_acc, row, c)
+        qs = q[row] * np.float32(scale)
         seq_len = np.int64(seq_lens[b])
         stop = min(K, (c + 1) * chunk_slots)
         nxt = _next_page(sel[b, h], c * chunk_slots, stop)
@@ -69,7 +70,7 @@ def _sparse_attention_kernel(qs, k_bits, v_bits, kind, page_size, page_table, se
             n = ntok * D
             decode_into(k_bits[start:start + n], kind, k_tile.reshape(tile)[:n])
             decode_into(v_bits[start:start + n], kind, v_tile.reshape(tile)[:n])
-            attend_tile(qs[row], k_tile, v_tile, ntok, scores, tile_max, m, l, acc)
+            attend_tile(qs, k_tile, v_tile, ntok, scores, tile_max, m, l, acc)
     for row in prange(rows):
         finish_row(part_m, part_l, part_acc, row, n_chunks, o, lse)
 
@@ -112,7 +113,7 @@ def run_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: t
     if B == 0:
         return o, lse
     scale = d ** -0.5 if sm_scale is None else float(sm_scale)
-    qs = float32_array("q", q.detach().to(torch.float32) * scale).reshape(B * hkv, group, d)
+    qf = float32_array("q", q.detach()).reshape(B * hkv, group, d)
     k_bits, kind = storage_bits("k_pool", k_pool)
     v_bits, _ = storage_bits("v_pool", v_pool)
     pt = int32_array("page_table", page_table)
@@ -120,7 +121,7 @@ def run_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: t
     s = int32_array("sel", sel)
     with kernel_call() as threads:
         slots = chunk_slots if chunk_slots is not None else chunk_slots_for(B * hkv, s.shape[2], threads)
-        _sparse_attention_kernel(qs, k_bits, v_bits, kind, page_size, pt, sl, s, max(1, slots),
+        _sparse_attention_kernel(qf, scale, k_bits, v_bits, kind, page_size, pt, sl, s, max(1, slots),
                                  o.numpy().reshape(B * hkv, group, d), lse.numpy().reshape(B * hkv, group))
     return o, lse
 

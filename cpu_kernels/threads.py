@@ -5,6 +5,9 @@ two Python threads may launch parallel Numba kernels at once. Numba's `workqueue
 process on concurrent launches; the `omp` and `tbb` layers are thread-safe. On import this module asks
 Numba for a thread-safe layer when one is installed and the user chose none (`NUMBA_THREADING_LAYER`
 unset); when only `workqueue` exists, `kernel_call()` serialises launches with a lock instead.
+GNU OpenMP is not fork-safe: fork worker processes before the first kernel call, or use `spawn`.
+The runtime thread that drives the GPU needs a core too: `cpu_threads = cores - 1` avoids parallel
+regions waiting for a worker the OS descheduled (seen on the shared 2-core machine, docs/BENCHMARKS.md).
 
 Thread count: `set_cpu_threads(n)` or `set_cpu_threads(config)` (a `HybridConfig`, whose
 `resolved_cpu_threads()` reads `cpu_threads`, then `NUMBA_NUM_THREADS`, then the core count), capped
@@ -81,11 +84,17 @@ def cpu_threads() -> int:
     return _threads if _threads is not None else set_cpu_threads(None)
 
 
+_layer: Optional[str] = None
+
+
 def _serialised() -> bool:
-    try:
-        return numba.threading_layer() == "workqueue"
-    except ValueError:          # no parallel kernel has run yet: be safe until one has
-        return True
+    global _layer
+    if _layer is None:
+        try:
+            _layer = numba.threading_layer()
+        except ValueError:      # no parallel kernel has run yet: be safe until one has
+            return True
+    return _layer == "workqueue"
 
 
 @contextlib.contextmanager

@@ -104,11 +104,12 @@ def _prefetch_tokens(k_bits, v_bits, pt_row, cand_row, tok_row, i0, i1, page_siz
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _token_attention_kernel(qs, k_bits, v_bits, kind, page_size, page_table, seq_lens, cand,
+def _token_attention_kernel(q, scale, k_bits, v_bits, kind, page_size, page_table, seq_lens, cand,
                             k_tokens, chunk_slots, chunk_tokens, o, lse, tokens):
-    """qs float32 [B*Hkv, G, D] scaled; cand int32 [B, Hkv, C] ascending (-1 last); writes o float32
+    """q float32 [B*Hkv, G, D], scale: sm_scale; cand int32 [B, Hkv, C] ascending (-1 last); writes o float32
     [B*Hkv, G, D], lse float32 [B*Hkv, G], tokens int32 [B, Hkv, k_tokens] (logical positions)."""
-    rows, G, D = qs.shape
+    rows, G, D = q.shape
+    qs = q * np.float32(scale)
     hkv = cand.shape[1]
     C = cand.shape[2]
     tile = page_size * D
@@ -178,7 +179,7 @@ def run_token_topk_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     if B == 0:
         return o, lse, tokens
     scale = d ** -0.5 if sm_scale is None else float(sm_scale)
-    qs = float32_array("q", q.detach().to(torch.float32) * scale).reshape(B * hkv, group, d)
+    qf = float32_array("q", q.detach()).reshape(B * hkv, group, d)
     k_bits, kind = storage_bits("k_pool", k_pool)
     v_bits, _ = storage_bits("v_pool", v_pool)
     big = torch.iinfo(torch.int32).max
@@ -190,7 +191,7 @@ def run_token_topk_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
         split = max(1, math.ceil(4 * threads / rows)) if rows < 2 * threads else 1
         slots = chunk_slots or max(1, math.ceil(c.shape[2] / split))
         toks = chunk_tokens or max(MIN_CHUNK_TOKENS, math.ceil(k_tokens / split))
-        _token_attention_kernel(qs, k_bits, v_bits, kind, page_size,
+        _token_attention_kernel(qf, scale, k_bits, v_bits, kind, page_size,
                                 int32_array("page_table", page_table),
                                 int32_array("seq_lens", seq_lens), c, k_tokens, slots, toks,
                                 o.numpy().reshape(rows, group, d), lse.numpy().reshape(rows, group),

@@ -151,3 +151,22 @@ def test_two_python_threads_calling_concurrently_match_serial_calls():
         for got in results[i]:
             for a, b in zip(got, serial[i]):
                 assert torch.equal(a, b), f"seed {seed}: thread {i} result differs from serial"
+
+
+def test_pool_views_are_cached_and_dropped_with_the_pool():
+    import gc
+
+    from vortex_hybrid.cpu_kernels import tensor_views
+    pool = torch.randn(4, 2, 8, 16).to(torch.bfloat16)
+    bits, _ = storage_bits("k_pool", pool)
+    again, _ = storage_bits("k_pool", pool)
+    assert again is bits and id(pool) in tensor_views._VIEWS
+    pool[0, 0, 0, 0] = 3.0                                      # writes show through the view
+    assert bits[0] == pool.view(torch.int16)[0, 0, 0, 0].item() & 0xFFFF
+    key = id(pool)
+    del pool, bits, again
+    gc.collect()
+    assert key not in tensor_views._VIEWS
+    strided = torch.randn(4, 2, 8, 32)[..., ::2]                # a copy is never cached
+    storage_bits("k_pool", strided)
+    assert id(strided) not in tensor_views._VIEWS
