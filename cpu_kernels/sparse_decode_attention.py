@@ -71,8 +71,11 @@ def _sparse_attention_kernel(q, scale, k_bits, v_bits, kind, page_size, page_tab
             decode_into(k_bits[start:start + n], kind, k_tile.reshape(tile)[:n])
             decode_into(v_bits[start:start + n], kind, v_tile.reshape(tile)[:n])
             attend_tile(qs, k_tile, v_tile, ntok, scores, tile_max, m, l, acc)
-    for row in prange(rows):
-        finish_row(part_m, part_l, part_acc, row, n_chunks, o, lse)
+        if n_chunks == 1:
+            finish_row(part_m, part_l, part_acc, row, 1, o, lse)
+    if n_chunks > 1:
+        for row in prange(rows):
+            finish_row(part_m, part_l, part_acc, row, n_chunks, o, lse)
 
 
 @njit(nogil=True, cache=True)

@@ -155,8 +155,11 @@ def _token_attention_kernel(q, scale, k_bits, v_bits, kind, page_size, page_tabl
                 tokens[b, h, i + t] = np.int64(cand[b, h, slot]) * page_size + idx - slot * page_size
             attend_tile(qs[row], k_tile, v_tile, n, scores, tile_max, m, l, acc)
             i += n
-    for row in prange(rows):
-        finish_row(part_m, part_l, part_acc, row, n_tok_chunks, o, lse)
+        if n_tok_chunks == 1:
+            finish_row(part_m, part_l, part_acc, row, 1, o, lse)
+    if n_tok_chunks > 1:
+        for row in prange(rows):
+            finish_row(part_m, part_l, part_acc, row, n_tok_chunks, o, lse)
 
 
 def run_token_topk_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
