@@ -262,10 +262,11 @@ def _topk_split_rows(bits, num_pages, k, sink, recent, out, n_chunks):
 
 
 def run_topk_pages(scores: torch.Tensor, k: int, num_pages: torch.Tensor, sink: int, recent: int,
-                   parallel_row_min: Optional[int] = None,
+                   split: Optional[bool] = None,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`topk_pages` without the value checks. parallel_row_min: override PARALLEL_ROW_MIN; out:
-    optional int32 [B, Hkv, k] to write into."""
+    """`topk_pages` without the value checks. split: True splits every row over the threads, False
+    gives each row one thread, None picks (split when rows < 2 x threads and rows are at least
+    PARALLEL_ROW_MIN long); the result is the same. out: optional int32 [B, Hkv, k] to write into."""
     B, H, M = scores.shape
     out = out_tensor("out", out, (B, H, k), torch.int32)
     if B * H == 0 or k == 0:
@@ -273,9 +274,10 @@ def run_topk_pages(scores: torch.Tensor, k: int, num_pages: torch.Tensor, sink: 
     bits = float_bits("scores", scores)
     n = int32_array("num_pages", num_pages)
     o = out.numpy()
-    row_min = PARALLEL_ROW_MIN if parallel_row_min is None else parallel_row_min
     with kernel_call() as threads:
-        if B * H < 2 * threads and M >= row_min:
+        if split is None:
+            split = B * H < 2 * threads and M >= PARALLEL_ROW_MIN
+        if split:
             _topk_split_rows(bits, n, k, sink, recent, o, -(-4 * threads // (B * H)))
         else:
             _topk_rows_kernel(bits, n, k, sink, recent, o)

@@ -47,8 +47,8 @@ def warmup() -> float:
     for flow, names in ((QUEST, ("kmin", "kmax")), (CENTROID, ("mean",))):
         summaries = {name: torch.zeros(N, hkv, 1, D) for name in names}
         scores = page_scores(flow, q, summaries, page_table, seq_lens, P)
-    run_topk_pages(scores, 1, torch.tensor([2], dtype=torch.int32), 0, 1)
-    run_topk_pages(scores, 1, torch.tensor([2], dtype=torch.int32), 0, 1, parallel_row_min=1)
+    run_topk_pages(scores, 1, torch.tensor([2], dtype=torch.int32), 0, 1, split=False)
+    run_topk_pages(scores, 1, torch.tensor([2], dtype=torch.int32), 0, 1, split=True)
     seconds = time.perf_counter() - start
     log.info("CPU kernels warm (%d threads) in %.2f s", cpu_threads(), seconds)
     return seconds

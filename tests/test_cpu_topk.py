@@ -1,7 +1,7 @@
 """Numba linear-time topk_pages vs `vortex_hybrid.reference.topk_pages`, exactly.
 
 Hypothesis draws shapes, counts and scores with many ties, NaN, -0.0 and infinities; both the
-row-parallel path and the long-row path (one row split over all threads) must equal the reference
+row-per-thread path and the split path (rows cut into chunks over all threads) must equal the reference
 element for element. Outputs are poisoned before each run.
 """
 
@@ -45,7 +45,7 @@ def _poisoned(scores, k):
 
 
 @given(topk_cases())
-def test_row_parallel_path_equals_reference(case):
+def test_automatic_path_equals_reference(case):
     scores, k, num_pages, sink, recent = case
     out = _poisoned(scores, k)
     sel = topk_pages(scores, k, num_pages, sink, recent, out=out)
@@ -54,22 +54,30 @@ def test_row_parallel_path_equals_reference(case):
 
 
 @given(topk_cases())
-def test_long_row_path_equals_reference(case):
+def test_row_per_thread_path_equals_reference(case):
     scores, k, num_pages, sink, recent = case
-    sel = run_topk_pages(scores, k, num_pages, sink, recent, parallel_row_min=1,
+    sel = run_topk_pages(scores, k, num_pages, sink, recent, split=False,
                          out=_poisoned(scores, k))
     assert torch.equal(sel, reference.topk_pages(scores, k, num_pages, sink, recent))
 
 
-@pytest.mark.parametrize("parallel_row_min", [None, 1])
-def test_long_row_with_ties_straddling_chunks(parallel_row_min):
+@given(topk_cases())
+def test_split_rows_path_equals_reference(case):
+    scores, k, num_pages, sink, recent = case
+    sel = run_topk_pages(scores, k, num_pages, sink, recent, split=True,
+                         out=_poisoned(scores, k))
+    assert torch.equal(sel, reference.topk_pages(scores, k, num_pages, sink, recent))
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_long_row_with_ties_straddling_chunks(split):
     """A tie at the threshold spread over many chunks: the lower page indices win."""
     g = torch.Generator().manual_seed(1)
     M = 5000
     scores = torch.randint(0, 3, (1, 1, M), generator=g).float()
     num_pages = torch.tensor([M - 7], dtype=torch.int32)
     for k in (3, 100, 1700, 4000):
-        sel = run_topk_pages(scores, k, num_pages, 1, 2, parallel_row_min=parallel_row_min)
+        sel = run_topk_pages(scores, k, num_pages, 1, 2, split=split)
         assert torch.equal(sel, reference.topk_pages(scores, k, num_pages, 1, 2)), k
 
 
