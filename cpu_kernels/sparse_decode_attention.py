@@ -5,7 +5,7 @@ Same contract as `vortex_hybrid.reference.sparse_decode_attention` (DESIGN.md). 
 work, several when it does not (small batches, long selections); chunk states merge exactly by
 log-sum-exp. Each item decodes one page's `page_size x head_dim` K and V slice at a time from raw
 bf16/fp16/fp32 bits into float32 scratch and folds it into an online softmax for the group's query
-heads, so a KV byte is read from memory once per step.
+heads while the next selected page is prefetched, so a KV byte is read from memory once per step.
 
 Shapes (B requests, Hq query heads, Hkv KV heads, G = Hq // Hkv, D head_dim, P page_size):
     q [B, Hq, D] any float       k_pool, v_pool [N, Hkv, P, D] bf16 / fp16 / fp32 (CPU, contiguous)
