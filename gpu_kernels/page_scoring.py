@@ -148,6 +148,14 @@ def launch_indexer(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, page_table
     return launch_topk_pages(scores, budget, lens, sink, recent, sel, page_size=page_size, **config)
 
 
+def _indexer(q, summaries, page_table, seq_lens, budget, sink, recent, page_size, quest: bool):
+    names = ("kmax", "kmin") if quest else ("mean",)
+    page_size = _check_indexer_args(q, summaries, names, page_table, seq_lens, budget, sink,
+                                    recent, page_size)
+    return launch_indexer(q, summaries[names[0]], summaries[names[-1]], page_table, seq_lens,
+                          budget, sink, recent, page_size, quest=quest)
+
+
 def quest_indexer(q: torch.Tensor, summaries: dict[str, torch.Tensor], page_table: torch.Tensor,
                   seq_lens: torch.Tensor, budget: int, sink: int, recent: int,
                   page_size: int | None = None) -> torch.Tensor:
@@ -155,20 +163,12 @@ def quest_indexer(q: torch.Tensor, summaries: dict[str, torch.Tensor], page_tabl
     (float32 [N, Hkv, 1, D]); page_table int32 [B, max_pages]; seq_lens int32 [B] tokens;
     page_size: tokens per page (None: the page size the cache kernels here last wrote the
     summaries with; the shared lowering signature carries none)."""
-    page_size = _check_indexer_args(q, summaries, ("kmax", "kmin"), page_table, seq_lens, budget,
-                                    sink, recent, page_size)
-    return launch_indexer(q, summaries["kmax"], summaries["kmin"], page_table, seq_lens, budget,
-                          sink, recent, page_size, quest=True)
+    return _indexer(q, summaries, page_table, seq_lens, budget, sink, recent, page_size, True)
 
 
 def centroid_indexer(q: torch.Tensor, summaries: dict[str, torch.Tensor], page_table: torch.Tensor,
                      seq_lens: torch.Tensor, budget: int, sink: int, recent: int,
                      page_size: int | None = None) -> torch.Tensor:
     """Centroid selection: sel int32 [B, Hkv, budget] from q [B, Hq, D] and summaries "mean"
-    (float32 [N, Hkv, 1, D]); page_table int32 [B, max_pages]; seq_lens int32 [B] tokens;
-    page_size: tokens per page (None: the page size the cache kernels here last wrote the
-    summaries with; the shared lowering signature carries none)."""
-    page_size = _check_indexer_args(q, summaries, ("mean",), page_table, seq_lens, budget, sink,
-                                    recent, page_size)
-    return launch_indexer(q, summaries["mean"], summaries["mean"], page_table, seq_lens, budget,
-                          sink, recent, page_size, quest=False)
+    (float32 [N, Hkv, 1, D]); same arguments as `quest_indexer`."""
+    return _indexer(q, summaries, page_table, seq_lens, budget, sink, recent, page_size, False)

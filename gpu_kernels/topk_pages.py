@@ -9,7 +9,9 @@ pages whose key equals T (ties toward the lower page index), written ascending t
 then `-1` padding. The search stops early once a candidate threshold counts exactly `n_free` pages.
 
 Rows of up to MAX_REGISTER_ROW pages are read once and kept in registers; longer rows are streamed
-in chunks of CHUNK pages once per pass (from L2 / HBM).
+in chunks of CHUNK pages once per pass (from L2 / HBM), and once the keys still undecided fit in
+SMALL_STREAMED they are compacted into a per-row scratch tile so the remaining passes skip the row.
+Defaults are the fastest of the sweep in benchmarks/gpu_topk.py (docs/BENCHMARKS.md).
 
 Shapes: scores float32 [B, Hkv, max_pages]; num_pages int32 [B]; sel int32 [B, Hkv, k].
 """
@@ -23,9 +25,9 @@ import triton.language as tl
 from vortex_hybrid.contracts import check_topk_args
 
 MAX_REGISTER_ROW = 16384
-CHUNK = 4096
-SMALL_IN_REGISTERS = 256
-SMALL_STREAMED = 1024
+CHUNK = 8192
+SMALL_IN_REGISTERS = 0      # measured: compaction slows rows held in registers (8K: 76 vs 34 us)
+SMALL_STREAMED = 4096       # measured: 64K rows 477 us with, 719 us without (docs/BENCHMARKS.md)
 
 
 @triton.jit
