@@ -31,7 +31,6 @@ import datetime
 import json
 import os
 import sys
-import time
 
 import torch
 
@@ -41,6 +40,7 @@ if SMOKE and not torch.cuda.is_available():
 
 import triton  # noqa: E402
 
+from gpu_attention import bench, hbm_copy_bandwidth  # noqa: E402  (sibling script: same timing)
 from vortex_hybrid.gpu_kernels.page_scoring import launch_indexer  # noqa: E402
 from vortex_hybrid.gpu_kernels.page_summaries import centroid_cache, quest_cache  # noqa: E402
 from vortex_hybrid.gpu_kernels.topk_pages import launch_topk_pages  # noqa: E402
@@ -52,28 +52,11 @@ ROWS = 256
 BUDGETS = (0.01, 0.02, 0.05, 0.10)
 
 
-def bench(fn, rep: int = 100) -> float:
-    """Median milliseconds of fn (do_bench on a GPU, one wall-clock run otherwise)."""
-    if DEV.type == "cuda":
-        return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
-    t = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t) * 1e3
-
-
 def bench_graph(fn) -> float:
     """Median milliseconds of fn replayed in a CUDA graph (no launch overhead; L2 not flushed)."""
     if DEV.type == "cuda":
         return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
     return bench(fn)
-
-
-def hbm_copy_bandwidth() -> float:
-    """Device-to-device copy GB/s, counting bytes read plus written."""
-    n = (1 << 28) if DEV.type == "cuda" else (1 << 16)
-    src = torch.randn(n, device=DEV)
-    dst = torch.empty_like(src)
-    return 2 * n * 4 / bench(lambda: dst.copy_(src)) / 1e6
 
 
 def budget_pages(n_pages: int, frac: float) -> int:
@@ -83,7 +66,8 @@ def budget_pages(n_pages: int, frac: float) -> int:
 def torch_topk(scores: torch.Tensor, n: torch.Tensor, k: int) -> torch.Tensor:
     """Peer: forced pages to +inf, pages past n to -inf, torch.topk, sorted indices, -1 padding."""
     idx = torch.arange(scores.shape[-1], device=scores.device)
-    forced = (idx[None, :] < SINK) | ((idx[None, :] >= n[:, None] - RECENT) & (idx[None, :] < n[:, None]))
+    tail = (idx[None, :] >= n[:, None] - RECENT) & (idx[None, :] < n[:, None])
+    forced = (idx[None, :] < SINK) | tail
     s = torch.where(forced[:, None, :], float("inf"), scores)
     s = torch.where(idx[None, None, :] < n[:, None, None], s, float("-inf"))
     val, pos = torch.topk(s, min(k, s.shape[-1]), dim=-1, sorted=False)
@@ -102,7 +86,8 @@ def topk_section(bw: float, tune: bool, sizes, n_rows: int) -> tuple[list, list]
             k = budget_pages(n_pages, 0.05)
             out = torch.empty(B, HKV, k, dtype=torch.int32, device=DEV)
             if n_pages <= 16384:
-                grid = [dict(digit_bits=1, num_warps=w, small=sm) for w in (2, 4, 8) for sm in (0, 256, 1024)]
+                grid = [dict(digit_bits=1, num_warps=w, small=sm)
+                        for w in (2, 4, 8) for sm in (0, 256, 1024)]
                 grid += [dict(digit_bits=2, num_warps=4, small=256)]
             else:
                 grid = [dict(block=bl, digit_bits=db, num_warps=16, small=sm)
@@ -110,7 +95,8 @@ def topk_section(bw: float, tune: bool, sizes, n_rows: int) -> tuple[list, list]
                 grid += [dict(block=4096, digit_bits=2, num_warps=32, small=1024)]
             base_out = torch.empty(B, HKV, SINK + RECENT, dtype=torch.int32, device=DEV)
             ms = bench(lambda: launch_topk_pages(scores, SINK + RECENT, n, SINK, RECENT, base_out))
-            sweep.append(dict(pages=n_pages, k=SINK + RECENT, note="no search: load + select pass", us=ms * 1e3))
+            sweep.append(dict(pages=n_pages, k=SINK + RECENT, note="no search: load + select pass",
+                              us=ms * 1e3))
             print(f"tune pages={n_pages} no-search (k = sink + recent): {ms * 1e3:.1f} us", flush=True)
             for cfg in grid:
                 try:
@@ -131,7 +117,8 @@ def topk_section(bw: float, tune: bool, sizes, n_rows: int) -> tuple[list, list]
             ties = torch.randint(0, 8, scores.shape, device=DEV).float()
             ours_ties = bench(lambda: launch_topk_pages(ties, k, n, SINK, RECENT, out))
             nbytes = n_rows * (n_pages + k) * 4
-            rows.append(dict(rows=n_rows, pages=n_pages, k=k, ours_us=ours * 1e3, ours_graph_us=ours_graph * 1e3,
+            rows.append(dict(rows=n_rows, pages=n_pages, k=k, ours_us=ours * 1e3,
+                             ours_graph_us=ours_graph * 1e3,
                              ours_ties_us=ours_ties * 1e3,
                              torch_us=peer * 1e3, speedup=peer / ours, agrees_with_torch=agree,
                              hbm_frac=nbytes / (ours * 1e-3) / 1e9 / bw))
@@ -207,11 +194,13 @@ def cache_section(bw: float, n_pages: int) -> list:
     k_pool = torch.randn(n_pages, HKV, PAGE, D, device=DEV, dtype=torch.bfloat16)
     pages = torch.randperm(n_pages, device=DEV)
     rows = []
-    for flow, fn, names in (("quest", quest_cache, ("kmin", "kmax")), ("centroid", centroid_cache, ("mean",))):
+    for flow, fn, names in (("quest", quest_cache, ("kmin", "kmax")),
+                            ("centroid", centroid_cache, ("mean",))):
         summaries = {nm: torch.empty(n_pages, HKV, 1, D, device=DEV) for nm in names}
         ms = bench(lambda: fn(k_pool, pages, summaries))
         nbytes = k_pool.numel() * 2 + len(names) * n_pages * HKV * D * 4 + n_pages * 8
-        rows.append(dict(flow=flow, pages=n_pages, us=ms * 1e3, hbm_frac=nbytes / (ms * 1e-3) / 1e9 / bw))
+        rows.append(dict(flow=flow, pages=n_pages, us=ms * 1e3,
+                         hbm_frac=nbytes / (ms * 1e-3) / 1e9 / bw))
     return rows
 
 
@@ -241,11 +230,13 @@ def main() -> None:
         json.dump(result, f, indent=1)
     print(f"\n{device}, HBM copy {bw:.0f} GB/s")
     print(f"top-k over {n_rows} rows")
-    print("| pages | k | ours us | ours graph us | ours (ties) us | torch.topk+sort us | speedup | HBM frac | same set |")
+    print("| pages | k | ours us | ours graph us | ours (ties) us | torch.topk+sort us | speedup | "
+          "HBM frac | same set |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in topk_rows:
-        print(f"| {r['pages']} | {r['k']} | {r['ours_us']:.1f} | {r['ours_graph_us']:.1f} | {r['ours_ties_us']:.1f} | "
-              f"{r['torch_us']:.1f} | {r['speedup']:.1f}x | {r['hbm_frac']:.2f} | {r['agrees_with_torch']} |")
+        print(f"| {r['pages']} | {r['k']} | {r['ours_us']:.1f} | {r['ours_graph_us']:.1f} | "
+              f"{r['ours_ties_us']:.1f} | {r['torch_us']:.1f} | {r['speedup']:.1f}x | "
+              f"{r['hbm_frac']:.2f} | {r['agrees_with_torch']} |")
     print("\n| cache kernel | pages | us | HBM frac |\n|---|---|---|---|")
     for r in cache_rows:
         print(f"| {r['flow']} | {r['pages']} | {r['us']:.1f} | {r['hbm_frac']:.2f} |")

@@ -16,7 +16,7 @@ program per row scoring into an L2-resident scratch row, then selecting) was mea
 every Llama-3-8B shape (docs/BENCHMARKS.md) and removed.
 
 Shapes (B requests, Hq query heads, Hkv KV heads, G = Hq / Hkv, D head_dim, N physical pages):
-    q [B, Hq, D] float16 / bfloat16 / float32    page_table int32 [B, max_pages]   seq_lens int32 [B]
+    q [B, Hq, D] float16 / bfloat16 / float32   page_table int32 [B, max_pages]   seq_lens int32 [B]
     summaries[name] float32 [N, Hkv, 1, D]: quest "kmin", "kmax"; centroid "mean"
     returns sel int32 [B, Hkv, budget], ascending, -1 padded
 """
@@ -80,8 +80,8 @@ def _check_indexer_args(q, summaries, names, page_table, seq_lens, budget, sink,
                         page_size) -> int:
     """Validate an indexer call; returns the page size (given, or learnt from the cache kernels)."""
     if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.dtype not in FLOAT_DTYPES[:3]:
-        raise ValueError(f"q must be float16/bfloat16/float32 [B, Hq, D], got "
-                         f"{getattr(q, 'dtype', type(q).__name__)} {tuple(getattr(q, 'shape', ()))}")
+        got = f"{getattr(q, 'dtype', type(q).__name__)} {tuple(getattr(q, 'shape', ()))}"
+        raise ValueError(f"q must be float16/bfloat16/float32 [B, Hq, D], got {got}")
     B, hq, d = q.shape
     first = None
     for name in names:

@@ -19,7 +19,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from vortex_hybrid.contracts import FLOAT_DTYPES, INDEX_DTYPES
 
-TILE_ELEMENTS = 16384                   # keys one program reads: all KV heads of a page when they fit
+TILE_ELEMENTS = 16384                   # key elements per program: all KV heads of a page if they fit
 _page_size_of = WeakIdKeyDictionary()   # summary store -> page_size of the pool it summarises
 
 
@@ -62,8 +62,8 @@ def _check_cache_args(k_pool: torch.Tensor, pages: torch.Tensor, summaries: dict
     if k_pool.dtype not in FLOAT_DTYPES[:3]:
         raise ValueError(f"k_pool dtype {k_pool.dtype}; expected one of {FLOAT_DTYPES[:3]}")
     if not isinstance(pages, torch.Tensor) or pages.dim() != 1 or pages.dtype not in INDEX_DTYPES:
-        raise ValueError(f"pages must be an int64 tensor [n] of physical pages, got "
-                         f"{getattr(pages, 'dtype', type(pages).__name__)} {tuple(getattr(pages, 'shape', ()))}")
+        got = f"{getattr(pages, 'dtype', type(pages).__name__)} {tuple(getattr(pages, 'shape', ()))}"
+        raise ValueError(f"pages must be an int64 tensor [n] of physical pages, got {got}")
     if pages.device != k_pool.device:
         raise ValueError(f"pages is on {pages.device} but k_pool is on {k_pool.device}")
     N, hkv, _, d = k_pool.shape
@@ -74,11 +74,12 @@ def _check_cache_args(k_pool: torch.Tensor, pages: torch.Tensor, summaries: dict
         t = summaries.get(name) if isinstance(summaries, dict) else None
         if t is None:
             raise ValueError(f"summaries lacks {name!r}; it needs {list(names)}")
-        if tuple(t.shape) != (N, hkv, 1, d) or t.dtype != torch.float32 or t.device != k_pool.device:
+        if (tuple(t.shape) != (N, hkv, 1, d) or t.dtype != torch.float32
+                or t.device != k_pool.device):
             raise ValueError(f"summaries[{name!r}] is {t.dtype} {tuple(t.shape)} on {t.device}; "
                              f"expected float32 {(N, hkv, 1, d)} on {k_pool.device}")
         if t.stride(-1) != 1 or t.stride(1) != d:
-            raise ValueError(f"summaries[{name!r}] must be contiguous per row (strides {t.stride()})")
+            raise ValueError(f"summaries[{name!r}] must be contiguous per row, strides {t.stride()}")
 
 
 def _launch(k_pool: torch.Tensor, pages: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -98,7 +99,8 @@ def _launch(k_pool: torch.Tensor, pages: torch.Tensor, a: torch.Tensor, b: torch
         BLOCK_D=block_d, num_warps=8)
 
 
-def quest_cache(k_pool: torch.Tensor, pages: torch.Tensor, summaries: dict[str, torch.Tensor]) -> None:
+def quest_cache(k_pool: torch.Tensor, pages: torch.Tensor,
+                summaries: dict[str, torch.Tensor]) -> None:
     """Write summaries["kmin"] and summaries["kmax"] rows `pages`: elementwise min / max of keys.
 
     k_pool [N, Hkv, P, D] float16/bfloat16/float32; pages int64 [n] physical pages (all full);

@@ -37,7 +37,7 @@ def _page_keys(src, idx, n, sink, recent):
     x = tl.load(src + idx, mask=cand, other=0.0)
     x = tl.where(x == 0.0, 0.0, x)                      # -0.0 ties with +0.0, as in torch.sort
     bits = x.to(tl.int32, bitcast=True)
-    bits = tl.where(x != x, 0x7FFFFFFF, bits)           # every NaN sorts above +inf, as in torch.sort
+    bits = tl.where(x != x, 0x7FFFFFFF, bits)           # NaN sorts above +inf, as in torch.sort
     key = tl.where(bits < 0, ~bits, bits | -2147483648).to(tl.uint32, bitcast=True)
     return tl.where(cand, key, 0)
 
@@ -67,7 +67,8 @@ def _count_at_least(keys, src, n, sink, recent, cands, offs,
 
 @triton.jit
 def _search_step(counts, digits, T, above, at_T, n_free, shift, RADIX: tl.constexpr):
-    """One radix pass: counts[j] = count(key >= T + digits[j] << shift) -> (T, above, at_T, done)."""
+    """One radix pass from counts[j] = count(key >= T + digits[j] << shift): new T, above, at_T,
+    done."""
     best = tl.max(tl.where(counts >= n_free, digits, 0), axis=0)
     T = T + (best << shift.to(tl.uint32))
     at_T = tl.where(best > 0, tl.sum(tl.where(digits == best, counts, 0), axis=0), at_T)
@@ -83,7 +84,8 @@ def _search_step(counts, digits, T, above, at_T, n_free, shift, RADIX: tl.conste
 def select_row(src, dst, scratch, n, k, sink, recent, BLOCK: tl.constexpr,
                IN_REGISTERS: tl.constexpr, DIGIT_BITS: tl.constexpr, BLOCK_K: tl.constexpr,
                SMALL: tl.constexpr):
-    """Top-k of one row: reads scores src[0:n] (float32), writes dst[0:k] (int32, ascending, -1 pad).
+    """Top-k of one row: reads scores src[0:n] (float32), writes dst[0:k] (int32, ascending,
+    -1 padded).
 
     IN_REGISTERS needs n <= BLOCK; otherwise the row is streamed in chunks of BLOCK pages. With
     SMALL > 0, once the keys still undecided (those in [T, T + 2**bits_left)) are at most SMALL,
@@ -182,7 +184,7 @@ def _topk_pages_kernel(scores_ptr, lens_ptr, out_ptr, scratch_ptr, H, stride_sb,
 
 def row_config(max_pages: int, block: int | None = None, digit_bits: int | None = None,
                num_warps: int | None = None, small: int | None = None) -> dict:
-    """Launch choices of `select_row` for rows of up to `max_pages` pages (None -> tuned default)."""
+    """Launch choices of `select_row` for rows of up to `max_pages` pages (None: tuned default)."""
     in_registers = max_pages <= MAX_REGISTER_ROW if block is None else block >= max_pages
     if block is None:
         block = max(triton.next_power_of_2(max_pages), 128) if in_registers else CHUNK
@@ -218,7 +220,7 @@ def launch_topk_pages(scores: torch.Tensor, k: int, lens: torch.Tensor, sink: in
 
 def topk_pages(scores: torch.Tensor, k: int, num_pages: torch.Tensor, sink: int,
                recent: int) -> torch.Tensor:
-    """Select `k` pages per (request, KV head) row: sink and recent pages, then the best-scoring rest.
+    """Select `k` pages per (request, KV head) row: sink and recent pages, then the best others.
 
     scores: float32 [B, Hkv, max_pages] (entries at or past `num_pages[b]` are ignored);
     num_pages: int32 [B]. Returns sel int32 [B, Hkv, k], ascending, padded with -1. A row with

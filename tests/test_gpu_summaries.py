@@ -1,5 +1,5 @@
 """gpu_kernels cache kernels (quest_cache, centroid_cache) and indexers (quest_indexer,
-centroid_indexer) against brute-force numpy formulas in float64 and vortex_hybrid.reference.topk_pages.
+centroid_indexer) against brute-force numpy formulas in float64 and reference.topk_pages.
 
 Runs under TRITON_INTERPRET=1 on the CPU (small shapes) and natively on a GPU.
 """
@@ -44,7 +44,8 @@ def make_pool(rng: random.Random, B, hkv, group, d, page_size, integer=False, dt
 
 def poisoned_summaries(flow, k_pool):
     N, hkv, _, d = k_pool.shape
-    return {name: torch.full((N, hkv, 1, d), float("nan"), device=DEVICE) for name in CACHE[flow][1]}
+    return {name: torch.full((N, hkv, 1, d), float("nan"), device=DEVICE)
+            for name in CACHE[flow][1]}
 
 
 def brute_scores(flow, q, k_pool, table, seq_lens):
@@ -179,7 +180,7 @@ def test_lowerings_are_registered_for_cuda():
         assert vflow.find_lowering(flow, stage, "cuda") is fn
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="select_pages lowers only on a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="select_pages lowers only on CUDA")
 @pytest.mark.parametrize("flow", ["quest", "centroid"])
 def test_select_pages_through_the_lowering_equals_the_interpreter_on_exact_inputs(flow):
     rng = random.Random()
