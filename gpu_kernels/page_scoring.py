@@ -7,7 +7,9 @@
 
 The selection is `vortex_hybrid.reference.topk_pages` applied to those scores (first `sink` and last
 `recent` pages forced, best others up to `budget`, ties toward the lower page index, all pages when
-`budget >= num_pages`), computed by `topk_pages.select_row`.
+`budget >= num_pages`), computed by the `topk_pages` kernel. The partly filled last page has no
+summary yet: it is scored from whatever its row holds, so callers keep recent >= 1 (select_pages
+requires it) to attend it.
 
 Two launches: a scoring grid over (row, block of BLOCK_PAGES pages) writes float32 score rows, so
 every SM streams summaries even at B = 1; then the top-k kernel runs one program per row. The score
