@@ -29,12 +29,11 @@ def fake_cache(k_pool, pages, summaries):
     summaries["mean"][pages] = k_pool[pages].float().mean(2, keepdim=True)
 
 
-def fake_indexer(q, summaries, page_table, seq_lens, budget, sink, recent):
+def fake_indexer(q, summaries, page_table, seq_lens, budget, sink, recent, *, page_size):
     """A stand-in 'kernel' with the indexer signature: centroid scores, then reference.topk_pages."""
     fake_indexer.calls += 1
     B, hq, d = q.shape
     n_phys, hkv = summaries["mean"].shape[:2]
-    page_size = fake_indexer.page_size
     mean = summaries["mean"][page_table.long().clamp(0, n_phys - 1)][:, :, :, 0]   # [B, S, Hkv, D]
     qg = q.float().reshape(B, hkv, hq // hkv, d).sum(2)                             # [B, Hkv, D]
     scores = torch.einsum("bhd,bshd->bhs", qg, mean)
@@ -87,7 +86,6 @@ def test_find_lowering_imports_the_backend_once(monkeypatch):
 @pytest.mark.parametrize("group", [1, 4])
 def test_select_pages_uses_registered_lowerings(fakes, group):
     q, k_pool, table, lens = make_inputs(4, torch.float32, 3, 2, group, 16, 4, 9)
-    fake_indexer.page_size = 4
     lowered = vflow.select_pages("test_lowered_centroid", q, k_pool, table, lens, 5, 1, 2)
     assert fake_indexer.calls == 1 and len(fake_cache.calls) == 1
     pages, shapes = fake_cache.calls[0]
@@ -112,7 +110,7 @@ def test_float64_takes_the_interpreter(fakes):
 def test_lowering_with_a_wrong_output_shape_is_reported(fakes):
     q, k_pool, table, lens = make_inputs(6, torch.float32, 2, 1, 2, 8, 4, 6)
     vflow.register_lowering("test_lowered_centroid", "indexer", "cpu",
-                            lambda *a: torch.zeros(1, 1, 1, dtype=torch.int32))
+                            lambda *a, **kw: torch.zeros(1, 1, 1, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="returned sel of shape \\(1, 1, 1\\)"):
         vflow.select_pages("test_lowered_centroid", q, k_pool, table, lens, 4, 1, 1)
 

@@ -17,9 +17,11 @@ cache fn:   fn(k_pool [N, Hkv, P, D] any float dtype, pages int64 [n] (physical 
             summaries[name] is float32 [N, Hkv, *shape] (the flow's declared shape per KV head),
             rows indexed by physical page, on k_pool's device; fn writes rows `pages` in place.
 indexer fn: fn(q [B, Hq, D], summaries (as above), page_table int32 [B, max_pages],
-               seq_lens int32 [B], budget: int, sink: int, recent: int) -> sel int32 [B, Hkv, budget]
+               seq_lens int32 [B], budget: int, sink: int, recent: int, *, page_size: int)
+               -> sel int32 [B, Hkv, budget]
             -1 padded, any order, with exactly the semantics of `vortex_hybrid.vflow.select_pages`:
-            `vortex_hybrid.reference.topk_pages` applied to the flow's page scores.
+            `vortex_hybrid.reference.topk_pages` applied to the flow's page scores. `page_size`
+            (tokens per page of the pool the summaries describe) counts each request's pages.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ def select_pages(flow: Union[str, Flow], q: torch.Tensor, k_pool: torch.Tensor,
     fn = find_lowering(flow.name, "indexer", q.device) if use_lowering else None
     if fn is None:
         return run_indexer(compiled, q, summaries, k_pool, page_table, seq_lens, budget, sink, recent)
-    sel = fn(q, summaries, page_table, seq_lens, budget, sink, recent)
+    sel = fn(q, summaries, page_table, seq_lens, budget, sink, recent, page_size=k_pool.shape[2])
     B, hkv = q.shape[0], k_pool.shape[1]
     if tuple(sel.shape) != (B, hkv, budget) or sel.dtype != torch.int32:
         raise RuntimeError(f"lowering {fn!r} for flow {flow.name!r} returned sel of shape "
