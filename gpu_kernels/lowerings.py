@@ -7,8 +7,7 @@ finds them; every other (flow, stage) falls back to the reference interpreter.
     centroid: cache -> page_summaries.centroid_cache   indexer -> page_scoring.centroid_indexer
 
 The indexers take the shared signature `fn(q, summaries, page_table, seq_lens, budget, sink,
-recent)`; it carries no page size, so they read the page size the cache kernels recorded for the
-summary store (or an explicit `page_size=` keyword).
+recent, *, page_size)`.
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@ import triton.language as tl
 
 from vortex_hybrid.contracts import FLOAT_DTYPES, INDEX_DTYPES, pages_of
 
-from .page_summaries import summary_page_size
 from .topk_pages import launch_topk_pages
 
 BLOCK_PAGES = 32
@@ -80,7 +79,7 @@ def _page_scores_kernel(q_ptr, a_ptr, b_ptr, table_ptr, lens_ptr, scores_ptr, H,
 
 def _check_indexer_args(q, summaries, names, page_table, seq_lens, budget, sink, recent,
                         page_size) -> int:
-    """Validate an indexer call; returns the page size (given, or learnt from the cache kernels)."""
+    """Validate an indexer call (ValueError naming the bad argument)."""
     if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.dtype not in FLOAT_DTYPES[:3]:
         got = f"{getattr(q, 'dtype', type(q).__name__)} {tuple(getattr(q, 'shape', ()))}"
         raise ValueError(f"q must be float16/bfloat16/float32 [B, Hq, D], got {got}")
@@ -99,11 +98,6 @@ def _check_indexer_args(q, summaries, names, page_table, seq_lens, budget, sink,
     hkv = first.shape[1]
     if hkv == 0 or hq % hkv:
         raise ValueError(f"num_q_heads={hq} must be a positive multiple of num_kv_heads={hkv}")
-    if page_size is None:
-        page_size = summary_page_size(first)
-        if page_size is None:
-            raise ValueError("page_size=None and no cache kernel of vortex_hybrid.gpu_kernels has "
-                             f"written summaries[{names[0]!r}]: pass page_size=<tokens per page>")
     if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
         raise ValueError(f"page_size={page_size!r} must be a positive integer: tokens per page of "
                          "the pool the summaries describe")
@@ -122,7 +116,6 @@ def _check_indexer_args(q, summaries, names, page_table, seq_lens, budget, sink,
     if B and int(pages_of(seq_lens, page_size).max()) > page_table.shape[1]:
         raise ValueError(f"seq_lens {seq_lens.tolist()} need more pages than page_table's "
                          f"{page_table.shape[1]} columns at page_size={page_size}")
-    return page_size
 
 
 def launch_indexer(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, page_table: torch.Tensor,
@@ -152,25 +145,23 @@ def launch_indexer(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, page_table
 
 def _indexer(q, summaries, page_table, seq_lens, budget, sink, recent, page_size, quest: bool):
     names = ("kmax", "kmin") if quest else ("mean",)
-    page_size = _check_indexer_args(q, summaries, names, page_table, seq_lens, budget, sink,
-                                    recent, page_size)
+    _check_indexer_args(q, summaries, names, page_table, seq_lens, budget, sink, recent, page_size)
     return launch_indexer(q, summaries[names[0]], summaries[names[-1]], page_table, seq_lens,
                           budget, sink, recent, page_size, quest=quest)
 
 
 def quest_indexer(q: torch.Tensor, summaries: dict[str, torch.Tensor], page_table: torch.Tensor,
-                  seq_lens: torch.Tensor, budget: int, sink: int, recent: int,
-                  page_size: int | None = None) -> torch.Tensor:
+                  seq_lens: torch.Tensor, budget: int, sink: int, recent: int, *,
+                  page_size: int) -> torch.Tensor:
     """Quest selection: sel int32 [B, Hkv, budget] from q [B, Hq, D] and summaries "kmin", "kmax"
     (float32 [N, Hkv, 1, D]); page_table int32 [B, max_pages]; seq_lens int32 [B] tokens;
-    page_size: tokens per page (None: the page size the cache kernels here last wrote the
-    summaries with; the shared lowering signature carries none)."""
+    page_size: tokens per page of the pool the summaries describe."""
     return _indexer(q, summaries, page_table, seq_lens, budget, sink, recent, page_size, True)
 
 
 def centroid_indexer(q: torch.Tensor, summaries: dict[str, torch.Tensor], page_table: torch.Tensor,
-                     seq_lens: torch.Tensor, budget: int, sink: int, recent: int,
-                     page_size: int | None = None) -> torch.Tensor:
+                     seq_lens: torch.Tensor, budget: int, sink: int, recent: int, *,
+                     page_size: int) -> torch.Tensor:
     """Centroid selection: sel int32 [B, Hkv, budget] from q [B, Hq, D] and summaries "mean"
     (float32 [N, Hkv, 1, D]); same arguments as `quest_indexer`."""
     return _indexer(q, summaries, page_table, seq_lens, budget, sink, recent, page_size, False)

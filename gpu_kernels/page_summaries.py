@@ -15,21 +15,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakIdKeyDictionary
 
 from vortex_hybrid.contracts import FLOAT_DTYPES, INDEX_DTYPES
 
 TILE_ELEMENTS = 16384                   # key elements per program: all KV heads of a page if they fit
-_page_size_of = WeakIdKeyDictionary()   # summary store -> page_size of the pool it summarises
-
-
-def summary_page_size(store: torch.Tensor) -> int | None:
-    """Page size of the pool whose pages a cache kernel here last wrote into `store`, or None.
-
-    Lets an indexer called with the shared lowering signature (which carries no page size) count
-    each request's pages; explicit `page_size=` arguments take precedence.
-    """
-    return _page_size_of.get(store)
 
 
 @triton.jit
@@ -86,7 +75,6 @@ def _launch(k_pool: torch.Tensor, pages: torch.Tensor, a: torch.Tensor, b: torch
             mean: bool) -> None:
     n = pages.numel()
     _, hkv, P, d = k_pool.shape
-    _page_size_of[a] = _page_size_of[b] = P
     if n == 0 or hkv == 0:
         return
     if k_pool.stride(-1) != 1:

@@ -68,7 +68,7 @@ def brute_scores(flow, q, k_pool, table, seq_lens):
     return torch.from_numpy(out)
 
 
-def run_indexer(flow, q, k_pool, table, seq_lens, budget, sink, recent, page_size=None):
+def run_indexer(flow, q, k_pool, table, seq_lens, budget, sink, recent):
     """Cache kernel over every full page, then the indexer; everything on DEVICE, sel on the CPU."""
     summaries = poisoned_summaries(flow, k_pool)
     P = k_pool.shape[2]
@@ -76,7 +76,7 @@ def run_indexer(flow, q, k_pool, table, seq_lens, budget, sink, recent, page_siz
     pages = torch.unique(table.long()[full])
     CACHE[flow][0](k_pool.to(DEVICE), pages.to(DEVICE), summaries)
     sel = INDEXER[flow](q.to(DEVICE), summaries, table.to(DEVICE), seq_lens.to(DEVICE), budget,
-                        sink, recent, page_size=page_size)
+                        sink, recent, page_size=P)
     assert sel.dtype == torch.int32 and sel.shape == (q.shape[0], k_pool.shape[1], budget)
     return sel.cpu()
 
@@ -133,7 +133,7 @@ def test_indexer_on_random_floats_picks_the_best_pages_up_to_rounding(flow):
     n = pages_of(lens, 16)
     tol = 1e-4 * float(scores.abs().max())
     for budget, sink, recent in ((int(n.max()) // 2 + 2, 1, 1), (int(n.max()) // 4 + 3, 2, 1)):
-        sel = run_indexer(flow, q, k_pool, table, lens, budget, sink, recent, page_size=16)
+        sel = run_indexer(flow, q, k_pool, table, lens, budget, sink, recent)
         for b in range(2):
             nb = int(n[b])
             for h in range(2):
@@ -149,13 +149,13 @@ def test_indexer_on_random_floats_picks_the_best_pages_up_to_rounding(flow):
                 assert scores[b, h, free[chosen]].min() >= scores[b, h, free[~chosen]].max() - tol
 
 
-def test_indexer_needs_a_page_size_it_can_know():
+def test_indexer_rejects_bad_arguments():
     q = torch.randn(1, 2, 16, device=DEVICE)
     summaries = {"mean": torch.zeros(4, 2, 1, 16, device=DEVICE)}
     table = torch.zeros(1, 4, dtype=torch.int32, device=DEVICE)
     lens = torch.tensor([9], dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="pass page_size="):
-        centroid_indexer(q, summaries, table, lens, 3, 1, 1)
+    with pytest.raises(ValueError, match="page_size=0 must be a positive integer"):
+        centroid_indexer(q, summaries, table, lens, 3, 1, 1, page_size=0)
     with pytest.raises(ValueError, match="need more pages than page_table's 4 columns"):
         centroid_indexer(q, summaries, table, lens, 3, 1, 1, page_size=2)
     with pytest.raises(ValueError, match="budget=1 must be >= sink \\+ recent = 2"):
