@@ -13,6 +13,7 @@ import numpy as np
 from numba import njit
 
 from .float_bits import exp32
+from .storage_decode import as_f32
 
 FASTMATH = {"reassoc", "contract"}
 """Vectorised dot products without assuming finite values (-inf is a real state here)."""
@@ -35,8 +36,8 @@ def _dots4(qs, g, kt, t0, t1, scores):
         b2 = np.float32(0.0)
         b3 = np.float32(0.0)
         for d in range(D):
-            k0 = kt[t, d]
-            k1 = kt[t + 1, d]
+            k0 = as_f32(kt[t, d])
+            k1 = as_f32(kt[t + 1, d])
             q0 = qs[g, d]
             q1 = qs[g + 1, d]
             q2 = qs[g + 2, d]
@@ -62,7 +63,7 @@ def _dots4(qs, g, kt, t0, t1, scores):
         for h in range(g, g + 4):
             s = np.float32(0.0)
             for d in range(D):
-                s += qs[h, d] * kt[t, d]
+                s += qs[h, d] * as_f32(kt[t, d])
             scores[h, t] = s
 
 
@@ -82,7 +83,7 @@ def tile_scores(qs, kt, ntok, scores, tile_max):
         for t in range(ntok):
             s = np.float32(0.0)
             for d in range(D):
-                s += qs[h, d] * kt[t, d]
+                s += qs[h, d] * as_f32(kt[t, d])
             scores[h, t] = s
     for h in range(G):
         best = NEG_INF
@@ -115,10 +116,10 @@ def _accumulate4(p, g, vt, ntok, acc):
         p32 = p[g + 3, t + 2]
         p33 = p[g + 3, t + 3]
         for d in range(D):
-            v0 = vt[t, d]
-            v1 = vt[t + 1, d]
-            v2 = vt[t + 2, d]
-            v3 = vt[t + 3, d]
+            v0 = as_f32(vt[t, d])
+            v1 = as_f32(vt[t + 1, d])
+            v2 = as_f32(vt[t + 2, d])
+            v3 = as_f32(vt[t + 3, d])
             acc[g, d] += (p00 * v0 + p01 * v1) + (p02 * v2 + p03 * v3)
             acc[g + 1, d] += (p10 * v0 + p11 * v1) + (p12 * v2 + p13 * v3)
             acc[g + 2, d] += (p20 * v0 + p21 * v1) + (p22 * v2 + p23 * v3)
@@ -130,7 +131,7 @@ def _accumulate4(p, g, vt, ntok, acc):
         p2 = p[g + 2, t]
         p3 = p[g + 3, t]
         for d in range(D):
-            v = vt[t, d]
+            v = as_f32(vt[t, d])
             acc[g, d] += p0 * v
             acc[g + 1, d] += p1 * v
             acc[g + 2, d] += p2 * v
@@ -151,15 +152,15 @@ def accumulate_values(p, vt, ntok, acc):
         for t in range(ntok):
             ph = p[h, t]
             for d in range(D):
-                acc[h, d] += ph * vt[t, d]
+                acc[h, d] += ph * as_f32(vt[t, d])
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def attend_tile(qs, kt, vt, ntok, scores, tile_max, m, l, acc):
     """Fold `ntok` tokens into the running state of one work item.
 
-    qs: float32 [G, D], the group's queries already multiplied by sm_scale. kt, vt: float32
-    [>= ntok, D], decoded keys and values. scores: float32 scratch [G, >= ntok]; tile_max: float32
+    qs: float32 [G, D], the group's queries already multiplied by sm_scale. kt, vt: [>= ntok, D]
+    keys and values, float32 or raw storage bits (`storage_decode.as_f32`: uint16 bf16, uint32 fp32). scores: float32 scratch [G, >= ntok]; tile_max: float32
     scratch [G]. m, l: float32 [G]; acc: float32 [G, D]; all updated in place. A NaN score makes the
     state NaN (it is never dropped).
     """

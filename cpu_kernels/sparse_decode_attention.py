@@ -3,9 +3,10 @@
 Same contract as `vortex_hybrid.reference.sparse_decode_attention` (DESIGN.md). Work items are
 (request, KV head, chunk of the selection): one chunk per row when the batch alone gives every thread
 work, several when it does not (small batches, long selections); chunk states merge exactly by
-log-sum-exp. Each item decodes one page's `page_size x head_dim` K and V slice at a time from raw
-bf16/fp16/fp32 bits into float32 scratch and folds it into an online softmax for the group's query
-heads while the next selected page is prefetched, so a KV byte is read from memory once per step.
+log-sum-exp. Each item folds one page's `page_size x head_dim` K and V slice at a time into an
+online softmax for the group's query heads, reading bf16 and fp32 storage in place (bits converted
+in registers) and fp16 through a float32 scratch tile, while the next selected page is prefetched,
+so a KV byte is read from memory once per step.
 
 Shapes (B requests, Hq query heads, Hkv KV heads, G = Hq // Hkv, D head_dim, P page_size):
     q [B, Hq, D] any float       k_pool, v_pool [N, Hkv, P, D] bf16 / fp16 / fp32 (CPU, contiguous)
@@ -28,7 +29,7 @@ from vortex_hybrid.reference import all_pages_sel
 from .online_softmax import attend_tile, empty_state, finish_row, new_parts, new_tiles
 from .prefetch import prefetch_range
 from .storage_decode import decode_into
-from .tensor_views import float32_array, int32_array, out_tensor, storage_bits
+from .tensor_views import FP16, float32_array, int32_array, out_tensor, storage_bits
 from .threads import kernel_call
 
 MIN_CHUNK_PAGES = 4
@@ -67,10 +68,15 @@ def _sparse_attention_kernel(q, scale, k_bits, v_bits, kind, page_size, page_tab
                 ahead = (np.int64(page_table[b, sel[b, h, nxt]]) * hkv + h) * tile
                 prefetch_range(k_bits, ahead, tile)
                 prefetch_range(v_bits, ahead, tile)
-            n = ntok * D
-            decode_into(k_bits[start:start + n], kind, k_tile.reshape(tile)[:n])
-            decode_into(v_bits[start:start + n], kind, v_tile.reshape(tile)[:n])
-            attend_tile(qs, k_tile, v_tile, ntok, scores, tile_max, m, l, acc)
+            if kind == FP16:
+                n = ntok * D
+                decode_into(k_bits[start:start + n], kind, k_tile.reshape(tile)[:n])
+                decode_into(v_bits[start:start + n], kind, v_tile.reshape(tile)[:n])
+                attend_tile(qs, k_tile, v_tile, ntok, scores, tile_max, m, l, acc)
+            else:
+                attend_tile(qs, k_bits[start:start + tile].reshape(page_size, D),
+                            v_bits[start:start + tile].reshape(page_size, D), ntok, scores,
+                            tile_max, m, l, acc)
         if n_chunks == 1:
             finish_row(part_m, part_l, part_acc, row, 1, o, lse)
     if n_chunks > 1:

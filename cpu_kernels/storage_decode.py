@@ -12,7 +12,8 @@ x86 vector units), so results match
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from .float_bits import bits_to_f32, f32_to_bits
 from .tensor_views import BF16, FP16
@@ -55,3 +56,20 @@ def decode_into(src, kind, dst):
     else:
         for i in range(n):
             dst[i] = bits_to_f32(np.uint32(src[i]))
+
+
+def as_f32(x):
+    """float32 value of one stored element inside kernels: a uint16 is bf16 bits, a uint32 fp32 bits,
+    a float32 itself. fp16 storage never comes here (it is decoded a tile at a time first)."""
+    raise NotImplementedError("as_f32 runs inside Numba kernels only")
+
+
+@overload(as_f32, inline="always")
+def _as_f32(x):
+    if x == types.uint16:
+        return lambda x: bits_to_f32(np.uint32(x) << _SHIFT16)
+    if x == types.uint32:
+        return lambda x: bits_to_f32(x)
+    if x == types.float32:
+        return lambda x: x
+    return None

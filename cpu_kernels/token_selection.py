@@ -32,7 +32,7 @@ from .online_softmax import (attend_tile, empty_state, finish_row, new_parts, ne
                              tile_scores)
 from .prefetch import prefetch_range
 from .storage_decode import decode_into
-from .tensor_views import float32_array, int32_array, out_tensor, storage_bits
+from .tensor_views import FP16, float32_array, int32_array, out_tensor, storage_bits
 from .threads import kernel_call
 from .topk_pages import order_key, radix_threshold, take_top
 
@@ -58,8 +58,11 @@ def _score_chunk(qs, k_bits, kind, page_size, hkv, h, pt_row, seq_len, cand_row,
         if j + 1 < j1 and cand_row[j + 1] >= 0:
             prefetch_range(k_bits, (np.int64(pt_row[cand_row[j + 1]]) * hkv + h) * tile, tile)
         start = (np.int64(pt_row[p]) * hkv + h) * tile
-        decode_into(k_bits[start:start + ntok * D], kind, k_tile.reshape(tile)[:ntok * D])
-        tile_scores(qs, k_tile, ntok, scores, tile_max)
+        if kind == FP16:
+            decode_into(k_bits[start:start + ntok * D], kind, k_tile.reshape(tile)[:ntok * D])
+            tile_scores(qs, k_tile, ntok, scores, tile_max)
+        else:
+            tile_scores(qs, k_bits[start:start + tile].reshape(page_size, D), ntok, scores, tile_max)
         for t in range(ntok):
             best = scores[0, t]
             for g in range(1, G):
