@@ -8,9 +8,8 @@ functions validate their arguments; the `run_*` launchers skip the value checks 
 which validates once per step. Every kernel is `nogil` (callable from worker threads), cached on
 disk, and parallel over Numba's threads (`set_cpu_threads`); `warmup()` compiles them all.
 
-Importing this package registers the cache lowerings with `vortex_hybrid.vflow.lowering`; the
-indexers need the pool's page size, which the shared indexer signature does not pass, so they are
-registered only once that module sets `INDEXER_PASSES_PAGE_SIZE = True` (and passes `page_size=`).
+Importing this package registers the four lowerings (cache and indexer of `quest` and `centroid`,
+device "cpu") with `vortex_hybrid.vflow.lowering`; indexers take the hook's `page_size=` keyword.
 """
 
 from .merge_states import merge_states
@@ -33,9 +32,8 @@ def _register_lowerings() -> None:
 
     lowering.register_lowering("quest", "cache", "cpu", quest_cache)
     lowering.register_lowering("centroid", "cache", "cpu", centroid_cache)
-    if getattr(lowering, "INDEXER_PASSES_PAGE_SIZE", False):
-        lowering.register_lowering("quest", "indexer", "cpu", quest_indexer)
-        lowering.register_lowering("centroid", "indexer", "cpu", centroid_indexer)
+    lowering.register_lowering("quest", "indexer", "cpu", quest_indexer)
+    lowering.register_lowering("centroid", "indexer", "cpu", centroid_indexer)
 
 
 _register_lowerings()

@@ -9,8 +9,7 @@ cache:   fn(k_pool [N, Hkv, P, D] bf16/fp16/fp32/fp64, pages int64 [n] (full phy
          quest: "kmin", "kmax" (elementwise min / max of the page's keys); centroid: "mean".
 indexer: fn(q [B, Hq, D], summaries, page_table int32 [B, max_pages], seq_lens int32 [B],
             budget, sink, recent, page_size=P) -> sel int32 [B, Hkv, budget], ascending, -1 padded.
-         `page_size` is a keyword the shared signature lacks (as on the GPU side): without it the
-         pages of a request cannot be counted, so it is required.
+         `page_size` (keyword, passed by the lowering hook) counts each request's pages; required.
          quest score of page p for KV head h: sum over the group's query heads j of
          sum_d max(q_jd * kmax_pd, q_jd * kmin_pd); centroid score: sum_j q_j . mean_p.
          Selection = `topk_pages` of those scores (the partly filled tail page has no summary; it is
