@@ -8,11 +8,11 @@ every element written; NaN never passes.
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
 
+from attention_cases import assert_state_close, make_case, new_seed, poisoned, reference_state
 from vortex_hybrid import reference
 from vortex_hybrid.cpu_kernels import (dense_decode_attention, merge_states,
                                        run_sparse_decode_attention, sparse_decode_attention)
@@ -20,63 +20,6 @@ from vortex_hybrid.cpu_kernels import (dense_decode_attention, merge_states,
 TOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
 """Relative error vs the float64 reference on the same stored values: storage rounding is shared, so
 only float32 arithmetic differs."""
-
-
-def new_seed() -> int:
-    return random.SystemRandom().randrange(2 ** 31)
-
-
-def make_case(seed: int, dtype: torch.dtype, group: int, head_dim: int, batch: int = 2,
-              num_kv_heads: int = 2, page_size: int = 8, max_pages: int = 6, num_sel: int = 5,
-              q_dtype: torch.dtype = torch.float32):
-    """Random pools, a shuffled page table, a partial last page and -1-padded shuffled selections:
-    (q, k_pool, v_pool, page_table, seq_lens, sel) on the CPU."""
-    g = torch.Generator().manual_seed(seed)
-    hq = num_kv_heads * group
-    n_phys = batch * max_pages + 3
-    k_pool = torch.randn(n_phys, num_kv_heads, page_size, head_dim, generator=g).to(dtype)
-    v_pool = torch.randn(n_phys, num_kv_heads, page_size, head_dim, generator=g).to(dtype)
-    q = torch.randn(batch, hq, head_dim, generator=g).to(q_dtype)
-    page_table = torch.randperm(n_phys, generator=g)[:batch * max_pages]
-    page_table = page_table.reshape(batch, max_pages).to(torch.int32)
-    seq_lens = torch.randint(1, max_pages * page_size + 1, (batch,), generator=g, dtype=torch.int32)
-    seq_lens[0] = (max_pages - 1) * page_size + 3
-    n_pages = (seq_lens + page_size - 1) // page_size
-    sel = torch.full((batch, num_kv_heads, num_sel), -1, dtype=torch.int32)
-    for b in range(batch):
-        for h in range(num_kv_heads):
-            take = int(torch.randint(0, min(num_sel, int(n_pages[b])) + 1, (1,), generator=g))
-            pages = torch.randperm(int(n_pages[b]), generator=g)[:take]
-            slots = torch.randperm(num_sel, generator=g)[:take]
-            sel[b, h, slots] = pages.to(torch.int32)
-    return q, k_pool, v_pool, page_table, seq_lens, sel
-
-
-def poisoned(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    B, hq, d = q.shape
-    return torch.full((B, hq, d), float("nan")), torch.full((B, hq), float("nan"))
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not torch.isnan(out).any(), "output holds NaN (unwritten or wrong)"
-    den = ref.norm().item()
-    return (out.double() - ref).norm().item() / (den if den > 0 else 1.0)
-
-
-def assert_state_close(o, lse, ref_o, ref_lse, tol: float, seed: int) -> None:
-    assert o.dtype == torch.float32 and lse.dtype == torch.float32
-    assert not torch.isnan(lse).any(), f"seed {seed}: lse holds NaN"
-    empty = torch.isneginf(ref_lse)
-    assert torch.equal(torch.isneginf(lse), empty), f"seed {seed}: -inf pattern differs"
-    assert torch.all(o[empty] == 0), f"seed {seed}: an empty state must give o = 0"
-    err_o = rel_err(o, ref_o)
-    err_l = rel_err(lse[~empty], ref_lse[~empty])
-    assert err_o < tol and err_l < tol, f"seed {seed}: rel err o {err_o:.2e}, lse {err_l:.2e}"
-
-
-def reference_state(q, k, v, pt, sl, sel, sm_scale=None):
-    return reference.sparse_decode_attention(q.double(), k.double(), v.double(), pt, sl, sel,
-                                             sm_scale)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

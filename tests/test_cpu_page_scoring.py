@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_cpu_attention import make_case, new_seed
+from attention_cases import make_case, new_seed
 from vortex_hybrid.cpu_kernels import (centroid_cache, centroid_indexer, quest_cache,
                                        quest_indexer)
 from vortex_hybrid.cpu_kernels.page_scoring import CENTROID, QUEST, page_scores

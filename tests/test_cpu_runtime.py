@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_cpu_attention import make_case, new_seed
+from attention_cases import make_case, new_seed
 from vortex_hybrid import HybridConfig, cpu_kernels
 from vortex_hybrid.backends import load_backend
 from vortex_hybrid.cpu_kernels import (cpu_threads, run_sparse_decode_attention, set_cpu_threads,
@@ -61,17 +61,81 @@ def test_warmup_compiles_every_specialisation_the_runtime_uses():
     assert _compiled_signatures() == before
 
 
-def test_select_pages_uses_the_cpu_lowerings_and_matches_the_interpreter():
-    from vortex_hybrid.vflow import select_pages
-    for flow in ("quest", "centroid"):
-        assert find_lowering(flow, "indexer", "cpu") is getattr(cpu_kernels, f"{flow}_indexer")
-        seed = new_seed()
-        q, k, _, pt, sl, _ = make_case(seed, torch.bfloat16, 4, 64, batch=3, page_size=4,
-                                       max_pages=12)
-        lowered = select_pages(flow, q, k, pt, sl, 6, 1, 2)
-        interpreted = select_pages(flow, q, k, pt, sl, 6, 1, 2, lower=False)
-        key = lambda s: torch.where(s >= 0, s, 1 << 30).sort(dim=-1).values   # noqa: E731
-        assert torch.equal(key(lowered), key(interpreted)), f"seed {seed}: {flow}"
+@pytest.mark.parametrize("dtype,kind", [(torch.bfloat16, BF16), (torch.float16, FP16)])
+def test_half_storage_decodes_bit_exactly(dtype, kind):
+    """All 65536 bit patterns (normals, subnormals, +-0, inf, NaN) convert exactly as torch does."""
+    pool = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    bits, got_kind = storage_bits("k_pool", pool)
+    assert got_kind == kind and bits.dtype == np.uint16
+    assert np.shares_memory(bits, pool.view(torch.int16).numpy()), "storage was copied"
+    out = np.full(bits.shape[0], np.nan, np.float32)
+    decode_into(bits, kind, out)
+    want = pool.float().numpy()
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
+
+
+def test_thread_count_from_int_and_config():
+    before = cpu_threads()
+    try:
+        assert set_cpu_threads(1) == 1 and cpu_threads() == 1
+        assert set_cpu_threads(HybridConfig(cpu_threads=1)) == 1
+        assert set_cpu_threads(10 ** 6) <= 10 ** 6
+        with pytest.raises(ValueError, match="threads=0 must be a positive int"):
+            set_cpu_threads(0)
+    finally:
+        set_cpu_threads(before)
+
+
+def test_one_thread_gives_the_same_state_as_all_threads():
+    q, k, v, pt, sl, sel = make_case(new_seed(), torch.bfloat16, 4, 64, page_size=4, max_pages=12,
+                                     num_sel=11)
+    before = cpu_threads()
+    try:
+        set_cpu_threads(1)
+        o1, l1 = run_sparse_decode_attention(q, k, v, pt, sl, sel, chunk_slots=3)
+    finally:
+        set_cpu_threads(before)
+    o2, l2 = run_sparse_decode_attention(q, k, v, pt, sl, sel, chunk_slots=3)
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+
+
+def test_two_python_threads_calling_concurrently_match_serial_calls():
+    seed = new_seed()
+    cases = [make_case(seed + i, torch.bfloat16, 4, 64, batch=3, page_size=4, max_pages=12,
+                       num_sel=9) for i in range(2)]
+
+    def work(case):
+        q, k, v, pt, sl, sel = case
+        o, lse = run_sparse_decode_attention(q, k, v, pt, sl, sel)
+        o_t, lse_t = token_topk_attention(q, k, v, pt, sl, sel, 9)
+        scores = torch.randn(3, 2, 500, generator=torch.Generator().manual_seed(seed))
+        chosen = topk_pages(scores, 40, torch.tensor([500, 300, 12], dtype=torch.int32), 1, 2)
+        return o, lse, o_t, lse_t, chosen
+
+    serial = [work(c) for c in cases]
+    results: dict[int, list] = {0: [], 1: []}
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def run(i):
+        try:
+            barrier.wait()
+            for _ in range(20):
+                results[i].append(work(cases[i]))
+        except BaseException as exc:               # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in range(2):
+        assert len(results[i]) == 20
+        for got in results[i]:
+            for a, b in zip(got, serial[i]):
+                assert torch.equal(a, b), f"seed {seed}: thread {i} result differs from serial"
 
 
 def test_pool_views_are_cached_and_dropped_with_the_pool():

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_cpu_attention import (TOL, assert_state_close, make_case, new_seed, poisoned,
-                                reference_state)
+from attention_cases import assert_state_close, make_case, new_seed, poisoned, reference_state
+from test_cpu_attention import TOL
 from vortex_hybrid.cpu_kernels import (merge_states, run_token_topk_attention, select_tokens,
                                        sparse_decode_attention, token_topk_attention)
 

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import torch
 
-from vortex_hybrid import reference
-
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
@@ -16,7 +14,7 @@ def test_readme_api_example_runs_and_is_correct():
     assert len(code.strip().splitlines()) <= 10
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
-    kv, rid, q, sel = scope["kv"], scope["rid"], scope["q"], scope["sel"]
+    kv, rid, q = scope["kv"], scope["rid"], scope["q"]
     k, v = kv.read(rid, 0)                      # every token, from device or host copies
     keep = torch.cat([torch.arange(p * 16, min(p * 16 + 16, k.shape[0])) for p in (150, 200, 249)])
     scores = torch.einsum("hgd,thd->hgt", q[0].double().view(8, 4, 128), k[keep].double()) / 128 ** 0.5
