@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from ..config import HybridConfig
-from .errors import KVCacheError, OutOfPagesError, UnknownRequestError
+from .errors import KVCacheError, UnknownRequestError
 from .page_allocator import PageAllocator
 from .page_pool import GIB, PagePool
 

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: set up, then the named steps, logs and JSON under $OUT.
+#   bash scripts/gpu_machine_run.sh tests demo gpu_topk gpu_attention cpu_attention
+# tests: the whole suite natively (GPU kernels without the interpreter; the wheel-build test is
+# skipped: no registry there). Each step has its own time limit so one slow step cannot eat the call.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 VH_SKIP_WHEEL=1 OUT=${OUT:-/tmp/out}
+unset TRITON_INTERPRET
+mkdir -p "$OUT"
+source scripts/device_setup.sh || { echo "set-up failed"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+for step in "$@"; do
+  start=$(date +%s)
+  case "$step" in
+    tests)         timeout 260 python3 -m pytest -q -p no:cacheprovider tests ;;
+    demo)          timeout 60 python3 -m vortex_hybrid.demo --batch 4 --context 32768 --repeats 5 ;;
+    gpu_topk)      timeout 200 python3 benchmarks/gpu_topk.py --out "$OUT" ;;
+    gpu_attention) timeout 300 python3 benchmarks/gpu_attention.py --out "$OUT" ;;
+    cpu_attention) timeout 300 python3 benchmarks/cpu_attention.py --out "$OUT" ;;
+    *) echo "unknown step $step"; continue ;;
+  esac > "$OUT/$step.log" 2>&1
+  rc=$?
+  echo "step $step: exit $rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"
+  tail -5 "$OUT/$step.log"
+done
