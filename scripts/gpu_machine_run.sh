@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: set up, then the named steps, logs and JSON under $OUT.
 #   bash scripts/gpu_machine_run.sh tests demo gpu_topk gpu_attention cpu_attention
+# (TESTS="tests/test_x.py ..." limits the tests step to those files)
 # tests: the whole suite natively (GPU kernels without the interpreter; the wheel-build test is
 # skipped: no registry there). Each step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -13,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 for step in "$@"; do
   start=$(date +%s)
   case "$step" in
-    tests)         timeout 260 python3 -m pytest -q -p no:cacheprovider tests ;;
+    tests)         timeout 260 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests} ;;
     demo)          timeout 60 python3 -m vortex_hybrid.demo --batch 4 --context 32768 --repeats 5 ;;
     gpu_topk)      timeout 200 python3 benchmarks/gpu_topk.py --out "$OUT" ;;
     gpu_attention) timeout 300 python3 benchmarks/gpu_attention.py --out "$OUT" ;;

@@ -17,9 +17,9 @@ def test_readme_api_example_runs_and_is_correct():
     kv, rid, q = scope["kv"], scope["rid"], scope["q"]
     k, v = kv.read(rid, 0)                      # every token, from device or host copies
     keep = torch.cat([torch.arange(p * 16, min(p * 16 + 16, k.shape[0])) for p in (150, 200, 249)])
-    scores = torch.einsum("hgd,thd->hgt", q[0].double().view(8, 4, 128), k[keep].double()) / 128 ** 0.5
+    scores = torch.einsum("hgd,thd->hgt", q[0].double().cpu().view(8, 4, 128), k[keep].double()) / 128 ** 0.5
     expect = torch.einsum("hgt,thd->hgd", scores.softmax(-1), v[keep].double()).reshape(32, 128)
-    torch.testing.assert_close(scope["o"][0].double(), expect, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(scope["o"][0].double().cpu(), expect, rtol=1e-4, atol=1e-5)
 
 
 def test_readme_opens_with_the_two_commands():
