@@ -115,7 +115,6 @@ def _token_attention_kernel(q, scale, k_bits, v_bits, kind, page_size, page_tabl
     qs = q * np.float32(scale)
     hkv = cand.shape[1]
     C = cand.shape[2]
-    tile = page_size * D
     keys = np.empty((rows, C * page_size), np.uint32)
     n_slot_chunks = max(1, (C + chunk_slots - 1) // chunk_slots)
     for item in prange(rows * n_slot_chunks):
