@@ -14,6 +14,7 @@ from vortex_hybrid import reference, vflow
 from vortex_hybrid.contracts import pages_of
 from vortex_hybrid.vflow import lowering
 from vortex_hybrid.vflow.flows import Centroid
+from vortex_hybrid.vflow.flow import Flow
 from vortex_hybrid.vflow.interpreter import run_cache
 from vortex_hybrid.vflow.select import full_pages, new_summaries
 
@@ -146,3 +147,73 @@ def test_backend_lowerings_agree_with_the_interpreter(flow):
         interpreted = vflow.select_pages(flow, q, k_pool, table, lens, budget, 1, 2, lower=False)
         for sel in (lowered, interpreted):
             assert_selection(sel, scores, lens.cpu(), 8, budget, 1, 2, tolerance(torch.float32, scores))
+
+
+@vflow.register("test_pattern_src")
+class PatternSource(Centroid):
+    """A flow with a lowering (registered below): |sum_j q_j . mean_p|."""
+
+    def forward_indexer(self, q, cache):
+        return vflow.ops.topk(vflow.ops.gemm(q, cache["mean"]).sum((-2, -1)).abs())
+
+
+@vflow.register("test_pattern_clone")
+class PatternClone(Flow):
+    """The same computation written from scratch under another name: no lowering of its own."""
+
+    def create_cache(self, page_size, head_dim):
+        return {"mean": (1, head_dim)}
+
+    def forward_cache(self, keys, cache):
+        cache["mean"] = keys.mean(0, keepdim=True)
+
+    def forward_indexer(self, q, cache):
+        score = vflow.ops.gemm(q, cache["mean"])
+        return vflow.ops.topk(score.sum((-2, -1)).abs())
+
+
+@vflow.register("test_pattern_other")
+class PatternOther(PatternClone):
+    """One op differs (relu instead of abs): must not take the lowering."""
+
+    def forward_indexer(self, q, cache):
+        return vflow.ops.topk(vflow.ops.gemm(q, cache["mean"]).sum((-2, -1)).relu())
+
+
+def abs_centroid_indexer(q, summaries, page_table, seq_lens, budget, sink, recent, *, page_size):
+    abs_centroid_indexer.calls += 1
+    B, hq, d = q.shape
+    n_phys, hkv = summaries["mean"].shape[:2]
+    mean = summaries["mean"][page_table.long().clamp(0, n_phys - 1)][:, :, :, 0]
+    qg = q.float().reshape(B, hkv, hq // hkv, d).sum(2)
+    scores = torch.einsum("bhd,bshd->bhs", qg, mean).abs()
+    return reference.topk_pages(scores.contiguous(), budget, pages_of(seq_lens, page_size).int(),
+                                sink, recent)
+
+
+def test_structurally_equal_flow_takes_the_lowering_of_another_name():
+    abs_centroid_indexer.calls = 0
+    vflow.register_lowering("test_pattern_src", "indexer", "cpu", abs_centroid_indexer)
+    try:
+        q, k_pool, table, lens = make_inputs(6, torch.float32, 3, 2, 4, 16, 4, 9)
+        want = vflow.select_pages("test_pattern_clone", q, k_pool, table, lens, 5, 1, 2, lower=False)
+        assert abs_centroid_indexer.calls == 0
+        got = vflow.select_pages("test_pattern_clone", q, k_pool, table, lens, 5, 1, 2)
+        assert abs_centroid_indexer.calls == 1
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+        vflow.select_pages("test_pattern_other", q, k_pool, table, lens, 5, 1, 2)
+        assert abs_centroid_indexer.calls == 1          # relu != abs: interpreted
+    finally:
+        vflow.unregister_lowering("test_pattern_src", "indexer", "cpu")
+
+
+def test_library_clone_runs_on_the_library_kernels():
+    """A user flow written like quest (another name) finds quest's lowerings on this device."""
+    from vortex_hybrid.vflow.flows import Quest
+    from vortex_hybrid.vflow.pattern import matching_lowering
+
+    clone = type("QuestClone", (Quest,), {})()
+    compiled = clone.compiled(4, 16, 2)
+    for stage in ("cache", "indexer"):
+        fn = matching_lowering(clone, compiled, stage, "cpu")
+        assert fn is not None and fn is vflow.find_lowering("quest", stage, "cpu")

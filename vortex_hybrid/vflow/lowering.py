@@ -102,6 +102,13 @@ def find_lowering(flow: str, stage: str, device: Union[str, torch.device]) -> Op
     return _lowerings.get((flow, stage, kind))
 
 
+def registered_names(stage: str, device: Union[str, torch.device]) -> list[str]:
+    """Flow names with a lowering for (stage, device type), sorted; imports that backend first."""
+    kind = _device_type(device)
+    _import_backend(kind)
+    return sorted(f for f, st, k in _lowerings if st == stage and k == kind)
+
+
 def registered_lowerings() -> dict[tuple[str, str, str], Callable]:
     """A copy of the registry: (flow, stage, device) -> fn, for the backends imported so far."""
     return dict(_lowerings)

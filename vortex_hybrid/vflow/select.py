@@ -10,8 +10,9 @@ toward the lower page index); every page when `budget >= num_pages`. This is exa
 `budget < sink + recent` is rejected with `ValueError` (the budget counts the forced pages, so it
 cannot be smaller than them); `recent` must be >= 1 because the tail page has no summary yet.
 
-Each stage runs a registered lowering for (flow, stage, device) when there is one and `lower=True`
-(see `lowering`), else the reference interpreter. Inputs in float64 always take the interpreter: it
+Each stage runs a registered lowering when `lower=True` and one fits: the flow's own for (flow, stage,
+device), or that of a flow whose stage graph has the same structure (see `pattern`); otherwise the
+reference interpreter. Inputs in float64 always take the interpreter: it
 is the ground truth, and lowerings read float32 summaries.
 """
 
@@ -24,7 +25,7 @@ import torch
 from ..contracts import check_attention_args
 from .flow import Flow
 from .interpreter import compute_dtype, indexer_scores, run_cache, run_indexer
-from .lowering import find_lowering
+from .pattern import matching_lowering
 from .registry import load_flow
 
 
@@ -62,11 +63,11 @@ def _cache_stage(flow, q, k_pool, page_table, seq_lens, lower: bool):
     N, hkv, P, _ = k_pool.shape
     compiled = flow.compiled(P, d, hq // hkv)
     cdt = compute_dtype(q, k_pool)
-    use_lowering = lower and cdt == torch.float32 and flow.name is not None
+    use_lowering = lower and cdt == torch.float32
     summaries = new_summaries(compiled.summaries, N, hkv, cdt, k_pool.device)
     if summaries:
         pages = full_pages(page_table, seq_lens, P)
-        fn = find_lowering(flow.name, "cache", q.device) if use_lowering else None
+        fn = matching_lowering(flow, compiled, "cache", q.device) if use_lowering else None
         if fn is None:
             run_cache(compiled, k_pool, pages, summaries)
         else:
@@ -88,7 +89,7 @@ def select_pages(flow: Union[str, Flow], q: torch.Tensor, k_pool: torch.Tensor,
     _check_counts(budget, sink, recent)
     flow, compiled, summaries, use_lowering = _cache_stage(flow, q, k_pool, page_table, seq_lens,
                                                            lower)
-    fn = find_lowering(flow.name, "indexer", q.device) if use_lowering else None
+    fn = matching_lowering(flow, compiled, "indexer", q.device) if use_lowering else None
     if fn is None:
         return run_indexer(compiled, q, summaries, k_pool, page_table, seq_lens, budget, sink, recent)
     sel = fn(q, summaries, page_table, seq_lens, budget, sink, recent, page_size=k_pool.shape[2])
