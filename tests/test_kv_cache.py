@@ -215,3 +215,23 @@ def test_allocator_rejects_double_free_and_foreign_pages():
 def test_host_pool_larger_than_cap_is_refused():
     with pytest.raises(ValueError, match="exceed the host memory cap"):
         PagedKVCache(1, 1, 8, 16, 1, 1000, host_memory_cap_bytes=1024, device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA device pool needs a GPU")
+def test_cuda_pool_offload_and_gather_load_are_bit_exact():
+    """On a GPU the device pool is in HBM, the host pool pinned, and `load` runs the one-launch
+    gather kernel: every byte must come back as written, whatever the dtype."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        kv = PagedKVCache(L, H, D, P, device_pages=16, host_pages=16, dtype=dtype, device="cuda")
+        assert kv.host_pool.pinned
+        rid = kv.create_request()
+        k = torch.randn(L, 29, H, D).to(dtype)
+        v = torch.randn(L, 29, H, D).to(dtype)
+        kv.append(rid, k, v)
+        kv.offload(rid, list(range(7)))
+        kv.load(rid, [6, 0, 3])
+        kv.evict(rid, [3])
+        for layer in range(L):
+            k1, v1 = kv.read(rid, layer)
+            assert torch.equal(k1.view(torch.uint8), k[layer].view(torch.uint8))
+            assert torch.equal(v1.view(torch.uint8), v[layer].view(torch.uint8))

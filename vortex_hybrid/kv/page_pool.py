@@ -63,12 +63,24 @@ class PagePool:
 
     def copy_pages_from(self, src: "PagePool", src_pages: Sequence[int],
                         dst_pages: Sequence[int]) -> None:
-        """Copy whole pages (all layers, K and V) from `src`; bit-exact."""
+        """Copy whole pages (all layers, K and V) from `src`; bit-exact.
+
+        Pinned host pages into a CUDA pool go through `gpu_kernels.gather_pages` (one launch that
+        reads the pinned pages directly, asynchronous on the current stream; host pages are never
+        rewritten while referenced, and every write into a host pool synchronises first). Other
+        directions use torch index copies.
+        """
         if len(src_pages) != len(dst_pages):
             raise ValueError(f"{len(src_pages)} source pages but {len(dst_pages)} destinations")
         if not src_pages:
             return
-        s = torch.as_tensor(list(src_pages), dtype=torch.int64, device=src.device)
         d = torch.as_tensor(list(dst_pages), dtype=torch.int64, device=self.device)
+        if self.device.type == "cuda" and src.device.type == "cpu" and src.pinned:
+            from vortex_hybrid.gpu_kernels.gather_pages import launch_gather_pages
+
+            s = torch.as_tensor(list(src_pages), dtype=torch.int64).to(self.device)
+            launch_gather_pages(src.k, src.v, s, self.k, self.v, d)
+            return
+        s = torch.as_tensor(list(src_pages), dtype=torch.int64, device=src.device)
         for dst_t, src_t in ((self.k, src.k), (self.v, src.v)):
             dst_t[:, d] = src_t[:, s].to(self.device, non_blocking=False)
