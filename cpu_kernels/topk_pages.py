@@ -138,6 +138,13 @@ def _chunk_histogram(keys, mask, prefix, shift, nb, hist):
             hist[(key >> shift) & (nb - 1)] += 1
 
 
+@njit(nogil=True, cache=True)
+def chunk_bounds(m, n_chunks, c):
+    """[lo, hi) of chunk c when m keys are cut into n_chunks near-equal pieces (empty past m)."""
+    size = (m + n_chunks - 1) // n_chunks
+    return min(m, c * size), min(m, (c + 1) * size)
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def _split_keys(bits, num_pages, sink, recent, n_chunks, keys):
     """keys[row, i] = order_key of candidate page sink + i of row (bits uint32 [B, H, M])."""
@@ -146,9 +153,8 @@ def _split_keys(bits, num_pages, sink, recent, n_chunks, keys):
         row = item // n_chunks
         c = item - row * n_chunks
         b = row // H
-        m = max(np.int64(0), np.int64(num_pages[b]) - sink - recent)
-        size = (m + n_chunks - 1) // n_chunks
-        for i in range(c * size, min(m, (c + 1) * size)):
+        lo, hi = chunk_bounds(max(np.int64(0), np.int64(num_pages[b]) - sink - recent), n_chunks, c)
+        for i in range(lo, hi):
             keys[row, i] = order_key(bits[b, row - b * H, sink + i])
 
 
@@ -159,9 +165,8 @@ def _split_histograms(keys, lengths, n_chunks, mask, prefix, shift, nb, hist):
     for item in prange(rows * n_chunks):
         row = item // n_chunks
         c = item - row * n_chunks
-        m = lengths[row]
-        size = (m + n_chunks - 1) // n_chunks
-        _chunk_histogram(keys[row, min(m, c * size):min(m, (c + 1) * size)], mask[row],
+        lo, hi = chunk_bounds(lengths[row], n_chunks, c)
+        _chunk_histogram(keys[row, lo:hi], mask[row],
                          prefix[row], shift, nb, hist[row, c])
 
 
@@ -171,11 +176,10 @@ def _split_counts(keys, lengths, n_chunks, threshold, above, equal):
     for item in prange(rows * n_chunks):
         row = item // n_chunks
         c = item - row * n_chunks
-        m = lengths[row]
-        size = (m + n_chunks - 1) // n_chunks
+        lo, hi = chunk_bounds(lengths[row], n_chunks, c)
         a = 0
         e = 0
-        for i in range(c * size, min(m, (c + 1) * size)):
+        for i in range(lo, hi):
             key = np.int64(keys[row, i])
             if key > threshold[row]:
                 a += 1
@@ -192,10 +196,8 @@ def _split_write(keys, lengths, n_chunks, threshold, start, quota, first, H, out
         row = item // n_chunks
         c = item - row * n_chunks
         b = row // H
-        m = lengths[row]
-        size = (m + n_chunks - 1) // n_chunks
-        lo = min(m, c * size)
-        take_top(keys[row, lo:min(m, (c + 1) * size)], threshold[row], quota[row, c], first + lo,
+        lo, hi = chunk_bounds(lengths[row], n_chunks, c)
+        take_top(keys[row, lo:hi], threshold[row], quota[row, c], first + lo,
                  out[b, row - b * H], start[row, c])
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention_cases import assert_state_close, make_case, new_seed, poisoned
+from attention_cases import assert_state_close, make_case, new_seed, poisoned, reference_state
 from conftest import DEVICE
 from vortex_hybrid import reference
 from vortex_hybrid.gpu_kernels import (dense_decode_attention, launch_sparse_decode_attention,
@@ -34,7 +34,7 @@ def test_sparse_matches_reference_for_dtypes_gqa_and_head_dims(dtype, group, hea
     out = poisoned(q)
     o, lse = sparse_decode_attention(q, k, v, pt, sl, sel, out=out)
     assert o is out[0] and lse is out[1]
-    ref_o, ref_lse = reference.sparse_decode_attention(q.double(), k, v, pt, sl, sel)
+    ref_o, ref_lse = reference_state(q, k, v, pt, sl, sel)
     assert_state_close(o, lse, ref_o, ref_lse, TOL[dtype], seed)
 
 
@@ -50,7 +50,7 @@ def test_split_counts_and_loop_blocks_give_the_same_state(num_splits, block_t, p
     o, lse = launch_sparse_decode_attention(q, k, v, pt, sl, sel, out=out, num_splits=num_splits,
                                             config=LaunchConfig(block_t=block_t,
                                                                 prefetch_indices=prefetch))
-    ref_o, ref_lse = reference.sparse_decode_attention(q.double(), k, v, pt, sl, sel)
+    ref_o, ref_lse = reference_state(q, k, v, pt, sl, sel)
     assert_state_close(o, lse, ref_o, ref_lse, TOL[torch.float32], seed)
 
 
@@ -60,7 +60,7 @@ def test_half_precision_queries_and_page_size_16(q_dtype):
     q, k, v, pt, sl, sel = _case(seed, torch.bfloat16, 4, 128, batch=1, page_size=16,
                                  max_pages=5, num_sel=4, q_dtype=q_dtype)
     o, lse = sparse_decode_attention(q, k, v, pt, sl, sel, out=poisoned(q))
-    ref_o, ref_lse = reference.sparse_decode_attention(q.double(), k, v, pt, sl, sel)
+    ref_o, ref_lse = reference_state(q, k, v, pt, sl, sel)
     assert_state_close(o, lse, ref_o, ref_lse, TOL[torch.bfloat16], seed)
 
 
@@ -77,7 +77,7 @@ def test_all_padding_and_empty_requests_give_empty_state():
     sl[2] = 0                                          # request 2 holds no token
     sel[2] = -1
     o, lse = sparse_decode_attention(q, k, v, pt, sl, sel, out=poisoned(q))
-    ref_o, ref_lse = reference.sparse_decode_attention(q.double(), k, v, pt, sl, sel)
+    ref_o, ref_lse = reference_state(q, k, v, pt, sl, sel)
     assert torch.all(torch.isneginf(lse[1:])) and torch.all(o[1:] == 0)
     assert_state_close(o, lse, ref_o, ref_lse, TOL[torch.float32], seed)
 
