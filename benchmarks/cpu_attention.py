@@ -7,7 +7,7 @@ In one run:
   - bandwidth: a Numba streaming read (parallel uint64 sum) over a buffer far larger than the last-level
     cache (--bw-gib, default 4 GiB; the GPU machine has a 300 MiB L3), best of 5; torch's `sum` over
     the same buffer as the peer;
-  - sparse attention (`run_sparse_decode_attention`) at Llama-3-8B shapes (32 q / 8 KV heads, D=128,
+  - sparse attention (`launch_sparse_decode_attention`) at Llama-3-8B shapes (32 q / 8 KV heads, D=128,
     bf16, page 16) with selected KV (K+V bytes of the selected pages) from 1 MiB to --max-mib, batch
     1/4/32; each request holds twice the pages it selects; every repetition uses a fresh random
     page table over a pool of --pool-gib (K+V), so repeated runs do not read from cache; peer: the
@@ -15,7 +15,7 @@ In one run:
   - summary scoring: quest page scores (`page_scores`, kmin+kmax float32 summaries) over summary
     bytes from 1 MiB up, rows by random physical page of a store of --store-gib; the whole indexer
     (scores + `topk_pages`, 2% budget) beside it;
-  - token selection (`run_token_topk_attention`): candidate pages of 1 MiB .. --max-mib K+V, keep 1/8
+  - token selection (`launch_token_topk_attention`): candidate pages of 1 MiB .. --max-mib K+V, keep 1/8
     of the candidate tokens; bytes = all candidate keys + keys and values of the kept tokens;
   - scaling: sparse attention (64 MiB, batch 4) and the streaming read at 1, 2, 4, ... threads;
   - top-k of 1M float32 scores (k = 2%): one row of 1M (the long-row path), 8 rows of 128K, 256 rows
@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from vortex_hybrid.cpu_kernels import (cpu_threads, run_sparse_decode_attention,
-                                       run_token_topk_attention, run_topk_pages, set_cpu_threads,
+from vortex_hybrid.cpu_kernels import (cpu_threads, launch_sparse_decode_attention,
+                                       launch_token_topk_attention, launch_topk_pages, set_cpu_threads,
                                        warmup)
 from vortex_hybrid.cpu_kernels.page_scoring import QUEST, page_scores, quest_indexer
 
@@ -152,7 +152,7 @@ def bench_sparse(gen, pool, sizes_mib, bw) -> list[dict]:
             if K < 1 or 2 * K > pool[0].shape[0] * (1 if B == 1 else 4):
                 continue
             inputs = _attention_inputs(gen, pool, B, K, reps=4)
-            sec = timed(run_sparse_decode_attention, inputs)
+            sec = timed(launch_sparse_decode_attention, inputs)
             nbytes = B * K * PAGE_KV_BYTES
             row = {"bench": "sparse_attention", "selected_mib": nbytes / MIB, "batch": B,
                    "pages_per_head": K, "ms": sec * 1e3, "gbps": nbytes / sec / 1e9,
@@ -175,7 +175,7 @@ def bench_token_selection(gen, pool, sizes_mib, bw) -> list[dict]:
                 continue
             k_tokens = max(1, C * PAGE // 8)
             inputs = [args + (k_tokens,) for args in _attention_inputs(gen, pool, B, C, reps=4)]
-            sec = timed(run_token_topk_attention, inputs)
+            sec = timed(launch_token_topk_attention, inputs)
             nbytes = B * HKV * (C * PAGE_HEAD_BYTES + k_tokens * 2 * D * 2)
             row = {"bench": "token_selection", "candidate_kv_mib": B * C * PAGE_KV_BYTES / MIB,
                    "batch": B, "candidate_pages_per_head": C, "k_tokens": k_tokens,
@@ -227,7 +227,7 @@ def bench_scaling(gen, pool, bw_gib: float) -> list[dict]:
         while n <= set_cpu_threads(None):
             set_cpu_threads(n)
             numba.set_num_threads(n)
-            sec = timed(run_sparse_decode_attention, inputs)
+            sec = timed(launch_sparse_decode_attention, inputs)
             read = min(_time_once(lambda: _stream_read(words, 8 * n)) for _ in range(3))
             row = {"bench": "scaling", "threads": n, "attention_gbps": 64 * MIB / sec / 1e9,
                    "read_gbps": words.nbytes / read / 1e9}
@@ -246,7 +246,7 @@ def bench_topk(gen) -> list[dict]:
         k = max(3, M // 50)
         inputs = [(torch.randn(B, H, M, generator=gen), k, torch.full((B,), M, dtype=torch.int32),
                    1, 2) for _ in range(3)]
-        sec = timed(run_topk_pages, inputs, min_reps=10)
+        sec = timed(launch_topk_pages, inputs, min_reps=10)
         peer = timed(lambda s, k, *_: torch.topk(s, k, dim=-1), inputs, min_reps=10)
         row = {"bench": "topk", "rows": B * H, "row_len": M, "k": k, "ms": sec * 1e3,
                "torch_topk_ms": peer * 1e3, "speedup_vs_torch": peer / sec}

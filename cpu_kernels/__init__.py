@@ -4,36 +4,28 @@ The contract functions of DESIGN.md (same names and signatures as `vortex_hybrid
 `sparse_decode_attention`, `dense_decode_attention`, `merge_states`, `topk_pages`; the CPU lowerings
 of the `quest` and `centroid` flows (`quest_cache`, `quest_indexer`, `centroid_cache`,
 `centroid_indexer`); token-granularity selection (`token_topk_attention`, `select_tokens`). Public
-functions validate their arguments; the `run_*` launchers skip the value checks for the runtime,
+functions validate their arguments; the `launch_*` launchers skip the value checks for the runtime,
 which validates once per step. Every kernel is `nogil` (callable from worker threads), cached on
 disk, and parallel over Numba's threads (`set_cpu_threads`); `warmup()` compiles them all.
 
 Importing this package registers the four lowerings (cache and indexer of `quest` and `centroid`,
-device "cpu") with `vortex_hybrid.vflow.lowering`; indexers take the hook's `page_size=` keyword.
+device "cpu") with `vortex_hybrid.vflow.lowering` (see `lowerings`). The files mirror
+`vortex_hybrid.gpu_kernels`: the same concept in the file of the same name, `launch_*` unchecked.
 """
 
 from .merge_states import merge_states
-from .page_scoring import centroid_cache, centroid_indexer, quest_cache, quest_indexer
-from .sparse_decode_attention import (dense_decode_attention, run_sparse_decode_attention,
+from .page_scoring import centroid_indexer, quest_indexer
+from .page_summaries import centroid_cache, quest_cache
+from .sparse_decode_attention import (dense_decode_attention, launch_sparse_decode_attention,
                                       sparse_decode_attention)
 from .threads import cpu_threads, set_cpu_threads
-from .token_selection import run_token_topk_attention, select_tokens, token_topk_attention
-from .topk_pages import run_topk_pages, topk_pages
+from .token_selection import launch_token_topk_attention, select_tokens, token_topk_attention
+from .topk_pages import launch_topk_pages, topk_pages
 from .warmup import warmup
 
 __all__ = ["centroid_cache", "centroid_indexer", "cpu_threads", "dense_decode_attention",
-           "merge_states", "quest_cache", "quest_indexer", "run_sparse_decode_attention",
-           "run_token_topk_attention", "run_topk_pages", "select_tokens", "set_cpu_threads",
+           "merge_states", "quest_cache", "quest_indexer", "launch_sparse_decode_attention",
+           "launch_token_topk_attention", "launch_topk_pages", "select_tokens", "set_cpu_threads",
            "sparse_decode_attention", "token_topk_attention", "topk_pages", "warmup"]
 
-
-def _register_lowerings() -> None:
-    from vortex_hybrid.vflow import lowering
-
-    lowering.register_lowering("quest", "cache", "cpu", quest_cache)
-    lowering.register_lowering("centroid", "cache", "cpu", centroid_cache)
-    lowering.register_lowering("quest", "indexer", "cpu", quest_indexer)
-    lowering.register_lowering("centroid", "indexer", "cpu", centroid_indexer)
-
-
-_register_lowerings()
+from . import lowerings  # noqa: E402,F401  (registers the flow kernels for device "cpu")

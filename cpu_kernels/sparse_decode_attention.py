@@ -103,7 +103,7 @@ def chunk_slots_for(rows: int, k: int, threads: int) -> int:
     return max(MIN_CHUNK_PAGES, math.ceil(k / want))
 
 
-def run_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                                 page_table: torch.Tensor, seq_lens: torch.Tensor, sel: torch.Tensor,
                                 sm_scale: Optional[float] = None,
                                 chunk_slots: Optional[int] = None,
@@ -148,7 +148,7 @@ def sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     written into `out` = (o, lse) when given.
     """
     check_attention_args(q, k_pool, v_pool, page_table, seq_lens, sel, sm_scale)
-    return run_sparse_decode_attention(q, k_pool, v_pool, page_table, seq_lens, sel, sm_scale,
+    return launch_sparse_decode_attention(q, k_pool, v_pool, page_table, seq_lens, sel, sm_scale,
                                        out=out)
 
 
@@ -163,5 +163,5 @@ def dense_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     """
     check_attention_args(q, k_pool, v_pool, page_table, seq_lens, None, sm_scale)
     sel = all_pages_sel(seq_lens, k_pool.shape[1], page_table.shape[1], k_pool.shape[2])
-    return run_sparse_decode_attention(q, k_pool, v_pool, page_table, seq_lens, sel, sm_scale,
+    return launch_sparse_decode_attention(q, k_pool, v_pool, page_table, seq_lens, sel, sm_scale,
                                        out=out)

@@ -164,7 +164,7 @@ def _token_attention_kernel(q, scale, k_bits, v_bits, kind, page_size, page_tabl
             finish_row(part_m, part_l, part_acc, row, n_tok_chunks, o, lse)
 
 
-def run_token_topk_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+def launch_token_topk_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                              page_table: torch.Tensor, seq_lens: torch.Tensor, cand: torch.Tensor,
                              k_tokens: int, sm_scale: Optional[float] = None,
                              chunk_slots: Optional[int] = None,
@@ -223,7 +223,7 @@ def token_topk_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
     written into `out` = (o, lse) when given.
     """
     _check(q, k_pool, v_pool, page_table, seq_lens, cand, k_tokens, sm_scale)
-    o, lse, _ = run_token_topk_attention(q, k_pool, v_pool, page_table, seq_lens, cand, k_tokens,
+    o, lse, _ = launch_token_topk_attention(q, k_pool, v_pool, page_table, seq_lens, cand, k_tokens,
                                          sm_scale, out=out)
     return o, lse
 
@@ -234,5 +234,5 @@ def select_tokens(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     """The tokens `token_topk_attention` attends: int32 [B, Hkv, k_tokens], logical token positions
     (page * page_size + offset), ascending, -1 padded. For tests and research (it also attends)."""
     _check(q, k_pool, v_pool, page_table, seq_lens, cand, k_tokens, sm_scale)
-    return run_token_topk_attention(q, k_pool, v_pool, page_table, seq_lens, cand, k_tokens,
+    return launch_token_topk_attention(q, k_pool, v_pool, page_table, seq_lens, cand, k_tokens,
                                     sm_scale)[2]

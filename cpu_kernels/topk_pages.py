@@ -263,7 +263,7 @@ def _topk_split_rows(bits, num_pages, k, sink, recent, out, n_chunks):
     _split_write(keys, lengths, n_chunks, prefix, start, quota, sink, H, out)
 
 
-def run_topk_pages(scores: torch.Tensor, k: int, num_pages: torch.Tensor, sink: int, recent: int,
+def launch_topk_pages(scores: torch.Tensor, k: int, num_pages: torch.Tensor, sink: int, recent: int,
                    split: Optional[bool] = None,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`topk_pages` without the value checks. split: True splits every row over the threads, False
@@ -296,4 +296,4 @@ def topk_pages(scores: torch.Tensor, k: int, num_pages: torch.Tensor, sink: int,
     Written into `out` (int32 [B, Hkv, k]) when given.
     """
     check_topk_args(scores, k, num_pages, sink, recent)
-    return run_topk_pages(scores, k, num_pages, sink, recent, out=out)
+    return launch_topk_pages(scores, k, num_pages, sink, recent, out=out)

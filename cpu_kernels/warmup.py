@@ -15,11 +15,12 @@ import time
 import torch
 
 from .merge_states import merge_states
-from .page_scoring import CENTROID, QUEST, _run_cache, page_scores
-from .sparse_decode_attention import run_sparse_decode_attention
+from .page_scoring import launch_page_scores
+from .page_summaries import launch_cache
+from .sparse_decode_attention import launch_sparse_decode_attention
 from .threads import cpu_threads
-from .token_selection import run_token_topk_attention
-from .topk_pages import run_topk_pages
+from .token_selection import launch_token_topk_attention
+from .topk_pages import launch_topk_pages
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +39,18 @@ def warmup() -> float:
     for dtype in STORAGE_DTYPES:
         k = torch.randn(N, hkv, P, D, generator=gen).to(dtype)
         v = torch.randn(N, hkv, P, D, generator=gen).to(dtype)
-        o, lse = run_sparse_decode_attention(q, k, v, page_table, seq_lens, sel)
-        run_token_topk_attention(q, k, v, page_table, seq_lens, sel, 2)
-        for flow, names in ((QUEST, ("kmin", "kmax")), (CENTROID, ("mean",))):
-            summaries = {name: torch.zeros(N, hkv, 1, D) for name in names}
-            _run_cache(flow, k, torch.tensor([0]), summaries)
+        o, lse = launch_sparse_decode_attention(q, k, v, page_table, seq_lens, sel)
+        launch_token_topk_attention(q, k, v, page_table, seq_lens, sel, 2)
+        for quest in (True, False):
+            a, b = torch.zeros(N, hkv, 1, D), torch.zeros(N, hkv, 1, D)
+            launch_cache(k, torch.tensor([0]), torch.tensor([1]), a, b, quest)
     merge_states(o, lse, o, lse)
-    for flow, names in ((QUEST, ("kmin", "kmax")), (CENTROID, ("mean",))):
-        summaries = {name: torch.zeros(N, hkv, 1, D) for name in names}
-        scores = page_scores(flow, q, summaries, page_table, seq_lens, P)
-    run_topk_pages(scores, 1, torch.tensor([2], dtype=torch.int32), 0, 1, split=False)
-    run_topk_pages(scores, 1, torch.tensor([2], dtype=torch.int32), 0, 1, split=True)
+    for summary_dtype in (torch.float32, torch.bfloat16):
+        a = torch.zeros(N, hkv, 1, D, dtype=summary_dtype)
+        for quest in (True, False):
+            scores = launch_page_scores(q, a, a, page_table, seq_lens, P, quest)
+    launch_topk_pages(scores, 1, torch.tensor([2], dtype=torch.int32), 0, 1, split=False)
+    launch_topk_pages(scores, 1, torch.tensor([2], dtype=torch.int32), 0, 1, split=True)
     seconds = time.perf_counter() - start
     log.info("CPU kernels warm (%d threads) in %.2f s", cpu_threads(), seconds)
     return seconds

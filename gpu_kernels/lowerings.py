@@ -1,13 +1,11 @@
 """Registers this backend's flow kernels with the vFlow lowering hook for device "cuda".
 
-Imported by `vortex_hybrid.gpu_kernels`, so `vortex_hybrid.vflow.find_lowering(flow, stage, "cuda")`
-finds them; every other (flow, stage) falls back to the reference interpreter.
+Imported by `vortex_hybrid.gpu_kernels`. A lowering is registered against a library flow's traced
+graph: any flow whose stage traces to the same structure runs on it (`vortex_hybrid.vflow.lowering`);
+every other (flow, stage) runs on the reference interpreter. The mirror of `cpu_kernels.lowerings`.
 
     quest:    cache -> page_summaries.quest_cache      indexer -> page_scoring.quest_indexer
     centroid: cache -> page_summaries.centroid_cache   indexer -> page_scoring.centroid_indexer
-
-The indexers take the shared signature `fn(q, summaries, page_table, seq_lens, budget, sink,
-recent, *, page_size)`.
 """
 
 from __future__ import annotations

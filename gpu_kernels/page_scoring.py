@@ -8,8 +8,7 @@
 The selection is `vortex_hybrid.reference.topk_pages` applied to those scores (first `sink` and last
 `recent` pages forced, best others up to `budget`, ties toward the lower page index, all pages when
 `budget >= num_pages`), computed by the `topk_pages` kernel. The partly filled last page has no
-summary yet: it is scored from whatever its row holds, so callers keep recent >= 1 (select_pages
-requires it) to attend it.
+summary yet: its row is not read (score 0), and the `recent >= 1` forced pages include it.
 
 Two launches: a scoring grid over (row, block of BLOCK_PAGES pages) writes float32 score rows, so
 every SM streams summaries even at B = 1; then the top-k kernel runs one program per row. The score
@@ -17,10 +16,12 @@ round trip costs 8 bytes per page against 512-1024 bytes of summaries read. A fu
 program per row scoring into an L2-resident scratch row, then selecting) was measured slower at
 every Llama-3-8B shape (docs/BENCHMARKS.md) and removed.
 
-Shapes (B requests, Hq query heads, Hkv KV heads, G = Hq / Hkv, D head_dim, N physical pages):
-    q [B, Hq, D] float16 / bfloat16 / float32   page_table int32 [B, max_pages]   seq_lens int32 [B]
-    summaries[name] float32 [N, Hkv, 1, D]: quest "kmin", "kmax"; centroid "mean"
+Shapes (B requests, Hq query heads, Hkv KV heads, G = Hq / Hkv, D head_dim, R summary rows):
+    q [B, Hq, D] float16 / bfloat16 / float32   seq_lens int32 [B]
+    page_table int32 [B, max_pages]: logical page -> summary row (read for full pages only)
+    summaries[name] float32 or bfloat16 [R, Hkv, 1, D]: quest "kmin", "kmax"; centroid "mean"
     returns sel int32 [B, Hkv, budget], ascending, -1 padded
+The mirror of `cpu_kernels.page_scoring`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vortex_hybrid.contracts import FLOAT_DTYPES, INDEX_DTYPES, pages_of
+from vortex_hybrid.contracts import check_indexer_args
 
 from .topk_pages import launch_topk_pages
 
@@ -37,16 +38,17 @@ BLOCK_PAGES = 32
 
 
 @triton.jit
-def _score_pages(q_row, a_ptr, b_ptr, table_row, h, p_offs, n, stride_qh, stride_sn, stride_sh, D,
+def _score_pages(q_row, a_ptr, b_ptr, table_row, h, p_offs, n_full, stride_qh, stride_sn, stride_sh, D,
                  G: tl.constexpr, QUEST: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Scores float32 [BLOCK_P] of logical pages p_offs (< n) of one (request, KV head) row."""
-    valid = p_offs < n
+    """Scores float32 [BLOCK_P] of logical pages p_offs of one (request, KV head) row; 0 for pages
+    at or past n_full (the partly filled tail page has no summary row)."""
+    valid = p_offs < n_full
     phys = tl.load(table_row + p_offs, mask=valid, other=0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
     m2 = valid[:, None] & dm[None, :]
     rows = phys[:, None] * stride_sn + h * stride_sh + d[None, :]
-    a = tl.load(a_ptr + rows, mask=m2, other=0.0)
+    a = tl.load(a_ptr + rows, mask=m2, other=0.0).to(tl.float32)
     q_pos = tl.zeros([BLOCK_D], tl.float32)
     q_neg = tl.zeros([BLOCK_D], tl.float32)
     for j in tl.static_range(G):
@@ -54,7 +56,7 @@ def _score_pages(q_row, a_ptr, b_ptr, table_row, h, p_offs, n, stride_qh, stride
         q_pos += tl.maximum(qj, 0.0)
         q_neg += tl.minimum(qj, 0.0)
     if QUEST:                           # max(q*kmax, q*kmin) = relu(q)*kmax + min(q, 0)*kmin
-        b = tl.load(b_ptr + rows, mask=m2, other=0.0)
+        b = tl.load(b_ptr + rows, mask=m2, other=0.0).to(tl.float32)
         return tl.sum(q_pos[None, :] * a + q_neg[None, :] * b, axis=1)
     else:
         return tl.sum((q_pos + q_neg)[None, :] * a, axis=1)
@@ -68,100 +70,75 @@ def _page_scores_kernel(q_ptr, a_ptr, b_ptr, table_ptr, lens_ptr, scores_ptr, H,
     row = tl.program_id(0)
     b = row // H
     h = row % H
-    n = tl.cdiv(tl.load(lens_ptr + b), page_size)
+    seq_len = tl.load(lens_ptr + b)
+    n = tl.cdiv(seq_len, page_size)
     p_offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     q_row = q_ptr + b.to(tl.int64) * stride_qb + (h * G) * stride_qh
-    s = _score_pages(q_row, a_ptr, b_ptr, table_ptr + b.to(tl.int64) * stride_tb, h, p_offs, n,
+    s = _score_pages(q_row, a_ptr, b_ptr, table_ptr + b.to(tl.int64) * stride_tb, h, p_offs, seq_len // page_size,
                      stride_qh, stride_sn, stride_sh, D, G, QUEST, BLOCK_D)
     out = scores_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(out + p_offs, s, mask=p_offs < n)
 
 
-def _check_indexer_args(q, summaries, names, page_table, seq_lens, budget, sink, recent,
-                        page_size) -> int:
-    """Validate an indexer call (ValueError naming the bad argument)."""
-    if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.dtype not in FLOAT_DTYPES[:3]:
-        got = f"{getattr(q, 'dtype', type(q).__name__)} {tuple(getattr(q, 'shape', ()))}"
-        raise ValueError(f"q must be float16/bfloat16/float32 [B, Hq, D], got {got}")
-    B, hq, d = q.shape
-    first = None
-    for name in names:
-        t = summaries.get(name) if isinstance(summaries, dict) else None
-        if t is None:
-            raise ValueError(f"summaries lacks {name!r}; this indexer reads {list(names)}")
-        first = t if first is None else first
-        if (t.dim() != 4 or t.shape[2:] != (1, d) or t.shape[:2] != first.shape[:2]
-                or t.dtype != torch.float32 or t.device != q.device or t.stride(-1) != 1
-                or t.stride(1) != d):
-            raise ValueError(f"summaries[{name!r}] is {t.dtype} {tuple(t.shape)} on {t.device}; "
-                             f"expected float32 [N, Hkv, 1, {d}] on {q.device}, rows contiguous")
-    hkv = first.shape[1]
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"num_q_heads={hq} must be a positive multiple of num_kv_heads={hkv}")
-    if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
-        raise ValueError(f"page_size={page_size!r} must be a positive integer: tokens per page of "
-                         "the pool the summaries describe")
-    for name, v in (("budget", budget), ("sink", sink), ("recent", recent)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"{name}={v!r} must be a non-negative integer")
-    if budget < sink + recent:
-        raise ValueError(f"budget={budget} must be >= sink + recent = {sink + recent}")
-    for name, t, nd in (("page_table", page_table, 2), ("seq_lens", seq_lens, 1)):
-        if (not isinstance(t, torch.Tensor) or t.dim() != nd or t.dtype not in INDEX_DTYPES
-                or t.shape[0] != B or t.device != q.device):
-            raise ValueError(f"{name} must be an int32 tensor with {B} rows on {q.device}, got "
-                             f"{getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}")
-    if B and int(seq_lens.min()) < 0:
-        raise ValueError(f"seq_lens must be >= 0, got {seq_lens.tolist()}")
-    if B and int(pages_of(seq_lens, page_size).max()) > page_table.shape[1]:
-        raise ValueError(f"seq_lens {seq_lens.tolist()} need more pages than page_table's "
-                         f"{page_table.shape[1]} columns at page_size={page_size}")
-
-
-def launch_indexer(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, page_table: torch.Tensor,
-                   seq_lens: torch.Tensor, budget: int, sink: int, recent: int, page_size: int,
-                   quest: bool, block_pages: int = BLOCK_PAGES, **config) -> torch.Tensor:
-    """Unchecked launcher; a, b: float32 summary stores [N, Hkv, 1, D] (kmax, kmin for quest;
-    mean twice for centroid). `config` overrides the top-k launch choices (`topk_pages.row_config`).
-    Returns sel int32 [B, Hkv, budget]."""
+def launch_page_scores(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, page_table: torch.Tensor,
+                       seq_lens: torch.Tensor, page_size: int, quest: bool,
+                       block_pages: int = BLOCK_PAGES) -> torch.Tensor:
+    """Unchecked: scores float32 [B, Hkv, max_pages] for q [B, Hq, D]; a, b summary stores
+    [R, Hkv, 1, D] (quest: kmax, kmin; centroid: mean twice). Columns past a request's pages are
+    not written; the partly filled tail page scores 0."""
     B, hq, d = q.shape
     hkv = a.shape[1]
     max_pages = page_table.shape[1]
-    sel = torch.empty(B, hkv, budget, dtype=torch.int32, device=q.device)
-    if B * hkv == 0 or budget == 0:
-        return sel
+    scores = torch.empty(B, hkv, max_pages, dtype=torch.float32, device=q.device)
+    if scores.numel() == 0:
+        return scores
     if q.stride(-1) != 1:
         q = q.contiguous()
     if page_table.dtype != torch.int32 or page_table.stride(-1) != 1:
         page_table = page_table.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32)
-    scores = torch.empty(B, hkv, max_pages, dtype=torch.float32, device=q.device)
     _page_scores_kernel[(B * hkv, triton.cdiv(max_pages, block_pages))](
         q, a, b, page_table, lens, scores, hkv, page_size, d, q.stride(0), q.stride(1), a.stride(0),
         a.stride(1), page_table.stride(0), scores.stride(0), scores.stride(1), G=hq // hkv,
         QUEST=quest, BLOCK_P=block_pages, BLOCK_D=triton.next_power_of_2(d), num_warps=4)
-    return launch_topk_pages(scores, budget, lens, sink, recent, sel, page_size=page_size, **config)
+    return scores
 
 
-def _indexer(q, summaries, page_table, seq_lens, budget, sink, recent, page_size, quest: bool):
+def launch_indexer(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, page_table: torch.Tensor,
+                   seq_lens: torch.Tensor, budget: int, sink: int, recent: int, page_size: int,
+                   quest: bool, block_pages: int = BLOCK_PAGES, **config) -> torch.Tensor:
+    """Unchecked launcher: sel int32 [B, Hkv, budget]; arguments as in `launch_page_scores`.
+    `config` overrides the top-k launch choices (`topk_pages.row_config`)."""
+    sel = torch.empty(q.shape[0], a.shape[1], budget, dtype=torch.int32, device=q.device)
+    if sel.numel() == 0:
+        return sel
+    scores = launch_page_scores(q, a, b, page_table, seq_lens, page_size, quest, block_pages)
+    return launch_topk_pages(scores, budget, seq_lens.to(torch.int32), sink, recent, sel,
+                             page_size=page_size, **config)
+
+
+def _indexer(q, summaries, page_table, seq_lens, budget, sink, recent, page_size, quest, check):
     names = ("kmax", "kmin") if quest else ("mean",)
-    _check_indexer_args(q, summaries, names, page_table, seq_lens, budget, sink, recent, page_size)
+    if check:
+        check_indexer_args(q, summaries, names, page_table, seq_lens, budget, sink, recent,
+                           page_size)
     return launch_indexer(q, summaries[names[0]], summaries[names[-1]], page_table, seq_lens,
-                          budget, sink, recent, page_size, quest=quest)
+                          int(budget), int(sink), int(recent), int(page_size), quest)
 
 
 def quest_indexer(q: torch.Tensor, summaries: dict[str, torch.Tensor], page_table: torch.Tensor,
-                  seq_lens: torch.Tensor, budget: int, sink: int, recent: int, *,
-                  page_size: int) -> torch.Tensor:
+                  seq_lens: torch.Tensor, budget: int, sink: int, recent: int, *, page_size: int,
+                  check: bool = True) -> torch.Tensor:
     """Quest selection: sel int32 [B, Hkv, budget] from q [B, Hq, D] and summaries "kmin", "kmax"
-    (float32 [N, Hkv, 1, D]); page_table int32 [B, max_pages]; seq_lens int32 [B] tokens;
-    page_size: tokens per page of the pool the summaries describe."""
-    return _indexer(q, summaries, page_table, seq_lens, budget, sink, recent, page_size, True)
+    ([R, Hkv, 1, D]); page_table int32 [B, max_pages] logical page -> summary row; seq_lens int32
+    [B] tokens; page_size: tokens per page. check=False skips the argument checks."""
+    return _indexer(q, summaries, page_table, seq_lens, budget, sink, recent, page_size, True,
+                    check)
 
 
 def centroid_indexer(q: torch.Tensor, summaries: dict[str, torch.Tensor], page_table: torch.Tensor,
                      seq_lens: torch.Tensor, budget: int, sink: int, recent: int, *,
-                     page_size: int) -> torch.Tensor:
-    """Centroid selection: sel int32 [B, Hkv, budget] from q [B, Hq, D] and summaries "mean"
-    (float32 [N, Hkv, 1, D]); same arguments as `quest_indexer`."""
-    return _indexer(q, summaries, page_table, seq_lens, budget, sink, recent, page_size, False)
+                     page_size: int, check: bool = True) -> torch.Tensor:
+    """Centroid selection from summaries "mean"; arguments as in `quest_indexer`."""
+    return _indexer(q, summaries, page_table, seq_lens, budget, sink, recent, page_size, False,
+                    check)

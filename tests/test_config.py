@@ -66,8 +66,9 @@ def test_config_is_frozen_and_hashable():
     (None, 0.02, 10, 3),       # floor: sink + recent
     (64, None, 8192, 64),
     (64, 0.02, 8192, 164),     # both: the larger
-    (64, 0.02, 40, 40),        # never more pages than the request has
-    (None, 0.5, 0, 0),
+    (64, 0.02, 40, 64),        # wider than the request: it attends all 40 of its pages
+    (None, 0.5, 0, 3),         # never below sink + recent, even for an empty request
+    (None, 0.5, 1, 3),
 ])
 def test_budget_for(pages, ratio, n, expected):
     cfg = HybridConfig(budget_pages=pages, budget_ratio=ratio, sink_pages=1, recent_pages=2)

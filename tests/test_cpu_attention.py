@@ -15,7 +15,7 @@ import torch
 from attention_cases import assert_state_close, make_case, new_seed, poisoned, reference_state
 from vortex_hybrid import reference
 from vortex_hybrid.cpu_kernels import (dense_decode_attention, merge_states,
-                                       run_sparse_decode_attention, sparse_decode_attention)
+                                       launch_sparse_decode_attention, sparse_decode_attention)
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
 """Relative error vs the float64 reference on the same stored values: storage rounding is shared, so
@@ -40,7 +40,7 @@ def test_page_chunks_merge_exactly(chunk_slots):
     seed = new_seed()
     q, k, v, pt, sl, sel = make_case(seed, torch.bfloat16, 4, 64, page_size=4, max_pages=12,
                                      num_sel=11)
-    o, lse = run_sparse_decode_attention(q, k, v, pt, sl, sel, chunk_slots=chunk_slots,
+    o, lse = launch_sparse_decode_attention(q, k, v, pt, sl, sel, chunk_slots=chunk_slots,
                                          out=poisoned(q))
     assert_state_close(o, lse, *reference_state(q, k, v, pt, sl, sel), TOL[torch.bfloat16], seed)
 

@@ -14,14 +14,14 @@ import torch
 from attention_cases import make_case, new_seed
 from vortex_hybrid.cpu_kernels import (centroid_cache, centroid_indexer, quest_cache,
                                        quest_indexer)
-from vortex_hybrid.cpu_kernels.page_scoring import CENTROID, QUEST, page_scores
+from vortex_hybrid.cpu_kernels.page_scoring import launch_page_scores
 from vortex_hybrid.vflow.interpreter import run_cache
 from vortex_hybrid.vflow.registry import load_flow
 from vortex_hybrid.vflow.select import full_pages, new_summaries, select_pages
 from vortex_hybrid.vflow.select import page_scores as reference_scores
 
-FLOWS = {"quest": (QUEST, quest_cache, quest_indexer),
-         "centroid": (CENTROID, centroid_cache, centroid_indexer)}
+FLOWS = {"quest": (("kmax", "kmin"), quest_cache, quest_indexer),
+         "centroid": (("mean", "mean"), centroid_cache, centroid_indexer)}
 
 
 def _summaries(flow_name, k_pool, page_table, seq_lens, cache_fn, poison=float("nan")):
@@ -62,9 +62,9 @@ def test_cache_stage_writes_exactly_the_full_pages(flow, dtype):
 def test_indexer_scores_and_selection_match_the_interpreter(flow, group, dtype):
     seed = new_seed()
     q, k, v, pt, sl, _ = make_case(seed, dtype, group, 64, batch=3, page_size=4, max_pages=12)
-    code, cache_fn, indexer = FLOWS[flow]
+    (a, b), cache_fn, indexer = FLOWS[flow]
     ours, _, _ = _summaries(flow, k, pt, sl, cache_fn, poison=0.0)
-    scores = page_scores(code, q, ours, pt, sl, 4)
+    scores = launch_page_scores(q, ours[a], ours[b], pt, sl, 4, quest=flow == "quest")
     want = reference_scores(flow, q.double(), k.double(), pt, sl)
     scored = torch.isfinite(want)
     assert torch.equal(torch.isfinite(scores), scored), f"seed {seed}: scored pages differ"
@@ -80,8 +80,10 @@ def test_indexer_scores_and_selection_match_the_interpreter(flow, group, dtype):
 def test_indexer_rejects_missing_page_size_and_summaries():
     q, k, v, pt, sl, _ = make_case(new_seed(), torch.float32, 4, 64)
     summaries = {"kmin": torch.zeros(k.shape[0], 2, 1, 64), "kmax": torch.zeros(k.shape[0], 2, 1, 64)}
-    with pytest.raises(ValueError, match="page_size=None must be a positive integer"):
-        quest_indexer(q, summaries, pt, sl, 4, 1, 2)
+    with pytest.raises(TypeError, match="page_size"):
+        quest_indexer(q, summaries, pt, sl, 4, 1, 2)         # keyword-only, as on the GPU
+    with pytest.raises(ValueError, match="page_size=0 must be a positive integer"):
+        quest_indexer(q, summaries, pt, sl, 4, 1, 2, page_size=0)
     with pytest.raises(ValueError, match="summaries lacks 'mean'"):
         centroid_indexer(q, summaries, pt, sl, 4, 1, 2, page_size=8)
     with pytest.raises(ValueError, match="budget=2 must be >= sink \\+ recent|k=2 must be >= sink"):
@@ -93,5 +95,5 @@ def test_indexer_rejects_missing_page_size_and_summaries():
 def test_cache_rejects_pages_outside_the_pool():
     _, k, _, _, _, _ = make_case(new_seed(), torch.float32, 1, 64)
     summaries = {"mean": torch.zeros(k.shape[0], 2, 1, 64)}
-    with pytest.raises(ValueError, match="pages hold 99"):
+    with pytest.raises(ValueError, match="pages holds 0..99; the pool has pages"):
         centroid_cache(k, torch.tensor([0, 99]), summaries)

@@ -12,7 +12,7 @@ import torch
 from attention_cases import make_case, new_seed
 from vortex_hybrid import HybridConfig, cpu_kernels
 from vortex_hybrid.backends import load_backend
-from vortex_hybrid.cpu_kernels import (cpu_threads, run_sparse_decode_attention, set_cpu_threads,
+from vortex_hybrid.cpu_kernels import (cpu_threads, launch_sparse_decode_attention, set_cpu_threads,
                                        token_topk_attention, topk_pages, warmup)
 from vortex_hybrid.cpu_kernels.storage_decode import decode_into
 from vortex_hybrid.cpu_kernels.tensor_views import BF16, FP16, storage_bits
@@ -50,7 +50,7 @@ def test_warmup_compiles_every_specialisation_the_runtime_uses():
     before = _compiled_signatures()
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         q, k, v, pt, sl, sel = make_case(new_seed(), dtype, 4, 128, page_size=16)
-        run_sparse_decode_attention(q, k, v, pt, sl, sel)
+        launch_sparse_decode_attention(q, k, v, pt, sl, sel)
         token_topk_attention(q, k, v, pt, sl, sel, 5)
         summaries = {"kmin": torch.zeros(k.shape[0], 2, 1, 128),
                      "kmax": torch.zeros(k.shape[0], 2, 1, 128)}
@@ -92,10 +92,10 @@ def test_one_thread_gives_the_same_state_as_all_threads():
     before = cpu_threads()
     try:
         set_cpu_threads(1)
-        o1, l1 = run_sparse_decode_attention(q, k, v, pt, sl, sel, chunk_slots=3)
+        o1, l1 = launch_sparse_decode_attention(q, k, v, pt, sl, sel, chunk_slots=3)
     finally:
         set_cpu_threads(before)
-    o2, l2 = run_sparse_decode_attention(q, k, v, pt, sl, sel, chunk_slots=3)
+    o2, l2 = launch_sparse_decode_attention(q, k, v, pt, sl, sel, chunk_slots=3)
     assert torch.equal(o1, o2) and torch.equal(l1, l2)
 
 
@@ -106,7 +106,7 @@ def test_two_python_threads_calling_concurrently_match_serial_calls():
 
     def work(case):
         q, k, v, pt, sl, sel = case
-        o, lse = run_sparse_decode_attention(q, k, v, pt, sl, sel)
+        o, lse = launch_sparse_decode_attention(q, k, v, pt, sl, sel)
         o_t, lse_t = token_topk_attention(q, k, v, pt, sl, sel, 9)
         scores = torch.randn(3, 2, 500, generator=torch.Generator().manual_seed(seed))
         chosen = topk_pages(scores, 40, torch.tensor([500, 300, 12], dtype=torch.int32), 1, 2)

@@ -14,7 +14,7 @@ import torch
 
 from attention_cases import assert_state_close, make_case, new_seed, poisoned, reference_state
 from test_cpu_attention import TOL
-from vortex_hybrid.cpu_kernels import (merge_states, run_token_topk_attention, select_tokens,
+from vortex_hybrid.cpu_kernels import (merge_states, launch_token_topk_attention, select_tokens,
                                        sparse_decode_attention, token_topk_attention)
 
 
@@ -58,7 +58,7 @@ def test_tokens_and_state_match_brute_force(dtype, k_tokens):
     q, k, v, pt, sl, cand = make_case(seed, dtype, 4, 64, batch=3, page_size=4, max_pages=10,
                                       num_sel=7)
     out = poisoned(q)
-    o, lse, tokens = run_token_topk_attention(q, k, v, pt, sl, cand, k_tokens, out=out)
+    o, lse, tokens = launch_token_topk_attention(q, k, v, pt, sl, cand, k_tokens, out=out)
     ref_o, ref_lse, ref_tokens = brute_force(q, k, v, pt, sl, cand, k_tokens, 64 ** -0.5)
     assert torch.equal(tokens, ref_tokens), f"seed {seed}: chosen tokens differ"
     assert_state_close(o, lse, ref_o, ref_lse, TOL[dtype], seed)
@@ -69,7 +69,7 @@ def test_chunked_work_items_give_the_same_result(chunk_slots, chunk_tokens):
     seed = new_seed()
     q, k, v, pt, sl, cand = make_case(seed, torch.bfloat16, 8, 64, batch=1, page_size=8,
                                       max_pages=12, num_sel=10)
-    o, lse, tokens = run_token_topk_attention(q, k, v, pt, sl, cand, 20, chunk_slots=chunk_slots,
+    o, lse, tokens = launch_token_topk_attention(q, k, v, pt, sl, cand, 20, chunk_slots=chunk_slots,
                                               chunk_tokens=chunk_tokens, out=poisoned(q))
     ref_o, ref_lse, ref_tokens = brute_force(q, k, v, pt, sl, cand, 20, 64 ** -0.5)
     assert torch.equal(tokens, ref_tokens), f"seed {seed}"

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vortex_hybrid import reference
-from vortex_hybrid.cpu_kernels import run_topk_pages, topk_pages
+from vortex_hybrid.cpu_kernels import launch_topk_pages, topk_pages
 
 SPECIALS = [float("nan"), float("inf"), float("-inf"), -0.0, 0.0]
 
@@ -56,7 +56,7 @@ def test_automatic_path_equals_reference(case):
 @given(topk_cases())
 def test_row_per_thread_path_equals_reference(case):
     scores, k, num_pages, sink, recent = case
-    sel = run_topk_pages(scores, k, num_pages, sink, recent, split=False,
+    sel = launch_topk_pages(scores, k, num_pages, sink, recent, split=False,
                          out=_poisoned(scores, k))
     assert torch.equal(sel, reference.topk_pages(scores, k, num_pages, sink, recent))
 
@@ -64,7 +64,7 @@ def test_row_per_thread_path_equals_reference(case):
 @given(topk_cases())
 def test_split_rows_path_equals_reference(case):
     scores, k, num_pages, sink, recent = case
-    sel = run_topk_pages(scores, k, num_pages, sink, recent, split=True,
+    sel = launch_topk_pages(scores, k, num_pages, sink, recent, split=True,
                          out=_poisoned(scores, k))
     assert torch.equal(sel, reference.topk_pages(scores, k, num_pages, sink, recent))
 
@@ -77,7 +77,7 @@ def test_long_row_with_ties_straddling_chunks(split):
     scores = torch.randint(0, 3, (1, 1, M), generator=g).float()
     num_pages = torch.tensor([M - 7], dtype=torch.int32)
     for k in (3, 100, 1700, 4000):
-        sel = run_topk_pages(scores, k, num_pages, 1, 2, split=split)
+        sel = launch_topk_pages(scores, k, num_pages, 1, 2, split=split)
         assert torch.equal(sel, reference.topk_pages(scores, k, num_pages, 1, 2)), k
 
 

@@ -24,13 +24,15 @@ class LoweredCentroid(Centroid):
     """Centroid under another name, so this file's fake lowerings touch no library flow."""
 
 
-def fake_cache(k_pool, pages, summaries):
+def fake_cache(k_pool, pages, summaries, rows=None, *, check=True):
     """A stand-in 'kernel' with the cache signature: mean key of each full page."""
     fake_cache.calls.append((pages.clone(), {k: (v.shape, v.dtype) for k, v in summaries.items()}))
-    summaries["mean"][pages] = k_pool[pages].float().mean(2, keepdim=True)
+    rows = pages if rows is None else rows
+    summaries["mean"][rows] = k_pool[pages].float().mean(2, keepdim=True)
 
 
-def fake_indexer(q, summaries, page_table, seq_lens, budget, sink, recent, *, page_size):
+def fake_indexer(q, summaries, page_table, seq_lens, budget, sink, recent, *, page_size,
+                 check=True):
     """A stand-in 'kernel' with the indexer signature: centroid scores, then reference.topk_pages."""
     fake_indexer.calls += 1
     B, hq, d = q.shape
@@ -53,19 +55,23 @@ def fakes():
 
 
 def test_register_find_and_unregister():
-    fn = lambda *args: None                                             # noqa: E731
-    assert vflow.register_lowering("test_flow_x", "indexer", "cuda", fn) is fn
-    assert vflow.find_lowering("test_flow_x", "indexer", torch.device("cuda", 0)) is fn
-    assert vflow.find_lowering("test_flow_x", "cache", "cuda") is None
-    assert ("test_flow_x", "indexer", "cuda") in vflow.registered_lowerings()
-    vflow.unregister_lowering("test_flow_x", "indexer", "cuda")
-    assert vflow.find_lowering("test_flow_x", "indexer", "cuda") is None
+    fn = lambda *args, **kw: None                                       # noqa: E731
+    assert vflow.register_lowering("test_lowered_centroid", "indexer", "cpu", fn) is fn
+    # found by structure: the pattern itself, and the library centroid (the same graph) ...
+    assert vflow.find_lowering("test_lowered_centroid", "indexer", torch.device("cpu")) is fn
+    assert vflow.find_lowering(Centroid(), "indexer", "cpu") is fn      # newest registration wins
+    assert vflow.find_lowering("test_lowered_centroid", "indexer", "cpu", (8, 32, 4)) is fn
+    # ... never for a flow whose indexer differs, even one that shares the pattern's summaries
+    assert vflow.find_lowering(PatternOther(), "indexer", "cpu") is None
+    assert ("test_lowered_centroid", "indexer", "cpu") in vflow.registered_lowerings()
+    vflow.unregister_lowering("test_lowered_centroid", "indexer", "cpu")
+    assert vflow.find_lowering("test_lowered_centroid", "indexer", "cpu") is not fn
 
 
 @pytest.mark.parametrize("args,match", [
     (("quest", "score", "cpu", print), "stage='score' must be one of"),
     (("quest", "cache", "tpu", print), "device='tpu' must be one of"),
-    (("", "cache", "cpu", print), "flow='' must be a non-empty flow name"),
+    (("", "cache", "cpu", print), "pattern='' must be the name of a registered flow"),
     (("quest", "cache", "cpu", 3), "fn=3 must be callable"),
 ])
 def test_bad_registration_is_rejected(args, match):
@@ -76,11 +82,11 @@ def test_bad_registration_is_rejected(args, match):
 def test_find_lowering_imports_the_backend_once(monkeypatch):
     monkeypatch.setattr(lowering, "_backends_tried", set())
     monkeypatch.setitem(lowering.BACKEND_MODULES, "cpu", "vortex_hybrid.no_such_backend")
-    assert vflow.find_lowering("test_unlowered", "indexer", "cpu") is None   # ImportError -> None
+    assert vflow.find_lowering("streaming", "indexer", "cpu") is None   # ImportError -> None
     assert "cpu" in lowering._backends_tried
     monkeypatch.setattr(lowering, "_backends_tried", set())
     monkeypatch.setitem(lowering.BACKEND_MODULES, "cpu", "vortex_hybrid.cpu_kernels")
-    vflow.find_lowering("test_unlowered", "indexer", "cpu")
+    vflow.find_lowering("streaming", "indexer", "cpu")
     assert "vortex_hybrid.cpu_kernels" in sys.modules
 
 
@@ -112,7 +118,7 @@ def test_lowering_with_a_wrong_output_shape_is_reported(fakes):
     q, k_pool, table, lens = make_inputs(6, torch.float32, 2, 1, 2, 8, 4, 6)
     vflow.register_lowering("test_lowered_centroid", "indexer", "cpu",
                             lambda *a, **kw: torch.zeros(1, 1, 1, dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="returned sel of shape \\(1, 1, 1\\)"):
+    with pytest.raises(RuntimeError, match="returned sel \\(1, 1, 1\\)"):
         vflow.select_pages("test_lowered_centroid", q, k_pool, table, lens, 4, 1, 1)
 
 
@@ -180,7 +186,8 @@ class PatternOther(PatternClone):
         return vflow.ops.topk(vflow.ops.gemm(q, cache["mean"]).sum((-2, -1)).relu())
 
 
-def abs_centroid_indexer(q, summaries, page_table, seq_lens, budget, sink, recent, *, page_size):
+def abs_centroid_indexer(q, summaries, page_table, seq_lens, budget, sink, recent, *, page_size,
+                         check=True):
     abs_centroid_indexer.calls += 1
     B, hq, d = q.shape
     n_phys, hkv = summaries["mean"].shape[:2]
@@ -207,13 +214,63 @@ def test_structurally_equal_flow_takes_the_lowering_of_another_name():
         vflow.unregister_lowering("test_pattern_src", "indexer", "cpu")
 
 
-def test_library_clone_runs_on_the_library_kernels():
-    """A user flow written like quest (another name) finds quest's lowerings on this device."""
-    from vortex_hybrid.vflow.flows import Quest
-    from vortex_hybrid.vflow.pattern import matching_lowering
+@vflow.register("test_quest_rewritten")
+class QuestRewritten(Flow):
+    """Quest written from scratch (no subclassing, another name and class)."""
 
-    clone = type("QuestClone", (Quest,), {})()
-    compiled = clone.compiled(4, 16, 2)
-    for stage in ("cache", "indexer"):
-        fn = matching_lowering(clone, compiled, stage, "cpu")
-        assert fn is not None and fn is vflow.find_lowering("quest", stage, "cpu")
+    def create_cache(self, page_size, head_dim):
+        return {"kmin": (1, head_dim), "kmax": (1, head_dim)}
+
+    def forward_cache(self, keys, cache):
+        cache["kmin"] = keys.min(0, keepdim=True)
+        cache["kmax"] = keys.max(0, keepdim=True)
+
+    def forward_indexer(self, q, cache):
+        score = vflow.ops.maximum(q * cache["kmax"], q * cache["kmin"]).sum((-2, -1))
+        return vflow.ops.topk(score)
+
+
+def test_library_clone_runs_on_the_library_kernels():
+    """A flow whose graphs equal quest's finds quest's lowerings by structure alone."""
+    from vortex_hybrid.cpu_kernels import quest_cache, quest_indexer
+
+    bound = vflow.bind_flow("test_quest_rewritten", 4, 16, 2, "cpu")
+    assert bound.flow.name == "test_quest_rewritten"
+    assert bound.cache_kernel is quest_cache and bound.indexer_kernel is quest_indexer
+
+
+def test_subclass_that_changes_the_indexer_runs_its_own_program():
+    """class NegQuest(Quest) inherits quest's name but not its kernels: its indexer differs."""
+    from vortex_hybrid.cpu_kernels import quest_cache
+    from vortex_hybrid.vflow.flows import Quest
+
+    class NegQuest(Quest):
+        def forward_indexer(self, q, cache):
+            score = vflow.ops.maximum(q * cache["kmax"], q * cache["kmin"]).sum((-2, -1))
+            return vflow.ops.topk(-score)
+
+    neg = NegQuest()
+    assert neg.name == "quest"                          # inherited: must not matter
+    bound = vflow.bind_flow(neg, 4, 16, 2, "cpu")
+    assert bound.cache_kernel is quest_cache            # the cache stage is quest's
+    assert bound.indexer_kernel is None                 # the indexer is its own: interpreted
+    q, k_pool, table, lens = make_inputs(14, torch.float32, 3, 2, 2, 16, 4, 10)
+    got = vflow.select_pages(neg, q, k_pool, table, lens, 5, 1, 2)
+    scores = -brute_scores("quest", q, k_pool, table, lens)          # numpy: -inf -> +inf
+    scores[np.isinf(scores)] = -np.inf
+    assert_selection(got, scores, lens, 4, 5, 1, 2, tolerance(torch.float32, scores))
+    quest = vflow.select_pages("quest", q, k_pool, table, lens, 5, 1, 2)
+    assert not torch.equal(got.sort(-1).values, quest.sort(-1).values)
+
+
+def test_bind_flow_resolves_once_and_rebinds_after_a_registration():
+    a = vflow.bind_flow("centroid", 4, 16, 2, "cpu")
+    assert vflow.bind_flow("centroid", 4, 16, 2, "cpu") is a            # cached: no new match
+    fn = lambda *args, **kw: None                                       # noqa: E731
+    vflow.register_lowering("test_lowered_centroid", "indexer", "cpu", fn)
+    try:
+        b = vflow.bind_flow("centroid", 4, 16, 2, "cpu")
+        assert b is not a and b.indexer_kernel is fn
+    finally:
+        vflow.unregister_lowering("test_lowered_centroid", "indexer", "cpu")
+    assert vflow.bind_flow("centroid", 4, 16, 2, "cpu").indexer_kernel is a.indexer_kernel

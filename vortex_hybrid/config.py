@@ -115,7 +115,10 @@ class HybridConfig:
 
     # ---- derived values -------------------------------------------------------------------------
     def budget_for(self, num_pages: int) -> int:
-        """Pages one (request, KV head) attends when the request holds `num_pages` pages."""
+        """The budget of one (request, KV head) whose request holds `num_pages` pages: the width of
+        its selection, never below `sink_pages + recent_pages` (what `select_pages`, the top-k
+        kernels and the indexers require). A request with `num_pages <= budget` attends all its
+        pages (the rest of the selection is -1 padding): min(budget, num_pages) pages are read."""
         if not _is_int(num_pages) or num_pages < 0:
             raise ValueError(f"num_pages={num_pages!r} must be a non-negative integer")
         budget = self.sink_pages + self.recent_pages
@@ -123,7 +126,7 @@ class HybridConfig:
             budget = max(budget, self.budget_pages)
         if self.budget_ratio is not None:
             budget = max(budget, math.ceil(self.budget_ratio * num_pages))
-        return min(budget, num_pages)
+        return budget
 
     def resolved_cpu_threads(self) -> int:
         """Thread count for CPU kernels: the field, else NUMBA_NUM_THREADS, else every core."""

@@ -10,6 +10,8 @@ kernels' unchecked launchers.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -113,8 +115,7 @@ def check_topk_args(scores, k, num_pages, sink, recent, check_values: bool = Tru
     _need(scores.dtype in (torch.float32, torch.float64),
           f"scores dtype {scores.dtype}; expected float32 (float64 in the reference)")
     for name, v in (("k", k), ("sink", sink), ("recent", recent)):
-        _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-              f"{name}={v!r} must be a non-negative integer")
+        _need(is_count(v), f"{name}={v!r} must be a non-negative integer")
     _need(k >= sink + recent, f"k={k} must be >= sink + recent = {sink + recent} "
           "(k counts the sink and recent pages)")
     _shape("num_pages", num_pages, 1, "[B] int32")
@@ -127,3 +128,118 @@ def check_topk_args(scores, k, num_pages, sink, recent, check_values: bool = Tru
         lo, hi = int(num_pages.min()), int(num_pages.max())
         _need(lo >= 0 and hi <= scores.shape[2],
               f"num_pages must lie in [0, {scores.shape[2]}] (scores' last dim), got {num_pages.tolist()}")
+
+
+SUMMARY_DTYPES = (torch.float32, torch.bfloat16)
+"""Storage dtypes of flow summaries the kernels read and write (they compute in float32)."""
+
+
+def _summary_rows(summaries, names: tuple[str, ...], what: str) -> list[torch.Tensor]:
+    if not isinstance(summaries, dict):
+        raise ValueError(f"summaries must be a dict name -> tensor, got {type(summaries).__name__}")
+    out = []
+    for name in names:
+        t = summaries.get(name)
+        if t is None:
+            raise ValueError(f"summaries lacks {name!r}; {what} reads {list(names)}")
+        out.append(t)
+    return out
+
+
+def check_cache_args(k_pool, pages, summaries, names: tuple[str, ...], rows=None) -> None:
+    """Validate a cache-stage kernel call: k_pool [N, Hkv, P, D]; pages int [n] (full physical
+    pages); summaries[name] [R, Hkv, 1, D] of SUMMARY_DTYPES on k_pool's device, rows contiguous;
+    rows int [n] (the summary row of each page; None: the page number itself)."""
+    _shape("k_pool", k_pool, 4, "[num_pages, num_kv_heads, page_size, head_dim]")
+    _need(k_pool.dtype in FLOAT_DTYPES[:3], f"k_pool dtype {k_pool.dtype}; expected one of "
+          f"{FLOAT_DTYPES[:3]}")
+    for name, t in (("pages", pages),) + ((("rows", rows),) if rows is not None else ()):
+        _need(isinstance(t, torch.Tensor) and t.dim() == 1 and t.dtype in INDEX_DTYPES,
+              f"{name} must be an int64 tensor [n], got {getattr(t, 'dtype', type(t).__name__)} "
+              f"{tuple(getattr(t, 'shape', ()))}")
+        _need(t.device == k_pool.device, f"{name} is on {t.device} but k_pool is on {k_pool.device}")
+    if rows is not None:
+        _need(rows.shape == pages.shape, f"rows has {rows.numel()} entries; pages has {pages.numel()}")
+    N, hkv, _, d = k_pool.shape
+    stores = _summary_rows(summaries, names, "this cache stage")
+    n_rows = stores[0].shape[0] if stores[0].dim() == 4 else 0
+    for name, t in zip(names, stores):
+        _need(t.dim() == 4 and tuple(t.shape[1:]) == (hkv, 1, d) and t.shape[0] == n_rows
+              and t.dtype in SUMMARY_DTYPES and t.device == k_pool.device,
+              f"summaries[{name!r}] is {t.dtype} {tuple(t.shape)} on {t.device}; expected "
+              f"{' or '.join(str(x) for x in SUMMARY_DTYPES)} [R, {hkv}, 1, {d}] on {k_pool.device}")
+        _need(t.stride(-1) == 1 and t.stride(1) == d,
+              f"summaries[{name!r}] must be contiguous per row, strides {t.stride()}")
+    if pages.numel():
+        lo, hi = int(pages.min()), int(pages.max())
+        _need(lo >= 0 and hi < N, f"pages holds {lo}..{hi}; the pool has pages 0..{N - 1}")
+        r = pages if rows is None else rows
+        lo, hi = int(r.min()), int(r.max())
+        _need(lo >= 0 and hi < n_rows, f"{'pages' if rows is None else 'rows'} holds {lo}..{hi}; "
+              f"the summaries have rows 0..{n_rows - 1}")
+
+
+def check_indexer_args(q, summaries, names: tuple[str, ...], page_table, seq_lens, budget, sink,
+                       recent, page_size) -> None:
+    """Validate a summary-based indexer call: q [B, Hq, D] float; summaries[name] [R, Hkv, 1, D] of
+    SUMMARY_DTYPES on q's device; page_table int32 [B, max_pages] (logical page -> summary row, read
+    for full pages only); seq_lens int32 [B]; budget >= sink + recent, recent >= 1; page_size >= 1."""
+    _need(isinstance(q, torch.Tensor) and q.dim() == 3 and q.dtype in FLOAT_DTYPES[:3],
+          f"q must be float16/bfloat16/float32 [B, Hq, D], got "
+          f"{getattr(q, 'dtype', type(q).__name__)} {tuple(getattr(q, 'shape', ()))}")
+    B, hq, d = q.shape
+    stores = _summary_rows(summaries, names, "this indexer")
+    first = stores[0]
+    for name, t in zip(names, stores):
+        _need(t.dim() == 4 and t.shape[2:] == (1, d) and t.shape[:2] == first.shape[:2]
+              and t.dtype in SUMMARY_DTYPES and t.device == q.device and t.stride(-1) == 1
+              and t.stride(1) == d,
+              f"summaries[{name!r}] is {t.dtype} {tuple(t.shape)} on {t.device}; expected "
+              f"{' or '.join(str(x) for x in SUMMARY_DTYPES)} [R, Hkv, 1, {d}] on {q.device}, "
+              "rows contiguous")
+    hkv = first.shape[1]
+    _need(hkv > 0 and hq % hkv == 0,
+          f"num_q_heads={hq} must be a positive multiple of num_kv_heads={hkv}")
+    _need(isinstance(page_size, int) and not isinstance(page_size, bool) and page_size >= 1,
+          f"page_size={page_size!r} must be a positive integer: tokens per page of the pool the "
+          "summaries describe")
+    check_counts(budget, sink, recent)
+    for name, t, nd in (("page_table", page_table, 2), ("seq_lens", seq_lens, 1)):
+        _need(isinstance(t, torch.Tensor) and t.dim() == nd and t.dtype in INDEX_DTYPES
+              and t.shape[0] == B and t.device == q.device,
+              f"{name} must be an int32 tensor with {B} rows on {q.device}, got "
+              f"{getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}")
+    if B:
+        _need(int(seq_lens.min()) >= 0, f"seq_lens must be >= 0, got {seq_lens.tolist()}")
+        _need(int(pages_of(seq_lens, page_size).max()) <= page_table.shape[1],
+              f"seq_lens {seq_lens.tolist()} need more pages than page_table's "
+              f"{page_table.shape[1]} columns at page_size={page_size}")
+        full = torch.arange(page_table.shape[1], device=q.device)[None, :] < \
+            (seq_lens.to(torch.int64) // page_size)[:, None]
+        rows = page_table.to(torch.int64)[full]
+        if rows.numel():
+            lo, hi = int(rows.min()), int(rows.max())
+            _need(lo >= 0 and hi < first.shape[0],
+                  f"page_table maps a full page to summary row {lo if lo < 0 else hi}; the "
+                  f"summaries have rows 0..{first.shape[0] - 1}")
+
+
+def check_counts(budget, sink, recent) -> None:
+    """budget, sink, recent: integers (any integral type) with recent >= 1, budget >= sink + recent."""
+    for name, v in (("budget", budget), ("sink", sink), ("recent", recent)):
+        _need(is_count(v), f"{name}={v!r} must be a non-negative integer")
+    _need(recent >= 1, f"recent={recent} must be >= 1: the partly filled last page is always "
+          "attended (it has no summary to be scored by)")
+    _need(budget >= sink + recent, f"budget={budget} must be >= sink + recent = {sink + recent}: "
+          "the budget counts the sink and recent pages (a request with fewer pages than the budget "
+          "selects all of them)")
+
+
+def is_count(v) -> bool:
+    """A non-negative integral number (int, numpy integer, ...), not a bool."""
+    if isinstance(v, bool):
+        return False
+    try:
+        return operator.index(v) >= 0
+    except TypeError:
+        return False

@@ -25,11 +25,12 @@ from .compiler import CompiledFlow, compile_flow
 from .errors import FlowError
 from .flow import Flow
 from .graph import PAGES
+from .bound_flow import BoundFlow, bind_flow
 from .lowering import find_lowering, register_lowering, registered_lowerings, unregister_lowering
 from .registry import list_flows, load_flow, register
 from .select import page_scores, select_pages
 from .vtensor import Selection, VTensor
 
-__all__ = ["CompiledFlow", "Flow", "FlowError", "PAGES", "Selection", "VTensor", "compile_flow",
+__all__ = ["BoundFlow", "CompiledFlow", "Flow", "bind_flow", "FlowError", "PAGES", "Selection", "VTensor", "compile_flow",
            "find_lowering", "list_flows", "load_flow", "ops", "page_scores", "register",
            "register_lowering", "registered_lowerings", "select_pages", "unregister_lowering"]

@@ -194,28 +194,37 @@ def _needed(graph: Graph, roots: list[int]) -> set[int]:
 
 
 def run_cache(compiled: CompiledFlow, k_pool: torch.Tensor, pages: torch.Tensor,
-              summaries: dict[str, torch.Tensor]) -> None:
-    """Cache stage over full physical `pages` (int64 [n]): writes rows `pages` of each summary.
+              summaries: dict[str, torch.Tensor], rows: Optional[torch.Tensor] = None) -> None:
+    """Cache stage over full physical `pages` (int64 [n]): writes rows `rows` (default `pages`) of
+    each summary.
 
-    k_pool: [N, Hkv, P, D]; summaries[name]: [N, Hkv, r, c] (its dtype sets the precision).
+    k_pool: [N, Hkv, P, D]; summaries[name]: [R, Hkv, r, c] (float64 stores compute in float64,
+    others in float32).
     """
     graph = compiled.cache_graph
     if not graph.outputs or pages.numel() == 0:
         return
+    rows = pages if rows is None else rows
     cdt = compute_dtype(*summaries.values())
-    keys = k_pool.index_select(0, pages).to(cdt)                    # [n, Hkv, P, D]
+    keys = k_pool.index_select(0, pages.to(k_pool.device)).to(cdt)    # [n, Hkv, P, D]
     run = _Run(graph, cdt, k_pool.device, {"keys": (keys, None)})
     run.run(_needed(graph, list(graph.outputs.values())))
     n, hkv = keys.shape[:2]
     for name, nid in graph.outputs.items():
         value, _ = run.value(nid)
         store = summaries[name]
-        store[pages] = value.expand(n, hkv, *store.shape[2:]).to(store.dtype)
+        value = value.expand(n, hkv, *store.shape[2:]).to(store.device, store.dtype)
+        store.index_copy_(0, rows.to(store.device, torch.int64), value)
+
+
+Keys = tuple[torch.Tensor, torch.Tensor]
+"""(k_pool [N, Hkv, P, D], key_table int32 [B, max_pages]): where flows that read cache["k"] find
+each logical page's keys (a table into k_pool, separate from the summary table)."""
 
 
 def indexer_scores(compiled: CompiledFlow, q: torch.Tensor, summaries: dict[str, torch.Tensor],
-                   k_pool: torch.Tensor, page_table: torch.Tensor,
-                   seq_lens: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
+                   page_table: torch.Tensor, seq_lens: torch.Tensor, num_kv_heads: int,
+                   keys: Optional[Keys] = None) -> list[tuple[torch.Tensor, float]]:
     """Page scores of every `topk` in the indexer: [(scores [B, Hkv, max_pages], share)].
 
     Scores are float64 for float64 inputs, else float32; pages without a score (past the request's
@@ -225,22 +234,26 @@ def indexer_scores(compiled: CompiledFlow, q: torch.Tensor, summaries: dict[str,
     """
     graph = compiled.indexer_graph
     B, hq, d = q.shape
-    N, hkv, P, _ = k_pool.shape
+    hkv, P = num_kv_heads, compiled.page_size
     S = page_table.shape[1]
-    cdt = compute_dtype(q, k_pool)
+    cdt = compute_dtype(q, *summaries.values(), *(keys[:1] if keys is not None else ()))
     dev = q.device
     lens = seq_lens.to(dev, torch.int64)
-    phys = page_table.to(torch.int64).clamp(0, max(N - 1, 0))          # [B, S]
     page_ids = torch.arange(S, device=dev)
     inputs: dict[str, Value] = {"q": (q.to(cdt).reshape(B, hkv, hq // hkv, d), None)}
     for key in graph.inputs:
         if key.startswith("summary:"):
             store = summaries[key.split(":", 1)[1]]
-            value = store[phys].to(cdt).transpose(1, 2)                 # [B, Hkv, S, r, c]
+            rows = page_table.to(store.device, torch.int64).clamp(0, max(store.shape[0] - 1, 0))
+            value = store[rows].to(dev, cdt).transpose(1, 2)            # [B, Hkv, S, r, c]
             full = page_ids[None, :] < (lens // P)[:, None]             # pages with a summary
             inputs[key] = (value, full[:, None, :, None, None])
         elif key == KEYS:
-            value = k_pool[phys].to(cdt).transpose(1, 2)                # [B, Hkv, S, P, D]
+            if keys is None:
+                raise ValueError(f"flow {compiled.name!r} reads page keys (cache['k']); pass keys=")
+            k_pool, key_table = keys
+            phys = key_table.to(k_pool.device, torch.int64).clamp(0, max(k_pool.shape[0] - 1, 0))
+            value = k_pool[phys].to(dev, cdt).transpose(1, 2)            # [B, Hkv, S, P, D]
             tok = page_ids[:, None] * P + torch.arange(P, device=dev)[None, :]
             inputs[key] = (value, (tok[None] < lens[:, None, None])[:, None, :, :, None])
     parts = _selection_parts(graph, graph.outputs["selection"])
@@ -251,23 +264,24 @@ def indexer_scores(compiled: CompiledFlow, q: torch.Tensor, summaries: dict[str,
 
 
 def run_indexer(compiled: CompiledFlow, q: torch.Tensor, summaries: dict[str, torch.Tensor],
-                k_pool: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
-                budget: int, sink: int, recent: int) -> torch.Tensor:
+                page_table: torch.Tensor, seq_lens: torch.Tensor, budget: int, sink: int,
+                recent: int, num_kv_heads: int, keys: Optional[Keys] = None) -> torch.Tensor:
     """Indexer stage for every (request, KV head): sel int32 [B, Hkv, budget], -1 padded.
 
-    q [B, Hq, D]; summaries as in `run_cache`; k_pool [N, Hkv, P, D] (read only when the flow
-    uses cache["k"]); page_table int32 [B, max_pages]; seq_lens int32 [B]. Arguments are valid.
-    With `ops.union`, the free budget (budget - sink - recent) is split by the shares: each topk in
-    turn adds its quota of best pages among those not yet chosen.
+    q [B, Hq, D]; summaries[name] [R, Hkv, r, c]; page_table int32 [B, max_pages]: logical page ->
+    summary row (read for full pages only); seq_lens int32 [B]; keys: see `Keys` (only for flows
+    that read cache["k"]). Arguments are valid. With `ops.union`, the free budget
+    (budget - sink - recent) is split by the shares: each topk in turn adds its quota of best pages
+    among those not yet chosen.
     """
-    B, hkv = q.shape[0], k_pool.shape[1]
+    B, hkv = q.shape[0], num_kv_heads
     dev = q.device
-    if B == 0 or k_pool.shape[0] == 0:                                 # no request, or no page
-        return torch.full((0, hkv, budget), -1, dtype=torch.int32, device=dev)
-    n_pages = pages_of(seq_lens.to(dev), k_pool.shape[2]).to(torch.int32)
+    if B == 0 or page_table.shape[1] == 0:                             # no request, or no page
+        return torch.full((B, hkv, budget), -1, dtype=torch.int32, device=dev)
+    n_pages = pages_of(seq_lens.to(dev), compiled.page_size).to(torch.int32)
     free = budget - sink - recent
     chosen, taken = None, 0.0
-    for scores, share in indexer_scores(compiled, q, summaries, k_pool, page_table, seq_lens):
+    for scores, share in indexer_scores(compiled, q, summaries, page_table, seq_lens, hkv, keys):
         taken += share
         k = sink + recent + min(free, int(round(taken * free, 9)))
         if chosen is not None:                                          # earlier picks stay picked

@@ -1,44 +1,35 @@
-"""`select_pages`: run a flow's cache stage over every full page, then its indexer (DESIGN.md).
+"""`select_pages`: run a flow's cache stage over every full page, then its indexer (stateless).
 
     sel = select_pages("quest", q, k_pool, page_table, seq_lens, budget=64, sink=1, recent=2)
 
 The selection, per (request, KV head): the first `sink` pages, the last `recent` pages (the partly
 filled last page among them) and the highest-scoring other pages up to `budget` pages in all (ties
-toward the lower page index); every page when `budget >= num_pages`. This is exactly
-`vortex_hybrid.reference.topk_pages` applied to the flow's page scores.
+toward the lower page index); every page when `budget >= num_pages`, padded with -1. This is
+exactly `vortex_hybrid.reference.topk_pages` applied to the flow's page scores.
 
-`budget < sink + recent` is rejected with `ValueError` (the budget counts the forced pages, so it
-cannot be smaller than them); `recent` must be >= 1 because the tail page has no summary yet.
+`budget < sink + recent` is rejected with `ValueError` (the budget counts the forced pages; a
+request holding fewer pages than the budget simply selects all of them); `recent` must be >= 1
+because the tail page has no summary yet.
 
-Each stage runs a registered lowering when `lower=True` and one fits: the flow's own for (flow, stage,
-device), or that of a flow whose stage graph has the same structure (see `pattern`); otherwise the
-reference interpreter. Inputs in float64 always take the interpreter: it
-is the ground truth, and lowerings read float32 summaries.
+This path recomputes every summary on each call: it is for research and tests. A runtime keeps
+summaries in a `SummaryStore` (computed once when a page fills) and selects through
+`SummaryStore.select_pages`, which also works when pages are split between device and host pools.
+Each stage runs a registered lowering when `lower=True` and the flow's stage graph has a lowered
+structure (`lowering`), otherwise the reference interpreter; float64 inputs always take the
+interpreter: it is the ground truth.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Union
 
 import torch
 
-from ..contracts import check_attention_args
+from ..contracts import check_attention_args, check_counts
+from .bound_flow import BoundFlow, bind_flow
 from .flow import Flow
-from .interpreter import compute_dtype, indexer_scores, run_cache, run_indexer
-from .pattern import matching_lowering
-from .registry import load_flow
-
-
-def _check_counts(budget, sink, recent) -> None:
-    for name, v in (("budget", budget), ("sink", sink), ("recent", recent)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"{name}={v!r} must be a non-negative integer")
-    if recent < 1:
-        raise ValueError(f"recent={recent} must be >= 1: the partly filled last page is always "
-                         "attended (it has no summary to be scored by)")
-    if budget < sink + recent:
-        raise ValueError(f"budget={budget} must be >= sink + recent = {sink + recent}: the budget "
-                         "counts the sink and recent pages")
+from .interpreter import compute_dtype, indexer_scores
 
 
 def full_pages(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -56,23 +47,16 @@ def new_summaries(summaries: dict[str, tuple[int, int]], num_pages: int, num_kv_
 
 
 def _cache_stage(flow, q, k_pool, page_table, seq_lens, lower: bool):
-    """Validate, compile, and run the cache stage: (flow, compiled, summaries, use_lowering)."""
+    """Validate, bind, and run the cache stage over every full page: (bound, summaries)."""
     check_attention_args(q, k_pool, k_pool, page_table, seq_lens)
-    flow = load_flow(flow)
     _, hq, d = q.shape
     N, hkv, P, _ = k_pool.shape
-    compiled = flow.compiled(P, d, hq // hkv)
     cdt = compute_dtype(q, k_pool)
-    use_lowering = lower and cdt == torch.float32
-    summaries = new_summaries(compiled.summaries, N, hkv, cdt, k_pool.device)
+    bound = bind_flow(flow, P, d, hq // hkv, q.device, lower=lower and cdt == torch.float32)
+    summaries = new_summaries(bound.summaries, N, hkv, cdt, k_pool.device)
     if summaries:
-        pages = full_pages(page_table, seq_lens, P)
-        fn = matching_lowering(flow, compiled, "cache", q.device) if use_lowering else None
-        if fn is None:
-            run_cache(compiled, k_pool, pages, summaries)
-        else:
-            fn(k_pool, pages, summaries)
-    return flow, compiled, summaries, use_lowering
+        bound.cache(k_pool, full_pages(page_table, seq_lens, P), summaries)
+    return bound, summaries
 
 
 def select_pages(flow: Union[str, Flow], q: torch.Tensor, k_pool: torch.Tensor,
@@ -82,22 +66,16 @@ def select_pages(flow: Union[str, Flow], q: torch.Tensor, k_pool: torch.Tensor,
 
     flow: a registered name, `path/to/file.py:name`, or a `Flow`.
     q [B, Hq, D] float; k_pool [N, Hkv, P, D] float (P a power of two); page_table int32
-    [B, max_pages]; seq_lens int32 [B]; budget, sink, recent: pages (budget >= sink + recent,
-    recent >= 1). Returns sel int32 [B, Hkv, budget], unique logical pages padded with -1.
+    [B, max_pages] (every used page resident in k_pool); seq_lens int32 [B]; budget, sink, recent:
+    pages, any integral numbers (budget >= sink + recent, recent >= 1). Returns sel int32
+    [B, Hkv, budget], unique logical pages padded with -1.
     lower=False forces the reference interpreter even where a lowering is registered.
     """
-    _check_counts(budget, sink, recent)
-    flow, compiled, summaries, use_lowering = _cache_stage(flow, q, k_pool, page_table, seq_lens,
-                                                           lower)
-    fn = matching_lowering(flow, compiled, "indexer", q.device) if use_lowering else None
-    if fn is None:
-        return run_indexer(compiled, q, summaries, k_pool, page_table, seq_lens, budget, sink, recent)
-    sel = fn(q, summaries, page_table, seq_lens, budget, sink, recent, page_size=k_pool.shape[2])
-    B, hkv = q.shape[0], k_pool.shape[1]
-    if tuple(sel.shape) != (B, hkv, budget) or sel.dtype != torch.int32:
-        raise RuntimeError(f"lowering {fn!r} for flow {flow.name!r} returned sel of shape "
-                           f"{tuple(sel.shape)} {sel.dtype}; expected ({B}, {hkv}, {budget}) int32")
-    return sel
+    check_counts(budget, sink, recent)
+    budget, sink, recent = (operator.index(x) for x in (budget, sink, recent))
+    bound, summaries = _cache_stage(flow, q, k_pool, page_table, seq_lens, lower)
+    return bound.indexer(q, summaries, page_table, seq_lens, budget, sink, recent,
+                         num_kv_heads=k_pool.shape[1], keys=(k_pool, page_table))
 
 
 def page_scores(flow: Union[str, Flow], q: torch.Tensor, k_pool: torch.Tensor,
@@ -109,9 +87,13 @@ def page_scores(flow: Union[str, Flow], q: torch.Tensor, k_pool: torch.Tensor,
     always runs in the interpreter here (`lower` applies to the cache stage). Flows ending in
     `ops.union` have several scores: they raise ValueError.
     """
-    flow, compiled, summaries, _ = _cache_stage(flow, q, k_pool, page_table, seq_lens, lower)
-    parts = indexer_scores(compiled, q, summaries, k_pool, page_table, seq_lens)
+    bound, summaries = _cache_stage(flow, q, k_pool, page_table, seq_lens, lower)
+    parts = indexer_scores(bound.compiled, q, summaries, page_table, seq_lens, k_pool.shape[1],
+                           (k_pool, page_table))
     if len(parts) != 1:
-        raise ValueError(f"flow {flow!r} combines {len(parts)} scores with ops.union; page_scores "
-                         "needs a flow that ends in a single ops.topk")
+        raise ValueError(f"flow {bound.flow!r} combines {len(parts)} scores with ops.union; "
+                         "page_scores needs a flow that ends in a single ops.topk")
     return parts[0][0]
+
+
+__all__ = ["BoundFlow", "full_pages", "new_summaries", "page_scores", "select_pages"]

@@ -1,0 +1,26 @@
+"""Registers this backend's flow kernels with the vFlow lowering hook for device "cpu".
+
+Imported by `vortex_hybrid.cpu_kernels`. A lowering is registered against a library flow's traced
+graph: any flow whose stage traces to the same structure runs on it (`vortex_hybrid.vflow.lowering`);
+every other (flow, stage) runs on the reference interpreter. The mirror of `gpu_kernels.lowerings`.
+
+    quest:    cache -> page_summaries.quest_cache      indexer -> page_scoring.quest_indexer
+    centroid: cache -> page_summaries.centroid_cache   indexer -> page_scoring.centroid_indexer
+"""
+
+from __future__ import annotations
+
+from vortex_hybrid.vflow.lowering import register_lowering
+
+from .page_scoring import centroid_indexer, quest_indexer
+from .page_summaries import centroid_cache, quest_cache
+
+LOWERINGS = {
+    ("quest", "cache"): quest_cache,
+    ("quest", "indexer"): quest_indexer,
+    ("centroid", "cache"): centroid_cache,
+    ("centroid", "indexer"): centroid_indexer,
+}
+
+for (_flow, _stage), _fn in LOWERINGS.items():
+    register_lowering(_flow, _stage, "cpu", _fn)
