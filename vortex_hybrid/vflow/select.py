@@ -1,4 +1,4 @@
-"""`select_pages`: run a flow's cache stage over every full page, then its indexer (DESIGN.md).
+"""`select_pages`: a flow's cache stage per full page, then its indexer (docs/architecture.md).
 
     sel = select_pages("quest", q, k_pool, page_table, seq_lens, budget=64, sink=1, recent=2)
 
