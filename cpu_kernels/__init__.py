@@ -1,6 +1,6 @@
 """CPU kernels (Numba) over host-resident pages, installed as `vortex_hybrid.cpu_kernels`.
 
-The contract functions of DESIGN.md (same names and signatures as `vortex_hybrid.reference`):
+The contract functions of docs/architecture.md (names and signatures of `vortex_hybrid.reference`):
 `sparse_decode_attention`, `dense_decode_attention`, `merge_states`, `topk_pages`; the CPU lowerings
 of the `quest` and `centroid` flows (`quest_cache`, `quest_indexer`, `centroid_cache`,
 `centroid_indexer`); token-granularity selection (`token_topk_attention`, `select_tokens`). Public

@@ -1,6 +1,6 @@
 """Sparse decode attention over selected pages of a host-resident pool (Numba), and dense attention.
 
-Same contract as `vortex_hybrid.reference.sparse_decode_attention` (DESIGN.md). Work items are
+Contract of `vortex_hybrid.reference.sparse_decode_attention` (docs/architecture.md). Work items are
 (request, KV head, chunk of the selection): one chunk per row when the batch alone gives every thread
 work, several when it does not (small batches, long selections); chunk states merge exactly by
 log-sum-exp. Each item folds one page's `page_size x head_dim` K and V slice at a time into an

@@ -1,7 +1,7 @@
 """Exact log-sum-exp merge of attention states, in Triton.
 
 A state `(o, lse)` is the attention output over a set of tokens and the natural log of the sum of
-exp of the scaled scores over that set (DESIGN.md). Two states over disjoint token sets merge
+exp of the scaled scores over it (docs/architecture.md). Two states over disjoint token sets merge
 exactly into the state over their union:
 
     lse = log(exp(lse_a) + exp(lse_b))        o = (exp(lse_a - lse) o_a + exp(lse_b - lse) o_b)

@@ -1,6 +1,6 @@
 """Sparse paged decode attention in Triton (flash-decoding split over pages), and the dense wrapper.
 
-Contract (DESIGN.md): each query head attends the tokens of the pages its KV head selected in
+Contract (docs/architecture.md): a query head attends the tokens of the pages its KV head chose in
 `sel`; the result is the state `(o, lse)`. One program handles one (request, KV head) pair and one
 contiguous range of `sel` entries (a *split*), for all `Hq // Hkv` query heads of that KV head at
 once (GQA: each K/V byte is read once for the whole group). Splits over pages let a batch of one
@@ -18,7 +18,7 @@ Dots: float32 pools use full-precision float32 dots (`input_precision="ieee"`); 
 pools on the GPU use tensor-core dots in the pool dtype with float32 accumulation (q and the
 softmax weights are rounded to the pool dtype, relative error ~1e-3). Under the Triton interpreter
 (CPU tensors) every dot runs in float32, because the interpreter's bf16 `tl.dot` is wrong
-(ENVIRONMENT.md).
+(docs/hardware.md).
 """
 
 from __future__ import annotations

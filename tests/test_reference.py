@@ -1,4 +1,4 @@
-"""vortex_hybrid.reference against naive float64 loops and the DESIGN contract's properties."""
+"""vortex_hybrid.reference vs naive float64 loops and the properties of docs/architecture.md."""
 
 import math
 import random

@@ -1,4 +1,4 @@
-"""select_pages of the library flows against brute-force numpy formulas (DESIGN.md contract).
+"""select_pages of the library flows vs brute-force numpy formulas (docs/architecture.md contract).
 
 Random inputs: float32 and float64, GQA ratios 1/3/4/8, partial and full last pages, unused
 page-table columns holding -1, budgets from one page to more than all pages. float64 must match
@@ -79,7 +79,7 @@ def brute_scores(flow: str, q, k_pool, table, lens, channels=None):
 
 
 def brute_select(scores_row, n: int, budget: int, sink: int, recent: int) -> set[int]:
-    """The DESIGN selection for one (request, KV head) row of scores."""
+    """The contract's selection (docs/architecture.md) for one (request, KV head) row of scores."""
     if n <= budget:
         return set(range(n))
     forced = set(range(min(sink, n))) | set(range(n - recent, n))

@@ -1,4 +1,4 @@
-"""Boundary checks for the kernel contracts of DESIGN.md, shared by every backend.
+"""Boundary checks for the kernel contracts of docs/architecture.md, shared by every backend.
 
 `vortex_hybrid.reference`, `vortex_hybrid.cpu_kernels` and `vortex_hybrid.gpu_kernels` expose the same
 functions; each public entry point calls the matching check here first, so bad input raises a

@@ -1,4 +1,4 @@
-"""Plain-torch reference of the kernel contracts (DESIGN.md): the ground truth every test uses.
+"""Plain-torch reference of the kernel contracts (docs/architecture.md): every test's ground truth.
 
 Runs on any device and any float dtype. It computes in float64 when `q` (or `scores`) is float64,
 otherwise in float32, and returns states in that dtype. Slow and simple on purpose: loops over

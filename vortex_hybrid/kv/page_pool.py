@@ -1,4 +1,4 @@
-"""`PagePool`: the K and V page storage of one device, in the layout of DESIGN.md."""
+"""`PagePool`: the K and V page storage of one device, in the layout of docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class PagePool:
 
     `pool.k[layer]` is the contract's `k_pool` `[num_pages, num_kv_heads, page_size, head_dim]`,
     contiguous, so kernels take it directly. A host pool is pinned when CUDA is present (pageable
-    host memory moves ~6x slower over PCIe, ENVIRONMENT.md).
+    host memory moves ~6x slower over PCIe, docs/hardware.md).
     """
 
     def __init__(self, num_layers: int, num_pages: int, num_kv_heads: int, page_size: int,
