@@ -28,7 +28,8 @@ class KVMachine(RuleBasedStateMachine):
         self.kv = new_cache()
         self.data = {}        # rid -> (k [L, T, H, D], v)
         self.filled = set()   # (rid, layer, logical page) reported by the page-filled listener
-        self.kv.add_page_filled_listener(lambda rid, layer, p, dev: self.filled.add((rid, layer, p)))
+        self.kv.add_page_filled_listener(
+            lambda rid, layer, ps, devs: self.filled.update((rid, layer, p) for p in ps))
 
     @rule()
     def create(self):

@@ -37,8 +37,13 @@ log = logging.getLogger(__name__)
 
 NOT_RESIDENT = -1
 
-PageFilledListener = Callable[[int, int, int, int], None]
-"""`fn(request_id, layer, logical_page, device_page)`, called when a page's last token is written."""
+PageFilledListener = Callable[[int, int, list[int], list[int]], None]
+"""`fn(request_id, layer, logical_pages, device_pages)`: called once per write of one layer with every
+page whose last token that write stored (a prefill chunk fills many at once, a decode token at most
+one)."""
+
+RequestFreedListener = Callable[[int], None]
+"""`fn(request_id)`: called when a request is freed, before its id is forgotten."""
 
 
 @dataclass
@@ -78,6 +83,7 @@ class PagedKVCache:
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count()
         self._listeners: list[PageFilledListener] = []
+        self._freed_listeners: list[RequestFreedListener] = []
 
     @classmethod
     def from_config(cls, cfg: HybridConfig, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -124,17 +130,23 @@ class PagedKVCache:
         return list(zip(r.device_pages, r.host_pages))
 
     def free_request(self, rid: int) -> None:
-        """Return every page of a finished request to its pool."""
+        """Return every page of a finished request to its pool (and tell the freed listeners)."""
         r = self._req(rid)
+        for fn in self._freed_listeners:
+            fn(rid)
         self.device_alloc.free(rid, [p for p in r.device_pages if p != NOT_RESIDENT])
         self.host_alloc.free(rid, [p for p in r.host_pages if p != NOT_RESIDENT])
         del self._requests[rid]
 
     # ---- writing ----------------------------------------------------------------------------
     def add_page_filled_listener(self, fn: PageFilledListener) -> None:
-        """Call `fn(rid, layer, logical_page, device_page)` whenever a write fills a page of a layer
-        (the vFlow cache stage computes that page's summaries there)."""
+        """Call `fn(rid, layer, logical_pages, device_pages)` after each write of a layer that filled
+        pages (a `SummaryStore` computes their summaries there)."""
         self._listeners.append(fn)
+
+    def add_request_freed_listener(self, fn: RequestFreedListener) -> None:
+        """Call `fn(rid)` when a request is freed (a `SummaryStore` frees its rows there)."""
+        self._freed_listeners.append(fn)
 
     def extend(self, rid: int, num_tokens: int) -> int:
         """Reserve room for `num_tokens` more tokens; returns the first new position.
@@ -186,10 +198,11 @@ class PagedKVCache:
         pool = self.device_pool
         pool.k[layer, pages, :, slots] = k.to(device=self.device, dtype=self.dtype)
         pool.v[layer, pages, :, slots] = v.to(device=self.device, dtype=self.dtype)
-        for p in range(first, last + 1):
-            if start <= (p + 1) * ps - 1 < start + n:
-                for fn in self._listeners:
-                    fn(rid, layer, p, r.device_pages[p])
+        filled = [p for p in range(first, last + 1) if start <= (p + 1) * ps - 1 < start + n]
+        if filled:
+            dev_pages = [r.device_pages[p] for p in filled]
+            for fn in self._listeners:
+                fn(rid, layer, filled, dev_pages)
 
     def append(self, rid: int, k: torch.Tensor, v: torch.Tensor) -> int:
         """Append tokens of every layer: `k`, `v` `[num_layers, T, num_kv_heads, head_dim]`.

@@ -1,0 +1,260 @@
+"""`SummaryStore`: every flow summary of every (layer, page) of a `PagedKVCache`, computed once.
+
+    store = SummaryStore(kv, "quest", group=4)            # listens to kv: pages filled, requests freed
+    kv.append(rid, k, v)                                  # full pages get summaries, one launch a layer
+    table, lens = store.table(rids)                       # once per step: logical page -> summary row
+    sel = store.index(layer, q, table, lens, budget, sink, recent)     # per layer: no recomputation
+    sel = store.select_pages(layer, q, rids, budget, sink, recent)     # the same, tables built here
+
+Identity: a summary row belongs to (request, logical page) from the moment the page fills until the
+request is freed; it does not change when the page moves between the device pool and the host pool,
+so a host page and its GPU-cached copy share one row. Rows of all layers share the row number:
+`store.layer(l)[name]` is `[R, Hkv, r, c]` with R = device pages + host pages (every full page lives
+in at least one pool, so rows never run out).
+
+Location (`location=`): "device" keeps summaries beside the device pool (HBM on a GPU machine),
+"host" in (pinned) host memory, "auto" picks the device when the store takes at most
+`AUTO_DEVICE_FRACTION` of the free device memory (quest's float32 kmin/kmax are 1/8 of bf16 KV bytes:
+68 GB for a 32-layer 8B model at batch 32 x 128K, more than HBM can spare). The indexer runs where
+the summaries are: on the CPU kernels for a host store (q goes there, sel comes back). Summaries are
+float32 or bfloat16 (`dtype=`); kernels compute in float32 either way.
+
+The cache stage runs on the device of the pool that holds the page (the fused kernel or the
+interpreter, resolved once by `bind_flow`); when the store lives elsewhere, the new rows are
+computed into a small scratch there and copied over.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ..contracts import SUMMARY_DTYPES, check_counts
+from ..kv.page_allocator import PageAllocator
+from ..kv.paged_kv_cache import NOT_RESIDENT, PagedKVCache
+from .bound_flow import BoundFlow, bind_flow
+from .flow import Flow
+from .interpreter import Keys
+from .registry import load_flow
+
+log = logging.getLogger(__name__)
+
+LOCATIONS = ("auto", "device", "host")
+AUTO_DEVICE_FRACTION = 0.25
+"""'auto' puts the store on a CUDA device only when it needs at most this share of free memory."""
+
+
+def summary_bytes(flow: Union[str, Flow], num_layers: int, num_pages: int, num_kv_heads: int,
+                  page_size: int, head_dim: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes a store of `num_pages` rows takes for this flow and model shape."""
+    compiled = load_flow(flow).compiled(page_size, head_dim, 1)
+    per_row = sum(r * c for r, c in compiled.summaries.values()) * num_kv_heads
+    return num_layers * num_pages * per_row * torch.empty((), dtype=dtype).element_size()
+
+
+class SummaryStore:
+    """Flow summaries of every full page of every request of `kv`, per layer; see the module doc.
+
+    kv: the paged KV cache (the store registers its page-filled and request-freed listeners and
+    summarises pages already full); flow: a registered name, `file.py:name` or a `Flow`; group:
+    query heads per KV head; location: one of LOCATIONS; dtype: float32 or bfloat16;
+    lower=False runs the reference interpreter for both stages.
+    """
+
+    def __init__(self, kv: PagedKVCache, flow: Union[str, Flow], *, group: int,
+                 location: str = "auto", dtype: torch.dtype = torch.float32,
+                 lower: bool = True) -> None:
+        if not isinstance(kv, PagedKVCache):
+            raise ValueError(f"kv must be a PagedKVCache, got {type(kv).__name__}")
+        if location not in LOCATIONS:
+            raise ValueError(f"location={location!r} must be one of {list(LOCATIONS)}")
+        if dtype not in SUMMARY_DTYPES:
+            raise ValueError(f"dtype={dtype} must be one of {list(SUMMARY_DTYPES)}")
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+            raise ValueError(f"group={group!r} must be a positive integer (query heads per KV head)")
+        self.kv, self.group, self.dtype = kv, group, dtype
+        self.flow = load_flow(flow)
+        P, D, hkv, L = kv.page_size, kv.head_dim, kv.num_kv_heads, kv.num_layers
+        self.capacity = kv.device_alloc.num_pages + kv.host_alloc.num_pages
+        self.device = self._place(location)
+        self._lower = lower
+        self.bound: BoundFlow = bind_flow(self.flow, P, D, group, self.device, lower=lower)
+        pin = self.device.type == "cpu" and torch.cuda.is_available()
+        self._tensors = {name: torch.zeros(L, self.capacity, hkv, r, c, dtype=dtype,
+                                           device=self.device, pin_memory=pin)
+                         for name, (r, c) in self.bound.summaries.items()}
+        self._layers = [{name: t[layer] for name, t in self._tensors.items()} for layer in range(L)]
+        self._alloc = PageAllocator(self.capacity, "summary store")
+        self._rows: dict[int, list[int]] = {}
+        kv.add_page_filled_listener(self.on_pages_filled)
+        kv.add_request_freed_listener(self.free_request)
+        for rid in kv.request_ids:
+            self.summarize(rid)
+
+    # ---- placement ---------------------------------------------------------------------------
+    def _place(self, location: str) -> torch.device:
+        kv_dev = self.kv.device
+        if location == "host" or kv_dev.type == "cpu":
+            return torch.device("cpu")
+        if location == "device":
+            return kv_dev
+        need = self.nbytes_for(self.capacity)
+        free, _ = torch.cuda.mem_get_info(kv_dev)
+        if need <= AUTO_DEVICE_FRACTION * free:
+            return kv_dev
+        log.info("summary store of %.2f GiB exceeds %.0f%% of free device memory (%.2f GiB): host",
+                 need / 2**30, 100 * AUTO_DEVICE_FRACTION, free / 2**30)
+        return torch.device("cpu")
+
+    def nbytes_for(self, rows: int) -> int:
+        """Bytes of a store of `rows` rows for this cache's shape."""
+        kv = self.kv
+        return summary_bytes(self.flow, kv.num_layers, rows, kv.num_kv_heads, kv.page_size,
+                             kv.head_dim, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+
+    # ---- reading ----------------------------------------------------------------------------
+    def layer(self, layer: int) -> dict[str, torch.Tensor]:
+        """Summaries of one layer: name -> [R, Hkv, r, c] (views of the store)."""
+        return self._layers[layer]
+
+    def rows(self, rid: int) -> list[int]:
+        """Summary row of each logical page of a request (-1: the page is not full yet)."""
+        self.kv.num_pages(rid)                                         # unknown request -> error
+        return list(self._rows.get(rid, ()))
+
+    def table(self, rids: Sequence[int], max_pages: Optional[int] = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indexer inputs for a batch, on the store's device: table int32 [B, max_pages] (logical
+        page -> summary row, -1 where a page has none) and seq_lens int32 [B]."""
+        lens = [self.kv.seq_len(rid) for rid in rids]
+        width = max([self.kv.num_pages(rid) for rid in rids], default=0)
+        if max_pages is not None:
+            if max_pages < width:
+                raise ValueError(f"max_pages={max_pages} is below the {width} pages a request holds")
+            width = max_pages
+        table = torch.full((len(rids), width), NOT_RESIDENT, dtype=torch.int32)
+        for i, rid in enumerate(rids):
+            row = self._rows.get(rid, [])
+            if row:
+                table[i, :len(row)] = torch.as_tensor(row, dtype=torch.int32)
+        lens_t = torch.as_tensor(lens, dtype=torch.int32)
+        return table.to(self.device), lens_t.to(self.device)
+
+    # ---- writing ----------------------------------------------------------------------------
+    def _assign(self, rid: int, pages: list[int]) -> list[int]:
+        """Rows of `pages`, allocating rows for pages that have none (all or nothing)."""
+        row = self._rows.setdefault(rid, [])
+        if len(row) < self.kv.num_pages(rid):
+            row.extend([NOT_RESIDENT] * (self.kv.num_pages(rid) - len(row)))
+        missing = [p for p in pages if row[p] == NOT_RESIDENT]
+        for p, r in zip(missing, self._alloc.alloc(rid, len(missing))):
+            row[p] = r
+        return [row[p] for p in pages]
+
+    def on_pages_filled(self, rid: int, layer: int, pages: list[int], device_pages: list[int]) -> None:
+        """Page-filled listener: summarise `pages` of `layer` from the device pool."""
+        if not self._tensors:
+            return
+        rows = self._assign(rid, pages)
+        self._compute(layer, self.kv.device_pool.k[layer], device_pages, rows)
+
+    def summarize(self, rid: int, pages: Optional[Sequence[int]] = None) -> None:
+        """Bulk path (prefill written elsewhere, a store attached late): summarise the full `pages`
+        (default: all) of a request in every layer from whichever pool holds each page."""
+        n_full = self.kv.num_full_pages(rid)
+        pages = list(range(n_full)) if pages is None else [operator.index(p) for p in pages]
+        bad = [p for p in pages if not 0 <= p < n_full]
+        if bad:
+            raise ValueError(f"request {rid} has full pages 0..{n_full - 1}; got {bad}")
+        if not self._tensors or not pages:
+            return
+        rows = self._assign(rid, pages)
+        where = self.kv.residency(rid)
+        on_dev = [(where[p][0], r) for p, r in zip(pages, rows) if where[p][0] != NOT_RESIDENT]
+        on_host = [(where[p][1], r) for p, r in zip(pages, rows) if where[p][0] == NOT_RESIDENT]
+        for layer in range(self.kv.num_layers):
+            for pool, items in ((self.kv.device_pool, on_dev), (self.kv.host_pool, on_host)):
+                if items:
+                    self._compute(layer, pool.k[layer], [i for i, _ in items], [r for _, r in items])
+
+    def _compute(self, layer: int, k_pool: torch.Tensor, pages: list[int], rows: list[int]) -> None:
+        dev = k_pool.device
+        bound = bind_flow(self.flow, self.kv.page_size, self.kv.head_dim, self.group, dev,
+                          lower=self._lower)
+        pages_t = torch.as_tensor(pages, dtype=torch.int64).to(dev)
+        if dev == self.device:
+            bound.cache(k_pool, pages_t, self._layers[layer],
+                        torch.as_tensor(rows, dtype=torch.int64).to(dev), check=False)
+            return
+        n = len(pages)
+        scratch = {name: torch.empty(n, *t.shape[2:], dtype=self.dtype, device=dev)
+                   for name, t in self._tensors.items()}
+        bound.cache(k_pool, pages_t, scratch, torch.arange(n, device=dev), check=False)
+        idx = torch.as_tensor(rows, dtype=torch.int64).to(self.device)
+        for name, t in self._layers[layer].items():
+            t.index_copy_(0, idx, scratch[name].to(self.device))
+
+    def free_request(self, rid: int) -> None:
+        """Request-freed listener: return the request's rows."""
+        row = self._rows.pop(rid, None)
+        if row:
+            self._alloc.free(rid, [r for r in row if r != NOT_RESIDENT])
+
+    @property
+    def rows_used(self) -> int:
+        return self._alloc.num_used
+
+    # ---- selection --------------------------------------------------------------------------
+    def index(self, layer: int, q: torch.Tensor, table: torch.Tensor, seq_lens: torch.Tensor,
+              budget: int, sink: int, recent: int, *, keys: Optional[Keys] = None,
+              check: bool = True) -> torch.Tensor:
+        """sel int32 [B, Hkv, budget] on q's device from q [B, Hq, D] and the batch's `table`,
+        `seq_lens` (from `table`, on the store's device). Runs where the summaries are. keys: only
+        for flows that read page keys (see `select_pages`). check=False skips validation."""
+        qd = q if q.device == self.device else q.to(self.device)
+        sel = self.bound.indexer(qd, self._layers[layer], table, seq_lens, budget, sink, recent,
+                                 num_kv_heads=self.kv.num_kv_heads, keys=keys, check=check)
+        return sel if sel.device == q.device else sel.to(q.device)
+
+    def select_pages(self, layer: int, q: torch.Tensor, rids: Sequence[int], budget: int,
+                     sink: int, recent: int) -> torch.Tensor:
+        """Pages each (request, KV head) of `rids` attends in `layer`, chosen by the flow from the
+        stored summaries (nothing is recomputed), whether pages sit in the device pool, the host
+        pool or both: the same selection as the stateless `vflow.select_pages` over the same KV.
+        q [B, Hq, D]; returns sel int32 [B, Hkv, budget] (logical pages, -1 padded) on q's device.
+        """
+        check_counts(budget, sink, recent)
+        budget, sink, recent = (operator.index(x) for x in (budget, sink, recent))
+        kv = self.kv
+        if not 0 <= layer < kv.num_layers:
+            raise ValueError(f"layer={layer!r} outside 0..{kv.num_layers - 1}")
+        want = (len(rids), kv.num_kv_heads * self.group, kv.head_dim)
+        if not isinstance(q, torch.Tensor) or tuple(q.shape) != want or not q.is_floating_point():
+            raise ValueError(f"q must be a float tensor {list(want)} (requests, query heads, "
+                             f"head_dim), got {getattr(q, 'dtype', type(q).__name__)} "
+                             f"{tuple(getattr(q, 'shape', ()))}")
+        table, lens = self.table(rids)
+        keys = self.gather_keys(layer, rids, table.shape[1]) if self.bound.reads_keys else None
+        return self.index(layer, q, table, lens, budget, sink, recent, keys=keys)
+
+    def gather_keys(self, layer: int, rids: Sequence[int], width: int) -> Keys:
+        """(k_pool, key_table) holding the keys of `rids` in `layer`, gathered from both pools onto
+        the store's device: for flows that read page keys (a research path, it copies the keys)."""
+        kv = self.kv
+        P, hkv, D = kv.page_size, kv.num_kv_heads, kv.head_dim
+        pool = torch.zeros(max(len(rids) * width, 1), hkv, P, D, dtype=kv.dtype)
+        for i, rid in enumerate(rids):
+            k, _ = kv.read(rid, layer)                                  # [T, Hkv, D] on the CPU
+            n = -(-k.shape[0] // P)
+            padded = torch.zeros(n * P, hkv, D, dtype=kv.dtype)
+            padded[:k.shape[0]] = k
+            pool[i * width:i * width + n] = padded.reshape(n, P, hkv, D).transpose(1, 2)
+        key_table = torch.arange(len(rids) * width, dtype=torch.int32).reshape(len(rids), width)
+        return pool.to(self.device), key_table.to(self.device)
