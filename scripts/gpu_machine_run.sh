@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: set up, then the named steps, logs and JSON under $OUT.
-#   bash scripts/gpu_machine_run.sh tests demo gpu_topk gpu_attention cpu_attention
+#   bash scripts/gpu_machine_run.sh tests demo gpu_topk gpu_attention cpu_attention summary_store
 # (TESTS="tests/test_x.py ..." limits the tests step to those files)
 # tests: the whole suite natively (GPU kernels without the interpreter; the wheel-build test is
 # skipped: no registry there). Each step has its own time limit so one slow step cannot eat the call.
@@ -19,6 +19,7 @@ for step in "$@"; do
     gpu_topk)      timeout 200 python3 benchmarks/gpu_topk.py --out "$OUT" ;;
     gpu_attention) timeout 300 python3 benchmarks/gpu_attention.py --out "$OUT" ;;
     cpu_attention) timeout 300 python3 benchmarks/cpu_attention.py --out "$OUT" ;;
+    summary_store) timeout 240 python3 benchmarks/summary_store.py --out "$OUT" ;;
     *) echo "unknown step $step"; continue ;;
   esac > "$OUT/$step.log" 2>&1
   rc=$?
