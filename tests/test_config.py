@@ -23,7 +23,8 @@ from vortex_hybrid import HybridConfig
     (dict(gpu_cache_pages=-5), "gpu_cache_pages=-5 is invalid: a non-negative integer"),
     (dict(host_memory_gib=-1.0), "host_memory_gib=-1.0 is invalid: a positive finite number"),
     (dict(kv_dtype="int8"), "kv_dtype='int8' is invalid: one of"),
-    (dict(summary_dtype="bfloat16"), "summary_dtype='bfloat16' is invalid: one of \\[.float32.\\]"),
+    (dict(summary_dtype="float16"), "summary_dtype='float16' is invalid: one of \\[.float32., .bfloat16.\\]"),
+    (dict(summary_location="gpu"), "summary_location='gpu' is invalid: one of"),
     (dict(cpu_threads=0), "cpu_threads=0 is invalid: a positive integer, or None"),
     (dict(flow=""), "flow='' is invalid"),
 ])

@@ -8,6 +8,7 @@ Kernels come in three interchangeable backends with the same functions (docs/arc
 
 from .config import HybridConfig
 from .kv import PagedKVCache
+from .runtime import HybridAttention
 
 __version__ = "0.1.0"
-__all__ = ["HybridConfig", "PagedKVCache", "__version__"]
+__all__ = ["HybridAttention", "HybridConfig", "PagedKVCache", "__version__"]

@@ -18,13 +18,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-PLACEMENTS = ("hybrid", "gpu", "cpu")
-"""Where attention runs: both devices under the scheduler, the GPU only, or the CPU only."""
+PLACEMENTS = ("hybrid", "gpu", "cpu", "offload", "dense")
+"""Where attention runs (docs/runtime.md): `dense` every page in HBM, full attention; `gpu` every page
+in HBM, sparse; `offload` full pages in host memory, selected ones fetched into the GPU page cache;
+`cpu` host pages attended by the CPU where they are; `hybrid` the scheduler splits host pages
+between CPU attention and fetches and uses what the GPU cache holds."""
+SUMMARY_LOCATIONS = ("auto", "device", "host")
 
 KV_DTYPES = ("bfloat16", "float16", "float32")
-SUMMARY_DTYPES = ("float32",)
-"""Summary storage dtypes the kernels support today (bf16 summaries would halve quest's indexer bytes:
-not built yet, so not accepted)."""
+SUMMARY_DTYPES = ("float32", "bfloat16")
+"""Summary storage dtypes the cache and indexer kernels read and write (bf16 halves quest's bytes)."""
 MAX_PAGE_SIZE = 1024
 
 
@@ -67,6 +70,9 @@ class HybridConfig:
     """Storage dtype of K and V pages; one of KV_DTYPES."""
     summary_dtype: str = "float32"
     """Storage dtype of page summaries; one of SUMMARY_DTYPES."""
+    summary_location: str = "auto"
+    """Where summaries live: "device" (HBM), "host" (pinned memory; the CPU indexer scores them
+    there), or "auto" (the device when they take at most a quarter of its free memory)."""
     cpu_threads: Optional[int] = None
     """Numba worker threads for CPU kernels; None for NUMBA_NUM_THREADS or every core."""
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
@@ -108,6 +114,8 @@ class HybridConfig:
             _fail("kv_dtype", self.kv_dtype, f"one of {list(KV_DTYPES)}")
         if self.summary_dtype not in SUMMARY_DTYPES:
             _fail("summary_dtype", self.summary_dtype, f"one of {list(SUMMARY_DTYPES)}")
+        if self.summary_location not in SUMMARY_LOCATIONS:
+            _fail("summary_location", self.summary_location, f"one of {list(SUMMARY_LOCATIONS)}")
         if self.cpu_threads is not None and (not _is_int(self.cpu_threads) or self.cpu_threads < 1):
             _fail("cpu_threads", self.cpu_threads, "a positive integer, or None")
         if not isinstance(self.extra, Mapping):

@@ -164,6 +164,18 @@ class PagedKVCache:
         r.seq_len = start + num_tokens
         return start
 
+    def truncate(self, rid: int, seq_len: int) -> None:
+        """Shorten a request to `seq_len` tokens (undo an `extend` whose writes did not finish);
+        pages past the new end are freed from both pools."""
+        r = self._req(rid)
+        if not isinstance(seq_len, int) or not 0 <= seq_len <= r.seq_len:
+            raise ValueError(f"seq_len={seq_len!r} must be an integer in [0, {r.seq_len}]")
+        keep = -(-seq_len // self.page_size)
+        self.device_alloc.free(rid, [p for p in r.device_pages[keep:] if p != NOT_RESIDENT])
+        self.host_alloc.free(rid, [p for p in r.host_pages[keep:] if p != NOT_RESIDENT])
+        del r.device_pages[keep:], r.host_pages[keep:]
+        r.seq_len = seq_len
+
     def write(self, rid: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write `k`, `v` `[T, num_kv_heads, head_dim]` of one layer at positions `[start, start+T)`.
 

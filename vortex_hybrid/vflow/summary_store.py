@@ -158,6 +158,12 @@ class SummaryStore:
             row[p] = r
         return [row[p] for p in pages]
 
+    def reserve_rows(self, rid: int, full_pages: int) -> None:
+        """Give pages 0..full_pages-1 of a request their rows now (a runtime's plan does this for the
+        page the step's new token fills, so the step's table already names its row)."""
+        if self._tensors and full_pages > 0:
+            self._assign(rid, list(range(full_pages)))
+
     def on_pages_filled(self, rid: int, layer: int, pages: list[int], device_pages: list[int]) -> None:
         """Page-filled listener: summarise `pages` of `layer` from the device pool."""
         if not self._tensors:

@@ -1,0 +1,198 @@
+"""HybridAttention: every placement returns the reference output over the same selection, across
+random batches with requests joining and leaving, caches down to one slot, pages filling, being
+summarised, offloaded, cached and evicted; request isolation; the fault cases."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+from vortex_hybrid import HybridAttention, HybridConfig, reference, vflow
+
+L, HQ, HKV, D, P = 2, 4, 2, 8, 4
+PLACEMENTS = ["dense", "gpu", "cpu", "offload", "hybrid"]
+
+
+def make(placement: str, slots: int = 4, **kw) -> HybridAttention:
+    cfg = HybridConfig(page_size=P, flow=kw.pop("flow", "quest"), budget_pages=kw.pop("budget", 4),
+                       budget_ratio=None, sink_pages=1, recent_pages=2, placement=placement,
+                       gpu_cache_pages=slots if placement in ("offload", "hybrid") else 256,
+                       kv_dtype="float32", **kw)
+    return HybridAttention(cfg, L, HQ, HKV, D, device_pages=64 + slots, host_pages=256)
+
+
+class Shadow:
+    """The authoritative KV of every request, kept by the test, and the reference step output."""
+
+    def __init__(self, attn: HybridAttention, seed: int):
+        self.attn, self.gen = attn, torch.Generator().manual_seed(seed)
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rand(self, *shape):
+        return torch.randn(*shape, generator=self.gen)
+
+    def add(self, tokens: int) -> int:
+        k, v = self.rand(L, tokens, HKV, D), self.rand(L, tokens, HKV, D)
+        rid = self.attn.add_request(k.to(self.attn.device), v.to(self.attn.device))
+        self.kv[rid] = (k, v)
+        return rid
+
+    def remove(self, rid: int) -> None:
+        self.attn.remove_request(rid)
+        del self.kv[rid]
+
+    def step(self, rids: list[int]) -> float:
+        """One decode step through the runtime; returns the worst relative error vs the reference."""
+        attn, cfg = self.attn, self.attn.cfg
+        attn.plan(rids)
+        worst, grown = 0.0, {r: ([], []) for r in rids}
+        for layer in range(L):
+            q, kn, vn = (self.rand(len(rids), h, D) for h in (HQ, HKV, HKV))
+            dev = attn.device
+            o = attn.run(layer, q.to(dev), kn.to(dev), vn.to(dev)).cpu()
+            for b, rid in enumerate(rids):
+                k = torch.cat([self.kv[rid][0][layer], kn[b:b + 1]])      # [T + 1, Hkv, D]
+                v = torch.cat([self.kv[rid][1][layer], vn[b:b + 1]])
+                grown[rid][0].append(k)
+                grown[rid][1].append(v)
+                want = reference_output(cfg, q[b:b + 1], k, v)
+                worst = max(worst, ((o[b] - want).norm() / want.norm().clamp_min(1e-30)).item())
+        for rid, (ks, vs) in grown.items():
+            self.kv[rid] = (torch.stack(ks), torch.stack(vs))
+        return worst
+
+
+def reference_output(cfg: HybridConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """float64 attention of q [1, Hq, D] over the pages the flow selects from k, v [T, Hkv, D]."""
+    T = k.shape[0]
+    n = -(-T // P)
+    pad = n * P - T
+    kp = torch.cat([k, torch.zeros(pad, HKV, D)]).reshape(n, P, HKV, D).transpose(1, 2).contiguous()
+    vp = torch.cat([v, torch.zeros(pad, HKV, D)]).reshape(n, P, HKV, D).transpose(1, 2).contiguous()
+    table = torch.arange(n, dtype=torch.int32)[None]
+    lens = torch.tensor([T], dtype=torch.int32)
+    if cfg.placement == "dense":
+        sel = reference.all_pages_sel(lens, HKV, n, P)
+    else:
+        sel = vflow.select_pages(cfg.flow, q, kp, table, lens, cfg.budget_for(n), cfg.sink_pages,
+                                 cfg.recent_pages)
+    o, _ = reference.sparse_decode_attention(q.double(), kp.double(), vp.double(), table, lens, sel)
+    return o[0].float()
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**16), slots=st.integers(1, 6),
+       ops=st.lists(st.tuples(st.sampled_from(["add", "step", "step", "remove"]),
+                              st.integers(0, 3 * P + 2)), min_size=3, max_size=10))
+def test_every_placement_returns_the_reference_over_the_same_selection(placement, seed, slots, ops):
+    attn = make(placement, slots)
+    shadow = Shadow(attn, seed)
+    live: list[int] = []
+    for op, n in ops:
+        if op == "add" or not live:
+            live.append(shadow.add(n))
+        elif op == "remove" and len(live) > 1:
+            shadow.remove(live.pop(n % len(live)))
+        else:
+            for _ in range(1 + n % 3):
+                err = shadow.step(list(live))
+                assert err < 1e-5, f"{placement} seed {seed}: relative error {err:.2e}"
+    attn.close()
+
+
+@pytest.mark.parametrize("placement", ["cpu", "offload", "hybrid"])
+def test_host_placements_use_both_paths_and_count_them(placement):
+    attn = make(placement, slots=2, budget=4)
+    shadow = Shadow(attn, 7)
+    rids = [shadow.add(40), shadow.add(9)]
+    for _ in range(6):
+        assert shadow.step(rids) < 1e-5
+    s = attn.stats()
+    last, total = s["last_step"], s["totals"]
+    assert total["steps"] == 6 and last["gpu_pages"] > 0
+    if placement == "cpu":
+        assert total["cpu_pages"] > 0 and total["fetched_pages"] == 0
+    if placement == "offload":
+        assert total["fetched_pages"] > 0 and total["bytes_h2d"] > 0
+    if placement in ("offload", "hybrid"):
+        assert total["cache_hits"] + total["cache_misses"] > 0
+    attn.close()
+
+
+def test_cpu_worker_fault_fails_the_step_and_the_next_step_works(monkeypatch):
+    attn = make("cpu")
+    shadow = Shadow(attn, 3)
+    rids = [shadow.add(30)]
+    assert shadow.step(rids) < 1e-5
+
+    def boom(*args):
+        raise ZeroDivisionError("cpu kernel failed")
+
+    monkeypatch.setattr(attn, "_cpu_attend", boom)
+    attn.plan(rids)
+    with pytest.raises(ZeroDivisionError, match="cpu kernel failed"):
+        attn.run(0, torch.randn(1, HQ, D), torch.randn(1, HKV, D), torch.randn(1, HKV, D))
+    monkeypatch.undo()
+    assert attn.kv.seq_len(rids[0]) == 31                      # reserved, rolled back at next plan
+    assert shadow.step(rids) < 1e-5
+    assert attn.kv.seq_len(rids[0]) == 32
+    attn.close()
+
+
+def test_api_misuse_is_refused_with_the_argument_named():
+    attn = make("gpu")
+    rid = attn.add_request(torch.randn(L, 5, HKV, D), torch.randn(L, 5, HKV, D))
+    q, kn = torch.randn(1, HQ, D), torch.randn(1, HKV, D)
+    with pytest.raises(ValueError, match="run\\(\\) needs a plan"):
+        attn.run(0, q, kn, kn)
+    with pytest.raises(ValueError, match="unknown request ids \\[99\\]"):
+        attn.plan([rid, 99])
+    with pytest.raises(ValueError, match="rids lists a request twice"):
+        attn.plan([rid, rid])
+    attn.plan([rid])
+    with pytest.raises(ValueError, match="layer=1: layers run in order; layer 0 is next"):
+        attn.run(1, q, kn, kn)
+    with pytest.raises(ValueError, match="q must be a float tensor \\[1, 4, 8\\]"):
+        attn.run(0, torch.randn(2, HQ, D), kn, kn)
+    with pytest.raises(ValueError, match="k_new must be a float tensor"):
+        attn.run(0, q, torch.randn(1, HKV, D + 1), kn)
+    attn.run(0, q, kn, kn)
+    with pytest.raises(ValueError, match=f"request {rid} is in the current step"):
+        attn.remove_request(rid)
+    attn.run(1, q, kn, kn)
+    attn.remove_request(rid)
+    with pytest.raises(ValueError, match="k must be a float tensor \\[2, T, 2, 8\\]"):
+        attn.add_request(torch.randn(L, 5, HKV + 1, D), torch.randn(L, 5, HKV + 1, D))
+    with pytest.raises(ValueError, match="num_q_heads=5 must be a multiple of num_kv_heads=2"):
+        HybridAttention(HybridConfig(), L, 5, 2, D)
+
+
+def test_pinned_memory_beyond_the_cap_is_refused_before_allocating():
+    cfg = HybridConfig(page_size=P, placement="cpu", host_memory_gib=1e-6, kv_dtype="float32")
+    with pytest.raises(ValueError, match="GiB of pages exceed"):
+        HybridAttention(cfg, L, HQ, HKV, D, device_pages=8, host_pages=1000)
+
+
+def test_requests_never_read_each_others_pages():
+    """Two requests whose values differ in scale: each output stays in its own value range, and
+    every cached slot belongs to the request that fetched it."""
+    attn = make("hybrid", slots=3, budget=3)
+    gen = torch.Generator().manual_seed(11)
+    small = attn.add_request(torch.randn(L, 33, HKV, D, generator=gen),
+                             torch.full((L, 33, HKV, D), 0.001))
+    big = attn.add_request(torch.randn(L, 33, HKV, D, generator=gen),
+                           torch.full((L, 33, HKV, D), 1000.0))
+    for _ in range(4):
+        attn.plan([small, big])
+        for layer in range(L):
+            o = attn.run(layer, torch.randn(2, HQ, D, generator=gen),
+                         torch.randn(2, HKV, D, generator=gen), torch.full((2, HKV, D), 0.001))
+            assert o[0].abs().max() < 0.01 and o[1].abs().max() > 10
+        for cache in attn._caches:
+            for rid in (small, big):
+                for p in cache.pages_of(rid):
+                    assert p < attn.kv.num_pages(rid)
+    attn.close()
