@@ -1,6 +1,7 @@
-"""Registers this backend's flow kernels with the vFlow lowering hook for device "cpu".
+"""This backend's flow kernels for the vFlow lowering hook for device "cpu".
 
-Imported by `vortex_hybrid.cpu_kernels`. A lowering is registered against a library flow's traced
+`vortex_hybrid.vflow.lowering` reads `LOWERINGS` when it first looks for "cpu" kernels (this
+module imports nothing from vflow: the dependency goes one way). A lowering is registered against a library flow's traced
 graph: any flow whose stage traces to the same structure runs on it (`vortex_hybrid.vflow.lowering`);
 every other (flow, stage) runs on the reference interpreter. The mirror of `gpu_kernels.lowerings`.
 
@@ -9,8 +10,6 @@ every other (flow, stage) runs on the reference interpreter. The mirror of `gpu_
 """
 
 from __future__ import annotations
-
-from vortex_hybrid.vflow.lowering import register_lowering
 
 from .page_scoring import centroid_indexer, quest_indexer
 from .page_summaries import centroid_cache, quest_cache
@@ -21,6 +20,3 @@ LOWERINGS = {
     ("centroid", "cache"): centroid_cache,
     ("centroid", "indexer"): centroid_indexer,
 }
-
-for (_flow, _stage), _fn in LOWERINGS.items():
-    register_lowering(_flow, _stage, "cpu", _fn)

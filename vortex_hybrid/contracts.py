@@ -4,8 +4,8 @@
 functions; each public entry point calls the matching check here first, so bad input raises a
 `ValueError` that names the argument, the bad value and what is allowed, and kernels can assume valid
 input. Shape/dtype checks are free; value checks (page indices in range, unique selections) read the
-tensors and, on a GPU, synchronise: the runtime validates once per step in `plan()` and then calls the
-kernels' unchecked launchers.
+tensors and, on a GPU, synchronise, so a runtime validates its inputs once per step and then calls
+the kernels' unchecked launchers (the runtime that does so comes in a later change).
 """
 
 from __future__ import annotations

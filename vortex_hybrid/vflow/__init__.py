@@ -31,6 +31,9 @@ from .registry import list_flows, load_flow, register
 from .select import page_scores, select_pages
 from .vtensor import Selection, VTensor
 
-__all__ = ["BoundFlow", "CompiledFlow", "Flow", "bind_flow", "FlowError", "PAGES", "Selection", "VTensor", "compile_flow",
+from . import flows  # noqa: E402,F401  (registers the library flows: list_flows/load_flow see them)
+
+__all__ = ["BoundFlow", "CompiledFlow", "Flow", "FlowError", "PAGES", "Selection", "VTensor",
+           "bind_flow", "compile_flow",
            "find_lowering", "list_flows", "load_flow", "ops", "page_scores", "register",
            "register_lowering", "registered_lowerings", "select_pages", "unregister_lowering"]

@@ -1,4 +1,6 @@
-"""Trace a flow into IR graphs and check it: `compile_flow(flow, page_size, head_dim, group)`.
+"""Trace a flow into IR graphs and check it: `compile_flow(flow, page_size, head_dim, group)`, or
+`flow.compiled(page_size, head_dim, group)`, the same cached per shape on the flow object (this
+module attaches that method to `Flow`, so `flow` does not import the compiler).
 
 Checks, each a `FlowError` naming the op and the flow's line: page size a power of two, summary
 declarations well formed, every declared summary written once with its declared shape, no undeclared
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..config import MAX_PAGE_SIZE
+from . import ops  # noqa: F401  (attaches the vTensor methods and operators that flows call)
 from .errors import FlowError, definition_location, flow_error, user_location
 from .flow import Flow
 from .graph import FLOAT, PAGES, Graph, format_shape, tracing
@@ -35,11 +38,6 @@ class CompiledFlow:
     summaries: dict[str, tuple[int, int]]
     cache_graph: Graph
     indexer_graph: Graph
-
-    @property
-    def reads_keys(self) -> bool:
-        """True when the indexer reads page keys (cache["k"]): no summary-only lowering fits."""
-        return KEYS in self.indexer_graph.inputs
 
     def __str__(self) -> str:
         return f"{self.cache_graph}\n{self.indexer_graph}"
@@ -106,7 +104,7 @@ class _CacheReader:
                                     f"cache[{KEYS!r}] gives the page keys)")
         node = self._graph.add("input", (), {"name": key}, shape, FLOAT, user_location())
         self._graph.inputs[key] = node.id
-        self._read[name] = VTensor(self._graph, node, "paged")
+        self._read[name] = VTensor(self._graph, node)
         return self._read[name]
 
     def __setitem__(self, name: str, value: Any) -> None:
@@ -162,7 +160,7 @@ def _compile(flow: Flow, page_size: int, head_dim: int, group: int) -> CompiledF
                                definition_location(type(flow).forward_cache))
         cache_graph.inputs["keys"] = node.id
         writer = _CacheWriter(cache_graph, declared)
-        flow.forward_cache(VTensor(cache_graph, node, "page"), writer)
+        flow.forward_cache(VTensor(cache_graph, node), writer)
     missing = sorted(set(declared) - set(cache_graph.outputs))
     if missing:
         raise flow_error(cache_graph.context, "cache[...] =", f"summaries {missing} are declared in "
@@ -176,7 +174,7 @@ def _compile(flow: Flow, page_size: int, head_dim: int, group: int) -> CompiledF
         indexer_graph.inputs["q"] = node.id
         reader = _CacheReader(indexer_graph, declared, page_size, head_dim)
         try:
-            out = flow.forward_indexer(VTensor(indexer_graph, node, "batched"), reader)
+            out = flow.forward_indexer(VTensor(indexer_graph, node), reader)
         except NotImplementedError:
             raise flow_error(indexer_graph.context, "forward_indexer", "the flow does not define "
                              "forward_indexer", definition_location(type(flow))) from None
@@ -186,3 +184,17 @@ def _compile(flow: Flow, page_size: int, head_dim: int, group: int) -> CompiledF
                          definition_location(type(flow).forward_indexer))
     indexer_graph.outputs["selection"] = out.node.id
     return CompiledFlow(flow.name, page_size, head_dim, group, declared, cache_graph, indexer_graph)
+
+
+def _compiled(self: Flow, page_size: int, head_dim: int, group: int) -> CompiledFlow:
+    """The traced and checked flow for these shapes (traced once, then cached on the object)."""
+    cache = self.__dict__.setdefault("_compiled", {})
+    key = (page_size, head_dim, group)
+    if key not in cache:
+        cache[key] = compile_flow(self, page_size, head_dim, group)
+    return cache[key]
+
+
+# Declared in flow.py, defined here: the compiler imports `Flow`, and `flow` imports nothing back.
+_compiled.__name__, _compiled.__qualname__ = "compiled", "Flow.compiled"
+Flow.compiled = _compiled

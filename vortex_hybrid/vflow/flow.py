@@ -11,7 +11,7 @@ A flow has three parts, each ordinary Python that is traced once per shape into 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:
     from .compiler import CompiledFlow
@@ -29,6 +29,9 @@ class Flow:
     """Registered name (set by `register`); lowerings are looked up by it."""
     probe_shape: tuple[int, int, int] = (16, 64, 4)
     """(page_size, head_dim, query heads per KV head) that `register` traces the flow with."""
+    compiled: Callable[[int, int, int], "CompiledFlow"]
+    """`flow.compiled(page_size, head_dim, group)`: the flow traced and checked for these shapes,
+    traced once per shape and cached on the object. Attached by `compiler` (see compile_flow)."""
 
     def create_cache(self, page_size: int, head_dim: int) -> dict[str, tuple[int, int]]:
         """Summaries this flow keeps: name -> (r, c), the shape per page and KV head."""
@@ -40,15 +43,6 @@ class Flow:
     def forward_indexer(self, q: "VTensor", cache: Any) -> "Selection":
         """Score the pages from the query heads `q` (G, D) and `cache`; return `ops.topk(score)`."""
         raise NotImplementedError
-
-    def compiled(self, page_size: int, head_dim: int, group: int) -> "CompiledFlow":
-        """The traced and checked flow for these shapes (traced once, then cached on the object)."""
-        from .compiler import compile_flow
-        cache = self.__dict__.setdefault("_compiled", {})
-        key = (page_size, head_dim, group)
-        if key not in cache:
-            cache[key] = compile_flow(self, page_size, head_dim, group)
-        return cache[key]
 
     def __repr__(self) -> str:
         return f"<flow {self.name or type(self).__name__}>"

@@ -11,9 +11,9 @@ overrides `forward_indexer` runs its own program.
     fn = find_lowering(my_flow, "indexer", "cuda", shape=(16, 128, 4))   # None -> interpreter
 
 The runtime does not call `find_lowering` per step: `bound_flow.bind_flow` resolves both stages
-once per (flow, shape, device). Backends register at import: `find_lowering` imports
-`vortex_hybrid.cpu_kernels` (device "cpu") or `vortex_hybrid.gpu_kernels` (device "cuda") once; an
-`ImportError` there means "no lowering".
+once per (flow, shape, device). `find_lowering` imports `vortex_hybrid.cpu_kernels.lowerings`
+(device "cpu") or `vortex_hybrid.gpu_kernels.lowerings` (device "cuda") once and registers their
+LOWERINGS tables; an `ImportError` there means "no lowering".
 
 Signatures (N physical pages, Hkv KV heads, P page_size, D head_dim, B requests, Hq query heads,
 R summary rows):
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 STAGES = ("cache", "indexer")
 DEVICES = ("cpu", "cuda")
 BACKEND_MODULES = {"cpu": "vortex_hybrid.cpu_kernels", "cuda": "vortex_hybrid.gpu_kernels"}
+"""Each backend's `lowerings` submodule holds LOWERINGS = {(pattern, stage): fn}, registered here on
+first use (the backends import nothing from vflow)."""
 
 _lowerings: dict[tuple[str, str, str], Callable] = {}     # (pattern flow, stage, device) -> fn
 _signatures: dict[tuple, tuple] = {}                       # (pattern, stage, shape) -> signature
@@ -111,10 +113,18 @@ def _import_backend(kind: str) -> None:
         return
     _backends_tried.add(kind)
     try:
-        importlib.import_module(BACKEND_MODULES[kind])
+        table = importlib.import_module(BACKEND_MODULES[kind] + ".lowerings").LOWERINGS
     except ImportError as exc:
         log.info("no %s lowerings (%s does not import: %s); the reference interpreter runs",
                  kind, BACKEND_MODULES[kind], exc)
+        return
+    global generation
+    mine = {(pattern, stage, kind): fn for (pattern, stage), fn in table.items()}
+    theirs = {key: fn for key, fn in _lowerings.items() if key not in mine}
+    _lowerings.clear()                      # the backend's go first: registrations made before
+    _lowerings.update(mine)                 # the backend loaded stay newer and win
+    _lowerings.update(theirs)
+    generation += 1
 
 
 def _pattern_signature(pattern: str, stage: str, shape: Shape) -> Optional[tuple]:

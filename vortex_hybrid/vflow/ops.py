@@ -2,7 +2,8 @@
 
 Shapes are logical (see `vtensor`); `PAGES` is the page axis. Elementwise ops broadcast like numpy
 (sizes match or one is 1, aligned from the right). A bad call raises `FlowError` naming the op and
-the flow's line.
+the flow's line. Importing this module also attaches the common ops to `VTensor` as methods and
+operators (`x.sum(0)`, `a * b`, `q @ k`, `x > 0`, `-x`, `abs(x)`).
 
 Both stages
     add sub mul div maximum minimum (a, b)       gt ge lt le (a, b) -> bool     where(cond, a, b)
@@ -47,10 +48,8 @@ def _graph(op: str, *args: Any) -> Graph:
 
 def _new(g: Graph, op: str, inputs: Sequence[VTensor], attrs: dict, shape: tuple,
          dtype: str = FLOAT) -> VTensor:
-    formats = {x.format for x in inputs}
-    fmt = next((f for f in ("paged", "page", "batched") if f in formats), "const")
     node = g.add(op, tuple(x.node.id for x in inputs), attrs, shape, dtype, user_location())
-    return VTensor(g, node, fmt)
+    return VTensor(g, node)
 
 
 def _operand(g: Graph, op: str, x: Any) -> VTensor:
@@ -346,6 +345,28 @@ def union(*selections: Selection, shares: Optional[Sequence[float]] = None) -> S
                  user_location())
     return Selection(g, node)
 
+
+# ---- VTensor's methods and operators: these ops, attached once (as torch.fx attaches Proxy's) ----
+def _attach_methods() -> None:
+    for name in ("sum", "mean", "max", "min", "norm", "abs", "exp", "relu", "transpose"):
+        setattr(VTensor, name, globals()[name])         # x.sum(dim, keepdim) = sum(x, dim, keepdim)
+    VTensor.__neg__, VTensor.__abs__ = neg, abs
+    for dunder, fn in (("add", add), ("sub", sub), ("mul", mul), ("truediv", div),
+                       ("matmul", matmul)):
+        setattr(VTensor, f"__{dunder}__", fn)
+        setattr(VTensor, f"__r{dunder}__", _reflected(fn, f"__r{dunder}__"))
+    for fn in (gt, ge, lt, le):
+        setattr(VTensor, f"__{fn.__name__}__", fn)
+
+
+def _reflected(fn, name: str):
+    def method(self, other):
+        return fn(other, self)
+    method.__name__, method.__qualname__ = name, f"VTensor.{name}"
+    return method
+
+
+_attach_methods()
 
 __all__ = ["add", "sub", "mul", "div", "maximum", "minimum", "gt", "ge", "lt", "le", "where",
            "neg", "abs", "exp", "relu", "sqrt", "sum", "mean", "max", "min", "norm", "matmul",

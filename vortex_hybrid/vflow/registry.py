@@ -2,21 +2,22 @@
 `list_flows()`.
 
 `register` traces the flow once with its `probe_shape`, so a mistake in a flow surfaces when its
-module is imported, pointing at the faulty line. Library flows (`vortex_hybrid.vflow.flows`) are
-imported on the first lookup.
+module is imported, pointing at the faulty line. The library flows (`vortex_hybrid.vflow.flows`)
+register themselves here; `vortex_hybrid.vflow` imports them (after this module), so they are listed
+whenever any part of vflow is imported. This module does not import them back.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
-import importlib
 import importlib.util
 import logging
 import os
 import sys
 from typing import Any, Callable, Union
 
+from .compiler import compile_flow
 from .flow import Flow
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,7 @@ def register(name: str) -> Callable[[type[Flow]], type[Flow]]:
             raise ValueError(f"register: flow name {name!r} is taken by {old.__module__}."
                              f"{old.__qualname__}; pick another name")
         cls.name = name
-        probe = cls()
-        probe.compiled(*cls.probe_shape)
+        compile_flow(cls(), *cls.probe_shape)
         _flows[name] = cls
         _instances.pop(name, None)
         return cls
@@ -57,13 +57,8 @@ def register(name: str) -> Callable[[type[Flow]], type[Flow]]:
     return deco
 
 
-def _load_library() -> None:
-    importlib.import_module("vortex_hybrid.vflow.flows")
-
-
 def list_flows() -> list[str]:
     """Names of every registered flow (the library's and any loaded by the user), sorted."""
-    _load_library()
     return sorted(_flows)
 
 
@@ -115,8 +110,6 @@ def load_flow(spec: Union[str, Flow, type], **options: Any) -> Flow:
             here = sorted(n for n, c in _flows.items() if c.__module__ == module.__name__)
             raise ValueError(f"flow {name!r} is not registered by {path} (it registers {here}; use "
                              f"@register({name!r}) on a Flow subclass)")
-    else:
-        _load_library()
     if name not in _flows:
         close = difflib.get_close_matches(name, list(_flows), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
