@@ -2,6 +2,8 @@
 
 import json
 
+import dataclasses
+
 import pytest
 
 from vortex_hybrid import HybridConfig
@@ -19,7 +21,7 @@ from vortex_hybrid import HybridConfig
     (dict(budget_ratio=0.0), "budget_ratio=0.0 is invalid: a fraction in \\(0, 1\\]"),
     (dict(budget_ratio=1.5), "budget_ratio=1.5 is invalid"),
     (dict(budget_ratio=None, budget_pages=None), "set budget_pages and/or budget_ratio"),
-    (dict(placement="tpu"), "placement='tpu' is invalid: one of \\['hybrid', 'gpu', 'cpu'\\]"),
+    (dict(placement="tpu"), "placement='tpu' is invalid: one of \\['hybrid', 'gpu', 'cpu', 'offload', 'dense'\\]"),
     (dict(gpu_cache_pages=-5), "gpu_cache_pages=-5 is invalid: a non-negative integer"),
     (dict(host_memory_gib=-1.0), "host_memory_gib=-1.0 is invalid: a positive finite number"),
     (dict(kv_dtype="int8"), "kv_dtype='int8' is invalid: one of"),
@@ -44,20 +46,20 @@ def test_invalid_json_text_is_reported():
 
 
 def test_json_round_trip_through_a_file(tmp_path):
-    cfg = HybridConfig(page_size=32, flow="centroid", budget_pages=64, budget_ratio=None,
+    cfg = HybridConfig(page_size=32, flow="double_sparsity", budget_pages=64, budget_ratio=None,
                        sink_pages=2, recent_pages=4, placement="cpu", gpu_cache_pages=0,
                        host_memory_gib=12.5, kv_dtype="float16", cpu_threads=3,
-                       extra={"channels": 16})
+                       extra={"channels": [0, 3, 5]})
     path = tmp_path / "hybrid.json"
     cfg.to_json(path)
-    assert json.loads(path.read_text())["flow"] == "centroid"
+    assert json.loads(path.read_text())["flow"] == "double_sparsity"
     assert HybridConfig.from_json(path) == cfg
     assert HybridConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_config_is_frozen_and_hashable():
     cfg = HybridConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'page_size'"):
         cfg.page_size = 32
     assert hash(cfg) == hash(HybridConfig())
 
@@ -80,3 +82,34 @@ def test_cpu_threads_resolution(monkeypatch):
     assert HybridConfig(cpu_threads=5).resolved_cpu_threads() == 5
     monkeypatch.setenv("NUMBA_NUM_THREADS", "7")
     assert HybridConfig().resolved_cpu_threads() == 7
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(flow="qeust"), "flow='qeust' is invalid: unknown flow 'qeust' \\(did you mean 'quest'\\?\\)"),
+    (dict(flow="double_sparsity", extra={"chanels": 8}),
+     "extra has 'chanels' \\(did you mean 'channels'\\?\\), which flow 'double_sparsity' does not"),
+    (dict(flow="quest", extra={"channels": 16}), "flow 'quest' does not take: it takes no options"),
+    (dict(flow="missing.py:x"), "flow file 'missing.py' does not exist"),
+])
+def test_flow_and_its_options_are_checked_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HybridConfig(**kwargs)
+
+
+def test_integral_numbers_are_accepted_and_stored_as_int():
+    import numpy as np
+    cfg = HybridConfig(budget_pages=np.int64(8), page_size=np.int32(32), sink_pages=np.int64(2))
+    assert (cfg.budget_pages, cfg.page_size, cfg.sink_pages) == (8, 32, 2)
+    assert all(type(x) is int for x in (cfg.budget_pages, cfg.page_size, cfg.sink_pages))
+    with pytest.raises(ValueError, match="page_size=16.0 is invalid"):
+        HybridConfig(page_size=16.0)
+
+
+@pytest.mark.parametrize("source,match", [
+    ("[1, 2]", "the JSON is a list; expected an object"),
+    ("nope.json", "cannot read 'nope.json'"),
+    ("{bad", "not valid JSON"),
+])
+def test_from_json_errors_say_what_was_wrong(source, match):
+    with pytest.raises(ValueError, match=match):
+        HybridConfig.from_json(source)

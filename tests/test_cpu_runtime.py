@@ -15,6 +15,7 @@ from vortex_hybrid.backends import load_backend
 from vortex_hybrid.cpu_kernels import (cpu_threads, launch_sparse_decode_attention, set_cpu_threads,
                                        token_topk_attention, topk_pages, warmup)
 from vortex_hybrid.cpu_kernels.storage_decode import decode_into
+from vortex_hybrid.cpu_kernels.threads import max_threads
 from vortex_hybrid.cpu_kernels.tensor_views import BF16, FP16, storage_bits
 from vortex_hybrid.vflow import find_lowering
 
@@ -46,7 +47,7 @@ def _compiled_signatures() -> dict:
 
 def test_warmup_compiles_every_specialisation_the_runtime_uses():
     """After warmup(), decode-step calls with every storage dtype compile nothing new."""
-    assert warmup() >= 0.0
+    warmup()
     before = _compiled_signatures()
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         q, k, v, pt, sl, sel = make_case(new_seed(), dtype, 4, 128, page_size=16)
@@ -79,7 +80,7 @@ def test_thread_count_from_int_and_config():
     try:
         assert set_cpu_threads(1) == 1 and cpu_threads() == 1
         assert set_cpu_threads(HybridConfig(cpu_threads=1)) == 1
-        assert set_cpu_threads(10 ** 6) <= 10 ** 6
+        assert set_cpu_threads(10 ** 6) == max_threads() and cpu_threads() == max_threads()
         with pytest.raises(ValueError, match="threads=0 must be a positive int"):
             set_cpu_threads(0)
     finally:

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import test_seed
+
 from vortex_hybrid import reference, vflow
 from vortex_hybrid.contracts import pages_of
 from vortex_hybrid.gpu_kernels import lowerings
@@ -84,7 +86,7 @@ def run_indexer(flow, q, k_pool, table, seq_lens, budget, sink, recent):
 @pytest.mark.parametrize("flow", ["quest", "centroid"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cache_kernels_write_exactly_the_listed_pages(flow, dtype):
-    rng = random.Random()
+    rng = random.Random(test_seed())
     for hkv, d, P in ((2, 64, 4), (2, 128, 16), (3, 128, 128)):      # last: one head per program
         _, k_pool, _, _ = make_pool(rng, 1, hkv, 1, d, P, dtype=dtype)
         k_pool = torch.cat([k_pool, torch.randn(4, *k_pool.shape[1:]).to(dtype)])
@@ -114,7 +116,7 @@ def test_cache_kernels_accept_an_empty_page_list():
 def test_indexer_equals_reference_topk_of_brute_scores_exactly(flow):
     """Small-integer keys and queries: every score is exact in float32, ties are frequent, so the
     selection must equal reference.topk_pages of the float64 brute-force scores page for page."""
-    rng = random.Random()
+    rng = random.Random(test_seed())
     for group in (1, 3, 4, 8):
         q, k_pool, table, lens = make_pool(rng, 3, 2, group, 64, 4, integer=True)
         scores = brute_scores(flow, q, k_pool, table, lens)
@@ -127,7 +129,7 @@ def test_indexer_equals_reference_topk_of_brute_scores_exactly(flow):
 
 @pytest.mark.parametrize("flow", ["quest", "centroid"])
 def test_indexer_on_random_floats_picks_the_best_pages_up_to_rounding(flow):
-    rng = random.Random()
+    rng = random.Random(test_seed())
     q, k_pool, table, lens = make_pool(rng, 2, 2, 4, 128, 16)
     scores = brute_scores(flow, q, k_pool, table, lens)
     n = pages_of(lens, 16)
@@ -183,7 +185,7 @@ def test_lowerings_are_registered_for_cuda():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="select_pages lowers only on CUDA")
 @pytest.mark.parametrize("flow", ["quest", "centroid"])
 def test_select_pages_through_the_lowering_equals_the_interpreter_on_exact_inputs(flow):
-    rng = random.Random()
+    rng = random.Random(test_seed())
     q, k_pool, table, lens = make_pool(rng, 4, 8, 4, 128, 16, integer=True)
     q, k_pool, table, lens = (t.to(DEVICE) for t in (q, k_pool, table, lens))
     for budget in (3, 9, 40):

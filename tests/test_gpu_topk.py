@@ -10,6 +10,8 @@ import random
 import pytest
 import torch
 
+from conftest import test_seed
+
 from vortex_hybrid import reference
 from vortex_hybrid.gpu_kernels.topk_pages import MAX_REGISTER_ROW, launch_topk_pages, topk_pages
 
@@ -55,7 +57,7 @@ def run_and_compare(scores, num_pages, k, sink, recent, **config):
 @pytest.mark.parametrize("small", [0, 16, 256], ids=lambda v: f"compact{v}")
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
 def test_topk_matches_reference_on_rows_held_in_registers(ties, small):
-    rng = random.Random()
+    rng = random.Random(test_seed())
     for _ in range(3):
         run_and_compare(*random_case(rng, rng.randint(1, 300), ties=ties), small=small)
 
@@ -63,7 +65,7 @@ def test_topk_matches_reference_on_rows_held_in_registers(ties, small):
 @pytest.mark.parametrize("digit_bits,small", [(1, 0), (2, 32), (4, 0), (8, 32)])
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
 def test_topk_matches_reference_on_streamed_rows(digit_bits, small, ties):
-    rng = random.Random()
+    rng = random.Random(test_seed())
     for _ in range(2):
         run_and_compare(*random_case(rng, rng.randint(65, 300), ties=ties), block=64,
                         digit_bits=digit_bits, num_warps=4, small=small)
@@ -72,7 +74,7 @@ def test_topk_matches_reference_on_streamed_rows(digit_bits, small, ties):
 def test_topk_orders_nan_inf_and_signed_zero_like_torch_sort():
     """NaN counts as the largest score, -0.0 ties with +0.0 (lower index wins), as in torch.sort."""
     specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, -1.0])
-    rng = random.Random()
+    rng = random.Random(test_seed())
     for _ in range(4):
         scores = specials[torch.randint(0, len(specials), (2, 2, 40))]
         num_pages = torch.tensor([40, rng.randint(10, 40)], dtype=torch.int32)
@@ -107,7 +109,7 @@ def test_topk_rejects_bad_arguments():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real row sizes only natively on a GPU")
 @pytest.mark.parametrize("max_pages", [256, 8192, MAX_REGISTER_ROW, 20000, 65536])
 def test_topk_matches_reference_at_real_row_sizes(max_pages):
-    rng = random.Random()
+    rng = random.Random(test_seed())
     for ties in (False, True):
         scores, num_pages, _, sink, recent = random_case(rng, max_pages, B=4, H=8, ties=ties)
         for frac in (0.01, 0.1):

@@ -14,9 +14,13 @@ import dataclasses
 import difflib
 import json
 import math
+import inspect
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
+
+from .contracts import MAX_PAGE_SIZE
 
 PLACEMENTS = ("hybrid", "gpu", "cpu", "offload", "dense")
 """Where attention runs (docs/runtime.md): `dense` every page in HBM, full attention; `gpu` every page
@@ -28,7 +32,6 @@ SUMMARY_LOCATIONS = ("auto", "device", "host")
 KV_DTYPES = ("bfloat16", "float16", "float32")
 SUMMARY_DTYPES = ("float32", "bfloat16")
 """Summary storage dtypes the cache and indexer kernels read and write (bf16 halves quest's bytes)."""
-MAX_PAGE_SIZE = 1024
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -36,7 +39,38 @@ def _fail(name: str, value: Any, allowed: str) -> None:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """Any integral number (int, numpy integer, ...), not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+INT_FIELDS = ("page_size", "budget_pages", "sink_pages", "recent_pages", "gpu_cache_pages",
+              "cpu_threads")
+
+
+def _check_flow(flow: str, extra: Mapping[str, Any]) -> None:
+    """The flow name (or file.py:name) loads and takes `extra` as its options; ValueError if not."""
+    from .vflow.registry import load_flow       # lazy: vflow is heavier than a config
+    cls = type(load_flow(flow))
+    params = [n for n, p in inspect.signature(cls.__init__).parameters.items()
+              if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in extra:
+        if key not in params:
+            close = difflib.get_close_matches(str(key), params, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            allowed = f"its options are {params}" if params else "it takes no options"
+            raise ValueError(f"HybridConfig.extra has {key!r}{hint}, which flow {flow!r} does not "
+                             f"take: {allowed}")
+    try:
+        load_flow(flow, **dict(extra))
+    except TypeError as exc:
+        raise ValueError(f"HybridConfig.extra={dict(extra)!r} is invalid for flow {flow!r}: {exc}") \
+            from None
 
 
 @dataclass(frozen=True)
@@ -51,7 +85,8 @@ class HybridConfig:
     page_size: int = 16
     """Tokens per page; a power of two in [1, 1024]."""
     flow: str = "quest"
-    """A registered flow name, or `path/to/file.py:name` for a user's flow."""
+    """A registered flow name, or `path/to/file.py:name` for a user's flow (loaded and checked at
+    construction)."""
     budget_pages: Optional[int] = None
     """Pages per (request, KV head) per step, sink and recent included; None to use the ratio only."""
     budget_ratio: Optional[float] = 0.02
@@ -76,9 +111,14 @@ class HybridConfig:
     cpu_threads: Optional[int] = None
     """Numba worker threads for CPU kernels; None for NUMBA_NUM_THREADS or every core."""
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
-    """Free-form flow options (e.g. {"channels": 16}); passed to the flow unchecked."""
+    """Flow options (e.g. {"channels": 16} for double_sparsity): the flow's constructor arguments,
+    checked against them at construction."""
 
     def __post_init__(self) -> None:
+        for name in INT_FIELDS:                 # numpy integers and the like become plain ints
+            value = getattr(self, name)
+            if _is_int(value) and type(value) is not int:
+                object.__setattr__(self, name, operator.index(value))
         ps = self.page_size
         if not _is_int(ps) or ps < 1 or ps > MAX_PAGE_SIZE or ps & (ps - 1):
             _fail("page_size", ps, f"a power of two from 1 to {MAX_PAGE_SIZE} (e.g. 16)")
@@ -120,6 +160,12 @@ class HybridConfig:
             _fail("cpu_threads", self.cpu_threads, "a positive integer, or None")
         if not isinstance(self.extra, Mapping):
             _fail("extra", self.extra, "a mapping of flow options")
+        try:
+            _check_flow(self.flow, self.extra)
+        except ValueError as exc:
+            msg = str(exc)
+            raise ValueError(msg if msg.startswith("HybridConfig") else
+                             f"HybridConfig.flow={self.flow!r} is invalid: {msg}") from None
 
     # ---- derived values -------------------------------------------------------------------------
     def budget_for(self, num_pages: int) -> int:
@@ -163,13 +209,21 @@ class HybridConfig:
     def from_json(cls, source: str | os.PathLike) -> "HybridConfig":
         """Build from a JSON file path or a JSON text (a string that starts with '{')."""
         text = str(source)
-        if not text.lstrip().startswith("{"):
-            with open(source, encoding="utf-8") as fh:
-                text = fh.read()
+        if not text.lstrip().startswith(("{", "[")):
+            try:
+                with open(source, encoding="utf-8") as fh:
+                    text = fh.read()
+            except OSError as exc:
+                raise ValueError(f"HybridConfig.from_json: cannot read {text!r} "
+                                 f"({exc.strerror or exc}); pass a JSON file path or a JSON "
+                                 "object text") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"HybridConfig.from_json: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"HybridConfig.from_json: the JSON is a {type(data).__name__}; "
+                             "expected an object of config fields, e.g. {\"flow\": \"quest\"}")
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,6 +14,8 @@ import operator
 
 import torch
 
+MAX_PAGE_SIZE = 1024
+"""Largest page size (tokens) the kernels take; page sizes are powers of two."""
 INDEX_DTYPES = (torch.int32, torch.int64)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -15,6 +15,7 @@ Each row reports time and the relative error against a float64 reference over th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -35,17 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-heads", type=int, default=8, help="KV heads (default 8)")
     p.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
     p.add_argument("--config", default=None,
-                   help="HybridConfig JSON file (page size, flow, budget, sink, recent, dtype)")
+                   help="HybridConfig JSON file or text (page size, flow, budget, sink, recent, "
+                        "dtype); default: HybridConfig() (quest, 2%% of the pages)")
+    p.add_argument("--flow", default=None,
+                   help="flow overriding the config's: a registered name (quest, centroid, "
+                        "streaming, oracle, double_sparsity) or path/to/file.py:name")
     p.add_argument("--offload-fraction", type=float, default=0.5,
                    help="fraction of each request's full pages moved to host memory (default 0.5)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions, median kept (default 3)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed repetitions after one warm-up call, median kept (default 3, >= 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     return p
 
 
 def _timed(fn, repeats: int):
-    out, times = None, []
-    for _ in range(max(1, repeats)):
+    """(output, median ms over `repeats` calls); one untimed warm-up call first (compilation)."""
+    out, times = fn(), []
+    for _ in range(repeats):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -61,13 +68,25 @@ def _rel_err(o: torch.Tensor, ref: torch.Tensor) -> float:
     return float((o - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
-def run_demo(args: argparse.Namespace) -> list[dict]:
-    cfg = HybridConfig.from_json(args.config) if args.config else HybridConfig(budget_ratio=0.05)
-    torch.manual_seed(args.seed)
+def check_args(args: argparse.Namespace) -> HybridConfig:
+    """The demo's config, after checking every option (ValueError naming the bad one)."""
+    for name in ("batch", "context", "q_heads", "kv_heads", "head_dim", "repeats"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={value} must be a positive integer")
     if args.q_heads % args.kv_heads:
         raise ValueError(f"--q-heads={args.q_heads} must be a multiple of --kv-heads={args.kv_heads}")
     if not 0.0 <= args.offload_fraction <= 1.0:
         raise ValueError(f"--offload-fraction={args.offload_fraction} must lie in [0, 1]")
+    cfg = HybridConfig.from_json(args.config) if args.config else HybridConfig()
+    if args.flow is not None:
+        cfg = dataclasses.replace(cfg, flow=args.flow)
+    return cfg
+
+
+def run_demo(args: argparse.Namespace) -> list[dict]:
+    cfg = check_args(args)
+    torch.manual_seed(args.seed)
     pages_per_req = -(-args.context // cfg.page_size)
     total = args.batch * pages_per_req
     kv = PagedKVCache(1, args.kv_heads, args.head_dim, cfg.page_size, device_pages=total,
@@ -156,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_demo(args)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     return 0
 

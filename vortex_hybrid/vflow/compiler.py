@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..config import MAX_PAGE_SIZE
+from ..contracts import MAX_PAGE_SIZE
 from . import ops  # noqa: F401  (attaches the vTensor methods and operators that flows call)
 from .errors import FlowError, definition_location, flow_error, user_location
 from .flow import Flow

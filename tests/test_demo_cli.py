@@ -1,0 +1,42 @@
+"""The demo's command line: bad options give one line naming the value and what is allowed, exit 2;
+a good one runs (warm-up before timing, the config's budget, --flow)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+BAD = [
+    (["--batch", "0"], "--batch=0 must be a positive integer"),
+    (["--kv-heads", "0"], "--kv-heads=0 must be a positive integer"),
+    (["--context", "-3"], "--context=-3 must be a positive integer"),
+    (["--repeats", "0"], "--repeats=0 must be a positive integer"),
+    (["--config", "nope.json"], "cannot read 'nope.json'"),
+    (["--config", '{"flow": "double_sparsity", "extra": {"chanels": 8}}'],
+     "'chanels' (did you mean 'channels'?)"),
+    (["--config", '{"flow": "quest", "extra": {"channels": 16}}'], "it takes no options"),
+    (["--flow", "qeust"], "did you mean 'quest'?"),
+    (["--q-heads", "6", "--kv-heads", "4"], "--q-heads=6 must be a multiple of --kv-heads=4"),
+]
+
+
+def demo(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vortex_hybrid.demo", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_bad_option_gives_one_line_and_exit_code_2(args, message):
+    out = demo(*args)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
+
+
+def test_small_demo_runs_with_the_config_budget_and_a_flow_option():
+    out = demo("--batch", "1", "--context", "256", "--q-heads", "4", "--kv-heads", "2",
+               "--head-dim", "16", "--repeats", "1", "--flow", "centroid")
+    assert out.returncode == 0, out.stderr
+    assert "flow centroid" in out.stdout and "budget 3 of 16 pages" in out.stdout, out.stdout
