@@ -389,9 +389,9 @@ class HybridAttention:
         c["evictions"] += sum(len(v) for v in plan.evict.values())
         src, dst = [], []
         for b, rid in enumerate(step.rids):
-            for p in plan.fetch.get(rid, ()):
+            for p, slot in zip(plan.fetch.get(rid, ()), plan.fetch_slots.get(rid, ())):
                 src.append(int(step.host_table[b, p]))
-                dst.append(int(self._slot_pages[cache.slot_of(rid, p)]))
+                dst.append(int(self._slot_pages[slot]))
         if src:
             hk, hv = self.kv.host_pool.k[layer], self.kv.host_pool.v[layer]
             idx = torch.as_tensor(dst, dtype=torch.int64, device=self.device)
