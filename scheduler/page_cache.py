@@ -1,39 +1,38 @@
-"""`PageCache`: policy and bookkeeping of the GPU page cache (HBM slots holding copies of host pages).
+"""`PageCache`: policy and bookkeeping of the GPU page cache (HBM slots copying host pages).
 
-Modelled on SPIN's locality-aware KV cache manager: per-request HBM budgets and a bucketed LRU.
-A pure data structure over keys `(request_id, logical_page)`; it moves no bytes. Once per decode
-step the runtime calls `step`, then performs the plan on a `PagedKVCache`: first
-`kv.evict(rid, plan.evict[rid])`, then `kv.load(rid, plan.fetch[rid])` (evictions free the slots
-the fetches reuse), and attends `plan.misses_left` on the CPU.
+Modelled on SPIN's locality-aware KV cache manager: per-request HBM budgets and a bucketed LRU. A
+pure data structure over keys `(request_id, logical_page)` that moves no bytes: once per decode step
+the runtime calls `step`, then on its `PagedKVCache` runs `kv.evict(rid, plan.evict[rid])` first
+(that frees the slots fetches reuse), then `kv.load(rid, plan.fetch[rid])`, and attends
+`plan.misses_left` on the CPU.
 
-    cache = PageCache(num_slots=4096, num_buckets=8)
-    cache.set_budget(rid, 256) -> list[int]   # cap on rid's slots (None: no cap); returns pages
-                                              # dropped to fit a lowered cap (caller evicts them)
-    plan = cache.step(wanted, in_use=None, max_fetch=None) -> StepPlan
-    cache.remove_request(rid) -> list[int]    # pages it held, slots freed
+    cache = PageCache(num_slots: int, num_buckets: int = 8)
+    cache.set_budget(rid, slots: int | None) -> list[int]   # pages dropped to fit; caller evicts
+    plan = cache.step(wanted: dict[int, Sequence[int]],
+                      in_use: dict[int, Iterable[int]] | None = None,
+                      max_fetch: int | None = None) -> StepPlan
+    cache.remove_request(rid) -> list[int]                  # pages it held; slots freed
     cache.pages_of(rid) -> set[int]; cache.slot_of(rid, page) -> int | None
-    cache.bucket_of(rid, page) -> int | None  # 0: used this step .. num_buckets-1: oldest
-    cache.num_free, cache.budget_of(rid), cache.stats() -> dict[str, int], cache.slot_table()
+    cache.bucket_of(rid, page) -> int | None   # 0: used in the last step .. num_buckets-1: oldest
+    cache.num_free: int; cache.budget_of(rid); cache.stats() -> dict[str, int]; cache.slot_table()
 
-`step(wanted: dict[int, Sequence[int]], in_use: dict[int, Iterable[int]] | None, max_fetch)`:
-`wanted[rid]` lists the pages step wants on the GPU, highest priority first. Cached ones are hits;
-misses are fetched round-robin by rank across requests (every request's first miss, then every
-second, ...) until `max_fetch` fetches. Rules: a page is fetched at most once per step (a page
-listed twice is a `ValueError`); pages in use this step (hits, fetched pages, and cached pages in
-`in_use`, which may also name uncached pages: they are ignored) are never evicted and count as
-used; a request never holds more than its budget, so at its cap it may only replace its own
-pages; otherwise a free slot is taken, else the least recently used slot of any request. When no
-slot can be freed the page is left to the CPU (`misses_left`) rather than evicting a page in use.
+`wanted[rid]` lists the host-resident pages a step wants on the GPU, highest priority first. Cached
+ones are hits; misses are fetched round-robin by rank across requests (every request's first miss,
+then every second, ...) until `max_fetch` fetches. A page is fetched at most once per step (listed
+twice: `ValueError`). Pages in use this step (hits, fetched pages, cached pages named in `in_use`;
+uncached ones there are ignored) count as used and are never evicted. A request never holds more
+than its budget: at its cap it may only replace its own pages; otherwise it takes a free slot, else
+the least recently used slot of any request. When no slot can be had the page is left to the CPU
+(`misses_left`) rather than evicting a page in use.
 
 Bucketed LRU: recency is kept per step, not per access. A slot's stamp is the last step that used
-it; its bucket is `min(now - stamp, num_buckets - 1)`: the last `num_buckets - 1` steps have a
-bucket each and everything older shares the last one. Eviction takes any slot of the oldest
-non-empty bucket (no order within a bucket), never bucket 0 (this step). On a GPU this is one
-scatter of the current step into an int array of stamps per step and a bucket histogram at
-eviction: no list to reorder per access, no round trip. Here each bucket is a Python set (one
-ring of sets for the whole cache, one per request), so a step costs O(pages touched +
-num_buckets * evictions), not O(num_slots). Slot -> (request, page, stamp) lives in NumPy int64
-arrays (-1 = free) that a later change can move to a GPU tensor.
+it; its bucket is `min(now - stamp, num_buckets - 1)` (the last `num_buckets - 1` steps have a
+bucket each, everything older shares the last). Eviction takes any slot of the oldest non-empty
+bucket, never bucket 0. On a GPU that is one scatter of the step number into an int array of stamps
+per step and a bucket histogram at eviction: no list reordered per access, no round trip. Here each
+bucket is a Python set (a ring of them for the cache, one per request), so a step costs O(pages
+touched + num_buckets * evictions), not O(num_slots) (the constructor is O(num_slots)). Slot ->
+request, page, stamp live in NumPy int64 arrays (-1: free) that can later move to a GPU tensor.
 """
 
 from __future__ import annotations
@@ -47,14 +46,11 @@ import numpy as np
 FREE = -1
 
 
-def _int(name: str, value, allowed: str = "a non-negative integer", low: int = 0) -> int:
-    """`value` as an int >= `low`, else a ValueError naming it, its value and what is allowed."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        v = operator.index(value)
-    except TypeError:
-        v = None
+def _int(name: str, value: object, allowed: str = "a non-negative integer", low: int = 0) -> int:
+    """`value` as an int >= `low` (bools and floats refused), else a ValueError naming it, its
+    value and what is allowed."""
+    index = None if isinstance(value, bool) else getattr(type(value), "__index__", None)
+    v = operator.index(value) if index else None
     if v is None or v < low:
         raise ValueError(f"{name}={value!r} is invalid: {allowed}")
     return v
@@ -78,23 +74,24 @@ class _Buckets:
                 self.ring_step[k] = FREE
 
     def add(self, slot: int, now: int) -> None:
-        self._age(now)
         k = now % self.r
-        self.ring_step[k] = now
+        if self.ring_step[k] != now:      # first slot of this step: age the ring once
+            self._age(now)
+            self.ring_step[k] = now
         self.ring[k].add(slot)
 
     def discard(self, slot: int, stamp: int) -> None:
         k = stamp % self.r
         (self.ring[k] if self.ring_step[k] == stamp else self.old).discard(slot)
 
-    def oldest(self, now: int, spare_now: bool = True) -> Optional[int]:
-        """A slot of the oldest non-empty bucket (skipping step `now` if `spare_now`), or None."""
+    def pop_oldest(self, now: int, spare_now: bool = True) -> Optional[int]:
+        """Take a slot of the oldest non-empty bucket (never step `now` if `spare_now`), or None."""
         self._age(now)
         if self.old:
-            return next(iter(self.old))
+            return self.old.pop()     # set.pop, not next(iter()): no rescan of a sparse table
         for s, k in sorted((s, k) for k, s in enumerate(self.ring_step) if s != FREE):
             if self.ring[k] and not (spare_now and s == now):
-                return next(iter(self.ring[k]))
+                return self.ring[k].pop()
         return None
 
 
@@ -109,8 +106,9 @@ class _Request:
 class StepPlan:
     """What one `step` decided; every value is a list of logical pages (plain ints).
 
-    `hits`, `fetch`, `fetch_slots` (slot per fetched page, same order) and `misses_left` have a key
-    for every requested rid; `evict` only for requests that lose pages.
+    `hits`, `fetch`, `fetch_slots` (the cache slot, not a `PagedKVCache` device page, of each
+    fetched page, same order) and `misses_left` have a key for every requested rid; `evict` only
+    for requests that lose pages.
     """
 
     hits: dict[int, list[int]] = field(default_factory=dict)
@@ -121,7 +119,7 @@ class StepPlan:
 
 
 class PageCache:
-    """GPU page cache bookkeeping: `num_slots` slots (0..num_slots-1), `num_buckets` >= 2 buckets."""
+    """GPU page cache bookkeeping: slots 0..num_slots-1, `num_buckets` >= 2 recency buckets."""
 
     def __init__(self, num_slots: int, num_buckets: int = 8) -> None:
         self.num_slots = _int("num_slots", num_slots, "a non-negative integer (0: no GPU cache)")
@@ -136,7 +134,6 @@ class PageCache:
         self._now = 0
         self._stats = dict(steps=0, hits=0, misses=0, fetches=0, evictions=0)
 
-    # ---- queries -------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
         """Slots holding nothing."""
@@ -144,25 +141,21 @@ class PageCache:
 
     def pages_of(self, rid: int) -> set[int]:
         """Logical pages of `rid` in the cache (empty for an unknown rid)."""
-        r = self._reqs.get(rid)
-        return set(r.pages) if r else set()
+        return set(self._reqs[rid].pages) if rid in self._reqs else set()
 
     def slot_of(self, rid: int, page: int) -> Optional[int]:
         """The slot holding `(rid, page)`, or None."""
-        r = self._reqs.get(rid)
-        return r.pages.get(page) if r else None
+        return self._reqs[rid].pages.get(page) if rid in self._reqs else None
 
     def bucket_of(self, rid: int, page: int) -> Optional[int]:
         """Recency bucket of a cached page: 0 used in the last step .. num_buckets - 1, or None."""
         slot = self.slot_of(rid, page)
-        if slot is None:
-            return None
-        return int(min(self._now - self._slot_stamp[slot], self.num_buckets - 1))
+        return None if slot is None else int(min(self._now - self._slot_stamp[slot],
+                                                 self.num_buckets - 1))
 
     def budget_of(self, rid: int) -> Optional[int]:
         """The cap `set_budget` gave `rid` (None: no cap beyond num_slots)."""
-        r = self._reqs.get(rid)
-        return r.budget if r else None
+        return self._reqs[rid].budget if rid in self._reqs else None
 
     def stats(self) -> dict[str, int]:
         """Cumulative counters: steps, hits, misses (= fetches + pages left to the CPU), fetches,
@@ -173,16 +166,14 @@ class PageCache:
         """Copies of slot -> request id, slot -> logical page, slot -> last step used (-1: free)."""
         return self._slot_rid.copy(), self._slot_page.copy(), self._slot_stamp.copy()
 
-    # ---- requests ------------------------------------------------------------------------------
     def _req(self, rid: int) -> _Request:
-        r = self._reqs.get(rid)
-        if r is None:
-            r = self._reqs[rid] = _Request(None, _Buckets(self.num_buckets))
-        return r
+        if rid not in self._reqs:
+            self._reqs[rid] = _Request(None, _Buckets(self.num_buckets))
+        return self._reqs[rid]
 
     def set_budget(self, rid: int, slots: Optional[int]) -> list[int]:
         """Cap the slots `rid` may hold (None: no cap); an unknown rid is created. Returns the pages
-        dropped, least recently used first, when `rid` holds more than the new cap; the caller
+        dropped, oldest bucket first, when `rid` holds more than the new cap; the caller
         evicts them (`kv.evict`) before the next step."""
         rid = _int("rid", rid, "a non-negative integer request id")
         if slots is not None:
@@ -191,10 +182,9 @@ class PageCache:
         r.budget = slots
         dropped = []
         while slots is not None and len(r.pages) > slots:
-            slot = r.buckets.oldest(self._now, spare_now=False)
+            slot = r.buckets.pop_oldest(self._now, spare_now=False)
             dropped.append(int(self._slot_page[slot]))
             self._drop(slot)
-            self._free.append(slot)
         self._stats["evictions"] += len(dropped)
         return dropped
 
@@ -207,20 +197,21 @@ class PageCache:
         pages = sorted(r.pages)
         for slot in list(r.pages.values()):
             self._drop(slot)
-            self._free.append(slot)
         del self._reqs[rid]
         return pages
 
-    # ---- slot changes --------------------------------------------------------------------------
     def _drop(self, slot: int) -> None:
+        """Empty `slot` and push it on the free list."""
         rid, stamp = int(self._slot_rid[slot]), int(self._slot_stamp[slot])
         r = self._reqs[rid]
         del r.pages[int(self._slot_page[slot])]
         r.buckets.discard(slot, stamp)
         self._all.discard(slot, stamp)
         self._slot_rid[slot] = self._slot_page[slot] = self._slot_stamp[slot] = FREE
+        self._free.append(slot)
 
     def _touch(self, r: _Request, slot: int) -> None:
+        """Stamp `slot` (of request `r`) with this step and move it to bucket 0."""
         stamp = int(self._slot_stamp[slot])
         if stamp == self._now:
             return
@@ -231,8 +222,9 @@ class PageCache:
         r.buckets.add(slot, self._now)
         self._all.add(slot, self._now)
 
-    # ---- one decode step -----------------------------------------------------------------------
-    def _check(self, wanted, in_use, max_fetch):
+    def _check(self, wanted: object, in_use: object, max_fetch: object
+               ) -> tuple[dict[int, list[int]], dict[int, list[int]], Optional[int]]:
+        """`step`'s arguments as plain ints (a ValueError on anything else), before any change."""
         if not isinstance(wanted, Mapping):
             raise ValueError(f"wanted={wanted!r} is invalid: a dict request id -> list of pages")
         want = {}
@@ -288,8 +280,8 @@ class PageCache:
             for rid, m in misses.items():
                 if rank >= len(m):
                     continue
-                slot = None if max_fetch is not None and fetched >= max_fetch else \
-                    self._claim(rid, plan)
+                spent = max_fetch is not None and fetched >= max_fetch
+                slot = None if spent else self._claim(rid, plan)
                 if slot is None:
                     plan.misses_left[rid].append(m[rank])
                     continue
@@ -300,12 +292,10 @@ class PageCache:
                 plan.fetch[rid].append(m[rank])
                 plan.fetch_slots[rid].append(slot)
                 fetched += 1
-        s = self._stats
-        s["steps"] += 1
-        s["hits"] += sum(map(len, plan.hits.values()))
-        s["misses"] += sum(map(len, misses.values()))
-        s["fetches"] += fetched
-        s["evictions"] += sum(map(len, plan.evict.values()))
+        for key, n in (("steps", 1), ("hits", sum(map(len, plan.hits.values()))),
+                       ("misses", sum(map(len, misses.values()))), ("fetches", fetched),
+                       ("evictions", sum(map(len, plan.evict.values())))):
+            self._stats[key] += n
         return plan
 
     def _claim(self, rid: int, plan: StepPlan) -> Optional[int]:
@@ -313,12 +303,13 @@ class PageCache:
         cache's LRU page; never one used this step. None when no slot can be had."""
         r = self._reqs[rid]
         if r.budget is not None and len(r.pages) >= r.budget:
-            slot = r.buckets.oldest(self._now)
+            slot = r.buckets.pop_oldest(self._now)
         elif self._free:
             return self._free.pop()
         else:
-            slot = self._all.oldest(self._now)
-        if slot is not None:
-            plan.evict.setdefault(int(self._slot_rid[slot]), []).append(int(self._slot_page[slot]))
-            self._drop(slot)
-        return slot
+            slot = self._all.pop_oldest(self._now)
+        if slot is None:
+            return None
+        plan.evict.setdefault(int(self._slot_rid[slot]), []).append(int(self._slot_page[slot]))
+        self._drop(slot)
+        return self._free.pop()     # the slot just dropped

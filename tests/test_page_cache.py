@@ -1,5 +1,5 @@
-"""The GPU page cache policy: a hypothesis state machine over steps, budgets and removals (cache sizes
-down to zero slots), plus LRU order, budgets, max_fetch, validation and a run against PagedKVCache."""
+"""The GPU page cache policy: a hypothesis state machine over steps, budgets and removals (cache
+sizes down to zero slots), plus LRU order, budgets, max_fetch, validation and a PagedKVCache run."""
 
 import pytest
 import torch
@@ -72,7 +72,7 @@ class PageCacheMachine(RuleBasedStateMachine):
             survivors += stale
         if all(b is None for b in self.budget.values()):
             self.check_lru(victims, survivors)
-        for rid in wanted:   # a page goes to the CPU only when max_fetch is spent or no slot is free
+        for rid in wanted:   # a page goes to the CPU only if max_fetch is spent or no slot is free
             if plan.misses_left[rid] and (max_fetch is None or n_fetch < max_fetch):
                 at_cap = self.budget.get(rid) is not None and len(after[rid]) == self.budget[rid] \
                     and all(self.c.bucket_of(rid, p) == 0 for p in after[rid])
@@ -97,7 +97,8 @@ class PageCacheMachine(RuleBasedStateMachine):
     def set_budget(self, rid, slots):
         before = self.cached(rid)
         dropped = self.c.set_budget(rid, slots)
-        assert len(dropped) == len(set(dropped)) == (0 if slots is None else max(0, len(before) - slots))
+        expect = 0 if slots is None else max(0, len(before) - slots)
+        assert len(dropped) == len(set(dropped)) == expect
         assert set(dropped) <= before and self.c.pages_of(rid) == before - set(dropped)
         self.check_lru([(rid, p) for p in dropped], [(rid, p) for p in before - set(dropped)])
         for p in dropped:
