@@ -134,7 +134,7 @@ def test_cpu_worker_fault_fails_the_step_and_the_next_step_works(monkeypatch):
     monkeypatch.setattr(attn, "_cpu_attend", boom)
     attn.plan(rids)
     with pytest.raises(ZeroDivisionError, match="cpu kernel failed"):
-        attn.run(0, torch.randn(1, HQ, D), torch.randn(1, HKV, D), torch.randn(1, HKV, D))
+        attn.run(0, *(torch.randn(1, h, D).to(attn.device) for h in (HQ, HKV, HKV)))
     monkeypatch.undo()
     assert attn.kv.seq_len(rids[0]) == 32          # the failed step's slot, dropped by the next plan
     assert shadow.step(rids) < 1e-5
@@ -145,7 +145,7 @@ def test_cpu_worker_fault_fails_the_step_and_the_next_step_works(monkeypatch):
 def test_api_misuse_is_refused_with_the_argument_named():
     attn = make("gpu")
     rid = attn.add_request(torch.randn(L, 5, HKV, D), torch.randn(L, 5, HKV, D))
-    q, kn = torch.randn(1, HQ, D), torch.randn(1, HKV, D)
+    q, kn = torch.randn(1, HQ, D).to(attn.device), torch.randn(1, HKV, D).to(attn.device)
     with pytest.raises(ValueError, match="run\\(\\) needs a plan"):
         attn.run(0, q, kn, kn)
     with pytest.raises(ValueError, match="unknown request ids \\[99\\]"):
@@ -156,9 +156,12 @@ def test_api_misuse_is_refused_with_the_argument_named():
     with pytest.raises(ValueError, match="layer=1: layers run in order; layer 0 is next"):
         attn.run(1, q, kn, kn)
     with pytest.raises(ValueError, match="q must be a float tensor \\[1, 4, 8\\]"):
-        attn.run(0, torch.randn(2, HQ, D), kn, kn)
+        attn.run(0, torch.randn(2, HQ, D).to(attn.device), kn, kn)
     with pytest.raises(ValueError, match="k_new must be a float tensor"):
-        attn.run(0, q, torch.randn(1, HKV, D + 1), kn)
+        attn.run(0, q, torch.randn(1, HKV, D + 1).to(attn.device), kn)
+    if attn.device.type == "cuda":
+        with pytest.raises(ValueError, match="q is on cpu; the runtime's device is cuda"):
+            attn.run(0, q.cpu(), kn, kn)
     attn.run(0, q, kn, kn)
     with pytest.raises(ValueError, match=f"request {rid} is in the current step"):
         attn.remove_request(rid)
@@ -188,8 +191,9 @@ def test_requests_never_read_each_others_pages():
     for _ in range(4):
         attn.plan([small, big])
         for layer in range(L):
-            o = attn.run(layer, torch.randn(2, HQ, D, generator=gen),
-                         torch.randn(2, HKV, D, generator=gen), torch.full((2, HKV, D), 0.001))
+            o = attn.run(layer, *(t.to(attn.device) for t in (
+                torch.randn(2, HQ, D, generator=gen), torch.randn(2, HKV, D, generator=gen),
+                torch.full((2, HKV, D), 0.001))))
             assert o[0].abs().max() < 0.01 and o[1].abs().max() > 10
         for cache in attn._caches:
             for rid in (small, big):

@@ -127,7 +127,9 @@ class HybridAttention:
             raise ValueError(f"device_pages={device_pages} must exceed the {slots} GPU cache slots "
                              "(tail pages need room too)")
         self.kv = PagedKVCache.from_config(cfg, L, hkv, D, device_pages, max(host_pages, 0), device)
-        self.device = self.kv.device
+        dev = self.kv.device
+        self.device = torch.device("cuda", torch.cuda.current_device()) \
+            if dev.type == "cuda" and dev.index is None else dev
         self._slot_pages = torch.as_tensor(self.kv.device_alloc.alloc(CACHE_OWNER, slots),
                                            dtype=torch.int64)
         self.store = None
