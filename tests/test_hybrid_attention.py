@@ -200,3 +200,48 @@ def test_requests_never_read_each_others_pages():
                 for p in cache.pages_of(rid):
                     assert p < attn.kv.num_pages(rid)
     attn.close()
+
+
+@pytest.mark.parametrize("placement", ["gpu", "cpu", "offload", "hybrid"])
+def test_a_given_selection_is_attended_exactly(placement):
+    """run(..., sel=) replays a selection (benchmarks): the output is the reference over it."""
+    attn = make(placement, slots=2)
+    gen = torch.Generator().manual_seed(21)
+    lens = (29, 12)
+    kv = [(torch.randn(L, n, HKV, D, generator=gen), torch.randn(L, n, HKV, D, generator=gen))
+          for n in lens]
+    rids = [attn.add_request(k, v) for k, v in kv]
+    attn.plan(rids)
+    for layer in range(L):
+        q, kn, vn = (torch.randn(2, h, D, generator=gen) for h in (HQ, HKV, HKV))
+        sel = torch.tensor([[[0, 3, 7, -1], [7, 5, -1, -1]], [[0, 1, 3, -1], [2, -1, -1, -1]]],
+                           dtype=torch.int32)
+        o = attn.run(layer, *(t.to(attn.device) for t in (q, kn, vn)), sel=sel.to(attn.device))
+        for b, (k, v) in enumerate(kv):
+            kk = torch.cat([k[layer], kn[b:b + 1]])
+            vv = torch.cat([v[layer], vn[b:b + 1]])
+            T = kk.shape[0]
+            n = -(-T // P)
+            pad = n * P - T
+            kp = torch.cat([kk, torch.zeros(pad, HKV, D)]).reshape(n, P, HKV, D).transpose(1, 2)
+            vp = torch.cat([vv, torch.zeros(pad, HKV, D)]).reshape(n, P, HKV, D).transpose(1, 2)
+            want, _ = reference.sparse_decode_attention(
+                q[b:b + 1].double(), kp.double().contiguous(), vp.double().contiguous(),
+                torch.arange(n, dtype=torch.int32)[None], torch.tensor([T], dtype=torch.int32),
+                sel[b:b + 1])
+            err = ((o[b].cpu() - want[0]).norm() / want[0].norm()).item()
+            assert err < 1e-5, (placement, layer, b, err)
+    attn.close()
+
+
+def test_a_bad_given_selection_is_refused():
+    attn = make("gpu")
+    rid = attn.add_request(torch.randn(L, 9, HKV, D), torch.randn(L, 9, HKV, D))
+    attn.plan([rid])
+    args = [torch.randn(1, h, D).to(attn.device) for h in (HQ, HKV, HKV)]
+    with pytest.raises(ValueError, match="sel\\[0, 1, 0\\]=3 is not a page of request"):
+        attn.run(0, *args, sel=torch.tensor([[[0, 1], [3, -1]]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="sel lists a page twice"):
+        attn.run(0, *args, sel=torch.tensor([[[0, 0], [1, -1]]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="sel must be an int32 tensor \\[1, 2, K\\]"):
+        attn.run(0, *args, sel=torch.zeros(1, 3, 2, dtype=torch.int32))

@@ -267,10 +267,14 @@ class HybridAttention:
             self._step = None
 
     # ---- run --------------------------------------------------------------------------------
-    def run(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
-            ) -> torch.Tensor:
+    def run(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+            sel: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Append this layer's new token, select, partition, attend and merge: o [B, Hq, D] in q's
-        dtype. Layers run in order 0..num_layers-1 after `plan`."""
+        dtype. Layers run in order 0..num_layers-1 after `plan`.
+
+        sel (research and benchmarks: replaying recorded selections): int [B, Hkv, K] logical pages
+        of each request after this step's token, -1 padded, unique per row; attended instead of
+        the flow's selection (not with `dense`). Checked here, which synchronises the GPU."""
         step = self._step
         if step is None or step.failed or step.next_layer >= self.num_layers:
             raise ValueError("run() needs a plan(): call plan(rids) once before layer 0 of each step")
@@ -278,9 +282,11 @@ class HybridAttention:
             raise ValueError(f"layer={layer!r}: layers run in order; layer {step.next_layer} is next")
         B = len(step.rids)
         self._check_inputs(B, q, k_new, v_new)
+        if sel is not None:
+            sel = self._check_sel(step, sel)
         t0 = time.perf_counter()
         try:
-            o = self._run_layer(step, layer, q, k_new, v_new)
+            o = self._run_layer(step, layer, q, k_new, v_new, sel)
         except BaseException:
             step.failed = True
             raise
@@ -306,7 +312,30 @@ class HybridAttention:
             if t.device != self.device:
                 raise ValueError(f"{name} is on {t.device}; the runtime's device is {self.device}")
 
-    def _run_layer(self, step: _Step, layer: int, q, k_new, v_new) -> torch.Tensor:
+    def _check_sel(self, step: _Step, sel) -> torch.Tensor:
+        B = len(step.rids)
+        if self.placement == "dense":
+            raise ValueError("sel= is for sparse placements; placement 'dense' attends every page")
+        if not isinstance(sel, torch.Tensor) or sel.dim() != 3 or \
+                tuple(sel.shape[:2]) != (B, self.num_kv_heads) or \
+                sel.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"sel must be an int32 tensor [{B}, {self.num_kv_heads}, K], got "
+                             f"{getattr(sel, 'dtype', type(sel).__name__)} "
+                             f"{tuple(getattr(sel, 'shape', ()))}")
+        sel = sel.to(self.device, torch.int32)
+        n = -(-step.lens.to(torch.int64) // self.cfg.page_size)
+        s = sel.to(torch.int64)
+        bad = (s < -1) | (s >= n[:, None, None])
+        if bool(bad.any()):
+            b, h, j = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"sel[{b}, {h}, {j}]={int(s[b, h, j])} is not a page of request "
+                             f"{step.rids[b]} (it holds {int(n[b])} pages this step)")
+        srt = torch.sort(s, dim=-1).values
+        if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
+            raise ValueError("sel lists a page twice in a row; pages must be unique per row")
+        return sel
+
+    def _run_layer(self, step: _Step, layer: int, q, k_new, v_new, sel=None) -> torch.Tensor:
         kv, c = self.kv, step.counters
         for b, (rid, pos) in enumerate(zip(step.rids, step.old_lens)):
             kv.write(rid, layer, pos, k_new[b:b + 1], v_new[b:b + 1])
@@ -317,7 +346,8 @@ class HybridAttention:
             c["gpu_pages"] += int((sel >= 0).sum())
             o, _ = self._gpu.attend(q, k_pool, v_pool, step.dev_table, step.lens, sel)
             return o.to(q.dtype)
-        sel = self._select(step, layer, q)
+        if sel is None:
+            sel = self._select(step, layer, q)
         table = step.dev_table
         if self._caches:
             table = self._with_cache(step, layer, sel)
