@@ -195,10 +195,16 @@ def test_requests_never_read_each_others_pages():
                 torch.randn(2, HQ, D, generator=gen), torch.randn(2, HKV, D, generator=gen),
                 torch.full((2, HKV, D), 0.001))))
             assert o[0].abs().max() < 0.01 and o[1].abs().max() > 10
-        for cache in attn._caches:
+        cache = attn._cache
+        for layer in range(L):
             for rid in (small, big):
-                for p in cache.pages_of(rid):
+                for p in cache.pages_of(rid, layer).tolist():
                     assert p < attn.kv.num_pages(rid)
+            owners = cache.owner[layer].cpu()
+            used = owners[:, 0] >= 0
+            for slot in used.nonzero().flatten().tolist():       # slot -> (request, page) -> slot
+                r, p = owners[slot].tolist()
+                assert int(cache.slot_of[layer, r, p]) == slot
     attn.close()
 
 

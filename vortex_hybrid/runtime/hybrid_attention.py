@@ -40,10 +40,11 @@ from .. import reference
 from ..config import HybridConfig
 from ..kv.page_pool import GIB, pool_bytes
 from ..kv.paged_kv_cache import NOT_RESIDENT, PagedKVCache
+from ..scheduler import cost_model
+from ..scheduler.gpu_page_cache import GpuPageCache
 from ..vflow.registry import load_flow
 from ..vflow.summary_store import SummaryStore
 from .cpu_worker import CpuWorker
-from .host_split import HostCosts, choose_fetches
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,12 @@ class _Step:
     s_lens: Optional[torch.Tensor]
     groups: dict[int, torch.Tensor]    # budget -> row indices (store device)
     width: int                         # largest budget: sel is [B, Hkv, width]
+    write_pages: torch.Tensor          # int64 [B] device page of the new token (device)
+    write_offs: torch.Tensor           # int64 [B] its slot in that page
+    filled_pages: torch.Tensor         # int64 [n] device pages the new token fills (device)
+    filled_rows: torch.Tensor          # int64 [n] their summary rows (store device)
+    host_table_dev: torch.Tensor       # host_table on the device (fetch sources)
+    cache_rows: Optional[torch.Tensor]  # int64 [B] dense request indices in the page cache
     next_layer: int = 0
     failed: bool = False
     counters: dict = field(default_factory=dict)
@@ -91,13 +98,15 @@ class HybridAttention:
     take `cfg.gpu_cache_pages` device pages and no host pages; host placements take TAIL_PAGES +
     `cfg.gpu_cache_pages` device pages and host pages filling `cfg.host_memory_gib`, or
     8 x `cfg.gpu_cache_pages` when it is None). device: where the GPU side runs (default: CUDA if
-    present, else the CPU with the torch reference).
+    present, else the CPU with the torch reference). costs: the machine's bandwidths for the
+    `hybrid` split (default: `scheduler.cost_model.load_or_measure()`, measured once per machine and
+    cached).
     """
 
     def __init__(self, cfg: HybridConfig, num_layers: int, num_q_heads: int, num_kv_heads: int,
                  head_dim: int, *, device_pages: Optional[int] = None,
                  host_pages: Optional[int] = None, device: Optional[torch.device | str] = None,
-                 host_costs: Optional[HostCosts] = None) -> None:
+                 costs: Optional["cost_model.MachineCosts"] = None) -> None:
         if not isinstance(cfg, HybridConfig):
             raise ValueError(f"cfg must be a HybridConfig, got {type(cfg).__name__}")
         L, hq, hkv = (_positive(n, v) for n, v in (("num_layers", num_layers),
@@ -131,16 +140,18 @@ class HybridAttention:
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if dev.type == "cuda" and dev.index is None else dev
         self._slot_pages = torch.as_tensor(self.kv.device_alloc.alloc(CACHE_OWNER, slots),
-                                           dtype=torch.int64)
+                                           dtype=torch.int64).to(self.kv.device)
         self.store = None
         if self.placement != "dense":
             flow = load_flow(cfg.flow, **dict(cfg.extra))
             self.store = SummaryStore(self.kv, flow, group=hq // hkv,
                                       location=getattr(cfg, "summary_location", "auto"),
                                       dtype=getattr(torch, cfg.summary_dtype))
-        from ..scheduler.page_cache import PageCache
-        self._caches = [PageCache(slots) for _ in range(L)] if slots else []
-        self._costs = host_costs or HostCosts.defaults(self.device)
+        self._cache = GpuPageCache(L, slots, self.device) if slots else None
+        if costs is None:           # the split needs this machine's concurrent host bandwidths
+            costs = cost_model.load_or_measure() if self.placement == "hybrid" else \
+                cost_model.DEFAULTS
+        self._costs = costs
         self._worker = CpuWorker() if host else None
         self._gpu = self._gpu_backend()
         self._step: Optional[_Step] = None
@@ -191,8 +202,8 @@ class HybridAttention:
             raise ValueError(f"request {rid} is in the current step (layers {step.next_layer}.."
                              f"{self.num_layers - 1} still to run); remove it after the step")
         self.kv.free_request(rid)
-        for cache in self._caches:
-            cache.remove_request(rid)
+        if self._cache is not None:
+            self._cache.remove_request(rid)
 
     def _offload_full(self, rid: int) -> None:
         full = self.kv.num_full_pages(rid)
@@ -238,23 +249,38 @@ class HybridAttention:
         new = [n + 1 for n in old]
         dev_table, lens = self.kv.page_table(rids, "device")
         host_table, lens_cpu = self.kv.page_table(rids, "host")
+        dev = self.device
+        positions = torch.as_tensor(old, dtype=torch.int64)
+        write_pages = dev_table.cpu().to(torch.int64).gather(1, (positions // P)[:, None])[:, 0]
+        filled = [b for b, n in enumerate(new) if n % P == 0]
         s_table = s_lens = None
         groups: dict[int, list[int]] = {}
         width = 0
+        filled_rows = torch.zeros(0, dtype=torch.int64)
         if self.store is not None:
             for rid, n in zip(rids, new):
                 self.store.reserve_rows(rid, n // P)
+            filled_rows = torch.as_tensor([self.store.rows(rids[b])[new[b] // P - 1]
+                                           for b in filled], dtype=torch.int64)
             s_table, s_lens = self.store.table(rids)
             for b, n in enumerate(new):
                 groups.setdefault(self.cfg.budget_for(-(-n // P)), []).append(b)
             width = max(groups, default=0)
-        sdev = self.store.device if self.store is not None else self.device
-        self._step = _Step(rids, old, dev_table, host_table, lens, lens_cpu, s_table, s_lens,
-                           {k: torch.as_tensor(v, dtype=torch.int64, device=sdev)
-                            for k, v in groups.items()}, width)
-        self._step.counters = {k: 0 for k in ("gpu_pages", "cpu_pages", "fetched_pages",
-                                              "cache_hits", "cache_misses", "evictions",
-                                              "bytes_h2d", "bytes_cpu")}
+        sdev = self.store.device if self.store is not None else dev
+        cache_rows = None
+        if self._cache is not None:
+            self._cache.next_step()
+            self._cache.reserve(dev_table.shape[1])
+            cache_rows = torch.as_tensor([self._cache.index_of(r) for r in rids],
+                                         dtype=torch.int64).to(dev)
+        self._step = _Step(
+            rids, old, dev_table, host_table, lens, lens_cpu, s_table, s_lens,
+            {k: torch.as_tensor(v, dtype=torch.int64, device=sdev) for k, v in groups.items()},
+            width, write_pages.to(dev), (positions % P).to(dev),
+            write_pages[filled].to(dev), filled_rows.to(sdev), host_table.to(dev), cache_rows)
+        zero = torch.zeros((), dtype=torch.int64, device=dev)
+        self._step.counters = {k: zero.clone() for k in (
+            "gpu_pages", "cpu_pages", "fetched_pages", "cache_hits", "cache_misses", "evictions")}
         self._step.counters.update(gpu_wait_s=0.0, step_host_s=0.0)
 
     def _rollback_failed(self) -> None:
@@ -293,7 +319,12 @@ class HybridAttention:
         step.next_layer += 1
         step.counters["step_host_s"] += time.perf_counter() - t0
         if step.next_layer == self.num_layers:
-            self._last = dict(step.counters)
+            c = {k: (int(v) if isinstance(v, torch.Tensor) else v) for k, v in step.counters.items()}
+            head_bytes = 2 * self.cfg.page_size * self.head_dim * self.kv.device_pool.k.element_size()
+            c["bytes_h2d"] = c["fetched_pages"] * head_bytes * self.num_kv_heads
+            c["bytes_cpu"] = c["cpu_pages"] * head_bytes
+            step.counters = c
+            self._last = dict(c)
             for k, v in step.counters.items():
                 self._totals[k] = self._totals.get(k, 0) + v
             self._totals["steps"] = self._totals.get("steps", 0) + 1
@@ -337,37 +368,36 @@ class HybridAttention:
 
     def _run_layer(self, step: _Step, layer: int, q, k_new, v_new, sel=None) -> torch.Tensor:
         kv, c = self.kv, step.counters
-        for b, (rid, pos) in enumerate(zip(step.rids, step.old_lens)):
-            kv.write(rid, layer, pos, k_new[b:b + 1], v_new[b:b + 1])
         k_pool, v_pool = kv.device_pool.k[layer], kv.device_pool.v[layer]
+        k_pool[step.write_pages, :, step.write_offs] = k_new.to(k_pool.dtype)    # append
+        v_pool[step.write_pages, :, step.write_offs] = v_new.to(v_pool.dtype)
+        if self.store is not None and step.filled_pages.numel():
+            self.store.compute_rows(layer, k_pool, step.filled_pages, step.filled_rows)
         if self.placement == "dense":
             sel = reference.all_pages_sel(step.lens, self.num_kv_heads, step.dev_table.shape[1],
                                           self.cfg.page_size)
-            c["gpu_pages"] += int((sel >= 0).sum())
+            c["gpu_pages"] += (sel >= 0).sum()
             o, _ = self._gpu.attend(q, k_pool, v_pool, step.dev_table, step.lens, sel)
             return o.to(q.dtype)
         if sel is None:
             sel = self._select(step, layer, q)
-        table = step.dev_table
-        if self._caches:
-            table = self._with_cache(step, layer, sel)
-        phys = torch.gather(table.to(torch.int64), 1, sel.clamp_min(0).flatten(1).to(torch.int64)
-                            ).view_as(sel)
         chosen = sel >= 0
-        on_gpu = chosen & (phys >= 0)
+        flat = sel.clamp_min(0).flatten(1).to(torch.int64)                # [B, Hkv * K]
+        table = step.dev_table
+        if self._cache is not None:
+            table = self._cache_table(step, layer, sel, chosen, flat, table)
+        on_gpu = chosen & (torch.gather(table, 1, flat).view_as(sel) >= 0)
         on_host = chosen & ~on_gpu
-        page_bytes = 2 * self.cfg.page_size * self.head_dim * kv.device_pool.k.element_size()
-        c["gpu_pages"] += int(on_gpu.sum())
-        n_host = int(on_host.sum())
-        c["cpu_pages"] += n_host
-        c["bytes_cpu"] += n_host * page_bytes
+        c["gpu_pages"] += on_gpu.sum()
         future = None
-        if n_host:
-            cpu_sel = torch.where(on_host, sel, -1).cpu()
-            future = self._worker.submit(self._cpu_attend, q.cpu(), layer, step.host_table,
-                                         step.lens_cpu, cpu_sel)
-        gpu_sel = torch.where(on_gpu, sel, -1)
-        o, lse = self._gpu.attend(q, k_pool, v_pool, table, step.lens, gpu_sel)
+        if self.placement != "gpu":
+            cpu_sel = torch.where(on_host, sel, -1).cpu()                  # the one sync
+            n_host = int((cpu_sel >= 0).sum())
+            if n_host:
+                c["cpu_pages"] += n_host
+                future = self._worker.submit(self._cpu_attend, q.cpu(), layer, step.host_table,
+                                             step.lens_cpu, cpu_sel)
+        o, lse = self._gpu.attend(q, k_pool, v_pool, table, step.lens, torch.where(on_gpu, sel, -1))
         if future is not None:
             t0 = time.perf_counter()
             o_c, lse_c = future.result()
@@ -378,67 +408,75 @@ class HybridAttention:
     def _select(self, step: _Step, layer: int, q: torch.Tensor) -> torch.Tensor:
         """sel int32 [B, Hkv, width]: each row at its own budget (-1 padded to the widest)."""
         B = len(step.rids)
+        if len(step.groups) == 1:
+            (budget, _), = step.groups.items()
+            return self.store.index(layer, q, step.s_table, step.s_lens, budget,
+                                    self.cfg.sink_pages, self.cfg.recent_pages, check=False)
         sel = torch.full((B, self.num_kv_heads, step.width), -1, dtype=torch.int32,
                          device=self.device)
-        sink, recent = self.cfg.sink_pages, self.cfg.recent_pages
         for budget, rows in step.groups.items():
-            qg = q if len(rows) == B else q[rows.to(q.device)]
-            part = self.store.index(layer, qg, step.s_table[rows], step.s_lens[rows], budget, sink,
-                                    recent, check=False)
-            if len(rows) == B:
-                sel[:, :, :budget] = part
-            else:
-                sel[rows.to(self.device), :, :budget] = part
+            part = self.store.index(layer, q[rows.to(q.device)], step.s_table[rows],
+                                    step.s_lens[rows], budget, self.cfg.sink_pages,
+                                    self.cfg.recent_pages, check=False)
+            sel[rows.to(self.device), :, :budget] = part
         return sel
 
-    def _with_cache(self, step: _Step, layer: int, sel: torch.Tensor) -> torch.Tensor:
-        """This layer's device table with the GPU page cache: hits mapped to their slots, chosen
-        misses fetched into slots (one copy per page), the rest left to the CPU."""
-        cache, c = self._caches[layer], step.counters
-        host_sel = sel.cpu()
-        dev_rows = step.dev_table.cpu()
-        wanted: dict[int, list[int]] = {}
-        heads: dict[tuple[int, int], int] = {}
-        for b, rid in enumerate(step.rids):
-            pages = host_sel[b][host_sel[b] >= 0]
-            pages = pages[dev_rows[b, pages.long()] < 0]                # host-resident
-            uniq, count = torch.unique(pages, return_counts=True)
-            wanted[rid] = uniq.tolist()
-            for p, n in zip(wanted[rid], count.tolist()):
-                heads[(rid, p)] = n
-        hits = {rid: [p for p in ps if cache.slot_of(rid, p) is not None]
-                for rid, ps in wanted.items()}
-        misses = {rid: [p for p in ps if cache.slot_of(rid, p) is None]
-                  for rid, ps in wanted.items()}
-        if self.placement == "hybrid":
-            misses = choose_fetches(self._costs, misses, heads, self.num_kv_heads,
-                                    self.cfg.page_size, self.head_dim,
-                                    self.kv.device_pool.k.element_size())
-        plan = cache.step({rid: hits[rid] + misses[rid] for rid in step.rids})
-        c["cache_hits"] += sum(len(v) for v in plan.hits.values())
-        c["cache_misses"] += sum(len(v) for v in wanted.values()) - \
-            sum(len(v) for v in plan.hits.values())
-        c["evictions"] += sum(len(v) for v in plan.evict.values())
-        src, dst = [], []
-        for b, rid in enumerate(step.rids):
-            for p, slot in zip(plan.fetch.get(rid, ()), plan.fetch_slots.get(rid, ())):
-                src.append(int(step.host_table[b, p]))
-                dst.append(int(self._slot_pages[slot]))
-        if src:
-            hk, hv = self.kv.host_pool.k[layer], self.kv.host_pool.v[layer]
-            idx = torch.as_tensor(dst, dtype=torch.int64, device=self.device)
-            s = torch.as_tensor(src, dtype=torch.int64)
-            self.kv.device_pool.k[layer].index_copy_(0, idx, hk[s].to(self.device, non_blocking=True))
-            self.kv.device_pool.v[layer].index_copy_(0, idx, hv[s].to(self.device, non_blocking=True))
-            c["fetched_pages"] += len(src)
-            c["bytes_h2d"] += 2 * hk[0].numel() * hk.element_size() * len(src)
-        table = dev_rows.clone()
-        for b, rid in enumerate(step.rids):
-            for p in wanted[rid]:
-                slot = cache.slot_of(rid, p)
-                if slot is not None:
-                    table[b, p] = int(self._slot_pages[slot])
-        return table.to(self.device)
+    def _cache_table(self, step: _Step, layer: int, sel, chosen, flat, dev_table) -> torch.Tensor:
+        """This layer's table with the GPU page cache: host pages that are cached map to their
+        slots; misses chosen for fetching are copied into slots (one copy per page); the rest stays
+        with the CPU. All on the device, one sync (the fetch count)."""
+        cache, c = self._cache, step.counters
+        B, W = dev_table.shape
+        slots = cache.table(layer, step.cache_rows, W)
+        host_sel = chosen & (torch.gather(dev_table, 1, flat).view_as(sel) < 0)   # host pages
+        heads = torch.zeros(B, W, dtype=torch.int32, device=self.device)
+        heads.scatter_add_(1, flat, host_sel.flatten(1).to(torch.int32))      # heads per page
+        wanted = heads > 0
+        fetch = wanted if self.placement == "offload" else \
+            self._hybrid_fetch(heads, wanted & (slots < 0))
+        plan = cache.step(layer, step.cache_rows, slots, wanted, fetch)
+        c["cache_hits"] += plan.hits
+        c["cache_misses"] += plan.misses
+        c["evictions"] += plan.evictions
+        if plan.slots.numel():
+            c["fetched_pages"] += plan.slots.numel()
+            dst = self._slot_pages[plan.slots]
+            src = step.host_table_dev[plan.rows, plan.pages].to(torch.int64)
+            self._copy_pages(layer, src, dst)
+            slots = slots.clone()
+            slots[plan.rows, plan.pages] = plan.slots.to(torch.int32)
+        cached = torch.where(slots >= 0, self._slot_pages[slots.clamp_min(0).to(torch.int64)], -1)
+        return torch.where(dev_table >= 0, dev_table, cached.to(dev_table.dtype))
+
+    def _hybrid_fetch(self, heads: torch.Tensor, misses: torch.Tensor) -> torch.Tensor:
+        """Which misses to fetch. The CPU attends a missing page reading only the heads that
+        selected it; a fetch copies all heads once (and may be reused next step). Both draw on host
+        DRAM at once, so their concurrent rates apply (docs/hardware.md). Pages go to the copy in
+        order of how many heads read them, until the copy would end after the CPU's remaining
+        work: the two then finish together. All on the device, no sync."""
+        counts = torch.where(misses, heads, 0).flatten()
+        order = torch.argsort(counts, descending=True)
+        n = counts[order].to(torch.float64)
+        head_bytes = 2 * self.cfg.page_size * self.head_dim * self.kv.device_pool.k.element_size()
+        cpu_s = head_bytes / self._costs.cpu_attn_bw_concurrent
+        copy = torch.arange(1, n.numel() + 1, device=n.device, dtype=torch.float64) * \
+            (self.num_kv_heads * head_bytes / self._costs.h2d_bw_concurrent)
+        cpu_after = (n.sum() - torch.cumsum(n, 0)) * cpu_s
+        ok = ~((copy > cpu_after) & (copy > cpu_after + n * cpu_s)) & (n > 0)
+        keep = torch.cumprod(ok.to(torch.int8), 0).bool()                 # up to the first stop
+        out = torch.zeros_like(counts, dtype=torch.bool)
+        out[order] = keep
+        return out.view_as(misses)
+
+    def _copy_pages(self, layer: int, src: torch.Tensor, dst: torch.Tensor) -> None:
+        hk, hv = self.kv.host_pool.k[layer], self.kv.host_pool.v[layer]
+        dk, dv = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
+        if self.device.type == "cuda":
+            from ..gpu_kernels.gather_pages import launch_gather_pages
+            launch_gather_pages(hk, hv, src, dk, dv, dst)
+        else:
+            dk.index_copy_(0, dst, hk.index_select(0, src))
+            dv.index_copy_(0, dst, hv.index_select(0, src))
 
     def _cpu_attend(self, q, layer, host_table, lens, sel):
         from .. import cpu_kernels

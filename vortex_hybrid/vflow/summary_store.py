@@ -190,7 +190,13 @@ class SummaryStore:
                 if items:
                     self._compute(layer, pool.k[layer], [i for i, _ in items], [r for _, r in items])
 
-    def _compute(self, layer: int, k_pool: torch.Tensor, pages: list[int], rows: list[int]) -> None:
+    def compute_rows(self, layer: int, k_pool: torch.Tensor, pages: torch.Tensor,
+                     rows: torch.Tensor) -> None:
+        """Summaries of full `pages` (int64 [n] on k_pool's device) of one layer's pool into `rows`
+        (int64 [n], reserved with `reserve_rows`): the runtime's per-token path, no checks."""
+        self._compute(layer, k_pool, pages, rows)
+
+    def _compute(self, layer: int, k_pool: torch.Tensor, pages, rows) -> None:
         dev = k_pool.device
         bound = bind_flow(self.flow, self.kv.page_size, self.kv.head_dim, self.group, dev,
                           lower=self._lower)
@@ -199,7 +205,7 @@ class SummaryStore:
             bound.cache(k_pool, pages_t, self._layers[layer],
                         torch.as_tensor(rows, dtype=torch.int64).to(dev), check=False)
             return
-        n = len(pages)
+        n = len(pages_t)
         scratch = {name: torch.empty(n, *t.shape[2:], dtype=self.dtype, device=dev)
                    for name, t in self._tensors.items()}
         bound.cache(k_pool, pages_t, scratch, torch.arange(n, device=dev), check=False)
