@@ -20,8 +20,9 @@ used where they are). All sparse placements attend exactly the pages the flow se
 in where the work runs, never in what is attended.
 
 The GPU page cache is per layer: `cfg.gpu_cache_pages` device-pool pages reserved at start-up serve as
-slots, and `scheduler.page_cache.PageCache` decides hits, fetches and evictions (pages in use this
-step are never evicted; the host copy stays authoritative, so eviction loses nothing). Without CUDA
+slots, and `scheduler.gpu_page_cache.GpuPageCache` (state on the device) decides hits, fetches and
+evictions (pages in use this step are never evicted; the host copy stays authoritative, so an
+eviction loses nothing). Without CUDA
 the "GPU" side is the torch reference on the CPU, so the same logic runs in CI.
 """
 

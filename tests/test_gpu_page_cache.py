@@ -1,0 +1,140 @@
+"""GpuPageCache: the per-layer cache state on the device. Random steps, requests joining and leaving,
+caches down to one slot: no slot mapped twice, slot <-> page maps agree, nothing used this step is
+evicted, evictions take the least recently used slots, counters add up."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import torch
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from conftest import DEVICE
+from vortex_hybrid.scheduler.gpu_page_cache import GpuPageCache
+
+L, W = 2, 12
+
+
+class CacheMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.slots = None
+        self.cache = None
+        self.live: list[int] = []
+        self.next_rid = 0
+        self.last_used: dict[tuple[int, int, int], int] = {}   # (layer, rid, page) -> step
+
+    @initialize(slots=st.integers(1, 6))
+    def build(self, slots):
+        self.slots = slots
+        self.cache = GpuPageCache(L, slots, DEVICE, max_requests=1, max_pages=4)
+        self.cache.reserve(W)
+        self.steps = 0
+
+    @precondition(lambda self: self.cache is not None)
+    @rule()
+    def join(self):
+        if len(self.live) < 4:
+            self.live.append(self.next_rid)
+            self.cache.index_of(self.next_rid)
+            self.next_rid += 1
+
+    @precondition(lambda self: self.cache is not None and self.live)
+    @rule(pick=st.integers(0, 9))
+    def leave(self, pick):
+        rid = self.live.pop(pick % len(self.live))
+        self.cache.remove_request(rid)
+        self.last_used = {k: v for k, v in self.last_used.items() if k[1] != rid}
+        for layer in range(L):
+            assert self.cache.pages_of(rid, layer).numel() == 0
+
+    @precondition(lambda self: self.cache is not None and self.live)
+    @rule(layer=st.integers(0, L - 1), seed=st.integers(0, 2**16), p_want=st.floats(0, 1),
+          p_fetch=st.floats(0, 1))
+    def step(self, layer, seed, p_want, p_fetch):
+        cache = self.cache
+        self.steps += 1
+        cache.next_step()
+        gen = torch.Generator().manual_seed(seed)
+        B = len(self.live)
+        rows = torch.tensor([cache.index_of(r) for r in self.live], dtype=torch.int64).to(DEVICE)
+        wanted = (torch.rand(B, W, generator=gen) < p_want).to(DEVICE)
+        fetch = wanted & (torch.rand(B, W, generator=gen) < p_fetch).to(DEVICE)
+        slots = cache.table(layer, rows, W)
+        before = slots.clone()
+        stamps_before = cache.stamp[layer].clone()
+        plan = cache.step(layer, rows, slots, wanted, fetch)
+        hit = wanted & (before >= 0)
+        assert int(plan.hits) == int(hit.sum())
+        assert int(plan.misses) == int((wanted & (before < 0)).sum())
+        n = plan.slots.numel()
+        assert n <= int((fetch & (before < 0)).sum()) and n <= self.slots
+        assert len(set(plan.slots.tolist())) == n                      # one copy per slot
+        hit_slots = set(before[hit].tolist())
+        assert not hit_slots & set(plan.slots.tolist())               # nothing in use evicted
+        if n:                                                         # LRU: victims are oldest
+            others = stamps_before.clone()
+            others[plan.slots] = torch.iinfo(torch.int64).max
+            assert int(stamps_before[plan.slots].max()) <= int(others.min()) or \
+                int(stamps_before[plan.slots].max()) < cache.now
+        after = cache.table(layer, rows, W)
+        for b, p, s in zip(plan.rows.tolist(), plan.pages.tolist(), plan.slots.tolist()):
+            assert int(after[b, p]) == s
+        missed = fetch & (before < 0)
+        got = torch.zeros_like(missed)
+        got[plan.rows, plan.pages] = True
+        if n < int(missed.sum()):                                     # the rest: no slot left
+            assert n == self.slots or int((cache.stamp[layer] < cache.now).sum()) == 0
+
+    @invariant()
+    def maps_agree(self):
+        if self.cache is None:
+            return
+        c = self.cache
+        for layer in range(L):
+            owner = c.owner[layer].cpu()
+            used = (owner[:, 0] >= 0).nonzero().flatten().tolist()
+            keys = [tuple(owner[s].tolist()) for s in used]
+            assert len(set(keys)) == len(keys)                        # no page in two slots
+            for s, (r, p) in zip(used, keys):
+                assert int(c.slot_of[layer, r, p]) == s
+            mapped = (c.slot_of[layer] >= 0).sum().item()
+            assert mapped == len(used)                                # no slot mapped twice
+            assert bool((c.stamp[layer][owner[:, 0] < 0] == -1).all())
+
+
+TestCacheMachine = CacheMachine.TestCase
+TestCacheMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+def test_least_recently_used_slot_is_evicted_first():
+    cache = GpuPageCache(1, 2, DEVICE)
+    rows = torch.tensor([cache.index_of(7)], device=DEVICE)
+    cache.reserve(8)
+
+    def step(want_pages):
+        cache.next_step()
+        want = torch.zeros(1, 8, dtype=torch.bool, device=DEVICE)
+        want[0, want_pages] = True
+        return cache.step(0, rows, cache.table(0, rows, 8), want, want)
+
+    step([0, 1])                          # both cached
+    step([0])                             # 0 used again: 1 is now the oldest
+    plan = step([0, 2])                   # 2 needs a slot: evicts 1, never 0 (in use)
+    assert plan.pages.tolist() == [2] and int(plan.evictions) == 1
+    assert sorted(cache.pages_of(7, 0).tolist()) == [0, 2]
+    plan = step([3, 4, 5])                # 3 fetches want 2 slots, both older than this step
+    assert plan.pages.numel() == 2
+
+
+def test_growing_requests_and_pages_keeps_the_maps():
+    cache = GpuPageCache(2, 3, DEVICE, max_requests=1, max_pages=2)
+    rows = torch.tensor([cache.index_of(r) for r in (1, 2, 3)], device=DEVICE)
+    cache.reserve(10)
+    cache.next_step()
+    want = torch.zeros(3, 10, dtype=torch.bool, device=DEVICE)
+    want[0, 9] = want[2, 4] = True
+    cache.step(1, rows, cache.table(1, rows, 10), want, want)
+    assert cache.pages_of(1, 1).tolist() == [9] and cache.pages_of(3, 1).tolist() == [4]
+    cache.remove_request(1)
+    assert cache.pages_of(1, 1).tolist() == [] and int((cache.owner[1, :, 0] >= 0).sum()) == 1
