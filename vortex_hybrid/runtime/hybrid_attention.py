@@ -156,6 +156,7 @@ class HybridAttention:
         self._worker = CpuWorker() if host else None
         self._gpu = self._gpu_backend()
         self._step: Optional[_Step] = None
+        self._offloaded: dict[int, int] = {}      # request -> full pages known to be on the host
         self._last: dict = {}
         self._totals: dict = {}
 
@@ -203,15 +204,18 @@ class HybridAttention:
             raise ValueError(f"request {rid} is in the current step (layers {step.next_layer}.."
                              f"{self.num_layers - 1} still to run); remove it after the step")
         self.kv.free_request(rid)
+        self._offloaded.pop(rid, None)
         if self._cache is not None:
             self._cache.remove_request(rid)
 
     def _offload_full(self, rid: int) -> None:
+        """Move the request's full pages that are still device-only to host memory (pages below
+        `_offloaded[rid]` already are: no scan of the whole request per step)."""
         full = self.kv.num_full_pages(rid)
-        res = self.kv.residency(rid)
-        pages = [p for p in range(full) if res[p][0] != NOT_RESIDENT]
-        if pages:
-            self.kv.offload(rid, pages)
+        start = self._offloaded.get(rid, 0)
+        if full > start:
+            self.kv.offload(rid, range(start, full))
+        self._offloaded[rid] = full
 
     def _check_between_steps(self, what: str) -> None:
         step = self._step
