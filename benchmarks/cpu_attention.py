@@ -12,7 +12,7 @@ In one run:
     1/4/32; each request holds twice the pages it selects; every repetition uses a fresh random
     page table over a pool of --pool-gib (K+V), so repeated runs do not read from cache; peer: the
     same attention in torch (gather pages, float32 softmax) at batch 4;
-  - summary scoring: quest page scores (`page_scores`, kmin+kmax float32 summaries) over summary
+  - summary scoring: quest page scores (`launch_page_scores`, kmin+kmax float32 summaries) over summary
     bytes from 1 MiB up, rows by random physical page of a store of --store-gib; the whole indexer
     (scores + `topk_pages`, 2% budget) beside it;
   - token selection (`launch_token_topk_attention`): candidate pages of 1 MiB .. --max-mib K+V, keep 1/8
@@ -49,7 +49,8 @@ from numba import njit, prange
 from vortex_hybrid.cpu_kernels import (cpu_threads, launch_sparse_decode_attention,
                                        launch_token_topk_attention, launch_topk_pages, set_cpu_threads,
                                        warmup)
-from vortex_hybrid.cpu_kernels.page_scoring import QUEST, page_scores, quest_indexer
+from vortex_hybrid.cpu_kernels import quest_indexer
+from vortex_hybrid.cpu_kernels.page_scoring import launch_page_scores
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 GROUP = HQ // HKV
@@ -200,7 +201,8 @@ def bench_scoring(gen, store_pages: int, sizes_mib, bw) -> list[dict]:
                 q = torch.randn(B, HQ, D, generator=gen)
                 pt = _page_table(gen, B, n, store_pages)
                 inputs.append((q, pt, torch.full((B,), n * PAGE, dtype=torch.int32)))
-            sec = timed(lambda q, pt, sl: page_scores(QUEST, q, store, pt, sl, PAGE), inputs)
+            sec = timed(lambda q, pt, sl: launch_page_scores(q, store["kmax"], store["kmin"], pt, sl,
+                                                             PAGE, True), inputs)
             budget = max(3, n // 50)
             sec_ix = timed(lambda q, pt, sl: quest_indexer(q, store, pt, sl, budget, 1, 2,
                                                            page_size=PAGE), inputs)

@@ -42,7 +42,7 @@ import triton  # noqa: E402
 
 from gpu_attention import bench, hbm_copy_bandwidth  # noqa: E402  (sibling script: same timing)
 from vortex_hybrid.gpu_kernels.page_scoring import launch_indexer  # noqa: E402
-from vortex_hybrid.gpu_kernels.page_summaries import centroid_cache, quest_cache  # noqa: E402
+from vortex_hybrid.gpu_kernels import centroid_cache, quest_cache  # noqa: E402
 from vortex_hybrid.gpu_kernels.topk_pages import launch_topk_pages  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,8 +14,7 @@ device "cpu") with `vortex_hybrid.vflow.lowering` (see `lowerings`). The files m
 """
 
 from .merge_states import merge_states
-from .page_scoring import centroid_indexer, quest_indexer
-from .page_summaries import centroid_cache, quest_cache
+from .lowerings import centroid_cache, centroid_indexer, quest_cache, quest_indexer
 from .sparse_decode_attention import (dense_decode_attention, launch_sparse_decode_attention,
                                       sparse_decode_attention)
 from .threads import cpu_threads, set_cpu_threads
@@ -28,4 +27,3 @@ __all__ = ["centroid_cache", "centroid_indexer", "cpu_threads", "dense_decode_at
            "launch_token_topk_attention", "launch_topk_pages", "select_tokens", "set_cpu_threads",
            "sparse_decode_attention", "token_topk_attention", "topk_pages", "warmup"]
 
-from . import lowerings  # noqa: E402,F401  (registers the flow kernels for device "cpu")

@@ -1,22 +1,20 @@
-"""This backend's flow kernels for the vFlow lowering hook for device "cpu".
+"""This backend's library-flow kernels, checked, and their table for the vFlow lowering hook.
 
-`vortex_hybrid.vflow.lowering` reads `LOWERINGS` when it first looks for "cpu" kernels (this
-module imports nothing from vflow: the dependency goes one way). A lowering is registered against a library flow's traced
-graph: any flow whose stage traces to the same structure runs on it (`vortex_hybrid.vflow.lowering`);
-every other (flow, stage) runs on the reference interpreter. The mirror of `gpu_kernels.lowerings`.
-
-    quest:    cache -> page_summaries.quest_cache      indexer -> page_scoring.quest_indexer
-    centroid: cache -> page_summaries.centroid_cache   indexer -> page_scoring.centroid_indexer
+`vortex_hybrid.flow_kernels.entry_points` wraps the unchecked launchers of `page_summaries` and
+`page_scoring` into `quest_cache`, `centroid_cache`, `quest_indexer`, `centroid_indexer` (the same
+wrapper for both backends). `vortex_hybrid.vflow.lowering` reads LOWERINGS when it first looks for
+"cpu" kernels; a lowering serves every flow whose stage traces to the library flow's structure.
+This module imports nothing from vflow: the dependency goes one way. Mirror of `gpu_kernels.lowerings`.
 """
 
 from __future__ import annotations
 
-from .page_scoring import centroid_indexer, quest_indexer
-from .page_summaries import centroid_cache, quest_cache
+from vortex_hybrid.flow_kernels import entry_points
 
-LOWERINGS = {
-    ("quest", "cache"): quest_cache,
-    ("quest", "indexer"): quest_indexer,
-    ("centroid", "cache"): centroid_cache,
-    ("centroid", "indexer"): centroid_indexer,
-}
+from .page_scoring import launch_indexer
+from .page_summaries import launch_cache
+
+_kernels = entry_points(launch_cache, launch_indexer)
+quest_cache, centroid_cache = _kernels.quest_cache, _kernels.centroid_cache
+quest_indexer, centroid_indexer = _kernels.quest_indexer, _kernels.centroid_indexer
+LOWERINGS = _kernels.LOWERINGS

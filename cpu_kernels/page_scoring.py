@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from vortex_hybrid.contracts import check_indexer_args, pages_of
+from vortex_hybrid.contracts import pages_of
 
 from .online_softmax import FASTMATH, NEG_INF
 from .prefetch import prefetch_range
@@ -128,30 +128,3 @@ def launch_indexer(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, page_table
     scores = launch_page_scores(q, a, b, page_table, seq_lens, page_size, quest)
     return launch_topk_pages(scores, budget, pages_of(seq_lens, page_size).to(torch.int32), sink,
                              recent)
-
-
-def _indexer(q, summaries, page_table, seq_lens, budget, sink, recent, page_size, quest, check):
-    names = ("kmax", "kmin") if quest else ("mean",)
-    if check:
-        check_indexer_args(q, summaries, names, page_table, seq_lens, budget, sink, recent,
-                           page_size)
-    return launch_indexer(q, summaries[names[0]], summaries[names[-1]], page_table, seq_lens,
-                          int(budget), int(sink), int(recent), int(page_size), quest)
-
-
-def quest_indexer(q: torch.Tensor, summaries: dict[str, torch.Tensor], page_table: torch.Tensor,
-                  seq_lens: torch.Tensor, budget: int, sink: int, recent: int, *, page_size: int,
-                  check: bool = True) -> torch.Tensor:
-    """Quest selection: sel int32 [B, Hkv, budget] from q [B, Hq, D] and summaries "kmin", "kmax"
-    ([R, Hkv, 1, D]); page_table int32 [B, max_pages] logical page -> summary row; seq_lens int32
-    [B] tokens; page_size: tokens per page. check=False skips the argument checks."""
-    return _indexer(q, summaries, page_table, seq_lens, budget, sink, recent, page_size, True,
-                    check)
-
-
-def centroid_indexer(q: torch.Tensor, summaries: dict[str, torch.Tensor], page_table: torch.Tensor,
-                     seq_lens: torch.Tensor, budget: int, sink: int, recent: int, *,
-                     page_size: int, check: bool = True) -> torch.Tensor:
-    """Centroid selection from summaries "mean"; arguments as in `quest_indexer`."""
-    return _indexer(q, summaries, page_table, seq_lens, budget, sink, recent, page_size, False,
-                    check)

@@ -18,8 +18,6 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from vortex_hybrid.contracts import check_cache_args
-
 from .storage_decode import decode_into
 from .tensor_views import storage_bits
 from .threads import kernel_call
@@ -82,24 +80,3 @@ def launch_cache(k_pool: torch.Tensor, pages: torch.Tensor, rows: torch.Tensor, 
         a.index_copy_(0, idx, dst_a.to(a.dtype))
         if quest:
             b.index_copy_(0, idx, dst_b.to(b.dtype))
-
-
-def quest_cache(k_pool: torch.Tensor, pages: torch.Tensor, summaries: dict[str, torch.Tensor],
-                rows: Optional[torch.Tensor] = None, *, check: bool = True) -> None:
-    """Write summaries["kmin"] and summaries["kmax"] at `rows` (default `pages`): elementwise min /
-    max over the keys of each listed full page of k_pool [N, Hkv, P, D]. check=False skips the
-    argument checks (the runtime checks once per step)."""
-    if check:
-        check_cache_args(k_pool, pages, summaries, ("kmin", "kmax"), rows)
-    launch_cache(k_pool, pages, pages if rows is None else rows, summaries["kmin"],
-                 summaries["kmax"], quest=True)
-
-
-def centroid_cache(k_pool: torch.Tensor, pages: torch.Tensor, summaries: dict[str, torch.Tensor],
-                   rows: Optional[torch.Tensor] = None, *, check: bool = True) -> None:
-    """Write summaries["mean"] at `rows` (default `pages`): the mean key of each listed full page
-    (float32 sum / page_size). Arguments as in `quest_cache`."""
-    if check:
-        check_cache_args(k_pool, pages, summaries, ("mean",), rows)
-    launch_cache(k_pool, pages, pages if rows is None else rows, summaries["mean"],
-                 summaries["mean"], quest=False)

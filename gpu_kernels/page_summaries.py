@@ -20,8 +20,6 @@ import triton.language as tl
 
 from typing import Optional
 
-from vortex_hybrid.contracts import check_cache_args
-
 TILE_ELEMENTS = 16384                   # key elements per program: all KV heads of a page if they fit
 
 
@@ -64,24 +62,3 @@ def launch_cache(k_pool: torch.Tensor, pages: torch.Tensor, rows: torch.Tensor, 
         k_pool, pages, rows, a, b, k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         a.stride(0), a.stride(1), hkv, P, d, MEAN=not quest, BLOCK_H=block_h, BLOCK_P=block_p,
         BLOCK_D=block_d, num_warps=8)
-
-
-def quest_cache(k_pool: torch.Tensor, pages: torch.Tensor, summaries: dict[str, torch.Tensor],
-                rows: Optional[torch.Tensor] = None, *, check: bool = True) -> None:
-    """Write summaries["kmin"] and summaries["kmax"] at `rows` (default `pages`): elementwise min /
-    max over the keys of each listed full page of k_pool [N, Hkv, P, D]. check=False skips the
-    argument checks (the runtime checks once per step)."""
-    if check:
-        check_cache_args(k_pool, pages, summaries, ("kmin", "kmax"), rows)
-    launch_cache(k_pool, pages, pages if rows is None else rows, summaries["kmin"],
-                 summaries["kmax"], quest=True)
-
-
-def centroid_cache(k_pool: torch.Tensor, pages: torch.Tensor, summaries: dict[str, torch.Tensor],
-                   rows: Optional[torch.Tensor] = None, *, check: bool = True) -> None:
-    """Write summaries["mean"] at `rows` (default `pages`): the mean key of each listed full page
-    (float32 accumulation). Arguments as in `quest_cache`."""
-    if check:
-        check_cache_args(k_pool, pages, summaries, ("mean",), rows)
-    launch_cache(k_pool, pages, pages if rows is None else rows, summaries["mean"],
-                 summaries["mean"], quest=False)

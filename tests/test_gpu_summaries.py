@@ -17,8 +17,8 @@ from conftest import test_seed
 from vortex_hybrid import reference, vflow
 from vortex_hybrid.contracts import pages_of
 from vortex_hybrid.gpu_kernels import lowerings
-from vortex_hybrid.gpu_kernels.page_scoring import centroid_indexer, quest_indexer
-from vortex_hybrid.gpu_kernels.page_summaries import centroid_cache, quest_cache
+from vortex_hybrid.gpu_kernels import centroid_indexer, quest_indexer
+from vortex_hybrid.gpu_kernels import centroid_cache, quest_cache
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CACHE = {"quest": (quest_cache, ("kmin", "kmax")), "centroid": (centroid_cache, ("mean",))}

@@ -1,0 +1,75 @@
+"""The checked entry points of the library flows' kernels, made once for each backend.
+
+Both kernel backends implement two unchecked launchers with the same signatures:
+
+    launch_cache(k_pool, pages, rows, a, b, quest: bool)                      summaries of full pages
+    launch_indexer(q, a, b, page_table, seq_lens, budget, sink, recent, page_size, quest: bool)
+
+(a, b = kmin, kmax for the cache stage and kmax, kmin for the indexer of quest; mean twice for
+centroid). `entry_points` wraps them into the public, checked functions with the lowering-hook
+signatures (`vortex_hybrid.vflow.lowering`), plus the backend's LOWERINGS table, so the two
+backends cannot drift apart:
+
+    quest_cache(k_pool, pages, summaries, rows=None, *, check=True)
+    centroid_cache(...)
+    quest_indexer(q, summaries, page_table, seq_lens, budget, sink, recent, *, page_size, check=True)
+    centroid_indexer(...)
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Callable, Optional
+
+import torch
+
+from .contracts import check_cache_args, check_indexer_args
+
+_CACHE_DOC = """Write summaries{names} at `rows` (default `pages`): the {what} over the keys of each
+    listed full page of k_pool [N, Hkv, P, D]; pages, rows int64 [n]; summaries float32 or bfloat16
+    [R, Hkv, 1, D]. check=False skips the argument checks (the runtime checks once per step)."""
+_INDEXER_DOC = """{flow} selection: sel int32 [B, Hkv, budget] (ascending, -1 padded) from q
+    [B, Hq, D] and summaries{names} ([R, Hkv, 1, D]); page_table int32 [B, max_pages] logical page ->
+    summary row (read for full pages only); seq_lens int32 [B] tokens; page_size: tokens per page.
+    check=False skips the argument checks."""
+
+
+def entry_points(launch_cache: Callable, launch_indexer: Callable) -> SimpleNamespace:
+    """quest_cache, centroid_cache, quest_indexer, centroid_indexer and LOWERINGS of a backend."""
+
+    def cache_fn(quest: bool, names: tuple[str, ...], what: str):
+        def fn(k_pool: torch.Tensor, pages: torch.Tensor, summaries: dict[str, torch.Tensor],
+               rows: Optional[torch.Tensor] = None, *, check: bool = True) -> None:
+            if check:
+                check_cache_args(k_pool, pages, summaries, names, rows)
+            launch_cache(k_pool, pages, pages if rows is None else rows, summaries[names[0]],
+                         summaries[names[-1]], quest)
+        fn.__doc__ = _CACHE_DOC.format(names=list(names), what=what)
+        return fn
+
+    def indexer_fn(quest: bool, names: tuple[str, ...], flow: str):
+        def fn(q: torch.Tensor, summaries: dict[str, torch.Tensor], page_table: torch.Tensor,
+               seq_lens: torch.Tensor, budget: int, sink: int, recent: int, *, page_size: int,
+               check: bool = True) -> torch.Tensor:
+            if check:
+                check_indexer_args(q, summaries, names, page_table, seq_lens, budget, sink,
+                                   recent, page_size)
+            return launch_indexer(q, summaries[names[0]], summaries[names[-1]], page_table,
+                                  seq_lens, int(budget), int(sink), int(recent), int(page_size),
+                                  quest)
+        fn.__doc__ = _INDEXER_DOC.format(flow=flow, names=list(names))
+        return fn
+
+    out = SimpleNamespace(
+        quest_cache=cache_fn(True, ("kmin", "kmax"), "elementwise min and max"),
+        centroid_cache=cache_fn(False, ("mean",), "mean key (float32 accumulation)"),
+        quest_indexer=indexer_fn(True, ("kmax", "kmin"), "Quest"),
+        centroid_indexer=indexer_fn(False, ("mean",), "Centroid"))
+    for name in ("quest_cache", "centroid_cache", "quest_indexer", "centroid_indexer"):
+        fn = getattr(out, name)
+        fn.__name__ = fn.__qualname__ = name
+        fn.__module__ = launch_cache.__module__.rsplit(".", 1)[0]
+    out.LOWERINGS = {("quest", "cache"): out.quest_cache, ("quest", "indexer"): out.quest_indexer,
+                     ("centroid", "cache"): out.centroid_cache,
+                     ("centroid", "indexer"): out.centroid_indexer}
+    return out
