@@ -251,3 +251,27 @@ def test_a_bad_given_selection_is_refused():
         attn.run(0, *args, sel=torch.tensor([[[0, 0], [1, -1]]], dtype=torch.int32))
     with pytest.raises(ValueError, match="sel must be an int32 tensor \\[1, 2, K\\]"):
         attn.run(0, *args, sel=torch.zeros(1, 3, 2, dtype=torch.int32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("placement", ["dense", "gpu"])
+def test_cuda_graph_steps_equal_eager_steps(placement):
+    """The captured per-layer work gives the eager outputs, step after step (pages fill, batch
+    shapes change and come back)."""
+    graphed, eager = make(placement), make(placement)
+    eager._graphs = None
+    assert graphed._graphs is not None
+    gen = torch.Generator().manual_seed(5)
+    rids = {}
+    for n in (3, 17, 30):
+        k, v = torch.randn(L, n, HKV, D, generator=gen), torch.randn(L, n, HKV, D, generator=gen)
+        rids[n] = (graphed.add_request(k, v), eager.add_request(k, v))
+    for step in range(12):
+        batch = [rids[n] for n in ((3, 17, 30) if step % 4 != 3 else (17, 30))]
+        graphed.plan([g for g, _ in batch])
+        eager.plan([e for _, e in batch])
+        for layer in range(L):
+            q, kn, vn = (torch.randn(len(batch), h, D, generator=gen).cuda() for h in (HQ, HKV, HKV))
+            a, b = graphed.run(layer, q, kn, vn), eager.run(layer, q, kn, vn)
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (step, layer)
+    assert len(graphed._graphs._sets) == 2

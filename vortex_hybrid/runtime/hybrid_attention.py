@@ -46,6 +46,7 @@ from ..scheduler.gpu_page_cache import GpuPageCache
 from ..vflow.registry import load_flow
 from ..vflow.summary_store import SummaryStore
 from .cpu_worker import CpuWorker
+from .layer_graphs import LayerGraphs
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class _Step:
     filled_rows: torch.Tensor          # int64 [n] their summary rows (store device)
     host_table_dev: torch.Tensor       # host_table on the device (fetch sources)
     cache_rows: Optional[torch.Tensor]  # int64 [B] dense request indices in the page cache
+    resident_pages: int = 0            # page-heads a dense / gpu layer attends
+    serial: int = 0                    # counts plans
     next_layer: int = 0
     failed: bool = False
     counters: dict = field(default_factory=dict)
@@ -101,13 +104,15 @@ class HybridAttention:
     8 x `cfg.gpu_cache_pages` when it is None). device: where the GPU side runs (default: CUDA if
     present, else the CPU with the torch reference). costs: the machine's bandwidths for the
     `hybrid` split (default: `scheduler.cost_model.load_or_measure()`, measured once per machine and
-    cached).
+    cached). cuda_graphs: capture the per-layer GPU work of `dense` and `gpu` in CUDA graphs
+    (`layer_graphs`; CUDA only, and for `gpu` only when the flow's indexer has a fused kernel).
     """
 
     def __init__(self, cfg: HybridConfig, num_layers: int, num_q_heads: int, num_kv_heads: int,
                  head_dim: int, *, device_pages: Optional[int] = None,
                  host_pages: Optional[int] = None, device: Optional[torch.device | str] = None,
-                 costs: Optional["cost_model.MachineCosts"] = None) -> None:
+                 costs: Optional["cost_model.MachineCosts"] = None,
+                 cuda_graphs: bool = True) -> None:
         if not isinstance(cfg, HybridConfig):
             raise ValueError(f"cfg must be a HybridConfig, got {type(cfg).__name__}")
         L, hq, hkv = (_positive(n, v) for n, v in (("num_layers", num_layers),
@@ -156,6 +161,13 @@ class HybridAttention:
         self._worker = CpuWorker() if host else None
         self._gpu = self._gpu_backend()
         self._step: Optional[_Step] = None
+        self._serial = 0
+        self._graphs = None
+        if cuda_graphs and self.device.type == "cuda" and (
+                self.placement == "dense" or (self.placement == "gpu"
+                                              and self.store.bound.indexer_kernel is not None
+                                              and self.store.device.type == "cuda")):
+            self._graphs = LayerGraphs(self)
         self._offloaded: dict[int, int] = {}      # request -> full pages known to be on the host
         self._last: dict = {}
         self._totals: dict = {}
@@ -287,6 +299,11 @@ class HybridAttention:
         self._step.counters = {k: zero.clone() for k in (
             "gpu_pages", "cpu_pages", "fetched_pages", "cache_hits", "cache_misses", "evictions")}
         self._step.counters.update(gpu_wait_s=0.0, step_host_s=0.0)
+        self._serial += 1
+        self._step.serial = self._serial
+        n_pages = [-(-n // P) for n in new]                 # pages dense / gpu attend, exactly
+        self._step.resident_pages = self.num_kv_heads * sum(
+            n if self.placement == "dense" else min(n, self.cfg.budget_for(n)) for n in n_pages)
 
     def _rollback_failed(self) -> None:
         """A step that failed mid-way leaves the new token written in some layers only: drop it."""
@@ -372,18 +389,51 @@ class HybridAttention:
         return sel
 
     def _run_layer(self, step: _Step, layer: int, q, k_new, v_new, sel=None) -> torch.Tensor:
-        kv, c = self.kv, step.counters
-        k_pool, v_pool = kv.device_pool.k[layer], kv.device_pool.v[layer]
-        k_pool[step.write_pages, :, step.write_offs] = k_new.to(k_pool.dtype)    # append
+        if self._graphs is not None and sel is None:
+            graphs = self._graphs.bind(step)
+            if graphs is not None:
+                o = graphs.run(layer, q, k_new, v_new)
+                self._summarize_filled(step, layer)
+                step.counters["gpu_pages"] += step.resident_pages
+                return o
+        self._append(step, layer, k_new, v_new)
+        if self.placement in ("dense", "gpu") and sel is None:
+            o = self.attend_resident(step, layer, q)
+            step.counters["gpu_pages"] += step.resident_pages
+        else:
+            o = self._attend_split(step, layer, q, sel)
+        self._summarize_filled(step, layer)
+        return o
+
+    def _append(self, step: _Step, layer: int, k_new, v_new) -> None:
+        """Write the batch's new token of this layer (one index_put for K, one for V)."""
+        k_pool, v_pool = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
+        k_pool[step.write_pages, :, step.write_offs] = k_new.to(k_pool.dtype)
         v_pool[step.write_pages, :, step.write_offs] = v_new.to(v_pool.dtype)
+
+    def _summarize_filled(self, step: _Step, layer: int) -> None:
+        """Summaries of the pages this step's token filled. After attention is fine: such a page
+        is its request's last page, always among the `recent` pages, so its score is not used."""
         if self.store is not None and step.filled_pages.numel():
-            self.store.compute_rows(layer, k_pool, step.filled_pages, step.filled_rows)
+            self.store.compute_rows(layer, self.kv.device_pool.k[layer], step.filled_pages,
+                                    step.filled_rows)
+
+    def attend_resident(self, step: _Step, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """`dense` and `gpu`: every page is in the device pool; select (gpu) and attend. Pure GPU
+        work on the step's tensors: what `layer_graphs` captures."""
+        k_pool, v_pool = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
         if self.placement == "dense":
             sel = reference.all_pages_sel(step.lens, self.num_kv_heads, step.dev_table.shape[1],
                                           self.cfg.page_size)
-            c["gpu_pages"] += (sel >= 0).sum()
-            o, _ = self._gpu.attend(q, k_pool, v_pool, step.dev_table, step.lens, sel)
-            return o.to(q.dtype)
+        else:
+            sel = self._select(step, layer, q)
+        o, _ = self._gpu.attend(q, k_pool, v_pool, step.dev_table, step.lens, sel)
+        return o.to(q.dtype)
+
+    def _attend_split(self, step: _Step, layer: int, q, sel=None) -> torch.Tensor:
+        """Host placements (or a given selection): partition, fetch, attend on both, merge."""
+        c = step.counters
+        k_pool, v_pool = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
         if sel is None:
             sel = self._select(step, layer, q)
         chosen = sel >= 0
