@@ -84,14 +84,18 @@ class _GraphSet:
         return self.outputs[layer].clone()
 
     def _capture(self, layer: int) -> torch.Tensor:
-        """Run the layer once eagerly (its result is this step's output), then capture it. The
-        capture records without running, and the K/V write it records is idempotent."""
-        out = self._body(layer)
+        """Run the layer eagerly on a side stream (twice: every kernel compiled and loaded, the
+        allocator warm; the result is this step's output), then capture it there. The capture
+        records without running; the K/V write it records is idempotent. Errors of other threads'
+        CUDA calls (the CPU worker) do not break the capture (thread_local mode)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+            for _ in range(2):
+                out = self._body(layer)
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream,
+                                  capture_error_mode="thread_local"):
                 self.outputs[layer] = self._body(layer)
         torch.cuda.current_stream().wait_stream(stream)
         self.graphs[layer] = graph
