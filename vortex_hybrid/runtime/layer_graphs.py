@@ -17,6 +17,8 @@ buffer so it stays valid after the next replay.
 from __future__ import annotations
 
 import dataclasses
+import gc
+import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Optional
 
@@ -24,6 +26,8 @@ import torch
 
 if TYPE_CHECKING:
     from .hybrid_attention import HybridAttention, _Step
+
+log = logging.getLogger(__name__)
 
 MAX_SHAPES = 4
 
@@ -50,6 +54,7 @@ class _GraphSet:
         self.graphs: list[Optional[torch.cuda.CUDAGraph]] = [None] * attn.num_layers
         self.outputs: list[Optional[torch.Tensor]] = [None] * attn.num_layers
         self.pool = torch.cuda.graph_pool_handle()
+        self.failures = 0
 
     def load(self, step: "_Step") -> None:
         """Copy a new step's tables into the static buffers (same shape)."""
@@ -94,9 +99,19 @@ class _GraphSet:
         with torch.cuda.stream(stream):
             for _ in range(2):
                 out = self._body(layer)
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream,
-                                  capture_error_mode="thread_local"):
-                self.outputs[layer] = self._body(layer)
+            gc.collect()                    # freeing another runtime's CUDA memory or graphs
+            gc.disable()                    # while capturing would invalidate the capture
+            try:
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream,
+                                      capture_error_mode="thread_local"):
+                    self.outputs[layer] = self._body(layer)
+            except RuntimeError as exc:     # the eager result stands; try again next step
+                log.warning("CUDA graph capture of layer %d failed, running it eagerly: %s",
+                            layer, exc)
+                graph = None
+                self.failures += 1
+            finally:
+                gc.enable()
         torch.cuda.current_stream().wait_stream(stream)
         self.graphs[layer] = graph
         return out
