@@ -90,6 +90,8 @@ def test_cpu_threads_resolution(monkeypatch):
      "extra has 'chanels' \\(did you mean 'channels'\\?\\), which flow 'double_sparsity' does not"),
     (dict(flow="quest", extra={"channels": 16}), "flow 'quest' does not take: it takes no options"),
     (dict(flow="missing.py:x"), "flow file 'missing.py' does not exist"),
+    (dict(flow="double_sparsity", extra={"channels": 16}),
+     "channels=16 must be a non-empty list of channel indices .* use num_channels"),
 ])
 def test_flow_and_its_options_are_checked_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -68,7 +68,7 @@ def _check_flow(flow: str, extra: Mapping[str, Any]) -> None:
                              f"take: {allowed}")
     try:
         load_flow(flow, **dict(extra))
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ValueError(f"HybridConfig.extra={dict(extra)!r} is invalid for flow {flow!r}: {exc}") \
             from None
 

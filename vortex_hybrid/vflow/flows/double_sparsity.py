@@ -27,7 +27,17 @@ class DoubleSparsity(Flow):
 
     def __init__(self, channels: Optional[Sequence[int]] = None,
                  num_channels: Optional[int] = None) -> None:
-        self.channels = None if channels is None else [int(c) for c in channels]
+        if channels is not None and (isinstance(channels, (str, bytes)) or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                for c in (channels if isinstance(channels, (list, tuple)) else [None]))
+                or not channels):
+            raise ValueError(f"channels={channels!r} must be a non-empty list of channel indices "
+                             "(e.g. [0, 5, 17]); for a count of evenly spaced channels use "
+                             "num_channels")
+        if num_channels is not None and (isinstance(num_channels, bool)
+                                         or not isinstance(num_channels, int) or num_channels < 1):
+            raise ValueError(f"num_channels={num_channels!r} must be a positive integer")
+        self.channels = None if channels is None else list(channels)
         self.num_channels = num_channels
 
     def heavy_channels(self, head_dim: int) -> list[int]:
