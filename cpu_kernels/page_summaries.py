@@ -12,7 +12,6 @@ Shapes (N physical pages, Hkv KV heads, P page_size, D head_dim, n listed pages,
 
 from __future__ import annotations
 
-from typing import Optional
 
 import numpy as np
 import torch

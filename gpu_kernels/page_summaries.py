@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from typing import Optional
 
 TILE_ELEMENTS = 16384                   # key elements per program: all KV heads of a page if they fit
 

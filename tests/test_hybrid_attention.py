@@ -275,3 +275,25 @@ def test_cuda_graph_steps_equal_eager_steps(placement):
             a, b = graphed.run(layer, q, kn, vn), eager.run(layer, q, kn, vn)
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (step, layer)
     assert len(graphed._graphs._sets) == 2
+
+
+def test_a_trace_records_each_layer_on_each_lane():
+    from vortex_hybrid.runtime.step_trace import StepTrace
+    attn = make("hybrid", slots=2)
+    shadow = Shadow(attn, 9)
+    rids = [shadow.add(37), shadow.add(21)]
+    shadow.step(rids)
+    attn.trace = StepTrace(attn.device)
+    assert shadow.step(rids) < 1e-5
+    spans = attn.trace.spans()
+    attn.trace = None
+    lanes = {(s["lane"], s["layer"]) for s in spans}
+    for layer in range(L):
+        assert {("host", layer), ("gpu", layer), ("cpu", layer)} <= lanes, lanes
+    assert all(0 <= s["start_ms"] <= s["end_ms"] for s in spans)
+    runs = [s for s in spans if s["name"] == "run()"]
+    assert [s["layer"] for s in runs] == list(range(L))
+    for s in spans:                       # every span of a layer lies inside its run() call
+        if s["lane"] == "host" and s["name"] != "run()":
+            r = runs[s["layer"]]
+            assert r["start_ms"] <= s["start_ms"] and s["end_ms"] <= r["end_ms"]

@@ -28,8 +28,8 @@ the "GPU" side is the torch reference on the CPU, so the same logic runs in CI.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import operator
 import time
 from dataclasses import dataclass, field
@@ -40,13 +40,14 @@ import torch
 from .. import reference
 from ..config import HybridConfig
 from ..kv.page_pool import GIB, pool_bytes
-from ..kv.paged_kv_cache import NOT_RESIDENT, PagedKVCache
+from ..kv.paged_kv_cache import PagedKVCache
 from ..scheduler import cost_model
 from ..scheduler.gpu_page_cache import GpuPageCache
 from ..vflow.registry import load_flow
 from ..vflow.summary_store import SummaryStore
 from .cpu_worker import CpuWorker
 from .layer_graphs import LayerGraphs
+from .step_trace import StepTrace
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,8 @@ class HybridAttention:
         self._worker = CpuWorker() if host else None
         self._gpu = self._gpu_backend()
         self._step: Optional[_Step] = None
+        self.trace: Optional[StepTrace] = None
+        """Set to a `StepTrace` to record a timeline of the steps that follow (docs/runtime.md)."""
         self._serial = 0
         self._graphs = None
         if cuda_graphs and self.device.type == "cuda" and (
@@ -334,7 +337,8 @@ class HybridAttention:
             sel = self._check_sel(step, sel)
         t0 = time.perf_counter()
         try:
-            o = self._run_layer(step, layer, q, k_new, v_new, sel)
+            with (self.trace or _NO_TRACE).host(layer, "run()"):
+                o = self._run_layer(step, layer, q, k_new, v_new, sel)
         except BaseException:
             step.failed = True
             raise
@@ -432,32 +436,39 @@ class HybridAttention:
 
     def _attend_split(self, step: _Step, layer: int, q, sel=None) -> torch.Tensor:
         """Host placements (or a given selection): partition, fetch, attend on both, merge."""
-        c = step.counters
+        c, tr = step.counters, self.trace or _NO_TRACE
         k_pool, v_pool = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
         if sel is None:
-            sel = self._select(step, layer, q)
+            with tr.gpu(layer, "select"):
+                sel = self._select(step, layer, q)
         chosen = sel >= 0
         flat = sel.clamp_min(0).flatten(1).to(torch.int64)                # [B, Hkv * K]
         table = step.dev_table
         if self._cache is not None:
-            table = self._cache_table(step, layer, sel, chosen, flat, table)
+            with tr.host(layer, "partition + cache + fetch launch"):
+                table = self._cache_table(step, layer, sel, chosen, flat, table)
         on_gpu = chosen & (torch.gather(table, 1, flat).view_as(sel) >= 0)
         on_host = chosen & ~on_gpu
         c["gpu_pages"] += on_gpu.sum()
         future = None
         if self.placement != "gpu":
-            cpu_sel = torch.where(on_host, sel, -1).cpu()                  # the one sync
-            n_host = int((cpu_sel >= 0).sum())
+            with tr.host(layer, "host selection (sync)"):
+                cpu_sel = torch.where(on_host, sel, -1).cpu()              # the one sync
+                n_host = int((cpu_sel >= 0).sum())
             if n_host:
                 c["cpu_pages"] += n_host
                 future = self._worker.submit(self._cpu_attend, q.cpu(), layer, step.host_table,
                                              step.lens_cpu, cpu_sel)
-        o, lse = self._gpu.attend(q, k_pool, v_pool, table, step.lens, torch.where(on_gpu, sel, -1))
+        with tr.gpu(layer, "attend"):
+            o, lse = self._gpu.attend(q, k_pool, v_pool, table, step.lens,
+                                      torch.where(on_gpu, sel, -1))
         if future is not None:
             t0 = time.perf_counter()
-            o_c, lse_c = future.result()
+            with tr.host(layer, "wait for the CPU"):
+                o_c, lse_c = future.result()
             c["gpu_wait_s"] += time.perf_counter() - t0
-            o, lse = self._gpu.merge(o, lse, o_c.to(self.device), lse_c.to(self.device))
+            with tr.gpu(layer, "merge"):
+                o, lse = self._gpu.merge(o, lse, o_c.to(self.device), lse_c.to(self.device))
         return o.to(q.dtype)
 
     def _select(self, step: _Step, layer: int, q: torch.Tensor) -> torch.Tensor:
@@ -535,8 +546,9 @@ class HybridAttention:
 
     def _cpu_attend(self, q, layer, host_table, lens, sel):
         from .. import cpu_kernels
-        return cpu_kernels.launch_sparse_decode_attention(
-            q, self.kv.host_pool.k[layer], self.kv.host_pool.v[layer], host_table, lens, sel)
+        with (self.trace or _NO_TRACE).host(layer, "attend host pages", "cpu"):
+            return cpu_kernels.launch_sparse_decode_attention(
+                q, self.kv.host_pool.k[layer], self.kv.host_pool.v[layer], host_table, lens, sel)
 
     def _gpu_backend(self):
         if self.device.type == "cuda":
@@ -559,6 +571,19 @@ class HybridAttention:
     def close(self) -> None:
         if self._worker is not None:
             self._worker.close()
+
+
+class _NoTrace:
+    """The tracer when no trace is recording: spans cost nothing."""
+
+    @staticmethod
+    def host(*args):
+        return contextlib.nullcontext()
+
+    gpu = host
+
+
+_NO_TRACE = _NoTrace()
 
 
 class _TorchGpu:
