@@ -20,6 +20,7 @@ for step in "$@"; do
     gpu_attention) timeout 300 python3 benchmarks/gpu_attention.py --out "$OUT" ;;
     cpu_attention) timeout 300 python3 benchmarks/cpu_attention.py --out "$OUT" ;;
     summary_store) timeout 240 python3 benchmarks/summary_store.py --out "$OUT" ;;
+    step_trace)    timeout 240 python3 benchmarks/step_trace.py --out "$OUT" ;;
     *) echo "unknown step $step"; continue ;;
   esac > "$OUT/$step.log" 2>&1
   rc=$?
