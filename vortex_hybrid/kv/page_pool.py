@@ -37,9 +37,11 @@ class PagePool:
         self.name = name
         self.device = torch.device(device)
         need = pool_bytes(num_layers, num_pages, num_kv_heads, page_size, head_dim, dtype)
-        self._check_memory(need, memory_cap_bytes)
         if pin is None:
             pin = self.device.type == "cpu" and torch.cuda.is_available()
+        if pin and need:            # torch's pinned allocator rounds each block up to a power of 2
+            need = 2 * (1 << (need // 2 - 1).bit_length())
+        self._check_memory(need, memory_cap_bytes)
         shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=self.device, pin_memory=pin)
         self.v = torch.zeros(shape, dtype=dtype, device=self.device, pin_memory=pin)
@@ -50,9 +52,10 @@ class PagePool:
             free, _ = torch.cuda.mem_get_info(self.device)
             limit, what = free, "free GPU memory"
         else:
-            avail = psutil.virtual_memory().available
-            limit, what = (cap, "the host memory cap") if cap is not None else \
-                (int(0.8 * avail), "80% of available host memory")
+            avail = int(0.8 * psutil.virtual_memory().available)
+            limit, what = avail, "80% of available host memory"
+            if cap is not None and cap < avail:
+                limit, what = cap, f"the host memory cap (80% of available: {avail / GIB:.2f} GiB)"
         if need > limit:
             raise ValueError(f"{self.name}: {need / GIB:.2f} GiB of pages exceed {what} "
                              f"({limit / GIB:.2f} GiB); use fewer pages")

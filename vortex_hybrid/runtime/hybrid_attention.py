@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import operator
 import time
 from dataclasses import dataclass, field
@@ -159,7 +160,12 @@ class HybridAttention:
             costs = cost_model.load_or_measure() if self.placement == "hybrid" else \
                 cost_model.DEFAULTS
         self._costs = costs
-        self._worker = CpuWorker() if host else None
+        self._worker = None
+        if host:
+            from .. import cpu_kernels
+            # The thread driving the GPU needs a core: Numba gets the rest unless set in cfg.
+            cpu_kernels.set_cpu_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
+            self._worker = CpuWorker()
         self._gpu = self._gpu_backend()
         self._step: Optional[_Step] = None
         self.trace: Optional[StepTrace] = None
@@ -319,13 +325,14 @@ class HybridAttention:
 
     # ---- run --------------------------------------------------------------------------------
     def run(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-            sel: Optional[torch.Tensor] = None) -> torch.Tensor:
+            sel: Optional[torch.Tensor] = None, *, check_sel: bool = True) -> torch.Tensor:
         """Append this layer's new token, select, partition, attend and merge: o [B, Hq, D] in q's
         dtype. Layers run in order 0..num_layers-1 after `plan`.
 
         sel (research and benchmarks: replaying recorded selections): int [B, Hkv, K] logical pages
         of each request after this step's token, -1 padded, unique per row; attended instead of
-        the flow's selection (not with `dense`). Checked here, which synchronises the GPU."""
+        the flow's selection (not with `dense`). Checked here, which synchronises the GPU;
+        check_sel=False skips the value checks (for a caller that checked its selections once)."""
         step = self._step
         if step is None or step.failed or step.next_layer >= self.num_layers:
             raise ValueError("run() needs a plan(): call plan(rids) once before layer 0 of each step")
@@ -334,7 +341,7 @@ class HybridAttention:
         B = len(step.rids)
         self._check_inputs(B, q, k_new, v_new)
         if sel is not None:
-            sel = self._check_sel(step, sel)
+            sel = self._check_sel(step, sel, check_sel)
         t0 = time.perf_counter()
         try:
             with (self.trace or _NO_TRACE).host(layer, "run()"):
@@ -369,7 +376,7 @@ class HybridAttention:
             if t.device != self.device:
                 raise ValueError(f"{name} is on {t.device}; the runtime's device is {self.device}")
 
-    def _check_sel(self, step: _Step, sel) -> torch.Tensor:
+    def _check_sel(self, step: _Step, sel, values: bool = True) -> torch.Tensor:
         B = len(step.rids)
         if self.placement == "dense":
             raise ValueError("sel= is for sparse placements; placement 'dense' attends every page")
@@ -380,6 +387,8 @@ class HybridAttention:
                              f"{getattr(sel, 'dtype', type(sel).__name__)} "
                              f"{tuple(getattr(sel, 'shape', ()))}")
         sel = sel.to(self.device, torch.int32)
+        if not values:
+            return sel
         n = -(-step.lens.to(torch.int64) // self.cfg.page_size)
         s = sel.to(torch.int64)
         bad = (s < -1) | (s >= n[:, None, None])
