@@ -46,7 +46,6 @@ from vortex_hybrid.scheduler import cost_model
 from vortex_hybrid import HybridAttention, HybridConfig
 from vortex_hybrid.cpu_kernels import cpu_threads, set_cpu_threads
 from vortex_hybrid.runtime.hybrid_attention import TAIL_PAGES
-from vortex_hybrid.runtime.host_split import HostCosts
 from vortex_hybrid.vflow.summary_store import summary_bytes
 
 HQ, HKV, D, P, SINK, RECENT = 32, 8, 128, 16, 1, 2
@@ -171,10 +170,9 @@ def build(placement, shape, cf, args, costs, dev):
     cfg = HybridConfig(placement=placement, flow="quest", budget_ratio=0.02, sink_pages=SINK,
                        recent_pages=RECENT, gpu_cache_pages=slots, host_memory_gib=cap,
                        summary_location="device")
-    split = HostCosts(costs.h2d_bw_concurrent, costs.cpu_attn_bw_concurrent) \
-        if args.split_costs == "measured" else None
+    split = costs if args.split_costs == "measured" else cost_model.DEFAULTS
     attn = HybridAttention(cfg, L, HQ, HKV, D, device_pages=dev_pages, host_pages=host_pages,
-                           device=dev, host_costs=split)
+                           device=dev, costs=split)
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     rids = []
     for _ in range(B):
@@ -195,7 +193,7 @@ def run_step(attn, rids, qkv, sels, cycles, dev):
         attn.plan(rids)
         for layer in range(attn.num_layers):
             t1 = time.perf_counter()
-            attn.run(layer, *qkv, sel=None if sels is None else sels[c][layer])
+            attn.run(layer, *qkv, sel=None if sels is None else sels[c][layer], check_sel=False)
             host += time.perf_counter() - t1
         for k, v in attn.stats()["last_step"].items():
             total[k] = total.get(k, 0) + v

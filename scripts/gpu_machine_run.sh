@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: set up, then the named steps, logs and JSON under $OUT.
 #   bash scripts/gpu_machine_run.sh tests demo gpu_topk gpu_attention cpu_attention summary_store
-# (TESTS="tests/test_x.py ..." limits the tests step to those files)
+# (TESTS="tests/test_x.py ..." limits the tests step to those files; HYBRID_STEP_ARGS passes
+# options to benchmarks/hybrid_step.py, whose full grid needs several calls)
 # tests: the whole suite natively (GPU kernels without the interpreter; the wheel-build test is
 # skipped: no registry there). Each step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -21,6 +22,7 @@ for step in "$@"; do
     cpu_attention) timeout 300 python3 benchmarks/cpu_attention.py --out "$OUT" ;;
     summary_store) timeout 240 python3 benchmarks/summary_store.py --out "$OUT" ;;
     step_trace)    timeout 240 python3 benchmarks/step_trace.py --out "$OUT" ;;
+    hybrid_step)   timeout 570 python3 benchmarks/hybrid_step.py --out "$OUT" ${HYBRID_STEP_ARGS:-} ;;
     *) echo "unknown step $step"; continue ;;
   esac > "$OUT/$step.log" 2>&1
   rc=$?
