@@ -405,13 +405,15 @@ class HybridAttention:
         if self._graphs is not None and sel is None:
             graphs = self._graphs.bind(step)
             if graphs is not None:
-                o = graphs.run(layer, q, k_new, v_new)
+                with (self.trace or _NO_TRACE).gpu(layer, "graph replay"):
+                    o = graphs.run(layer, q, k_new, v_new)
                 self._summarize_filled(step, layer)
                 step.counters["gpu_pages"] += step.resident_pages
                 return o
         self._append(step, layer, k_new, v_new)
         if self.placement in ("dense", "gpu") and sel is None:
-            o = self.attend_resident(step, layer, q)
+            with (self.trace or _NO_TRACE).gpu(layer, "select + attend"):
+                o = self.attend_resident(step, layer, q)
             step.counters["gpu_pages"] += step.resident_pages
         else:
             o = self._attend_split(step, layer, q, sel)
