@@ -3,9 +3,10 @@ worker and the GPU? Records a real step with `StepTrace` and draws its timeline.
 
 Llama-3-8B attention shapes (32 q / 8 KV heads, D=128, bf16, page 16), --layers distinct layers,
 --batch requests of --context tokens, quest at --budget of the pages, a GPU cache of --cache of the
-KV. Warm-up steps fill the cache; the traced step is the one after. Writes step_trace.json (spans
-and stats) under --out and, where matplotlib imports, step_trace.png (one row per lane, layers in
-alternating shades). `--render FILE.json` draws a PNG from a JSON written elsewhere (the GPU
+KV. Warm-up steps fill the cache; the traced step is the one after. Writes
+step_trace_<placement>.json (spans and stats) under --out and, where matplotlib imports, a PNG of
+the same name (one row per lane, layers in alternating shades); prints how long the GPU was busy
+(the union of its spans) against the step's wall time. `--render FILE.json` draws a PNG from a JSON written elsewhere (the GPU
 machine has no matplotlib).
 
     python benchmarks/step_trace.py --out results                    # GPU machine
@@ -72,6 +73,17 @@ def record(args) -> dict:
             "spans": spans}
 
 
+def gpu_busy_ms(spans: list[dict]) -> float:
+    """Length of the union of the GPU lane's spans (kernels of overlapping spans counted once)."""
+    total, end = 0.0, float("-inf")
+    for s in sorted((s for s in spans if s["lane"] == "gpu"), key=lambda s: s["start_ms"]):
+        start = max(s["start_ms"], end)
+        if s["end_ms"] > start:
+            total += s["end_ms"] - start
+        end = max(end, s["end_ms"])
+    return total
+
+
 def render(data: dict, path: str) -> bool:
     if importlib.util.find_spec("matplotlib") is None:
         print("note: matplotlib is not installed here: no PNG (render the JSON elsewhere)")
@@ -124,7 +136,7 @@ def main() -> None:
         ap.error("--batch >= 1, --context >= 64, --layers >= 1, --budget in (0, 1]")
     data = record(args)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "step_trace.json")
+    path = os.path.join(args.out, f"step_trace_{args.placement}.json")
     with open(path, "w") as fh:
         json.dump(data, fh, indent=1)
     print(f"wrote {path}: {len(data['spans'])} spans, step {data['step_ms']:.1f} ms")
@@ -135,7 +147,10 @@ def main() -> None:
     for (lane, name), v in sorted(per.items()):
         print(f"{lane:6s} {name:36s} {len(v):3d} {sum(v) / len(v):9.3f} {sum(v):9.3f}")
     print("stats:", json.dumps(data["stats"]))
-    render(data, os.path.join(args.out, "step_trace.png"))
+    busy = gpu_busy_ms(data["spans"])
+    print(f"GPU busy {busy:.2f} ms of the {data['step_ms']:.2f} ms step ({busy / data['step_ms']:.0%}); "
+          f"step / GPU busy = {data['step_ms'] / max(busy, 1e-9):.2f}x")
+    render(data, os.path.join(args.out, f"step_trace_{args.placement}.png"))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ for step in "$@"; do
     gpu_attention) timeout 300 python3 benchmarks/gpu_attention.py --out "$OUT" ;;
     cpu_attention) timeout 300 python3 benchmarks/cpu_attention.py --out "$OUT" ;;
     summary_store) timeout 240 python3 benchmarks/summary_store.py --out "$OUT" ;;
-    step_trace)    timeout 240 python3 benchmarks/step_trace.py --out "$OUT" ;;
+    step_trace)    for p in ${TRACE_PLACEMENTS:-hybrid}; do
+                     timeout 200 python3 benchmarks/step_trace.py --out "$OUT" --placement $p ${TRACE_ARGS:-}
+                   done ;;
     hybrid_step)   timeout 570 python3 benchmarks/hybrid_step.py --out "$OUT" ${HYBRID_STEP_ARGS:-} ;;
     *) echo "unknown step $step"; continue ;;
   esac > "$OUT/$step.log" 2>&1
