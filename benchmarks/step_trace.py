@@ -35,9 +35,11 @@ def record(args) -> dict:
     slots = max(1, int(args.cache * args.batch * pages))
     cfg = HybridConfig(page_size=P, flow="quest", budget_ratio=args.budget, placement=args.placement,
                        gpu_cache_pages=slots, kv_dtype="bfloat16")
+    host = args.placement in ("hybrid", "cpu", "offload")
     attn = HybridAttention(cfg, args.layers, HQ, HKV, D,
-                           device_pages=slots + 4 * args.batch + 64,
-                           host_pages=args.batch * (pages + 4))
+                           device_pages=slots + 4 * args.batch + 64 if host else
+                           args.batch * (pages + 4),
+                           host_pages=args.batch * (pages + 4) if host else 0)
     dev = attn.device
     gen = torch.Generator(device=dev).manual_seed(0)
     rids = []
