@@ -51,6 +51,8 @@ class _Request:
     seq_len: int = 0
     device_pages: list[int] = field(default_factory=list)   # logical -> device page or -1
     host_pages: list[int] = field(default_factory=list)     # logical -> host page or -1
+    rows: dict = field(default_factory=dict)                # "device"/"host" -> int32 tensor row,
+                                                            # dropped whenever a page list changes
 
 
 def default_device() -> torch.device:
@@ -159,8 +161,10 @@ class PagedKVCache:
         start = r.seq_len
         need = -(-(start + num_tokens) // self.page_size) - len(r.device_pages)
         new = self.device_alloc.alloc(rid, need) if need > 0 else []
-        r.device_pages.extend(new)
-        r.host_pages.extend([NOT_RESIDENT] * len(new))
+        if new:
+            r.device_pages.extend(new)
+            r.host_pages.extend([NOT_RESIDENT] * len(new))
+            r.rows.clear()
         r.seq_len = start + num_tokens
         return start
 
@@ -174,6 +178,7 @@ class PagedKVCache:
         self.device_alloc.free(rid, [p for p in r.device_pages[keep:] if p != NOT_RESIDENT])
         self.host_alloc.free(rid, [p for p in r.host_pages[keep:] if p != NOT_RESIDENT])
         del r.device_pages[keep:], r.host_pages[keep:]
+        r.rows.clear()
         r.seq_len = seq_len
 
     def write(self, rid: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -262,6 +267,7 @@ class PagedKVCache:
         self.host_pool.copy_pages_from(self.device_pool, [r.device_pages[p] for p in to_copy], dst)
         for p, h in zip(to_copy, dst):
             r.host_pages[p] = h
+        r.rows.clear()
         self._drop_device(rid, r, pages)
 
     def load(self, rid: int, pages: Sequence[int]) -> None:
@@ -275,6 +281,7 @@ class PagedKVCache:
         self.device_pool.copy_pages_from(self.host_pool, src, dst)
         for p, d in zip(pages, dst):
             r.device_pages[p] = d
+        r.rows.clear()
 
     def evict(self, rid: int, pages: Sequence[int]) -> None:
         """Drop the device copy of pages that have a host copy (no copy is made)."""
@@ -290,6 +297,7 @@ class PagedKVCache:
         self.device_alloc.free(rid, [r.device_pages[p] for p in pages])
         for p in pages:
             r.device_pages[p] = NOT_RESIDENT
+        r.rows.clear()
 
     # ---- reading ----------------------------------------------------------------------------
     def read(self, rid: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,8 +331,11 @@ class PagedKVCache:
             width = max_pages
         table = torch.full((len(reqs), width), NOT_RESIDENT, dtype=torch.int32)
         for i, r in enumerate(reqs):
-            row = r.device_pages if where == "device" else r.host_pages
-            table[i, :len(row)] = torch.as_tensor(row, dtype=torch.int32)
+            row = r.rows.get(where)
+            if row is None:                 # built once per change of the request's pages
+                row = r.rows[where] = torch.as_tensor(
+                    r.device_pages if where == "device" else r.host_pages, dtype=torch.int32)
+            table[i, :len(row)] = row
         lens = torch.as_tensor([r.seq_len for r in reqs], dtype=torch.int32)
         dev = self.device if where == "device" else torch.device("cpu")
         return table.to(dev), lens.to(dev)

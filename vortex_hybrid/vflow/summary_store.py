@@ -89,6 +89,8 @@ class SummaryStore:
         self._layers = [{name: t[layer] for name, t in self._tensors.items()} for layer in range(L)]
         self._alloc = PageAllocator(self.capacity, "summary store")
         self._rows: dict[int, list[int]] = {}
+        self._row_tensors: dict[int, torch.Tensor] = {}      # request -> int32 rows, cached
+        self._done: dict[int, int] = {}                       # request -> pages 0..n-1 have rows
         kv.add_page_filled_listener(self.on_pages_filled)
         kv.add_request_freed_listener(self.free_request)
         for rid in kv.request_ids:
@@ -141,9 +143,11 @@ class SummaryStore:
             width = max_pages
         table = torch.full((len(rids), width), NOT_RESIDENT, dtype=torch.int32)
         for i, rid in enumerate(rids):
-            row = self._rows.get(rid, [])
-            if row:
-                table[i, :len(row)] = torch.as_tensor(row, dtype=torch.int32)
+            row = self._row_tensors.get(rid)
+            if row is None and self._rows.get(rid):
+                row = self._row_tensors[rid] = torch.as_tensor(self._rows[rid], dtype=torch.int32)
+            if row is not None:
+                table[i, :len(row)] = row
         lens_t = torch.as_tensor(lens, dtype=torch.int32)
         return table.to(self.device), lens_t.to(self.device)
 
@@ -156,13 +160,17 @@ class SummaryStore:
         missing = [p for p in pages if row[p] == NOT_RESIDENT]
         for p, r in zip(missing, self._alloc.alloc(rid, len(missing))):
             row[p] = r
+        if missing:
+            self._row_tensors.pop(rid, None)
         return [row[p] for p in pages]
 
     def reserve_rows(self, rid: int, full_pages: int) -> None:
         """Give pages 0..full_pages-1 of a request their rows now (a runtime's plan does this for the
         page the step's new token fills, so the step's table already names its row)."""
-        if self._tensors and full_pages > 0:
-            self._assign(rid, list(range(full_pages)))
+        done = self._done.get(rid, 0)
+        if self._tensors and full_pages > done:
+            self._assign(rid, list(range(done, full_pages)))
+            self._done[rid] = full_pages
 
     def on_pages_filled(self, rid: int, layer: int, pages: list[int], device_pages: list[int]) -> None:
         """Page-filled listener: summarise `pages` of `layer` from the device pool."""
@@ -216,6 +224,8 @@ class SummaryStore:
     def free_request(self, rid: int) -> None:
         """Request-freed listener: return the request's rows."""
         row = self._rows.pop(rid, None)
+        self._row_tensors.pop(rid, None)
+        self._done.pop(rid, None)
         if row:
             self._alloc.free(rid, [r for r in row if r != NOT_RESIDENT])
 
