@@ -5,7 +5,8 @@ tensors per layer, on the runtime's device, so a step needs no per-page host rou
 
     slot_of   int32 [L, R, W]  request index r, logical page p -> slot, -1 when not cached
     owner     int32 [L, S, 2]  slot -> (request index, page), -1 when free
-    stamp     int64 [L, S]     the last step that used the slot (-1: free, the oldest)
+    stamp     int64 [L, S + 1] the last step that used the slot (-1: free, the oldest); the spare
+                               last column absorbs writes of masked-out entries
 
 `step(layer, rows, wanted, fetch)` (per layer, vectorised): pages in `wanted` that are cached are
 hits and get this step's stamp (so nothing in use this step is evicted); pages in `fetch` that are
@@ -47,7 +48,8 @@ class GpuPageCache:
         self.slot_of = torch.full((num_layers, max_requests, max_pages), -1, dtype=torch.int32,
                                   device=device)
         self.owner = torch.full((num_layers, num_slots, 2), -1, dtype=torch.int32, device=device)
-        self.stamp = torch.full((num_layers, num_slots), -1, dtype=torch.int64, device=device)
+        # one spare column past the slots takes the stamps of masked-out entries (no compaction)
+        self.stamp = torch.full((num_layers, num_slots + 1), -1, dtype=torch.int64, device=device)
         self.now = 0
         self._index: dict[int, int] = {}         # request id -> dense index
         self._free = list(range(max_requests - 1, -1, -1))
@@ -81,7 +83,7 @@ class GpuPageCache:
             return
         mine = self.owner[:, :, 0] == r                                   # [L, S]
         self.owner[mine] = -1
-        self.stamp[mine] = -1
+        self.stamp[:, :self.num_slots][mine] = -1
         self.slot_of[:, r] = -1
         self._free.append(r)
 
@@ -104,21 +106,21 @@ class GpuPageCache:
              fetch: torch.Tensor) -> FetchPlan:
         """rows [B] dense request indices; slots [B, W] = `table(layer, rows, W)`; wanted, fetch
         bool [B, W]: pages this step reads from the cache or would like fetched. Updates the state
-        and returns what to copy. One host sync (the number of fetches)."""
-        now = self.now
+        and returns what to copy. One host sync (how many fetches there are and slots to take)."""
+        now, S = self.now, self.num_slots
+        stamp = self.stamp[layer]
         hit = wanted & (slots >= 0)
-        hit_slots = slots[hit].to(torch.int64)
-        self.stamp[layer].index_fill_(0, hit_slots, now)
+        stamp.index_fill_(0, torch.where(hit, slots, S).flatten().to(torch.int64), now)
         want_new = fetch & (slots < 0)
-        b, p = want_new.nonzero(as_tuple=True)
-        n = min(int(b.numel()), self.num_slots)
-        zero = torch.zeros((), dtype=torch.int64, device=self.device)
         misses = (wanted & (slots < 0)).sum()
+        counts = torch.stack([want_new.sum(), (stamp[:S] < now).sum()]).tolist()   # the sync
+        n = min(counts)                     # fetches wanted, slots older than this step
+        zero = torch.zeros((), dtype=torch.int64, device=self.device)
         if n == 0:
-            return FetchPlan(b[:0], p[:0], b[:0], hit.sum(), misses, zero)
-        vals, victims = torch.topk(self.stamp[layer], n, largest=False)
-        usable = int((vals < now).sum())                                 # older than this step
-        b, p, victims = b[:usable], p[:usable], victims[:usable]
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return FetchPlan(empty, empty, empty, hit.sum(), misses, zero)
+        b, p = torch.nonzero_static(want_new, size=n).unbind(1)          # the first n, row-major
+        _, victims = torch.topk(stamp[:S], n, largest=False)
         old = self.owner[layer, victims].to(torch.int64)                 # [n, 2]
         taken = old[:, 0] >= 0
         self.slot_of[layer, old[taken, 0], old[taken, 1]] = -1

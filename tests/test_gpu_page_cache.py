@@ -62,7 +62,7 @@ class CacheMachine(RuleBasedStateMachine):
         fetch = wanted & (torch.rand(B, W, generator=gen) < p_fetch).to(DEVICE)
         slots = cache.table(layer, rows, W)
         before = slots.clone()
-        stamps_before = cache.stamp[layer].clone()
+        stamps_before = cache.stamp[layer, :self.slots].clone()
         plan = cache.step(layer, rows, slots, wanted, fetch)
         hit = wanted & (before >= 0)
         assert int(plan.hits) == int(hit.sum())
@@ -84,7 +84,7 @@ class CacheMachine(RuleBasedStateMachine):
         got = torch.zeros_like(missed)
         got[plan.rows, plan.pages] = True
         if n < int(missed.sum()):                                     # the rest: no slot left
-            assert n == self.slots or int((cache.stamp[layer] < cache.now).sum()) == 0
+            assert n == self.slots or int((cache.stamp[layer, :self.slots] < cache.now).sum()) == 0
 
     @invariant()
     def maps_agree(self):
@@ -100,7 +100,7 @@ class CacheMachine(RuleBasedStateMachine):
                 assert int(c.slot_of[layer, r, p]) == s
             mapped = (c.slot_of[layer] >= 0).sum().item()
             assert mapped == len(used)                                # no slot mapped twice
-            assert bool((c.stamp[layer][owner[:, 0] < 0] == -1).all())
+            assert bool((c.stamp[layer, :self.slots][owner[:, 0] < 0] == -1).all())
 
 
 TestCacheMachine = CacheMachine.TestCase
