@@ -22,6 +22,18 @@ def test_readme_api_example_runs_and_is_correct():
     torch.testing.assert_close(scope["o"][0].double().cpu(), expect, rtol=1e-4, atol=1e-5)
 
 
+def test_readme_runtime_example_runs():
+    code = re.search(r"## The runtime: one decode step on both devices\n```python\n(.*?)```", README,
+                     re.S).group(1)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    attn, o = scope["attn"], scope["o"]
+    assert o.shape == (1, 8, 64) and bool(torch.isfinite(o).all())
+    totals = attn.stats()["totals"]
+    assert totals["steps"] == 4 and totals["cpu_pages"] + totals["fetched_pages"] > 0
+    assert attn.kv.request_ids == []                    # removed at the end of the example
+
+
 def test_readme_opens_with_the_two_commands():
     for marker in ("<!-- main-command -->", "<!-- test-command -->"):
         block = README.split(marker, 1)[1]
