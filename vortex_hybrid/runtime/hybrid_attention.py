@@ -153,7 +153,7 @@ class HybridAttention:
         if self.placement != "dense":
             flow = load_flow(cfg.flow, **dict(cfg.extra))
             self.store = SummaryStore(self.kv, flow, group=hq // hkv,
-                                      location=getattr(cfg, "summary_location", "auto"),
+                                      location=cfg.summary_location,
                                       dtype=getattr(torch, cfg.summary_dtype))
         self._cache = GpuPageCache(L, slots, self.device) if slots else None
         if costs is None:           # the split needs this machine's concurrent host bandwidths
