@@ -454,10 +454,10 @@ class HybridAttention:
                 sel = self._select(step, layer, q)
         chosen = sel >= 0
         flat = sel.clamp_min(0).flatten(1).to(torch.int64)                # [B, Hkv * K]
-        table = step.dev_table
+        table, fetch = step.dev_table, None
         if self._cache is not None:
-            with tr.host(layer, "partition + cache + fetch launch"):
-                table = self._cache_table(step, layer, sel, chosen, flat, table)
+            with tr.host(layer, "partition + cache"):
+                table, fetch = self._cache_table(step, layer, sel, chosen, flat, table)
         on_gpu = chosen & (torch.gather(table, 1, flat).view_as(sel) >= 0)
         on_host = chosen & ~on_gpu
         c["gpu_pages"] += on_gpu.sum()
@@ -470,6 +470,9 @@ class HybridAttention:
                 c["cpu_pages"] += n_host
                 future = self._worker.submit(self._cpu_attend, q.cpu(), layer, step.host_table,
                                              step.lens_cpu, cpu_sel)
+        if fetch is not None:           # after the CPU's part is out: the copy and the CPU overlap
+            with tr.gpu(layer, "fetch"):
+                self._copy_pages(layer, *fetch)
         with tr.gpu(layer, "attend"):
             o, lse = self._gpu.attend(q, k_pool, v_pool, table, step.lens,
                                       torch.where(on_gpu, sel, -1))
@@ -499,9 +502,10 @@ class HybridAttention:
         return sel
 
     def _cache_table(self, step: _Step, layer: int, sel, chosen, flat, dev_table) -> torch.Tensor:
-        """This layer's table with the GPU page cache: host pages that are cached map to their
-        slots; misses chosen for fetching are copied into slots (one copy per page); the rest stays
-        with the CPU. All on the device, one sync (the fetch count)."""
+        """This layer's table with the GPU page cache, and the copy to make: host pages that are
+        cached map to their slots; misses chosen for fetching get slots, and (src host pages, dst
+        device pages) is returned for the caller to launch once the CPU's part is submitted (one
+        copy per page); the rest stays with the CPU. All on the device, one sync (the fetch count)."""
         cache, c = self._cache, step.counters
         B, W = dev_table.shape
         slots = cache.table(layer, step.cache_rows, W)
@@ -515,15 +519,15 @@ class HybridAttention:
         c["cache_hits"] += plan.hits
         c["cache_misses"] += plan.misses
         c["evictions"] += plan.evictions
+        fetch = None
         if plan.slots.numel():
             c["fetched_pages"] += plan.slots.numel()
-            dst = self._slot_pages[plan.slots]
-            src = step.host_table_dev[plan.rows, plan.pages].to(torch.int64)
-            self._copy_pages(layer, src, dst)
+            fetch = (step.host_table_dev[plan.rows, plan.pages].to(torch.int64),
+                     self._slot_pages[plan.slots])
             slots = slots.clone()
             slots[plan.rows, plan.pages] = plan.slots.to(torch.int32)
         cached = torch.where(slots >= 0, self._slot_pages[slots.clamp_min(0).to(torch.int64)], -1)
-        return torch.where(dev_table >= 0, dev_table, cached.to(dev_table.dtype))
+        return torch.where(dev_table >= 0, dev_table, cached.to(dev_table.dtype)), fetch
 
     def _hybrid_fetch(self, heads: torch.Tensor, misses: torch.Tensor) -> torch.Tensor:
         """Which misses to fetch. The CPU attends a missing page reading only the heads that
