@@ -28,12 +28,10 @@ the "GPU" side is the torch reference on the CPU, so the same logic runs in CI.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import operator
 import time
-from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -48,7 +46,8 @@ from ..vflow.registry import load_flow
 from ..vflow.summary_store import SummaryStore
 from .cpu_worker import CpuWorker
 from .layer_graphs import LayerGraphs
-from .step_trace import StepTrace
+from .step_plan import StepPlan, build_plan
+from .step_trace import NO_TRACE, StepTrace
 
 log = logging.getLogger(__name__)
 
@@ -58,33 +57,6 @@ CACHE_OWNER = 2**62
 TAIL_PAGES = 256
 """Device pages kept for the not-yet-full tail pages of requests (and prefill chunks) in host
 placements; `device_pages=` overrides the total."""
-
-
-@dataclass
-class _Step:
-    """What `plan` computed for one decode step."""
-
-    rids: list[int]
-    old_lens: list[int]
-    dev_table: torch.Tensor            # int32 [B, W] on the device: logical -> device page or -1
-    host_table: torch.Tensor           # int32 [B, W] CPU: logical -> host page or -1
-    lens: torch.Tensor                 # int32 [B] on the device (new lengths)
-    lens_cpu: torch.Tensor             # int32 [B]
-    s_table: Optional[torch.Tensor]    # summary rows (store device)
-    s_lens: Optional[torch.Tensor]
-    groups: dict[int, torch.Tensor]    # budget -> row indices (store device)
-    width: int                         # largest budget: sel is [B, Hkv, width]
-    write_pages: torch.Tensor          # int64 [B] device page of the new token (device)
-    write_offs: torch.Tensor           # int64 [B] its slot in that page
-    filled_pages: torch.Tensor         # int64 [n] device pages the new token fills (device)
-    filled_rows: torch.Tensor          # int64 [n] their summary rows (store device)
-    host_table_dev: torch.Tensor       # host_table on the device (fetch sources)
-    cache_rows: Optional[torch.Tensor]  # int64 [B] dense request indices in the page cache
-    resident_pages: int = 0            # page-heads a dense / gpu layer attends
-    serial: int = 0                    # counts plans
-    next_layer: int = 0
-    failed: bool = False
-    counters: dict = field(default_factory=dict)
 
 
 def _positive(name: str, value) -> int:
@@ -167,7 +139,7 @@ class HybridAttention:
             cpu_kernels.set_cpu_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
             self._worker = CpuWorker()
         self._gpu = self._gpu_backend()
-        self._step: Optional[_Step] = None
+        self._step: Optional[StepPlan] = None
         self.trace: Optional[StepTrace] = None
         """Set to a `StepTrace` to record a timeline of the steps that follow (docs/runtime.md)."""
         self._serial = 0
@@ -271,48 +243,8 @@ class HybridAttention:
             for rid, n in zip(extended, old):
                 self.kv.truncate(rid, n)
             raise
-        P = self.cfg.page_size
-        new = [n + 1 for n in old]
-        dev_table, lens = self.kv.page_table(rids, "device")
-        host_table, lens_cpu = self.kv.page_table(rids, "host")
-        dev = self.device
-        positions = torch.as_tensor(old, dtype=torch.int64)
-        write_pages = dev_table.cpu().to(torch.int64).gather(1, (positions // P)[:, None])[:, 0]
-        filled = [b for b, n in enumerate(new) if n % P == 0]
-        s_table = s_lens = None
-        groups: dict[int, list[int]] = {}
-        width = 0
-        filled_rows = torch.zeros(0, dtype=torch.int64)
-        if self.store is not None:
-            for rid, n in zip(rids, new):
-                self.store.reserve_rows(rid, n // P)
-            filled_rows = torch.as_tensor([self.store.rows(rids[b])[new[b] // P - 1]
-                                           for b in filled], dtype=torch.int64)
-            s_table, s_lens = self.store.table(rids)
-            for b, n in enumerate(new):
-                groups.setdefault(self.cfg.budget_for(-(-n // P)), []).append(b)
-            width = max(groups, default=0)
-        sdev = self.store.device if self.store is not None else dev
-        cache_rows = None
-        if self._cache is not None:
-            self._cache.next_step()
-            self._cache.reserve(dev_table.shape[1])
-            cache_rows = torch.as_tensor([self._cache.index_of(r) for r in rids],
-                                         dtype=torch.int64).to(dev)
-        self._step = _Step(
-            rids, old, dev_table, host_table, lens, lens_cpu, s_table, s_lens,
-            {k: torch.as_tensor(v, dtype=torch.int64, device=sdev) for k, v in groups.items()},
-            width, write_pages.to(dev), (positions % P).to(dev),
-            write_pages[filled].to(dev), filled_rows.to(sdev), host_table.to(dev), cache_rows)
-        zero = torch.zeros((), dtype=torch.int64, device=dev)
-        self._step.counters = {k: zero.clone() for k in (
-            "gpu_pages", "cpu_pages", "fetched_pages", "cache_hits", "cache_misses", "evictions")}
-        self._step.counters.update(gpu_wait_s=0.0, step_host_s=0.0)
         self._serial += 1
-        self._step.serial = self._serial
-        n_pages = [-(-n // P) for n in new]                 # pages dense / gpu attend, exactly
-        self._step.resident_pages = self.num_kv_heads * sum(
-            n if self.placement == "dense" else min(n, self.cfg.budget_for(n)) for n in n_pages)
+        self._step = build_plan(self, rids, old, self._serial)
 
     def _rollback_failed(self) -> None:
         """A step that failed mid-way leaves the new token written in some layers only: drop it."""
@@ -344,7 +276,7 @@ class HybridAttention:
             sel = self._check_sel(step, sel, check_sel)
         t0 = time.perf_counter()
         try:
-            with (self.trace or _NO_TRACE).host(layer, "run()"):
+            with (self.trace or NO_TRACE).host(layer, "run()"):
                 o = self._run_layer(step, layer, q, k_new, v_new, sel)
         except BaseException:
             step.failed = True
@@ -376,7 +308,7 @@ class HybridAttention:
             if t.device != self.device:
                 raise ValueError(f"{name} is on {t.device}; the runtime's device is {self.device}")
 
-    def _check_sel(self, step: _Step, sel, values: bool = True) -> torch.Tensor:
+    def _check_sel(self, step: StepPlan, sel, values: bool = True) -> torch.Tensor:
         B = len(step.rids)
         if self.placement == "dense":
             raise ValueError("sel= is for sparse placements; placement 'dense' attends every page")
@@ -401,18 +333,18 @@ class HybridAttention:
             raise ValueError("sel lists a page twice in a row; pages must be unique per row")
         return sel
 
-    def _run_layer(self, step: _Step, layer: int, q, k_new, v_new, sel=None) -> torch.Tensor:
+    def _run_layer(self, step: StepPlan, layer: int, q, k_new, v_new, sel=None) -> torch.Tensor:
         if self._graphs is not None and sel is None:
             graphs = self._graphs.bind(step)
             if graphs is not None:
-                with (self.trace or _NO_TRACE).gpu(layer, "graph replay"):
+                with (self.trace or NO_TRACE).gpu(layer, "graph replay"):
                     o = graphs.run(layer, q, k_new, v_new)
                 self._summarize_filled(step, layer)
                 step.counters["gpu_pages"] += step.resident_pages
                 return o
         self._append(step, layer, k_new, v_new)
         if self.placement in ("dense", "gpu") and sel is None:
-            with (self.trace or _NO_TRACE).gpu(layer, "select + attend"):
+            with (self.trace or NO_TRACE).gpu(layer, "select + attend"):
                 o = self.attend_resident(step, layer, q)
             step.counters["gpu_pages"] += step.resident_pages
         else:
@@ -420,20 +352,20 @@ class HybridAttention:
         self._summarize_filled(step, layer)
         return o
 
-    def _append(self, step: _Step, layer: int, k_new, v_new) -> None:
+    def _append(self, step: StepPlan, layer: int, k_new, v_new) -> None:
         """Write the batch's new token of this layer (one index_put for K, one for V)."""
         k_pool, v_pool = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
         k_pool[step.write_pages, :, step.write_offs] = k_new.to(k_pool.dtype)
         v_pool[step.write_pages, :, step.write_offs] = v_new.to(v_pool.dtype)
 
-    def _summarize_filled(self, step: _Step, layer: int) -> None:
+    def _summarize_filled(self, step: StepPlan, layer: int) -> None:
         """Summaries of the pages this step's token filled. After attention is fine: such a page
         is its request's last page, always among the `recent` pages, so its score is not used."""
         if self.store is not None and step.filled_pages.numel():
             self.store.compute_rows(layer, self.kv.device_pool.k[layer], step.filled_pages,
                                     step.filled_rows)
 
-    def attend_resident(self, step: _Step, layer: int, q: torch.Tensor) -> torch.Tensor:
+    def attend_resident(self, step: StepPlan, layer: int, q: torch.Tensor) -> torch.Tensor:
         """`dense` and `gpu`: every page is in the device pool; select (gpu) and attend. Pure GPU
         work on the step's tensors: what `layer_graphs` captures."""
         k_pool, v_pool = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
@@ -445,9 +377,9 @@ class HybridAttention:
         o, _ = self._gpu.attend(q, k_pool, v_pool, step.dev_table, step.lens, sel)
         return o.to(q.dtype)
 
-    def _attend_split(self, step: _Step, layer: int, q, sel=None) -> torch.Tensor:
+    def _attend_split(self, step: StepPlan, layer: int, q, sel=None) -> torch.Tensor:
         """Host placements (or a given selection): partition, fetch, attend on both, merge."""
-        c, tr = step.counters, self.trace or _NO_TRACE
+        c, tr = step.counters, self.trace or NO_TRACE
         k_pool, v_pool = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
         if sel is None:
             with tr.gpu(layer, "select"):
@@ -485,7 +417,7 @@ class HybridAttention:
                 o, lse = self._gpu.merge(o, lse, o_c.to(self.device), lse_c.to(self.device))
         return o.to(q.dtype)
 
-    def _select(self, step: _Step, layer: int, q: torch.Tensor) -> torch.Tensor:
+    def _select(self, step: StepPlan, layer: int, q: torch.Tensor) -> torch.Tensor:
         """sel int32 [B, Hkv, width]: each row at its own budget (-1 padded to the widest)."""
         B = len(step.rids)
         if len(step.groups) == 1:
@@ -501,7 +433,7 @@ class HybridAttention:
             sel[rows.to(self.device), :, :budget] = part
         return sel
 
-    def _cache_table(self, step: _Step, layer: int, sel, chosen, flat, dev_table) -> torch.Tensor:
+    def _cache_table(self, step: StepPlan, layer: int, sel, chosen, flat, dev_table) -> torch.Tensor:
         """This layer's table with the GPU page cache, and the copy to make: host pages that are
         cached map to their slots; misses chosen for fetching get slots, and (src host pages, dst
         device pages) is returned for the caller to launch once the CPU's part is submitted (one
@@ -561,7 +493,7 @@ class HybridAttention:
 
     def _cpu_attend(self, q, layer, host_table, lens, sel):
         from .. import cpu_kernels
-        with (self.trace or _NO_TRACE).host(layer, "attend host pages", "cpu"):
+        with (self.trace or NO_TRACE).host(layer, "attend host pages", "cpu"):
             return cpu_kernels.launch_sparse_decode_attention(
                 q, self.kv.host_pool.k[layer], self.kv.host_pool.v[layer], host_table, lens, sel)
 
@@ -586,19 +518,6 @@ class HybridAttention:
     def close(self) -> None:
         if self._worker is not None:
             self._worker.close()
-
-
-class _NoTrace:
-    """The tracer when no trace is recording: spans cost nothing."""
-
-    @staticmethod
-    def host(*args):
-        return contextlib.nullcontext()
-
-    gpu = host
-
-
-_NO_TRACE = _NoTrace()
 
 
 class _TorchGpu:

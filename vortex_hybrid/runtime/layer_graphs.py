@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 if TYPE_CHECKING:
-    from .hybrid_attention import HybridAttention, _Step
+    from .hybrid_attention import HybridAttention
+    from .step_plan import StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def _padded(t: torch.Tensor, width: int) -> torch.Tensor:
 class _GraphSet:
     """Static buffers and per-layer graphs for one batch shape."""
 
-    def __init__(self, attn: "HybridAttention", step: "_Step", width: int) -> None:
+    def __init__(self, attn: "HybridAttention", step: "StepPlan", width: int) -> None:
         self.attn = attn
         dev_table = _padded(step.dev_table, width)
         s_table = None if step.s_table is None else _padded(step.s_table, width)
@@ -56,7 +57,7 @@ class _GraphSet:
         self.pool = torch.cuda.graph_pool_handle()
         self.failures = 0
 
-    def load(self, step: "_Step") -> None:
+    def load(self, step: "StepPlan") -> None:
         """Copy a new step's tables into the static buffers (same shape)."""
         s = self.step
         s.dev_table[:, :step.dev_table.shape[1]].copy_(step.dev_table)
@@ -125,7 +126,7 @@ class LayerGraphs:
         self._sets: "OrderedDict[tuple, _GraphSet]" = OrderedDict()
         self._bound: Optional[tuple[int, _GraphSet]] = None   # (serial of the step, its set)
 
-    def bind(self, step: "_Step") -> _GraphSet:
+    def bind(self, step: "StepPlan") -> _GraphSet:
         """The graph set for this step's shape, holding this step's tables."""
         if self._bound is not None and self._bound[0] == step.serial:
             return self._bound[1]

@@ -67,3 +67,16 @@ class StepTrace:
             out += [dict(layer=l, lane="gpu", name=n, start_ms=self._base.elapsed_time(s),
                          end_ms=self._base.elapsed_time(e)) for l, n, s, e in self._gpu]
         return sorted(out, key=lambda s: s["start_ms"])
+
+
+class _NoTrace:
+    """The tracer while none records (`HybridAttention.trace is None`): spans cost nothing."""
+
+    @staticmethod
+    def host(*args):
+        return contextlib.nullcontext()
+
+    gpu = host
+
+
+NO_TRACE = _NoTrace()

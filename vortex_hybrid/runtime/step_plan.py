@@ -1,0 +1,92 @@
+"""`StepPlan`: what one decode step needs, built once by `HybridAttention.plan` before layer 0.
+
+The batch's page tables (device and host), the summary-row table and budget groups for the
+indexer, where each request's new token goes, which pages it fills (and their summary rows), the
+page-cache request indices, and the step's counters. Every layer of the step reads these; nothing
+here is recomputed per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from .hybrid_attention import HybridAttention
+
+
+@dataclass
+class StepPlan:
+    """What `HybridAttention.plan` computed for one decode step: the batch's tables, budgets and
+    buffers, on the devices that read them."""
+
+    rids: list[int]
+    old_lens: list[int]
+    dev_table: torch.Tensor            # int32 [B, W] on the device: logical -> device page or -1
+    host_table: torch.Tensor           # int32 [B, W] CPU: logical -> host page or -1
+    lens: torch.Tensor                 # int32 [B] on the device (new lengths)
+    lens_cpu: torch.Tensor             # int32 [B]
+    s_table: Optional[torch.Tensor]    # summary rows (store device)
+    s_lens: Optional[torch.Tensor]
+    groups: dict[int, torch.Tensor]    # budget -> row indices (store device)
+    width: int                         # largest budget: sel is [B, Hkv, width]
+    write_pages: torch.Tensor          # int64 [B] device page of the new token (device)
+    write_offs: torch.Tensor           # int64 [B] its slot in that page
+    filled_pages: torch.Tensor         # int64 [n] device pages the new token fills (device)
+    filled_rows: torch.Tensor          # int64 [n] their summary rows (store device)
+    host_table_dev: torch.Tensor       # host_table on the device (fetch sources)
+    cache_rows: Optional[torch.Tensor]  # int64 [B] dense request indices in the page cache
+    resident_pages: int = 0            # page-heads a dense / gpu layer attends
+    serial: int = 0                    # counts plans
+    next_layer: int = 0
+    failed: bool = False
+    counters: dict = field(default_factory=dict)
+
+
+def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial: int) -> StepPlan:
+    """The plan of a step whose requests `rids` (lengths `old` before the step) have already had
+    their new token's slot reserved (`extend`) and their full pages offloaded."""
+    P = attn.cfg.page_size
+    new = [n + 1 for n in old]
+    dev_table, lens = attn.kv.page_table(rids, "device")
+    host_table, lens_cpu = attn.kv.page_table(rids, "host")
+    dev = attn.device
+    positions = torch.as_tensor(old, dtype=torch.int64)
+    write_pages = dev_table.cpu().to(torch.int64).gather(1, (positions // P)[:, None])[:, 0]
+    filled = [b for b, n in enumerate(new) if n % P == 0]
+    s_table = s_lens = None
+    groups: dict[int, list[int]] = {}
+    width = 0
+    filled_rows = torch.zeros(0, dtype=torch.int64)
+    if attn.store is not None:
+        for rid, n in zip(rids, new):
+            attn.store.reserve_rows(rid, n // P)
+        filled_rows = torch.as_tensor([attn.store.rows(rids[b])[new[b] // P - 1]
+                                       for b in filled], dtype=torch.int64)
+        s_table, s_lens = attn.store.table(rids)
+        for b, n in enumerate(new):
+            groups.setdefault(attn.cfg.budget_for(-(-n // P)), []).append(b)
+        width = max(groups, default=0)
+    sdev = attn.store.device if attn.store is not None else dev
+    cache_rows = None
+    if attn._cache is not None:
+        attn._cache.next_step()
+        attn._cache.reserve(dev_table.shape[1])
+        cache_rows = torch.as_tensor([attn._cache.index_of(r) for r in rids],
+                                     dtype=torch.int64).to(dev)
+    step = StepPlan(
+        rids, old, dev_table, host_table, lens, lens_cpu, s_table, s_lens,
+        {k: torch.as_tensor(v, dtype=torch.int64, device=sdev) for k, v in groups.items()},
+        width, write_pages.to(dev), (positions % P).to(dev),
+        write_pages[filled].to(dev), filled_rows.to(sdev), host_table.to(dev), cache_rows)
+    zero = torch.zeros((), dtype=torch.int64, device=dev)
+    step.counters = {k: zero.clone() for k in (
+        "gpu_pages", "cpu_pages", "fetched_pages", "cache_hits", "cache_misses", "evictions")}
+    step.counters.update(gpu_wait_s=0.0, step_host_s=0.0)
+    step.serial = serial
+    n_pages = [-(-n // P) for n in new]                     # pages dense / gpu attend, exactly
+    step.resident_pages = attn.num_kv_heads * sum(
+        n if attn.placement == "dense" else min(n, attn.cfg.budget_for(n)) for n in n_pages)
+    return step
