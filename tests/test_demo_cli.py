@@ -19,6 +19,9 @@ BAD = [
     (["--config", '{"flow": "quest", "extra": {"channels": 16}}'], "it takes no options"),
     (["--flow", "qeust"], "did you mean 'quest'?"),
     (["--q-heads", "6", "--kv-heads", "4"], "--q-heads=6 must be a multiple of --kv-heads=4"),
+    (["--layers", "0"], "--layers=0 must be a positive integer"),
+    (["--cache", "0"], "--cache=0.0 must lie in (0, 1]"),
+    (["--placements", "gpu,tpu"], "--placements='gpu,tpu': allowed are dense,gpu,cpu,offload,hybrid"),
 ]
 
 
@@ -35,8 +38,15 @@ def test_bad_option_gives_one_line_and_exit_code_2(args, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
 
 
-def test_small_demo_runs_with_the_config_budget_and_a_flow_option():
-    out = demo("--batch", "1", "--context", "256", "--q-heads", "4", "--kv-heads", "2",
-               "--head-dim", "16", "--repeats", "1", "--flow", "centroid")
+def test_small_demo_runs_every_placement_with_the_config_budget_and_a_flow_option():
+    out = demo("--batch", "2", "--context", "256", "--q-heads", "4", "--kv-heads", "2",
+               "--head-dim", "16", "--repeats", "1", "--flow", "centroid", "--config",
+               '{"kv_dtype": "float32"}')
     assert out.returncode == 0, out.stderr
     assert "flow centroid" in out.stdout and "budget 3 of 16 pages" in out.stdout, out.stdout
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()
+            if line.split() and line.split()[0] in ("dense", "gpu", "cpu", "offload", "hybrid")}
+    assert sorted(rows) == ["cpu", "dense", "gpu", "hybrid", "offload"], out.stdout
+    for name, cols in rows.items():
+        assert float(cols[-1]) < 1e-5, (name, cols)          # float32: the reference's pages
+    assert int(rows["cpu"][3]) > 0 and int(rows["gpu"][3]) == 0  # host pages on the CPU
