@@ -45,14 +45,14 @@ import torch
 from vortex_hybrid.scheduler import cost_model
 from vortex_hybrid import HybridAttention, HybridConfig
 from vortex_hybrid.cpu_kernels import cpu_threads, set_cpu_threads
-from vortex_hybrid.runtime.hybrid_attention import TAIL_PAGES
+from vortex_hybrid.runtime.hybrid_attention import HOST_PLACEMENTS, TAIL_PAGES
 from vortex_hybrid.vflow.summary_store import summary_bytes
 
 HQ, HKV, D, P, SINK, RECENT = 32, 8, 128, 16, 1, 2
 HEAD_PAGE_BYTES = 2 * P * D * 2            # K+V of one KV head of one page, bf16
 PAGE_BYTES = HKV * HEAD_PAGE_BYTES         # all heads: 64 KiB
 PLACEMENTS = ("hybrid", "cpu", "offload", "gpu", "dense")
-HOST = ("hybrid", "cpu", "offload")
+HOST = HOST_PLACEMENTS
 GIB = 1 << 30
 TARGET_SPEEDUP, TARGET_LB, TARGET_REUSE = 1.5, 1.3, 0.5
 

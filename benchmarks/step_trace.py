@@ -24,6 +24,7 @@ import time
 import torch
 
 from vortex_hybrid import HybridAttention, HybridConfig
+from vortex_hybrid.runtime.hybrid_attention import HOST_PLACEMENTS
 from vortex_hybrid.runtime.step_trace import StepTrace
 
 HQ, HKV, D, P = 32, 8, 128, 16
@@ -35,7 +36,7 @@ def record(args) -> dict:
     slots = max(1, int(args.cache * args.batch * pages))
     cfg = HybridConfig(page_size=P, flow="quest", budget_ratio=args.budget, placement=args.placement,
                        gpu_cache_pages=slots, kv_dtype="bfloat16")
-    host = args.placement in ("hybrid", "cpu", "offload")
+    host = args.placement in HOST_PLACEMENTS
     attn = HybridAttention(cfg, args.layers, HQ, HKV, D,
                            device_pages=slots + 4 * args.batch + 64 if host else
                            args.batch * (pages + 4),

@@ -79,19 +79,9 @@ def check_attention_args(q, k_pool, v_pool, page_table, seq_lens, sel=None, sm_s
         used = torch.arange(max_pages, device=q.device)[None, :] < n_pages[:, None]
         phys = page_table.to(torch.int64)[used]
     else:
+        check_sel_values(sel, n_pages)
         s = sel.to(torch.int64)
         valid = s >= 0
-        _need(bool((s >= -1).all()), "sel holds values below -1; pad with -1 only")
-        bad = valid & (s >= n_pages[:, None, None])
-        if bool(bad.any()):
-            b, h, j = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(f"sel[{b}, {h}, {j}]={int(s[b, h, j])} is not a page of request {b} "
-                             f"(it holds {int(n_pages[b])} pages for seq_len {int(sl[b])})")
-        srt = torch.sort(s, dim=-1).values
-        dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
-        if bool(dup.any()):
-            b, h, _ = (int(x) for x in dup.nonzero()[0])
-            raise ValueError(f"sel[{b}, {h}] lists a page twice: {sel[b, h].tolist()}")
         rows = torch.arange(B, device=q.device)[:, None, None].expand_as(s)
         phys = page_table.to(torch.int64)[rows[valid], s[valid]]
     if phys.numel():
@@ -99,6 +89,26 @@ def check_attention_args(q, k_pool, v_pool, page_table, seq_lens, sel=None, sm_s
         _need(lo >= 0 and hi < n_phys,
               f"page_table maps a used page to physical page {lo if lo < 0 else hi}; "
               f"the pool has pages 0..{n_phys - 1}")
+
+
+def check_sel_values(sel: torch.Tensor, n_pages: torch.Tensor, rids=None) -> None:
+    """sel int [B, Hkv, K]: -1 padding or logical pages below n_pages [B] (the pages each request
+    holds), unique per row. `rids` names the requests in messages (default: the batch row)."""
+    s = sel.to(torch.int64)
+    _need(bool((s >= -1).all()), "sel holds values below -1; pad with -1 only")
+    n = n_pages.to(s.device, torch.int64)
+    bad = (s >= 0) & (s >= n[:, None, None])
+    if bool(bad.any()):
+        b, h, j = (int(x) for x in bad.nonzero()[0])
+        who = b if rids is None else rids[b]
+        raise ValueError(f"sel[{b}, {h}, {j}]={int(s[b, h, j])} is not a page of request {who} "
+                         f"(it holds {int(n[b])} pages)")
+    srt = torch.sort(s, dim=-1).values
+    dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+    if bool(dup.any()):
+        b, h, _ = (int(x) for x in dup.nonzero()[0])
+        raise ValueError(f"sel lists a page twice in row [{b}, {h}]: {sel[b, h].tolist()}; pages "
+                         "must be unique per row")
 
 
 def check_merge_args(o_a, lse_a, o_b, lse_b) -> None:

@@ -24,6 +24,7 @@ import torch
 from . import reference, vflow
 from .config import HybridConfig
 from .runtime import HybridAttention
+from .runtime.hybrid_attention import HOST_PLACEMENTS
 
 PLACEMENTS = ("dense", "gpu", "cpu", "offload", "hybrid")
 
@@ -78,17 +79,13 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _reference(cfg: HybridConfig, placement: str, q: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor) -> torch.Tensor:
-    """float64 attention of q [1, Hq, D] over the pages the flow selects from k, v [T, Hkv, D]."""
-    T, hkv, d = k.shape
-    P = cfg.page_size
-    n = -(-T // P)
-    pad = torch.zeros(n * P - T, hkv, d, dtype=k.dtype)
-    kp = torch.cat([k, pad]).reshape(n, P, hkv, d).transpose(1, 2).contiguous()
-    vp = torch.cat([v, pad]).reshape(n, P, hkv, d).transpose(1, 2).contiguous()
+def _reference(cfg: HybridConfig, placement: str, q: torch.Tensor, kp: torch.Tensor,
+               vp: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """float64 attention of q [1, Hq, D] over the pages the flow selects from one request's pages
+    kp, vp [n, Hkv, P, D] holding seq_len tokens."""
+    n, hkv, P, _ = kp.shape
     table = torch.arange(n, dtype=torch.int32)[None]
-    lens = torch.tensor([T], dtype=torch.int32)
+    lens = torch.tensor([seq_len], dtype=torch.int32)
     if placement == "dense":
         sel = reference.all_pages_sel(lens, hkv, n, P)
     else:
@@ -104,7 +101,7 @@ def run_placement(cfg: HybridConfig, placement: str, args, kv_data, steps_data) 
     P, B = cfg.page_size, args.batch
     pages = -(-(args.context + args.repeats + 2) // P) + 1
     total = B * pages
-    host = placement in ("cpu", "offload", "hybrid")
+    host = placement in HOST_PLACEMENTS
     slots = max(1, int(args.cache * total)) if placement in ("offload", "hybrid") else 0
     cfg = dataclasses.replace(cfg, placement=placement,
                               gpu_cache_pages=slots if host else total)
@@ -129,8 +126,8 @@ def run_placement(cfg: HybridConfig, placement: str, args, kv_data, steps_data) 
         err = 0.0
         for layer, (q, kn, vn) in enumerate(steps_data[-1]):      # the reference over the KV
             for b, rid in enumerate(rids):
-                k, v = attn.kv.read(rid, layer)
-                want = _reference(cfg, placement, q[b:b + 1], k, v)
+                kp, vp = attn.kv.read_pages(rid, layer)
+                want = _reference(cfg, placement, q[b:b + 1], kp, vp, attn.kv.seq_len(rid))
                 got = outs[layer][b].double().cpu()
                 err = max(err, float((got - want).norm() / want.norm().clamp_min(1e-300)))
         return dict(placement=placement, ms=statistics.median(times) * 1e3,

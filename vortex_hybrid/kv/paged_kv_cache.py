@@ -55,6 +55,20 @@ class _Request:
                                                             # dropped whenever a page list changes
 
 
+def padded_table(rows: Sequence[torch.Tensor], max_pages: Optional[int] = None) -> torch.Tensor:
+    """Rows of int32 entries per logical page stacked into `[len(rows), width]`, -1 padded; width
+    is the longest row, or `max_pages` (which must not be shorter)."""
+    width = max([len(r) for r in rows], default=0)
+    if max_pages is not None:
+        if max_pages < width:
+            raise ValueError(f"max_pages={max_pages} is below the {width} pages a request holds")
+        width = max_pages
+    table = torch.full((len(rows), width), NOT_RESIDENT, dtype=torch.int32)
+    for i, row in enumerate(rows):
+        table[i, :len(row)] = row
+    return table
+
+
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -300,21 +314,31 @@ class PagedKVCache:
         r.rows.clear()
 
     # ---- reading ----------------------------------------------------------------------------
-    def read(self, rid: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V `[seq_len, num_kv_heads, head_dim]` of one layer, on the CPU, from whichever
-        copy each page has (for tests and debugging; kernels read the pools directly)."""
+    def read_pages(self, rid: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one layer as pages `[num_pages, num_kv_heads, page_size, head_dim]` on the
+        CPU, each page from whichever copy it has, positions past `seq_len` zeroed (for tests,
+        debugging and research paths; kernels read the pools directly)."""
         r = self._req(rid)
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer={layer} outside 0..{self.num_layers - 1}")
-        ks, vs = [], []
-        for d, h in zip(r.device_pages, r.host_pages):
+        shape = (len(r.device_pages), self.num_kv_heads, self.page_size, self.head_dim)
+        k, v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
+        for i, (d, h) in enumerate(zip(r.device_pages, r.host_pages)):
             pool, page = (self.device_pool, d) if d != NOT_RESIDENT else (self.host_pool, h)
-            ks.append(pool.k[layer, page].transpose(0, 1).cpu())
-            vs.append(pool.v[layer, page].transpose(0, 1).cpu())
-        shape = (0, self.num_kv_heads, self.head_dim)
-        k = torch.cat(ks)[:r.seq_len] if ks else torch.empty(shape, dtype=self.dtype)
-        v = torch.cat(vs)[:r.seq_len] if vs else torch.empty(shape, dtype=self.dtype)
+            k[i], v[i] = pool.k[layer, page].cpu(), pool.v[layer, page].cpu()
+        tail = r.seq_len - (len(r.device_pages) - 1) * self.page_size
+        if r.device_pages and tail < self.page_size:
+            k[-1, :, tail:] = 0
+            v[-1, :, tail:] = 0
         return k, v
+
+    def read(self, rid: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V `[seq_len, num_kv_heads, head_dim]` of one layer, on the CPU (`read_pages` as
+        token rows)."""
+        k, v = self.read_pages(rid, layer)
+        n = self._req(rid).seq_len
+        return tuple(t.transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim)[:n]
+                     for t in (k, v))
 
     def page_table(self, rids: Sequence[int], where: str = "device",
                    max_pages: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,18 +348,14 @@ class PagedKVCache:
         if where not in ("device", "host"):
             raise ValueError(f"where={where!r} must be 'device' or 'host'")
         reqs = [self._req(rid) for rid in rids]
-        width = max([len(r.device_pages) for r in reqs], default=0)
-        if max_pages is not None:
-            if max_pages < width:
-                raise ValueError(f"max_pages={max_pages} is below the {width} pages a request holds")
-            width = max_pages
-        table = torch.full((len(reqs), width), NOT_RESIDENT, dtype=torch.int32)
-        for i, r in enumerate(reqs):
+        rows = []
+        for r in reqs:
             row = r.rows.get(where)
             if row is None:                 # built once per change of the request's pages
                 row = r.rows[where] = torch.as_tensor(
                     r.device_pages if where == "device" else r.host_pages, dtype=torch.int32)
-            table[i, :len(row)] = row
+            rows.append(row)
+        table = padded_table(rows, max_pages)
         lens = torch.as_tensor([r.seq_len for r in reqs], dtype=torch.int32)
         dev = self.device if where == "device" else torch.device("cpu")
         return table.to(dev), lens.to(dev)

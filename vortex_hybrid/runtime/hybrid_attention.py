@@ -37,6 +37,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import reference
+from ..contracts import check_sel_values, pages_of
 from ..config import HybridConfig
 from ..kv.page_pool import GIB, pool_bytes
 from ..kv.paged_kv_cache import PagedKVCache
@@ -116,6 +117,8 @@ class HybridAttention:
             raise ValueError(f"device_pages={device_pages} must exceed the {slots} GPU cache slots "
                              "(tail pages need room too)")
         self.kv = PagedKVCache.from_config(cfg, L, hkv, D, device_pages, max(host_pages, 0), device)
+        self._head_bytes = 2 * cfg.page_size * D * self.kv.device_pool.k.element_size()
+        """K and V bytes of one KV head of one page: what the CPU reads per page-head."""
         dev = self.kv.device
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if dev.type == "cuda" and dev.index is None else dev
@@ -285,9 +288,8 @@ class HybridAttention:
         step.counters["step_host_s"] += time.perf_counter() - t0
         if step.next_layer == self.num_layers:
             c = {k: (int(v) if isinstance(v, torch.Tensor) else v) for k, v in step.counters.items()}
-            head_bytes = 2 * self.cfg.page_size * self.head_dim * self.kv.device_pool.k.element_size()
-            c["bytes_h2d"] = c["fetched_pages"] * head_bytes * self.num_kv_heads
-            c["bytes_cpu"] = c["cpu_pages"] * head_bytes
+            c["bytes_h2d"] = c["fetched_pages"] * self._head_bytes * self.num_kv_heads
+            c["bytes_cpu"] = c["cpu_pages"] * self._head_bytes
             step.counters = c
             self._last = dict(c)
             for k, v in step.counters.items():
@@ -321,16 +323,7 @@ class HybridAttention:
         sel = sel.to(self.device, torch.int32)
         if not values:
             return sel
-        n = -(-step.lens.to(torch.int64) // self.cfg.page_size)
-        s = sel.to(torch.int64)
-        bad = (s < -1) | (s >= n[:, None, None])
-        if bool(bad.any()):
-            b, h, j = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(f"sel[{b}, {h}, {j}]={int(s[b, h, j])} is not a page of request "
-                             f"{step.rids[b]} (it holds {int(n[b])} pages this step)")
-        srt = torch.sort(s, dim=-1).values
-        if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
-            raise ValueError("sel lists a page twice in a row; pages must be unique per row")
+        check_sel_values(sel, pages_of(step.lens, self.cfg.page_size), step.rids)
         return sel
 
     def _run_layer(self, step: StepPlan, layer: int, q, k_new, v_new, sel=None) -> torch.Tensor:
@@ -433,7 +426,8 @@ class HybridAttention:
             sel[rows.to(self.device), :, :budget] = part
         return sel
 
-    def _cache_table(self, step: StepPlan, layer: int, sel, chosen, flat, dev_table) -> torch.Tensor:
+    def _cache_table(self, step: StepPlan, layer: int, sel, chosen, flat, dev_table
+                     ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
         """This layer's table with the GPU page cache, and the copy to make: host pages that are
         cached map to their slots; misses chosen for fetching get slots, and (src host pages, dst
         device pages) is returned for the caller to launch once the CPU's part is submitted (one
@@ -445,9 +439,9 @@ class HybridAttention:
         heads = torch.zeros(B, W, dtype=torch.int32, device=self.device)
         heads.scatter_add_(1, flat, host_sel.flatten(1).to(torch.int32))      # heads per page
         wanted = heads > 0
-        fetch = wanted if self.placement == "offload" else \
+        to_fetch = wanted if self.placement == "offload" else \
             self._hybrid_fetch(heads, wanted & (slots < 0))
-        plan = cache.step(layer, step.cache_rows, slots, wanted, fetch)
+        plan = cache.step(layer, step.cache_rows, slots, wanted, to_fetch)
         c["cache_hits"] += plan.hits
         c["cache_misses"] += plan.misses
         c["evictions"] += plan.evictions
@@ -470,10 +464,9 @@ class HybridAttention:
         counts = torch.where(misses, heads, 0).flatten()
         order = torch.argsort(counts, descending=True)
         n = counts[order].to(torch.float64)
-        head_bytes = 2 * self.cfg.page_size * self.head_dim * self.kv.device_pool.k.element_size()
-        cpu_s = head_bytes / self._costs.cpu_attn_bw_concurrent
+        cpu_s = self._head_bytes / self._costs.cpu_attn_bw_concurrent
         copy = torch.arange(1, n.numel() + 1, device=n.device, dtype=torch.float64) * \
-            (self.num_kv_heads * head_bytes / self._costs.h2d_bw_concurrent)
+            (self.num_kv_heads * self._head_bytes / self._costs.h2d_bw_concurrent)
         cpu_after = (n.sum() - torch.cumsum(n, 0)) * cpu_s
         ok = ~((copy > cpu_after) & (copy > cpu_after + n * cpu_s)) & (n > 0)
         keep = torch.cumprod(ok.to(torch.int8), 0).bool()                 # up to the first stop

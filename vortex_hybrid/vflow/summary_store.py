@@ -34,7 +34,7 @@ import torch
 
 from ..contracts import SUMMARY_DTYPES, check_counts
 from ..kv.page_allocator import PageAllocator
-from ..kv.paged_kv_cache import NOT_RESIDENT, PagedKVCache
+from ..kv.paged_kv_cache import NOT_RESIDENT, PagedKVCache, padded_table
 from .bound_flow import BoundFlow, bind_flow
 from .flow import Flow
 from .interpreter import Keys
@@ -135,21 +135,17 @@ class SummaryStore:
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Indexer inputs for a batch, on the store's device: table int32 [B, max_pages] (logical
         page -> summary row, -1 where a page has none) and seq_lens int32 [B]."""
-        lens = [self.kv.seq_len(rid) for rid in rids]
-        width = max([self.kv.num_pages(rid) for rid in rids], default=0)
-        if max_pages is not None:
-            if max_pages < width:
-                raise ValueError(f"max_pages={max_pages} is below the {width} pages a request holds")
-            width = max_pages
-        table = torch.full((len(rids), width), NOT_RESIDENT, dtype=torch.int32)
-        for i, rid in enumerate(rids):
+        rows = []
+        for rid in rids:
             row = self._row_tensors.get(rid)
-            if row is None and self._rows.get(rid):
-                row = self._row_tensors[rid] = torch.as_tensor(self._rows[rid], dtype=torch.int32)
-            if row is not None:
-                table[i, :len(row)] = row
-        lens_t = torch.as_tensor(lens, dtype=torch.int32)
-        return table.to(self.device), lens_t.to(self.device)
+            if row is None:                 # built once per change of the request's rows
+                row = self._row_tensors[rid] = torch.as_tensor(self._rows.get(rid, []),
+                                                               dtype=torch.int32)
+            rows.append(row)
+        width = max([self.kv.num_pages(rid) for rid in rids], default=0)
+        table = padded_table(rows, width if max_pages is None else max_pages)
+        lens = torch.as_tensor([self.kv.seq_len(rid) for rid in rids], dtype=torch.int32)
+        return table.to(self.device), lens.to(self.device)
 
     # ---- writing ----------------------------------------------------------------------------
     def _assign(self, rid: int, pages: list[int]) -> list[int]:
@@ -177,7 +173,7 @@ class SummaryStore:
         if not self._tensors:
             return
         rows = self._assign(rid, pages)
-        self._compute(layer, self.kv.device_pool.k[layer], device_pages, rows)
+        self.compute_rows(layer, self.kv.device_pool.k[layer], device_pages, rows)
 
     def summarize(self, rid: int, pages: Optional[Sequence[int]] = None) -> None:
         """Bulk path (prefill written elsewhere, a store attached late): summarise the full `pages`
@@ -196,15 +192,11 @@ class SummaryStore:
         for layer in range(self.kv.num_layers):
             for pool, items in ((self.kv.device_pool, on_dev), (self.kv.host_pool, on_host)):
                 if items:
-                    self._compute(layer, pool.k[layer], [i for i, _ in items], [r for _, r in items])
+                    self.compute_rows(layer, pool.k[layer], [i for i, _ in items], [r for _, r in items])
 
-    def compute_rows(self, layer: int, k_pool: torch.Tensor, pages: torch.Tensor,
-                     rows: torch.Tensor) -> None:
-        """Summaries of full `pages` (int64 [n] on k_pool's device) of one layer's pool into `rows`
-        (int64 [n], reserved with `reserve_rows`): the runtime's per-token path, no checks."""
-        self._compute(layer, k_pool, pages, rows)
-
-    def _compute(self, layer: int, k_pool: torch.Tensor, pages, rows) -> None:
+    def compute_rows(self, layer: int, k_pool: torch.Tensor, pages, rows) -> None:
+        """Summaries of full `pages` (ints, or int64 [n]) of one layer's pool `k_pool` into `rows`
+        (reserved: by `reserve_rows` for the runtime's per-token path); no checks."""
         dev = k_pool.device
         bound = bind_flow(self.flow, self.kv.page_size, self.kv.head_dim, self.group, dev,
                           lower=self._lower)
@@ -273,10 +265,7 @@ class SummaryStore:
         P, hkv, D = kv.page_size, kv.num_kv_heads, kv.head_dim
         pool = torch.zeros(max(len(rids) * width, 1), hkv, P, D, dtype=kv.dtype)
         for i, rid in enumerate(rids):
-            k, _ = kv.read(rid, layer)                                  # [T, Hkv, D] on the CPU
-            n = -(-k.shape[0] // P)
-            padded = torch.zeros(n * P, hkv, D, dtype=kv.dtype)
-            padded[:k.shape[0]] = k
-            pool[i * width:i * width + n] = padded.reshape(n, P, hkv, D).transpose(1, 2)
+            k, _ = kv.read_pages(rid, layer)                           # [n, Hkv, P, D], CPU
+            pool[i * width:i * width + k.shape[0]] = k
         key_table = torch.arange(len(rids) * width, dtype=torch.int32).reshape(len(rids), width)
         return pool.to(self.device), key_table.to(self.device)
