@@ -316,8 +316,8 @@ class PagedKVCache:
     # ---- reading ----------------------------------------------------------------------------
     def read_pages(self, rid: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one layer as pages `[num_pages, num_kv_heads, page_size, head_dim]` on the
-        CPU, each page from whichever copy it has, positions past `seq_len` zeroed (for tests,
-        debugging and research paths; kernels read the pools directly)."""
+        CPU, each page from whichever copy it has; positions past `seq_len` hold whatever the tail
+        page holds, as in the pools (for tests, debugging and research paths)."""
         r = self._req(rid)
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer={layer} outside 0..{self.num_layers - 1}")
@@ -326,10 +326,6 @@ class PagedKVCache:
         for i, (d, h) in enumerate(zip(r.device_pages, r.host_pages)):
             pool, page = (self.device_pool, d) if d != NOT_RESIDENT else (self.host_pool, h)
             k[i], v[i] = pool.k[layer, page].cpu(), pool.v[layer, page].cpu()
-        tail = r.seq_len - (len(r.device_pages) - 1) * self.page_size
-        if r.device_pages and tail < self.page_size:
-            k[-1, :, tail:] = 0
-            v[-1, :, tail:] = 0
         return k, v
 
     def read(self, rid: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
