@@ -35,7 +35,8 @@ def _gather_kernel(src_k, src_v, dst_k, dst_v, src_pages, dst_slots, page_elems,
     sp = tl.load(src_pages + i).to(tl.int64)
     dp = tl.load(dst_slots + i).to(tl.int64)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < page_elems
+    limit = tl.where((sp >= 0) & (dp >= 0), page_elems, 0)    # -1 entries: nothing to copy
+    mask = offs < limit
     src_off = lead * src_lead_stride + sp * src_page_stride + offs
     dst_off = lead * dst_lead_stride + dp * dst_page_stride + offs
     if lead_kv % 2 == 0:
@@ -83,7 +84,8 @@ def _check_pools(src_k, src_v, dst_k, dst_v) -> None:
 
 def launch_gather_pages(src_k: torch.Tensor, src_v: torch.Tensor, src_pages: torch.Tensor,
                         dst_k: torch.Tensor, dst_v: torch.Tensor, dst_slots: torch.Tensor) -> None:
-    """Unchecked launcher of `gather_pages`: index tensors int64 [n] already on dst's device."""
+    """Unchecked launcher of `gather_pages`: index tensors int64 [n] already on dst's device; an
+    entry whose src or dst is -1 copies nothing (fixed-size plans from the GPU page cache)."""
     n = src_pages.shape[0]
     if n == 0:
         return

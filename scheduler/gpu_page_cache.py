@@ -1,19 +1,23 @@
 """`GpuPageCache`: the GPU page cache's state as tensors on the GPU, one cache per layer.
 
 Each layer has `num_slots` slots (HBM pages holding copies of host pages). The state is three
-tensors per layer, on the runtime's device, so a step needs no per-page host round trip:
+tensors per layer, on the runtime's device, so a step needs no host round trip at all:
 
-    slot_of   int32 [L, R, W]  request index r, logical page p -> slot, -1 when not cached
-    owner     int32 [L, S, 2]  slot -> (request index, page), -1 when free
-    stamp     int64 [L, S + 1] the last step that used the slot (-1: free, the oldest); the spare
-                               last column absorbs writes of masked-out entries
+    slot_of   int32 [L, R, W + 1]  request index r, logical page p -> slot, -1 when not cached; the
+                                   spare last column absorbs masked-out writes and stays -1
+    owner     int32 [L, S + 1, 2]  slot -> (request index, page), -1 when free; spare last row
+    stamp     int64 [L, S + 1]     the last step that used the slot (-1: free, the oldest); the
+                                   spare last column absorbs writes of masked-out entries
 
-`step(layer, rows, wanted, fetch)` (per layer, vectorised): pages in `wanted` that are cached are
-hits and get this step's stamp (so nothing in use this step is evicted); pages in `fetch` that are
-not cached take the slots with the oldest stamps (exact LRU by step: a `topk` over the stamps, the
-GPU-friendly form of a bucketed LRU), whose old pages are evicted; when too few slots are older
-than this step, the rest stays with the CPU. It returns the fetched (row, page, slot) triples for
-the copy. Request indices are dense (0..R-1), given out by `add_request`; R and W grow by doubling.
+`step(layer, rows, slots, wanted, fetch)` (per layer, vectorised, no synchronisation): pages in
+`wanted` that are cached are hits and get this step's stamp (so nothing in use this step is
+evicted); pages in `fetch` that are not cached take the slots with the oldest stamps (exact LRU by
+step: a `topk` over the stamps, the GPU-friendly form of a bucketed LRU), whose old pages are evicted;
+when too few slots are older than this step, the rest stays with the CPU. Every output has a fixed
+size (`capacity` entries, the valid ones first), so a step can be captured in a CUDA graph: the
+fetch count stays on the device and the copy kernel skips entries marked -1. Request indices are
+dense (0..R-1), given out by `index_of`; R and W grow by doubling, which reallocates `slot_of` and
+bumps `generation` (graphs captured over the old tensor must be captured again).
 The host copy of every page stays authoritative: evicting drops a copy, never data.
 """
 
@@ -26,8 +30,9 @@ import torch
 
 @dataclass
 class FetchPlan:
-    """One layer's step: rows [n], pages [n] (logical), slots [n] to copy into (device int64);
-    hits / misses / evictions as 0-dim device tensors (no sync needed to count them)."""
+    """One layer's step: rows, pages (logical), slots [capacity] (device int64) of the pages to
+    copy, the first `count` valid and the rest -1; hits / misses / evictions / count as 0-dim
+    device tensors (nothing here needs a sync)."""
 
     rows: torch.Tensor
     pages: torch.Tensor
@@ -35,6 +40,12 @@ class FetchPlan:
     hits: torch.Tensor
     misses: torch.Tensor
     evictions: torch.Tensor
+    count: torch.Tensor
+
+    def valid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, pages, slots) of the fetched pages only (synchronises; tests and diagnostics)."""
+        n = int(self.count)
+        return self.rows[:n], self.pages[:n], self.slots[:n]
 
 
 class GpuPageCache:
@@ -45,12 +56,16 @@ class GpuPageCache:
         if num_slots < 0 or num_layers < 1:
             raise ValueError(f"num_slots={num_slots} must be >= 0 and num_layers={num_layers} >= 1")
         self.num_layers, self.num_slots, self.device = num_layers, num_slots, device
-        self.slot_of = torch.full((num_layers, max_requests, max_pages), -1, dtype=torch.int32,
+        self.slot_of = torch.full((num_layers, max_requests, max_pages + 1), -1, dtype=torch.int32,
                                   device=device)
-        self.owner = torch.full((num_layers, num_slots, 2), -1, dtype=torch.int32, device=device)
+        self.owner = torch.full((num_layers, num_slots + 1, 2), -1, dtype=torch.int32,
+                                device=device)
         # one spare column past the slots takes the stamps of masked-out entries (no compaction)
         self.stamp = torch.full((num_layers, num_slots + 1), -1, dtype=torch.int64, device=device)
         self.now = 0
+        self.now_t = torch.zeros((), dtype=torch.int64, device=device)   # `now` on the device
+        self.generation = 0                      # bumped when slot_of is reallocated
+        self._none = torch.full((), -1, dtype=torch.int32, device=device)
         self._index: dict[int, int] = {}         # request id -> dense index
         self._free = list(range(max_requests - 1, -1, -1))
 
@@ -65,15 +80,20 @@ class GpuPageCache:
 
     def reserve(self, pages: int) -> None:
         """Room for requests of up to `pages` pages."""
-        if pages > self.slot_of.shape[2]:
-            self._grow(pages=max(pages, 2 * self.slot_of.shape[2]))
+        if pages > self.max_pages:
+            self._grow(pages=max(pages, 2 * self.max_pages))
+
+    @property
+    def max_pages(self) -> int:
+        return self.slot_of.shape[2] - 1
 
     def _grow(self, requests: int = 0, pages: int = 0) -> None:
-        L, R, W = self.slot_of.shape
+        L, R, W = self.slot_of.shape[0], self.slot_of.shape[1], self.max_pages
         R2, W2 = max(R, requests), max(W, pages)
-        grown = torch.full((L, R2, W2), -1, dtype=torch.int32, device=self.device)
-        grown[:, :R, :W] = self.slot_of
+        grown = torch.full((L, R2, W2 + 1), -1, dtype=torch.int32, device=self.device)
+        grown[:, :R, :W] = self.slot_of[:, :, :W]
         self.slot_of = grown
+        self.generation += 1
         self._free = list(range(R2 - 1, R - 1, -1)) + self._free
 
     def remove_request(self, rid: int) -> None:
@@ -81,8 +101,8 @@ class GpuPageCache:
         r = self._index.pop(rid, None)
         if r is None:
             return
-        mine = self.owner[:, :, 0] == r                                   # [L, S]
-        self.owner[mine] = -1
+        mine = self.owner[:, :self.num_slots, 0] == r                    # [L, S]
+        self.owner[:, :self.num_slots][mine] = -1
         self.stamp[:, :self.num_slots][mine] = -1
         self.slot_of[:, r] = -1
         self._free.append(r)
@@ -92,40 +112,50 @@ class GpuPageCache:
         r = self._index.get(rid)
         if r is None:
             return torch.zeros(0, dtype=torch.int64)
-        return (self.slot_of[layer, r] >= 0).nonzero().flatten().cpu()
+        return (self.slot_of[layer, r, :self.max_pages] >= 0).nonzero().flatten().cpu()
 
     # ---- one step ---------------------------------------------------------------------------
     def next_step(self) -> None:
         self.now += 1
+        self.now_t.fill_(self.now)
 
     def table(self, layer: int, rows: torch.Tensor, width: int) -> torch.Tensor:
         """slots int32 [B, width] of the batch's requests (`rows`: dense indices [B], device)."""
         return self.slot_of[layer].index_select(0, rows)[:, :width]
 
+    def capacity(self, batch: int, width: int) -> int:
+        """Fetch entries a step's plan holds: no more than the slots or the batch's pages."""
+        return max(1, min(self.num_slots, batch * width))
+
     def step(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, wanted: torch.Tensor,
-             fetch: torch.Tensor) -> FetchPlan:
+             fetch: torch.Tensor, capacity: int = 0) -> FetchPlan:
         """rows [B] dense request indices; slots [B, W] = `table(layer, rows, W)`; wanted, fetch
         bool [B, W]: pages this step reads from the cache or would like fetched. Updates the state
-        and returns what to copy. One host sync (how many fetches there are and slots to take)."""
-        now, S = self.now, self.num_slots
+        and returns what to copy, `capacity` entries (default `capacity(B, W)`). No sync."""
+        S, now = self.num_slots, self.now_t
+        k = capacity or self.capacity(*wanted.shape)
+        if not 1 <= k <= S:
+            raise ValueError(f"capacity={k} must lie in [1, num_slots={S}]")
         stamp = self.stamp[layer]
         hit = wanted & (slots >= 0)
-        stamp.index_fill_(0, torch.where(hit, slots, S).flatten().to(torch.int64), now)
+        used = torch.where(hit, slots, S).flatten().to(torch.int64)
+        stamp.scatter_(0, used, now.expand(used.shape))           # (index_fill_ would sync)
         want_new = fetch & (slots < 0)
         misses = (wanted & (slots < 0)).sum()
-        counts = torch.stack([want_new.sum(), (stamp[:S] < now).sum()]).tolist()   # the sync
-        n = min(counts)                     # fetches wanted, slots older than this step
-        zero = torch.zeros((), dtype=torch.int64, device=self.device)
-        if n == 0:
-            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
-            return FetchPlan(empty, empty, empty, hit.sum(), misses, zero)
-        b, p = torch.nonzero_static(want_new, size=n).unbind(1)          # the first n, row-major
-        _, victims = torch.topk(stamp[:S], n, largest=False)
-        old = self.owner[layer, victims].to(torch.int64)                 # [n, 2]
+        n = torch.minimum(want_new.sum(), (stamp[:S] < now).sum()).clamp_max(k)   # wanted, free, room
+        valid = torch.arange(k, device=self.device) < n
+        bp = torch.nonzero_static(want_new, size=k, fill_value=-1)     # the first k, row-major
+        b, p = torch.where(valid[:, None], bp, -1).unbind(1)
+        _, victims = torch.topk(stamp[:S], k, largest=False)
+        victims = torch.where(valid, victims, S)                        # masked: the spare slot
+        old = self.owner[layer, victims].to(torch.int64)                # [k, 2]; spare: (-1, -1)
         taken = old[:, 0] >= 0
-        self.slot_of[layer, old[taken, 0], old[taken, 1]] = -1
-        req = rows[b].to(torch.int64)
-        self.slot_of[layer, req, p] = victims.to(torch.int32)
-        self.owner[layer, victims] = torch.stack([req, p], 1).to(torch.int32)
-        self.stamp[layer, victims] = now
-        return FetchPlan(b, p, victims, hit.sum(), misses, taken.sum())
+        Wt = self.max_pages                                             # the spare column
+        self.slot_of[layer, old[:, 0].clamp_min(0), torch.where(taken, old[:, 1], Wt)] = \
+            self._none                              # a device scalar: a Python -1 would copy
+        req = torch.where(valid, rows[b.clamp_min(0)].to(torch.int64), -1)
+        self.slot_of[layer, req.clamp_min(0), torch.where(valid, p, Wt)] = \
+            torch.where(valid, victims, -1).to(torch.int32)
+        self.owner[layer, victims] = torch.stack([req, torch.where(valid, p, -1)], 1).to(torch.int32)
+        stamp.scatter_(0, victims, now.expand(victims.shape))           # spare absorbs masked
+        return FetchPlan(b, p, torch.where(valid, victims, -1), hit.sum(), misses, taken.sum(), n)

@@ -121,6 +121,20 @@ def test_gather_pages_with_no_pages_changes_nothing():
     assert torch.equal(dst, before)
 
 
+def test_launch_gather_pages_skips_entries_marked_minus_one():
+    """The cache's fixed-size plans pad with -1: those entries copy nothing, the rest copy."""
+    from vortex_hybrid.gpu_kernels.gather_pages import launch_gather_pages
+    seed, g = _gen()
+    src = _host_pool((5, 2, 4, 16), torch.float32, g)
+    dst_k = torch.randn(4, 2, 4, 16, generator=g).to(DEVICE)
+    dst_v = dst_k.clone()
+    want = dst_k.cpu().clone()
+    want[1] = src[3]
+    idx = (lambda *v: torch.tensor(v, dtype=torch.int64, device=DEVICE))
+    launch_gather_pages(src, src, idx(-1, 3, 2, -1), dst_k, dst_v, idx(0, 1, -1, -1))
+    assert torch.equal(dst_k.cpu(), want) and torch.equal(dst_v.cpu(), want), f"seed {seed}"
+
+
 def test_gather_pages_rejects_bad_requests():
     g = torch.Generator().manual_seed(0)
     src = _host_pool((4, 1, 4, 16), torch.float32, g)

@@ -63,26 +63,27 @@ class CacheMachine(RuleBasedStateMachine):
         slots = cache.table(layer, rows, W)
         before = slots.clone()
         stamps_before = cache.stamp[layer, :self.slots].clone()
-        plan = cache.step(layer, rows, slots, wanted, fetch)
+        full = cache.step(layer, rows, slots, wanted, fetch)
+        plan_rows, plan_pages, plan_slots = full.valid()
+        n = plan_slots.numel()
+        assert bool((full.slots[n:] == -1).all() and (full.rows[n:] == -1).all())  # masked tail
+        plan = full
         hit = wanted & (before >= 0)
         assert int(plan.hits) == int(hit.sum())
         assert int(plan.misses) == int((wanted & (before < 0)).sum())
-        n = plan.slots.numel()
         assert n <= int((fetch & (before < 0)).sum()) and n <= self.slots
-        assert len(set(plan.slots.tolist())) == n                      # one copy per slot
+        assert len(set(plan_slots.tolist())) == n                      # one copy per slot
         hit_slots = set(before[hit].tolist())
-        assert not hit_slots & set(plan.slots.tolist())               # nothing in use evicted
+        assert not hit_slots & set(plan_slots.tolist())               # nothing in use evicted
         if n:                                                         # LRU: victims are oldest
             others = stamps_before.clone()
-            others[plan.slots] = torch.iinfo(torch.int64).max
-            assert int(stamps_before[plan.slots].max()) <= int(others.min()) or \
-                int(stamps_before[plan.slots].max()) < cache.now
+            others[plan_slots] = torch.iinfo(torch.int64).max
+            assert int(stamps_before[plan_slots].max()) <= int(others.min()) or \
+                int(stamps_before[plan_slots].max()) < cache.now
         after = cache.table(layer, rows, W)
-        for b, p, s in zip(plan.rows.tolist(), plan.pages.tolist(), plan.slots.tolist()):
+        for b, p, s in zip(plan_rows.tolist(), plan_pages.tolist(), plan_slots.tolist()):
             assert int(after[b, p]) == s
         missed = fetch & (before < 0)
-        got = torch.zeros_like(missed)
-        got[plan.rows, plan.pages] = True
         if n < int(missed.sum()):                                     # the rest: no slot left
             assert n == self.slots or int((cache.stamp[layer, :self.slots] < cache.now).sum()) == 0
 
@@ -92,7 +93,9 @@ class CacheMachine(RuleBasedStateMachine):
             return
         c = self.cache
         for layer in range(L):
-            owner = c.owner[layer].cpu()
+            owner = c.owner[layer, :self.slots].cpu()
+            assert bool((c.owner[layer, self.slots] == -1).all())       # the spare row stays free
+            assert bool((c.slot_of[layer, :, c.max_pages] == -1).all())  # so does the spare column
             used = (owner[:, 0] >= 0).nonzero().flatten().tolist()
             keys = [tuple(owner[s].tolist()) for s in used]
             assert len(set(keys)) == len(keys)                        # no page in two slots
@@ -121,10 +124,10 @@ def test_least_recently_used_slot_is_evicted_first():
     step([0, 1])                          # both cached
     step([0])                             # 0 used again: 1 is now the oldest
     plan = step([0, 2])                   # 2 needs a slot: evicts 1, never 0 (in use)
-    assert plan.pages.tolist() == [2] and int(plan.evictions) == 1
+    assert plan.valid()[1].tolist() == [2] and int(plan.evictions) == 1
     assert sorted(cache.pages_of(7, 0).tolist()) == [0, 2]
     plan = step([3, 4, 5])                # 3 fetches want 2 slots, both older than this step
-    assert plan.pages.numel() == 2
+    assert plan.valid()[1].tolist() == [3, 4] and int(plan.count) == 2
 
 
 def test_growing_requests_and_pages_keeps_the_maps():
@@ -138,3 +141,40 @@ def test_growing_requests_and_pages_keeps_the_maps():
     assert cache.pages_of(1, 1).tolist() == [9] and cache.pages_of(3, 1).tolist() == [4]
     cache.remove_request(1)
     assert cache.pages_of(1, 1).tolist() == [] and int((cache.owner[1, :, 0] >= 0).sum()) == 1
+
+
+def test_capacity_bounds_the_fetches_and_the_rest_stays_masked():
+    cache = GpuPageCache(1, 4, DEVICE)
+    rows = torch.tensor([cache.index_of(3)], device=DEVICE)
+    cache.reserve(8)
+    cache.next_step()
+    want = torch.ones(1, 8, dtype=torch.bool, device=DEVICE)
+    plan = cache.step(0, rows, cache.table(0, rows, 8), want, want, capacity=3)
+    assert plan.slots.numel() == 3 and int(plan.count) == 3
+    assert plan.valid()[1].tolist() == [0, 1, 2] and cache.pages_of(3, 0).tolist() == [0, 1, 2]
+    for bad in (5, -1):
+        try:
+            cache.step(0, rows, cache.table(0, rows, 8), want, want, capacity=bad)
+        except ValueError as e:
+            assert f"capacity={bad}" in str(e)
+        else:
+            raise AssertionError(f"capacity={bad} accepted")
+
+
+def test_step_never_synchronises_the_gpu():
+    """The cache step is graph-capturable: no device-to-host read anywhere (CUDA only)."""
+    if DEVICE.type != "cuda":
+        import pytest
+        pytest.skip("needs CUDA (sync detection)")
+    cache = GpuPageCache(2, 5, DEVICE)
+    rows = torch.tensor([cache.index_of(r) for r in (1, 2)], device=DEVICE)
+    cache.reserve(16)
+    want = torch.rand(2, 16, device=DEVICE) < 0.5
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            cache.next_step()
+            cache.step(1, rows, cache.table(1, rows, 16), want, want)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

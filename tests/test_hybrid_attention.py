@@ -254,11 +254,16 @@ def test_a_bad_given_selection_is_refused():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
-@pytest.mark.parametrize("placement", ["dense", "gpu"])
-def test_cuda_graph_steps_equal_eager_steps(placement):
-    """The captured per-layer work gives the eager outputs, step after step (pages fill, batch
-    shapes change and come back)."""
-    graphed, eager = make(placement), make(placement)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("replay", [False, True])
+def test_cuda_graph_steps_equal_eager_steps(placement, replay):
+    """The captured per-layer work (whole layers, or the two parts around the CPU hand-off) gives
+    the eager outputs and the same cache decisions, step after step (pages fill, get offloaded,
+    cached and evicted; batch shapes change and come back), with the flow's selection or a
+    replayed one."""
+    if replay and placement == "dense":
+        pytest.skip("dense attends every page")
+    graphed, eager = make(placement, slots=3), make(placement, slots=3)
     eager._graphs = None
     assert graphed._graphs is not None
     gen = torch.Generator().manual_seed(5)
@@ -272,9 +277,19 @@ def test_cuda_graph_steps_equal_eager_steps(placement):
         eager.plan([e for _, e in batch])
         for layer in range(L):
             q, kn, vn = (torch.randn(len(batch), h, D, generator=gen).cuda() for h in (HQ, HKV, HKV))
-            a, b = graphed.run(layer, q, kn, vn), eager.run(layer, q, kn, vn)
+            sel = None
+            if replay:                      # the first two and the last page of each request
+                n_pages = [-(-graphed.kv.seq_len(g) // P) for g, _ in batch]
+                sel = torch.tensor([[[0, min(1, n - 1) if n > 1 else -1, n - 1]
+                                     if n > 2 else [0, n - 1 if n > 1 else -1, -1]] * HKV
+                                    for n in n_pages], dtype=torch.int32)
+            a = graphed.run(layer, q, kn, vn, sel=sel)
+            b = eager.run(layer, q, kn, vn, sel=sel)
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (step, layer)
+        assert graphed.stats()["last_step"] == {**eager.stats()["last_step"], **{
+            k: graphed.stats()["last_step"][k] for k in ("gpu_wait_s", "step_host_s")}}, step
     assert len(graphed._graphs._sets) == 2
+    assert graphed._graphs._sets[next(reversed(graphed._graphs._sets))].graphs    # captured
 
 
 def test_a_trace_records_each_layer_on_each_lane():

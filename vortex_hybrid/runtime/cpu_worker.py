@@ -1,4 +1,5 @@
-"""`CpuWorker`: one persistent thread that runs CPU attention while the caller drives the GPU.
+"""`CpuWorker`: one persistent thread that runs CPU attention while the caller drives the GPU;
+`HostBuffers`: the pinned buffers the GPU hands the CPU's inputs over in.
 
 The Numba kernels release the GIL (`nogil=True`) and parallelise over Numba's own threads, so one
 submitting thread is enough: `submit(fn, *args)` returns a `concurrent.futures.Future`; `result()`
@@ -8,8 +9,11 @@ re-raises the kernel's exception with its original type. The thread lives as lon
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
+
+import torch
 
 
 class CpuWorker:
@@ -23,3 +27,21 @@ class CpuWorker:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+class HostBuffers:
+    """Staging buffers in (pinned) host memory for what the GPU hands to the CPU worker: `get`
+    returns a view of the named buffer, grown when too small. A copy into a pinned buffer is
+    asynchronous (and can be captured in a CUDA graph); the worker waits on an event before reading.
+    """
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._bufs[name] = torch.empty(n, dtype=dtype, pin_memory=self.pin)
+        return buf[:n].view(shape)

@@ -45,8 +45,8 @@ from ..scheduler import cost_model
 from ..scheduler.gpu_page_cache import GpuPageCache
 from ..vflow.registry import load_flow
 from ..vflow.summary_store import SummaryStore
-from .cpu_worker import CpuWorker
-from .layer_graphs import LayerGraphs
+from .cpu_worker import CpuWorker, HostBuffers
+from .layer_graphs import CaptureFailed, LayerGraphs
 from .step_plan import StepPlan, build_plan
 from .step_trace import NO_TRACE, StepTrace
 
@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 HOST_PLACEMENTS = ("offload", "cpu", "hybrid")
 CACHE_OWNER = 2**62
 """Allocator owner of the device pages reserved as GPU page-cache slots (no request id reaches it)."""
+COUNTS = ("gpu_pages", "fetched_pages", "cache_hits", "cache_misses", "evictions")
+"""What a split layer counts on the device (`StepPlan.counts`), read once at the step's end."""
 TAIL_PAGES = 256
 """Device pages kept for the not-yet-full tail pages of requests (and prefill chunks) in host
 placements; `device_pages=` overrides the total."""
@@ -79,8 +81,9 @@ class HybridAttention:
     8 x `cfg.gpu_cache_pages` when it is None). device: where the GPU side runs (default: CUDA if
     present, else the CPU with the torch reference). costs: the machine's bandwidths for the
     `hybrid` split (default: `scheduler.cost_model.load_or_measure()`, measured once per machine and
-    cached). cuda_graphs: capture the per-layer GPU work of `dense` and `gpu` in CUDA graphs
-    (`layer_graphs`; CUDA only, and for `gpu` only when the flow's indexer has a fused kernel).
+    cached). cuda_graphs: capture the per-layer GPU work in CUDA graphs (`layer_graphs`; CUDA only,
+    with the summaries on the device): the whole layer for `dense` and `gpu`, the two parts around
+    the CPU hand-off for the host placements; a flow whose indexer has no fused kernel runs eagerly.
     """
 
     def __init__(self, cfg: HybridConfig, num_layers: int, num_q_heads: int, num_kv_heads: int,
@@ -148,10 +151,12 @@ class HybridAttention:
         self._serial = 0
         self._graphs = None
         if cuda_graphs and self.device.type == "cuda" and (
-                self.placement == "dense" or (self.placement == "gpu"
-                                              and self.store.bound.indexer_kernel is not None
-                                              and self.store.device.type == "cuda")):
+                self.store is None or self.store.device.type == "cuda"):
             self._graphs = LayerGraphs(self)
+        self._pinned = HostBuffers(pin=self.device.type == "cuda")
+        """Eager steps' staging buffers for the CPU hand-off (graph sets have their own)."""
+        self._handoff = torch.cuda.Event() if self.device.type == "cuda" else None
+        """Recorded after a split layer's front part: the CPU worker waits on it."""
         self._offloaded: dict[int, int] = {}      # request -> full pages known to be on the host
         self._last: dict = {}
         self._totals: dict = {}
@@ -287,7 +292,9 @@ class HybridAttention:
         step.next_layer += 1
         step.counters["step_host_s"] += time.perf_counter() - t0
         if step.next_layer == self.num_layers:
-            c = {k: (int(v) if isinstance(v, torch.Tensor) else v) for k, v in step.counters.items()}
+            c = dict(step.counters)
+            for name, v in zip(COUNTS, step.counts.tolist()):
+                c[name] += v
             c["bytes_h2d"] = c["fetched_pages"] * self._head_bytes * self.num_kv_heads
             c["bytes_cpu"] = c["cpu_pages"] * self._head_bytes
             step.counters = c
@@ -327,23 +334,32 @@ class HybridAttention:
         return sel
 
     def _run_layer(self, step: StepPlan, layer: int, q, k_new, v_new, sel=None) -> torch.Tensor:
-        if self._graphs is not None and sel is None:
-            graphs = self._graphs.bind(step)
-            if graphs is not None:
-                with (self.trace or NO_TRACE).gpu(layer, "graph replay"):
-                    o = graphs.run(layer, q, k_new, v_new)
-                self._summarize_filled(step, layer)
-                step.counters["gpu_pages"] += step.resident_pages
-                return o
-        self._append(step, layer, k_new, v_new)
+        graphs = self._graphs.bind(step, sel) if self._graphs is not None else None
         if self.placement in ("dense", "gpu") and sel is None:
-            with (self.trace or NO_TRACE).gpu(layer, "select + attend"):
-                o = self.attend_resident(step, layer, q)
+            o = None
+            if graphs is not None:
+                try:
+                    with (self.trace or NO_TRACE).gpu(layer, "graph replay"):
+                        o, = graphs.run(layer, "layer", self._resident_part(layer),
+                                        q=q, k_new=k_new, v_new=v_new)
+                    o = o.clone()
+                except CaptureFailed:
+                    o = None
+            if o is None:
+                self._append(step, layer, k_new, v_new)
+                with (self.trace or NO_TRACE).gpu(layer, "select + attend"):
+                    o = self.attend_resident(step, layer, q)
             step.counters["gpu_pages"] += step.resident_pages
         else:
-            o = self._attend_split(step, layer, q, sel)
+            o = self._attend_split(step, layer, q, k_new, v_new, sel, graphs)
         self._summarize_filled(step, layer)
         return o
+
+    def _resident_part(self, layer: int):
+        def body(step: StepPlan, inp: dict) -> tuple:
+            self._append(step, layer, inp["k_new"], inp["v_new"])
+            return (self.attend_resident(step, layer, inp["q"]),)
+        return body
 
     def _append(self, step: StepPlan, layer: int, k_new, v_new) -> None:
         """Write the batch's new token of this layer (one index_put for K, one for V)."""
@@ -370,45 +386,110 @@ class HybridAttention:
         o, _ = self._gpu.attend(q, k_pool, v_pool, step.dev_table, step.lens, sel)
         return o.to(q.dtype)
 
-    def _attend_split(self, step: StepPlan, layer: int, q, sel=None) -> torch.Tensor:
-        """Host placements (or a given selection): partition, fetch, attend on both, merge."""
+    def _attend_split(self, step: StepPlan, layer: int, q, k_new, v_new, sel=None,
+                      graphs=None) -> torch.Tensor:
+        """Host placements (or a given selection), in two GPU parts around the CPU hand-off:
+        front (append, select, partition, cache, the host's part copied to pinned buffers) and back
+        (fetch, attend what the GPU holds); the CPU worker starts between them, as soon as the
+        front's copies land, and the merge follows both. Neither part synchronises, so each is
+        one CUDA graph replay when `graphs` is given (docs/runtime.md)."""
         c, tr = step.counters, self.trace or NO_TRACE
-        k_pool, v_pool = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
-        if sel is None:
-            with tr.gpu(layer, "select"):
-                sel = self._select(step, layer, q)
-        chosen = sel >= 0
-        flat = sel.clamp_min(0).flatten(1).to(torch.int64)                # [B, Hkv * K]
-        table, fetch = step.dev_table, None
-        if self._cache is not None:
-            with tr.host(layer, "partition + cache"):
-                table, fetch = self._cache_table(step, layer, sel, chosen, flat, table)
-        on_gpu = chosen & (torch.gather(table, 1, flat).view_as(sel) >= 0)
-        on_host = chosen & ~on_gpu
-        c["gpu_pages"] += on_gpu.sum()
+        host = self.placement != "gpu"
+        inputs = dict(q=q, k_new=k_new, v_new=v_new)
+        if sel is not None:
+            inputs["sel"] = sel
+        with tr.gpu(layer, "select + partition + cache"):
+            if graphs is not None:
+                try:
+                    front = graphs.run(layer, "front", self._front_part(layer, graphs.pinned),
+                                       self._cache_state(layer), **inputs)
+                except CaptureFailed:
+                    graphs = None
+            if graphs is None:
+                front = self._front(step, layer, q, k_new, v_new, sel, self._pinned)
+        gsel, table, src, dst, counts, q_host, sel_host = front
+        step.counts += counts
         future = None
-        if self.placement != "gpu":
-            with tr.host(layer, "host selection (sync)"):
-                cpu_sel = torch.where(on_host, sel, -1).cpu()              # the one sync
-                n_host = int((cpu_sel >= 0).sum())
-            if n_host:
-                c["cpu_pages"] += n_host
-                future = self._worker.submit(self._cpu_attend, q.cpu(), layer, step.host_table,
-                                             step.lens_cpu, cpu_sel)
-        if fetch is not None:           # after the CPU's part is out: the copy and the CPU overlap
-            with tr.gpu(layer, "fetch"):
-                self._copy_pages(layer, *fetch)
-        with tr.gpu(layer, "attend"):
-            o, lse = self._gpu.attend(q, k_pool, v_pool, table, step.lens,
-                                      torch.where(on_gpu, sel, -1))
+        if host:
+            ready = None
+            if self.device.type == "cuda":
+                ready = self._handoff
+                ready.record()
+            future = self._worker.submit(self._cpu_attend, layer, q_host, sel_host,
+                                         step.host_table, step.lens_cpu, ready)
+        with tr.gpu(layer, "fetch + attend"):
+            o = None
+            if graphs is not None:
+                try:
+                    o, lse = graphs.run(layer, "back", self._back_part(layer, front))
+                except CaptureFailed:
+                    graphs = None
+            if o is None:
+                o, lse = self._back(step, layer, q, gsel, table, src, dst)
         if future is not None:
             t0 = time.perf_counter()
             with tr.host(layer, "wait for the CPU"):
-                o_c, lse_c = future.result()
+                part = future.result()
             c["gpu_wait_s"] += time.perf_counter() - t0
-            with tr.gpu(layer, "merge"):
-                o, lse = self._gpu.merge(o, lse, o_c.to(self.device), lse_c.to(self.device))
-        return o.to(q.dtype)
+            if part is not None:
+                o_c, lse_c, n_host = part
+                c["cpu_pages"] += n_host
+                with tr.gpu(layer, "merge"):
+                    o, lse = self._gpu.merge(o, lse, o_c.to(self.device), lse_c.to(self.device))
+                return o.to(q.dtype)
+        return o.to(q.dtype) if graphs is None or o.dtype != q.dtype else o.clone()
+
+    def _front_part(self, layer: int, pinned):
+        def body(step: StepPlan, inp: dict) -> tuple:
+            return self._front(step, layer, inp["q"], inp["k_new"], inp["v_new"], inp.get("sel"),
+                               pinned)
+        return body
+
+    def _cache_state(self, layer: int) -> tuple:
+        """The tensors a front part changes (the page cache's layer), for graph capture."""
+        c = self._cache
+        return () if c is None else (c.slot_of[layer], c.owner[layer], c.stamp[layer])
+
+    def _back_part(self, layer: int, front: tuple):
+        def body(step: StepPlan, inp: dict) -> tuple:
+            return self._back(step, layer, inp["q"], *front[:4])
+        return body
+
+    def _front(self, step: StepPlan, layer: int, q, k_new, v_new, sel, pinned) -> tuple:
+        """Append, select, partition (GPU page cache, hybrid split), and copy the host's part of
+        the selection and q to pinned buffers for the CPU worker. No sync. Returns (the GPU's
+        selection, its page table, fetch sources, fetch destinations (-1: none), counts [5], q and
+        the selection on the host)."""
+        self._append(step, layer, k_new, v_new)
+        if sel is None:
+            sel = self._select(step, layer, q)
+        chosen = sel >= 0
+        flat = sel.clamp_min(0).flatten(1).to(torch.int64)                # [B, Hkv * K]
+        table, src, dst = step.dev_table, None, None
+        zero = torch.zeros((), dtype=torch.int64, device=self.device)
+        cache_counts = [zero] * 4                 # fetched, hits, misses, evictions
+        if self._cache is not None:
+            table, src, dst, cache_counts = self._cache_table(step, layer, sel, chosen, flat, table)
+        on_gpu = chosen & (torch.gather(table, 1, flat).view_as(sel) >= 0)
+        counts = torch.stack([on_gpu.sum(), *cache_counts])
+        q_host = sel_host = None
+        if self.placement != "gpu":
+            host_sel = torch.where(chosen & ~on_gpu, sel, -1)
+            if self.device.type == "cuda":
+                q_host = pinned.get("q", q.shape, q.dtype)
+                sel_host = pinned.get("sel", host_sel.shape, host_sel.dtype)
+                q_host.copy_(q, non_blocking=True)
+                sel_host.copy_(host_sel, non_blocking=True)
+            else:
+                q_host, sel_host = q, host_sel
+        return torch.where(on_gpu, sel, -1), table, src, dst, counts, q_host, sel_host
+
+    def _back(self, step: StepPlan, layer: int, q, gsel, table, src, dst) -> tuple:
+        """Fetch the pages the front chose into their slots, then attend what the GPU holds."""
+        if src is not None:
+            self._copy_pages(layer, src, dst)
+        k_pool, v_pool = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
+        return self._gpu.attend(q, k_pool, v_pool, table, step.lens, gsel)
 
     def _select(self, step: StepPlan, layer: int, q: torch.Tensor) -> torch.Tensor:
         """sel int32 [B, Hkv, width]: each row at its own budget (-1 padded to the widest)."""
@@ -426,13 +507,13 @@ class HybridAttention:
             sel[rows.to(self.device), :, :budget] = part
         return sel
 
-    def _cache_table(self, step: StepPlan, layer: int, sel, chosen, flat, dev_table
-                     ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+    def _cache_table(self, step: StepPlan, layer: int, sel, chosen, flat, dev_table) -> tuple:
         """This layer's table with the GPU page cache, and the copy to make: host pages that are
         cached map to their slots; misses chosen for fetching get slots, and (src host pages, dst
-        device pages) is returned for the caller to launch once the CPU's part is submitted (one
-        copy per page); the rest stays with the CPU. All on the device, one sync (the fetch count)."""
-        cache, c = self._cache, step.counters
+        device pages, -1 where unused) is returned for the back part to copy (one copy per page);
+        the rest stays with the CPU. All on the device, no sync; counts (fetched, hits, misses,
+        evictions) as device scalars."""
+        cache = self._cache
         B, W = dev_table.shape
         slots = cache.table(layer, step.cache_rows, W)
         host_sel = chosen & (torch.gather(dev_table, 1, flat).view_as(sel) < 0)   # host pages
@@ -442,18 +523,14 @@ class HybridAttention:
         to_fetch = wanted if self.placement == "offload" else \
             self._hybrid_fetch(heads, wanted & (slots < 0))
         plan = cache.step(layer, step.cache_rows, slots, wanted, to_fetch)
-        c["cache_hits"] += plan.hits
-        c["cache_misses"] += plan.misses
-        c["evictions"] += plan.evictions
-        fetch = None
-        if plan.slots.numel():
-            c["fetched_pages"] += plan.slots.numel()
-            fetch = (step.host_table_dev[plan.rows, plan.pages].to(torch.int64),
-                     self._slot_pages[plan.slots])
-            slots = slots.clone()
-            slots[plan.rows, plan.pages] = plan.slots.to(torch.int32)
+        ok = plan.slots >= 0
+        src = torch.where(ok, step.host_table_dev[plan.rows.clamp_min(0), plan.pages.clamp_min(0)]
+                          .to(torch.int64), -1)
+        dst = torch.where(ok, self._slot_pages[plan.slots.clamp_min(0)], -1)
+        slots = cache.table(layer, step.cache_rows, W)                    # with this step's fetches
         cached = torch.where(slots >= 0, self._slot_pages[slots.clamp_min(0).to(torch.int64)], -1)
-        return torch.where(dev_table >= 0, dev_table, cached.to(dev_table.dtype)), fetch
+        table = torch.where(dev_table >= 0, dev_table, cached.to(dev_table.dtype))
+        return table, src, dst, [plan.count, plan.hits, plan.misses, plan.evictions]
 
     def _hybrid_fetch(self, heads: torch.Tensor, misses: torch.Tensor) -> torch.Tensor:
         """Which misses to fetch. The CPU attends a missing page reading only the heads that
@@ -480,15 +557,25 @@ class HybridAttention:
         if self.device.type == "cuda":
             from ..gpu_kernels.gather_pages import launch_gather_pages
             launch_gather_pages(hk, hv, src, dk, dv, dst)
-        else:
+        else:                           # the torch stand-in (no CUDA): a sync is free here
+            keep = src >= 0
+            src, dst = src[keep], dst[keep]
             dk.index_copy_(0, dst, hk.index_select(0, src))
             dv.index_copy_(0, dst, hv.index_select(0, src))
 
-    def _cpu_attend(self, q, layer, host_table, lens, sel):
+    def _cpu_attend(self, layer, q, sel, host_table, lens, ready):
+        """On the worker: wait for the front's copies (`ready`, a CUDA event), then attend the
+        host part of the selection; (o, lse, page-heads attended), or None when there is none."""
         from .. import cpu_kernels
+        if ready is not None:
+            ready.synchronize()
+        n = int((sel >= 0).sum())
+        if n == 0:
+            return None
         with (self.trace or NO_TRACE).host(layer, "attend host pages", "cpu"):
-            return cpu_kernels.launch_sparse_decode_attention(
+            o, lse = cpu_kernels.launch_sparse_decode_attention(
                 q, self.kv.host_pool.k[layer], self.kv.host_pool.v[layer], host_table, lens, sel)
+        return o, lse, n
 
     def _gpu_backend(self):
         if self.device.type == "cuda":

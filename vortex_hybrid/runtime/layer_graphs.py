@@ -1,17 +1,26 @@
-"""CUDA graphs of the per-layer GPU work of the `dense` and `gpu` placements.
+"""CUDA graphs of the per-layer GPU work of every placement.
 
-An eager layer launches a dozen kernels (token write, page scores, top-k, attention, small torch
-ops), each costing more host time than the kernel at small batches (docs/hardware.md). Here each
-layer's work (`HybridAttention._append` + `attend_resident`) is captured once per batch shape into a
-`torch.cuda.CUDAGraph` over static buffers; a step then copies its inputs (q, k_new, v_new) into the
-buffers and replays: three copies and one replay per layer.
+An eager layer launches dozens of kernels (token write, page scores, top-k, cache step, attention,
+small torch ops), each costing more host time than the kernel at small batches (docs/hardware.md).
+Here each layer's GPU work is captured once per batch shape into `torch.cuda.CUDAGraph`s over
+static buffers; a step then copies its inputs (q, k_new, v_new, and a replayed selection) into the
+buffers and replays. `dense` and `gpu` capture a layer whole (one part, "layer"); the host
+placements capture the two parts around the CPU hand-off ("front": append, select, partition, GPU
+page cache, the host's share copied to pinned buffers; "back": fetch and attend), since the CPU
+worker must start between them. Neither part synchronises with the host, which is what lets them be
+captured: the page cache's state and fetch count stay on the device (`scheduler.gpu_page_cache`).
 
-A shape is (batch size, page-table width rounded up to a power of two, the budget groups). `bind`
-copies the step's tables into the shape's buffers once per step (padding with -1, which the kernels
-never read past each request's pages) and returns the set of graphs; layers are captured on first
-use. Up to MAX_SHAPES shapes are kept (least recently used dropped). Pages filled by the step's token
-are summarised outside the graph (their number varies); the output is cloned out of the static
-buffer so it stays valid after the next replay.
+A shape is (batch size, page-table width rounded up to a power of two, the budget groups, the
+replayed selection's width, the page cache's generation). `bind` copies the step's tables into the
+shape's buffers once per step (padding with -1, which the kernels never read past each request's
+pages) and returns the set of graphs; parts are captured on first use. Capturing runs a part twice
+eagerly (kernels compiled, allocator warm), restoring the state the part changes (the page cache's
+layer) after each run, then captures it and replays it once: the part's effects happen once and its
+outputs are always the graph's static ones. Up to MAX_SHAPES shapes are kept (least recently used
+dropped). Pages filled by the step's token are summarised outside the graphs (their number varies).
+A failed capture leaves the state as before and raises `CaptureFailed`; the runtime then runs that
+layer eagerly and tries again on the next step, up to MAX_FAILURES times per part and shape (a
+capture costs a garbage collection), then runs the part eagerly for good.
 """
 
 from __future__ import annotations
@@ -20,9 +29,11 @@ import dataclasses
 import gc
 import logging
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
+
+from .cpu_worker import HostBuffers
 
 if TYPE_CHECKING:
     from .hybrid_attention import HybridAttention
@@ -31,91 +42,111 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_SHAPES = 4
+MAX_FAILURES = 2
+Body = Callable[["StepPlan", dict], tuple]
 
 
-def _padded(t: torch.Tensor, width: int) -> torch.Tensor:
+class CaptureFailed(RuntimeError):
+    """A part could not be captured; nothing it changes was changed."""
+
+
+def _padded(t: Optional[torch.Tensor], width: int) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
     out = torch.full((t.shape[0], width), -1, dtype=t.dtype, device=t.device)
     out[:, :t.shape[1]] = t
     return out
 
 
+def _load_padded(dst: Optional[torch.Tensor], src: Optional[torch.Tensor]) -> None:
+    if dst is not None:
+        dst[:, :src.shape[1]].copy_(src)
+        dst[:, src.shape[1]:].fill_(-1)
+
+
 class _GraphSet:
-    """Static buffers and per-layer graphs for one batch shape."""
+    """Static buffers and per-(layer, part) graphs for one batch shape."""
 
     def __init__(self, attn: "HybridAttention", step: "StepPlan", width: int) -> None:
         self.attn = attn
-        dev_table = _padded(step.dev_table, width)
-        s_table = None if step.s_table is None else _padded(step.s_table, width)
+        clone = (lambda t: None if t is None else t.clone())
         self.step = dataclasses.replace(
-            step, dev_table=dev_table, s_table=s_table, lens=step.lens.clone(),
-            s_lens=None if step.s_lens is None else step.s_lens.clone(),
-            write_pages=step.write_pages.clone(), write_offs=step.write_offs.clone(),
+            step, dev_table=_padded(step.dev_table, width), s_table=_padded(step.s_table, width),
+            host_table_dev=_padded(step.host_table_dev, width), lens=step.lens.clone(),
+            s_lens=clone(step.s_lens), write_pages=step.write_pages.clone(),
+            write_offs=step.write_offs.clone(), cache_rows=clone(step.cache_rows),
             groups={k: v.clone() for k, v in step.groups.items()})
-        self.inputs: Optional[tuple[torch.Tensor, ...]] = None
-        self.graphs: list[Optional[torch.cuda.CUDAGraph]] = [None] * attn.num_layers
-        self.outputs: list[Optional[torch.Tensor]] = [None] * attn.num_layers
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, str], tuple] = {}
+        self.pinned = HostBuffers(pin=True)
         self.pool = torch.cuda.graph_pool_handle()
-        self.failures = 0
+        self.failures: dict[tuple[int, str], int] = {}
 
     def load(self, step: "StepPlan") -> None:
         """Copy a new step's tables into the static buffers (same shape)."""
         s = self.step
-        s.dev_table[:, :step.dev_table.shape[1]].copy_(step.dev_table)
-        s.dev_table[:, step.dev_table.shape[1]:].fill_(-1)
-        if s.s_table is not None:
-            s.s_table[:, :step.s_table.shape[1]].copy_(step.s_table)
-            s.s_table[:, step.s_table.shape[1]:].fill_(-1)
-            s.s_lens.copy_(step.s_lens)
-        s.lens.copy_(step.lens)
-        s.write_pages.copy_(step.write_pages)
-        s.write_offs.copy_(step.write_offs)
+        for name in ("dev_table", "s_table", "host_table_dev"):
+            _load_padded(getattr(s, name), getattr(step, name))
+        for name in ("lens", "s_lens", "write_pages", "write_offs", "cache_rows"):
+            if getattr(s, name) is not None:
+                getattr(s, name).copy_(getattr(step, name))
 
-    def _body(self, layer: int) -> torch.Tensor:
-        q, k_new, v_new = self.inputs
-        self.attn._append(self.step, layer, k_new, v_new)
-        return self.attn.attend_resident(self.step, layer, q)
-
-    def run(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
-            ) -> torch.Tensor:
-        if self.inputs is None or self.inputs[0].dtype != q.dtype or \
-                self.inputs[1].dtype != k_new.dtype:
-            self.inputs = (torch.empty_like(q), torch.empty_like(k_new), torch.empty_like(v_new))
-            self.graphs = [None] * self.attn.num_layers
-        for buf, t in zip(self.inputs, (q, k_new, v_new)):
-            buf.copy_(t)
-        graph = self.graphs[layer]
+    def run(self, layer: int, part: str, body: Body, state: Sequence[torch.Tensor] = (),
+            **tensors: torch.Tensor) -> tuple:
+        """Copy `tensors` into the static inputs, replay (layer, part) or capture it first; returns
+        its static outputs (valid until its next replay). `state`: tensors the part changes, kept
+        as they were by the capture's warm-up runs."""
+        for name, t in tensors.items():
+            buf = self.inputs.get(name)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                self.inputs[name] = torch.empty_like(t)
+                self.graphs.clear()                  # captured over the old buffers
+                self.outputs.clear()
+            self.inputs[name].copy_(t)
+        key = (layer, part)
+        graph = self.graphs.get(key)
+        if graph is None and self.failures.get(key, 0) >= MAX_FAILURES:
+            raise CaptureFailed(f"layer {layer} ({part}) runs eagerly after "
+                                f"{MAX_FAILURES} failed captures")
         if graph is None:
-            return self._capture(layer)
-        graph.replay()
-        return self.outputs[layer].clone()
+            self._capture(key, body, state)
+        else:
+            graph.replay()
+        return self.outputs[key]
 
-    def _capture(self, layer: int) -> torch.Tensor:
-        """Run the layer eagerly on a side stream (twice: every kernel compiled and loaded, the
-        allocator warm; the result is this step's output), then capture it there. The capture
-        records without running; the K/V write it records is idempotent. Errors of other threads'
-        CUDA calls (the CPU worker) do not break the capture (thread_local mode)."""
+    def _capture(self, key: tuple[int, str], body: Body, state: Sequence[torch.Tensor]) -> None:
+        """Warm up on a side stream (twice, restoring `state` after each run), capture there,
+        then replay once. Errors of other threads' CUDA calls (the CPU worker) do not break the
+        capture (thread_local mode)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
+            saved = [t.clone() for t in state]
             for _ in range(2):
-                out = self._body(layer)
+                body(self.step, self.inputs)
+                for t, old in zip(state, saved):
+                    t.copy_(old)
             gc.collect()                    # freeing another runtime's CUDA memory or graphs
             gc.disable()                    # while capturing would invalidate the capture
             try:
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream,
                                       capture_error_mode="thread_local"):
-                    self.outputs[layer] = self._body(layer)
-            except RuntimeError as exc:     # the eager result stands; try again next step
-                log.warning("CUDA graph capture of layer %d failed, running it eagerly: %s",
-                            layer, exc)
-                graph = None
-                self.failures += 1
+                    out = body(self.step, self.inputs)
+            except RuntimeError as exc:
+                self.failures[key] = self.failures.get(key, 0) + 1
+                for k in [k for k in self.graphs if k[0] == key[0]]:
+                    del self.graphs[k]      # the layer's other part read this one's outputs
+                log.warning("CUDA graph capture of layer %d (%s) failed, running it eagerly: %s",
+                            key[0], key[1], exc)
+                raise CaptureFailed(str(exc)) from exc
             finally:
                 gc.enable()
+            graph.replay()
         torch.cuda.current_stream().wait_stream(stream)
-        self.graphs[layer] = graph
-        return out
+        self.graphs[key] = graph
+        self.outputs[key] = out
 
 
 class LayerGraphs:
@@ -124,22 +155,32 @@ class LayerGraphs:
     def __init__(self, attn: "HybridAttention") -> None:
         self.attn = attn
         self._sets: "OrderedDict[tuple, _GraphSet]" = OrderedDict()
-        self._bound: Optional[tuple[int, _GraphSet]] = None   # (serial of the step, its set)
+        self._bound: Optional[tuple[tuple, _GraphSet]] = None   # ((serial, sel width), its set)
 
-    def bind(self, step: "StepPlan") -> _GraphSet:
-        """The graph set for this step's shape, holding this step's tables."""
-        if self._bound is not None and self._bound[0] == step.serial:
+    def bind(self, step: "StepPlan", sel: Optional[torch.Tensor] = None) -> Optional[_GraphSet]:
+        """The graph set for this step's shape, holding this step's tables; None when the layer
+        cannot be captured (a flow selecting without a fused kernel)."""
+        attn = self.attn
+        if sel is None and attn.placement != "dense" and attn.store.bound.indexer_kernel is None:
+            return None
+        sel_width = None if sel is None else sel.shape[-1]
+        if self._bound is not None and self._bound[0] == (step.serial, sel_width):
             return self._bound[1]
         width = max(16, 1 << max(step.dev_table.shape[1] - 1, 0).bit_length())
+        generation = 0
+        if attn._cache is not None:
+            attn._cache.reserve(width)
+            generation = attn._cache.generation
         key = (len(step.rids), width, tuple((b, tuple(r.tolist()))
-                                            for b, r in sorted(step.groups.items())))
+                                            for b, r in sorted(step.groups.items())),
+               sel_width, generation)
         graphs = self._sets.get(key)
         if graphs is None:
-            graphs = self._sets[key] = _GraphSet(self.attn, step, width)
+            graphs = self._sets[key] = _GraphSet(attn, step, width)
             while len(self._sets) > MAX_SHAPES:
                 self._sets.popitem(last=False)
         else:
             self._sets.move_to_end(key)
             graphs.load(step)
-        self._bound = (step.serial, graphs)
+        self._bound = ((step.serial, sel_width), graphs)
         return graphs

@@ -42,7 +42,8 @@ class StepPlan:
     serial: int = 0                    # counts plans
     next_layer: int = 0
     failed: bool = False
-    counters: dict = field(default_factory=dict)
+    counters: dict = field(default_factory=dict)   # host-side counts and times
+    counts: Optional[torch.Tensor] = None           # device-side counts (HybridAttention.COUNTS)
 
 
 def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial: int) -> StepPlan:
@@ -81,9 +82,9 @@ def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial:
         {k: torch.as_tensor(v, dtype=torch.int64, device=sdev) for k, v in groups.items()},
         width, write_pages.to(dev), (positions % P).to(dev),
         write_pages[filled].to(dev), filled_rows.to(sdev), host_table.to(dev), cache_rows)
-    zero = torch.zeros((), dtype=torch.int64, device=dev)
-    step.counters = {k: zero.clone() for k in (
-        "gpu_pages", "cpu_pages", "fetched_pages", "cache_hits", "cache_misses", "evictions")}
+    step.counts = torch.zeros(5, dtype=torch.int64, device=dev)     # COUNTS, on the device
+    step.counters = dict.fromkeys(("gpu_pages", "cpu_pages", "fetched_pages", "cache_hits",
+                                   "cache_misses", "evictions"), 0)
     step.counters.update(gpu_wait_s=0.0, step_host_s=0.0)
     step.serial = serial
     n_pages = [-(-n // P) for n in new]                     # pages dense / gpu attend, exactly
