@@ -27,6 +27,7 @@ from vortex_hybrid import HybridConfig
     (dict(kv_dtype="int8"), "kv_dtype='int8' is invalid: one of"),
     (dict(summary_dtype="float16"), "summary_dtype='float16' is invalid: one of \\[.float32., .bfloat16.\\]"),
     (dict(summary_location="gpu"), "summary_location='gpu' is invalid: one of"),
+    (dict(step_shape="neo"), "step_shape='neo' is invalid: one of"),
     (dict(cpu_threads=0), "cpu_threads=0 is invalid: a positive integer, or None"),
     (dict(flow=""), "flow='' is invalid"),
 ])

@@ -15,12 +15,12 @@ L, HQ, HKV, D, P = 2, 4, 2, 8, 4
 PLACEMENTS = ["dense", "gpu", "cpu", "offload", "hybrid"]
 
 
-def make(placement: str, slots: int = 4, **kw) -> HybridAttention:
+def make(placement: str, slots: int = 4, costs=None, **kw) -> HybridAttention:
     cfg = HybridConfig(page_size=P, flow=kw.pop("flow", "quest"), budget_pages=kw.pop("budget", 4),
                        budget_ratio=None, sink_pages=1, recent_pages=2, placement=placement,
                        gpu_cache_pages=slots if placement in ("offload", "hybrid") else 256,
                        kv_dtype="float32", **kw)
-    return HybridAttention(cfg, L, HQ, HKV, D, device_pages=64 + slots, host_pages=256)
+    return HybridAttention(cfg, L, HQ, HKV, D, device_pages=64 + slots, host_pages=256, costs=costs)
 
 
 class Shadow:
@@ -82,13 +82,14 @@ def reference_output(cfg: HybridConfig, q: torch.Tensor, k: torch.Tensor, v: tor
     return o[0].float()
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("placement", PLACEMENTS + ["hybrid/split", "hybrid/subbatch"])
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 2**16), slots=st.integers(1, 6),
        ops=st.lists(st.tuples(st.sampled_from(["add", "step", "step", "remove"]),
                               st.integers(0, 3 * P + 2)), min_size=3, max_size=10))
 def test_every_placement_returns_the_reference_over_the_same_selection(placement, seed, slots, ops):
-    attn = make(placement, slots)
+    placement, _, shape = placement.partition("/")          # hybrid alone: "auto", both shapes
+    attn = make(placement, slots, **({"step_shape": shape} if shape else {}))
     shadow = Shadow(attn, seed)
     live: list[int] = []
     for op, n in ops:
@@ -290,6 +291,39 @@ def test_cuda_graph_steps_equal_eager_steps(placement, replay):
             k: graphed.stats()["last_step"][k] for k in ("gpu_wait_s", "step_host_s")}}, step
     assert len(graphed._graphs._sets) == 2
     assert graphed._graphs._sets[next(reversed(graphed._graphs._sets))].graphs    # captured
+
+
+def test_subbatch_gives_the_cpu_whole_requests_and_auto_tries_both_shapes():
+    """"subbatch": the CPU's requests fetch nothing, the others fetch every miss (cache room
+    permitting); "auto" measures both shapes in a situation before it picks one."""
+    from vortex_hybrid.scheduler.cost_model import DEFAULTS
+    attn = make("hybrid", slots=64, step_shape="subbatch", budget=6, costs=DEFAULTS)
+    shadow = Shadow(attn, 11)
+    rids = [shadow.add(60) for _ in range(4)]
+    n_cpu = round(attn._cpu_share * 4)
+    assert 0 < n_cpu < 4, attn._cpu_share
+    assert shadow.step(rids) < 1e-5
+    cache = attn._cache
+    for layer in range(L):                  # only the GPU's sub-batch has pages in the cache
+        assert [cache.pages_of(r, layer).numel() > 0 for r in rids] == \
+            [False] * n_cpu + [True] * (4 - n_cpu)
+    last = attn.stats()["last_step"]
+    assert last["step_shape"] == "subbatch" and last["cpu_pages"] > 0 and last["fetched_pages"] > 0
+    attn.close()
+    auto = make("hybrid", slots=64, budget=6)
+    shadow = Shadow(auto, 12)
+    rids = [shadow.add(60) for _ in range(3)]
+    shapes = []
+    for _ in range(6):
+        assert shadow.step(rids) < 1e-5
+        shapes.append(auto.stats()["last_step"]["step_shape"])
+    assert shapes[:4] == ["split", "subbatch", "split", "subbatch"], shapes   # explored in turn
+    totals = auto.stats()["totals"]
+    assert totals["steps_split"] + totals["steps_subbatch"] == 6
+    summary = auto._shapes.summary()[("hybrid", 4)]
+    best = min(summary, key=lambda s: summary[s]["ema"])
+    assert shapes[4:] == [best, best] or summary[shapes[4]]["n"] >= 2, (shapes, summary)
+    auto.close()
 
 
 def test_a_trace_records_each_layer_on_each_lane():

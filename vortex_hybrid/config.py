@@ -27,6 +27,11 @@ PLACEMENTS = ("hybrid", "gpu", "cpu", "offload", "dense")
 in HBM, sparse; `offload` full pages in host memory, selected ones fetched into the GPU page cache;
 `cpu` host pages attended by the CPU where they are; `hybrid` the scheduler splits host pages
 between CPU attention and fetches and uses what the GPU cache holds."""
+STEP_SHAPES = ("auto", "split", "subbatch")
+"""How a host placement's layer shares host pages (docs/runtime.md): `split` page by page (`hybrid`:
+the cost model's greedy split; `offload`: every miss fetched), `subbatch` request by request (one
+sub-batch's host pages attended by the CPU while the other's are fetched and attended on the GPU),
+`auto` the one measured faster in the situation (`scheduler.step_shape.ShapeChooser`). `hybrid` only."""
 SUMMARY_LOCATIONS = ("auto", "device", "host")
 
 KV_DTYPES = ("bfloat16", "float16", "float32")
@@ -97,6 +102,8 @@ class HybridConfig:
     """Last pages always attended, the partly filled tail page among them; >= 1."""
     placement: str = "hybrid"
     """One of PLACEMENTS."""
+    step_shape: str = "auto"
+    """One of STEP_SHAPES (the `hybrid` placement's choice; other placements have one shape)."""
     gpu_cache_pages: int = 4096
     """Slots of the GPU page cache (pages kept in HBM), >= 0."""
     host_memory_gib: Optional[float] = None
@@ -154,6 +161,8 @@ class HybridConfig:
             _fail("kv_dtype", self.kv_dtype, f"one of {list(KV_DTYPES)}")
         if self.summary_dtype not in SUMMARY_DTYPES:
             _fail("summary_dtype", self.summary_dtype, f"one of {list(SUMMARY_DTYPES)}")
+        if self.step_shape not in STEP_SHAPES:
+            _fail("step_shape", self.step_shape, f"one of {list(STEP_SHAPES)}")
         if self.summary_location not in SUMMARY_LOCATIONS:
             _fail("summary_location", self.summary_location, f"one of {list(SUMMARY_LOCATIONS)}")
         if self.cpu_threads is not None and (not _is_int(self.cpu_threads) or self.cpu_threads < 1):

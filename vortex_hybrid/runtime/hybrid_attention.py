@@ -43,6 +43,7 @@ from ..kv.page_pool import GIB, pool_bytes
 from ..kv.paged_kv_cache import PagedKVCache
 from ..scheduler import cost_model
 from ..scheduler.gpu_page_cache import GpuPageCache
+from ..scheduler.step_shape import ShapeChooser
 from ..vflow.registry import load_flow
 from ..vflow.summary_store import SummaryStore
 from .cpu_worker import CpuWorker, HostBuffers
@@ -157,6 +158,11 @@ class HybridAttention:
         """Eager steps' staging buffers for the CPU hand-off (graph sets have their own)."""
         self._handoff = torch.cuda.Event() if self.device.type == "cuda" else None
         """Recorded after a split layer's front part: the CPU worker waits on it."""
+        self._shapes = None
+        """`hybrid` with step_shape "auto": picks split or subbatch per situation, measured."""
+        if self.placement == "hybrid" and cfg.step_shape == "auto":
+            self._shapes = ShapeChooser()
+        self._cpu_share = self._cpu_row_share()
         self._offloaded: dict[int, int] = {}      # request -> full pages known to be on the host
         self._last: dict = {}
         self._totals: dict = {}
@@ -252,7 +258,28 @@ class HybridAttention:
                 self.kv.truncate(rid, n)
             raise
         self._serial += 1
-        self._step = build_plan(self, rids, old, self._serial)
+        shape, key = self._step_shape(len(rids))
+        self._step = build_plan(self, rids, old, self._serial, shape, key,
+                                round(self._cpu_share * len(rids)))
+
+    def _step_shape(self, batch: int) -> tuple[str, tuple]:
+        """This step's shape and its situation key (placement, batch size rounded up to a power
+        of two). Only `hybrid` has a choice; the others run "split"."""
+        key = (self.placement, 1 << max(batch - 1, 0).bit_length())
+        if self.placement != "hybrid":
+            return "split", key
+        if self._shapes is None:
+            return self.cfg.step_shape, key
+        return self._shapes.choose(key), key
+
+    def _cpu_row_share(self) -> float:
+        """Share of a `subbatch` step's requests given to the CPU: per request, the CPU reads the
+        page-heads selected (concurrent CPU bandwidth) where a fetch copies every KV head of each
+        page (concurrent PCIe bandwidth); the shares that make both finish together when heads
+        select different pages and nothing is cached (the GPU cache only shortens the fetches)."""
+        cpu = 1 / self._costs.cpu_attn_bw_concurrent
+        fetch = self.num_kv_heads / self._costs.h2d_bw_concurrent
+        return fetch / (cpu + fetch)
 
     def _rollback_failed(self) -> None:
         """A step that failed mid-way leaves the new token written in some layers only: drop it."""
@@ -283,6 +310,8 @@ class HybridAttention:
         if sel is not None:
             sel = self._check_sel(step, sel, check_sel)
         t0 = time.perf_counter()
+        if layer == 0:
+            step.t_start = t0
         try:
             with (self.trace or NO_TRACE).host(layer, "run()"):
                 o = self._run_layer(step, layer, q, k_new, v_new, sel)
@@ -297,11 +326,16 @@ class HybridAttention:
                 c[name] += v
             c["bytes_h2d"] = c["fetched_pages"] * self._head_bytes * self.num_kv_heads
             c["bytes_cpu"] = c["cpu_pages"] * self._head_bytes
+            c["steps_" + step.shape] = 1
+            if self._shapes is not None:
+                self._shapes.record(step.shape_key, step.shape,
+                                    (time.perf_counter() - step.t_start) / self.num_layers)
             step.counters = c
             self._last = dict(c)
             for k, v in step.counters.items():
                 self._totals[k] = self._totals.get(k, 0) + v
             self._totals["steps"] = self._totals.get("steps", 0) + 1
+            self._last["step_shape"] = step.shape
         return o
 
     def _check_inputs(self, B: int, q, k_new, v_new) -> None:
@@ -520,8 +554,12 @@ class HybridAttention:
         heads = torch.zeros(B, W, dtype=torch.int32, device=self.device)
         heads.scatter_add_(1, flat, host_sel.flatten(1).to(torch.int32))      # heads per page
         wanted = heads > 0
-        to_fetch = wanted if self.placement == "offload" else \
-            self._hybrid_fetch(heads, wanted & (slots < 0))
+        if self.placement == "offload":
+            to_fetch = wanted
+        elif step.shape == "subbatch":          # the CPU's sub-batch fetches nothing
+            to_fetch = wanted & (slots < 0) & ~step.cpu_rows[:, None]
+        else:
+            to_fetch = self._hybrid_fetch(heads, wanted & (slots < 0))
         plan = cache.step(layer, step.cache_rows, slots, wanted, to_fetch)
         ok = plan.slots >= 0
         src = torch.where(ok, step.host_table_dev[plan.rows.clamp_min(0), plan.pages.clamp_min(0)]

@@ -11,7 +11,7 @@ worker must start between them. Neither part synchronises with the host, which i
 captured: the page cache's state and fetch count stay on the device (`scheduler.gpu_page_cache`).
 
 A shape is (batch size, page-table width rounded up to a power of two, the budget groups, the
-replayed selection's width, the page cache's generation). `bind` copies the step's tables into the
+replayed selection's width, the page cache's generation, the step shape). `bind` copies the step's tables into the
 shape's buffers once per step (padding with -1, which the kernels never read past each request's
 pages) and returns the set of graphs; parts are captured on first use. Capturing runs a part twice
 eagerly (kernels compiled, allocator warm), restoring the state the part changes (the page cache's
@@ -75,6 +75,7 @@ class _GraphSet:
             host_table_dev=_padded(step.host_table_dev, width), lens=step.lens.clone(),
             s_lens=clone(step.s_lens), write_pages=step.write_pages.clone(),
             write_offs=step.write_offs.clone(), cache_rows=clone(step.cache_rows),
+            cpu_rows=clone(step.cpu_rows),
             groups={k: v.clone() for k, v in step.groups.items()})
         self.inputs: dict[str, torch.Tensor] = {}
         self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
@@ -88,7 +89,7 @@ class _GraphSet:
         s = self.step
         for name in ("dev_table", "s_table", "host_table_dev"):
             _load_padded(getattr(s, name), getattr(step, name))
-        for name in ("lens", "s_lens", "write_pages", "write_offs", "cache_rows"):
+        for name in ("lens", "s_lens", "write_pages", "write_offs", "cache_rows", "cpu_rows"):
             if getattr(s, name) is not None:
                 getattr(s, name).copy_(getattr(step, name))
 
@@ -173,7 +174,7 @@ class LayerGraphs:
             generation = attn._cache.generation
         key = (len(step.rids), width, tuple((b, tuple(r.tolist()))
                                             for b, r in sorted(step.groups.items())),
-               sel_width, generation)
+               sel_width, generation, step.shape)
         graphs = self._sets.get(key)
         if graphs is None:
             graphs = self._sets[key] = _GraphSet(attn, step, width)

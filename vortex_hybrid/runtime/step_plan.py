@@ -44,11 +44,17 @@ class StepPlan:
     failed: bool = False
     counters: dict = field(default_factory=dict)   # host-side counts and times
     counts: Optional[torch.Tensor] = None           # device-side counts (HybridAttention.COUNTS)
+    shape: str = "split"                            # the step shape (config.STEP_SHAPES)
+    shape_key: tuple = ()                           # its situation key for the ShapeChooser
+    cpu_rows: Optional[torch.Tensor] = None         # bool [B] (device): "subbatch"'s CPU rows
+    t_start: float = 0.0                            # perf_counter at layer 0's run()
 
 
-def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial: int) -> StepPlan:
+def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial: int,
+               shape: str = "split", shape_key: tuple = (), cpu_requests: int = 0) -> StepPlan:
     """The plan of a step whose requests `rids` (lengths `old` before the step) have already had
-    their new token's slot reserved (`extend`) and their full pages offloaded."""
+    their new token's slot reserved (`extend`) and their full pages offloaded. shape: the step
+    shape; "subbatch" gives the first `cpu_requests` requests' host pages to the CPU."""
     P = attn.cfg.page_size
     new = [n + 1 for n in old]
     dev_table, lens = attn.kv.page_table(rids, "device")
@@ -87,6 +93,8 @@ def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial:
                                    "cache_misses", "evictions"), 0)
     step.counters.update(gpu_wait_s=0.0, step_host_s=0.0)
     step.serial = serial
+    step.shape, step.shape_key = shape, shape_key
+    step.cpu_rows = (torch.arange(len(rids)) < cpu_requests).to(dev)
     n_pages = [-(-n // P) for n in new]                     # pages dense / gpu attend, exactly
     step.resident_pages = attn.num_kv_heads * sum(
         n if attn.placement == "dense" else min(n, attn.cfg.budget_for(n)) for n in n_pages)
