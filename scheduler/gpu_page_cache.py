@@ -19,6 +19,13 @@ fetch count stays on the device and the copy kernel skips entries marked -1. Req
 dense (0..R-1), given out by `index_of`; R and W grow by doubling, which reallocates `slot_of` and
 bumps `generation` (graphs captured over the old tensor must be captured again).
 The host copy of every page stays authoritative: evicting drops a copy, never data.
+
+Per-request budgets (SPIN's locality-aware manager is the model): each request keeps a moving
+average of its selection reuse per layer (the share of the pages it wants this step that it also
+wanted the step before). Its quota of slots is proportional to reuse x pages wanted, over the batch;
+eviction takes free slots first, then the least recently used slots of requests holding more than
+their quota (requests outside the batch hold no quota), then the least recently used of the rest.
+So a request whose selection changes every step cannot flush the pages of one that reuses them.
 """
 
 from __future__ import annotations
@@ -48,11 +55,19 @@ class FetchPlan:
         return self.rows[:n], self.pages[:n], self.slots[:n]
 
 
+REUSE_ALPHA = 0.25
+"""Weight of the newest step in each request's moving average of selection reuse."""
+OVER_QUOTA = 1 << 40
+"""Stamp offset that ranks a request's slots beyond its quota before every in-quota slot (free slots
+rank before both)."""
+
+
 class GpuPageCache:
-    """Per-layer GPU page cache state (module docstring)."""
+    """Per-layer GPU page cache state (module docstring). quotas: size each request's share of the
+    slots from its measured reuse (module docstring); False for plain LRU."""
 
     def __init__(self, num_layers: int, num_slots: int, device: torch.device,
-                 max_requests: int = 8, max_pages: int = 64) -> None:
+                 max_requests: int = 8, max_pages: int = 64, quotas: bool = True) -> None:
         if num_slots < 0 or num_layers < 1:
             raise ValueError(f"num_slots={num_slots} must be >= 0 and num_layers={num_layers} >= 1")
         self.num_layers, self.num_slots, self.device = num_layers, num_slots, device
@@ -62,6 +77,11 @@ class GpuPageCache:
                                 device=device)
         # one spare column past the slots takes the stamps of masked-out entries (no compaction)
         self.stamp = torch.full((num_layers, num_slots + 1), -1, dtype=torch.int64, device=device)
+        self.quotas = quotas
+        # selection reuse: the last step each (request, page) was wanted, and each request's
+        # moving average of the share of its wanted pages that were wanted the step before
+        self.seen = torch.full_like(self.slot_of, -1)
+        self.reuse = torch.ones(num_layers, max_requests, dtype=torch.float32, device=device)
         self.now = 0
         self.now_t = torch.zeros((), dtype=torch.int64, device=device)   # `now` on the device
         self.generation = 0                      # bumped when slot_of is reallocated
@@ -93,6 +113,12 @@ class GpuPageCache:
         grown = torch.full((L, R2, W2 + 1), -1, dtype=torch.int32, device=self.device)
         grown[:, :R, :W] = self.slot_of[:, :, :W]
         self.slot_of = grown
+        seen = torch.full_like(grown, -1)
+        seen[:, :R, :W] = self.seen[:, :, :W]
+        self.seen = seen
+        reuse = torch.ones(L, R2, dtype=torch.float32, device=self.device)
+        reuse[:, :R] = self.reuse
+        self.reuse = reuse
         self.generation += 1
         self._free = list(range(R2 - 1, R - 1, -1)) + self._free
 
@@ -105,6 +131,8 @@ class GpuPageCache:
         self.owner[:, :self.num_slots][mine] = -1
         self.stamp[:, :self.num_slots][mine] = -1
         self.slot_of[:, r] = -1
+        self.seen[:, r] = -1
+        self.reuse[:, r] = 1.0
         self._free.append(r)
 
     def pages_of(self, rid: int, layer: int) -> torch.Tensor:
@@ -146,7 +174,8 @@ class GpuPageCache:
         valid = torch.arange(k, device=self.device) < n
         bp = torch.nonzero_static(want_new, size=k, fill_value=-1)     # the first k, row-major
         b, p = torch.where(valid[:, None], bp, -1).unbind(1)
-        _, victims = torch.topk(stamp[:S], k, largest=False)
+        rank = self._quota_rank(layer, rows, wanted) if self.quotas else stamp[:S]
+        _, victims = torch.topk(rank, k, largest=False)
         victims = torch.where(valid, victims, S)                        # masked: the spare slot
         old = self.owner[layer, victims].to(torch.int64)                # [k, 2]; spare: (-1, -1)
         taken = old[:, 0] >= 0
@@ -159,3 +188,30 @@ class GpuPageCache:
         self.owner[layer, victims] = torch.stack([req, torch.where(valid, p, -1)], 1).to(torch.int32)
         stamp.scatter_(0, victims, now.expand(victims.shape))           # spare absorbs masked
         return FetchPlan(b, p, torch.where(valid, victims, -1), hit.sum(), misses, taken.sum(), n)
+
+    def _quota_rank(self, layer: int, rows: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+        """Update the batch's reuse averages and rank the slots for eviction: free slots first,
+        then slots of requests holding more than their quota (a request outside the batch has
+        none), then the rest, each group by stamp (LRU). Quota of a batch request = slots x its
+        reuse x its wanted pages / the batch's sum; slots used this step rank last and are never
+        taken (the caller takes only slots older than this step)."""
+        S, now, W = self.num_slots, self.now_t, wanted.shape[1]
+        seen = self.seen[layer].index_select(0, rows)[:, :W]             # [B, W]
+        n_want = wanted.sum(1)
+        again = (wanted & (seen == now - 1)).sum(1)
+        rate = again.float() / n_want.clamp_min(1).float()
+        old = self.reuse[layer].index_select(0, rows)
+        new = torch.where(n_want > 0, REUSE_ALPHA * rate + (1 - REUSE_ALPHA) * old, old)
+        self.reuse[layer].index_copy_(0, rows, new)
+        self.seen[layer].index_copy_(0, rows, torch.cat(
+            [torch.where(wanted, now.to(torch.int32), seen), self.seen[layer, :, W:]
+             .index_select(0, rows)], 1))
+        weight = new * n_want.float()
+        quota = torch.zeros(self.reuse.shape[1], dtype=torch.float32, device=self.device)
+        quota.index_copy_(0, rows, S * weight / weight.sum().clamp_min(1e-9))
+        owner = self.owner[layer, :S, 0].to(torch.int64)
+        held = torch.zeros_like(quota).scatter_add_(0, owner.clamp_min(0), (owner >= 0).float())
+        stamp = self.stamp[layer, :S]
+        over = (owner >= 0) & (held[owner.clamp_min(0)] > quota[owner.clamp_min(0)]) & \
+            (stamp < now)
+        return torch.where(owner < 0, -2 * OVER_QUOTA, torch.where(over, stamp - OVER_QUOTA, stamp))
