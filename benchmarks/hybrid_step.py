@@ -12,6 +12,9 @@ Selections: a synthetic stream fed through `attn.run(..., sel=)` (attended exact
 draws the rest uniformly from pages it did not select, plus the first 1 (sink) and last 2 (recent)
 pages; K = budget pages, free = K - 3; heads independent. Reuse is measured from the tensors.
 
+`hybrid` is measured in each --step-shapes shape on the same instance (cells "hybrid/split",
+"hybrid/subbatch"); a row's hybrid time is the better one, which `step_shape="auto"` keeps.
+
 Per cell (placement x row), medians over --steps 32-layer steps after --warmup steps (up to 2x more
 until the GPU cache has filled): synchronised wall time; run() host time per layer; the time the GPU
 side waited for the CPU worker (`gpu_wait_s`, an upper bound on CPU-caused GPU idle) / step; cache
@@ -52,6 +55,7 @@ HQ, HKV, D, P, SINK, RECENT = 32, 8, 128, 16, 1, 2
 HEAD_PAGE_BYTES = 2 * P * D * 2            # K+V of one KV head of one page, bf16
 PAGE_BYTES = HKV * HEAD_PAGE_BYTES         # all heads: 64 KiB
 PLACEMENTS = ("hybrid", "cpu", "offload", "gpu", "dense")
+SHAPES = ("split", "subbatch")             # the hybrid placement's step shapes, each measured
 HOST = HOST_PLACEMENTS
 GIB = 1 << 30
 TARGET_SPEEDUP, TARGET_LB, TARGET_REUSE = 1.5, 1.3, 0.5
@@ -196,7 +200,8 @@ def run_step(attn, rids, qkv, sels, cycles, dev):
             attn.run(layer, *qkv, sel=None if sels is None else sels[c][layer], check_sel=False)
             host += time.perf_counter() - t1
         for k, v in attn.stats()["last_step"].items():
-            total[k] = total.get(k, 0) + v
+            if not isinstance(v, str):                  # step_shape is a name
+                total[k] = total.get(k, 0) + v
     sync(dev)
     return time.perf_counter() - t0, host, total
 
@@ -265,6 +270,10 @@ def make_rows(result, args):
         key = {"hybrid": (cf, b, r), "offload": (cf, b, r), "cpu": (None, b, r),
                "gpu": (None, b, r), "dense": (None, None, None)}
         got = {p: cells.get((s, p) + key[p]) for p in PLACEMENTS}
+        by_shape = {h: cells.get((s, f"hybrid/{h}") + key["hybrid"]) for h in SHAPES}
+        measured = [c for c in by_shape.values() if c]
+        if measured:                    # hybrid: the better shape (what step_shape="auto" keeps)
+            got["hybrid"] = min(measured, key=lambda c: c["ms"])
         ms = {p: got[p]["ms"] if got[p] else None for p in PLACEMENTS}
         vs_lb = {p: got[p]["vs_lb"] if got[p] else None for p in PLACEMENTS}
         best = min([ms[p] for p in ("cpu", "offload") if ms[p]], default=None)
@@ -273,6 +282,7 @@ def make_rows(result, args):
         rows.append(dict(
             shape=s, batch=shape["host_batch"] or shape["batch"], context=shape["context"],
             budget=b, cache_fraction=cf, reuse=r, ms=ms, vs_lb=vs_lb,
+            hybrid_shape_ms={h: c["ms"] if c else None for h, c in by_shape.items()},
             hybrid_vs_best_cpu_offload=speedup,
             gpu_vs_dense=ms["dense"] / ms["gpu"] if ms["dense"] and ms["gpu"] else None,
             target_speedup_met=(speedup >= TARGET_SPEEDUP) if judged and speedup else None,
@@ -300,7 +310,8 @@ def chart(result, path):
             ax.plot(*zip(*lb), "k_", markersize=14, label="hybrid lower bound")
         ax.set_xticks(range(len(rows)), [f"b{r['budget']:.0%} c{r['cache_fraction']:.0%} "
                                          f"r{r['reuse']:.0%}" for r in rows], rotation=60, fontsize=7)
-        ax.set_yscale("log")
+        if any(r["ms"][p] for r in rows for p in PLACEMENTS):
+            ax.set_yscale("log")
         ax.set_ylabel("ms per 32-layer step")
         ax.set_title(f"B={shapes[s]['batch']} x {shapes[s]['context']} tokens ({result['device']})")
         ax.legend(fontsize=7)
@@ -337,12 +348,13 @@ def print_tables(result):
           "bound (ok / MISS; - = not judged or not measured). Then ms per 32-layer step.")
     flag = lambda met: "" if met is None else (" ok" if met else " MISS")  # noqa: E731
     table(["B x context", "budget", "cache", "reuse", "hyb vs best(cpu,off)", "hyb/LB", "off/LB",
-           "cpu/LB", "gpu/LB", "dense/gpu", *PLACEMENTS, "missing"],
+           "cpu/LB", "gpu/LB", "dense/gpu", *PLACEMENTS, *(f"hyb {h}" for h in SHAPES), "missing"],
           [[f"{r['batch']}x{r['context']}", f"{r['budget']:.0%}", f"{r['cache_fraction']:.0%}",
             f"{r['reuse']:.0%}", fmt(r["hybrid_vs_best_cpu_offload"], ".2f", "x") +
             flag(r["target_speedup_met"]), fmt(r["vs_lb"]["hybrid"]) + flag(r["target_lb_met"]),
             *(fmt(r["vs_lb"][p]) for p in ("offload", "cpu", "gpu")),
             fmt(r["gpu_vs_dense"], ".2f", "x"), *(fmt(r["ms"][p]) for p in PLACEMENTS),
+            *(fmt(r["hybrid_shape_ms"][h]) for h in SHAPES),
             ",".join(r["missing"]) or "-"] for r in result["rows"]])
 
 
@@ -355,19 +367,23 @@ def run_instance(placement, cf, s, shape, todo, name, est, args, costs, dev, res
         est["build"] = time.perf_counter() - t0
         print(f"  built in {est['build']:.1f} s ({len(rids)} requests, {attn.num_layers} layers, "
               f"{slots} cache slots per layer)", flush=True)
-        for b, r in todo:
+        shapes = args.step_shapes.split(",") if placement == "hybrid" else [None]
+        for (b, r), step_shape in itertools.product(todo, shapes):
             elapsed = time.perf_counter() - t_start
+            label = placement if step_shape is None else f"{placement}/{step_shape}"
             if elapsed + est["cell"] > args.time_limit:
-                result["skipped"].append(f"{name} budget {fmt(b, '.0%')} reuse {fmt(r, '.0%')}: "
-                                         f"time limit ({elapsed:.0f} s elapsed)")
+                result["skipped"].append(f"{name} {label} budget {fmt(b, '.0%')} reuse "
+                                         f"{fmt(r, '.0%')}: time limit ({elapsed:.0f} s elapsed)")
                 continue
+            if step_shape is not None:
+                attn.step_shape = step_shape
             t0 = time.perf_counter()
             cell = measure_cell(attn, rids, qkv, slots, b, r, shape, args, costs, dev)
             est["cell"] = time.perf_counter() - t0
-            result["cells"].append(dict(cell, shape=s, placement=placement, cache_fraction=cf,
+            result["cells"].append(dict(cell, shape=s, placement=label, cache_fraction=cf,
                                         budget=b, reuse=r))
             save()
-            print(f"[{time.perf_counter() - t_start:6.0f} s] {name} budget {fmt(b, '.0%')} reuse "
+            print(f"[{time.perf_counter() - t_start:6.0f} s] {name} {label} budget {fmt(b, '.0%')} reuse "
                   f"{fmt(r, '.0%')}: {cell['ms']:.2f} ms/step, {fmt(cell['vs_lb'])}x LB, host "
                   f"{cell['host_ms_per_layer']:.2f} ms/layer, hit {fmt(cell['hit_rate'])}, reuse "
                   f"measured {fmt(cell['measured_reuse'])} ({est['cell']:.1f} s)", flush=True)
@@ -385,6 +401,9 @@ def main():
     ap.add_argument("--cache-fractions", type=floats, default=[0.1, 0.3], help="of the KV (0.1,0.3)")
     ap.add_argument("--reuse", type=floats, default=[0.0, 0.5, 0.8], help="selection reuse (0,0.5,0.8)")
     ap.add_argument("--placements", default=",".join(PLACEMENTS), help="subset to run")
+    ap.add_argument("--step-shapes", default=",".join(SHAPES),
+                    help="hybrid's step shapes to measure, each on the same instance (the row's "
+                         "hybrid time is the better one, what step_shape='auto' keeps)")
     ap.add_argument("--steps", type=int, default=3, help="timed 32-layer steps per cell (median)")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up steps (up to 2x until the cache fills)")
     ap.add_argument("--split-costs", choices=("measured", "defaults"), default="measured",
@@ -401,12 +420,14 @@ def main():
         batches, contexts = (batches * len(contexts), contexts) if len(batches) == 1 else \
             (batches, contexts * len(batches)) if len(contexts) == 1 else (None, None)
     placements = [p for p in args.placements.split(",") if p]
-    bad = [p for p in placements if p not in PLACEMENTS]
+    bad = [p for p in placements if p not in PLACEMENTS] + \
+        [h for h in args.step_shapes.split(",") if h not in SHAPES]
     if batches is None or bad or args.model_layers % args.layers or args.steps < 1 or args.warmup < 0 \
             or not all(0 < b <= 1 for b in args.budgets) or not all(0 <= r <= 1 for r in args.reuse) \
             or not all(0 < c < 1 for c in args.cache_fractions) or min(batches) < 1:
         ap.error("--batch/--context: equal-length lists (or one value); --layers divides --model-layers;"
-                 f" budgets in (0,1], reuse in [0,1], cache fractions in (0,1); placements {PLACEMENTS}")
+                 f" budgets in (0,1], reuse in [0,1], cache fractions in (0,1); placements {PLACEMENTS}; "
+                 f"step shapes {SHAPES}")
     t_start = time.perf_counter()
     set_cpu_threads(args.cpu_threads)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

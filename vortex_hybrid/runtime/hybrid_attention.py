@@ -38,7 +38,7 @@ import torch
 
 from .. import reference
 from ..contracts import check_sel_values, pages_of
-from ..config import HybridConfig
+from ..config import STEP_SHAPES, HybridConfig
 from ..kv.page_pool import GIB, pool_bytes
 from ..kv.paged_kv_cache import PagedKVCache
 from ..scheduler import cost_model
@@ -160,8 +160,7 @@ class HybridAttention:
         """Recorded after a split layer's front part: the CPU worker waits on it."""
         self._shapes = None
         """`hybrid` with step_shape "auto": picks split or subbatch per situation, measured."""
-        if self.placement == "hybrid" and cfg.step_shape == "auto":
-            self._shapes = ShapeChooser()
+        self.step_shape = cfg.step_shape
         self._cpu_share = self._cpu_row_share()
         self._offloaded: dict[int, int] = {}      # request -> full pages known to be on the host
         self._last: dict = {}
@@ -262,14 +261,29 @@ class HybridAttention:
         self._step = build_plan(self, rids, old, self._serial, shape, key,
                                 round(self._cpu_share * len(rids)))
 
+    @property
+    def step_shape(self) -> str:
+        """The `hybrid` placement's step shape (config.STEP_SHAPES), settable between steps (for
+        benchmarks and research: one instance measured in each shape)."""
+        return self._shape_mode
+
+    @step_shape.setter
+    def step_shape(self, shape: str) -> None:
+        if shape not in STEP_SHAPES:
+            raise ValueError(f"step_shape={shape!r} must be one of {list(STEP_SHAPES)}")
+        self._check_between_steps("setting step_shape")
+        self._shape_mode = shape
+        if shape == "auto" and self.placement == "hybrid" and self._shapes is None:
+            self._shapes = ShapeChooser()
+
     def _step_shape(self, batch: int) -> tuple[str, tuple]:
         """This step's shape and its situation key (placement, batch size rounded up to a power
         of two). Only `hybrid` has a choice; the others run "split"."""
         key = (self.placement, 1 << max(batch - 1, 0).bit_length())
         if self.placement != "hybrid":
             return "split", key
-        if self._shapes is None:
-            return self.cfg.step_shape, key
+        if self._shape_mode != "auto":
+            return self._shape_mode, key
         return self._shapes.choose(key), key
 
     def _cpu_row_share(self) -> float:
@@ -327,7 +341,7 @@ class HybridAttention:
             c["bytes_h2d"] = c["fetched_pages"] * self._head_bytes * self.num_kv_heads
             c["bytes_cpu"] = c["cpu_pages"] * self._head_bytes
             c["steps_" + step.shape] = 1
-            if self._shapes is not None:
+            if self._shape_mode == "auto" and self.placement == "hybrid":
                 self._shapes.record(step.shape_key, step.shape,
                                     (time.perf_counter() - step.t_start) / self.num_layers)
             step.counters = c
