@@ -24,7 +24,7 @@ for step in "$@"; do
     step_trace)    for p in ${TRACE_PLACEMENTS:-hybrid}; do
                      timeout 200 python3 benchmarks/step_trace.py --out "$OUT" --placement $p ${TRACE_ARGS:-}
                    done ;;
-    hybrid_step)   timeout 570 python3 benchmarks/hybrid_step.py --out "$OUT" ${HYBRID_STEP_ARGS:-} ;;
+    hybrid_step)   timeout ${HYBRID_STEP_TIMEOUT:-570} python3 benchmarks/hybrid_step.py --out "$OUT" ${HYBRID_STEP_ARGS:-} ;;
     *) echo "unknown step $step"; continue ;;
   esac > "$OUT/$step.log" 2>&1
   rc=$?

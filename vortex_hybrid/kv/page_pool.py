@@ -68,10 +68,11 @@ class PagePool:
                         dst_pages: Sequence[int]) -> None:
         """Copy whole pages (all layers, K and V) from `src`; bit-exact.
 
-        Pinned host pages into a CUDA pool go through `gpu_kernels.gather_pages` (one launch that
-        reads the pinned pages directly, asynchronous on the current stream; host pages are never
-        rewritten while referenced, and every write into a host pool synchronises first). Other
-        directions use torch index copies.
+        Between a CUDA pool and a pinned host pool, both directions go through
+        `gpu_kernels.gather_pages`: one launch that reads (or writes) the pinned pages directly over
+        PCIe. Into the GPU it is asynchronous on the current stream (host pages are never rewritten
+        while referenced); into the host it synchronises the stream before returning, so the CPU
+        reads the pages at once. Other directions use torch index copies.
         """
         if len(src_pages) != len(dst_pages):
             raise ValueError(f"{len(src_pages)} source pages but {len(dst_pages)} destinations")
@@ -83,6 +84,13 @@ class PagePool:
 
             s = torch.as_tensor(list(src_pages), dtype=torch.int64).to(self.device)
             launch_gather_pages(src.k, src.v, s, self.k, self.v, d)
+            return
+        if self.device.type == "cpu" and self.pinned and src.device.type == "cuda":
+            from vortex_hybrid.gpu_kernels.gather_pages import launch_gather_pages
+
+            s = torch.as_tensor(list(src_pages), dtype=torch.int64).to(src.device)
+            launch_gather_pages(src.k, src.v, s, self.k, self.v, d.to(src.device))
+            torch.cuda.current_stream(src.device).synchronize()
             return
         s = torch.as_tensor(list(src_pages), dtype=torch.int64, device=src.device)
         for dst_t, src_t in ((self.k, src.k), (self.v, src.v)):
