@@ -457,7 +457,8 @@ def main():
     sparse = [(b, r) for b in args.budgets for r in args.reuse]
     for s, (batch, context) in enumerate(zip(batches, contexts)):
         release_memory(host=True)
-        shape = plan_shape(args, batch, context, len(sparse), dev)
+        shape = plan_shape(args, batch, context,             # hybrid runs each cell per shape
+                           len(sparse) * max(1, len(args.step_shapes.split(","))), dev)
         result["shapes"].append(shape)
         jobs = [(p, cf) for cf in args.cache_fractions for p in ("offload", "hybrid")]
         jobs = [("cpu", None)] + jobs + [("gpu", None), ("dense", None)]

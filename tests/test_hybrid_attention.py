@@ -255,7 +255,8 @@ def test_a_bad_given_selection_is_refused():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
-@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("placement", ["dense", "gpu", "cpu", "offload", "hybrid/split",
+                                       "hybrid/subbatch"])
 @pytest.mark.parametrize("replay", [False, True])
 def test_cuda_graph_steps_equal_eager_steps(placement, replay):
     """The captured per-layer work (whole layers, or the two parts around the CPU hand-off) gives
@@ -264,7 +265,9 @@ def test_cuda_graph_steps_equal_eager_steps(placement, replay):
     replayed one."""
     if replay and placement == "dense":
         pytest.skip("dense attends every page")
-    graphed, eager = make(placement, slots=3), make(placement, slots=3)
+    placement, _, shape = placement.partition("/")       # a fixed shape: "auto" follows timings
+    kw = {"step_shape": shape} if shape else {}
+    graphed, eager = make(placement, slots=3, **kw), make(placement, slots=3, **kw)
     eager._graphs = None
     assert graphed._graphs is not None
     gen = torch.Generator().manual_seed(5)
@@ -346,3 +349,28 @@ def test_a_trace_records_each_layer_on_each_lane():
         if s["lane"] == "host" and s["name"] != "run()":
             r = runs[s["layer"]]
             assert r["start_ms"] <= s["start_ms"] and s["end_ms"] <= r["end_ms"]
+
+
+def test_hybrid_fetches_more_of_a_request_whose_selection_is_reused():
+    """The split charges a fetch its amortised cost: with reuse near 1 (and room in the cache) a
+    copy serves later steps, so more misses go to the copy than with reuse 0; with reuse 0 the
+    copy and the CPU's remaining work end together (the greedy's stop rule)."""
+    from vortex_hybrid.scheduler.cost_model import DEFAULTS
+    attn = make("hybrid", slots=1000, costs=DEFAULTS)
+    gen = torch.Generator().manual_seed(3)
+    heads = torch.randint(1, HKV + 1, (2, 300), generator=gen).to(attn.device, torch.int32)
+    misses = torch.ones(2, 300, dtype=torch.bool, device=attn.device)
+    wanted = misses.sum()
+    fetched = {}
+    for r in (0.0, 0.5, 0.9):
+        reuse = torch.full((2,), r, device=attn.device)
+        fetched[r] = int(attn._hybrid_fetch(heads, misses, reuse, wanted).sum())
+    print("pages fetched by reuse:", fetched)
+    assert 0 < fetched[0.0] < fetched[0.5] < fetched[0.9] <= 600, fetched
+    f = attn._hybrid_fetch(heads, misses, torch.zeros(2, device=attn.device), wanted)
+    hb, costs = attn._head_bytes, DEFAULTS
+    copy_s = int(f.sum()) * HKV * hb / costs.h2d_bw_concurrent
+    cpu_s = int(heads[~f].sum()) * hb / costs.cpu_attn_bw_concurrent
+    assert abs(copy_s - cpu_s) <= HKV * hb / costs.h2d_bw_concurrent + HKV * hb / \
+        costs.cpu_attn_bw_concurrent, (copy_s, cpu_s)
+    attn.close()

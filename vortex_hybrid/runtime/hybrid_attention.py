@@ -573,7 +573,8 @@ class HybridAttention:
         elif step.shape == "subbatch":          # the CPU's sub-batch fetches nothing
             to_fetch = wanted & (slots < 0) & ~step.cpu_rows[:, None]
         else:
-            to_fetch = self._hybrid_fetch(heads, wanted & (slots < 0))
+            reuse = cache.reuse[layer].index_select(0, step.cache_rows)       # last step's
+            to_fetch = self._hybrid_fetch(heads, wanted & (slots < 0), reuse, wanted.sum())
         plan = cache.step(layer, step.cache_rows, slots, wanted, to_fetch)
         ok = plan.slots >= 0
         src = torch.where(ok, step.host_table_dev[plan.rows.clamp_min(0), plan.pages.clamp_min(0)]
@@ -584,17 +585,25 @@ class HybridAttention:
         table = torch.where(dev_table >= 0, dev_table, cached.to(dev_table.dtype))
         return table, src, dst, [plan.count, plan.hits, plan.misses, plan.evictions]
 
-    def _hybrid_fetch(self, heads: torch.Tensor, misses: torch.Tensor) -> torch.Tensor:
+    def _hybrid_fetch(self, heads: torch.Tensor, misses: torch.Tensor, reuse: torch.Tensor,
+                      wanted: torch.Tensor) -> torch.Tensor:
         """Which misses to fetch. The CPU attends a missing page reading only the heads that
-        selected it; a fetch copies all heads once (and may be reused next step). Both draw on host
-        DRAM at once, so their concurrent rates apply (docs/hardware.md). Pages go to the copy in
-        order of how many heads read them, until the copy would end after the CPU's remaining
-        work: the two then finish together. All on the device, no sync."""
-        counts = torch.where(misses, heads, 0).flatten()
-        order = torch.argsort(counts, descending=True)
+        selected it, every step it is selected; a fetch copies all heads once, and the copy serves
+        the following steps too while the page stays selected and cached. So a fetch is charged
+        its amortised cost: copy time x (1 - reuse x survival), reuse = the request's measured
+        selection reuse (`GpuPageCache.reuse`), survival = min(1, slots / pages wanted this step).
+        Both draw on host DRAM at once, so their concurrent rates apply (docs/hardware.md). Pages
+        go to the copy in order of heads served per amortised cost, until the copy would end after
+        the CPU's remaining work: the two then finish together. All on the device, no sync."""
+        survive = (self._cache.num_slots / wanted.clamp_min(1).to(torch.float64)).clamp_max(1.0)
+        factor = (1 - reuse.to(torch.float64) * survive).clamp_min(0.05)        # [B]
+        counts = torch.where(misses, heads, 0)
+        cost = factor[:, None].expand_as(counts).flatten()
+        counts = counts.flatten()
+        order = torch.argsort(counts / cost, descending=True)
         n = counts[order].to(torch.float64)
         cpu_s = self._head_bytes / self._costs.cpu_attn_bw_concurrent
-        copy = torch.arange(1, n.numel() + 1, device=n.device, dtype=torch.float64) * \
+        copy = torch.cumsum(cost[order], 0) * \
             (self.num_kv_heads * self._head_bytes / self._costs.h2d_bw_concurrent)
         cpu_after = (n.sum() - torch.cumsum(n, 0)) * cpu_s
         ok = ~((copy > cpu_after) & (copy > cpu_after + n * cpu_s)) & (n > 0)
