@@ -23,7 +23,9 @@ are given. Resources: "gpu" (one stream), "pcie", "cpu" (the worker), "host" (th
                merge after cpu and attend fetched
 
 Each sub-batch pays the whole handoff_s (its host work is mostly per call, not per page).
-`predict_layer` is the makespan of `list_scheduler.schedule` over that DAG. `ShapeChooser` keeps an
+`predict_layer` is the makespan of `list_scheduler.schedule` over that DAG. `launch_order` is the
+runtime's use of the list scheduler: which hand-off (the CPU worker's or the GPU's) the driving
+thread makes first each layer, from the last step's bytes. `ShapeChooser` keeps an
 exponential moving average of measured seconds per layer for each (situation key, shape) and picks
 the lowest once each shape has been measured `explore_steps` times under that key.
 """
@@ -81,6 +83,32 @@ def layer_tasks(shape: str, costs: MachineCosts, *, select_s: float, cpu_bytes: 
             Task("handoff G", "host", handoff, ("select G",)),
             Task("fetch", "pcie", fetch_s, ("handoff G",)),
             Task("attend", "gpu", attend_s, ("handoff G",)), *tail]
+
+
+LAUNCHES = ("cpu", "gpu")
+
+
+def launch_order(costs: MachineCosts, *, cpu_bytes: float, fetch_bytes: float, gpu_bytes: float,
+                 launch_s: float) -> tuple[str, str]:
+    """Which part of a layer the driving thread hands out first once the selection is made: the
+    CPU worker's ("cpu": submit, then the CPU attends) or the GPU's ("gpu": launch the fetch and
+    the attention). Both hand-offs take the one host thread (`launch_s` each), so this is the list
+    scheduler's choice on the "host" resource: the hand-off heading the longer chain (its bottom
+    level: hand-off, then CPU attention, or fetch then attention of the fetched pages, then the
+    merge) goes first. Byte counts are a layer's (e.g. the last step's, per layer)."""
+    args = dict(cpu_bytes=cpu_bytes, fetch_bytes=fetch_bytes, gpu_bytes=gpu_bytes, launch_s=launch_s)
+    x, y, g, launch = (_seconds(k, v) for k, v in args.items())
+    both = x > 0 and y > 0
+    rate_cpu = costs.cpu_attn_bw_concurrent if both else costs.cpu_attn_bw
+    rate_pcie = costs.h2d_bw_concurrent if both else costs.h2d_bw
+    tasks = [Task("submit cpu", "host", launch),
+             Task("launch gpu", "host", launch),
+             Task("cpu", "cpu", costs.cpu_call_s + x / rate_cpu if x else 0.0, ("submit cpu",)),
+             Task("fetch", "pcie", y / rate_pcie, ("launch gpu",)),
+             Task("attend", "gpu", (g + y) / costs.hbm_bw, ("fetch",)),
+             Task("merge", "gpu", 0.0, ("cpu", "attend"))]
+    first = schedule(tasks).order[0]
+    return ("cpu", "gpu") if first == "submit cpu" else ("gpu", "cpu")
 
 
 def predict_layer(shape: str, costs: MachineCosts, **kwargs) -> float:

@@ -104,6 +104,20 @@ def test_every_placement_returns_the_reference_over_the_same_selection(placement
     attn.close()
 
 
+@pytest.mark.parametrize("placement", ["gpu", "hybrid"])
+def test_planning_again_before_layer_0_replaces_the_unrun_plan(placement):
+    """plan() twice (a scheduler changing its mind) leaves no unwritten token behind."""
+    attn = make(placement)
+    shadow = Shadow(attn, 4)
+    rids = [shadow.add(13), shadow.add(20)]
+    attn.plan(rids)
+    attn.plan(rids[:1])
+    assert [attn.kv.seq_len(r) for r in rids] == [14, 20]
+    assert shadow.step(rids) < 1e-5                 # Shadow.step plans once more
+    assert [attn.kv.seq_len(r) for r in rids] == [14, 21]
+    attn.close()
+
+
 @pytest.mark.parametrize("placement", ["cpu", "offload", "hybrid"])
 def test_host_placements_use_both_paths_and_count_them(placement):
     attn = make(placement, slots=2, budget=4)
@@ -114,10 +128,15 @@ def test_host_placements_use_both_paths_and_count_them(placement):
     s = attn.stats()
     last, total = s["last_step"], s["totals"]
     assert total["steps"] == 6 and last["gpu_pages"] > 0
+    attn.plan(rids)                       # the hand-off order follows the last step's bytes
+    order = attn._step.launch_order
     if placement == "cpu":
         assert total["cpu_pages"] > 0 and total["fetched_pages"] == 0
+        assert order == ("cpu", "gpu")
     if placement == "offload":
         assert total["fetched_pages"] > 0 and total["bytes_h2d"] > 0
+        if last["cpu_pages"] == 0:
+            assert order == ("gpu", "cpu")
     if placement in ("offload", "hybrid"):
         assert total["cache_hits"] + total["cache_misses"] > 0
     attn.close()

@@ -4,38 +4,15 @@ no resource idle while one of its tasks is ready, makespan >= critical path and 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import random
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
 from conftest import test_seed
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load(name: str):
-    """scheduler/<name>.py of this checkout as vortex_hybrid.scheduler.<name> (an editable install
-    may map vortex_hybrid.scheduler to another checkout)."""
-    full, path = f"vortex_hybrid.scheduler.{name}", ROOT / "scheduler" / f"{name}.py"
-    try:
-        mod = importlib.import_module(full)
-        if Path(mod.__file__).resolve() == path:
-            return mod
-    except ModuleNotFoundError:
-        pass
-    spec = importlib.util.spec_from_file_location(full, path)
-    mod = sys.modules[full] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ls = load("list_scheduler")
+from vortex_hybrid.scheduler import list_scheduler as ls
 Task, schedule = ls.Task, ls.schedule
 
 

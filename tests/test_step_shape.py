@@ -4,41 +4,18 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import math
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
 from conftest import test_seed
 from vortex_hybrid.scheduler.cost_model import DEFAULTS, predict
 
-ROOT = Path(__file__).resolve().parents[1]
+from vortex_hybrid.scheduler import step_shape as ss
+from vortex_hybrid.scheduler.list_scheduler import schedule
 
-
-def load(name: str):
-    """scheduler/<name>.py of this checkout as vortex_hybrid.scheduler.<name> (an editable install
-    may map vortex_hybrid.scheduler to another checkout)."""
-    full, path = f"vortex_hybrid.scheduler.{name}", ROOT / "scheduler" / f"{name}.py"
-    try:
-        mod = importlib.import_module(full)
-        if Path(mod.__file__).resolve() == path:
-            return mod
-    except ModuleNotFoundError:
-        pass
-    spec = importlib.util.spec_from_file_location(full, path)
-    mod = sys.modules[full] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-load("list_scheduler")                 # step_shape's relative import finds this checkout's
-ss = load("step_shape")
 ShapeChooser, layer_tasks, predict_layer = ss.ShapeChooser, ss.layer_tasks, ss.predict_layer
-schedule = sys.modules["vortex_hybrid.scheduler.list_scheduler"].schedule
 
 # round figures, so the times below are computed by hand (ms)
 COSTS = dataclasses.replace(DEFAULTS, hbm_bw=1000e9, h2d_bw=50e9, h2d_bw_concurrent=40e9,
@@ -198,3 +175,15 @@ def test_bad_chooser_inputs_name_the_value():
         ch.choose("k", {"neo": 1.0})
     with pytest.raises(ValueError, match=r"predicted\['split'\]=-2"):
         ch.choose("k", {"split": -2})
+
+
+def test_launch_order_hands_out_the_longer_chain_first():
+    """The CPU's hand-off goes first when CPU attention is the longer chain, the GPU's (fetch, then
+    attention) when the copy is; with nothing to do on the CPU, the GPU's."""
+    costs = DEFAULTS
+    lo = ss.launch_order
+    assert lo(costs, cpu_bytes=50e6, fetch_bytes=5e6, gpu_bytes=1e6, launch_s=30e-6) == ("cpu", "gpu")
+    assert lo(costs, cpu_bytes=1e6, fetch_bytes=50e6, gpu_bytes=1e6, launch_s=30e-6) == ("gpu", "cpu")
+    assert lo(costs, cpu_bytes=0, fetch_bytes=0, gpu_bytes=1e6, launch_s=30e-6) == ("gpu", "cpu")
+    with pytest.raises(ValueError, match="launch_s=-1"):
+        lo(costs, cpu_bytes=0, fetch_bytes=0, gpu_bytes=0, launch_s=-1)

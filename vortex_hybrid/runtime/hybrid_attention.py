@@ -43,7 +43,7 @@ from ..kv.page_pool import GIB, pool_bytes
 from ..kv.paged_kv_cache import PagedKVCache
 from ..scheduler import cost_model
 from ..scheduler.gpu_page_cache import GpuPageCache
-from ..scheduler.step_shape import ShapeChooser
+from ..scheduler.step_shape import ShapeChooser, launch_order
 from ..vflow.registry import load_flow
 from ..vflow.summary_store import SummaryStore
 from .cpu_worker import CpuWorker, HostBuffers
@@ -260,6 +260,20 @@ class HybridAttention:
         shape, key = self._step_shape(len(rids))
         self._step = build_plan(self, rids, old, self._serial, shape, key,
                                 round(self._cpu_share * len(rids)))
+        self._step.launch_order = self._launch_order()
+
+    def _launch_order(self) -> tuple[str, str]:
+        """Which hand-off of a split layer goes first, the CPU worker's or the GPU's: the list
+        scheduler's choice (`scheduler.step_shape.launch_order`) from the last step's bytes per
+        layer (before any step: the CPU's, the chain that usually ends last)."""
+        last = self._last
+        if self.placement not in HOST_PLACEMENTS or "bytes_cpu" not in last:
+            return ("cpu", "gpu")
+        L = self.num_layers
+        return launch_order(self._costs, cpu_bytes=last["bytes_cpu"] / L,
+                            fetch_bytes=last["bytes_h2d"] / L,
+                            gpu_bytes=last["gpu_pages"] * self._head_bytes / L,
+                            launch_s=self._costs.gpu_launch_s)
 
     @property
     def step_shape(self) -> str:
@@ -296,9 +310,10 @@ class HybridAttention:
         return fetch / (cpu + fetch)
 
     def _rollback_failed(self) -> None:
-        """A step that failed mid-way leaves the new token written in some layers only: drop it."""
+        """A step that failed mid-way leaves the new token written in some layers only, and a plan
+        that no run() followed reserved a slot nothing wrote: drop the token."""
         step = self._step
-        if step is not None and step.failed:
+        if step is not None and (step.failed or step.next_layer == 0):
             for rid, n in zip(step.rids, step.old_lens):
                 if rid in self.kv.request_ids:
                     self.kv.truncate(rid, n)
@@ -457,23 +472,25 @@ class HybridAttention:
                 front = self._front(step, layer, q, k_new, v_new, sel, self._pinned)
         gsel, table, src, dst, counts, q_host, sel_host = front
         step.counts += counts
-        future = None
-        if host:
-            ready = None
-            if self.device.type == "cuda":
-                ready = self._handoff
-                ready.record()
-            future = self._worker.submit(self._cpu_attend, layer, q_host, sel_host,
-                                         step.host_table, step.lens_cpu, ready)
-        with tr.gpu(layer, "fetch + attend"):
-            o = None
-            if graphs is not None:
-                try:
-                    o, lse = graphs.run(layer, "back", self._back_part(layer, front))
-                except CaptureFailed:
-                    graphs = None
-            if o is None:
-                o, lse = self._back(step, layer, q, gsel, table, src, dst)
+        ready = None
+        if host and self.device.type == "cuda":
+            ready = self._handoff
+            ready.record()                  # the worker waits for the front's copies only
+        future, out = None, None
+        for hand in step.launch_order:      # the list scheduler's order (plan())
+            if hand == "cpu" and host:
+                future = self._worker.submit(self._cpu_attend, layer, q_host, sel_host,
+                                             step.host_table, step.lens_cpu, ready)
+            elif hand == "gpu":
+                with tr.gpu(layer, "fetch + attend"):
+                    if graphs is not None:
+                        try:
+                            out = graphs.run(layer, "back", self._back_part(layer, front))
+                        except CaptureFailed:
+                            graphs = None
+                    if out is None:
+                        out = self._back(step, layer, q, gsel, table, src, dst)
+        o, lse = out
         if future is not None:
             t0 = time.perf_counter()
             with tr.host(layer, "wait for the CPU"):

@@ -48,6 +48,7 @@ class StepPlan:
     shape_key: tuple = ()                           # its situation key for the ShapeChooser
     cpu_rows: Optional[torch.Tensor] = None         # bool [B] (device): "subbatch"'s CPU rows
     t_start: float = 0.0                            # perf_counter at layer 0's run()
+    launch_order: tuple = ("cpu", "gpu")            # split layers' hand-offs, first to last
 
 
 def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial: int,
