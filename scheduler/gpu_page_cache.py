@@ -155,6 +155,11 @@ class GpuPageCache:
         """Fetch entries a step's plan holds: no more than the slots or the batch's pages."""
         return max(1, min(self.num_slots, batch * width))
 
+    def state(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """Every tensor `step(layer, ...)` changes (views), e.g. to restore them."""
+        return (self.slot_of[layer], self.owner[layer], self.stamp[layer], self.seen[layer],
+                self.reuse[layer])
+
     def step(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, wanted: torch.Tensor,
              fetch: torch.Tensor, capacity: int = 0) -> FetchPlan:
         """rows [B] dense request indices; slots [B, W] = `table(layer, rows, W)`; wanted, fetch

@@ -214,3 +214,23 @@ def test_quotas_keep_the_working_set_of_the_request_that_reuses_it(seed):
             assert abs(reuse[a] - 2 / 3) < 0.05 and reuse[b] < 0.05, reuse
     print("A's hits over 30 steps (of 90):", hits)
     assert hits[True] > hits[False] + 20, hits
+
+
+def test_state_lists_everything_a_step_changes():
+    """Graph capture restores `state(layer)` after its warm-up runs: a step must change nothing
+    else (another layer's state included)."""
+    cache = GpuPageCache(2, 3, DEVICE)
+    rows = torch.tensor([cache.index_of(r) for r in (5, 6)], device=DEVICE)
+    cache.reserve(8)
+    want = torch.rand(2, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE) < 0.5
+    for _ in range(2):
+        cache.next_step()
+        cache.step(1, rows, cache.table(1, rows, 8), want, want)
+    every = {n: getattr(cache, n).clone() for n in ("slot_of", "owner", "stamp", "seen", "reuse")}
+    saved = [t.clone() for t in cache.state(1)]
+    cache.next_step()
+    cache.step(1, rows, cache.table(1, rows, 8), ~want, ~want)
+    for t, old in zip(cache.state(1), saved):
+        t.copy_(old)
+    for n, old in every.items():
+        assert torch.equal(getattr(cache, n), old), n

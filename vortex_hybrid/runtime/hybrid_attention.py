@@ -512,8 +512,7 @@ class HybridAttention:
 
     def _cache_state(self, layer: int) -> tuple:
         """The tensors a front part changes (the page cache's layer), for graph capture."""
-        c = self._cache
-        return () if c is None else (c.slot_of[layer], c.owner[layer], c.stamp[layer])
+        return () if self._cache is None else self._cache.state(layer)
 
     def _back_part(self, layer: int, front: tuple):
         def body(step: StepPlan, inp: dict) -> tuple:
