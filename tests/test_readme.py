@@ -38,3 +38,17 @@ def test_readme_opens_with_the_two_commands():
     for marker in ("<!-- main-command -->", "<!-- test-command -->"):
         block = README.split(marker, 1)[1]
         assert block.lstrip().startswith("```bash\npython3 -m venv .venv && ")
+
+
+def test_readme_transformers_example_runs_and_decodes_sparsely():
+    """The README's transformers example runs as written and decodes sparsely: each step attends
+    fewer page-heads than the prompt has (exactness against SDPA at full budget is in
+    tests/test_hf_integration.py)."""
+    code = re.search(r"## In a transformers model\n```python\n(.*?)```", README, re.S).group(1)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    out, cache = scope["out"], scope["cache"]
+    assert out.shape == (1, 1508)
+    last = cache.stats()["last_step"]
+    pages = -(-1508 // 16)
+    assert 0 < last["gpu_pages"] + last["cpu_pages"] < 2 * 2 * pages      # sparse: not every page

@@ -1,0 +1,104 @@
+"""transformers integration: a tiny random Llama through HybridCache gives the logits of the model's
+own SDPA path (dense, and sparse placements whose budget covers every page), and `generate` with
+a left-padded batch of different lengths equals SDPA's token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from conftest import DEVICE, test_seed  # noqa: E402
+from vortex_hybrid import HybridConfig  # noqa: E402
+from vortex_hybrid.integrations.hf import ATTN_IMPLEMENTATION, HybridCache  # noqa: E402
+
+P = 4
+
+
+def tiny_llama(impl: str, seed: int):
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.config._attn_implementation = impl
+    return model.to(DEVICE)
+
+
+def config(placement: str, budget: int = 64) -> HybridConfig:
+    return HybridConfig(page_size=P, flow="quest", budget_pages=budget, budget_ratio=None,
+                        sink_pages=1, recent_pages=2, placement=placement, kv_dtype="float32",
+                        gpu_cache_pages=8 if placement in ("offload", "hybrid") else 256)
+
+
+def cache_for(model, placement, budget=64):
+    return HybridCache(model, config(placement, budget), device_pages=256, host_pages=256)
+
+
+@pytest.mark.parametrize("placement", ["dense", "gpu", "cpu", "offload", "hybrid"])
+def test_teacher_forced_logits_equal_sdpa_at_full_budget(placement):
+    seed = test_seed()
+    ours, ref = tiny_llama(ATTN_IMPLEMENTATION, seed), tiny_llama("sdpa", seed)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (2, 30), generator=gen).to(DEVICE)
+    with torch.no_grad():
+        want = ref(ids).logits
+        cache = cache_for(ours, placement)
+        got = [ours(ids[:, :21], past_key_values=cache).logits]          # prefill
+        for t in range(21, 30):                                          # decode, teacher-forced
+            got.append(ours(ids[:, t:t + 1], past_key_values=cache).logits)
+    got = torch.cat(got, 1)
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < 1e-4, f"{placement} seed {seed}: relative logit error {err:.2e}"
+    assert cache.get_seq_length() == 30
+    assert cache.stats()["totals"]["steps"] == 9
+    cache.close()
+
+
+def test_generate_with_a_padded_batch_equals_sdpa_token_for_token():
+    seed = test_seed()
+    ours, ref = tiny_llama(ATTN_IMPLEMENTATION, seed), tiny_llama("sdpa", seed)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 97, (2, 26), generator=gen)
+    mask = torch.ones(2, 26, dtype=torch.long)
+    ids[1, :9], mask[1, :9] = 0, 0                      # row 1: 17 real tokens, left-padded
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    want = ref.generate(ids, **kw)
+    cache = cache_for(ours, "hybrid")
+    got = ours.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(got, want), f"seed {seed}:\n{got}\n{want}"
+    lens = [cache.runtime.kv.seq_len(r) for r in cache.rids]
+    assert lens == [26 + 11, 17 + 11]                   # real tokens only; the last token unwritten
+    cache.close()
+
+
+def test_a_small_budget_attends_fewer_pages_and_still_decodes():
+    seed = test_seed()
+    model = tiny_llama(ATTN_IMPLEMENTATION, seed)
+    ids = torch.randint(0, 97, (1, 80), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    cache = cache_for(model, "hybrid", budget=4)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 85)
+    last = cache.stats()["last_step"]
+    assert last["gpu_pages"] + last["cpu_pages"] <= 4 * 2 * 2     # budget x KV heads x layers
+    cache.close()
+
+
+def test_unsupported_models_and_misuse_are_refused():
+    seed = test_seed()
+    model = tiny_llama(ATTN_IMPLEMENTATION, seed)
+    ids = torch.randint(0, 97, (1, 8)).to(DEVICE)
+    with pytest.raises(ValueError, match="needs a HybridCache"):
+        model(ids)
+    cache = cache_for(model, "gpu")
+    model(ids, past_key_values=cache)
+    with pytest.raises(ValueError, match="second prefill"):
+        model(ids, past_key_values=cache)
+    cache.close()
+    mistral = transformers.MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=96,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=16, sliding_window=32)
+    with pytest.raises(ValueError, match="sliding-window"):
+        HybridCache(transformers.MistralForCausalLM(mistral), config("gpu"))

@@ -1,0 +1,1 @@
+"""Integrations of the hybrid runtime with model frameworks (`hf`: transformers)."""

@@ -1,0 +1,197 @@
+"""transformers integration: hybrid sparse decode attention inside a Hugging Face model.
+
+    from vortex_hybrid import HybridConfig
+    from vortex_hybrid.integrations.hf import HybridCache, ATTN_IMPLEMENTATION
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=ATTN_IMPLEMENTATION)
+    cache = HybridCache(model, HybridConfig(placement="hybrid", budget_ratio=0.05))
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=32)
+    cache.close()
+
+Importing this module registers the attention function `vortex_hybrid` with transformers'
+`AttentionInterface`, and transformers' SDPA mask builder under the same name (without one, a custom
+attention function receives `attention_mask=None`, which is wrong for padded batches).
+
+How a forward pass maps onto `HybridAttention` (one runtime per cache, sized from the model's
+config: layers, query and KV heads, head_dim):
+- **prefill** (the first forward, the whole prompt): each layer attends densely (transformers' SDPA
+  over the prompt, its mask included) while the cache keeps the layer's keys and values; after the
+  last layer every batch row becomes a request (`add_request`) holding the KV of its real tokens
+  only (left padding dropped, from the mask), which fills the paged store, the summaries and the
+  host pool;
+- **decode** (one token per row): layer 0's `update` plans the step (`plan`), and each layer's
+  attention is `HybridAttention.run(layer, q, k_new, v_new)`: select, partition, attend on the GPU
+  and the CPU, merge.
+The model's RoPE, projections and MLPs are untouched: the runtime sees post-RoPE keys. The attention
+function reaches the cache through an attribute the cache sets on each attention module
+(`generate` rejects unknown keyword arguments).
+
+Supported: decoder-only models whose every layer is full causal attention with scaling
+head_dim ** -0.5 (Llama, Qwen2/3, Mistral without a sliding window, SmolLM2). Refused with a
+message: sliding-window layers (Gemma-3, Mistral with `sliding_window`), other scalings, softcapping,
+a second prefill into a cache that already holds requests (one `generate` per cache).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..config import HybridConfig
+from ..runtime.hybrid_attention import HybridAttention
+
+ATTN_IMPLEMENTATION = "vortex_hybrid"
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _attention_modules(model) -> list:
+    """The model's self-attention modules, in layer order (each has `layer_idx`)."""
+    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")]
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+class _HybridLayer(CacheLayerMixin):
+    """One layer's view of a `HybridCache`: counts tokens (padded, as transformers does) and hands
+    the new keys and values through; the KV itself lives in the runtime."""
+
+    is_sliding = False
+
+    def __init__(self, cache: "HybridCache", layer: int) -> None:
+        super().__init__()
+        self.cache, self.layer, self.n = cache, layer, 0
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cache._update(self.layer, key_states, value_states)
+        self.n += key_states.shape[2]
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):        # older transformers pass cache_position
+            query_length = query_length.shape[0]
+        return self.n + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.n
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class HybridCache(Cache):
+    """A transformers `Cache` backed by one `HybridAttention` (module docstring). Pass it as
+    `past_key_values`; `close()` frees its requests and worker. `runtime_kw` go to
+    `HybridAttention` (device_pages, host_pages, device, costs, cuda_graphs)."""
+
+    def __init__(self, model, cfg: HybridConfig, **runtime_kw) -> None:
+        c = _text_config(model)
+        hq = c.num_attention_heads
+        hkv = getattr(c, "num_key_value_heads", None) or hq
+        D = getattr(c, "head_dim", None) or c.hidden_size // hq
+        L = c.num_hidden_layers
+        if getattr(c, "sliding_window", None) and any(
+                t != "full_attention" for t in (getattr(c, "layer_types", None) or ["sliding"])):
+            raise ValueError(f"{type(model).__name__}: sliding-window layers (sliding_window="
+                             f"{c.sliding_window}) are not supported yet by HybridCache")
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(c, name, None):
+                raise ValueError(f"{type(model).__name__}: {name}={getattr(c, name)} is not "
+                                 "supported by the hybrid runtime's attention")
+        mods = _attention_modules(model)
+        if len(mods) != L:
+            raise ValueError(f"{type(model).__name__}: found {len(mods)} attention modules with a "
+                             f"layer_idx, expected num_hidden_layers={L}")
+        for m in mods:
+            if not math.isclose(float(m.scaling), D ** -0.5, rel_tol=1e-6):
+                raise ValueError(f"layer {m.layer_idx}: attention scaling {m.scaling} is not "
+                                 f"head_dim ** -0.5 = {D ** -0.5}; the hybrid kernels use the latter")
+        runtime_kw.setdefault("device", next(model.parameters()).device)
+        self.runtime = HybridAttention(cfg, L, hq, hkv, D, **runtime_kw)
+        self.rids: list[int] = []
+        self._prefill: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._decoding = False
+        super().__init__(layers=[_HybridLayer(self, i) for i in range(L)])
+        for m in mods:
+            m.vortex_hybrid_cache = self
+
+    # ---- called by the layers and the attention function ------------------------------------
+    def _update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.shape[2] > 1 or not self.rids:
+            if self.rids:
+                raise ValueError(f"HybridCache: a second prefill ({k.shape[2]} tokens) into a cache "
+                                 "that already holds requests; use one cache per generate() call")
+            self._prefill[layer] = (k, v)
+            return
+        if layer == 0:
+            self.runtime.plan(self.rids)
+            self._decoding = True
+
+    def _admit(self, attention_mask: Optional[torch.Tensor]) -> None:
+        """After the prefill's last layer: each batch row becomes a request with its real tokens."""
+        L = self.runtime.num_layers
+        k = torch.stack([self._prefill[i][0] for i in range(L)])        # [L, B, Hkv, T, D]
+        v = torch.stack([self._prefill[i][1] for i in range(L)])
+        self._prefill.clear()
+        B, T = k.shape[1], k.shape[3]
+        keep = torch.ones(B, T, dtype=torch.bool, device=k.device)
+        if attention_mask is not None:                  # the last query row sees every real token
+            last = attention_mask[:, 0, -1, -T:]
+            keep = last if last.dtype == torch.bool else last == 0
+        for b in range(B):
+            pos = keep[b].nonzero().flatten()
+            kb = k[:, b].index_select(2, pos).permute(0, 2, 1, 3)       # [L, Tb, Hkv, D]
+            vb = v[:, b].index_select(2, pos).permute(0, 2, 1, 3)
+            self.rids.append(self.runtime.add_request(kb.contiguous(), vb.contiguous()))
+
+    def _attend(self, module, query, key, value, attention_mask, **kw):
+        layer = module.layer_idx
+        if not self._decoding:                          # prefill: dense over the prompt
+            out = sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+            if layer == self.runtime.num_layers - 1:
+                self._admit(attention_mask)
+            return out
+        o = self.runtime.run(layer, query[:, :, 0], key[:, :, 0], value[:, :, 0])
+        return o[:, None], None                          # [B, 1, Hq, D]
+
+    def stats(self) -> dict:
+        return self.runtime.stats()
+
+    def close(self) -> None:
+        """Free the requests and the runtime's worker (the cache is unusable afterwards)."""
+        for rid in self.rids:
+            self.runtime.remove_request(rid)
+        self.rids = []
+        self.runtime.close()
+
+
+def hybrid_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """transformers attention function (`attn_implementation="vortex_hybrid"`): query [B, Hq, q,
+    D], key/value [B, Hkv, kv, D] as the cache's update returned; out [B, q, Hq, D]."""
+    cache = getattr(module, "vortex_hybrid_cache", None)
+    if cache is None:
+        raise ValueError("attn_implementation='vortex_hybrid' needs a HybridCache: pass "
+                         "past_key_values=HybridCache(model, cfg)")
+    return cache._attend(module, query, key, value, attention_mask, **kwargs)
+
+
+def register() -> None:
+    """Register the attention function and its mask builder with transformers (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, hybrid_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+register()
