@@ -1,0 +1,59 @@
+"""Model resolution for the offline evaluation: local folders, built-in names, one-line errors; the
+real built-in model end to end where it is already converted (or VH_REAL_MODEL=1 allows fetching)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+from vortex_hybrid.eval.models import MODELS, cache_root, resolve_model  # noqa: E402
+
+
+def test_a_local_model_folder_is_used_as_is(tmp_path):
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2, head_dim=8)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    assert resolve_model(str(tmp_path / "m")) == tmp_path / "m"
+
+
+def test_bad_models_are_one_line_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        resolve_model(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=r"model='llama-9000' is neither a folder nor a built-in "
+                                         r"model; built-in: \['smollm2-135m'\]"):
+        resolve_model("llama-9000")
+
+
+def test_a_converted_model_is_found_in_the_cache_without_fetching(tmp_path):
+    out = tmp_path / "models" / "smollm2-135m"
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    assert resolve_model("smollm2-135m", cache=tmp_path, progress=False) == out
+
+
+@pytest.mark.skipif(not (cache_root() / "models" / "smollm2-135m" / "config.json").is_file()
+                    and os.environ.get("VH_REAL_MODEL") != "1",
+                    reason="smollm2-135m not converted here (VH_REAL_MODEL=1 fetches ~93 MB)")
+def test_the_built_in_model_loads_and_generates_the_same_with_the_runtime():
+    import torch
+    from vortex_hybrid import HybridConfig
+    from vortex_hybrid.integrations.hf import ATTN_IMPLEMENTATION, HybridCache
+    path = resolve_model("smollm2-135m", progress=False)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    kw = dict(dtype=torch.float32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kw)
+    ours = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=ATTN_IMPLEMENTATION,
+                                                             **kw)
+    ids = tok("The pass key is 48213. " + "The grass is green. " * 40 + "The pass key is",
+              return_tensors="pt").input_ids
+    want = ref.generate(ids, max_new_tokens=6, do_sample=False)
+    cache = HybridCache(ours, HybridConfig(placement="hybrid", budget_pages=1000, budget_ratio=None,
+                                           kv_dtype="float32", gpu_cache_pages=32))
+    got = ours.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
+    cache.close()
+    assert torch.equal(got, want), (tok.decode(got[0]), tok.decode(want[0]))
+    assert MODELS["smollm2-135m"].chat

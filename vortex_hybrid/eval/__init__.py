@@ -1,0 +1,1 @@
+"""Offline long-context evaluation: built-in models (`models`), task generators (`tasks`)."""

