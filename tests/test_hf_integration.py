@@ -102,3 +102,29 @@ def test_unsupported_models_and_misuse_are_refused():
                                          num_key_value_heads=2, head_dim=16, sliding_window=32)
     with pytest.raises(ValueError, match="sliding-window"):
         HybridCache(transformers.MistralForCausalLM(mistral), config("gpu"))
+
+
+def test_admitting_a_shared_prefill_decodes_like_the_caches_own_prefill():
+    """One SDPA prefill (DynamicCache) admitted into a HybridCache continues exactly as a prefill
+    through the cache itself: the evaluation shares one prefill among modes this way."""
+    seed = test_seed()
+    ours = tiny_llama(ATTN_IMPLEMENTATION, seed)
+    ids = torch.randint(0, 97, (1, 37), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    with torch.no_grad():
+        ours.config._attn_implementation = "sdpa"
+        dyn = transformers.DynamicCache(config=ours.config)
+        first = ours(ids, past_key_values=dyn).logits[:, -1:].argmax(-1)
+        ours.config._attn_implementation = ATTN_IMPLEMENTATION
+        shared = cache_for(ours, "hybrid", budget=6)
+        shared.admit([layer.keys for layer in dyn.layers], [layer.values for layer in dyn.layers])
+        own = cache_for(ours, "hybrid", budget=6)
+        ours(ids, past_key_values=own)
+        a = b = first
+        for _ in range(6):
+            la = ours(a, past_key_values=shared).logits[:, -1]
+            lb = ours(b, past_key_values=own).logits[:, -1]
+            assert torch.allclose(la, lb, rtol=1e-5, atol=1e-5), f"seed {seed}"
+            a = b = la.argmax(-1, keepdim=True)
+    assert shared.get_seq_length() == own.get_seq_length() == 43
+    shared.close()
+    own.close()

@@ -22,8 +22,9 @@ config: layers, query and KV heads, head_dim):
   attention is `HybridAttention.run(layer, q, k_new, v_new)`: select, partition, attend on the GPU
   and the CPU, merge.
 The model's RoPE, projections and MLPs are untouched: the runtime sees post-RoPE keys. The attention
-function reaches the cache through an attribute the cache sets on each attention module
-(`generate` rejects unknown keyword arguments).
+function reaches the cache through an attribute on each attention module (`generate` rejects unknown
+keyword arguments), set by the cache's `update` of that layer, so several caches can take turns on
+one model (`admit` shares one prefill among them).
 
 Supported: decoder-only models whose every layer is full causal attention with scaling
 head_dim ** -0.5 (Llama, Qwen2/3, Mistral without a sliding window, SmolLM2). Refused with a
@@ -125,11 +126,13 @@ class HybridCache(Cache):
         self._prefill: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._decoding = False
         super().__init__(layers=[_HybridLayer(self, i) for i in range(L)])
+        self._modules = mods
         for m in mods:
             m.vortex_hybrid_cache = self
 
     # ---- called by the layers and the attention function ------------------------------------
     def _update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._modules[layer].vortex_hybrid_cache = self   # the cache of this forward (of several)
         if k.shape[2] > 1 or not self.rids:
             if self.rids:
                 raise ValueError(f"HybridCache: a second prefill ({k.shape[2]} tokens) into a cache "
@@ -141,16 +144,39 @@ class HybridCache(Cache):
             self._decoding = True
 
     def _admit(self, attention_mask: Optional[torch.Tensor]) -> None:
-        """After the prefill's last layer: each batch row becomes a request with its real tokens."""
+        """After the prefill's last layer: each batch row becomes a request with its real tokens
+        (the last query row of the mask sees every real token)."""
         L = self.runtime.num_layers
-        k = torch.stack([self._prefill[i][0] for i in range(L)])        # [L, B, Hkv, T, D]
-        v = torch.stack([self._prefill[i][1] for i in range(L)])
+        keys = [self._prefill[i][0] for i in range(L)]
+        values = [self._prefill[i][1] for i in range(L)]
         self._prefill.clear()
-        B, T = k.shape[1], k.shape[3]
-        keep = torch.ones(B, T, dtype=torch.bool, device=k.device)
-        if attention_mask is not None:                  # the last query row sees every real token
-            last = attention_mask[:, 0, -1, -T:]
+        keep = None
+        if attention_mask is not None:
+            last = attention_mask[:, 0, -1, -keys[0].shape[2]:]
             keep = last if last.dtype == torch.bool else last == 0
+        self._add_rows(keys, values, keep)
+
+    def admit(self, keys: list, values: list, attention_mask: Optional[torch.Tensor] = None
+              ) -> None:
+        """Start from a prefill computed elsewhere (e.g. one SDPA prefill shared by several caches):
+        keys, values per layer [B, Hkv, T, D] (a `DynamicCache`'s layers' `keys`/`values`);
+        attention_mask [B, T] (1 = real token) or None. Decoding continues at position T."""
+        if self.rids:
+            raise ValueError("HybridCache.admit: the cache already holds requests")
+        if len(keys) != self.runtime.num_layers or len(values) != len(keys):
+            raise ValueError(f"admit needs keys and values of {self.runtime.num_layers} layers, got "
+                             f"{len(keys)} and {len(values)}")
+        keep = None if attention_mask is None else attention_mask.to(keys[0].device).bool()
+        self._add_rows(keys, values, keep)
+        for layer in self.layers:
+            layer.n = keys[0].shape[2]
+            layer.is_initialized = True
+
+    def _add_rows(self, keys: list, values: list, keep: Optional[torch.Tensor]) -> None:
+        k, v = torch.stack(keys), torch.stack(values)                   # [L, B, Hkv, T, D]
+        B, T = k.shape[1], k.shape[3]
+        if keep is None:
+            keep = torch.ones(B, T, dtype=torch.bool, device=k.device)
         for b in range(B):
             pos = keep[b].nonzero().flatten()
             kb = k[:, b].index_select(2, pos).permute(0, 2, 1, 3)       # [L, Tb, Hkv, D]
