@@ -104,6 +104,20 @@ def test_every_placement_returns_the_reference_over_the_same_selection(placement
     attn.close()
 
 
+@pytest.mark.parametrize("placement", ["gpu", "cpu", "offload", "hybrid"])
+@pytest.mark.parametrize("flow", ["streaming", "centroid"])
+def test_other_flows_return_the_reference_as_pages_fill(placement, flow):
+    """Flows without summaries (streaming) or with other summaries (centroid) run in every sparse
+    placement while the new tokens fill pages."""
+    attn = make(placement, flow=flow)
+    shadow = Shadow(attn, 21)
+    rids = [shadow.add(29), shadow.add(14)]
+    for _ in range(2 * P + 1):
+        err = shadow.step(rids)
+        assert err < 1e-5, f"{placement} {flow}: relative error {err:.2e}"
+    attn.close()
+
+
 @pytest.mark.parametrize("placement", ["gpu", "hybrid"])
 def test_planning_again_before_layer_0_replaces_the_unrun_plan(placement):
     """plan() twice (a scheduler changing its mind) leaves no unwritten token behind."""

@@ -24,6 +24,10 @@ slots, and `scheduler.gpu_page_cache.GpuPageCache` (state on the device) decides
 evictions (pages in use this step are never evicted; the host copy stays authoritative, so an
 eviction loses nothing). Without CUDA
 the "GPU" side is the torch reference on the CPU, so the same logic runs in CI.
+
+The four calls that touch state (add_request, plan, run, remove_request) run in
+`torch.inference_mode()`, so the runtime's state is created and changed the same way whether the
+caller runs under inference mode or not; outputs are inference tensors (inputs anywhere, no autograd).
 """
 
 from __future__ import annotations
@@ -167,6 +171,7 @@ class HybridAttention:
         self._totals: dict = {}
 
     # ---- requests ---------------------------------------------------------------------------
+    @torch.inference_mode()
     def add_request(self, k: torch.Tensor, v: torch.Tensor) -> int:
         """Prefill KV of every layer, k and v [num_layers, T, Hkv, D] (T >= 0); returns the request
         id. Host placements stream the prompt through the device pool in chunks, offloading full
@@ -202,6 +207,7 @@ class HybridAttention:
             raise
         return rid
 
+    @torch.inference_mode()
     def remove_request(self, rid: int) -> None:
         """Free a request's device, host, cache and summary pages (refused inside a step)."""
         step = self._step
@@ -230,6 +236,7 @@ class HybridAttention:
                              f"{self.num_layers} is next); finish the step first")
 
     # ---- plan -------------------------------------------------------------------------------
+    @torch.inference_mode()
     def plan(self, rids: Sequence[int]) -> None:
         """Prepare one decode step for `rids` (batch order = this order): reserve the new token's
         slot, offload pages that filled, build tables, budgets and selection groups. All checks
@@ -320,6 +327,7 @@ class HybridAttention:
             self._step = None
 
     # ---- run --------------------------------------------------------------------------------
+    @torch.inference_mode()
     def run(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             sel: Optional[torch.Tensor] = None, *, check_sel: bool = True) -> torch.Tensor:
         """Append this layer's new token, select, partition, attend and merge: o [B, Hq, D] in q's

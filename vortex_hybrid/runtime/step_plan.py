@@ -64,6 +64,8 @@ def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial:
     positions = torch.as_tensor(old, dtype=torch.int64)
     write_pages = dev_table.cpu().to(torch.int64).gather(1, (positions // P)[:, None])[:, 0]
     filled = [b for b, n in enumerate(new) if n % P == 0]
+    if attn.store is None or not attn.store.summarizes:
+        filled = []                                  # nothing to summarise (dense, streaming)
     s_table = s_lens = None
     groups: dict[int, list[int]] = {}
     width = 0

@@ -160,6 +160,11 @@ class SummaryStore:
             self._row_tensors.pop(rid, None)
         return [row[p] for p in pages]
 
+    @property
+    def summarizes(self) -> bool:
+        """Whether the flow keeps per-page summaries (`streaming`, say, has none)."""
+        return bool(self._tensors)
+
     def reserve_rows(self, rid: int, full_pages: int) -> None:
         """Give pages 0..full_pages-1 of a request their rows now (a runtime's plan does this for the
         page the step's new token fills, so the step's table already names its row)."""

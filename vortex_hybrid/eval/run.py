@@ -1,0 +1,151 @@
+"""One offline evaluation: a model, a suite of long-context task samples, and every mode decoding
+from one shared dense prefill per sample.
+
+Per sample the prompt is prefilled once with transformers' SDPA (a `DynamicCache`); each mode then
+gets a `HybridCache` that `admit`s that prefill and decodes greedily through `HybridAttention` (so
+modes differ only in decode attention, as in the runtime). Modes: the five placements, and
+`streaming` (sink + recent pages only, on the GPU side), the bad baseline. Accuracy is RULER's
+exact match (`tasks.score`), with a Wilson 95% interval over the samples.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ..config import HybridConfig
+from ..integrations.hf import ATTN_IMPLEMENTATION, HybridCache
+from ..runtime.hybrid_attention import HOST_PLACEMENTS, TAIL_PAGES
+from . import tasks as task_lib
+
+MODES = ("dense", "gpu", "offload", "cpu", "hybrid", "streaming")
+PAGE_SIZE = 16
+CACHE_SHARE = 0.25
+"""GPU page-cache slots of `offload` and `hybrid`, as a share of a prompt's pages."""
+
+
+@dataclass
+class EvalSpec:
+    """What to evaluate (the CLI's options, checked there)."""
+    tasks: list[str]
+    context: int
+    samples: int
+    modes: list[str]
+    flow: str = "quest"
+    budgets: list[float] = field(default_factory=lambda: [0.05])
+    seed: int = 0
+    max_new_tokens: int = 24
+    haystack: str = "essay"
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (exact-match scores may be fractional: partial
+    multi-answer credit counts as that fraction of a success)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mode_config(mode: str, flow: str, budget: float, kv_dtype: str, cache_pages: int
+                ) -> HybridConfig:
+    if mode == "dense":
+        return HybridConfig(placement="dense", page_size=PAGE_SIZE, kv_dtype=kv_dtype)
+    placement, flow = ("gpu", "streaming") if mode == "streaming" else (mode, flow)
+    return HybridConfig(placement=placement, flow=flow, budget_ratio=budget, page_size=PAGE_SIZE,
+                        kv_dtype=kv_dtype, gpu_cache_pages=cache_pages)
+
+
+@torch.inference_mode()
+def greedy(model, cache, first: torch.Tensor, max_new: int, eos: set[int]) -> tuple[list[int], float]:
+    """Greedy decode from `first` [1, 1]; (tokens including `first`, decode seconds)."""
+    tokens, x = [int(first)], first
+    t0 = time.perf_counter()
+    while len(tokens) < max_new and tokens[-1] not in eos:
+        x = model(x, past_key_values=cache).logits[:, -1:].argmax(-1)
+        tokens.append(int(x))
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return tokens, time.perf_counter() - t0
+
+
+def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
+             progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Run every (sample, mode, budget); returns {"runs": [...], "summary": [...]}."""
+    from transformers import DynamicCache
+    device = model.device
+    kv_dtype = str(model.dtype).removeprefix("torch.")
+    suite = task_lib.make_suite(spec.tasks, tokenizer, spec.context, spec.samples, spec.seed, chat,
+                                haystack=spec.haystack)
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    gen_eos = gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+    eos = {t for t in [tokenizer.eos_token_id, *gen_eos] if isinstance(t, int)}
+    combos = [(m, b) for m in spec.modes for b in (spec.budgets if m != "dense" else [None])]
+    runs = []
+    for i, sample in enumerate(suite):
+        ids = torch.tensor([task_lib.render(sample, tokenizer, chat)], device=device)
+        pages = -(-(ids.shape[1] + spec.max_new_tokens) // PAGE_SIZE) + 2
+        with torch.inference_mode():
+            model.config._attn_implementation = "sdpa"
+            dyn = DynamicCache(config=model.config)
+            t0 = time.perf_counter()
+            first = model(ids, past_key_values=dyn).logits[:, -1:].argmax(-1)
+            prefill_s = time.perf_counter() - t0
+            model.config._attn_implementation = ATTN_IMPLEMENTATION
+        keys = [layer.keys for layer in dyn.layers]
+        values = [layer.values for layer in dyn.layers]
+        for mode, budget in combos:
+            cfg = mode_config(mode, spec.flow, budget or 1.0, kv_dtype,
+                              max(8, int(CACHE_SHARE * pages)))
+            host = cfg.placement in HOST_PLACEMENTS
+            cache = HybridCache(model, cfg, host_pages=pages + 8 if host else 0,
+                                device_pages=TAIL_PAGES + cfg.gpu_cache_pages if host else pages + 8)
+            try:
+                cache.admit(keys, values)
+                tokens, decode_s = greedy(model, cache, first, spec.max_new_tokens, eos)
+                totals = cache.stats()["totals"]
+            finally:
+                cache.close()
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            steps = max(totals.get("steps", 0), 1)
+            head_page_bytes = 2 * PAGE_SIZE * keys[0].shape[-1] * keys[0].element_size()
+            runs.append(dict(
+                task=sample.task, sample=i, seed=sample.seed, depth=sample.depth, mode=mode,
+                budget=budget, prompt_tokens=ids.shape[1], answers=sample.answers, output=text,
+                score=task_lib.score(sample, text), prefill_s=prefill_s, decode_s=decode_s,
+                decode_tokens=len(tokens) - 1,
+                gpu_page_heads_per_token=totals.get("gpu_pages", 0) / steps,
+                cpu_page_heads_per_token=totals.get("cpu_pages", 0) / steps,
+                kv_bytes_per_token=(totals.get("gpu_pages", 0) + totals.get("cpu_pages", 0)) *
+                head_page_bytes / steps))
+            if progress:
+                progress(f"{sample.task} #{i} {mode}" + (f" {budget:.0%}" if budget else ""))
+    return dict(runs=runs, summary=summarize(runs))
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Per (task, mode, budget) and per (all tasks, mode, budget): accuracy with its interval,
+    decode tokens/s, KV bytes and page-heads per token."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        for task in (r["task"], "all"):
+            groups.setdefault((task, r["mode"], r["budget"]), []).append(r)
+    out = []
+    for (task, mode, budget), rs in groups.items():
+        n, s = len(rs), sum(r["score"] for r in rs)
+        dec_s = sum(r["decode_s"] for r in rs)
+        out.append(dict(task=task, mode=mode, budget=budget, n=n, accuracy=s / n,
+                        interval=wilson(s, n),
+                        decode_tokens_per_s=sum(r["decode_tokens"] for r in rs) / dec_s
+                        if dec_s else None,
+                        kv_bytes_per_token=sum(r["kv_bytes_per_token"] for r in rs) / n,
+                        gpu_page_heads_per_token=sum(r["gpu_page_heads_per_token"] for r in rs) / n,
+                        cpu_page_heads_per_token=sum(r["cpu_page_heads_per_token"] for r in rs) / n))
+    return out
