@@ -10,30 +10,10 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
-
 from conftest import test_seed  # noqa: E402
+from tiny_models import tiny_tokenizer  # noqa: E402
 from vortex_hybrid.eval import tasks  # noqa: E402
 from vortex_hybrid.eval.tasks import TASKS, make_sample, make_suite, render, score  # noqa: E402
-
-CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n"
-        "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-
-
-def tiny_tokenizer(bos: bool = True) -> PreTrainedTokenizerFast:
-    """A byte-level BPE of 600 tokens trained on the haystacks: any text encodes, and decodes."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([" ".join(s) for s in tasks.HAYSTACKS.values()], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>",
-                                   **({"bos_token": "<s>"} if bos else {}))
-    fast.chat_template = CHAT
-    return fast
-
 
 @pytest.fixture(scope="module")
 def tok():

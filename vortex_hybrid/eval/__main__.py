@@ -36,13 +36,13 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--tasks", default=DEFAULT_TASKS,
                     help=f"comma list of {', '.join(task_lib.TASKS)} (default {DEFAULT_TASKS})")
     ap.add_argument("--context", type=int, default=2048, help="prompt tokens per sample (2048)")
-    ap.add_argument("--samples", type=int, default=3, help="samples per task (3)")
+    ap.add_argument("--samples", type=int, default=2, help="samples per task (2)")
     ap.add_argument("--modes", default=",".join(MODES),
                     help=f"comma list of {', '.join(MODES)} (default: all)")
     ap.add_argument("--flow", default="quest", help="page selection flow of the sparse modes")
     ap.add_argument("--budget", default="0.05",
                     help="comma list of budgets, fractions of a request's pages (0.05)")
-    ap.add_argument("--max-new-tokens", type=int, default=24, help="greedy decode length (24)")
+    ap.add_argument("--max-new-tokens", type=int, default=16, help="greedy decode length (16)")
     ap.add_argument("--haystack", default="essay", choices=("essay", "noise"))
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -94,7 +94,9 @@ def check(args) -> EvalSpec:
 def load(args, spec: EvalSpec):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
     from ..config import HybridConfig
+    hf_logging.disable_progress_bar()           # ours is the one bar
     from ..integrations.hf import ATTN_IMPLEMENTATION
     try:
         HybridConfig(flow=spec.flow)

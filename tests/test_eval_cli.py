@@ -1,0 +1,64 @@
+"""`python -m vortex_hybrid.eval` end to end on a tiny random model (offline), and its bad inputs:
+exit code 2 with one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from tiny_models import tiny_llama_folder  # noqa: E402
+from vortex_hybrid.eval.__main__ import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_llama_folder(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def args(model_dir, out, **over):
+    opts = {"--model": str(model_dir), "--context": "512", "--samples": "1", "--tasks": "passkey",
+            "--modes": "dense,hybrid,streaming", "--max-new-tokens": "4", "--out": str(out),
+            "--device": "cpu", "--budget": "0.1"}
+    opts.update(over)
+    return [x for kv in opts.items() for x in kv]
+
+
+def test_a_tiny_configuration_runs_end_to_end(model_dir, tmp_path, capsys):
+    assert main(args(model_dir, tmp_path / "out", **{"--tasks": "passkey,vt"})) == 0
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert len(result["runs"]) == 2 * 3                      # tasks x (dense + 2 sparse modes)
+    modes = {(s["task"], s["mode"]) for s in result["summary"]}
+    assert ("all", "hybrid") in modes and ("vt", "dense") in modes
+    for run in result["runs"]:
+        assert 0 <= run["score"] <= 1 and run["prompt_tokens"] <= 512
+        assert run["decode_tokens"] >= 1 and run["kv_bytes_per_token"] > 0
+    dense = [r for r in result["runs"] if r["mode"] == "dense"]
+    sparse = [r for r in result["runs"] if r["mode"] == "hybrid"]
+    assert sparse[0]["kv_bytes_per_token"] < dense[0]["kv_bytes_per_token"]   # sparse reads less
+    assert "accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"--modes": "dense,turbo"}, "--modes 'dense,turbo': unknown ['turbo']"),
+    ({"--tasks": "passkey,trivia"}, "--tasks 'passkey,trivia': unknown ['trivia']"),
+    ({"--model": "llama-9000"}, "--model 'llama-9000': model='llama-9000' is neither a folder"),
+    ({"--context": "5000"}, "--context 5000 + --max-new-tokens 4 exceeds the model's 4096"),
+    ({"--budget": "0,0.5"}, "--budget '0,0.5': a comma list of fractions in (0, 1]"),
+    ({"--samples": "0"}, "--samples 0: must be >= 1"),
+])
+def test_bad_inputs_exit_2_with_one_line(model_dir, tmp_path, capsys, over, message):
+    with pytest.raises(SystemExit) as exc:
+        main(args(model_dir, tmp_path / "out", **over))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_an_unwritable_output_folder_exits_2(model_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main(args(model_dir, tmp_path / "file" / "out"))
+    assert exc.value.code == 2 and "is not writable" in capsys.readouterr().err
