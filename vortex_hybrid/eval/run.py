@@ -35,7 +35,7 @@ class EvalSpec:
     context: int
     samples: int
     modes: list[str]
-    flow: str = "quest"
+    flow: str = "centroid"
     budgets: list[float] = field(default_factory=lambda: [0.05])
     seed: int = 0
     max_new_tokens: int = 24
