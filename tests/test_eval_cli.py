@@ -62,3 +62,18 @@ def test_an_unwritable_output_folder_exits_2(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(args(model_dir, tmp_path / "file" / "out"))
     assert exc.value.code == 2 and "is not writable" in capsys.readouterr().err
+
+
+def test_batched_decoding_gives_the_unbatched_outputs(model_dir, tmp_path):
+    """--batch 2 (left-padded prompts of different lengths, one request per row) decodes what
+    --batch 1 decodes, in the dense and a sparse mode; the budget covers every page, so the only
+    difference is the batching."""
+    common = {"--tasks": "passkey,niah_single", "--samples": "2", "--modes": "dense,gpu",
+              "--budget": "1.0", "--max-new-tokens": "6"}
+    outs = {}
+    for batch in ("1", "2"):
+        assert main(args(model_dir, tmp_path / batch, **common, **{"--batch": batch})) == 0
+        runs = json.loads((tmp_path / batch / "eval.json").read_text())["runs"]
+        outs[batch] = sorted((r["task"], r["sample"], r["mode"], r["output"]) for r in runs)
+        assert {r["batch"] for r in runs} == {int(batch)}
+    assert len(outs["1"]) == 8 and outs["1"] == outs["2"]

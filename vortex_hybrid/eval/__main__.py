@@ -47,6 +47,8 @@ def parse(argv) -> argparse.Namespace:
                     help="comma list of budgets, fractions of a request's pages (0.05)")
     ap.add_argument("--max-new-tokens", type=int, default=16, help="greedy decode length (16)")
     ap.add_argument("--haystack", default="essay", choices=("essay", "noise"))
+    ap.add_argument("--batch", type=int, default=1,
+                    help="samples decoded together (left-padded; one request each) (1)")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
@@ -76,7 +78,7 @@ def check(args) -> EvalSpec:
         budgets = []
     if not budgets or not all(0 < b <= 1 for b in budgets):
         fail(f"--budget {args.budget!r}: a comma list of fractions in (0, 1]")
-    for name in ("context", "samples", "max_new_tokens"):
+    for name in ("context", "samples", "max_new_tokens", "batch"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.device not in ("auto", "cpu", "cuda"):
@@ -91,7 +93,8 @@ def check(args) -> EvalSpec:
         fail(f"--out {args.out!r} is not writable ({exc.strerror or exc})")
     return EvalSpec(tasks=tasks, context=args.context, samples=args.samples, modes=modes,
                     flow=args.flow, budgets=budgets, seed=args.seed,
-                    max_new_tokens=args.max_new_tokens, haystack=args.haystack)
+                    max_new_tokens=args.max_new_tokens, haystack=args.haystack,
+                    batch=args.batch)
 
 
 def load(args, spec: EvalSpec):

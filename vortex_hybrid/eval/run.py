@@ -40,6 +40,7 @@ class EvalSpec:
     seed: int = 0
     max_new_tokens: int = 24
     haystack: str = "essay"
+    batch: int = 1
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -64,21 +65,32 @@ def mode_config(mode: str, flow: str, budget: float, kv_dtype: str, cache_pages:
 
 
 @torch.inference_mode()
-def greedy(model, cache, first: torch.Tensor, max_new: int, eos: set[int]) -> tuple[list[int], float]:
-    """Greedy decode from `first` [1, 1]; (tokens including `first`, decode seconds)."""
-    tokens, x = [int(first)], first
+def greedy(model, cache, first: torch.Tensor, max_new: int, eos: set[int]
+           ) -> tuple[list[list[int]], float]:
+    """Greedy decode of a batch from `first` [B, 1] until every row has produced an EOS or
+    `max_new` tokens; (each row's tokens from `first` through its first EOS, decode seconds)."""
+    eos_t = torch.tensor(sorted(eos) or [-1], device=first.device)
+    out, x = [first], first
+    done = torch.isin(first[:, 0], eos_t)
     t0 = time.perf_counter()
-    while len(tokens) < max_new and tokens[-1] not in eos:
+    while len(out) < max_new and not bool(done.all()):
         x = model(x, past_key_values=cache).logits[:, -1:].argmax(-1)
-        tokens.append(int(x))
+        out.append(x)
+        done |= torch.isin(x[:, 0], eos_t)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
-    return tokens, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    rows = []
+    for row in torch.cat(out, 1).tolist():
+        end = next((i for i, t in enumerate(row) if t in eos), len(row) - 1)
+        rows.append(row[:end + 1])
+    return rows, seconds
 
 
 def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
              progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Run every (sample, mode, budget); returns {"runs": [...], "summary": [...]}."""
+    """Run every (sample, mode, budget), `spec.batch` samples at a time (left-padded); returns
+    {"runs": [...], "summary": [...]}. A run's decode_s is its share of its batch's decode time."""
     from transformers import DynamicCache
     device = model.device
     kv_dtype = str(model.dtype).removeprefix("torch.")
@@ -87,46 +99,54 @@ def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
     gen_eos = getattr(model.generation_config, "eos_token_id", None)
     gen_eos = gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
     eos = {t for t in [tokenizer.eos_token_id, *gen_eos] if isinstance(t, int)}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
     combos = [(m, b) for m in spec.modes for b in (spec.budgets if m != "dense" else [None])]
     runs = []
-    for i, sample in enumerate(suite):
-        ids = torch.tensor([task_lib.render(sample, tokenizer, chat)], device=device)
-        pages = -(-(ids.shape[1] + spec.max_new_tokens) // PAGE_SIZE) + 2
+    for start in range(0, len(suite), spec.batch):
+        group = suite[start:start + spec.batch]
+        seqs = [task_lib.render(s, tokenizer, chat) for s in group]
+        T, B = max(map(len, seqs)), len(seqs)
+        ids = torch.tensor([[pad] * (T - len(x)) + x for x in seqs], device=device)
+        mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in seqs], device=device)
+        pages = -(-(T + spec.max_new_tokens) // PAGE_SIZE) + 2           # per request, at most
         with torch.inference_mode():
             model.config._attn_implementation = "sdpa"
             dyn = DynamicCache(config=model.config)
             t0 = time.perf_counter()
-            first = model(ids, past_key_values=dyn).logits[:, -1:].argmax(-1)
-            prefill_s = time.perf_counter() - t0
+            first = model(ids, attention_mask=mask, past_key_values=dyn).logits[:, -1:].argmax(-1)
+            prefill_s = (time.perf_counter() - t0) / B
             model.config._attn_implementation = ATTN_IMPLEMENTATION
         keys = [layer.keys for layer in dyn.layers]
         values = [layer.values for layer in dyn.layers]
+        head_page_bytes = 2 * PAGE_SIZE * keys[0].shape[-1] * keys[0].element_size()
         for mode, budget in combos:
             cfg = mode_config(mode, spec.flow, budget or 1.0, kv_dtype,
-                              max(8, int(CACHE_SHARE * pages)))
+                              max(8, int(CACHE_SHARE * pages * B)))
             host = cfg.placement in HOST_PLACEMENTS
-            cache = HybridCache(model, cfg, host_pages=pages + 8 if host else 0,
-                                device_pages=TAIL_PAGES + cfg.gpu_cache_pages if host else pages + 8)
+            cache = HybridCache(model, cfg, host_pages=B * (pages + 8) if host else 0,
+                                device_pages=TAIL_PAGES + cfg.gpu_cache_pages if host
+                                else B * (pages + 8))
             try:
-                cache.admit(keys, values)
-                tokens, decode_s = greedy(model, cache, first, spec.max_new_tokens, eos)
+                cache.admit(keys, values, mask)
+                rows, decode_s = greedy(model, cache, first, spec.max_new_tokens, eos)
                 totals = cache.stats()["totals"]
             finally:
                 cache.close()
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            steps = max(totals.get("steps", 0), 1)
-            head_page_bytes = 2 * PAGE_SIZE * keys[0].shape[-1] * keys[0].element_size()
-            runs.append(dict(
-                task=sample.task, sample=i, seed=sample.seed, depth=sample.depth, mode=mode,
-                budget=budget, prompt_tokens=ids.shape[1], answers=sample.answers, output=text,
-                score=task_lib.score(sample, text), prefill_s=prefill_s, decode_s=decode_s,
-                decode_tokens=len(tokens) - 1,
-                gpu_page_heads_per_token=totals.get("gpu_pages", 0) / steps,
-                cpu_page_heads_per_token=totals.get("cpu_pages", 0) / steps,
-                kv_bytes_per_token=(totals.get("gpu_pages", 0) + totals.get("cpu_pages", 0)) *
-                head_page_bytes / steps))
-            if progress:
-                progress(f"{sample.task} #{i} {mode}" + (f" {budget:.0%}" if budget else ""))
+            per_token = max(totals.get("steps", 0), 1) * B            # row-steps
+            for b, (sample, tokens) in enumerate(zip(group, rows)):
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                runs.append(dict(
+                    task=sample.task, sample=start + b, seed=sample.seed, depth=sample.depth,
+                    mode=mode, budget=budget, batch=B, prompt_tokens=len(seqs[b]),
+                    answers=sample.answers, output=text, score=task_lib.score(sample, text),
+                    prefill_s=prefill_s, decode_s=decode_s / B, decode_tokens=len(tokens) - 1,
+                    gpu_page_heads_per_token=totals.get("gpu_pages", 0) / per_token,
+                    cpu_page_heads_per_token=totals.get("cpu_pages", 0) / per_token,
+                    kv_bytes_per_token=(totals.get("gpu_pages", 0) + totals.get("cpu_pages", 0))
+                    * head_page_bytes / per_token))
+                if progress:
+                    progress(f"{sample.task} #{start + b} {mode}" +
+                             (f" {budget:.0%}" if budget else ""))
     return dict(runs=runs, summary=summarize(runs))
 
 
