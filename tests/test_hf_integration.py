@@ -100,7 +100,7 @@ def test_unsupported_models_and_misuse_are_refused():
     mistral = transformers.MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=96,
                                          num_hidden_layers=2, num_attention_heads=4,
                                          num_key_value_heads=2, head_dim=16, sliding_window=32)
-    with pytest.raises(ValueError, match="sliding-window"):
+    with pytest.raises(ValueError, match="every layer slides over a window of 32 tokens"):
         HybridCache(transformers.MistralForCausalLM(mistral), config("gpu"))
 
 
@@ -128,3 +128,40 @@ def test_admitting_a_shared_prefill_decodes_like_the_caches_own_prefill():
     assert shared.get_seq_length() == own.get_seq_length() == 43
     shared.close()
     own.close()
+
+
+def tiny_gemma3(impl: str, seed: int):
+    """Gemma-3 text layers: sliding (window 8) and full attention alternating, 1 KV head."""
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=8, max_position_embeddings=512,
+        layer_types=["sliding_attention", "full_attention"] * 2)
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    model.config._attn_implementation = impl
+    return model.to(DEVICE)
+
+
+@pytest.mark.parametrize("placement", ["dense", "gpu", "hybrid"])
+def test_gemma3_sliding_layers_stay_dense_and_full_layers_go_hybrid(placement):
+    """Sliding-window layers attend their window densely, the full-attention layers through the
+    runtime: at full budget, teacher-forced logits and generate equal SDPA's."""
+    seed = test_seed()
+    ours, ref = tiny_gemma3(ATTN_IMPLEMENTATION, seed), tiny_gemma3("sdpa", seed)
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    with torch.no_grad():
+        want = ref(ids).logits
+        cache = cache_for(ours, placement)
+        assert cache.runtime.num_layers == 2 and cache.runtime_layer == {1: 0, 3: 1}
+        got = [ours(ids[:, :29], past_key_values=cache).logits]
+        for t in range(29, 40):
+            got.append(ours(ids[:, t:t + 1], past_key_values=cache).logits)
+    err = ((torch.cat(got, 1) - want).abs().max() / want.abs().max()).item()
+    assert err < 1e-4, f"{placement} seed {seed}: relative logit error {err:.2e}"
+    assert cache.stats()["totals"]["steps"] == 11
+    cache.close()
+    cache = cache_for(ours, placement)
+    out = ours.generate(ids, past_key_values=cache, max_new_tokens=10, do_sample=False)
+    assert torch.equal(out, ref.generate(ids, max_new_tokens=10, do_sample=False)), f"seed {seed}"
+    cache.close()

@@ -26,10 +26,12 @@ function reaches the cache through an attribute on each attention module (`gener
 keyword arguments), set by the cache's `update` of that layer, so several caches can take turns on
 one model (`admit` shares one prefill among them).
 
-Supported: decoder-only models whose every layer is full causal attention with scaling
-head_dim ** -0.5 (Llama, Qwen2/3, Mistral without a sliding window, SmolLM2). Refused with a
-message: sliding-window layers (Gemma-3, Mistral with `sliding_window`), other scalings, softcapping,
-a second prefill into a cache that already holds requests (one `generate` per cache).
+Supported: decoder-only models whose full-attention layers use scaling head_dim ** -0.5 (Llama,
+Qwen2/3, Mistral without a sliding window, SmolLM2, Gemma-3 text). Sliding-window layers (Gemma-3's
+local layers) stay dense over their window in a transformers `DynamicSlidingWindowLayer`; the runtime
+serves the full-attention layers only (`runtime_layer` maps them). Refused with a message: models
+whose every layer slides, other layer types, other scalings, softcapping, a second prefill into a
+cache that already holds requests (one `generate` per cache).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from typing import Optional
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -104,10 +106,17 @@ class HybridCache(Cache):
         hkv = getattr(c, "num_key_value_heads", None) or hq
         D = getattr(c, "head_dim", None) or c.hidden_size // hq
         L = c.num_hidden_layers
-        if getattr(c, "sliding_window", None) and any(
-                t != "full_attention" for t in (getattr(c, "layer_types", None) or ["sliding"])):
-            raise ValueError(f"{type(model).__name__}: sliding-window layers (sliding_window="
-                             f"{c.sliding_window}) are not supported yet by HybridCache")
+        window = getattr(c, "sliding_window", None)
+        types = list(getattr(c, "layer_types", None) or
+                     ["sliding_attention" if window else "full_attention"] * L)
+        odd = sorted({t for t in types} - {"full_attention", "sliding_attention"})
+        if odd:
+            raise ValueError(f"{type(model).__name__}: layer types {odd} are not supported by "
+                             "HybridCache (full and sliding-window attention are)")
+        full = [i for i, t in enumerate(types) if t == "full_attention"]
+        if not full:
+            raise ValueError(f"{type(model).__name__}: every layer slides over a window of "
+                             f"{window} tokens; the hybrid runtime serves full-attention layers")
         for name in ("attn_logit_softcapping", "final_logit_softcapping"):
             if getattr(c, name, None):
                 raise ValueError(f"{type(model).__name__}: {name}={getattr(c, name)} is not "
@@ -116,23 +125,28 @@ class HybridCache(Cache):
         if len(mods) != L:
             raise ValueError(f"{type(model).__name__}: found {len(mods)} attention modules with a "
                              f"layer_idx, expected num_hidden_layers={L}")
-        for m in mods:
-            if not math.isclose(float(m.scaling), D ** -0.5, rel_tol=1e-6):
-                raise ValueError(f"layer {m.layer_idx}: attention scaling {m.scaling} is not "
+        for i in full:
+            if not math.isclose(float(mods[i].scaling), D ** -0.5, rel_tol=1e-6):
+                raise ValueError(f"layer {i}: attention scaling {mods[i].scaling} is not "
                                  f"head_dim ** -0.5 = {D ** -0.5}; the hybrid kernels use the latter")
         runtime_kw.setdefault("device", next(model.parameters()).device)
-        self.runtime = HybridAttention(cfg, L, hq, hkv, D, **runtime_kw)
+        self.runtime = HybridAttention(cfg, len(full), hq, hkv, D, **runtime_kw)
+        self.runtime_layer = {layer: r for r, layer in enumerate(full)}
+        """Model layer -> runtime layer, for the full-attention layers the runtime serves."""
         self.rids: list[int] = []
         self._prefill: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._decoding = False
-        super().__init__(layers=[_HybridLayer(self, i) for i in range(L)])
+        super().__init__(layers=[_HybridLayer(self, i) if i in self.runtime_layer
+                                 else DynamicSlidingWindowLayer(sliding_window=window)
+                                 for i in range(L)])
         self._modules = mods
-        for m in mods:
-            m.vortex_hybrid_cache = self
+        for i in full:
+            mods[i].vortex_hybrid_cache = self
 
     # ---- called by the layers and the attention function ------------------------------------
     def _update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self._modules[layer].vortex_hybrid_cache = self   # the cache of this forward (of several)
+        layer = self.runtime_layer[layer]
         if k.shape[2] > 1 or not self.rids:
             if self.rids:
                 raise ValueError(f"HybridCache: a second prefill ({k.shape[2]} tokens) into a cache "
@@ -159,18 +173,25 @@ class HybridCache(Cache):
     def admit(self, keys: list, values: list, attention_mask: Optional[torch.Tensor] = None
               ) -> None:
         """Start from a prefill computed elsewhere (e.g. one SDPA prefill shared by several caches):
-        keys, values per layer [B, Hkv, T, D] (a `DynamicCache`'s layers' `keys`/`values`);
-        attention_mask [B, T] (1 = real token) or None. Decoding continues at position T."""
+        keys, values per model layer [B, Hkv, T, D] (a `DynamicCache`'s layers' `keys`/`values`;
+        a sliding layer's may hold only its window); attention_mask [B, T] (1 = real token) or None.
+        Decoding continues at position T."""
         if self.rids:
             raise ValueError("HybridCache.admit: the cache already holds requests")
-        if len(keys) != self.runtime.num_layers or len(values) != len(keys):
-            raise ValueError(f"admit needs keys and values of {self.runtime.num_layers} layers, got "
+        if len(keys) != len(self.layers) or len(values) != len(keys):
+            raise ValueError(f"admit needs keys and values of {len(self.layers)} layers, got "
                              f"{len(keys)} and {len(values)}")
+        full = sorted(self.runtime_layer)
+        T = keys[full[0]].shape[2]
         keep = None if attention_mask is None else attention_mask.to(keys[0].device).bool()
-        self._add_rows(keys, values, keep)
-        for layer in self.layers:
-            layer.n = keys[0].shape[2]
-            layer.is_initialized = True
+        self._add_rows([keys[i] for i in full], [values[i] for i in full], keep)
+        for i, layer in enumerate(self.layers):
+            if i in self.runtime_layer:
+                layer.n = T
+                layer.is_initialized = True
+            else:                                       # the window's tokens, then the position
+                layer.update(keys[i], values[i])
+                layer.cumulative_length = T
 
     def _add_rows(self, keys: list, values: list, keep: Optional[torch.Tensor]) -> None:
         k, v = torch.stack(keys), torch.stack(values)                   # [L, B, Hkv, T, D]
@@ -184,7 +205,7 @@ class HybridCache(Cache):
             self.rids.append(self.runtime.add_request(kb.contiguous(), vb.contiguous()))
 
     def _attend(self, module, query, key, value, attention_mask, **kw):
-        layer = module.layer_idx
+        layer = self.runtime_layer[module.layer_idx]
         if not self._decoding:                          # prefill: dense over the prompt
             out = sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
             if layer == self.runtime.num_layers - 1:
@@ -206,7 +227,10 @@ class HybridCache(Cache):
 
 def hybrid_attention_forward(module, query, key, value, attention_mask, **kwargs):
     """transformers attention function (`attn_implementation="vortex_hybrid"`): query [B, Hq, q,
-    D], key/value [B, Hkv, kv, D] as the cache's update returned; out [B, q, Hq, D]."""
+    D], key/value [B, Hkv, kv, D] as the cache's update returned; out [B, q, Hq, D]. Sliding-window
+    layers attend densely over their window (their cache layer returns just that)."""
+    if getattr(module, "is_sliding", False) or getattr(module, "sliding_window", None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     cache = getattr(module, "vortex_hybrid_cache", None)
     if cache is None:
         raise ValueError("attn_implementation='vortex_hybrid' needs a HybridCache: pass "
