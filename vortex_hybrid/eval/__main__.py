@@ -24,7 +24,7 @@ from . import tasks as task_lib
 from .models import DEFAULT_MODEL, MODELS, resolve_model
 from .run import MODES, EvalSpec, evaluate
 
-DEFAULT_TASKS = "passkey,niah_single,niah_multikey"
+DEFAULT_TASKS = "niah_single,niah_multikey"
 
 
 def parse(argv) -> argparse.Namespace:
