@@ -27,9 +27,13 @@ def args(model_dir, out, **over):
 
 
 def test_a_tiny_configuration_runs_end_to_end(model_dir, tmp_path, capsys):
-    assert main(args(model_dir, tmp_path / "out", **{"--tasks": "passkey,vt"})) == 0
+    assert main(args(model_dir, tmp_path / "out", **{"--tasks": "passkey,vt",
+                                                       "--flow": "quest,centroid"})) == 0
     result = json.loads((tmp_path / "out" / "eval.json").read_text())
-    assert len(result["runs"]) == 2 * 3                      # tasks x (dense + 2 sparse modes)
+    assert len(result["runs"]) == 2 * 4          # tasks x (dense + hybrid x 2 flows + streaming)
+    assert {(r["mode"], r["flow"]) for r in result["runs"]} == {
+        ("dense", None), ("hybrid", "quest"), ("hybrid", "centroid"), ("streaming", "streaming")}
+    assert (tmp_path / "out" / "eval.png").stat().st_size > 0
     modes = {(s["task"], s["mode"]) for s in result["summary"]}
     assert ("all", "hybrid") in modes and ("vt", "dense") in modes
     for run in result["runs"]:
@@ -48,6 +52,7 @@ def test_a_tiny_configuration_runs_end_to_end(model_dir, tmp_path, capsys):
     ({"--context": "5000"}, "--context 5000 + --max-new-tokens 4 exceeds the model's 4096"),
     ({"--budget": "0,0.5"}, "--budget '0,0.5': a comma list of fractions in (0, 1]"),
     ({"--samples": "0"}, "--samples 0: must be >= 1"),
+    ({"--flow": "centroid,qwest"}, "--flow 'qwest': HybridConfig.flow='qwest' is invalid"),
 ])
 def test_bad_inputs_exit_2_with_one_line(model_dir, tmp_path, capsys, over, message):
     with pytest.raises(SystemExit) as exc:

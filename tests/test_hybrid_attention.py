@@ -176,6 +176,11 @@ def test_cpu_worker_fault_fails_the_step_and_the_next_step_works(monkeypatch):
     attn.close()
 
 
+def test_a_flow_that_reads_page_keys_is_refused_at_construction():
+    with pytest.raises(ValueError, match="flow 'oracle' reads page keys when it selects"):
+        make("gpu", flow="oracle")
+
+
 def test_api_misuse_is_refused_with_the_argument_named():
     attn = make("gpu")
     rid = attn.add_request(torch.randn(L, 5, HKV, D), torch.randn(L, 5, HKV, D))

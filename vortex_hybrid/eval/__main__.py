@@ -6,7 +6,7 @@ and decode speed side by side.
 
 Prints a table (accuracy per task and mode with a 95% interval, decode tokens/s, KV bytes read per
 token, page-heads attended on the GPU and the CPU per token); writes eval.json and, where matplotlib
-imports, eval.png (accuracy per mode and budget; decode tokens/s per mode) under --out. Bad options
+imports, eval.png (accuracy vs budget per mode and flow; decode tokens/s per mode) under --out. Bad options
 exit with code 2 and one line.
 """
 
@@ -40,9 +40,9 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--modes", default=",".join(MODES),
                     help=f"comma list of {', '.join(MODES)} (default: all)")
     ap.add_argument("--flow", default="centroid",
-                    help="page selection flow of the sparse modes (default centroid: on "
-                         "smollm2-135m's needle tasks at 2K and 5%%, quest found 0 of 3 needles "
-                         "whole, centroid 2; docs/BENCHMARKS.md)")
+                    help="comma list of page selection flows for the sparse modes (default "
+                         "centroid: on smollm2-135m's needle tasks at 2K and 5%%, quest found 0 of "
+                         "3 needles whole, centroid 2; docs/BENCHMARKS.md)")
     ap.add_argument("--budget", default="0.05",
                     help="comma list of budgets, fractions of a request's pages (0.05)")
     ap.add_argument("--max-new-tokens", type=int, default=16, help="greedy decode length (16)")
@@ -92,7 +92,7 @@ def check(args) -> EvalSpec:
     except OSError as exc:
         fail(f"--out {args.out!r} is not writable ({exc.strerror or exc})")
     return EvalSpec(tasks=tasks, context=args.context, samples=args.samples, modes=modes,
-                    flow=args.flow, budgets=budgets, seed=args.seed,
+                    flows=[f for f in args.flow.split(",") if f], budgets=budgets, seed=args.seed,
                     max_new_tokens=args.max_new_tokens, haystack=args.haystack,
                     batch=args.batch)
 
@@ -104,10 +104,11 @@ def load(args, spec: EvalSpec):
     from ..config import HybridConfig
     hf_logging.disable_progress_bar()           # ours is the one bar
     from ..integrations.hf import ATTN_IMPLEMENTATION
-    try:
-        HybridConfig(flow=spec.flow)
-    except ValueError as exc:
-        fail(str(exc).splitlines()[0])
+    for flow in spec.flows:
+        try:
+            HybridConfig(flow=flow)
+        except ValueError as exc:
+            fail(f"--flow {flow!r}: {str(exc).splitlines()[0]}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
@@ -130,16 +131,17 @@ def load(args, spec: EvalSpec):
 
 
 def table(summary: list[dict]) -> str:
-    head = ["task", "mode", "budget", "n", "accuracy", "95% interval", "decode tok/s",
+    head = ["task", "mode", "flow", "budget", "n", "accuracy", "95% interval", "decode tok/s",
             "KV MB/token", "GPU p-h/tok", "CPU p-h/tok"]
-    rows = [[s["task"], s["mode"], "-" if s["budget"] is None else f"{s['budget']:.0%}",
+    rows = [[s["task"], s["mode"], s["flow"] or "-",
+             "-" if s["budget"] is None else f"{s['budget']:.0%}",
              str(s["n"]), f"{s['accuracy']:.2f}",
              f"[{s['interval'][0]:.2f}, {s['interval'][1]:.2f}]",
              "-" if s["decode_tokens_per_s"] is None else f"{s['decode_tokens_per_s']:.1f}",
              f"{s['kv_bytes_per_token'] / 1e6:.2f}", f"{s['gpu_page_heads_per_token']:.0f}",
              f"{s['cpu_page_heads_per_token']:.0f}"]
             for s in sorted(summary, key=lambda s: (s["task"] == "all", s["task"], s["mode"],
-                                                    s["budget"] or 0))]
+                                                    s["flow"] or "", s["budget"] or 0))]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [head] + rows)
 
@@ -152,18 +154,26 @@ def chart(result: dict, path: Path) -> str:
     except ImportError:
         return "matplotlib is not importable: no chart"
     overall = [s for s in result["summary"] if s["task"] == "all"]
-    labels = [s["mode"] + ("" if s["budget"] is None else f" {s['budget']:.0%}") for s in overall]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
-    acc = [s["accuracy"] for s in overall]
-    err = [[s["accuracy"] - s["interval"][0] for s in overall],
-           [s["interval"][1] - s["accuracy"] for s in overall]]
-    a.bar(labels, acc, yerr=err, capsize=3)
+    lines: dict[tuple, list] = {}
+    for s in overall:
+        if s["budget"] is None:
+            a.axhline(s["accuracy"], color="k", linestyle="--", label=f"{s['mode']} (every page)")
+        else:
+            lines.setdefault((s["mode"], s["flow"]), []).append((s["budget"], s["accuracy"]))
+    for (mode, flow), pts in sorted(lines.items()):
+        xs, ys = zip(*sorted(pts))
+        a.plot(xs, ys, marker="o", label=mode if mode == "streaming" else f"{mode} / {flow}")
+    a.set_xlabel("budget (share of a request's pages)")
     a.set_ylabel("exact match (all tasks)")
-    a.set_ylim(0, 1.05)
-    b.bar(labels, [s["decode_tokens_per_s"] or 0 for s in overall])
-    b.set_ylabel("decode tokens/s")
-    for ax in (a, b):
-        ax.tick_params(axis="x", rotation=45, labelsize=8)
+    a.set_ylim(-0.02, 1.05)
+    a.legend(fontsize=7)
+    modes = sorted({s["mode"] for s in overall})
+    speed = [sum(s["decode_tokens_per_s"] or 0 for s in overall if s["mode"] == m) /
+             sum(1 for s in overall if s["mode"] == m) for m in modes]
+    b.bar(modes, speed)
+    b.set_ylabel("decode tokens/s (mean over flows, budgets)")
+    b.tick_params(axis="x", rotation=45, labelsize=8)
     fig.suptitle(f"{result['model']} @ {result['context']} tokens, {result['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -4,7 +4,8 @@ from one shared dense prefill per sample.
 Per sample the prompt is prefilled once with transformers' SDPA (a `DynamicCache`); each mode then
 gets a `HybridCache` that `admit`s that prefill and decodes greedily through `HybridAttention` (so
 modes differ only in decode attention, as in the runtime). Modes: the five placements, and
-`streaming` (sink + recent pages only, on the GPU side), the bad baseline. Accuracy is RULER's
+`streaming` (sink + recent pages only, on the GPU side), the bad baseline. Each sparse mode runs
+every flow of `flows` at every budget. Accuracy is RULER's
 exact match (`tasks.score`), with a Wilson 95% interval over the samples.
 """
 
@@ -35,7 +36,7 @@ class EvalSpec:
     context: int
     samples: int
     modes: list[str]
-    flow: str = "centroid"
+    flows: list[str] = field(default_factory=lambda: ["centroid"])
     budgets: list[float] = field(default_factory=lambda: [0.05])
     seed: int = 0
     max_new_tokens: int = 24
@@ -100,7 +101,13 @@ def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
     gen_eos = gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
     eos = {t for t in [tokenizer.eos_token_id, *gen_eos] if isinstance(t, int)}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
-    combos = [(m, b) for m in spec.modes for b in (spec.budgets if m != "dense" else [None])]
+    combos = []                                 # (mode, flow, budget)
+    for m in spec.modes:
+        if m == "dense":
+            combos.append((m, None, None))
+        else:
+            combos += [(m, f, b) for f in (["streaming"] if m == "streaming" else spec.flows)
+                       for b in spec.budgets]
     runs = []
     for start in range(0, len(suite), spec.batch):
         group = suite[start:start + spec.batch]
@@ -119,8 +126,8 @@ def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
         keys = [layer.keys for layer in dyn.layers]
         values = [layer.values for layer in dyn.layers]
         head_page_bytes = 2 * PAGE_SIZE * keys[0].shape[-1] * keys[0].element_size()
-        for mode, budget in combos:
-            cfg = mode_config(mode, spec.flow, budget or 1.0, kv_dtype,
+        for mode, flow, budget in combos:
+            cfg = mode_config(mode, flow or "quest", budget or 1.0, kv_dtype,
                               max(8, int(CACHE_SHARE * pages * B)))
             host = cfg.placement in HOST_PLACEMENTS
             cache = HybridCache(model, cfg, host_pages=B * (pages + 8) if host else 0,
@@ -137,7 +144,7 @@ def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
                 text = tokenizer.decode(tokens, skip_special_tokens=True)
                 runs.append(dict(
                     task=sample.task, sample=start + b, seed=sample.seed, depth=sample.depth,
-                    mode=mode, budget=budget, batch=B, prompt_tokens=len(seqs[b]),
+                    mode=mode, flow=flow, budget=budget, batch=B, prompt_tokens=len(seqs[b]),
                     answers=sample.answers, output=text, score=task_lib.score(sample, text),
                     prefill_s=prefill_s, decode_s=decode_s / B, decode_tokens=len(tokens) - 1,
                     gpu_page_heads_per_token=totals.get("gpu_pages", 0) / per_token,
@@ -146,22 +153,22 @@ def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
                     * head_page_bytes / per_token))
                 if progress:
                     progress(f"{sample.task} #{start + b} {mode}" +
-                             (f" {budget:.0%}" if budget else ""))
+                             (f" {flow} {budget:.0%}" if budget else ""))
     return dict(runs=runs, summary=summarize(runs))
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """Per (task, mode, budget) and per (all tasks, mode, budget): accuracy with its interval,
-    decode tokens/s, KV bytes and page-heads per token."""
+    """Per (task, mode, flow, budget) and per (all tasks, mode, flow, budget): accuracy with its
+    interval, decode tokens/s, KV bytes and page-heads per token."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         for task in (r["task"], "all"):
-            groups.setdefault((task, r["mode"], r["budget"]), []).append(r)
+            groups.setdefault((task, r["mode"], r["flow"], r["budget"]), []).append(r)
     out = []
-    for (task, mode, budget), rs in groups.items():
+    for (task, mode, flow, budget), rs in groups.items():
         n, s = len(rs), sum(r["score"] for r in rs)
         dec_s = sum(r["decode_s"] for r in rs)
-        out.append(dict(task=task, mode=mode, budget=budget, n=n, accuracy=s / n,
+        out.append(dict(task=task, mode=mode, flow=flow, budget=budget, n=n, accuracy=s / n,
                         interval=wilson(s, n),
                         decode_tokens_per_s=sum(r["decode_tokens"] for r in rs) / dec_s
                         if dec_s else None,

@@ -138,6 +138,10 @@ class HybridAttention:
             self.store = SummaryStore(self.kv, flow, group=hq // hkv,
                                       location=cfg.summary_location,
                                       dtype=getattr(torch, cfg.summary_dtype))
+            if self.store.bound.reads_keys:
+                raise ValueError(f"flow {cfg.flow!r} reads page keys when it selects; the runtime "
+                                 "selects from page summaries only (library flows that do: quest, "
+                                 "centroid, double_sparsity, streaming)")
         self._cache = GpuPageCache(L, slots, self.device) if slots else None
         if costs is None:           # the split needs this machine's concurrent host bandwidths
             costs = cost_model.load_or_measure() if self.placement == "hybrid" else \
