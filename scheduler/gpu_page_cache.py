@@ -208,9 +208,7 @@ class GpuPageCache:
         old = self.reuse[layer].index_select(0, rows)
         new = torch.where(n_want > 0, REUSE_ALPHA * rate + (1 - REUSE_ALPHA) * old, old)
         self.reuse[layer].index_copy_(0, rows, new)
-        self.seen[layer].index_copy_(0, rows, torch.cat(
-            [torch.where(wanted, now.to(torch.int32), seen), self.seen[layer, :, W:]
-             .index_select(0, rows)], 1))
+        self.seen[layer, :, :W].index_copy_(0, rows, torch.where(wanted, now.to(torch.int32), seen))
         weight = new * n_want.float()
         quota = torch.zeros(self.reuse.shape[1], dtype=torch.float32, device=self.device)
         quota.index_copy_(0, rows, S * weight / weight.sum().clamp_min(1e-9))
