@@ -411,15 +411,12 @@ class HybridAttention:
     def _run_layer(self, step: StepPlan, layer: int, q, k_new, v_new, sel=None) -> torch.Tensor:
         graphs = self._graphs.bind(step, sel) if self._graphs is not None else None
         if self.placement in ("dense", "gpu") and sel is None:
-            o = None
+            out = None
             if graphs is not None:
-                try:
-                    with (self.trace or NO_TRACE).gpu(layer, "graph replay"):
-                        o, = graphs.run(layer, "layer", self._resident_part(layer),
-                                        q=q, k_new=k_new, v_new=v_new)
-                    o = o.clone()
-                except CaptureFailed:
-                    o = None
+                with (self.trace or NO_TRACE).gpu(layer, "graph replay"):
+                    out = self._replay(graphs, layer, "layer", self._resident_part(layer),
+                                       q=q, k_new=k_new, v_new=v_new)
+            o = None if out is None else out[0].clone()
             if o is None:
                 self._append(step, layer, k_new, v_new)
                 with (self.trace or NO_TRACE).gpu(layer, "select + attend"):
@@ -474,13 +471,11 @@ class HybridAttention:
         if sel is not None:
             inputs["sel"] = sel
         with tr.gpu(layer, "select + partition + cache"):
-            if graphs is not None:
-                try:
-                    front = graphs.run(layer, "front", self._front_part(layer, graphs.pinned),
-                                       self._cache_state(layer), **inputs)
-                except CaptureFailed:
-                    graphs = None
-            if graphs is None:
+            front = self._replay(graphs, layer, "front",
+                                 self._front_part(layer, graphs.pinned) if graphs else None,
+                                 self._cache_state(layer), **inputs)
+            if front is None:               # the back part then runs eagerly too
+                graphs = None
                 front = self._front(step, layer, q, k_new, v_new, sel, self._pinned)
         gsel, table, src, dst, counts, q_host, sel_host = front
         step.counts += counts
@@ -495,12 +490,9 @@ class HybridAttention:
                                              step.host_table, step.lens_cpu, ready)
             elif hand == "gpu":
                 with tr.gpu(layer, "fetch + attend"):
-                    if graphs is not None:
-                        try:
-                            out = graphs.run(layer, "back", self._back_part(layer, front))
-                        except CaptureFailed:
-                            graphs = None
+                    out = self._replay(graphs, layer, "back", self._back_part(layer, front))
                     if out is None:
+                        graphs = None
                         out = self._back(step, layer, q, gsel, table, src, dst)
         o, lse = out
         if future is not None:
@@ -515,6 +507,17 @@ class HybridAttention:
                     o, lse = self._gpu.merge(o, lse, o_c.to(self.device), lse_c.to(self.device))
                 return o.to(q.dtype)
         return o.to(q.dtype) if graphs is None or o.dtype != q.dtype else o.clone()
+
+    @staticmethod
+    def _replay(graphs, layer: int, part: str, body, state=(), **inputs) -> Optional[tuple]:
+        """The part's outputs from its CUDA graph, or None when there are no graphs or the part
+        cannot be captured (the caller then runs it eagerly)."""
+        if graphs is None:
+            return None
+        try:
+            return graphs.run(layer, part, body, state, **inputs)
+        except CaptureFailed:
+            return None
 
     def _front_part(self, layer: int, pinned):
         def body(step: StepPlan, inp: dict) -> tuple:
