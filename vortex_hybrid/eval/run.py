@@ -20,13 +20,12 @@ import torch
 
 from ..config import HybridConfig
 from ..integrations.hf import ATTN_IMPLEMENTATION, HybridCache
-from ..runtime.hybrid_attention import HOST_PLACEMENTS, TAIL_PAGES
 from . import tasks as task_lib
 
 MODES = ("dense", "gpu", "offload", "cpu", "hybrid", "streaming")
 PAGE_SIZE = 16
 CACHE_SHARE = 0.25
-"""GPU page-cache slots of `offload` and `hybrid`, as a share of a prompt's pages."""
+"""GPU page-cache slots of `offload` and `hybrid`, as a share of the batch's pages."""
 
 
 @dataclass
@@ -56,13 +55,12 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def mode_config(mode: str, flow: str, budget: float, kv_dtype: str, cache_pages: int
-                ) -> HybridConfig:
+def mode_config(mode: str, flow: str, budget: float, kv_dtype: str) -> HybridConfig:
     if mode == "dense":
         return HybridConfig(placement="dense", page_size=PAGE_SIZE, kv_dtype=kv_dtype)
     placement, flow = ("gpu", "streaming") if mode == "streaming" else (mode, flow)
     return HybridConfig(placement=placement, flow=flow, budget_ratio=budget, page_size=PAGE_SIZE,
-                        kv_dtype=kv_dtype, gpu_cache_pages=cache_pages)
+                        kv_dtype=kv_dtype)
 
 
 @torch.inference_mode()
@@ -115,7 +113,6 @@ def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
         T, B = max(map(len, seqs)), len(seqs)
         ids = torch.tensor([[pad] * (T - len(x)) + x for x in seqs], device=device)
         mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in seqs], device=device)
-        pages = -(-(T + spec.max_new_tokens) // PAGE_SIZE) + 2           # per request, at most
         with torch.inference_mode():
             model.config._attn_implementation = "sdpa"
             dyn = DynamicCache(config=model.config)
@@ -127,12 +124,9 @@ def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
         values = [layer.values for layer in dyn.layers]
         head_page_bytes = 2 * PAGE_SIZE * keys[0].shape[-1] * keys[0].element_size()
         for mode, flow, budget in combos:
-            cfg = mode_config(mode, flow or "quest", budget or 1.0, kv_dtype,
-                              max(8, int(CACHE_SHARE * pages * B)))
-            host = cfg.placement in HOST_PLACEMENTS
-            cache = HybridCache(model, cfg, host_pages=B * (pages + 8) if host else 0,
-                                device_pages=TAIL_PAGES + cfg.gpu_cache_pages if host
-                                else B * (pages + 8))
+            cfg = mode_config(mode, flow or "quest", budget or 1.0, kv_dtype)
+            cache = HybridCache.for_tokens(model, cfg, B, T + spec.max_new_tokens,
+                                           cache_share=CACHE_SHARE)
             try:
                 cache.admit(keys, values, mask)
                 rows, decode_s = greedy(model, cache, first, spec.max_new_tokens, eos)

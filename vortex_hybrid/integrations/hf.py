@@ -36,6 +36,7 @@ cache that already holds requests (one `generate` per cache).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -46,7 +47,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..config import HybridConfig
-from ..runtime.hybrid_attention import HybridAttention
+from ..runtime.hybrid_attention import HOST_PLACEMENTS, TAIL_PAGES, HybridAttention
 
 ATTN_IMPLEMENTATION = "vortex_hybrid"
 
@@ -142,6 +143,23 @@ class HybridCache(Cache):
         self._modules = mods
         for i in full:
             mods[i].vortex_hybrid_cache = self
+
+    @classmethod
+    def for_tokens(cls, model, cfg: HybridConfig, batch: int, tokens: int,
+                   cache_share: Optional[float] = None, **runtime_kw) -> "HybridCache":
+        """A cache whose pools hold `batch` requests of up to `tokens` tokens each (prompt and
+        generated): every page in the device pool for `dense`/`gpu`; in the host pool for the host
+        placements, whose device pool keeps the tail pages and the GPU cache slots. cache_share:
+        sets `gpu_cache_pages` to that share of the batch's pages (at least 8)."""
+        pages = -(-tokens // cfg.page_size) + 2                        # per request, at most
+        if cache_share is not None:
+            cfg = dataclasses.replace(cfg, gpu_cache_pages=max(8, int(cache_share * batch * pages)))
+        pool = batch * (pages + 8)
+        if cfg.placement in HOST_PLACEMENTS:
+            runtime_kw.update(host_pages=pool, device_pages=TAIL_PAGES + cfg.gpu_cache_pages)
+        else:
+            runtime_kw.update(host_pages=0, device_pages=pool)
+        return cls(model, cfg, **runtime_kw)
 
     # ---- called by the layers and the attention function ------------------------------------
     def _update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -25,7 +25,6 @@ from lm_eval.models.huggingface import HFLM
 
 from ..config import HybridConfig
 from ..eval.models import resolve_model
-from ..runtime.hybrid_attention import HOST_PLACEMENTS, TAIL_PAGES
 from .hf import ATTN_IMPLEMENTATION, HybridCache
 
 
@@ -44,15 +43,9 @@ class VortexHybridLM(HFLM):
         """Decode steps run through HybridAttention so far (for tests and logs)."""
 
     def _model_generate(self, context, max_length: int, stop, **generation_kwargs):
-        B = context.shape[0]
-        P = HybridConfig().page_size
-        pages = -(-int(max_length) // P) + 2                      # per request, at most
-        kv_dtype = str(self.model.dtype).removeprefix("torch.")
-        slots = max(8, int(self.gpu_cache_share * B * pages))
-        cfg = HybridConfig(**self.vh, kv_dtype=kv_dtype, gpu_cache_pages=slots)
-        host = cfg.placement in HOST_PLACEMENTS
-        cache = HybridCache(self.model, cfg, host_pages=B * (pages + 8) if host else 0,
-                            device_pages=TAIL_PAGES + slots if host else B * (pages + 8))
+        cfg = HybridConfig(**self.vh, kv_dtype=str(self.model.dtype).removeprefix("torch."))
+        cache = HybridCache.for_tokens(self.model, cfg, context.shape[0], int(max_length),
+                                       cache_share=self.gpu_cache_share)
         self.model.config._attn_implementation = ATTN_IMPLEMENTATION
         try:
             return super()._model_generate(context, max_length, stop, past_key_values=cache,
