@@ -117,6 +117,12 @@ class HybridConfig:
     there), or "auto" (the device when they take at most a quarter of its free memory)."""
     cpu_threads: Optional[int] = None
     """Numba worker threads for CPU kernels; None for NUMBA_NUM_THREADS or every core."""
+    calibration: Optional[str] = None
+    """Path of a calibration JSON written by `python -m vortex_hybrid.profile`: a budget ratio per
+    (layer, KV head) that replaces `budget_ratio` / `budget_pages` for sparse selection (a head
+    attends max(sink + recent, ceil(ratio * pages))). Its flow, page_size, sink_pages and
+    recent_pages must equal this config's (the budgets were measured under them). None: uniform
+    budgets."""
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
     """Flow options (e.g. {"channels": 16} for double_sparsity): the flow's constructor arguments,
     checked against them at construction."""
@@ -167,6 +173,8 @@ class HybridConfig:
             _fail("summary_location", self.summary_location, f"one of {list(SUMMARY_LOCATIONS)}")
         if self.cpu_threads is not None and (not _is_int(self.cpu_threads) or self.cpu_threads < 1):
             _fail("cpu_threads", self.cpu_threads, "a positive integer, or None")
+        if self.calibration is not None:
+            self.load_calibration()
         if not isinstance(self.extra, Mapping):
             _fail("extra", self.extra, "a mapping of flow options")
         try:
@@ -190,6 +198,27 @@ class HybridConfig:
         if self.budget_ratio is not None:
             budget = max(budget, math.ceil(self.budget_ratio * num_pages))
         return budget
+
+    def load_calibration(self):
+        """The `calibration` file loaded and checked against this config
+        (`vortex_hybrid.predictors.Calibration`), or None; ValueError with one line if it is
+        unreadable, invalid, or made under other settings."""
+        if self.calibration is None:
+            return None
+        if not isinstance(self.calibration, (str, os.PathLike)):
+            _fail("calibration", self.calibration, "a path to a calibration JSON file, or None")
+        from .predictors.calibration import Calibration     # lazy: numpy, only when used
+        try:
+            cal = Calibration.load(self.calibration)
+        except ValueError as exc:
+            raise ValueError(f"HybridConfig.calibration: {exc}") from None
+        for name in ("flow", "page_size", "sink_pages", "recent_pages"):
+            if getattr(cal, name) != getattr(self, name):
+                raise ValueError(f"HybridConfig.calibration {str(self.calibration)!r} was made with "
+                                 f"{name}={getattr(cal, name)!r}, but this config has "
+                                 f"{name}={getattr(self, name)!r}; use the same, or re-run "
+                                 "python -m vortex_hybrid.profile")
+        return cal
 
     def resolved_cpu_threads(self) -> int:
         """Thread count for CPU kernels: the field, else NUMBA_NUM_THREADS, else every core."""

@@ -51,6 +51,7 @@ from ..scheduler.step_shape import ShapeChooser, launch_order
 from ..vflow.registry import load_flow
 from ..vflow.summary_store import SummaryStore
 from .cpu_worker import CpuWorker, HostBuffers
+from .head_budgets import HeadBudgets
 from .layer_graphs import CaptureFailed, LayerGraphs
 from .step_plan import StepPlan, build_plan
 from .step_trace import NO_TRACE, StepTrace
@@ -143,6 +144,16 @@ class HybridAttention:
                                  "selects from page summaries only (library flows that do: quest, "
                                  "centroid, double_sparsity, streaming)")
         self._cache = GpuPageCache(L, slots, self.device) if slots else None
+        self.calibration = cfg.load_calibration() if self.store is not None else None
+        """The per-head budgets' calibration (`HybridConfig.calibration`), or None: uniform."""
+        self.head_budgets = None
+        if self.calibration is not None:
+            cal = self.calibration
+            if (cal.num_layers, cal.num_kv_heads) != (L, hkv):
+                raise ValueError(f"HybridConfig.calibration {cfg.calibration!r} has budgets for "
+                                 f"{cal.num_layers} layers x {cal.num_kv_heads} KV heads; this "
+                                 f"runtime has {L} x {hkv} (calibrate this model)")
+            self.head_budgets = HeadBudgets(cal, self.device, self.store.device)
         if costs is None:           # the split needs this machine's concurrent host bandwidths
             costs = cost_model.load_or_measure() if self.placement == "hybrid" else \
                 cost_model.DEFAULTS
@@ -571,8 +582,11 @@ class HybridAttention:
         return self._gpu.attend(q, k_pool, v_pool, table, step.lens, gsel)
 
     def _select(self, step: StepPlan, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """sel int32 [B, Hkv, width]: each row at its own budget (-1 padded to the widest)."""
+        """sel int32 [B, Hkv, width]: each row at its own budget (-1 padded to the widest); with a
+        calibration, each (row, KV head) at its own (`head_budgets`)."""
         B = len(step.rids)
+        if step.passes is not None:
+            return self._select_per_head(step, layer, q)
         if len(step.groups) == 1:
             (budget, _), = step.groups.items()
             return self.store.index(layer, q, step.s_table, step.s_lens, budget,
@@ -584,6 +598,22 @@ class HybridAttention:
                                     step.s_lens[rows], budget, self.cfg.sink_pages,
                                     self.cfg.recent_pages, check=False)
             sel[rows.to(self.device), :, :budget] = part
+        return sel
+
+    def _select_per_head(self, step: StepPlan, layer: int, q: torch.Tensor) -> torch.Tensor:
+        sel = torch.full((len(step.rids), self.num_kv_heads, step.width), -1, dtype=torch.int32,
+                         device=self.device)
+        for p in step.passes[layer]:
+            if p.rows is None:
+                part = self.store.index(layer, q, step.s_table, step.s_lens, p.budget,
+                                        self.cfg.sink_pages, self.cfg.recent_pages, check=False)
+                sel[:, :, :p.budget] = torch.where(p.keep[:, :, None], part, sel[:, :, :p.budget])
+                continue
+            part = self.store.index(layer, q[p.rows.to(q.device)], step.s_table[p.rows_store],
+                                    step.s_lens[p.rows_store], p.budget, self.cfg.sink_pages,
+                                    self.cfg.recent_pages, check=False)
+            cur = sel[p.rows, :, :p.budget]
+            sel[p.rows, :, :p.budget] = torch.where(p.keep[:, :, None], part.to(self.device), cur)
         return sel
 
     def _cache_table(self, step: StepPlan, layer: int, sel, chosen, flat, dev_table) -> tuple:

@@ -174,7 +174,7 @@ class LayerGraphs:
             generation = attn._cache.generation
         key = (len(step.rids), width, tuple((b, tuple(r.tolist()))
                                             for b, r in sorted(step.groups.items())),
-               sel_width, generation, step.shape)
+               sel_width, generation, step.shape, step.budget_key)
         graphs = self._sets.get(key)
         if graphs is None:
             graphs = self._sets[key] = _GraphSet(attn, step, width)

@@ -49,6 +49,8 @@ class StepPlan:
     cpu_rows: Optional[torch.Tensor] = None         # bool [B] (device): "subbatch"'s CPU rows
     t_start: float = 0.0                            # perf_counter at layer 0's run()
     launch_order: tuple = ("cpu", "gpu")            # split layers' hand-offs, first to last
+    passes: Optional[list] = None                   # per layer: head_budgets.Pass list (calibrated)
+    budget_key: bytes = b""                         # names the calibrated budgets (graph shapes)
 
 
 def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial: int,
@@ -79,6 +81,9 @@ def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial:
         for b, n in enumerate(new):
             groups.setdefault(attn.cfg.budget_for(-(-n // P)), []).append(b)
         width = max(groups, default=0)
+    passes, budget_key, attended = None, b"", None
+    if attn.head_budgets is not None:
+        passes, width, budget_key, attended = attn.head_budgets.plan([-(-n // P) for n in new])
     sdev = attn.store.device if attn.store is not None else dev
     cache_rows = None
     if attn._cache is not None:
@@ -98,7 +103,8 @@ def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial:
     step.serial = serial
     step.shape, step.shape_key = shape, shape_key
     step.cpu_rows = (torch.arange(len(rids)) < cpu_requests).to(dev)
+    step.passes, step.budget_key = passes, budget_key
     n_pages = [-(-n // P) for n in new]                     # pages dense / gpu attend, exactly
-    step.resident_pages = attn.num_kv_heads * sum(
+    step.resident_pages = attended if attended is not None else attn.num_kv_heads * sum(
         n if attn.placement == "dense" else min(n, attn.cfg.budget_for(n)) for n in n_pages)
     return step

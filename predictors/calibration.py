@@ -1,0 +1,137 @@
+"""`Calibration`: per-(layer, KV head) budgets written by `python -m vortex_hybrid.profile`, read by
+the runtime (`HybridConfig(calibration="calib.json")`).
+
+The file is versioned JSON. What the runtime reads: `budgets` (a budget ratio per layer and KV
+head: that head attends max(sink + recent, ceil(ratio * pages)) pages of a request), `granularity`
+(per head; "page" is what every placement runs), and the settings the budgets were measured
+under -- `flow`, `page_size`, `sink_pages`, `recent_pages` -- which a config using the file must
+share, since a head's output error at a budget depends on all of them. The rest (error curves,
+head properties, the predictor, the machine, the measured summary) documents how the budgets were
+chosen. `load` checks everything and raises ValueError with one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "vortex_hybrid.calibration"
+VERSION = 1
+GRANULARITIES = ("page",)
+REQUIRED = ("format", "version", "model", "flow", "page_size", "sink_pages", "recent_pages",
+            "error_target", "budgets", "granularity")
+MODEL_FIELDS = ("num_layers", "num_q_heads", "num_kv_heads", "head_dim")
+
+
+@dataclass
+class Calibration:
+    """A validated calibration (module docstring). `budgets` float64 [L, Hkv]."""
+    model: dict
+    flow: str
+    page_size: int
+    sink_pages: int
+    recent_pages: int
+    error_target: float
+    budgets: np.ndarray
+    granularity: list
+    extra: dict = field(default_factory=dict)     # everything else in the file, kept as is
+
+    @property
+    def num_layers(self) -> int:
+        return self.budgets.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.budgets.shape[1]
+
+    def head_budgets(self, num_pages) -> np.ndarray:
+        """int64 [L, Hkv, B]: pages each (layer, KV head) attends for requests of `num_pages`
+        pages each (the runtime's rule, `HybridConfig.budget_for`, with the head's ratio)."""
+        n = np.asarray(num_pages, dtype=np.float64)
+        want = np.ceil(self.budgets[:, :, None] * n[None, None, :] - 1e-9).astype(np.int64)
+        return np.maximum(want, self.sink_pages + self.recent_pages)
+
+    def to_dict(self) -> dict:
+        out = dict(self.extra)
+        out.update(format=FORMAT, version=VERSION, model=self.model, flow=self.flow,
+                   page_size=self.page_size, sink_pages=self.sink_pages,
+                   recent_pages=self.recent_pages, error_target=self.error_target,
+                   budgets=self.budgets.tolist(), granularity=self.granularity)
+        return out
+
+    def save(self, path) -> None:
+        """Write JSON atomically (a temporary file, then a rename)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "calibration") -> "Calibration":
+        def bad(msg):
+            raise ValueError(f"{where}: {msg}")
+        if not isinstance(d, dict):
+            bad(f"expected a JSON object, got {type(d).__name__}")
+        missing = [k for k in REQUIRED if k not in d]
+        if missing:
+            bad(f"missing fields {missing}")
+        if d["format"] != FORMAT:
+            bad(f"format {d['format']!r} is not {FORMAT!r}")
+        if d["version"] != VERSION:
+            bad(f"version {d['version']!r} is not supported (this vortex-hybrid reads version "
+                f"{VERSION}); re-run python -m vortex_hybrid.profile")
+        model = d["model"]
+        if not isinstance(model, dict) or any(not _count(model.get(k), 1) for k in MODEL_FIELDS):
+            bad(f"model must give positive integers {list(MODEL_FIELDS)}, got {model!r}")
+        if not isinstance(d["flow"], str) or not d["flow"]:
+            bad(f"flow {d['flow']!r} must be a flow name")
+        for name, low in (("page_size", 1), ("sink_pages", 0), ("recent_pages", 1)):
+            if not _count(d[name], low):
+                bad(f"{name} {d[name]!r} must be an integer >= {low}")
+        eps = d["error_target"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            bad(f"error_target {eps!r} must be a positive number")
+        L, H = model["num_layers"], model["num_kv_heads"]
+        try:
+            budgets = np.asarray(d["budgets"], dtype=np.float64)
+        except (TypeError, ValueError):
+            bad("budgets must be a list per layer of ratios per KV head")
+        if budgets.shape != (L, H):
+            bad(f"budgets has shape {list(budgets.shape)}, expected [{L}, {H}] (layers, KV heads)")
+        if not np.all(np.isfinite(budgets)) or np.any(budgets <= 0) or np.any(budgets > 1):
+            worst = budgets[~(np.isfinite(budgets) & (budgets > 0) & (budgets <= 1))]
+            bad(f"budgets must be ratios in (0, 1]; found {float(worst.flat[0])!r}")
+        gran = d["granularity"]
+        if not (isinstance(gran, list) and len(gran) == L and all(
+                isinstance(row, list) and len(row) == H and all(g in GRANULARITIES for g in row)
+                for row in gran)):
+            bad(f"granularity must be [{L}][{H}] names from {list(GRANULARITIES)}")
+        extra = {k: v for k, v in d.items() if k not in REQUIRED}
+        return cls(dict(model), d["flow"], int(d["page_size"]), int(d["sink_pages"]),
+                   int(d["recent_pages"]), float(eps), budgets, gran, extra)
+
+    @classmethod
+    def load(cls, path) -> "Calibration":
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"calibration {str(path)!r}: cannot read it "
+                             f"({exc.strerror or exc})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"calibration {str(path)!r}: not valid JSON ({exc})") from None
+        return cls.from_dict(data, where=f"calibration {str(path)!r}")
+
+
+def _count(v, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+__all__ = ["Calibration", "FORMAT", "GRANULARITIES", "VERSION"]

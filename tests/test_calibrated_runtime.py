@@ -1,0 +1,139 @@
+"""The runtime with a calibration: each (request, KV head) attends the pages the flow selects at
+that head's own budget, in every sparse placement, against the float64 reference; and the file's
+checks at the config and runtime boundaries."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from vortex_hybrid import HybridAttention, HybridConfig, reference, vflow
+from vortex_hybrid.predictors.calibration import FORMAT, VERSION, Calibration
+
+L, HQ, HKV, D, P = 2, 4, 2, 8, 4
+RATIOS = [[0.05, 0.5], [1.0, 0.1]]          # per layer, per KV head
+
+
+def calibration_file(tmp_path, ratios=RATIOS, **over) -> str:
+    data = {"format": FORMAT, "version": VERSION,
+            "model": {"num_layers": L, "num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": D},
+            "flow": "quest", "page_size": P, "sink_pages": 1, "recent_pages": 2,
+            "error_target": 0.1, "budgets": ratios,
+            "granularity": [["page"] * len(row) for row in ratios]}
+    data.update(over)
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def make(placement: str, path: str) -> HybridAttention:
+    cfg = HybridConfig(page_size=P, flow="quest", budget_ratio=0.05, sink_pages=1, recent_pages=2,
+                       placement=placement, gpu_cache_pages=4, kv_dtype="float32", calibration=path)
+    return HybridAttention(cfg, L, HQ, HKV, D, device_pages=80, host_pages=256)
+
+
+def head_reference(q, k, v, ratios_of_layer) -> torch.Tensor:
+    """float64 output of q [1, Hq, D] where KV head h attends the quest selection at its budget."""
+    T = k.shape[0]
+    n = -(-T // P)
+    pad = n * P - T
+    kp = torch.cat([k, torch.zeros(pad, HKV, D)]).reshape(n, P, HKV, D).transpose(1, 2)
+    vp = torch.cat([v, torch.zeros(pad, HKV, D)]).reshape(n, P, HKV, D).transpose(1, 2)
+    table = torch.arange(n, dtype=torch.int32)[None]
+    lens = torch.tensor([T], dtype=torch.int32)
+    budgets = [max(3, math.ceil(r * n - 1e-9)) for r in ratios_of_layer]
+    width = max(budgets)
+    sel = torch.full((1, HKV, width), -1, dtype=torch.int32)
+    for h, b in enumerate(budgets):
+        sel[0, h, :b] = vflow.select_pages("quest", q, kp.contiguous(), table, lens, b, 1, 2)[0, h]
+    o, _ = reference.sparse_decode_attention(q.double(), kp.double().contiguous(),
+                                             vp.double().contiguous(), table, lens, sel)
+    return o[0].float()
+
+
+@pytest.mark.parametrize("placement", ["gpu", "cpu", "offload", "hybrid"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_each_head_attends_its_own_budget(tmp_path, placement, seed):
+    print(f"seed={seed}")
+    attn = make(placement, calibration_file(tmp_path))
+    gen = torch.Generator().manual_seed(seed)
+    lens = [70, 45, 101]
+    kv = {}
+    for T in lens:
+        k, v = torch.randn(L, T, HKV, D, generator=gen), torch.randn(L, T, HKV, D, generator=gen)
+        kv[attn.add_request(k.to(attn.device), v.to(attn.device))] = [k, v]
+    rids = list(kv)
+    widths = set()
+    for _ in range(6):                        # pages fill; budgets move with the page counts
+        attn.plan(rids)
+        widths.add(attn._step.width)
+        grown = {r: ([], []) for r in rids}
+        for layer in range(L):
+            q, kn, vn = (torch.randn(len(rids), h, D, generator=gen) for h in (HQ, HKV, HKV))
+            o = attn.run(layer, q.to(attn.device), kn.to(attn.device), vn.to(attn.device)).cpu()
+            for b, rid in enumerate(rids):
+                k = torch.cat([kv[rid][0][layer], kn[b:b + 1]])
+                v = torch.cat([kv[rid][1][layer], vn[b:b + 1]])
+                grown[rid][0].append(k)
+                grown[rid][1].append(v)
+                want = head_reference(q[b:b + 1], k, v, RATIOS[layer])
+                err = ((o[b] - want).norm() / want.norm()).item()
+                assert err < 1e-4, (placement, layer, b, err)
+        for rid, (ks, vs) in grown.items():
+            kv[rid] = [torch.stack(ks), torch.stack(vs)]
+    assert max(widths) >= 26                  # layer 1's full-budget head reads every page
+
+
+def test_a_calibration_for_another_shape_or_setting_is_refused(tmp_path):
+    path = calibration_file(tmp_path, ratios=[[0.1, 0.1, 0.1]] * L,
+                            model={"num_layers": L, "num_q_heads": 6, "num_kv_heads": 3,
+                                   "head_dim": D})
+    with pytest.raises(ValueError, match="2 x 2"):
+        make("gpu", path)
+    with pytest.raises(ValueError, match="flow='quest'"):
+        HybridConfig(page_size=P, flow="centroid", sink_pages=1, recent_pages=2,
+                     calibration=calibration_file(tmp_path))
+    with pytest.raises(ValueError, match="page_size=4"):
+        HybridConfig(page_size=16, flow="quest", sink_pages=1, recent_pages=2,
+                     calibration=calibration_file(tmp_path))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"version": 99}, "version 99 is not supported"),
+    ({"format": "x"}, "format 'x'"),
+    ({"budgets": [[0.1, -0.2], [0.1, 0.1]]}, "ratios in \\(0, 1\\]; found -0.2"),
+    ({"budgets": [[0.1, 0.1]]}, "shape \\[1, 2\\], expected \\[2, 2\\]"),
+    ({"error_target": -1}, "error_target -1"),
+    ({"granularity": [["token", "page"], ["page", "page"]]}, "granularity"),
+    ({"sink_pages": -1}, "sink_pages -1"),
+])
+def test_a_bad_calibration_is_one_line_naming_the_problem(tmp_path, change, message):
+    path = calibration_file(tmp_path, **change)
+    with pytest.raises(ValueError, match=message) as err:
+        HybridConfig(page_size=P, flow="quest", sink_pages=1, recent_pages=2, calibration=path)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_fields_corrupt_json_and_missing_file_are_named(tmp_path):
+    data = json.loads(open(calibration_file(tmp_path)).read())
+    del data["budgets"], data["flow"]
+    (tmp_path / "m.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"missing fields \['flow', 'budgets'\]"):
+        Calibration.load(tmp_path / "m.json")
+    (tmp_path / "c.json").write_text('{"format": "vortex_hybrid.calibration", "vers')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Calibration.load(tmp_path / "c.json")
+    with pytest.raises(ValueError, match="cannot read"):
+        HybridConfig(calibration=str(tmp_path / "nope.json"))
+
+
+def test_round_trip_keeps_every_field(tmp_path):
+    cal = Calibration.load(calibration_file(tmp_path, note={"why": "kept"}))
+    cal.save(tmp_path / "again.json")
+    again = Calibration.load(tmp_path / "again.json")
+    assert again.to_dict() == cal.to_dict()
+    assert again.extra == {"note": {"why": "kept"}}
+    assert again.head_budgets([10, 100]).tolist() == [[[3, 5], [5, 50]], [[10, 100], [3, 10]]]
