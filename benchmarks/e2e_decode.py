@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -263,7 +262,7 @@ def size_batches(args, s: Shape, dev: torch.device) -> Sizes:
              f"raise --context or lower --steps/--warmup")
     pages = -(-args.context // args.page_size)
     elem = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
-    prompt = 2 * s.layers * prefill * s.kv_heads * s.head_dim * elem      # k, v of one request
+    prompt = s.layers * prefill * s.kv_heads * s.head_dim * elem     # one request's K (V = K)
     avail = psutil.virtual_memory().available
     host_usable = 0.8 * avail - args.host_reserve_gib * GIB
     if dev.type == "cuda":
@@ -411,8 +410,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=6,
                     help="untimed steps first (6: hybrid's step-shape choice measures 4)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 32)")
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                    help="weights and KV (bfloat16)")
+    ap.add_argument("--dtype", default="bfloat16", help="weights and KV: bfloat16 or float32")
     ap.add_argument("--page-size", type=int, default=16, help="tokens per page (16)")
     ap.add_argument("--hbm-reserve-gib", type=float, default=3.0,
                     help="HBM kept free when sizing dense/gpu batches (3)")
@@ -444,6 +442,8 @@ def parse(argv=None) -> argparse.Namespace:
     for name in ("context", "steps", "page_size"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
+    if args.dtype not in ("bfloat16", "float32"):
+        fail(f"--dtype={args.dtype!r}: allowed are bfloat16,float32")
     if args.warmup < 0:
         fail(f"--warmup={args.warmup} must be >= 0")
     if args.page_size & (args.page_size - 1):
@@ -552,7 +552,8 @@ def finish(result: dict, z: Sizes, args) -> None:
         result["goal"] = dict(hybrid_vs_dense=ratio, goal=GOAL, met=ratio >= GOAL,
                               hybrid_at_lower_bound_vs_dense=at_lb,
                               batch_ratio=hyb["batch"] / dense["batch"])
-        line = f"goal: hybrid / dense = {ratio:.2f}x (goal >= {GOAL}x: {'met' if ratio >= GOAL else 'MISSED'})"
+        line = f"goal: hybrid / dense = {ratio:.2f}x (goal >= {GOAL}x: " + \
+            ("met)" if ratio >= GOAL else "MISSED)")
         if ratio < GOAL:
             line += (f"; host memory holds {hyb['batch']} requests against dense's {dense['batch']} "
                      f"({hyb['batch'] / dense['batch']:.2f}x), and at its own lower bound (bytes "
@@ -561,7 +562,7 @@ def finish(result: dict, z: Sizes, args) -> None:
     if "gpu" in by and dense:
         result["notes"].append(f"gpu (sparse, KV in HBM) / dense = {by['gpu']['vs_dense']:.2f}x at "
                                f"batches {by['gpu']['batch']} / {dense['batch']}")
-    if z.host and z.dense and z.host <= 1.25 * z.dense:
+    if torch.cuda.is_available() and z.host and z.dense and z.host <= 1.25 * z.dense:
         result["notes"].append(f"host batch {z.host} vs dense {z.dense}: pinned host pools are capped "
                                f"by {z.host_usable:.0f} GiB usable with K and V blocks rounded to "
                                "powers of two (torch's pinned allocator, PagePool's rule)")

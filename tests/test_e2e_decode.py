@@ -71,3 +71,54 @@ def test_the_command_line_exits_2_on_a_bad_mode():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "error: --modes='tpu': allowed are dense,gpu,hybrid,cpu,offload"], out.stderr
+
+
+def test_the_decoder_step_equals_transformers_llama_over_the_same_kv():
+    """The benchmark's hand-written decoder is a Llama: one step over a KV cache (dense placement)
+    gives the logits of transformers' LlamaForCausalLM with the same weights and the same cache."""
+    transformers = pytest.importorskip("transformers")
+    from vortex_hybrid import HybridAttention, HybridConfig
+    e2e = load()
+    s = e2e.Shape(2, 64, 4, 2, 16, 128, 256)
+    m = e2e.Decoder(s, torch.float32, torch.device("cpu"), seed=3)
+    B, T = 2, 40
+    keys = [torch.randn(s.layers, T, s.kv_heads, s.head_dim) for _ in range(B)]
+    attn = HybridAttention(HybridConfig(placement="dense", kv_dtype="float32"), s.layers, s.heads,
+                           s.kv_heads, s.head_dim, device_pages=B * 8, device="cpu")
+    rids = [attn.add_request(k, k) for k in keys]
+    st = e2e.DecodeStep(m, B)
+    ids = torch.tensor([5, 17])
+    st.start(ids, torch.full((B,), T))
+    e2e.decode_step(attn, rids, st)
+    attn.close()
+
+    cfg = transformers.LlamaConfig(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.inter,
+                                   num_hidden_layers=s.layers, num_attention_heads=s.heads,
+                                   num_key_value_heads=s.kv_heads, head_dim=s.head_dim,
+                                   rope_theta=s.rope_theta, rms_norm_eps=s.eps,
+                                   tie_word_embeddings=False, max_position_embeddings=4096)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    sd = {"model.embed_tokens.weight": m.embed, "model.norm.weight": m.norm_f,
+          "lm_head.weight": m.lm_head}
+    for i in range(s.layers):
+        p = f"model.layers.{i}."
+        q, k, v = m.wqkv[i].split([s.heads * s.head_dim, s.kv_heads * s.head_dim,
+                                   s.kv_heads * s.head_dim])
+        gate, up = m.wgu[i].chunk(2)
+        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                   p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": m.wo[i],
+                   p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                   p + "mlp.down_proj.weight": m.wd[i], p + "input_layernorm.weight": m.norm1[i],
+                   p + "post_attention_layernorm.weight": m.norm2[i]})
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    cache = transformers.DynamicCache(config=cfg)
+    for i in range(s.layers):
+        k = torch.stack([kk[i] for kk in keys]).transpose(1, 2)         # [B, Hkv, T, D], post-RoPE
+        cache.update(k, k, i)
+    with torch.no_grad():
+        out = hf(input_ids=ids[:, None], past_key_values=cache, position_ids=torch.full((B, 1), T),
+                 cache_position=torch.tensor([T]))
+    torch.testing.assert_close(st.logits, out.logits[:, -1].float(), rtol=1e-4, atol=1e-4)
+    assert st.ids.tolist() == out.logits[:, -1].argmax(-1).tolist()
+    assert st.pos.tolist() == [T + 1] * B
