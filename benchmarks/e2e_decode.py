@@ -55,6 +55,7 @@ would overrun.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -194,11 +195,17 @@ class DecodeStep:
                 fn()
         torch.cuda.current_stream().wait_stream(side)
         pool, self.graphs = torch.cuda.graph_pool_handle(), []
-        for fn in fns:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                fn()
-            self.graphs.append(g)
+        gc.collect()        # as layer_graphs does: a collection during capture would free another
+        gc.disable()        # runtime's CUDA memory and invalidate the capture
+        try:
+            for fn in fns:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool, stream=side, capture_error_mode="thread_local"):
+                    fn()
+                self.graphs.append(g)
+        finally:
+            gc.enable()
+        torch.cuda.current_stream().wait_stream(side)
 
     def start(self, ids: torch.Tensor, pos: torch.Tensor) -> None:
         self.ids.copy_(ids)
