@@ -43,6 +43,8 @@ the driving thread waited for the CPU worker. Goal reported, not asserted: hybri
 its own lower bound, which shows whether any schedule could meet it on this machine.
 
     python benchmarks/e2e_decode.py --out results                        # GPU machine, ~4-6 min
+    python benchmarks/e2e_decode.py --modes dense,gpu,hybrid --out results   # or in two calls:
+    python benchmarks/e2e_decode.py --modes cpu,offload --out results2       # if one overruns
     python benchmarks/e2e_decode.py --smoke --out /tmp/e2e               # any machine, seconds
     bash scripts/gpu_machine_run.sh e2e_decode                           # E2E_ARGS passes options
 
@@ -372,8 +374,9 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
         last_logits = st.logits.clone()
     finally:
         attn.close()
+    head_bytes = 2 * args.page_size * s.head_dim * m.embed.element_size()
     return dict(mode=mode, batch=batch, build_s=build_s, tokens=tokens, logits=last_logits,
-                **summarize(rec, m, batch, costs, 2 * args.page_size * s.head_dim * m.embed.element_size()))
+                **summarize(rec, m, batch, costs, head_bytes))
 
 
 def sync(dev: torch.device) -> None:
