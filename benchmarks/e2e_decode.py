@@ -264,11 +264,7 @@ def host_need(b: int, z: Sizes, s: Shape, args, pinned: bool) -> int:
 
 
 def size_batches(args, s: Shape, dev: torch.device) -> Sizes:
-    grow = args.warmup + args.steps
-    prefill = args.context - grow
-    if prefill < 4 * args.page_size:
-        fail(f"--context={args.context} leaves {prefill} prompt tokens after the {grow} steps; "
-             f"raise --context or lower --steps/--warmup")
+    prefill = args.context - args.warmup - args.steps
     pages = -(-args.context // args.page_size)
     elem = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     prompt = s.layers * prefill * s.kv_heads * s.head_dim * elem     # one request's K (V = K)
@@ -458,6 +454,10 @@ def parse(argv=None) -> argparse.Namespace:
         fail(f"--warmup={args.warmup} must be >= 0")
     if args.page_size & (args.page_size - 1):
         fail(f"--page-size={args.page_size} must be a power of two")
+    grow = args.warmup + args.steps
+    if args.context - grow < 4 * args.page_size:
+        fail(f"--context={args.context} leaves {args.context - grow} prompt tokens after the {grow} "
+             f"steps; raise --context or lower --steps/--warmup")
     if not 0 < args.budget <= 1:
         fail(f"--budget={args.budget} must lie in (0, 1]")
     if not 0 < args.cache <= 1:
@@ -490,14 +490,14 @@ def main(argv=None) -> dict:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"seed {args.seed}; device {dev}; shape {s}; modes {','.join(args.mode_list)}", flush=True)
     torch.manual_seed(args.seed)
-    costs = cost_model.measure(quick=True) if dev.type == "cuda" else cost_model.DEFAULTS
-    print(f"ceilings ({'measured' if dev.type == 'cuda' else 'H100 defaults'}): hbm "
-          f"{costs.hbm_bw / 1e9:.0f} GB/s, h2d {costs.h2d_bw / 1e9:.1f} GB/s, cpu attention "
-          f"{costs.cpu_attn_bw / 1e9:.1f} GB/s", flush=True)
     with torch.inference_mode():
         m = Decoder(s, getattr(torch, args.dtype), dev, args.seed)
-        z = size_batches(args, s, dev)
+        z = size_batches(args, s, dev)          # HBM after the weights
         batches = choose_batches(args, z, s, args.mode_list, dev)
+        costs = cost_model.measure(quick=True) if dev.type == "cuda" else cost_model.DEFAULTS
+        print(f"ceilings ({'measured' if dev.type == 'cuda' else 'H100 defaults'}): hbm "
+              f"{costs.hbm_bw / 1e9:.0f} GB/s, h2d {costs.h2d_bw / 1e9:.1f} GB/s, cpu attention "
+              f"{costs.cpu_attn_bw / 1e9:.1f} GB/s", flush=True)
         print(f"model: {m.params / 1e9:.3f} B parameters ({m.bytes_per_step / GIB:.2f} GiB read per "
               f"step), random weights; prompt {z.prefill} tokens + {args.warmup + args.steps} steps = "
               f"{args.context}; usable HBM {z.hbm_usable:.1f} GiB, host {z.host_usable:.1f} GiB; "
