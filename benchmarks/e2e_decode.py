@@ -510,7 +510,10 @@ def main(argv=None) -> dict:
                       params=m.params, weight_bytes_per_step=m.bytes_per_step, context=args.context,
                       sizes=asdict(z), costs=costs.to_dict(), modes=[], skipped=[], notes=[
                           "random weights, synthetic prompt KV (V = K); prefill not measured",
-                          "dense at the host placements' batch cannot run: its KV does not fit"])
+                          "dense at the host placements' batch cannot run: its KV does not fit"] +
+                      ([] if dev.type == "cuda" else ["no CUDA: eager steps, the runtime's GPU side "
+                                                      "is the torch reference, ceilings are H100 "
+                                                      "defaults; timings say nothing about a GPU"]))
         last = 0.0
         for mode in args.mode_list:
             elapsed = time.perf_counter() - t_start
