@@ -2,7 +2,8 @@
 # One call on the GPU machine: set up, then the named steps, logs and JSON under $OUT.
 #   bash scripts/gpu_machine_run.sh tests demo gpu_topk gpu_attention cpu_attention summary_store
 # (TESTS="tests/test_x.py ..." limits the tests step to those files; HYBRID_STEP_ARGS passes
-# options to benchmarks/hybrid_step.py, whose full grid needs several calls)
+# options to benchmarks/hybrid_step.py, whose full grid needs several calls; E2E_ARGS to
+# benchmarks/e2e_decode.py, all of whose modes fit one call at its defaults)
 # tests: the whole suite natively (GPU kernels without the interpreter; the wheel-build test is
 # skipped: no registry there). Each step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -25,6 +26,7 @@ for step in "$@"; do
                      timeout 200 python3 benchmarks/step_trace.py --out "$OUT" --placement $p ${TRACE_ARGS:-}
                    done ;;
     hybrid_step)   timeout ${HYBRID_STEP_TIMEOUT:-570} python3 benchmarks/hybrid_step.py --out "$OUT" ${HYBRID_STEP_ARGS:-} ;;
+    e2e_decode)    timeout ${E2E_TIMEOUT:-570} python3 benchmarks/e2e_decode.py --out "$OUT" ${E2E_ARGS:-} ;;
     *) echo "unknown step $step"; continue ;;
   esac > "$OUT/$step.log" 2>&1
   rc=$?

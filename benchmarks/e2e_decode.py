@@ -1,0 +1,591 @@
+"""Question: end to end, how many decode tokens/s does a Llama-3-8B-shaped model reach with its KV in
+HBM (`dense`: full attention, the baseline; `gpu`: sparse) against KV in pinned host memory
+(`offload`, `cpu`, `hybrid`) at the largest batch each can hold, and what is hybrid / dense?
+
+Model: a minimal Llama decoder written here (RMSNorm, fused QKV projection, RoPE with theta 500000
+and no Llama-3 frequency scaling, o_proj, SwiGLU MLP, final norm, lm_head, greedy argmax fed back
+each step), **random weights** (normal, std 0.02, norms 1; fixed --seed, printed): right for speed,
+meaningless as text. Default shape Llama-3-8B: 32 layers, hidden 4096, 32 q / 8 KV heads, head_dim
+128, intermediate 14336, vocab 128256, bf16 (8.03 B parameters, 16.06 GB). --layers shrinks it.
+
+CUDA graphs: each step is one replay for the embedding and layer 0's norm + QKV + RoPE, then per layer
+`HybridAttention.run` (which replays its own per-layer graphs; the host placements' CPU hand-off
+happens inside it) and one replay per layer boundary (o_proj + residual + MLP of layer i, then norm +
+QKV + RoPE of layer i+1; after the last layer: final norm, lm_head, argmax, position + 1). That is
+as much of the step as a CPU hand-off per layer lets a graph hold. Without CUDA the same functions
+run eagerly (the --smoke configuration, CI).
+
+Prompt KV: synthetic (normal K of std 1, V = K; per request from a generator seeded by --seed and
+the request's index, so request i holds the same KV in every mode), appended with `add_request`;
+prefill is **not measured**. Every request holds --context tokens after the last step (the prompt is
+--context minus the steps). Attention: flow --flow at --budget of the pages (sink 1, recent 2 pages);
+`offload`/`hybrid` get a GPU page cache of --cache of the batch's KV pages.
+
+Batches (the largest that fits, unless --batch says otherwise; a --batch that does not fit exits 2):
+- `dense`, `gpu`: every page of every layer in HBM: free HBM after the weights, less the largest
+  synthetic prompt tensor and --hbm-reserve-gib (activations, graphs, kernel workspaces); `gpu` also
+  holds the flow's summaries (so its batch can be smaller than dense's).
+- `offload`, `cpu`, `hybrid`: full pages in pinned host memory, under the runtime's rule
+  (`PagePool`: torch's pinned allocator rounds each of the K and V blocks up to a power of two, and
+  the pair must stay under 80% of psutil's available memory), less --host-reserve-gib. On the H100
+  machine (125 GiB of RAM) that caps host KV at 2 x 32 GiB, about what HBM holds for `dense`: the
+  host batches are barely larger than dense's (the JSON's notes say by how much).
+Dense at the host placements' batch cannot be measured (its KV does not fit in HBM): the ratio to
+dense is tokens/s against dense at its own (largest) batch.
+
+Timing: --warmup steps, then --steps steps, each synchronised at its end (a server reads the step's
+tokens); medians of wall time per step. tokens/s = batch / median step time. Per mode also: KV bytes
+attended per token (page-heads from the runtime's counters), the step's lower bound from the bytes
+it moved (weights / HBM bandwidth + `hybrid_step.lower_bound` of the attention bytes; ceilings from
+`cost_model.measure(quick=True)`) and the share of it reached, cache hit rate, the share of the step
+the driving thread waited for the CPU worker. Goal reported, not asserted: hybrid / dense >= 3.5x
+(the mark Vortex reports over full attention); the JSON also gives the ratio hybrid would reach at
+its own lower bound, which shows whether any schedule could meet it on this machine.
+
+    python benchmarks/e2e_decode.py --out results                        # GPU machine, ~4-6 min
+    python benchmarks/e2e_decode.py --modes dense,gpu,hybrid --out results   # or in two calls:
+    python benchmarks/e2e_decode.py --modes cpu,offload --out results2       # if one overruns
+    python benchmarks/e2e_decode.py --smoke --out /tmp/e2e               # any machine, seconds
+    bash scripts/gpu_machine_run.sh e2e_decode                           # E2E_ARGS passes options
+
+Writes e2e_decode.json (after every mode) and e2e_decode.md (the table) under --out; the table is
+printed last. Modes run one at a time in one process (dense, gpu, hybrid, cpu, offload), each freed
+(device memory and pinned blocks) before the next; --time-limit skips a mode the last one says
+would overrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hybrid_step import HEAD_PAGE_BYTES, fmt, lower_bound, pow2ceil, release_memory, table  # noqa: E402
+
+from vortex_hybrid import HybridAttention, HybridConfig  # noqa: E402
+from vortex_hybrid.kv.page_pool import GIB, pool_bytes  # noqa: E402
+from vortex_hybrid.runtime.hybrid_attention import HOST_PLACEMENTS, TAIL_PAGES  # noqa: E402
+from vortex_hybrid.scheduler import cost_model  # noqa: E402
+from vortex_hybrid.vflow.summary_store import summary_bytes  # noqa: E402
+
+MODES = ("dense", "gpu", "hybrid", "cpu", "offload")          # the order they run in
+SINK, RECENT, GOAL = 1, 2, 3.5
+PREFILL_CHUNK_PAGES = 4096       # extra device pages for host placements: the prompt streams through
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int = 32
+    hidden: int = 4096
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    inter: int = 14336
+    vocab: int = 128256
+    rope_theta: float = 500000.0
+    eps: float = 1e-5
+
+
+SMOKE = dict(shape=Shape(2, 64, 4, 2, 16, 128, 256), context=320, batch="2", steps=3, warmup=1,
+             dtype="float32", page_size=16, modes="dense,gpu,hybrid")
+
+
+class Decoder:
+    """Llama decoder weights (random, fixed seed) on one device; `bytes_per_step` is what one decode
+    step reads of them (every matrix but the embedding table, of which it reads B rows)."""
+
+    def __init__(self, s: Shape, dtype: torch.dtype, device: torch.device, seed: int) -> None:
+        g = torch.Generator(device=device).manual_seed(seed)
+
+        def w(*size):
+            return torch.randn(*size, generator=g, device=device, dtype=dtype).mul_(0.02)
+
+        self.s, self.dtype, self.device = s, dtype, device
+        qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
+        self.embed = w(s.vocab, s.hidden)
+        self.wqkv = [w(qkv, s.hidden) for _ in range(s.layers)]
+        self.wo = [w(s.hidden, s.heads * s.head_dim) for _ in range(s.layers)]
+        self.wgu = [w(2 * s.inter, s.hidden) for _ in range(s.layers)]
+        self.wd = [w(s.hidden, s.inter) for _ in range(s.layers)]
+        self.norm1 = [torch.ones(s.hidden, device=device, dtype=dtype) for _ in range(s.layers)]
+        self.norm2 = [torch.ones(s.hidden, device=device, dtype=dtype) for _ in range(s.layers)]
+        self.norm_f = torch.ones(s.hidden, device=device, dtype=dtype)
+        self.lm_head = w(s.vocab, s.hidden)
+        self.inv_freq = 1.0 / s.rope_theta ** (torch.arange(0, s.head_dim, 2, device=device,
+                                                            dtype=torch.float32) / s.head_dim)
+        mats = self.wqkv + self.wo + self.wgu + self.wd + [self.lm_head]
+        self.bytes_per_step = sum(t.numel() * t.element_size() for t in mats)
+        self.params = sum(t.numel() for t in mats) + self.embed.numel()
+
+
+class DecodeStep:
+    """Static buffers of one batch and the step's non-attention work around `HybridAttention.run`:
+    `pre()` (embed ids, layer 0's norm + QKV + RoPE into q, k, v) and `boundary(i)` (o_proj of
+    attn_out + residual + MLP of layer i, then layer i+1's q, k, v; after the last layer the logits,
+    the argmax into ids and pos + 1). With CUDA both are CUDA graphs (`capture`)."""
+
+    def __init__(self, m: Decoder, batch: int) -> None:
+        s, dev, dt = m.s, m.device, m.dtype
+        self.m, self.B = m, batch
+        self.ids = torch.zeros(batch, dtype=torch.int64, device=dev)
+        self.pos = torch.zeros(batch, dtype=torch.int64, device=dev)
+        self.h = torch.zeros(batch, s.hidden, dtype=torch.float32, device=dev)   # the residual
+        self.q = torch.zeros(batch, s.heads, s.head_dim, dtype=dt, device=dev)
+        self.k = torch.zeros(batch, s.kv_heads, s.head_dim, dtype=dt, device=dev)
+        self.v = torch.zeros_like(self.k)
+        self.attn_out = torch.zeros_like(self.q)
+        self.logits = torch.zeros(batch, s.vocab, dtype=torch.float32, device=dev)
+        self.graphs = None
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.m.s.eps)).to(w.dtype) * w
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        half = x.shape[-1] // 2
+        rot = torch.cat((-x[..., half:], x[..., :half]), -1)
+        return x * cos + rot * sin
+
+    def _qkv(self, layer: int) -> None:
+        m, s, B = self.m, self.m.s, self.B
+        qkv = F.linear(self._norm(self.h, m.norm1[layer]), m.wqkv[layer])
+        q, k, v = qkv.split([s.heads * s.head_dim, s.kv_heads * s.head_dim,
+                             s.kv_heads * s.head_dim], -1)
+        freqs = self.pos[:, None].float() * m.inv_freq                   # [B, D/2]
+        emb = torch.cat((freqs, freqs), -1)[:, None]                       # [B, 1, D]
+        cos, sin = emb.cos(), emb.sin()
+        self.q.copy_(self._rope(q.view(B, s.heads, s.head_dim), cos, sin))
+        self.k.copy_(self._rope(k.view(B, s.kv_heads, s.head_dim), cos, sin))
+        self.v.copy_(v.view(B, s.kv_heads, s.head_dim))
+
+    def _pre(self) -> None:
+        self.h.copy_(self.m.embed.index_select(0, self.ids))
+        self._qkv(0)
+
+    def _boundary(self, layer: int) -> None:
+        m = self.m
+        self.h.add_(F.linear(self.attn_out.flatten(1), m.wo[layer]))
+        gate, up = F.linear(self._norm(self.h, m.norm2[layer]), m.wgu[layer]).chunk(2, -1)
+        self.h.add_(F.linear(F.silu(gate) * up, m.wd[layer]))
+        if layer + 1 < m.s.layers:
+            self._qkv(layer + 1)
+        else:
+            self.logits.copy_(F.linear(self._norm(self.h, m.norm_f), m.lm_head))
+            self.ids.copy_(self.logits.argmax(-1))
+            self.pos.add_(1)
+
+    def capture(self) -> None:
+        """One CUDA graph for pre() and one per boundary, in one memory pool (they replay in turn).
+        Warm-up runs change the buffers: call `start` after."""
+        fns = [self._pre] + [lambda i=i: self._boundary(i) for i in range(self.m.s.layers)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for fn in fns:
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        pool, self.graphs = torch.cuda.graph_pool_handle(), []
+        gc.collect()        # as layer_graphs does: a collection during capture would free another
+        gc.disable()        # runtime's CUDA memory and invalidate the capture
+        try:
+            for fn in fns:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool, stream=side, capture_error_mode="thread_local"):
+                    fn()
+                self.graphs.append(g)
+        finally:
+            gc.enable()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def start(self, ids: torch.Tensor, pos: torch.Tensor) -> None:
+        self.ids.copy_(ids)
+        self.pos.copy_(pos)
+
+    def pre(self) -> None:
+        self.graphs[0].replay() if self.graphs else self._pre()
+
+    def boundary(self, layer: int) -> None:
+        self.graphs[layer + 1].replay() if self.graphs else self._boundary(layer)
+
+
+def decode_step(attn: HybridAttention, rids: list, st: DecodeStep) -> None:
+    """One decode step of every request: tokens in st.ids become the next tokens in st.ids."""
+    attn.plan(rids)
+    st.pre()
+    for layer in range(st.m.s.layers):
+        st.attn_out.copy_(attn.run(layer, st.q, st.k, st.v))
+        st.boundary(layer)
+
+
+@dataclass
+class Sizes:
+    """Per-request pages and the batches that fit, with what limited them."""
+    prefill: int
+    pages: int
+    dense: int
+    gpu: int
+    host: int
+    hbm_usable: float
+    host_usable: float
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def device_need(mode: str, b: int, z: Sizes, s: Shape, args) -> int:
+    """Device bytes of `dense`/`gpu` at batch b: the pool (every page) and `gpu`'s summaries."""
+    pool = pool_bytes(s.layers, b * (z.pages + 1) + 8, s.kv_heads, args.page_size, s.head_dim,
+                      getattr(torch, args.dtype))
+    if mode == "gpu":
+        pool += summary_bytes(args.flow, s.layers, b * (z.pages + 1), s.kv_heads, args.page_size,
+                              s.head_dim)
+    return pool
+
+
+def host_need(b: int, z: Sizes, s: Shape, args, pinned: bool) -> int:
+    """Host bytes of a host placement's pool at batch b, as `PagePool` counts them when pinned."""
+    need = pool_bytes(s.layers, b * z.pages, s.kv_heads, args.page_size, s.head_dim,
+                      getattr(torch, args.dtype))
+    return 2 * pow2ceil(need // 2) if pinned else need
+
+
+def size_batches(args, s: Shape, dev: torch.device) -> Sizes:
+    prefill = args.context - args.warmup - args.steps
+    pages = -(-args.context // args.page_size)
+    elem = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    prompt = s.layers * prefill * s.kv_heads * s.head_dim * elem     # one request's K (V = K)
+    avail = psutil.virtual_memory().available
+    host_usable = 0.8 * avail - args.host_reserve_gib * GIB
+    if dev.type == "cuda":
+        hbm_usable = torch.cuda.mem_get_info(dev)[0] - prompt - args.hbm_reserve_gib * GIB
+    else:                          # no HBM: the "device" pool is host memory too
+        hbm_usable = host_usable - prompt
+    z = Sizes(prefill, pages, 0, 0, 0, hbm_usable / GIB, host_usable / GIB)
+    z.dense = largest(lambda b: device_need("dense", b, z, s, args) <= hbm_usable)
+    z.gpu = largest(lambda b: device_need("gpu", b, z, s, args) <= hbm_usable)
+    z.host = largest(lambda b: host_need(b, z, s, args, dev.type == "cuda") <= host_usable)
+    return z
+
+
+def largest(fits) -> int:
+    """The largest batch b >= 1 with fits(b) (monotone), or 0."""
+    if not fits(1):
+        return 0
+    hi = 1
+    while fits(2 * hi):
+        hi *= 2
+    lo, hi = hi, 2 * hi                     # fits(lo), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def parse_batch(text: str, modes: list) -> dict:
+    """'N' (every mode) or 'mode=N,...' -> {mode: N}."""
+    out = {}
+    for part in [p for p in text.split(",") if p]:
+        name, _, num = part.rpartition("=")
+        targets = modes if not name else [name]
+        if name and name not in MODES:
+            fail(f"--batch={text!r}: {name!r} is not a mode; modes are {','.join(MODES)}")
+        if not num.isdigit() or int(num) < 1:
+            fail(f"--batch={text!r}: {num!r} must be a positive integer")
+        out.update({t: int(num) for t in targets})
+    return out
+
+
+def choose_batches(args, z: Sizes, s: Shape, modes: list, dev) -> dict:
+    """The batch of each mode: the largest that fits, or --batch's if it fits (else exit 2)."""
+    largest = {"dense": z.dense, "gpu": z.gpu, **{m: z.host for m in HOST_PLACEMENTS}}
+    asked = parse_batch(args.batch, modes) if args.batch else {}
+    out = {}
+    for mode in modes:
+        b = asked.get(mode, largest[mode])
+        if mode in asked and b > largest[mode]:
+            where = f"{z.host_usable:.1f} GiB of host memory usable (pinned blocks round to powers " \
+                    "of two)" if mode in HOST_PLACEMENTS else f"{z.hbm_usable:.1f} GiB usable"
+            fail(f"--batch {mode}={b} does not fit: {mode} holds at most {largest[mode]} requests of "
+                 f"{args.context} tokens in {where}")
+        out[mode] = b
+    return out
+
+
+def synthetic_kv(s: Shape, T: int, index: int, args, dev) -> torch.Tensor:
+    g = torch.Generator(device=dev).manual_seed(args.seed * 100003 + index)
+    return torch.randn(s.layers, T, s.kv_heads, s.head_dim, generator=g, device=dev,
+                       dtype=getattr(torch, args.dtype))
+
+
+def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> dict:
+    """Build `mode` at `batch`, prefill synthetic KV, warm up, time; the mode's record (with the
+    tokens of every step, [steps][batch])."""
+    s, t0 = m.s, time.perf_counter()
+    host = mode in HOST_PLACEMENTS
+    slots = max(8, int(args.cache * batch * z.pages)) if mode in ("offload", "hybrid") else 0
+    cfg = HybridConfig(page_size=args.page_size, flow=args.flow, budget_ratio=args.budget,
+                       sink_pages=SINK, recent_pages=RECENT, placement=mode, gpu_cache_pages=slots,
+                       kv_dtype=args.dtype, summary_location="device" if dev.type == "cuda" else "auto")
+    dev_pages = slots + TAIL_PAGES + (PREFILL_CHUNK_PAGES if dev.type == "cuda" else 0) if host \
+        else batch * (z.pages + 1) + 8
+    attn = HybridAttention(cfg, s.layers, s.heads, s.kv_heads, s.head_dim, device_pages=dev_pages,
+                           host_pages=batch * z.pages if host else 0, device=dev, costs=costs)
+    try:
+        rids = []
+        for i in range(batch):
+            k = synthetic_kv(s, z.prefill, i, args, dev)
+            rids.append(attn.add_request(k, k))
+            del k
+        st = DecodeStep(m, batch)
+        if dev.type == "cuda":
+            st.capture()
+        g = torch.Generator(device="cpu").manual_seed(args.seed)
+        st.start(torch.randint(0, s.vocab, (batch,), generator=g).to(dev),
+                 torch.full((batch,), z.prefill, dtype=torch.int64, device=dev))
+        build_s = time.perf_counter() - t0
+        tokens, rec = [], []
+        for i in range(args.warmup + args.steps):
+            sync(dev)
+            t1 = time.perf_counter()
+            decode_step(attn, rids, st)
+            sync(dev)
+            ms = (time.perf_counter() - t1) * 1e3
+            tokens.append(st.ids.tolist())
+            if i >= args.warmup:
+                rec.append((ms, attn.stats()["last_step"]))
+        last_logits = st.logits.clone()
+    finally:
+        attn.close()
+    head_bytes = 2 * args.page_size * s.head_dim * m.embed.element_size()
+    return dict(mode=mode, batch=batch, build_s=build_s, tokens=tokens, logits=last_logits,
+                **summarize(rec, m, batch, costs, head_bytes))
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def summarize(rec: list, m: Decoder, batch: int, costs, head_bytes: int) -> dict:
+    """Medians over the timed steps (rec: (ms, the runtime's last_step counters) per step): time,
+    tokens/s, bytes, the lower bound and its share. head_bytes: K and V of one page of one KV head."""
+    ms = statistics.median(r[0] for r in rec)
+    med = lambda key: statistics.median(r[1].get(key, 0) for r in rec)   # noqa: E731
+    kv = (med("gpu_pages") + med("cpu_pages")) * head_bytes
+    lbs = []
+    for _, c in rec:           # hybrid_step.lower_bound counts page-heads of the 8B shape's bytes
+        c = dict(c, gpu_pages=c["gpu_pages"] * head_bytes / HEAD_PAGE_BYTES)
+        lbs.append(lower_bound(c, costs)[0] + m.bytes_per_step / costs.hbm_bw)
+    lb_ms = statistics.median(lbs) * 1e3
+    looked = med("cache_hits") + med("cache_misses")
+    return dict(ms_per_step=ms, tokens_per_s=batch / ms * 1e3, steps_ms=[r[0] for r in rec],
+                kv_bytes_per_token=kv / batch, weight_bytes_per_token=m.bytes_per_step / batch,
+                lower_bound_ms=lb_ms, of_lower_bound=lb_ms / ms,
+                hit_rate=med("cache_hits") / looked if looked else None,
+                cpu_wait_frac=statistics.median(r[1].get("gpu_wait_s", 0) * 1e3 / r[0] for r in rec),
+                pcie_bytes_per_step=med("bytes_h2d"), cpu_bytes_per_step=med("bytes_cpu"),
+                step_shape=rec[-1][1].get("step_shape"))
+
+
+def parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma list of {','.join(MODES)}")
+    ap.add_argument("--context", type=int, default=32768,
+                    help="tokens per request after the last step (default 32768)")
+    ap.add_argument("--batch", default="", help="'N' for every mode or 'mode=N,...' (default: the "
+                    "largest batch each mode holds; one that does not fit exits 2)")
+    ap.add_argument("--flow", default="quest", help="selection flow of the sparse modes (quest)")
+    ap.add_argument("--budget", type=float, default=0.05, help="fraction of pages attended (0.05)")
+    ap.add_argument("--cache", type=float, default=0.1,
+                    help="GPU page cache of offload/hybrid, a share of the batch's pages (0.1)")
+    ap.add_argument("--steps", type=int, default=32, help="timed decode steps per mode (32)")
+    ap.add_argument("--warmup", type=int, default=6,
+                    help="untimed steps first (6: hybrid's step-shape choice measures 4)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 32)")
+    ap.add_argument("--dtype", default="bfloat16", help="weights and KV: bfloat16 or float32")
+    ap.add_argument("--page-size", type=int, default=16, help="tokens per page (16)")
+    ap.add_argument("--hbm-reserve-gib", type=float, default=3.0,
+                    help="HBM kept free when sizing dense/gpu batches (3)")
+    ap.add_argument("--host-reserve-gib", type=float, default=4.0,
+                    help="host memory kept free when sizing host batches (4)")
+    ap.add_argument("--time-limit", type=float, default=510,
+                    help="seconds (510): skip a mode the last one says would end later")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes, float32, batch 2, short context, dense/gpu/hybrid (CI, CPU)")
+    ap.add_argument("--out", default="results", help="folder for e2e_decode.json / .md")
+    args = ap.parse_args(argv)
+    args.shape = Shape()
+    if args.smoke:                  # smoke values unless the command line set them
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:])
+                 if a.startswith("--")}
+        for key, value in SMOKE.items():
+            if key not in given:
+                setattr(args, key, value)
+    if args.layers is not None:
+        if args.layers < 1:
+            fail(f"--layers={args.layers} must be a positive integer")
+        args.shape = Shape(**dict(asdict(args.shape), layers=args.layers))
+    modes = [x for x in args.modes.split(",") if x]
+    bad = [x for x in modes if x not in MODES]
+    if bad or not modes:
+        fail(f"--modes={args.modes!r}: allowed are {','.join(MODES)}")
+    args.mode_list = [x for x in MODES if x in modes]
+    for name in ("context", "steps", "page_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
+    if args.dtype not in ("bfloat16", "float32"):
+        fail(f"--dtype={args.dtype!r}: allowed are bfloat16,float32")
+    if args.warmup < 0:
+        fail(f"--warmup={args.warmup} must be >= 0")
+    if args.page_size & (args.page_size - 1):
+        fail(f"--page-size={args.page_size} must be a power of two")
+    grow = args.warmup + args.steps
+    if args.context - grow < 4 * args.page_size:
+        fail(f"--context={args.context} leaves {args.context - grow} prompt tokens after the {grow} "
+             f"steps; raise --context or lower --steps/--warmup")
+    if not 0 < args.budget <= 1:
+        fail(f"--budget={args.budget} must lie in (0, 1]")
+    if not 0 < args.cache <= 1:
+        fail(f"--cache={args.cache} must lie in (0, 1]")
+    try:
+        HybridConfig(flow=args.flow, page_size=args.page_size)
+    except ValueError as exc:
+        fail(f"--flow={args.flow!r}: {exc}")
+    return args
+
+
+def report(result: dict) -> str:
+    """The markdown table of the modes, ratios first."""
+    head = ["mode", "x dense", "tokens/s", "batch", "context", "ms/step", "LB ms", "of LB",
+            "KV MB/token", "hit", "CPU wait", "build s"]
+    lines = [[r["mode"], fmt(r.get("vs_dense"), ".2f", "x"), f"{r['tokens_per_s']:.1f}", str(r["batch"]),
+              str(result["context"]), f"{r['ms_per_step']:.2f}", f"{r['lower_bound_ms']:.2f}",
+              f"{r['of_lower_bound']:.0%}", f"{r['kv_bytes_per_token'] / 1e6:.2f}",
+              fmt(r["hit_rate"]), fmt(r["cpu_wait_frac"]), f"{r['build_s']:.0f}"]
+             for r in result["modes"]]
+    md = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    md += ["| " + " | ".join(x) + " |" for x in lines]
+    table(head, lines)
+    return "\n".join(md)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    s, t_start = args.shape, time.perf_counter()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"seed {args.seed}; device {dev}; shape {s}; modes {','.join(args.mode_list)}", flush=True)
+    torch.manual_seed(args.seed)
+    with torch.inference_mode():
+        m = Decoder(s, getattr(torch, args.dtype), dev, args.seed)
+        z = size_batches(args, s, dev)          # HBM after the weights
+        batches = choose_batches(args, z, s, args.mode_list, dev)
+        costs = cost_model.measure(quick=True) if dev.type == "cuda" else cost_model.DEFAULTS
+        print(f"ceilings ({'measured' if dev.type == 'cuda' else 'H100 defaults'}): hbm "
+              f"{costs.hbm_bw / 1e9:.0f} GB/s, h2d {costs.h2d_bw / 1e9:.1f} GB/s, cpu attention "
+              f"{costs.cpu_attn_bw / 1e9:.1f} GB/s", flush=True)
+        print(f"model: {m.params / 1e9:.3f} B parameters ({m.bytes_per_step / GIB:.2f} GiB read per "
+              f"step), random weights; prompt {z.prefill} tokens + {args.warmup + args.steps} steps = "
+              f"{args.context}; usable HBM {z.hbm_usable:.1f} GiB, host {z.host_usable:.1f} GiB; "
+              f"batches {batches}", flush=True)
+        os.makedirs(args.out, exist_ok=True)
+        result = dict(question=__doc__.split("\n\n")[0], device=torch.cuda.get_device_name(dev)
+                      if dev.type == "cuda" else f"CPU only ({platform.machine()})",
+                      cpus=os.cpu_count(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
+                      args={k: v for k, v in vars(args).items() if k != "shape"}, shape=asdict(s),
+                      params=m.params, weight_bytes_per_step=m.bytes_per_step, context=args.context,
+                      sizes=asdict(z), costs=costs.to_dict(), modes=[], skipped=[], notes=[
+                          "random weights, synthetic prompt KV (V = K); prefill not measured",
+                          "dense at the host placements' batch cannot run: its KV does not fit"] +
+                      ([] if dev.type == "cuda" else ["no CUDA: eager steps, the runtime's GPU side "
+                                                      "is the torch reference, ceilings are H100 "
+                                                      "defaults; timings say nothing about a GPU"]))
+        last = 0.0
+        for mode in args.mode_list:
+            elapsed = time.perf_counter() - t_start
+            if batches[mode] < 1:
+                result["skipped"].append(f"{mode}: not even one request fits")
+                continue
+            if elapsed + last > args.time_limit:
+                result["skipped"].append(f"{mode}: time limit ({elapsed:.0f} s elapsed, last mode "
+                                         f"took {last:.0f} s)")
+                continue
+            t0 = time.perf_counter()
+            try:
+                rec = run_mode(mode, batches[mode], m, z, args, costs, dev)
+            except Exception as exc:                       # out of memory, say: record it, go on
+                result["skipped"].append(f"{mode}: failed: {exc!r}"[:400])
+                print(f"  {mode} FAILED: {exc!r}"[:400], flush=True)
+                rec = None
+            release_memory(host=mode in HOST_PLACEMENTS)
+            last = time.perf_counter() - t0
+            if rec is not None:
+                result["modes"].append(rec)
+                print(f"[{time.perf_counter() - t_start:5.0f} s] {mode}: batch {rec['batch']}, "
+                      f"{rec['tokens_per_s']:.1f} tokens/s, {rec['ms_per_step']:.2f} ms/step "
+                      f"(lower bound {rec['lower_bound_ms']:.2f}), built in {rec['build_s']:.0f} s, "
+                      f"{last:.0f} s in all", flush=True)
+            save(result, args)
+        finish(result, z, args)
+        save(result, args)
+    print(f"json: {os.path.join(args.out, 'e2e_decode.json')}; total "
+          f"{time.perf_counter() - t_start:.0f} s")
+    for note in result["notes"] + [f"skipped: {x}" for x in result["skipped"]]:
+        print(f"note: {note}")
+    md = report(result)
+    with open(os.path.join(args.out, "e2e_decode.md"), "w") as fh:
+        fh.write(md + "\n")
+    return result
+
+
+def finish(result: dict, z: Sizes, args) -> None:
+    """Ratios to dense, the goal, and the ratio hybrid would reach at its own lower bound."""
+    by = {r["mode"]: r for r in result["modes"]}
+    dense = by.get("dense")
+    for r in result["modes"]:
+        r["vs_dense"] = r["tokens_per_s"] / dense["tokens_per_s"] if dense else None
+    hyb = by.get("hybrid")
+    if dense and hyb:
+        ratio = hyb["vs_dense"]
+        at_lb = hyb["batch"] / hyb["lower_bound_ms"] * 1e3 / dense["tokens_per_s"]
+        result["goal"] = dict(hybrid_vs_dense=ratio, goal=GOAL, met=ratio >= GOAL,
+                              hybrid_at_lower_bound_vs_dense=at_lb,
+                              batch_ratio=hyb["batch"] / dense["batch"])
+        line = f"goal: hybrid / dense = {ratio:.2f}x (goal >= {GOAL}x: " + \
+            ("met)" if ratio >= GOAL else "MISSED)")
+        if ratio < GOAL:
+            line += (f"; host memory holds {hyb['batch']} requests against dense's {dense['batch']} "
+                     f"({hyb['batch'] / dense['batch']:.2f}x), and at its own lower bound (bytes "
+                     f"moved / measured ceilings) hybrid would reach {at_lb:.2f}x dense")
+        result["notes"].append(line)
+    if "gpu" in by and dense:
+        result["notes"].append(f"gpu (sparse, KV in HBM) / dense = {by['gpu']['vs_dense']:.2f}x at "
+                               f"batches {by['gpu']['batch']} / {dense['batch']}")
+    if torch.cuda.is_available() and z.host and z.dense and z.host <= 1.25 * z.dense:
+        result["notes"].append(f"host batch {z.host} vs dense {z.dense}: pinned host pools are capped "
+                               f"by {z.host_usable:.0f} GiB usable with K and V blocks rounded to "
+                               "powers of two (torch's pinned allocator, PagePool's rule)")
+
+
+def save(result: dict, args) -> None:
+    out = dict(result, modes=[{k: v for k, v in r.items() if k != "logits"} for r in result["modes"]])
+    with open(os.path.join(args.out, "e2e_decode.json"), "w") as fh:
+        json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""benchmarks/e2e_decode.py end to end on its smoke shapes (CPU): at full budget every sparse
+placement attends every page, so `gpu` and `hybrid` decode the same tokens, step by step, with the
+same logits as `dense`; at 5% they read fewer KV bytes; bad options exit 2 with one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e_decode.py"
+
+
+def load():
+    if "e2e_decode" not in sys.modules:          # dataclasses look their module up there
+        spec = importlib.util.spec_from_file_location("e2e_decode", SCRIPT)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["e2e_decode"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["e2e_decode"]
+
+
+def test_full_budget_gpu_and_hybrid_decode_the_same_tokens_and_logits_as_dense(tmp_path):
+    res = load().main(["--smoke", "--budget", "1", "--steps", "4", "--out", str(tmp_path)])
+    by = {r["mode"]: r for r in res["modes"]}
+    assert sorted(by) == ["dense", "gpu", "hybrid"], res["skipped"]
+    dense = by["dense"]
+    assert len(dense["tokens"]) == 5 and len(dense["tokens"][0]) == 2       # warm-up 1 + 4 steps
+    assert len({t for step in dense["tokens"] for t in step}) > 1, dense["tokens"]  # not constant
+    for mode in ("gpu", "hybrid"):
+        assert by[mode]["tokens"] == dense["tokens"], mode
+        torch.testing.assert_close(by[mode]["logits"], dense["logits"], rtol=1e-4, atol=1e-4)
+        assert by[mode]["kv_bytes_per_token"] == pytest.approx(dense["kv_bytes_per_token"])
+    assert by["hybrid"]["cpu_bytes_per_step"] > 0          # host pages were attended by the CPU
+    saved = json.loads((tmp_path / "e2e_decode.json").read_text())
+    assert [r["mode"] for r in saved["modes"]] == ["dense", "gpu", "hybrid"]
+    assert saved["modes"][0]["vs_dense"] == pytest.approx(1.0)
+    assert "| hybrid |" in (tmp_path / "e2e_decode.md").read_text()
+
+
+def test_sparse_budget_reads_fewer_kv_bytes_than_dense(tmp_path):
+    res = load().main(["--smoke", "--modes", "dense,gpu", "--out", str(tmp_path)])
+    by = {r["mode"]: r for r in res["modes"]}
+    pages = -(-320 // 16)                          # 5% of 20 pages: the 3-page floor (sink + recent)
+    assert by["gpu"]["kv_bytes_per_token"] == pytest.approx(
+        by["dense"]["kv_bytes_per_token"] * 3 / pages, rel=0.01)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--modes", "dense,tpu"], "--modes='dense,tpu': allowed are dense,gpu,hybrid,cpu,offload"),
+    (["--batch", "hybrid=100000000"], "--batch hybrid=100000000 does not fit"),
+    (["--budget", "0"], "--budget=0.0 must lie in (0, 1]"),
+    (["--context", "40"], "--context=40 leaves 36 prompt tokens"),
+    (["--flow", "qeust"], "did you mean 'quest'?"),
+])
+def test_bad_option_gives_one_line_and_exit_code_2(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        load().main(["--smoke", "--out", str(tmp_path), *args])
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_the_command_line_exits_2_on_a_bad_mode():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--modes", "tpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: --modes='tpu': allowed are dense,gpu,hybrid,cpu,offload"], out.stderr
+
+
+def test_the_decoder_step_equals_transformers_llama_over_the_same_kv():
+    """The benchmark's hand-written decoder is a Llama: one step over a KV cache (dense placement)
+    gives the logits of transformers' LlamaForCausalLM with the same weights and the same cache."""
+    transformers = pytest.importorskip("transformers")
+    from vortex_hybrid import HybridAttention, HybridConfig
+    e2e = load()
+    s = e2e.Shape(2, 64, 4, 2, 16, 128, 256)
+    m = e2e.Decoder(s, torch.float32, torch.device("cpu"), seed=3)
+    B, T = 2, 40
+    keys = [torch.randn(s.layers, T, s.kv_heads, s.head_dim) for _ in range(B)]
+    attn = HybridAttention(HybridConfig(placement="dense", kv_dtype="float32"), s.layers, s.heads,
+                           s.kv_heads, s.head_dim, device_pages=B * 8, device="cpu")
+    rids = [attn.add_request(k, k) for k in keys]
+    st = e2e.DecodeStep(m, B)
+    ids = torch.tensor([5, 17])
+    st.start(ids, torch.full((B,), T))
+    e2e.decode_step(attn, rids, st)
+    attn.close()
+
+    cfg = transformers.LlamaConfig(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.inter,
+                                   num_hidden_layers=s.layers, num_attention_heads=s.heads,
+                                   num_key_value_heads=s.kv_heads, head_dim=s.head_dim,
+                                   rope_theta=s.rope_theta, rms_norm_eps=s.eps,
+                                   tie_word_embeddings=False, max_position_embeddings=4096)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    sd = {"model.embed_tokens.weight": m.embed, "model.norm.weight": m.norm_f,
+          "lm_head.weight": m.lm_head}
+    for i in range(s.layers):
+        p = f"model.layers.{i}."
+        q, k, v = m.wqkv[i].split([s.heads * s.head_dim, s.kv_heads * s.head_dim,
+                                   s.kv_heads * s.head_dim])
+        gate, up = m.wgu[i].chunk(2)
+        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                   p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": m.wo[i],
+                   p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                   p + "mlp.down_proj.weight": m.wd[i], p + "input_layernorm.weight": m.norm1[i],
+                   p + "post_attention_layernorm.weight": m.norm2[i]})
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    cache = transformers.DynamicCache(config=cfg)
+    for i in range(s.layers):
+        k = torch.stack([kk[i] for kk in keys]).transpose(1, 2)         # [B, Hkv, T, D], post-RoPE
+        cache.update(k, k, i)
+    with torch.no_grad():
+        out = hf(input_ids=ids[:, None], past_key_values=cache, position_ids=torch.full((B, 1), T),
+                 cache_position=torch.tensor([T]))
+    torch.testing.assert_close(st.logits, out.logits[:, -1].float(), rtol=1e-4, atol=1e-4)
+    assert st.ids.tolist() == out.logits[:, -1].argmax(-1).tolist()
+    assert st.pos.tolist() == [T + 1] * B
