@@ -286,9 +286,10 @@ def _cuda_measure(quick: bool, h2d_src: torch.Tensor, cpu_call, cpu_bytes: int) 
     out["gpu_launch_s"] = (time.perf_counter() - t0) / 50                # host time per eager call
     torch.cuda.synchronize()
     chunks, stream, stop, spans = h2d_src.split(64 * MIB), torch.cuda.Stream(), threading.Event(), []
+    inference = torch.is_inference_mode_enabled()     # thread-local: `a` may be an inference tensor
 
     def copier():
-        with torch.cuda.stream(stream):
+        with torch.inference_mode(inference), torch.cuda.stream(stream):
             while not stop.is_set():
                 src = chunks[len(spans) % len(chunks)]
                 t0 = time.perf_counter()
