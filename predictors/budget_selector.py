@@ -69,6 +69,9 @@ def select_budgets(error: np.ndarray, pages: np.ndarray, target: float,
         if totals(idx)[0] > target:
             idx = best_err
         idx = _give_back(error, pages, idx, target)
+        dp = _knapsack(error, pages, target)
+        if dp is not None and pages[rows, dp].mean() < pages[rows, idx].mean():
+            idx = dp
     if max_pages is not None and totals(idx)[1] > max_pages:
         idx = _under_cap(error, pages, max_pages)
     err, pg = totals(idx)
@@ -92,6 +95,44 @@ def _give_back(error, pages, idx, target):
         h, j = np.unravel_index(np.argmin(rate), rate.shape)
         budget -= d_err[h, j]
         idx[h] = j
+
+
+BINS = 2048
+
+
+def _knapsack(error, pages, target):
+    """Fewest pages with summed error <= N * target, errors rounded up to BINS steps (None when
+    nothing fits after rounding)."""
+    N, R = error.shape
+    cap = target * N
+    step = cap / BINS
+    cost = np.ceil(error / step - 1e-9).astype(np.int64)          # [N, R] bins, rounded up
+    INF = np.inf
+    best = np.full(BINS + 1, INF)
+    best[0] = 0.0
+    pick = np.zeros((N, BINS + 1), dtype=np.int16)
+    for h in range(N):
+        new = np.full(BINS + 1, INF)
+        arg = np.zeros(BINS + 1, dtype=np.int16)
+        for j in range(R):
+            c = cost[h, j]
+            if c > BINS:
+                continue
+            cand = np.full(BINS + 1, INF)
+            cand[c:] = best[:BINS + 1 - c] + pages[h, j]
+            better = cand < new
+            new[better] = cand[better]
+            arg[better] = j
+        best, pick[h] = new, arg
+    b = int(np.argmin(best))
+    if not np.isfinite(best[b]):
+        return None
+    idx = np.zeros(N, dtype=np.int64)
+    for h in range(N - 1, -1, -1):
+        j = int(pick[h, b])
+        idx[h] = j
+        b -= int(cost[h, j])
+    return idx
 
 
 def _under_cap(error, pages, max_pages):

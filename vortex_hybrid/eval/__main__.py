@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from . import tasks as task_lib
-from .models import DEFAULT_MODEL, MODELS, resolve_model
+from .models import DEFAULT_MODEL, MODELS, load_model
 from .run import MODES, EvalSpec, evaluate
 
 DEFAULT_TASKS = "niah_single,niah_multikey"
@@ -45,6 +45,10 @@ def parse(argv) -> argparse.Namespace:
                          "3 needles whole, centroid 2; docs/BENCHMARKS.md)")
     ap.add_argument("--budget", default="0.05",
                     help="comma list of budgets, fractions of a request's pages (0.05)")
+    ap.add_argument("--calibration", default=None, metavar="FILE",
+                    help="a calibration from python -m vortex_hybrid.profile: every sparse mode also "
+                         "runs its per-head budgets (shown as flow <flow>@calib, budget = the mean "
+                         "of its ratios)")
     ap.add_argument("--max-new-tokens", type=int, default=16, help="greedy decode length (16)")
     ap.add_argument("--haystack", default="essay", choices=("essay", "noise"))
     ap.add_argument("--batch", type=int, default=1,
@@ -91,43 +95,36 @@ def check(args) -> EvalSpec:
         probe.unlink()
     except OSError as exc:
         fail(f"--out {args.out!r} is not writable ({exc.strerror or exc})")
-    return EvalSpec(tasks=tasks, context=args.context, samples=args.samples, modes=modes,
+    if args.calibration is not None:
+        from .run import calibrated_combo
+        try:
+            calibrated_combo(args.calibration)
+        except ValueError as exc:
+            fail(f"--calibration: {str(exc).splitlines()[0]}")
+    return EvalSpec(calibration=args.calibration, tasks=tasks, context=args.context, samples=args.samples, modes=modes,
                     flows=[f for f in args.flow.split(",") if f], budgets=budgets, seed=args.seed,
                     max_new_tokens=args.max_new_tokens, haystack=args.haystack,
                     batch=args.batch)
 
 
 def load(args, spec: EvalSpec):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
     from ..config import HybridConfig
-    hf_logging.disable_progress_bar()           # ours is the one bar
     from ..integrations.hf import ATTN_IMPLEMENTATION
     for flow in spec.flows:
         try:
             HybridConfig(flow=flow)
         except ValueError as exc:
             fail(f"--flow {flow!r}: {str(exc).splitlines()[0]}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
-        else args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: no CUDA device here")
     try:
-        path = resolve_model(args.model)
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                     attn_implementation=ATTN_IMPLEMENTATION)
-    except (ValueError, OSError) as exc:
-        fail(f"--model {args.model!r}: {str(exc).splitlines()[0]}")
+        model, tok, path = load_model(args.model, args.device, ATTN_IMPLEMENTATION, args.threads)
+    except ValueError as exc:
+        fail(str(exc).splitlines()[0])
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit and spec.context + spec.max_new_tokens > limit:
         fail(f"--context {spec.context} + --max-new-tokens {spec.max_new_tokens} exceeds the model's "
              f"{limit} positions")
     chat = not args.no_chat and bool(getattr(tok, "chat_template", None))
-    return model.to(device).eval(), tok, chat, str(path)
+    return model, tok, chat, str(path)
 
 
 def table(summary: list[dict]) -> str:
@@ -184,8 +181,9 @@ def main(argv=None) -> int:
     args = parse(argv)
     spec = check(args)
     model, tok, chat, path = load(args, spec)
-    n = len(spec.tasks) * spec.samples * sum(len(spec.budgets) if m != "dense" else 1
-                                             for m in spec.modes)
+    n = len(spec.tasks) * spec.samples * sum(
+        1 if m == "dense" else len(spec.budgets) * (1 if m == "streaming" else len(spec.flows))
+        + (m != "streaming" and spec.calibration is not None) for m in spec.modes)
     from tqdm import tqdm
     bar = tqdm(total=n, desc="eval", unit="run")
 

@@ -82,6 +82,32 @@ def resolve_model(model: str, cache: Optional[Path] = None, progress: bool = Tru
     return out
 
 
+def load_model(model: str, device: str, attn_implementation: str, threads: Optional[int] = None):
+    """(model in eval mode on `device`, tokenizer, folder) for a built-in name or a local folder,
+    float32, with `attn_implementation`. device: "cpu", "cuda" or "auto". ValueError with one line
+    for a bad device or a model that cannot be found or loaded."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()           # ours is the one bar
+    if threads:
+        torch.set_num_threads(threads)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: cpu, cuda or auto")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device here")
+    try:
+        path = resolve_model(model)
+        tok = AutoTokenizer.from_pretrained(path)
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                   attn_implementation=attn_implementation)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"--model {model!r}: {str(exc).splitlines()[0]}") from None
+    return net.to(device).eval(), tok, path
+
+
 def _progress(show: bool, name: str):
     from tqdm import tqdm
     return tqdm(total=3, desc=f"{name}: fetch, load GGUF, save", disable=not show, unit="step")

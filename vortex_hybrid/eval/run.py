@@ -41,6 +41,9 @@ class EvalSpec:
     max_new_tokens: int = 24
     haystack: str = "essay"
     batch: int = 1
+    calibration: Optional[str] = None
+    """A calibration file (`python -m vortex_hybrid.profile`): each sparse mode also runs its
+    per-head budgets, as flow "<flow>@calib" at budget = the mean of its ratios."""
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -55,12 +58,36 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def mode_config(mode: str, flow: str, budget: float, kv_dtype: str) -> HybridConfig:
+CALIBRATED = "@calib"
+
+
+def mode_config(mode: str, flow: str, budget: float, kv_dtype: str,
+                calibration: Optional[str] = None) -> HybridConfig:
+    """The runtime config of one run; a flow named "<flow>@calib" uses `calibration`'s budgets."""
     if mode == "dense":
         return HybridConfig(placement="dense", page_size=PAGE_SIZE, kv_dtype=kv_dtype)
     placement, flow = ("gpu", "streaming") if mode == "streaming" else (mode, flow)
+    if flow.endswith(CALIBRATED):
+        return HybridConfig(placement=placement, flow=flow.removesuffix(CALIBRATED),
+                            budget_ratio=budget, page_size=PAGE_SIZE, kv_dtype=kv_dtype,
+                            calibration=calibration)
     return HybridConfig(placement=placement, flow=flow, budget_ratio=budget, page_size=PAGE_SIZE,
                         kv_dtype=kv_dtype)
+
+
+def calibrated_combo(path: str) -> tuple[str, float]:
+    """(flow label, mean budget ratio) of a calibration file, checked against the eval's pages."""
+    cal = HybridConfig(page_size=PAGE_SIZE, calibration=path,
+                       flow=_calibration_flow(path)).load_calibration()
+    return cal.flow + CALIBRATED, float(cal.budgets.mean())
+
+
+def _calibration_flow(path: str) -> str:
+    from ..predictors.calibration import Calibration
+    try:
+        return Calibration.load(path).flow
+    except ValueError as exc:
+        raise ValueError(f"HybridConfig.calibration: {exc}") from None
 
 
 @torch.inference_mode()
@@ -106,6 +133,8 @@ def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
         else:
             combos += [(m, f, b) for f in (["streaming"] if m == "streaming" else spec.flows)
                        for b in spec.budgets]
+            if spec.calibration and m != "streaming":
+                combos.append((m, *calibrated_combo(spec.calibration)))
     runs = []
     for start in range(0, len(suite), spec.batch):
         group = suite[start:start + spec.batch]
@@ -124,7 +153,7 @@ def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
         values = [layer.values for layer in dyn.layers]
         head_page_bytes = 2 * PAGE_SIZE * keys[0].shape[-1] * keys[0].element_size()
         for mode, flow, budget in combos:
-            cfg = mode_config(mode, flow or "quest", budget or 1.0, kv_dtype)
+            cfg = mode_config(mode, flow or "quest", budget or 1.0, kv_dtype, spec.calibration)
             cache = HybridCache.for_tokens(model, cfg, B, T + spec.max_new_tokens,
                                            cache_share=CACHE_SHARE)
             try:

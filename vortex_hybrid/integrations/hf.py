@@ -96,40 +96,62 @@ class _HybridLayer(CacheLayerMixin):
         return -1
 
 
+@dataclasses.dataclass
+class ModelShape:
+    """What the runtime needs of a transformers model (`model_shape`)."""
+    full_layers: list            # model layers with full attention (the runtime serves these)
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    window: Optional[int]        # the sliding-window layers' window, if any
+    modules: list                # the attention modules, by layer
+
+
+def model_shape(model) -> ModelShape:
+    """The model's attention shape, checked against what the hybrid runtime supports (module
+    docstring); ValueError with one line naming what is not."""
+    c = _text_config(model)
+    hq = c.num_attention_heads
+    hkv = getattr(c, "num_key_value_heads", None) or hq
+    D = getattr(c, "head_dim", None) or c.hidden_size // hq
+    L = c.num_hidden_layers
+    window = getattr(c, "sliding_window", None)
+    types = list(getattr(c, "layer_types", None) or
+                 ["sliding_attention" if window else "full_attention"] * L)
+    odd = sorted({t for t in types} - {"full_attention", "sliding_attention"})
+    if odd:
+        raise ValueError(f"{type(model).__name__}: layer types {odd} are not supported by "
+                         "the hybrid runtime (full and sliding-window attention are)")
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    if not full:
+        raise ValueError(f"{type(model).__name__}: every layer slides over a window of "
+                         f"{window} tokens; the hybrid runtime serves full-attention layers")
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(c, name, None):
+            raise ValueError(f"{type(model).__name__}: {name}={getattr(c, name)} is not "
+                             "supported by the hybrid runtime's attention")
+    mods = _attention_modules(model)
+    if len(mods) != L:
+        raise ValueError(f"{type(model).__name__}: found {len(mods)} attention modules with a "
+                         f"layer_idx, expected num_hidden_layers={L}")
+    for i in full:
+        if not math.isclose(float(mods[i].scaling), D ** -0.5, rel_tol=1e-6):
+            raise ValueError(f"layer {i}: attention scaling {mods[i].scaling} is not "
+                             f"head_dim ** -0.5 = {D ** -0.5}; the hybrid kernels use the latter")
+    return ModelShape(full, hq, hkv, D, window, mods)
+
+
 class HybridCache(Cache):
     """A transformers `Cache` backed by one `HybridAttention` (module docstring). Pass it as
     `past_key_values`; `close()` frees its requests and worker. `runtime_kw` go to
     `HybridAttention` (device_pages, host_pages, device, costs, cuda_graphs)."""
 
     def __init__(self, model, cfg: HybridConfig, **runtime_kw) -> None:
-        c = _text_config(model)
-        hq = c.num_attention_heads
-        hkv = getattr(c, "num_key_value_heads", None) or hq
-        D = getattr(c, "head_dim", None) or c.hidden_size // hq
-        L = c.num_hidden_layers
-        window = getattr(c, "sliding_window", None)
-        types = list(getattr(c, "layer_types", None) or
-                     ["sliding_attention" if window else "full_attention"] * L)
-        odd = sorted({t for t in types} - {"full_attention", "sliding_attention"})
-        if odd:
-            raise ValueError(f"{type(model).__name__}: layer types {odd} are not supported by "
-                             "HybridCache (full and sliding-window attention are)")
-        full = [i for i, t in enumerate(types) if t == "full_attention"]
-        if not full:
-            raise ValueError(f"{type(model).__name__}: every layer slides over a window of "
-                             f"{window} tokens; the hybrid runtime serves full-attention layers")
-        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
-            if getattr(c, name, None):
-                raise ValueError(f"{type(model).__name__}: {name}={getattr(c, name)} is not "
-                                 "supported by the hybrid runtime's attention")
-        mods = _attention_modules(model)
-        if len(mods) != L:
-            raise ValueError(f"{type(model).__name__}: found {len(mods)} attention modules with a "
-                             f"layer_idx, expected num_hidden_layers={L}")
-        for i in full:
-            if not math.isclose(float(mods[i].scaling), D ** -0.5, rel_tol=1e-6):
-                raise ValueError(f"layer {i}: attention scaling {mods[i].scaling} is not "
-                                 f"head_dim ** -0.5 = {D ** -0.5}; the hybrid kernels use the latter")
+        shape = model_shape(model)
+        full, hq, hkv, D, window, mods = (shape.full_layers, shape.num_q_heads,
+                                          shape.num_kv_heads, shape.head_dim, shape.window,
+                                          shape.modules)
+        L = len(mods)
         runtime_kw.setdefault("device", next(model.parameters()).device)
         self.runtime = HybridAttention(cfg, len(full), hq, hkv, D, **runtime_kw)
         self.runtime_layer = {layer: r for r, layer in enumerate(full)}
