@@ -1,0 +1,160 @@
+"""`python -m vortex_hybrid.profile` end to end on a tiny random model (offline): the calibration it
+writes loads, validates and drives the runtime (through the eval CLI's --calibration); bad inputs
+exit 2 with one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+
+from tiny_models import tiny_llama_folder  # noqa: E402
+from vortex_hybrid import HybridConfig  # noqa: E402
+from vortex_hybrid.eval.__main__ import main as eval_main  # noqa: E402
+from vortex_hybrid.predictors import Calibration  # noqa: E402
+from vortex_hybrid.profile.__main__ import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_llama_folder(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def args(model_dir, out, **over):
+    opts = {"--model": str(model_dir), "--context": "512", "--samples": "3", "--heldout": "2",
+            "--out": str(out), "--device": "cpu", "--error-target": "0.2"}
+    opts.update(over)
+    return [x for kv in opts.items() for x in kv if x is not None]
+
+
+@pytest.fixture(scope="module")
+def calibration(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("calib") / "calib.json"
+    assert main(args(model_dir, out) + ["--no-bandwidth"]) == 0
+    return out
+
+
+def test_profile_writes_a_valid_calibration_and_its_pictures(calibration):
+    cal = Calibration.load(calibration)
+    assert (cal.num_layers, cal.num_kv_heads) == (2, 2)            # the tiny Llama's shape
+    assert cal.flow == "centroid" and cal.page_size == 16
+    assert np.all((cal.budgets > 0) & (cal.budgets <= 1))
+    s = cal.extra["summary"]
+    assert s["calibration_prompts"] == 3 and s["heldout_prompts"] == 2
+    # the chosen budgets' mean error, recomputed from the stored curves, is the reported one
+    E = np.asarray(cal.extra["error_curves"])                       # [L, H, R]
+    ladder = cal.extra["ladder"]
+    idx = np.searchsorted(ladder, cal.budgets)
+    assert np.allclose(np.asarray(ladder)[idx], cal.budgets)
+    chosen = np.take_along_axis(E, idx[:, :, None], 2).mean()
+    assert chosen == pytest.approx(s["per_head"]["mean_error"])
+    assert s["per_head"]["met"] == (chosen <= 0.2 + 1e-12)
+    assert 0 < s["heldout"]["pages_ratio"] and s["predictor"]["fitted"]
+    machine = cal.extra["machine"]
+    assert machine["host"]["memory_total_gib"] > 0 and "costs" not in machine
+    for png in ("calib_budgets.png", "calib_reuse.png"):
+        assert (calibration.parent / png).stat().st_size > 1000
+
+
+def test_the_calibration_drives_the_runtime_through_the_eval_cli(model_dir, calibration, tmp_path):
+    out = tmp_path / "eval"
+    assert eval_main(["--model", str(model_dir), "--context", "512", "--samples", "1", "--tasks",
+                      "passkey", "--modes", "dense,gpu", "--max-new-tokens", "3", "--out",
+                      str(out), "--device", "cpu", "--calibration", str(calibration)]) == 0
+    runs = json.loads((out / "eval.json").read_text())["runs"]
+    calibrated = [r for r in runs if r["flow"] == "centroid@calib"]
+    assert len(calibrated) == 1 and calibrated[0]["decode_tokens"] >= 1
+    cal = Calibration.load(calibration)
+    assert calibrated[0]["budget"] == pytest.approx(cal.budgets.mean())
+    cfg = HybridConfig(flow="centroid", calibration=str(calibration))
+    assert cfg.load_calibration().budgets.tolist() == cal.budgets.tolist()
+
+
+def test_check_summarises_a_good_file(calibration, capsys):
+    assert main(["--check", str(calibration)]) == 0
+    assert "per-head budgets" in capsys.readouterr().out
+
+
+def _bad_file(tmp_path, calibration, edit):
+    data = json.loads(calibration.read_text())
+    edit(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("version", "version 2 is not supported"),
+    ("corrupt", "not valid JSON"),
+    ("negative", "budgets must be ratios in (0, 1]; found -0.5"),
+    ("missing", "missing fields ['budgets']"),
+])
+def test_check_refuses_a_bad_file_with_one_line(calibration, tmp_path, capsys, kind, message):
+    if kind == "corrupt":
+        path = tmp_path / "bad.json"
+        path.write_text(calibration.read_text()[:50])
+    else:
+        edit = {"version": lambda d: d.update(version=2),
+                "negative": lambda d: d["budgets"][0].__setitem__(0, -0.5),
+                "missing": lambda d: d.pop("budgets")}[kind]
+        path = _bad_file(tmp_path, calibration, edit)
+    with pytest.raises(SystemExit) as exc:
+        main(["--check", str(path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"--model": "llama-9000"}, "--model 'llama-9000': model='llama-9000' is neither a folder"),
+    ({"--context": "9000"}, "--context 9000 exceeds the model's 4096 positions"),
+    ({"--error-target": "0"}, "--error-target 0.0: a positive number"),
+    ({"--tasks": "passkey,trivia"}, "--tasks 'passkey,trivia': unknown ['trivia']"),
+    ({"--flow": "qwest"}, "HybridConfig.flow='qwest' is invalid"),
+    ({"--probes": "1"}, "--probes 1: must be >= 2"),
+])
+def test_bad_inputs_exit_2_with_one_line(model_dir, tmp_path, capsys, over, message):
+    with pytest.raises(SystemExit) as exc:
+        main(args(model_dir, tmp_path / "c.json", **over))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_an_unwritable_output_exits_2_before_any_work(model_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main(args(model_dir, blocker / "calib.json"))
+    assert exc.value.code == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_calibration_made_with_another_page_size(model_dir, calibration, tmp_path,
+                                                                capsys):
+    path = _bad_file(tmp_path, calibration, lambda d: d.update(page_size=32))
+    with pytest.raises(SystemExit) as exc:
+        eval_main(["--model", str(model_dir), "--out", str(tmp_path / "e"), "--calibration",
+                   str(path)])
+    assert exc.value.code == 2
+    assert "page_size=32" in capsys.readouterr().err
+
+
+def test_the_command_line_measures_the_machine_for_the_runtime(model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, VORTEX_HYBRID_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "c.json"
+    run = subprocess.run([sys.executable, "-m", "vortex_hybrid.profile", *args(
+        model_dir, out, **{"--samples": "2", "--heldout": "0"})], env=env, capture_output=True,
+        text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    machine = Calibration.load(out).extra["machine"]
+    assert machine["costs"]["cpu_attn_bw"] > 0 and machine["costs"]["source"] == "measured"
+    saved = json.loads((tmp_path / "cache" / "machine_costs.json").read_text())
+    assert saved["cpu_attn_bw"] == machine["costs"]["cpu_attn_bw"]    # the scheduler reads these
+    assert "wrote" in run.stdout
