@@ -27,6 +27,11 @@ for step in "$@"; do
                    done ;;
     hybrid_step)   timeout ${HYBRID_STEP_TIMEOUT:-570} python3 benchmarks/hybrid_step.py --out "$OUT" ${HYBRID_STEP_ARGS:-} ;;
     e2e_decode)    timeout ${E2E_TIMEOUT:-570} python3 benchmarks/e2e_decode.py --out "$OUT" ${E2E_ARGS:-} ;;
+    carry)         mkdir -p /tmp/carry && cp -v .carry/* /tmp/carry/ ;;
+    eval)          timeout ${EVAL_TIMEOUT:-500} bash scripts/device_model.sh python3 -m vortex_hybrid.eval \
+                     --device cuda --out "$OUT/eval" ${EVAL_ARGS:-} ;;
+    profile)       timeout ${PROFILE_TIMEOUT:-400} bash scripts/device_model.sh python3 -m vortex_hybrid.profile \
+                     --device cuda --out "$OUT/profile/calib.json" ${PROFILE_ARGS:-} ;;
     *) echo "unknown step $step"; continue ;;
   esac > "$OUT/$step.log" 2>&1
   rc=$?

@@ -38,6 +38,22 @@ def uniform_pages_at(error_curve: np.ndarray, pages: np.ndarray, target: float) 
     return float(np.exp(lo + t * (hi - lo)))
 
 
+def judge(E: np.ndarray, pages: np.ndarray, Eh: np.ndarray, ph: np.ndarray, target: float,
+          max_pages: float | None = None) -> dict:
+    """Per-head budgets chosen on calibration curves E [L, H, R] (pages [R]) for `target`, judged
+    on held-out curves Eh (pages ph): their held-out error and pages, and the uniform pages at that
+    error (module docstring)."""
+    L, H, R = E.shape
+    choice = select_budgets(E.reshape(L * H, R), pages, target, max_pages)
+    idx = choice.index.reshape(L, H)
+    err_h = float(np.take_along_axis(Eh, idx[:, :, None], 2).mean())
+    pages_h = float(ph[idx].mean())
+    uni_pages = uniform_pages_at(Eh.mean((0, 1)), ph, err_h)
+    return {"target": target, "met_on_calibration": choice.met, "per_head_mean_error": err_h,
+            "per_head_pages": pages_h, "uniform_pages_at_equal_error": uni_pages,
+            "pages_ratio": pages_h / uni_pages, "index": idx}
+
+
 def calibrate(calib: list[list[LayerProperties]], held: list[list[LayerProperties]],
               ladder: list[float], target: float, max_pages: float | None, settings: dict,
               model: dict) -> tuple[Calibration, dict]:
@@ -59,14 +75,14 @@ def calibrate(calib: list[list[LayerProperties]], held: list[list[LayerPropertie
     if held:
         Eh = stack(held, "error").mean(0)
         ph = stack(held, "pages").mean((0, 1))
-        err_h = float(np.take_along_axis(Eh, idx[:, :, None], 2).mean())
-        pages_h = float(ph[idx].mean())
-        uni_pages = uniform_pages_at(Eh.mean((0, 1)), ph, err_h)
+        j = judge(E, pages, Eh, ph, target, max_pages)
         summary["heldout"] = {
-            "per_head_mean_error": err_h, "per_head_pages": pages_h,
-            "uniform_pages_at_equal_error": uni_pages, "pages_ratio": pages_h / uni_pages,
+            "per_head_mean_error": j["per_head_mean_error"], "per_head_pages": j["per_head_pages"],
+            "uniform_pages_at_equal_error": j["uniform_pages_at_equal_error"],
+            "pages_ratio": j["pages_ratio"],
             "uniform_curve": {"ratio": list(ladder), "pages": ph.tolist(),
                               "mean_error": Eh.mean((0, 1)).tolist()},
+            "error_curves": Eh.tolist(),             # [L, H, R]: other targets judged offline
         }
     predictor, pred_summary = fit_predictor(calib, held, ladder, target)
     summary["predictor"] = pred_summary
