@@ -286,16 +286,22 @@ def _cuda_measure(quick: bool, h2d_src: torch.Tensor, cpu_call, cpu_bytes: int) 
     out["gpu_launch_s"] = (time.perf_counter() - t0) / 50                # host time per eager call
     torch.cuda.synchronize()
     chunks, stream, stop, spans = h2d_src.split(64 * MIB), torch.cuda.Stream(), threading.Event(), []
-    inference = torch.is_inference_mode_enabled()     # thread-local: `a` may be an inference tensor
+    errors = []
 
     def copier():
-        with torch.inference_mode(inference), torch.cuda.stream(stream):
-            while not stop.is_set():
-                src = chunks[len(spans) % len(chunks)]
-                t0 = time.perf_counter()
-                a[:src.numel()].copy_(src, non_blocking=True)
-                stream.synchronize()
-                spans.append((t0, time.perf_counter(), src.numel()))
+        # Its own destination, made in this thread: inference mode is thread-local, and a tensor
+        # made under the caller's inference mode cannot be written here outside it.
+        try:
+            with torch.cuda.stream(stream):
+                dst = torch.empty(64 * MIB, dtype=torch.uint8, device="cuda")
+                while not stop.is_set():
+                    src = chunks[len(spans) % len(chunks)]
+                    t0 = time.perf_counter()
+                    dst[:src.numel()].copy_(src, non_blocking=True)
+                    stream.synchronize()
+                    spans.append((t0, time.perf_counter(), src.numel()))
+        except Exception as exc:                                          # reported below
+            errors.append(exc)
 
     th = threading.Thread(target=copier, daemon=True)
     th.start()
@@ -306,6 +312,8 @@ def _cuda_measure(quick: bool, h2d_src: torch.Tensor, cpu_call, cpu_bytes: int) 
     w1 = time.perf_counter()
     stop.set()
     th.join()
+    if errors or not spans:
+        raise RuntimeError(f"the concurrent copy thread failed: {errors[0] if errors else 'no copy'}")
     inside = [s for s in spans if s[0] >= w0 and s[1] <= w1] or spans
     out["cpu_attn_bw_concurrent"] = cpu_bytes / sec
     out["h2d_bw_concurrent"] = sum(s[2] for s in inside) / sum(s[1] - s[0] for s in inside)
