@@ -158,3 +158,19 @@ def test_the_command_line_measures_the_machine_for_the_runtime(model_dir, tmp_pa
     saved = json.loads((tmp_path / "cache" / "machine_costs.json").read_text())
     assert saved["cpu_attn_bw"] == machine["costs"]["cpu_attn_bw"]    # the scheduler reads these
     assert "wrote" in run.stdout
+
+
+def test_retarget_chooses_again_from_the_stored_curves(calibration, tmp_path, capsys):
+    from vortex_hybrid.predictors import select_budgets
+    out = tmp_path / "loose.json"
+    assert main(["--retarget", str(calibration), "--error-target", "0.6", "--out", str(out)]) == 0
+    old, new = Calibration.load(calibration), Calibration.load(out)
+    E = np.asarray(old.extra["error_curves"])
+    L, H, R = E.shape
+    want = select_budgets(E.reshape(L * H, R), old.extra["pages_curve"], 0.6)
+    assert new.budgets.tolist() == np.asarray(old.extra["ladder"])[want.index].reshape(L, H).tolist()
+    assert new.error_target == 0.6 and new.budgets.mean() <= old.budgets.mean()
+    assert new.extra["summary"]["per_head"]["mean_error"] == pytest.approx(want.mean_error)
+    with pytest.raises(SystemExit) as exc:
+        main(["--retarget", str(tmp_path / "none.json"), "--out", str(tmp_path / "x.json")])
+    assert exc.value.code == 2

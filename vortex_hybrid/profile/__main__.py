@@ -67,6 +67,9 @@ def parse(argv) -> argparse.Namespace:
                     help="plain prompts even when the tokenizer has a chat template")
     ap.add_argument("--check", metavar="FILE", default=None,
                     help="validate a calibration file, print its summary, and exit")
+    ap.add_argument("--retarget", metavar="FILE", default=None,
+                    help="choose budgets again from FILE's measured curves for --error-target / "
+                         "--max-pages (no prompts run) and write --out")
     return ap.parse_args(argv)
 
 
@@ -136,6 +139,50 @@ def show(cal) -> str:
     return "\n".join(lines)
 
 
+def retarget(args) -> int:
+    """Budgets chosen again from a calibration's stored curves (`--retarget`)."""
+    import numpy as np
+    from ..predictors.budget_selector import select_budgets
+    from ..predictors.calibration import Calibration
+    from .calibrate import judge
+    from .plots import draw
+    try:
+        cal = Calibration.load(args.retarget)
+        E = np.asarray(cal.extra["error_curves"], dtype=np.float64)
+        pages = np.asarray(cal.extra["pages_curve"], dtype=np.float64)
+        ladder = np.asarray(cal.extra["ladder"], dtype=np.float64)
+    except (ValueError, KeyError) as exc:
+        fail(f"--retarget {args.retarget!r}: {str(exc).splitlines()[0]} (needs the curves a "
+             "profile run stores)")
+    if not (0 < args.error_target < float("inf")):
+        fail(f"--error-target {args.error_target}: a positive number")
+    L, H, R = E.shape
+    choice = select_budgets(E.reshape(L * H, R), pages, args.error_target, args.max_pages)
+    cal.budgets = ladder[choice.index.reshape(L, H)]
+    cal.error_target = float(args.error_target)
+    summary = dict(cal.extra.get("summary", {}))
+    summary["per_head"] = {"mean_error": choice.mean_error, "pages": choice.pages,
+                           "met": choice.met}
+    held = summary.get("heldout")
+    if held and "error_curves" in held:
+        j = judge(E, pages, np.asarray(held["error_curves"]),
+                  np.asarray(held["uniform_curve"]["pages"]), args.error_target, args.max_pages)
+        held = dict(held, **{k: j[k] for k in ("per_head_mean_error", "per_head_pages",
+                                                "uniform_pages_at_equal_error", "pages_ratio")})
+        summary["heldout"] = held
+    cal.extra.update(summary=summary, retargeted_from=str(args.retarget))
+    out = Path(args.out)
+    try:
+        cal.save(out)
+    except OSError as exc:
+        fail(f"--out {args.out!r}: cannot write ({exc.strerror or exc})")
+    stem = out.with_suffix("")
+    draw(cal, Path(f"{stem}_budgets.png"), Path(f"{stem}_reuse.png"))
+    print(show(cal))
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     if args.check is not None:
@@ -145,6 +192,8 @@ def main(argv=None) -> int:
         except ValueError as exc:
             fail(str(exc).splitlines()[0])
         return 0
+    if args.retarget is not None:
+        return retarget(args)
     tasks = check(args)
     from tqdm import tqdm
     from ..eval import tasks as task_lib

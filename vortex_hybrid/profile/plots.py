@@ -17,7 +17,7 @@ def draw(cal, budgets_png: Path, reuse_png: Path) -> list[str]:
     except ImportError:
         return []
     b = np.asarray(cal.budgets)
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * b.shape[1] + 3), max(3, 0.18 * b.shape[0] + 2)))
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.5 * b.shape[1] + 3), max(3, 0.18 * b.shape[0] + 2)))
     im = ax.imshow(np.log2(b), aspect="auto", cmap="viridis", interpolation="nearest")
     cbar = fig.colorbar(im, ax=ax)
     ticks = [t for t in cal.extra.get("ladder", []) if b.min() <= t <= b.max()] or [b.min()]
@@ -26,7 +26,8 @@ def draw(cal, budgets_png: Path, reuse_png: Path) -> list[str]:
     cbar.set_label("budget (share of the request's pages)")
     ax.set_xlabel("KV head")
     ax.set_ylabel("layer (full attention)")
-    ax.set_title(f"per-head budgets, {cal.flow}, mean output error <= {cal.error_target:g}")
+    ax.set_title(f"per-head budgets ({cal.flow}),\nmean output error <= {cal.error_target:g}",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(budgets_png, dpi=110)
     plt.close(fig)
