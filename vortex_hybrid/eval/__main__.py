@@ -49,6 +49,9 @@ def parse(argv) -> argparse.Namespace:
                     help="a calibration from python -m vortex_hybrid.profile: every sparse mode also "
                          "runs its per-head budgets (shown as flow <flow>@calib, budget = the mean "
                          "of its ratios)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="capture the runtime's per-layer GPU work in CUDA graphs (worth it for long "
+                         "decodes; each run captures anew)")
     ap.add_argument("--max-new-tokens", type=int, default=16, help="greedy decode length (16)")
     ap.add_argument("--haystack", default="essay", choices=("essay", "noise"))
     ap.add_argument("--batch", type=int, default=1,
@@ -101,7 +104,7 @@ def check(args) -> EvalSpec:
             calibrated_combo(args.calibration)
         except ValueError as exc:
             fail(f"--calibration: {str(exc).splitlines()[0]}")
-    return EvalSpec(calibration=args.calibration, tasks=tasks, context=args.context, samples=args.samples, modes=modes,
+    return EvalSpec(calibration=args.calibration, cuda_graphs=args.cuda_graphs, tasks=tasks, context=args.context, samples=args.samples, modes=modes,
                     flows=[f for f in args.flow.split(",") if f], budgets=budgets, seed=args.seed,
                     max_new_tokens=args.max_new_tokens, haystack=args.haystack,
                     batch=args.batch)

@@ -42,6 +42,9 @@ class EvalSpec:
     haystack: str = "essay"
     batch: int = 1
     calibration: Optional[str] = None
+    cuda_graphs: bool = False
+    """Capture the runtime's per-layer GPU work in CUDA graphs. Off by default: each run is a new
+    runtime decoding a few tokens, and captures (per layer, per shape) cost more than they save."""
     """A calibration file (`python -m vortex_hybrid.profile`): each sparse mode also runs its
     per-head budgets, as flow "<flow>@calib" at budget = the mean of its ratios."""
 
@@ -155,7 +158,7 @@ def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
         for mode, flow, budget in combos:
             cfg = mode_config(mode, flow or "quest", budget or 1.0, kv_dtype, spec.calibration)
             cache = HybridCache.for_tokens(model, cfg, B, T + spec.max_new_tokens,
-                                           cache_share=CACHE_SHARE)
+                                           cache_share=CACHE_SHARE, cuda_graphs=spec.cuda_graphs)
             try:
                 cache.admit(keys, values, mask)
                 rows, decode_s = greedy(model, cache, first, spec.max_new_tokens, eos)

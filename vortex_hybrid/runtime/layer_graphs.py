@@ -18,6 +18,8 @@ eagerly (kernels compiled, allocator warm), restoring the state the part changes
 layer) after each run, then captures it and replays it once: the part's effects happen once and its
 outputs are always the graph's static ones. Up to MAX_SHAPES shapes are kept (least recently used
 dropped). Pages filled by the step's token are summarised outside the graphs (their number varies).
+A new shape starts with one garbage collection (a cyclic collection freeing another runtime's CUDA
+memory during a capture would invalidate it); collection stays disabled while a part is captured.
 A failed capture leaves the state as before and raises `CaptureFailed`; the runtime then runs that
 layer eagerly and tries again on the next step, up to MAX_FAILURES times per part and shape (a
 capture costs a garbage collection), then runs the part eagerly for good.
@@ -129,8 +131,8 @@ class _GraphSet:
                 body(self.step, self.inputs)
                 for t, old in zip(state, saved):
                     t.copy_(old)
-            gc.collect()                    # freeing another runtime's CUDA memory or graphs
-            gc.disable()                    # while capturing would invalidate the capture
+            gc.disable()                    # freeing another runtime's CUDA memory or graphs
+                                            # while capturing would invalidate the capture
             try:
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream,
                                       capture_error_mode="thread_local"):
@@ -177,6 +179,7 @@ class LayerGraphs:
                sel_width, generation, step.shape, step.budget_key)
         graphs = self._sets.get(key)
         if graphs is None:
+            gc.collect()        # once per shape: what other runtimes left is freed before capturing
             graphs = self._sets[key] = _GraphSet(attn, step, width)
             while len(self._sets) > MAX_SHAPES:
                 self._sets.popitem(last=False)
