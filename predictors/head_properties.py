@@ -175,30 +175,43 @@ def measure_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flow: Union
 
     feats = torch.zeros(hkv, len(FEATURES), dtype=torch.float64)
     if scores is not None:
-        feats[:, :2] = score_statistics(scores, num_pages, sink, recent).mean(0).cpu()
+        feats[:, :2] = score_statistics(scores, num_pages, sink, recent).double().mean(0).cpu()
     feats[:, 2] = reuse.cpu()
     return LayerProperties(error, pages, concentration.cpu(), locality.cpu(), reuse.cpu(), feats)
 
 
 def score_statistics(scores: torch.Tensor, num_pages: torch.Tensor, sink: int, recent: int
                      ) -> torch.Tensor:
-    """float64 [B, Hkv, 2]: per row, the top candidate score's z-score and the share of candidates
+    """float32 [B, Hkv, 2]: per row, the top candidate score's z-score and the share of candidates
     scoring above mean + 2 std (candidates: pages neither sink nor recent, with a finite score).
-    One pass over the scores: what a runtime can afford every step."""
+    A few passes over the scores on their device: what a runtime can afford every step
+    (`benchmarks/head_features.py` times it for every head of an 8B model)."""
     S = scores.shape[-1]
     idx = torch.arange(S, device=scores.device)
     n = num_pages.to(scores.device, torch.int64)[:, None, None]
     cand = (idx >= sink) & (idx < n - recent) & torch.isfinite(scores)
-    x = torch.where(cand, scores, torch.zeros_like(scores)).double()
-    cnt = cand.sum(-1).double().clamp_min(1)
+    x = torch.where(cand, scores, torch.zeros_like(scores)).float()
+    cnt = cand.sum(-1).float().clamp_min(1)
     mean = x.sum(-1) / cnt
     var = ((x - mean[..., None]) ** 2 * cand).sum(-1) / cnt
     std = var.sqrt().clamp_min(1e-12)
-    top = torch.where(cand, x, torch.full_like(x, -math.inf)).max(-1).values
+    top = torch.where(cand, x, torch.full_like(x, -math.inf)).amax(-1)
     top_z = torch.where(cand.any(-1), (top - mean) / std, torch.zeros_like(mean))
-    outliers = ((x > (mean + 2 * std)[..., None]) & cand).sum(-1).double() / cnt
+    outliers = ((x > (mean + 2 * std)[..., None]) & cand).sum(-1).float() / cnt
     return torch.stack([top_z, outliers], -1)
 
 
+def selection_reuse(prev: torch.Tensor, sel: torch.Tensor, num_pages: int) -> torch.Tensor:
+    """float32 [B, Hkv]: the share of `sel`'s pages (int [B, Hkv, K], -1 padded) also in `prev`
+    (the last step's selection): one scatter and one gather on the device."""
+    B, H, _ = sel.shape
+    seen = torch.zeros(B, H, num_pages + 1, dtype=torch.bool, device=sel.device)
+    seen.scatter_(-1, torch.where(prev >= 0, prev, num_pages).long(), True)
+    seen[..., num_pages] = False
+    valid = sel >= 0
+    hit = torch.gather(seen, -1, torch.where(valid, sel, num_pages).long()) & valid
+    return hit.sum(-1).float() / valid.sum(-1).clamp_min(1).float()
+
+
 __all__ = ["FEATURES", "LADDER", "LayerProperties", "budget_pages", "measure_layer", "paged",
-           "score_statistics", "selection_mask"]
+           "score_statistics", "selection_mask", "selection_reuse"]

@@ -120,3 +120,20 @@ def test_predictor_recovers_a_planted_relation_and_beats_a_constant():
     assert pred.coef[1] < 0 < pred.coef[2]
     again = HeadPredictor.from_dict(pred.to_dict())
     assert np.allclose(again.coef, pred.coef)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_selection_reuse_counts_shared_pages(seed):
+    from vortex_hybrid.predictors.head_properties import selection_reuse
+    gen = torch.Generator().manual_seed(seed)
+    B, H, K, S = 3, 2, 6, 20
+    prev = torch.stack([torch.randperm(S, generator=gen)[:K] for _ in range(B * H)]).view(B, H, K)
+    sel = torch.stack([torch.randperm(S, generator=gen)[:K] for _ in range(B * H)]).view(B, H, K)
+    prev[0, 0, -2:] = -1                       # padding counts for nothing
+    sel[1, 1, -1] = -1
+    got = selection_reuse(prev.int(), sel.int(), S)
+    for b in range(B):
+        for h in range(H):
+            a = {p for p in prev[b, h].tolist() if p >= 0}
+            c = [p for p in sel[b, h].tolist() if p >= 0]
+            assert got[b, h].item() == pytest.approx(sum(p in a for p in c) / len(c))
