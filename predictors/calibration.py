@@ -3,7 +3,9 @@ the runtime (`HybridConfig(calibration="calib.json")`).
 
 The file is versioned JSON. What the runtime reads: `budgets` (a budget ratio per layer and KV
 head: that head attends max(sink + recent, ceil(ratio * pages)) pages of a request), `granularity`
-(per head; "page" is what every placement runs), and the settings the budgets were measured
+(per head: "page", or "token" -- page then token: of the head's pages the CPU attends, only the
+best `token_share` of their tokens, by the group's largest score; pages attended on the GPU stay
+whole), `token_share`, and the settings the budgets were measured
 under -- `flow`, `page_size`, `sink_pages`, `recent_pages` -- which a config using the file must
 share, since a head's output error at a budget depends on all of them. The rest (error curves,
 head properties, the predictor, the machine, the measured summary) documents how the budgets were
@@ -23,7 +25,8 @@ import numpy as np
 
 FORMAT = "vortex_hybrid.calibration"
 VERSION = 1
-GRANULARITIES = ("page",)
+GRANULARITIES = ("page", "token")
+TOKEN_SHARE = 0.25
 REQUIRED = ("format", "version", "model", "flow", "page_size", "sink_pages", "recent_pages",
             "error_target", "budgets", "granularity")
 MODEL_FIELDS = ("num_layers", "num_q_heads", "num_kv_heads", "head_dim")
@@ -41,6 +44,11 @@ class Calibration:
     budgets: np.ndarray
     granularity: list
     extra: dict = field(default_factory=dict)     # everything else in the file, kept as is
+    token_share: float = TOKEN_SHARE
+
+    def token_heads(self) -> np.ndarray:
+        """bool [L, Hkv]: heads at token granularity."""
+        return np.asarray(self.granularity) == "token"
 
     @property
     def num_layers(self) -> int:
@@ -62,7 +70,8 @@ class Calibration:
         out.update(format=FORMAT, version=VERSION, model=self.model, flow=self.flow,
                    page_size=self.page_size, sink_pages=self.sink_pages,
                    recent_pages=self.recent_pages, error_target=self.error_target,
-                   budgets=self.budgets.tolist(), granularity=self.granularity)
+                   budgets=self.budgets.tolist(), granularity=self.granularity,
+                   token_share=self.token_share)
         return out
 
     def save(self, path) -> None:
@@ -112,9 +121,12 @@ class Calibration:
                 isinstance(row, list) and len(row) == H and all(g in GRANULARITIES for g in row)
                 for row in gran)):
             bad(f"granularity must be [{L}][{H}] names from {list(GRANULARITIES)}")
-        extra = {k: v for k, v in d.items() if k not in REQUIRED}
+        share = d.get("token_share", TOKEN_SHARE)
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            bad(f"token_share {share!r} must be a share of tokens in (0, 1]")
+        extra = {k: v for k, v in d.items() if k not in REQUIRED and k != "token_share"}
         return cls(dict(model), d["flow"], int(d["page_size"]), int(d["sink_pages"]),
-                   int(d["recent_pages"]), float(eps), budgets, gran, extra)
+                   int(d["recent_pages"]), float(eps), budgets, gran, extra, float(share))
 
     @classmethod
     def load(cls, path) -> "Calibration":

@@ -10,6 +10,11 @@ the answer's first tokens). For each KV head this measures, over those m probe q
   scores, sink and recent pages forced, budget = max(sink + recent, ceil(ratio * pages))).
 - `pages[j]`: the pages such a selection reads, as a share of the request's pages (the budget
   floor makes small ratios read more than the ratio at short contexts).
+- `error_token[h, j]`: the output error at **token granularity** ("page then token", what the CPU
+  kernels run: `cpu_kernels.token_selection`): of the same selected pages, the recent pages are
+  attended whole and, among the others, only the best `token_share` of their tokens by the
+  group's largest scaled score. It reads every candidate key but only the kept values: about
+  (1 + token_share) / 2 of the page selection's bytes (`token_cost`).
 - `concentration[h]`: the share of the pages that holds 90% of the head's attention mass (the
   group's mean probabilities) -- low for a needle head, high for a diffuse one.
 - `locality[h]`: attention mass on the sink and recent pages -- high for a local head.
@@ -40,10 +45,21 @@ MASS = 0.9
 FEATURES = ("top_z", "outliers", "reuse")
 
 
+TOKEN_SHARE = 0.25
+"""Tokens kept of the candidate pages at token granularity (the CPU's "page then token")."""
+
+
+def token_cost(token_share: float) -> float:
+    """Bytes of a token-granular selection relative to attending its pages: every key, a share of
+    the values."""
+    return (1.0 + token_share) / 2.0
+
+
 @dataclass
 class LayerProperties:
     """One layer's measured head properties (see the module docstring); tensors on the CPU."""
     error: torch.Tensor          # float64 [Hkv, R]
+    error_token: torch.Tensor    # float64 [Hkv, R]
     pages: torch.Tensor          # float64 [R]
     concentration: torch.Tensor  # float64 [Hkv]
     locality: torch.Tensor       # float64 [Hkv]
@@ -119,7 +135,8 @@ def _flow_masks(flow, q, k_pool, table, lens, ladder, num_pages, sink, recent):
 
 def measure_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flow: Union[str, Flow],
                   page_size: int, sink: int, recent: int, ladder: Sequence[float] = LADDER,
-                  reuse_ratio: float = 0.05, sm_scale: float | None = None) -> LayerProperties:
+                  reuse_ratio: float = 0.05, sm_scale: float | None = None,
+                  token_share: float = TOKEN_SHARE) -> LayerProperties:
     """Head properties of one layer (module docstring). q [m, Hq, D]: the queries of the prompt's
     last m positions, in order; k, v [T, Hkv, D]: the prompt's keys and values (after RoPE, as a
     KV cache holds them). Probe i is position T - m + i and attends tokens 0 .. T - m + i."""
@@ -147,14 +164,28 @@ def measure_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flow: Union
     masks, scores = _flow_masks(flow, q, k_pool, table, lens, ladder + [reuse_ratio], num_pages,
                                 sink, recent)
     error = torch.zeros(hkv, len(ladder), dtype=torch.float64)
+    error_token = torch.zeros(hkv, len(ladder), dtype=torch.float64)
     pages = torch.zeros(len(ladder), dtype=torch.float64)
     tok_page = torch.arange(T, device=q.device) // page_size
-    for j, mask in enumerate(masks[:len(ladder)]):
-        tok = mask[:, :, tok_page] & causal[:, None, :]                         # [m, Hkv, T]
+    recent_tok = tok_page[None, :] >= (num_pages[:, None] - recent)                # [m, T]
+    group_best = logits.view(m, hkv, g, T).amax(2)                              # [m, Hkv, T]
+
+    def err_of(tok):
         o, _ = _attend(q, k_rep, v_rep, tok.repeat_interleave(g, 1), scale)
         err = (o - o_dense).norm(dim=-1) / norm                                 # [m, Hq]
-        error[:, j] = err.view(m, hkv, g).mean(dim=(0, 2)).double().cpu()
+        return err.view(m, hkv, g).mean(dim=(0, 2)).double().cpu()
+
+    for j, mask in enumerate(masks[:len(ladder)]):
+        tok = mask[:, :, tok_page] & causal[:, None, :]                         # [m, Hkv, T]
+        error[:, j] = err_of(tok)
         pages[j] = (mask[:, 0].sum(-1).double() / num_pages.double()).mean().cpu()
+        cand = tok & ~recent_tok[:, None, :]
+        keep = torch.ceil(token_share * cand.sum(-1, keepdim=True).double()).long()
+        key = torch.where(cand, group_best, torch.full_like(group_best, -math.inf))
+        order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(
+            T, device=q.device).expand_as(order))
+        error_token[:, j] = err_of((cand & (rank < keep)) | (tok & recent_tok[:, None, :]))
 
     # attention mass per page, the group's mean probabilities
     probs = torch.softmax(logits, -1).view(m, hkv, g, T).mean(2)               # [m, Hkv, T]
@@ -177,7 +208,8 @@ def measure_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flow: Union
     if scores is not None:
         feats[:, :2] = score_statistics(scores, num_pages, sink, recent).double().mean(0).cpu()
     feats[:, 2] = reuse.cpu()
-    return LayerProperties(error, pages, concentration.cpu(), locality.cpu(), reuse.cpu(), feats)
+    return LayerProperties(error, error_token, pages, concentration.cpu(), locality.cpu(),
+                           reuse.cpu(), feats)
 
 
 def score_statistics(scores: torch.Tensor, num_pages: torch.Tensor, sink: int, recent: int
@@ -213,5 +245,5 @@ def selection_reuse(prev: torch.Tensor, sel: torch.Tensor, num_pages: int) -> to
     return hit.sum(-1).float() / valid.sum(-1).clamp_min(1).float()
 
 
-__all__ = ["FEATURES", "LADDER", "LayerProperties", "budget_pages", "measure_layer", "paged",
+__all__ = ["FEATURES", "LADDER", "TOKEN_SHARE", "token_cost", "LayerProperties", "budget_pages", "measure_layer", "paged",
            "score_statistics", "selection_mask", "selection_reuse"]

@@ -17,12 +17,12 @@ L, HQ, HKV, D, P = 2, 4, 2, 8, 4
 RATIOS = [[0.05, 0.5], [1.0, 0.1]]          # per layer, per KV head
 
 
-def calibration_file(tmp_path, ratios=RATIOS, **over) -> str:
+def calibration_file(tmp_path, ratios=RATIOS, granularity=None, **over) -> str:
     data = {"format": FORMAT, "version": VERSION,
             "model": {"num_layers": L, "num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": D},
             "flow": "quest", "page_size": P, "sink_pages": 1, "recent_pages": 2,
             "error_target": 0.1, "budgets": ratios,
-            "granularity": [["page"] * len(row) for row in ratios]}
+            "granularity": granularity or [["page"] * len(row) for row in ratios]}
     data.update(over)
     path = tmp_path / "calib.json"
     path.write_text(json.dumps(data))
@@ -107,7 +107,8 @@ def test_a_calibration_for_another_shape_or_setting_is_refused(tmp_path):
     ({"budgets": [[0.1, -0.2], [0.1, 0.1]]}, "ratios in \\(0, 1\\]; found -0.2"),
     ({"budgets": [[0.1, 0.1]]}, "shape \\[1, 2\\], expected \\[2, 2\\]"),
     ({"error_target": -1}, "error_target -1"),
-    ({"granularity": [["token", "page"], ["page", "page"]]}, "granularity"),
+    ({"granularity": [["tokens", "page"], ["page", "page"]]}, "granularity"),
+    ({"token_share": 0}, "token_share 0"),
     ({"sink_pages": -1}, "sink_pages -1"),
 ])
 def test_a_bad_calibration_is_one_line_naming_the_problem(tmp_path, change, message):
@@ -137,3 +138,92 @@ def test_round_trip_keeps_every_field(tmp_path):
     assert again.to_dict() == cal.to_dict()
     assert again.extra == {"note": {"why": "kept"}}
     assert again.head_budgets([10, 100]).tolist() == [[[3, 5], [5, 50]], [[10, 100], [3, 10]]]
+
+
+def token_reference(q, k, v, ratios_of_layer, token_heads, dev_pages, k_tokens, P=P):
+    """float64 output where every head selects its quest pages at its budget; token heads keep
+    those on the device (`dev_pages`) whole and, of the others, the k_tokens tokens with the
+    group's largest scaled score (ties toward the lower position)."""
+    T = k.shape[0]
+    n = -(-T // P)
+    pad = n * P - T
+    kp = torch.cat([k, torch.zeros(pad, HKV, D)]).reshape(n, P, HKV, D).transpose(1, 2)
+    table = torch.arange(n, dtype=torch.int32)[None]
+    lens = torch.tensor([T], dtype=torch.int32)
+    G = HQ // HKV
+    out = torch.zeros(HQ, D, dtype=torch.float64)
+    qd, kd, vd = q[0].double(), k.double(), v.double()
+    for h, r in enumerate(ratios_of_layer):
+        b = max(3, math.ceil(r * n - 1e-9))
+        sel = vflow.select_pages("quest", q, kp.contiguous(), table, lens, b, 1, 2)[0, h]
+        pages = [p for p in sel.tolist() if p >= 0]
+        keep = torch.zeros(T, dtype=torch.bool)
+        if token_heads[h]:
+            host = [p for p in pages if p not in dev_pages]
+            cand = torch.tensor([t for p in host for t in range(p * P, min((p + 1) * P, T))],
+                                dtype=torch.long)
+            if len(cand):
+                score = (qd[h * G:(h + 1) * G] @ kd[cand, h].T * D ** -0.5).amax(0)
+                order = sorted(range(len(cand)), key=lambda i: (-score[i].item(), cand[i].item()))
+                keep[cand[order[:k_tokens]]] = True
+            pages = [p for p in pages if p in dev_pages]
+        for p in pages:
+            keep[p * P:min((p + 1) * P, T)] = True
+        for g in range(h * G, (h + 1) * G):
+            w = torch.softmax((kd[keep, h] @ qd[g]) * D ** -0.5, 0)
+            out[g] = w @ vd[keep, h]
+    return out.float()
+
+
+@pytest.mark.parametrize("share", [1.0, 0.3])
+def test_token_heads_attend_their_best_host_tokens(tmp_path, share):
+    """cpu placement; head 0 of each layer at token granularity. share 1.0 keeps every token (the
+    page reference); 0.3 keeps the best tokens of the host pages."""
+    gran = [["token", "page"], ["token", "page"]]
+    path = calibration_file(tmp_path, granularity=gran, token_share=share)
+    attn = make("cpu", path)
+    gen = torch.Generator().manual_seed(3)
+    lens = [70, 101]
+    kv = {}
+    for T in lens:
+        k, v = torch.randn(L, T, HKV, D, generator=gen), torch.randn(L, T, HKV, D, generator=gen)
+        kv[attn.add_request(k, v)] = [k, v]
+    rids = list(kv)
+    for _ in range(3):
+        attn.plan(rids)
+        dev = attn._step.dev_table
+        grown = {r: ([], []) for r in rids}
+        for layer in range(L):
+            q, kn, vn = (torch.randn(len(rids), h, D, generator=gen) for h in (HQ, HKV, HKV))
+            o = attn.run(layer, q, kn, vn)
+            # k_tokens as the runtime counts it: the most host pages any row's token head has
+            host_counts = []
+            for b, rid in enumerate(rids):
+                k = torch.cat([kv[rid][0][layer], kn[b:b + 1]])
+                n = -(-k.shape[0] // P)
+                dev_pages = {p for p in range(n) if dev[b, p] >= 0}
+                kp = torch.cat([k, torch.zeros(n * P - k.shape[0], HKV, D)]).reshape(
+                    n, P, HKV, D).transpose(1, 2).contiguous()
+                bud = max(3, math.ceil(RATIOS[layer][0] * n - 1e-9))
+                sel = vflow.select_pages("quest", q[b:b + 1], kp,
+                                         torch.arange(n, dtype=torch.int32)[None],
+                                         torch.tensor([k.shape[0]], dtype=torch.int32), bud, 1,
+                                         2)[0, 0]
+                host_counts.append(sum(1 for p in sel.tolist() if p >= 0 and p not in dev_pages))
+            k_tokens = math.ceil(share * max(host_counts) * P)
+            for b, rid in enumerate(rids):
+                k = torch.cat([kv[rid][0][layer], kn[b:b + 1]])
+                v = torch.cat([kv[rid][1][layer], vn[b:b + 1]])
+                grown[rid][0].append(k)
+                grown[rid][1].append(v)
+                n = -(-k.shape[0] // P)
+                dev_pages = {p for p in range(n) if dev[b, p] >= 0}
+                want = token_reference(q[b:b + 1], k, v, RATIOS[layer], [True, False], dev_pages,
+                                       k_tokens)
+                if share == 1.0:
+                    assert torch.allclose(want, head_reference(q[b:b + 1], k, v, RATIOS[layer]),
+                                          atol=1e-5)
+                err = ((o[b] - want).norm() / want.norm()).item()
+                assert err < 1e-4, (share, layer, b, err)
+        for rid, (ks, vs) in grown.items():
+            kv[rid] = [torch.stack(ks), torch.stack(vs)]

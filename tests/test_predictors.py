@@ -37,17 +37,20 @@ def test_selection_mask_is_the_reference_topk(seed):
 
 
 def planted_heads(seed: int):
-    """q [M, 3, D], k, v [T, 3, D]: head 0 a needle (one page far back holds keys aligned with
-    the query), head 1 local (the last 20 tokens aligned), head 2 diffuse (a near-zero query)."""
+    """q [M, 4, D], k, v [T, 4, D]: head 0 a needle (one page far back holds keys aligned with
+    the query), head 1 local (the last 20 tokens aligned), head 2 diffuse (a near-zero query), head
+    3 scattered (single aligned tokens in 24 pages spread over the prompt)."""
     gen = torch.Generator().manual_seed(seed)
-    u = torch.randn(3, D, generator=gen)
+    u = torch.randn(4, D, generator=gen)
     u = u / u.norm(dim=-1, keepdim=True) * D ** 0.5
-    k = 0.3 * torch.randn(T, 3, D, generator=gen)
-    v = 0.3 + torch.randn(T, 3, D, generator=gen)     # a common mean: dense outputs are not ~0
+    k = 0.3 * torch.randn(T, 4, D, generator=gen)
+    v = 0.3 + torch.randn(T, 4, D, generator=gen)     # a common mean: dense outputs are not ~0
     needle = 50 * P
     k[needle:needle + P, 0] += 2.0 * u[0]
     k[T - 20:, 1] += 2.0 * u[1]
-    q = u[None].repeat(M, 1, 1) + 0.05 * torch.randn(M, 3, D, generator=gen)
+    for i in range(24):
+        k[(4 + 5 * i) * P + (7 * i) % P, 3] += 2.0 * u[3]
+    q = u[None].repeat(M, 1, 1) + 0.05 * torch.randn(M, 4, D, generator=gen)
     q[:, 2] = 0.01 * torch.randn(M, D, generator=gen)
     return q, k, v
 
@@ -61,14 +64,34 @@ def test_planted_heads_get_budgets_in_order_and_meet_the_target(seed):
     assert c[0] < c[2] and c[1] < c[2]                 # needle and local heads need few pages
     assert loc[1] > 0.9 and loc[0] < 0.5 and loc[2] < 0.2
     target = 0.05
-    choice = select_budgets(props.error.numpy(), props.pages.numpy(), target)
+    E, pages = props.error.numpy()[:3], props.pages.numpy()
+    choice = select_budgets(E, pages, target)
     ratio = np.asarray(LADDER)[choice.index]
     assert ratio[1] < ratio[0] < ratio[2], ratio
     assert choice.met and choice.mean_error <= target
-    got = props.error.numpy()[np.arange(3), choice.index].mean()
+    got = E[np.arange(3), choice.index].mean()
     assert got == pytest.approx(choice.mean_error)
-    uniform = uniform_for(props.error.numpy(), props.pages.numpy(), target)
+    uniform = uniform_for(E, pages, target)
     assert props.pages[uniform] > choice.pages         # one budget for all pays for the diffuse
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_granularity_goes_to_tokens_for_scattered_heads_and_pages_for_a_needle_page(seed):
+    """Options per head: the page ladder, then the token ladder at token_cost of its bytes. The
+    needle head's whole page matters (token granularity keeps a quarter of it): pages. The
+    scattered head's 24 single tokens fit in a quarter of its pages' tokens: tokens, cheaper."""
+    from vortex_hybrid.predictors.head_properties import TOKEN_SHARE, token_cost
+    print(f"seed={seed}")
+    q, k, v = planted_heads(seed)
+    p = measure_layer(q, k, v, "centroid", P, 1, 2)
+    R = len(LADDER)
+    E = np.concatenate([p.error.numpy(), p.error_token.numpy()], 1)
+    pages = np.concatenate([p.pages.numpy(), p.pages.numpy() * token_cost(TOKEN_SHARE)])
+    # judged head by head: each must meet the target alone
+    for head, want in ((0, "page"), (3, "token")):
+        c = select_budgets(E[head:head + 1], pages, 0.02)
+        assert c.met
+        assert ("token" if c.index[0] >= R else "page") == want, (head, c.index[0], E[head])
 
 
 def test_selector_matches_brute_force_on_small_problems():

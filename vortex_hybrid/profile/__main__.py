@@ -49,6 +49,10 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--max-pages", type=float, default=None,
                     help="optional cap on the mean budget (share of a request's pages): when the "
                          "target needs more, the error is minimised under the cap instead")
+    ap.add_argument("--granularity", default="auto", choices=("auto", "page"),
+                    help="auto: each head at page or token granularity (page then token on the CPU), "
+                         "whichever meets the target with fewer bytes; page: page granularity only "
+                         "(auto)")
     ap.add_argument("--flow", default="centroid", help="the flow the runtime will select with "
                                                        "(centroid)")
     ap.add_argument("--page-size", type=int, default=16, help="tokens per page (16)")
@@ -117,7 +121,8 @@ def show(cal) -> str:
              f"{cal.num_kv_heads} KV heads, flow {cal.flow}, page {cal.page_size}, mean output "
              f"error target {cal.error_target:g}",
              f"per-head budgets: mean ratio {cal.budgets.mean():.4f} (min {cal.budgets.min():g}, "
-             f"max {cal.budgets.max():g})"]
+             f"max {cal.budgets.max():g}); {int(cal.token_heads().sum())} of "
+             f"{cal.budgets.size} heads at token granularity (token share {cal.token_share:g})"]
     ph, uni = s.get("per_head"), s.get("uniform")
     if ph:
         lines.append(f"calibration prompts: per-head mean error {ph['mean_error']:.4f} at "
@@ -144,11 +149,12 @@ def retarget(args) -> int:
     import numpy as np
     from ..predictors.budget_selector import select_budgets
     from ..predictors.calibration import Calibration
-    from .calibrate import judge
+    from .calibrate import judge, options
     from .plots import draw
     try:
         cal = Calibration.load(args.retarget)
         E = np.asarray(cal.extra["error_curves"], dtype=np.float64)
+        Et = np.asarray(cal.extra.get("token_error_curves", E), dtype=np.float64)
         pages = np.asarray(cal.extra["pages_curve"], dtype=np.float64)
         ladder = np.asarray(cal.extra["ladder"], dtype=np.float64)
     except (ValueError, KeyError) as exc:
@@ -157,20 +163,28 @@ def retarget(args) -> int:
     if not (0 < args.error_target < float("inf")):
         fail(f"--error-target {args.error_target}: a positive number")
     L, H, R = E.shape
-    choice = select_budgets(E.reshape(L * H, R), pages, args.error_target, args.max_pages)
-    cal.budgets = ladder[choice.index.reshape(L, H)]
+    gran = args.granularity if "token_error_curves" in cal.extra else "page"
+    Eo, po = options(E, Et, pages, gran, cal.token_share)
+    choice = select_budgets(Eo.reshape(L * H, -1), po, args.error_target, args.max_pages)
+    idx = choice.index.reshape(L, H)
+    cal.budgets = ladder[idx % R]
+    cal.granularity = np.where(idx >= R, "token", "page").tolist()
     cal.error_target = float(args.error_target)
     summary = dict(cal.extra.get("summary", {}))
     summary["per_head"] = {"mean_error": choice.mean_error, "pages": choice.pages,
-                           "met": choice.met}
+                           "met": choice.met, "token_heads": int((idx >= R).sum())}
     held = summary.get("heldout")
     if held and "error_curves" in held:
-        j = judge(E, pages, np.asarray(held["error_curves"]),
-                  np.asarray(held["uniform_curve"]["pages"]), args.error_target, args.max_pages)
+        Eh = np.asarray(held["error_curves"])
+        ph = np.asarray(held["uniform_curve"]["pages"])
+        Eho, pho = options(Eh, np.asarray(held.get("token_error_curves", Eh)), ph, gran,
+                           cal.token_share)
+        j = judge(Eo, po, Eho, pho, args.error_target, args.max_pages,
+                  uniform=(Eh.mean((0, 1)), ph))
         held = dict(held, **{k: j[k] for k in ("per_head_mean_error", "per_head_pages",
                                                 "uniform_pages_at_equal_error", "pages_ratio")})
         summary["heldout"] = held
-    cal.extra.update(summary=summary, retargeted_from=str(args.retarget))
+    cal.extra.update(summary=summary, retargeted_from=str(args.retarget), granularity_choice=gran)
     out = Path(args.out)
     try:
         cal.save(out)
@@ -238,7 +252,8 @@ def main(argv=None) -> int:
                       num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads,
                       head_dim=shape.head_dim, model_layers=shape.full_layers)
     cal, summary = calibrate(traces["calibration"], traces["heldout"], list(LADDER),
-                             args.error_target, args.max_pages, settings, model_info)
+                             args.error_target, args.max_pages, settings, model_info,
+                             args.granularity)
     print("measuring the machine ...", file=sys.stderr)
     cal.extra.update(machine=measure_machine(not args.no_bandwidth),
                      prompts=dict(tasks=tasks, context=args.context, probes=args.probes,

@@ -7,6 +7,11 @@ the held-out mean error of the per-head budgets, and the pages a uniform budget 
 held-out error (interpolated between ladder ratios, linear in log pages), so `pages_ratio` = per-head
 pages / uniform pages at equal error (below 1: fewer pages). The head predictor is fitted on the
 calibration prompts and its error reported on the held-out ones.
+
+Granularity: with `granularity="auto"` each head's options are the ladder at page granularity and
+the ladder at token granularity (`head_properties.error_token`, costing `token_cost` of the pages'
+bytes); the selector picks among both, pages counted as byte-equivalent pages. The uniform baseline
+is page granularity.
 """
 
 from __future__ import annotations
@@ -16,7 +21,18 @@ import numpy as np
 from ..predictors.budget_selector import select_budgets, uniform_for
 from ..predictors.calibration import Calibration
 from ..predictors.head_predictor import HeadPredictor, needed_log2
-from ..predictors.head_properties import LayerProperties
+from ..predictors.head_properties import TOKEN_SHARE, LayerProperties, token_cost
+
+GRANULARITY_CHOICES = ("page", "auto")
+
+
+def options(E: np.ndarray, Et: np.ndarray, pages: np.ndarray, granularity: str,
+            token_share: float = TOKEN_SHARE) -> tuple[np.ndarray, np.ndarray]:
+    """The selector's options per head: (errors [L, H, R or 2R], pages [R or 2R]); page options
+    first, then token options when `granularity` is "auto"."""
+    if granularity == "page":
+        return E, pages
+    return np.concatenate([E, Et], -1), np.concatenate([pages, pages * token_cost(token_share)])
 
 
 def stack(traces: list[list[LayerProperties]], name: str) -> np.ndarray:
@@ -39,16 +55,18 @@ def uniform_pages_at(error_curve: np.ndarray, pages: np.ndarray, target: float) 
 
 
 def judge(E: np.ndarray, pages: np.ndarray, Eh: np.ndarray, ph: np.ndarray, target: float,
-          max_pages: float | None = None) -> dict:
-    """Per-head budgets chosen on calibration curves E [L, H, R] (pages [R]) for `target`, judged
-    on held-out curves Eh (pages ph): their held-out error and pages, and the uniform pages at that
-    error (module docstring)."""
+          max_pages: float | None = None, uniform: tuple | None = None) -> dict:
+    """Per-head budgets chosen on calibration curves E [L, H, options] (pages [options]) for
+    `target`, judged on held-out curves Eh (pages ph, same options): their held-out error and
+    pages, and the uniform pages at that error (module docstring) from `uniform` = (held-out mean
+    error curve, pages) of the page ladder (default: Eh and ph themselves)."""
     L, H, R = E.shape
     choice = select_budgets(E.reshape(L * H, R), pages, target, max_pages)
     idx = choice.index.reshape(L, H)
     err_h = float(np.take_along_axis(Eh, idx[:, :, None], 2).mean())
     pages_h = float(ph[idx].mean())
-    uni_pages = uniform_pages_at(Eh.mean((0, 1)), ph, err_h)
+    u_err, u_pages = uniform if uniform is not None else (Eh.mean((0, 1)), ph)
+    uni_pages = uniform_pages_at(u_err, u_pages, err_h)
     return {"target": target, "met_on_calibration": choice.met, "per_head_mean_error": err_h,
             "per_head_pages": pages_h, "uniform_pages_at_equal_error": uni_pages,
             "pages_ratio": pages_h / uni_pages, "index": idx}
@@ -56,26 +74,32 @@ def judge(E: np.ndarray, pages: np.ndarray, Eh: np.ndarray, ph: np.ndarray, targ
 
 def calibrate(calib: list[list[LayerProperties]], held: list[list[LayerProperties]],
               ladder: list[float], target: float, max_pages: float | None, settings: dict,
-              model: dict) -> tuple[Calibration, dict]:
+              model: dict, granularity: str = "auto") -> tuple[Calibration, dict]:
     """The calibration and a summary (module docstring). settings: flow, page_size, sink_pages,
-    recent_pages; model: name and shape fields."""
+    recent_pages; model: name and shape fields; granularity: "page" or "auto"."""
     E = stack(calib, "error").mean(0)                    # [L, H, R]
+    Et = stack(calib, "error_token").mean(0)
     pages = stack(calib, "pages").mean((0, 1))           # [R], a share of the request's pages
     L, H, R = E.shape
-    choice = select_budgets(E.reshape(L * H, R), pages, target, max_pages)
+    Eo, po = options(E, Et, pages, granularity)
+    choice = select_budgets(Eo.reshape(L * H, -1), po, target, max_pages)
     idx = choice.index.reshape(L, H)
-    ratios = np.asarray(ladder)[idx]
+    ratios = np.asarray(ladder)[idx % R]
+    gran = np.where(idx >= R, "token", "page")
     u = uniform_for(E.reshape(L * H, R), pages, target)
     summary = {
         "calibration_prompts": len(calib), "heldout_prompts": len(held),
-        "per_head": {"mean_error": choice.mean_error, "pages": choice.pages, "met": choice.met},
+        "per_head": {"mean_error": choice.mean_error, "pages": choice.pages, "met": choice.met,
+                     "token_heads": int((idx >= R).sum())},
         "uniform": None if u is None else {"ratio": ladder[u], "pages": float(pages[u]),
                                            "mean_error": float(E[:, :, u].mean())},
     }
     if held:
         Eh = stack(held, "error").mean(0)
+        Eht = stack(held, "error_token").mean(0)
         ph = stack(held, "pages").mean((0, 1))
-        j = judge(E, pages, Eh, ph, target, max_pages)
+        Eho, pho = options(Eh, Eht, ph, granularity)
+        j = judge(Eo, po, Eho, pho, target, max_pages, uniform=(Eh.mean((0, 1)), ph))
         summary["heldout"] = {
             "per_head_mean_error": j["per_head_mean_error"], "per_head_pages": j["per_head_pages"],
             "uniform_pages_at_equal_error": j["uniform_pages_at_equal_error"],
@@ -83,6 +107,7 @@ def calibrate(calib: list[list[LayerProperties]], held: list[list[LayerPropertie
             "uniform_curve": {"ratio": list(ladder), "pages": ph.tolist(),
                               "mean_error": Eh.mean((0, 1)).tolist()},
             "error_curves": Eh.tolist(),             # [L, H, R]: other targets judged offline
+            "token_error_curves": Eht.tolist(),
         }
     predictor, pred_summary = fit_predictor(calib, held, ladder, target)
     summary["predictor"] = pred_summary
@@ -92,8 +117,9 @@ def calibrate(calib: list[list[LayerProperties]], held: list[list[LayerPropertie
         model=model, flow=settings["flow"], page_size=settings["page_size"],
         sink_pages=settings["sink_pages"], recent_pages=settings["recent_pages"],
         error_target=float(target), budgets=ratios,
-        granularity=[["page"] * H for _ in range(L)],
+        granularity=gran.tolist(), token_share=TOKEN_SHARE,
         extra={"ladder": list(ladder), "error_curves": E.tolist(), "pages_curve": pages.tolist(),
+               "token_error_curves": Et.tolist(), "granularity_choice": granularity,
                "properties": props, "predictor": predictor.to_dict() if predictor else None,
                "summary": summary})
     return cal, summary

@@ -7,6 +7,11 @@ so a layer runs one pass per distinct budget among its heads and rows, and each 
 the pass at its own budget: the same pages `select_pages` gives that head at that budget. Passes
 are built on the host once per distinct budget array and reused while it stays the same (budgets
 change when a request's page count crosses a ratio's step), so `plan` costs a lookup.
+
+Heads the calibration puts at token granularity select pages the same way; the CPU worker then
+attends only the best share of the tokens of their host pages (`HybridAttention._cpu_attend`):
+"page then token" where the CPU attends. Pages attended on the GPU stay whole, and the `dense` and
+`gpu` placements, which have no CPU part, attend every head page by page.
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ class HeadBudgets:
     def __init__(self, calibration, device: torch.device, store_device: torch.device) -> None:
         self.cal = calibration
         self.device, self.store_device = device, store_device
+        heads = torch.as_tensor(calibration.token_heads())
+        self.token_heads: list = [heads[layer] if bool(heads[layer].any()) else None
+                                  for layer in range(heads.shape[0])]
+        """Per layer: bool [Hkv] (CPU) of the heads at token granularity, or None (all pages):
+        the CPU worker attends those heads' host pages token by token."""
         self._passes: OrderedDict[bytes, tuple[list[list[Pass]], int, int]] = OrderedDict()
 
     def budgets(self, num_pages: list[int]) -> np.ndarray:

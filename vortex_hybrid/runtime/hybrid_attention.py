@@ -33,6 +33,7 @@ caller runs under inference mode or not; outputs are inference tensors (inputs a
 from __future__ import annotations
 
 import logging
+import math
 import os
 import operator
 import time
@@ -694,10 +695,33 @@ class HybridAttention:
         n = int((sel >= 0).sum())
         if n == 0:
             return None
+        k_pool, v_pool = self.kv.host_pool.k[layer], self.kv.host_pool.v[layer]
+        tok = None if self.head_budgets is None else self.head_budgets.token_heads[layer]
         with (self.trace or NO_TRACE).host(layer, "attend host pages", "cpu"):
-            o, lse = cpu_kernels.launch_sparse_decode_attention(
-                q, self.kv.host_pool.k[layer], self.kv.host_pool.v[layer], host_table, lens, sel)
+            if tok is None:
+                o, lse = cpu_kernels.launch_sparse_decode_attention(q, k_pool, v_pool, host_table,
+                                                                    lens, sel)
+            else:
+                o, lse = self._cpu_attend_by_granularity(q, k_pool, v_pool, host_table, lens,
+                                                         sel, tok)
         return o, lse, n
+
+    def _cpu_attend_by_granularity(self, q, k_pool, v_pool, host_table, lens, sel, tok):
+        """Page heads attend their host pages whole; token heads (calibration) keep, of theirs,
+        the best `token_share` of the tokens (at least: k_tokens is one count for the batch, from
+        the row with the most host pages), by the group's largest score; the states merge."""
+        from .. import cpu_kernels
+        heads = tok[None, :, None]
+        o, lse = cpu_kernels.launch_sparse_decode_attention(
+            q, k_pool, v_pool, host_table, lens, torch.where(heads, -1, sel))
+        cand = torch.where(heads, sel, -1)
+        most = int((cand >= 0).sum(-1).max())
+        if most == 0:
+            return o, lse
+        k_tokens = math.ceil(self.calibration.token_share * most * self.cfg.page_size)
+        o_t, lse_t, _ = cpu_kernels.launch_token_topk_attention(q, k_pool, v_pool, host_table,
+                                                                lens, cand, k_tokens)
+        return cpu_kernels.merge_states(o, lse, o_t, lse_t)
 
     def _gpu_backend(self):
         if self.device.type == "cuda":
