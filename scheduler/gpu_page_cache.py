@@ -67,7 +67,8 @@ class GpuPageCache:
     slots from its measured reuse (module docstring); False for plain LRU."""
 
     def __init__(self, num_layers: int, num_slots: int, device: torch.device,
-                 max_requests: int = 8, max_pages: int = 64, quotas: bool = True) -> None:
+                 max_requests: int = 8, max_pages: int = 64, quotas: bool = True,
+                 prior_reuse=None) -> None:
         if num_slots < 0 or num_layers < 1:
             raise ValueError(f"num_slots={num_slots} must be >= 0 and num_layers={num_layers} >= 1")
         self.num_layers, self.num_slots, self.device = num_layers, num_slots, device
@@ -81,7 +82,15 @@ class GpuPageCache:
         # selection reuse: the last step each (request, page) was wanted, and each request's
         # moving average of the share of its wanted pages that were wanted the step before
         self.seen = torch.full_like(self.slot_of, -1)
-        self.reuse = torch.ones(num_layers, max_requests, dtype=torch.float32, device=device)
+        self.prior = torch.ones(num_layers, 1, dtype=torch.float32, device=device)
+        """A new request's reuse per layer before it is measured: 1 (optimistic), or a calibration's
+        measured reuse (`prior_reuse`, [num_layers] in [0, 1])."""
+        if prior_reuse is not None:
+            prior = torch.as_tensor(prior_reuse, dtype=torch.float32).reshape(-1)
+            if prior.numel() != num_layers or not bool(((prior >= 0) & (prior <= 1)).all()):
+                raise ValueError(f"prior_reuse must be {num_layers} shares in [0, 1]")
+            self.prior = prior.to(device)[:, None]
+        self.reuse = self.prior.expand(num_layers, max_requests).clone()
         self.now = 0
         self.now_t = torch.zeros((), dtype=torch.int64, device=device)   # `now` on the device
         self.generation = 0                      # bumped when slot_of is reallocated
@@ -116,7 +125,7 @@ class GpuPageCache:
         seen = torch.full_like(grown, -1)
         seen[:, :R, :W] = self.seen[:, :, :W]
         self.seen = seen
-        reuse = torch.ones(L, R2, dtype=torch.float32, device=self.device)
+        reuse = self.prior.expand(L, R2).clone()
         reuse[:, :R] = self.reuse
         self.reuse = reuse
         self.generation += 1
@@ -132,7 +141,7 @@ class GpuPageCache:
         self.stamp[:, :self.num_slots][mine] = -1
         self.slot_of[:, r] = -1
         self.seen[:, r] = -1
-        self.reuse[:, r] = 1.0
+        self.reuse[:, r] = self.prior[:, 0]
         self._free.append(r)
 
     def pages_of(self, rid: int, layer: int) -> torch.Tensor:

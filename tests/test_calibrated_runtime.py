@@ -227,3 +227,23 @@ def test_token_heads_attend_their_best_host_tokens(tmp_path, share):
                 assert err < 1e-4, (share, layer, b, err)
         for rid, (ks, vs) in grown.items():
             kv[rid] = [torch.stack(ks), torch.stack(vs)]
+
+
+def test_the_calibrated_reuse_seeds_the_gpu_page_cache(tmp_path):
+    """A request's reuse estimate, before its own is measured, is the calibration's per-layer
+    mean over heads (what quotas and the hybrid split's fetch cost read); 1 without one."""
+    reuse = [[0.2, 0.4], [0.9, 0.7]]
+    attn = make("hybrid", calibration_file(tmp_path, properties={"reuse": reuse}))
+    rid = attn.add_request(torch.randn(L, 40, HKV, D), torch.randn(L, 40, HKV, D))
+    cache = attn._cache
+    r = cache.index_of(rid)
+    assert cache.reuse[:, r].tolist() == pytest.approx([0.3, 0.8])
+    attn.remove_request(rid)
+    assert cache.reuse[:, r].tolist() == pytest.approx([0.3, 0.8])
+    cfg = HybridConfig(page_size=P, flow="quest", placement="hybrid", gpu_cache_pages=4,
+                       kv_dtype="float32")
+    plain = HybridAttention(cfg, L, HQ, HKV, D, device_pages=80, host_pages=256)
+    assert plain._cache.reuse[:, 0].tolist() == [1.0, 1.0]
+    from vortex_hybrid.scheduler.gpu_page_cache import GpuPageCache
+    with pytest.raises(ValueError, match="prior_reuse must be 2 shares"):
+        GpuPageCache(2, 4, torch.device("cpu"), prior_reuse=[0.5, 1.5])

@@ -39,6 +39,7 @@ import operator
 import time
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from .. import reference
@@ -144,7 +145,6 @@ class HybridAttention:
                 raise ValueError(f"flow {cfg.flow!r} reads page keys when it selects; the runtime "
                                  "selects from page summaries only (library flows that do: quest, "
                                  "centroid, double_sparsity, streaming)")
-        self._cache = GpuPageCache(L, slots, self.device) if slots else None
         self.calibration = cfg.load_calibration() if self.store is not None else None
         """The per-head budgets' calibration (`HybridConfig.calibration`), or None: uniform."""
         self.head_budgets = None
@@ -155,6 +155,8 @@ class HybridAttention:
                                  f"{cal.num_layers} layers x {cal.num_kv_heads} KV heads; this "
                                  f"runtime has {L} x {hkv} (calibrate this model)")
             self.head_budgets = HeadBudgets(cal, self.device, self.store.device)
+        self._cache = GpuPageCache(L, slots, self.device, prior_reuse=self._prior_reuse()) \
+            if slots else None
         if costs is None:           # the split needs this machine's concurrent host bandwidths
             costs = cost_model.load_or_measure() if self.placement == "hybrid" else \
                 cost_model.DEFAULTS
@@ -185,6 +187,19 @@ class HybridAttention:
         self._offloaded: dict[int, int] = {}      # request -> full pages known to be on the host
         self._last: dict = {}
         self._totals: dict = {}
+
+    def _prior_reuse(self):
+        """Per layer, the selection reuse the calibration measured (mean over KV heads): the GPU
+        page cache's estimate for a request before its own is measured (quotas, and the hybrid
+        split's amortised fetch cost); None without a calibration (optimistic 1)."""
+        cal = self.calibration
+        reuse = None if cal is None else (cal.extra.get("properties") or {}).get("reuse")
+        if reuse is None:
+            return None
+        per_layer = np.asarray(reuse, dtype=np.float64)
+        if per_layer.shape != (cal.num_layers, cal.num_kv_heads):
+            return None
+        return np.clip(per_layer.mean(1), 0.0, 1.0)
 
     # ---- requests ---------------------------------------------------------------------------
     @torch.inference_mode()
