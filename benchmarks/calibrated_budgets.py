@@ -4,7 +4,9 @@ Reads a calibration written by `python -m vortex_hybrid.profile` (its calibratio
 its held-out curves, per (layer, KV head) and budget ratio) and, for each error target, chooses
 per-head budgets on the calibration prompts and judges them on the held-out prompts: their held-out
 mean output error, their pages, and the pages a uniform budget needs for the same held-out error
-(`vortex_hybrid.profile.calibrate.judge`). Target (issue): pages ratio <= 0.7 (30% fewer).
+(`vortex_hybrid.profile.calibrate.judge`), with page granularity only and with each head at page
+or token granularity (`auto`; pages then count byte-equivalent pages). Target (issue): pages ratio
+<= 0.7 (30% fewer).
 
     python benchmarks/calibrated_budgets.py calib.json --targets 0.05,0.1,0.2,0.3 --out results
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from vortex_hybrid.predictors import Calibration
-from vortex_hybrid.profile.calibrate import judge
+from vortex_hybrid.profile.calibrate import judge, options
 
 
 def main(argv=None) -> int:
@@ -40,24 +42,34 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     E = np.asarray(cal.extra["error_curves"])
+    Et = np.asarray(cal.extra.get("token_error_curves", E))
     pages = np.asarray(cal.extra["pages_curve"])
     Eh = np.asarray(held["error_curves"])
+    Eht = np.asarray(held.get("token_error_curves", Eh))
     ph = np.asarray(held["uniform_curve"]["pages"])
+    R = E.shape[-1]
     rows = []
-    for t in targets:
-        j = judge(E, pages, Eh, ph, t)
-        j.pop("index")
-        rows.append(j)
+    grans = ["page", "auto"] if "token_error_curves" in cal.extra else ["page"]
+    for gran in grans:
+        Eo, po = options(E, Et, pages, gran, cal.token_share)
+        Eho, pho = options(Eh, Eht, ph, gran, cal.token_share)
+        for t in targets:
+            j = judge(Eo, po, Eho, pho, t, uniform=(Eh.mean((0, 1)), ph))
+            j["granularity"] = gran
+            j["token_heads"] = int((j.pop("index") >= R).sum())
+            rows.append(j)
     m = cal.model
     head = (f"{m.get('name')}: {cal.num_layers} layers x {cal.num_kv_heads} KV heads, flow "
             f"{cal.flow}, page {cal.page_size}, context {cal.extra['prompts']['context']}, "
             f"{cal.extra['summary']['calibration_prompts']} calibration + "
             f"{cal.extra['summary']['heldout_prompts']} held-out prompts")
     lines = [head, "",
-             "| error target | per-head pages | held-out mean error | uniform pages at that error "
-             "| pages ratio | fewer pages |", "|---|---|---|---|---|---|"]
+             "| granularity | error target | token heads | per-head pages | held-out mean error "
+             "| uniform pages at that error | pages ratio | fewer pages |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['target']:g} | {r['per_head_pages']:.4f} | "
+        lines.append(f"| {r['granularity']} | {r['target']:g} | {r['token_heads']} | "
+                     f"{r['per_head_pages']:.4f} | "
                      f"{r['per_head_mean_error']:.4f} | {r['uniform_pages_at_equal_error']:.4f} | "
                      f"{r['pages_ratio']:.3f} | {1 - r['pages_ratio']:.1%} |")
     text = "\n".join(lines)
