@@ -94,10 +94,11 @@ def check_model(model_config) -> None:
     whose query and value head sizes differ, sliding windows, logit softcapping, a scaling other
     than head_dim ** -0.5, head_dim above MAX_HEAD_DIM, query heads not a multiple of KV heads.
     `model_config`: SGLang's `ModelConfig`."""
-    arch = str(getattr(model_config, "attention_arch", ""))
+    arch = getattr(model_config, "attention_arch", None)
+    arch = str(getattr(arch, "name", arch))             # AttentionArch.MLA (an IntEnum) or a name
     hf = getattr(model_config, "hf_text_config", None) or model_config.hf_config
     name = (getattr(model_config.hf_config, "architectures", None) or ["the model"])[0]
-    if arch.endswith("MLA"):
+    if arch == "MLA":
         raise ConfigError(f"{name} uses multi-head latent attention (MLA), which the hybrid "
                           "runtime does not serve (it serves MHA/GQA models such as Llama, Qwen, "
                           "Mistral)")
@@ -127,11 +128,26 @@ def check_model(model_config) -> None:
                           f"not head_dim ** -0.5 (head_dim={D}); the hybrid kernels use the latter")
 
 
+def cuda_graph_phases(server_args) -> dict[str, str]:
+    """The phases for which SGLang will capture CUDA graphs, and how: {"decode": "full", ...}
+    (sglang 0.5.17 resolves `--disable-cuda-graph` and `--cuda-graph-backend-*` into
+    `cuda_graph_config`; older versions have `disable_cuda_graph` only)."""
+    graphs = getattr(server_args, "cuda_graph_config", None)
+    if graphs is None or not hasattr(graphs, "decode"):
+        return {} if getattr(server_args, "disable_cuda_graph", False) else {"decode": "on"}
+    out = {}
+    for phase in ("decode", "prefill"):
+        backend = str(getattr(getattr(graphs, phase, None), "backend", "disabled"))
+        if backend.rsplit(".", 1)[-1].lower() != "disabled":
+            out[phase] = backend
+    return out
+
+
 def check_server_args(server_args) -> None:
     """Refuse SGLang settings the backend does not run with (one-line reasons naming the flag)."""
     device = str(getattr(server_args, "device", "cuda") or "cuda")
-    if device != "cpu" and not getattr(server_args, "disable_cuda_graph", False):
-        raise ConfigError(CUDA_GRAPH_REFUSAL)
+    if device != "cpu" and cuda_graph_phases(server_args):
+        raise ConfigError(f"{CUDA_GRAPH_REFUSAL} (on now: {cuda_graph_phases(server_args)})")
     for flag, value in (("--enable-piecewise-cuda-graph",
                          getattr(server_args, "enable_piecewise_cuda_graph", False)),
                         ("--enable-mixed-chunk", getattr(server_args, "enable_mixed_chunk", False)),
