@@ -3,14 +3,17 @@
 # torch 2.13.0 (CPU), sglang 0.5.17 without its dependency pins (they pin torch 2.11 and CUDA
 # kernels), sglang's run-time dependencies (tests/sglang/requirements.txt) under a torch==2.13.0
 # constraint, and this package in editable mode (its entry point is what SGLang's load_plugins()
-# finds). Built once and reused while the inputs are unchanged (a stamp file holds their hash).
+# finds). Built once and reused while its inputs (this script, requirements.txt) are unchanged (a
+# stamp file holds their hash); the editable install is refreshed every time.
 # Usage: bash tests/sglang/setup_env.sh [VENV]      (about 2-3 minutes the first time)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd); here="$root/tests/sglang"
 venv=${1:-"$root/.venv-sglang"}
 SGLANG_VERSION=0.5.17
-stamp=$(cat "$here/requirements.txt" "$here/setup_env.sh" "$root/pyproject.toml" | sha256sum | cut -c1-16)
+stamp=$(cat "$here/requirements.txt" "$here/setup_env.sh" | sha256sum | cut -c1-16)
 if [ -f "$venv/.vh-stamp" ] && [ "$(cat "$venv/.vh-stamp")" = "$stamp" ]; then
+  # up to date: refresh only this package's editable install (its entry points)
+  "$venv/bin/pip" install -q --no-deps -e "$root"
   echo "sglang test env: $venv is up to date"; exit 0
 fi
 rm -rf "$venv"
