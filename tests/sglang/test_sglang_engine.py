@@ -56,9 +56,14 @@ def torch_native(tiny_model) -> list[list[int]]:
     return run_engine(tiny_model, "torch_native")
 
 
-@pytest.mark.parametrize("placement", ["gpu", "hybrid"])
+@pytest.mark.parametrize("placement", ["gpu", "hybrid", "hybrid/triton prefill"])
 def test_full_budget_output_equals_torch_native_token_for_token(tiny_model, torch_native,
-                                                                placement):
+                                                                placement, monkeypatch):
+    """"triton prefill": the prefill runs SGLang's triton backend (its choice on CUDA; here under
+    the Triton interpreter) instead of torch_native."""
+    placement, _, prefill = placement.partition("/")
+    if prefill:
+        monkeypatch.setenv("VORTEX_HYBRID_SGLANG_PREFILL", "triton")
     cfg = json.dumps({"placement": placement, "budget_ratio": 1.0, "gpu_cache_pages": 8})
     ours = run_engine(tiny_model, "vortex_hybrid", cfg)
     assert ours == torch_native

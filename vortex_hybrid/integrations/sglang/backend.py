@@ -3,9 +3,9 @@
 SGLang drives it per forward batch: `init_forward_metadata(batch)` once, then each layer's
 `forward_extend` or `forward_decode` in order. How the calls map onto the runtime:
 
-- **prefill (extend)**: dense attention over SGLang's KV pool (SGLang's `TorchNativeAttnBackend`,
-  which also writes the new tokens' K and V into the pool), prefix-cache hits and chunked prefill
-  included. When the last layer has run, every row of the batch is synced into the runtime
+- **prefill (extend)**: dense attention over SGLang's KV pool by SGLang's own backend (`triton` on
+  CUDA, `torch_native` elsewhere; `VORTEX_HYBRID_SGLANG_PREFILL` overrides), which also writes the
+  new tokens' K and V into the pool; prefix-cache hits and chunked prefill included. When the last layer has run, every row of the batch is synced into the runtime
   (`RequestMap.sync`): its new tokens (all of them, for a new request or a prefix-cache hit) are
   read from SGLang's pool through `req_to_token` and appended to the runtime's paged store, which
   fills the summaries and, in host placements, the pinned host copies. Nothing else is copied: a
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -60,6 +61,22 @@ def pool_sizes(cfg: HybridConfig, tokens: int, requests: int) -> dict:
     return out
 
 
+PREFILL_ENV = "VORTEX_HYBRID_SGLANG_PREFILL"
+"""Overrides the prefill backend: `triton` or `torch_native` (default: SGLang's `triton` backend on
+CUDA, the one SGLang itself defaults to there, `torch_native` elsewhere)."""
+
+
+def _prefill_backend(model_runner, device: torch.device):
+    """SGLang's own backend that runs the dense prefill (extend) over its KV pool."""
+    name = os.environ.get(PREFILL_ENV) or ("triton" if device.type == "cuda" else "torch_native")
+    if name == "triton":
+        from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+        return TritonAttnBackend(model_runner)
+    if name == "torch_native":
+        return TorchNativeAttnBackend(model_runner)
+    raise ConfigError(f"{PREFILL_ENV}={name!r} must be 'triton' or 'torch_native'")
+
+
 class VortexHybridBackend(AttentionBackend):
     """SGLang attention backend `vortex_hybrid` (module docstring)."""
 
@@ -70,7 +87,7 @@ class VortexHybridBackend(AttentionBackend):
         self.device = torch.device(model_runner.device)
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.token_to_kv_pool = model_runner.token_to_kv_pool
-        self.dense = TorchNativeAttnBackend(model_runner)
+        self.dense = _prefill_backend(model_runner, self.device)
         self.num_layers = int(mc.num_hidden_layers)
         self.num_q_heads, self.num_kv_heads = int(mc.num_attention_heads), int(mc.num_key_value_heads)
         self.head_dim = int(mc.head_dim)
@@ -112,8 +129,9 @@ class VortexHybridBackend(AttentionBackend):
                               "is not supported; run without --enable-mixed-chunk and "
                               "speculative decoding")
         self.requests.drop_freed()
-        self.dense.init_forward_metadata(forward_batch)
-        if mode.is_decode():
+        if mode.is_extend():
+            self.dense.init_forward_metadata(forward_batch)
+        elif mode.is_decode():
             lens = forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None \
                 else forward_batch.seq_lens
             rids = self._sync(forward_batch.req_pool_indices.tolist(),
