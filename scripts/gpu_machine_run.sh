@@ -2,7 +2,9 @@
 # One call on the GPU machine: set up, then the named steps, logs and JSON under $OUT.
 #   bash scripts/gpu_machine_run.sh tests demo gpu_topk gpu_attention cpu_attention summary_store
 # (TESTS="tests/test_x.py ..." limits the tests step to those files; HYBRID_STEP_ARGS passes
-# options to benchmarks/hybrid_step.py, whose full grid needs several calls)
+# options to benchmarks/hybrid_step.py, whose full grid needs several calls; sglang_e2e needs the
+# SGLang overlay carried in .overlay/ (build it here: bash scripts/build_sglang_overlay.sh) and
+# takes SGLANG_E2E_ARGS, e.g. --runs to split its engines over calls)
 # tests: the whole suite natively (GPU kernels without the interpreter; the wheel-build test is
 # skipped: no registry there). Each step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -25,6 +27,10 @@ for step in "$@"; do
                      timeout 200 python3 benchmarks/step_trace.py --out "$OUT" --placement $p ${TRACE_ARGS:-}
                    done ;;
     hybrid_step)   timeout ${HYBRID_STEP_TIMEOUT:-570} python3 benchmarks/hybrid_step.py --out "$OUT" ${HYBRID_STEP_ARGS:-} ;;
+    sglang_e2e)    timeout ${SGLANG_E2E_TIMEOUT:-530} bash -c '
+                     set -e; mkdir -p /tmp/ov
+                     [ -f /tmp/ov/.unpacked ] || { tar xJf .overlay/sglang_0.5.17_gpu.tar.xz -C /tmp/ov; touch /tmp/ov/.unpacked; }
+                     PYTHONPATH=/tmp/ov:${PYTHONPATH:-} python3 benchmarks/sglang_e2e.py --out "$OUT" ${SGLANG_E2E_ARGS:-}' ;;
     *) echo "unknown step $step"; continue ;;
   esac > "$OUT/$step.log" 2>&1
   rc=$?
