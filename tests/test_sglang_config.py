@@ -1,7 +1,7 @@
 """The SGLang integration's pieces that need no SGLang: the package imports without sglang, the
 start-up checks refuse what the backend does not run with (one line naming the value and the fix),
 and `RequestMap` ties runtime requests to SGLang's recycled request-pool rows. (With real SGLang:
-tests/sglang/.)"""
+tests/with_sglang/.)"""
 
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The real-SGLang test environment: a venv (default .venv-sglang at the repository root) holding
 # torch 2.13.0 (CPU), sglang 0.5.17 without its dependency pins (they pin torch 2.11 and CUDA
-# kernels), sglang's run-time dependencies (tests/sglang/requirements.txt) under a torch==2.13.0
+# kernels), sglang's run-time dependencies (tests/with_sglang/requirements.txt) under a torch==2.13.0
 # constraint, and this package in editable mode (its entry point is what SGLang's load_plugins()
 # finds). Built once and reused while its inputs (this script, requirements.txt) are unchanged (a
 # stamp file holds their hash); the editable install is refreshed every time.
-# Usage: bash tests/sglang/setup_env.sh [VENV]      (about 2-3 minutes the first time)
+# Usage: bash tests/with_sglang/setup_env.sh [VENV]      (about 2-3 minutes the first time)
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd); here="$root/tests/sglang"
+root=$(cd "$(dirname "$0")/../.." && pwd); here="$root/tests/with_sglang"
 venv=${1:-"$root/.venv-sglang"}
 SGLANG_VERSION=0.5.17
 stamp=$(cat "$here/requirements.txt" "$here/setup_env.sh" | sha256sum | cut -c1-16)

@@ -1,9 +1,9 @@
 """Set-up of the real-SGLang tests (marker `sglang`). They run in the environment that
-`tests/sglang/setup_env.sh` builds (real sglang 0.5.17 over torch 2.13 CPU); in an environment
+`tests/with_sglang/setup_env.sh` builds (real sglang 0.5.17 over torch 2.13 CPU); in an environment
 without sglang they are not collected.
 
 SGLang on a CPU machine needs, none of it a patch to SGLang: `SGLANG_USE_CPU_ENGINE=1`, and the
-test-only stand-ins for `sgl_kernel` and `torchvision` under tests/sglang/stubs on the path before
+test-only stand-ins for `sgl_kernel` and `torchvision` under tests/with_sglang/stubs on the path before
 sglang or transformers is imported (also for the engine's spawned processes, through PYTHONPATH).
 """
 
