@@ -23,6 +23,7 @@ CUDA it runs on the CPU (float32, TRITON_INTERPRET=1 for the triton runs): a smo
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
@@ -104,6 +105,7 @@ def run_engine(run: str, model: Path, prompts: list[list[int]], args, cuda: bool
         t_all = time.perf_counter() - t0
     finally:
         llm.shutdown()
+        atexit.unregister(llm.shutdown)          # shut down already (its atexit would log late)
     decode_s = max(t_all - t_first, 1e-9)
     return {"run": run, "config": cfg, "engine_start_s": round(start_s, 2),
             "prefill_s": round(t_first, 4), "generate_s": round(t_all, 4),

@@ -7,6 +7,7 @@ requests joining a running batch."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -49,6 +50,7 @@ def run_engine(model, backend: str, config: str | None = None) -> list[list[int]
         return out
     finally:
         llm.shutdown()
+        atexit.unregister(llm.shutdown)          # shut down already (its atexit would log late)
 
 
 @pytest.fixture(scope="module")
