@@ -5,8 +5,8 @@ SGLang drives it per forward batch: `init_forward_metadata(batch)` once, then ea
 
 - **prefill (extend)**: dense attention over SGLang's KV pool by SGLang's own backend (`triton` on
   CUDA, `torch_native` elsewhere; `VORTEX_HYBRID_SGLANG_PREFILL` overrides), which also writes the
-  new tokens' K and V into the pool; prefix-cache hits and chunked prefill included. When the last layer has run, every row of the batch is synced into the runtime
-  (`RequestMap.sync`): its new tokens (all of them, for a new request or a prefix-cache hit) are
+  new tokens' K and V into the pool; prefix-cache hits and chunked prefill included. When the
+  last layer has run, every row of the batch is synced into the runtime (`RequestMap.sync`): its new tokens (all of them, for a new request or a prefix-cache hit) are
   read from SGLang's pool through `req_to_token` and appended to the runtime's paged store, which
   fills the summaries and, in host placements, the pinned host copies. Nothing else is copied: a
   decode step moves one token per layer.
@@ -46,11 +46,12 @@ from .request_map import RequestMap
 
 log = logging.getLogger(__name__)
 
+
 def pool_sizes(cfg: HybridConfig, tokens: int, requests: int) -> dict:
     """The runtime's device_pages / host_pages for an SGLang KV pool of `tokens` token slots shared
-    by up to `requests` requests: every page of that pool in HBM (`dense`, `gpu`), or in pinned
-    host memory (host placements, capped by `cfg.host_memory_gib` when set) with the device pool
-    holding the requests' tail pages, prefill chunks and the GPU cache slots."""
+    by up to `requests` requests: room for every page of that pool in HBM (`dense`, `gpu`), or in
+    pinned host memory (host placements; `cfg.host_memory_gib` of it instead when set), with the
+    device pool holding the requests' tail pages, prefill chunks and the GPU cache slots."""
     pages = tokens // cfg.page_size + 2 * requests + 8
     if cfg.placement not in HOST_PLACEMENTS:
         return {"device_pages": pages, "host_pages": 0}
