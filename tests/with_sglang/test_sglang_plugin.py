@@ -104,6 +104,21 @@ def test_a_model_the_kernels_do_not_serve_is_refused_at_start_up(tiny_model, tmp
     assert re.search(pattern, message), message
 
 
+def test_server_args_take_the_config_as_a_dict_or_a_hybrid_config(tiny_model):
+    from sglang.srt.server_args import ServerArgs
+
+    from vortex_hybrid import HybridConfig
+    kw = dict(model_path=str(tiny_model), device="cpu", skip_tokenizer_init=True,
+              attention_backend="vortex_hybrid")
+    cfg = json.loads(ServerArgs(**kw, vortex_hybrid_config={"placement": "cpu"}).vortex_hybrid_config)
+    assert cfg["placement"] == "cpu"
+    given = HybridConfig(placement="offload", page_size=1, budget_pages=5, budget_ratio=None)
+    cfg = json.loads(ServerArgs(**kw, vortex_hybrid_config=given).vortex_hybrid_config)
+    assert (cfg["placement"], cfg["budget_pages"]) == ("offload", 5)
+    with pytest.raises(ConfigError, match=r"vortex_hybrid_config=3 must be a JSON file path"):
+        ServerArgs(**kw, vortex_hybrid_config=3)
+
+
 def test_the_config_without_the_backend_is_refused(tiny_model):
     argv = ["--model-path", str(tiny_model), "--device", "cpu", "--skip-tokenizer-init",
             "--attention-backend", "torch_native", "--vortex-hybrid-config", "{}"]

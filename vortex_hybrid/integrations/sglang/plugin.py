@@ -7,7 +7,8 @@
 - through SGLang's `HookRegistry`: adds `--vortex-hybrid-config` to SGLang's argument parser
   (`ServerArgs.add_cli_args`, AFTER), carries its value from the parsed arguments into the
   `ServerArgs` (`ServerArgs.from_cli_args`, AROUND), and lets `ServerArgs(...)` (hence
-  `sgl.Engine(...)`) take `vortex_hybrid_config=` (`ServerArgs.__init__`, AROUND). Whenever the
+  `sgl.Engine(...)`) take `vortex_hybrid_config=` (a JSON file path or text, a dict of fields or a
+  `HybridConfig`; `ServerArgs.__init__`, AROUND). Whenever the
   attention backend is `vortex_hybrid` the config is resolved and checked right there, in the
   process that parses the arguments (`config.resolve`), and stored on the `ServerArgs` as canonical
   JSON (`server_args.vortex_hybrid_config`), which SGLang pickles to its scheduler processes;
@@ -22,9 +23,12 @@ makes `sgl.Engine(...)` raise `config.ConfigError` before any process starts.
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
-from typing import Optional
+import os
+from typing import Mapping, Optional
 
+from ...config import HybridConfig
 from .config import BACKEND_NAME, ConfigError, from_text, resolve, to_text
 
 log = logging.getLogger(__name__)
@@ -87,9 +91,14 @@ def _init(original, self, *args, **kwargs) -> None:
     text = kwargs.pop(CONFIG_FIELD, None)
     if text is None:
         text = _CLI_TEXT.get()
-    if text is not None and not isinstance(text, str):
-        raise ConfigError(f"{CONFIG_FIELD}={text!r} must be a JSON file path or a JSON object text "
-                          "(e.g. '{\"placement\": \"hybrid\"}')")
+    if isinstance(text, HybridConfig):
+        text = text.to_json()
+    elif isinstance(text, Mapping):
+        text = json.dumps(dict(text))
+    elif text is not None and not isinstance(text, (str, os.PathLike)):
+        raise ConfigError(f"{CONFIG_FIELD}={text!r} must be a JSON file path, a JSON object text, "
+                          "a dict of HybridConfig fields or a HybridConfig")
+    text = None if text is None else os.fspath(text)
     original(self, *args, **kwargs)
     _attach(self, text)
 
