@@ -12,7 +12,7 @@ engine start time, and agreement with triton (requests equal token for token, me
 Writes sglang_e2e.json under --out after every run (a timeout keeps what finished) and prints a
 table last, ratios first.
 
-    python benchmarks/sglang_e2e.py --out results                 # writes its model under results/
+    python benchmarks/sglang_e2e.py --out results                 # writes a random model to /tmp
     bash scripts/gpu_machine_run.sh sglang_e2e                    # GPU machine, sglang from the overlay
 
 --model DIR uses an existing model (Llama-shaped, head_dim >= 64); without it a random one is written
@@ -27,6 +27,7 @@ import atexit
 import json
 import os
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,6 +75,8 @@ def run_engine(run: str, model: Path, prompts: list[list[int]], args, cuda: bool
               max_total_tokens=args.batch * (args.context + args.new) + 64 * P,
               max_running_requests=args.batch, chunked_prefill_size=args.chunk,
               dtype="bfloat16" if cuda else "float32", log_level="warning")
+    if args.no_overlap:
+        kw["disable_overlap_schedule"] = True
     if cuda:
         kw["mem_fraction_static"] = 0.3
     else:
@@ -125,8 +128,9 @@ def agreement(outs: list[list[int]], ref: list[list[int]]) -> tuple[int, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="results", help="folder for sglang_e2e.json (and the model)")
-    ap.add_argument("--model", help="an existing Llama-shaped model folder (default: write one)")
+    ap.add_argument("--out", default="results", help="folder for sglang_e2e.json")
+    ap.add_argument("--model", help="an existing Llama-shaped model folder (default: write one to "
+                                    "a temporary folder)")
     ap.add_argument("--layers", type=int, default=4, help="layers of the written model")
     ap.add_argument("--batch", type=int, default=4, help="requests in the batch")
     ap.add_argument("--context", type=int, default=8192, help="prompt tokens per request")
@@ -135,6 +139,8 @@ def main() -> None:
     ap.add_argument("--cache", type=float, default=0.1,
                     help="GPU page cache of the host placements, as a share of the batch's pages")
     ap.add_argument("--chunk", type=int, default=8192, help="SGLang's --chunked-prefill-size")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="every run with SGLang's overlap scheduler off (--disable-overlap-schedule)")
     ap.add_argument("--runs", default=RUNS,
                     help=f"comma-separated runs: triton, PLACEMENT, PLACEMENT@full (default {RUNS})")
     args = ap.parse_args()
@@ -147,8 +153,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = Path(args.model) if args.model else \
-        write_model(out / "sglang_e2e_model", args.layers, "bfloat16" if cuda else "float32",
-                    args.context + args.new)
+        write_model(Path(tempfile.mkdtemp(prefix="sglang_e2e_model_")), args.layers,
+                    "bfloat16" if cuda else "float32", args.context + args.new)
     rng = random.Random(0)
     prompts = [[256] + [rng.randrange(256) for _ in range(args.context - 1)]
                for _ in range(args.batch)]
