@@ -179,6 +179,11 @@ def test_sparse_decode_equals_the_reference_over_the_flow_selection(placement):
 
     scenario(world, check)
     assert sum(decoded) == 3 * 2 + 5 * 4
+    totals = world.ours.stats()["totals"]
+    if placement in ("cpu", "hybrid"):                 # host pages were attended where they are
+        assert totals["cpu_pages"] > 0, totals
+    if placement in ("offload", "hybrid"):
+        assert totals["fetched_pages"] + totals["cache_hits"] > 0, totals
     world.ours.runtime.close()
 
 
