@@ -29,6 +29,7 @@ for step in "$@"; do
     hybrid_step)   timeout ${HYBRID_STEP_TIMEOUT:-570} python3 benchmarks/hybrid_step.py --out "$OUT" ${HYBRID_STEP_ARGS:-} ;;
     sglang_e2e)    timeout ${SGLANG_E2E_TIMEOUT:-530} bash -c '
                      set -e; mkdir -p /tmp/ov
+                     [ -f .overlay/sglang_0.5.17_gpu.tar.xz ] || { echo "no .overlay/sglang_0.5.17_gpu.tar.xz: build it with bash scripts/build_sglang_overlay.sh and carry .overlay"; exit 2; }
                      [ -f /tmp/ov/.unpacked ] || { tar xJf .overlay/sglang_0.5.17_gpu.tar.xz -C /tmp/ov; touch /tmp/ov/.unpacked; }
                      PYTHONPATH=/tmp/ov:${PYTHONPATH:-} python3 benchmarks/sglang_e2e.py --out "$OUT" ${SGLANG_E2E_ARGS:-}' ;;
     *) echo "unknown step $step"; continue ;;
