@@ -6,11 +6,12 @@
 # finds). Built once and reused while its inputs (this script, requirements.txt) are unchanged (a
 # stamp file holds their hash); the editable install is refreshed every time.
 # Usage: bash tests/with_sglang/setup_env.sh [VENV]      (about 2-3 minutes the first time)
+#        SGLANG_VERSION=0.5.21 bash tests/with_sglang/setup_env.sh /tmp/venv   (another version)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd); here="$root/tests/with_sglang"
 venv=${1:-"$root/.venv-sglang"}
-SGLANG_VERSION=0.5.17
-stamp=$(cat "$here/requirements.txt" "$here/setup_env.sh" | sha256sum | cut -c1-16)
+SGLANG_VERSION=${SGLANG_VERSION:-0.5.17}      # the tested version; another one for trying it
+stamp=$( (cat "$here/requirements.txt" "$here/setup_env.sh"; echo "$SGLANG_VERSION") | sha256sum | cut -c1-16)
 if [ -f "$venv/.vh-stamp" ] && [ "$(cat "$venv/.vh-stamp")" = "$stamp" ]; then
   # up to date: refresh only this package's editable install (its entry points)
   "$venv/bin/pip" install -q --no-deps -e "$root"

@@ -53,14 +53,25 @@ class World:
         self.kv: dict[int, list] = {}             # row -> [k [L, T, Hkv, D], v] as written
 
     def new_row(self) -> int:
-        req = types.SimpleNamespace(req_pool_idx=None, inflight_middle_chunks=0,
-                                    kv_committed_len=0)
-        row, = self.req_pool.alloc([req])
+        """A row for a new request, as SGLang's scheduler takes one (its generation bumped)."""
+        if hasattr(self.req_pool, "alloc_rows"):                  # sglang 0.5.21
+            row, = self.req_pool.alloc_rows(1)
+        else:                                                       # 0.5.17: alloc(reqs)
+            req = types.SimpleNamespace(req_pool_idx=None, inflight_middle_chunks=0,
+                                        kv_committed_len=0)
+            row, = self.req_pool.alloc([req])
         self.kv[row] = [torch.zeros(L, 0, HKV, D), torch.zeros(L, 0, HKV, D)]
         return row
 
-    def free_row(self, row: int) -> None:
-        self.req_pool.free(types.SimpleNamespace(req_pool_idx=row))
+    def free_row(self, row: int, seen: bool = True) -> None:
+        """The request in `row` finished, as SGLang frees it; seen=False: through SGLang's class
+        method, past the backend's watch of its pool object."""
+        pool, cls = self.req_pool, ReqToTokenPool
+        if hasattr(pool, "free_rows"):                              # sglang 0.5.21
+            (pool.free_rows if seen else lambda rows: cls.free_rows(pool, rows))([row])
+        else:
+            req = types.SimpleNamespace(req_pool_idx=row)
+            (pool.free if seen else lambda r: cls.free(pool, r))(req)
         del self.kv[row]
 
     def place(self, row: int, start: int, n: int) -> torch.Tensor:
@@ -213,11 +224,7 @@ def test_a_recycled_row_never_reads_the_finished_requests_kv(seen):
     held = [world.new_row() for _ in range(3)]
     a = world.new_row()
     world.step([a], [8])
-    if seen == "free seen":
-        world.free_row(a)
-    else:
-        ReqToTokenPool.free(world.req_pool, types.SimpleNamespace(req_pool_idx=a))
-        del world.kv[a]
+    world.free_row(a, seen=seen == "free seen")
     b = world.new_row()
     assert b == a, "the pool hands the freed row to the next request"
     world.step([b], [8])

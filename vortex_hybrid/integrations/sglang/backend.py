@@ -107,9 +107,22 @@ class VortexHybridBackend(AttentionBackend):
         return self.runtime.cfg
 
     def _watch_frees(self, pool) -> None:
-        """Report every row the pool frees to the request map (the pool object's own `free`,
-        wrapped on this instance; SGLang's class is untouched)."""
-        free, requests = pool.free, self.requests
+        """Report every row the pool frees to the request map: the pool object's own `free_rows`
+        (sglang 0.5.21: every row goes back through it) or `free(req)` (0.5.17), wrapped on this
+        instance; SGLang's class is untouched."""
+        requests = self.requests
+        if hasattr(pool, "free_rows"):
+            free_rows = pool.free_rows
+
+            def watched_free_rows(indices, *args, **kwargs):
+                out = free_rows(indices, *args, **kwargs)
+                for row in indices:
+                    requests.freed(int(row))
+                return out
+
+            pool.free_rows = watched_free_rows
+            return
+        free = pool.free
 
         def watched_free(req, *args, **kwargs):
             row = req if isinstance(req, int) else getattr(req, "req_pool_idx", None)

@@ -78,9 +78,13 @@ def _add_cli_args(result, parser) -> None:
 
 
 def _from_cli_args(original, cls, args):
-    token = _CLI_TEXT.set(getattr(args, CONFIG_FIELD, None))
+    text = getattr(args, CONFIG_FIELD, None)
+    token = _CLI_TEXT.set(text)
     try:
-        return original(cls, args)
+        server_args = original(cls, args)
+        if getattr(server_args, CONFIG_FIELD, None) is None:   # no __init__ hook ran (0.5.21)
+            _attach(server_args, text)
+        return server_args
     except ConfigError as exc:              # the command line: one line, no traceback
         raise SystemExit(str(exc)) from None
     finally:
