@@ -24,14 +24,11 @@ from __future__ import annotations
 
 import contextvars
 import json
-import logging
 import os
 from typing import Mapping, Optional
 
 from ...config import HybridConfig
 from .config import BACKEND_NAME, ConfigError, from_text, resolve, to_text
-
-log = logging.getLogger(__name__)
 
 CONFIG_FLAG = "--vortex-hybrid-config"
 CONFIG_FIELD = "vortex_hybrid_config"
