@@ -118,6 +118,27 @@ def test_other_flows_return_the_reference_as_pages_fill(placement, flow):
     attn.close()
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_a_prefill_in_chunks_equals_one_prefill(placement):
+    """extend_request (a chunked prefill's next chunks, e.g. from SGLang) leaves the request as if
+    its whole prompt came in one add_request: steps equal the reference over the same selection."""
+    attn = make(placement)
+    shadow = Shadow(attn, 31)
+    whole = shadow.add(0)
+    k, v = shadow.rand(L, 3 * P + 3, HKV, D), shadow.rand(L, 3 * P + 3, HKV, D)
+    for a, b in ((0, 5), (5, 5), (5, 3 * P + 3)):            # an empty chunk, a page border
+        attn.extend_request(whole, k[:, a:b].to(attn.device), v[:, a:b].to(attn.device))
+    shadow.kv[whole] = (k, v)
+    other = shadow.add(2 * P + 1)
+    for _ in range(P + 1):
+        assert shadow.step([whole, other]) < 1e-5
+    with pytest.raises(ValueError, match="unknown request id 99"):
+        attn.extend_request(99, k, v)
+    with pytest.raises(ValueError, match="k must be a float tensor"):
+        attn.extend_request(whole, k[:1], v[:1])
+    attn.close()
+
+
 @pytest.mark.parametrize("placement", ["gpu", "hybrid"])
 def test_planning_again_before_layer_0_replaces_the_unrun_plan(placement):
     """plan() twice (a scheduler changing its mind) leaves no unwritten token behind."""

@@ -2,6 +2,7 @@
 
     attn = HybridAttention(cfg, num_layers=32, num_q_heads=32, num_kv_heads=8, head_dim=128)
     rid = attn.add_request(k, v)          # prefill KV [num_layers, T, Hkv, D], T >= 0
+    attn.extend_request(rid, k2, v2)      # more prefill KV (a chunked prefill), between steps
     attn.plan([rid0, rid1])               # once per step: order, tables, budgets, placement; checks
     o = attn.run(layer, q, k_new, v_new)  # per layer, in order: append, index, partition, attend, merge
     attn.remove_request(rid)              # between steps
@@ -208,6 +209,35 @@ class HybridAttention:
         id. Host placements stream the prompt through the device pool in chunks, offloading full
         pages to pinned host memory as they fill."""
         self._check_between_steps("add_request")
+        self._check_prefill(k, v)
+        rid = self.kv.create_request()
+        try:
+            self._fill(rid, k, v)
+        except Exception:
+            self.kv.free_request(rid)
+            raise
+        return rid
+
+    @torch.inference_mode()
+    def extend_request(self, rid: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """More prefill KV for a live request (a chunked prefill's next chunk), k and v
+        [num_layers, T, Hkv, D]: appended after its tokens, between steps. On failure the request
+        keeps its old length."""
+        self._check_between_steps("extend_request")
+        self._check_prefill(k, v)
+        rid = operator.index(rid)
+        if rid not in self.kv.request_ids:
+            raise ValueError(f"unknown request id {rid}; live requests: {sorted(self.kv.request_ids)}")
+        old = self.kv.seq_len(rid)
+        try:
+            self._fill(rid, k, v)
+        except Exception:
+            self.kv.truncate(rid, old)
+            if rid in self._offloaded:
+                self._offloaded[rid] = min(self._offloaded[rid], self.kv.num_full_pages(rid))
+            raise
+
+    def _check_prefill(self, k, v) -> None:
         want = (self.num_layers, self.num_kv_heads, self.head_dim)
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4 or \
@@ -217,26 +247,24 @@ class HybridAttention:
                                  f"{tuple(getattr(t, 'shape', ()))}")
         if k.shape != v.shape:
             raise ValueError(f"k shape {tuple(k.shape)} differs from v shape {tuple(v.shape)}")
-        rid = self.kv.create_request()
-        try:
-            if self.placement not in HOST_PLACEMENTS:
-                self.kv.append(rid, k, v)
-            else:
-                P = self.cfg.page_size
-                done, T = 0, k.shape[1]
-                while done < T:
-                    room = (self.kv.device_alloc.num_free - 1) * P
-                    if room <= 0:
-                        raise ValueError("the device pool has no room for a prefill chunk; raise "
-                                         "device_pages")
-                    n = min(T - done, room)
-                    self.kv.append(rid, k[:, done:done + n], v[:, done:done + n])
-                    self._offload_full(rid)
-                    done += n
-        except Exception:
-            self.kv.free_request(rid)
-            raise
-        return rid
+
+    def _fill(self, rid: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append prefill KV to a request; host placements stream it through the device pool in
+        chunks, offloading full pages to pinned host memory as they fill."""
+        if self.placement not in HOST_PLACEMENTS:
+            self.kv.append(rid, k, v)
+            return
+        P = self.cfg.page_size
+        done, T = 0, k.shape[1]
+        while done < T:
+            room = (self.kv.device_alloc.num_free - 1) * P
+            if room <= 0:
+                raise ValueError("the device pool has no room for a prefill chunk; raise "
+                                 "device_pages")
+            n = min(T - done, room)
+            self.kv.append(rid, k[:, done:done + n], v[:, done:done + n])
+            self._offload_full(rid)
+            done += n
 
     @torch.inference_mode()
     def remove_request(self, rid: int) -> None:

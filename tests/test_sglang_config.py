@@ -1,0 +1,146 @@
+"""The SGLang integration's pieces that need no SGLang: the package imports without sglang, the
+start-up checks refuse what the backend does not run with (one line naming the value and the fix),
+and `RequestMap` ties runtime requests to SGLang's recycled request-pool rows. (With real SGLang:
+tests/with_sglang/.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from vortex_hybrid import HybridAttention, HybridConfig
+from vortex_hybrid.integrations.sglang.config import (ConfigError, build, check_model,
+                                                      check_server_args, load, sglang_kv_dtype)
+from vortex_hybrid.integrations.sglang.request_map import RequestMap
+
+
+def test_the_integration_imports_without_sglang():
+    code = ("import sys; "
+            "import vortex_hybrid.integrations.sglang.plugin, "
+            "vortex_hybrid.integrations.sglang.request_map; "
+            "assert 'sglang' not in sys.modules, 'imported sglang'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def server_args(**kw):
+    base = dict(device="cuda", disable_cuda_graph=True, cuda_graph_config=None, tp_size=1,
+                pp_size=1, dp_size=1, enable_mixed_chunk=False, speculative_algorithm=None,
+                enable_dp_attention=False, enable_piecewise_cuda_graph=False, page_size=16,
+                kv_cache_dtype="auto", dtype="auto", attention_backend="vortex_hybrid",
+                prefill_attention_backend=None, decode_attention_backend=None)
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    ({"disable_cuda_graph": False}, r"pass --disable-cuda-graph"),
+    ({"disable_cuda_graph": True,
+      "cuda_graph_config": types.SimpleNamespace(decode=types.SimpleNamespace(backend="breakable"),
+                                                 prefill=types.SimpleNamespace(backend="disabled"))},
+     r"on now: \{'decode': 'breakable'\}"),
+    ({"tp_size": 2}, r"--tp-size 2 is not supported yet"),
+    ({"enable_mixed_chunk": True}, r"--enable-mixed-chunk \(True\) is not supported"),
+    ({"speculative_algorithm": "EAGLE"}, r"--speculative-algorithm \('EAGLE'\)"),
+    ({"decode_attention_backend": "triton"}, r"--decode-attention-backend 'triton'"),
+    ({"kv_cache_dtype": "fp8_e4m3"}, r"--kv-cache-dtype 'fp8_e4m3' is not supported"),
+])
+def test_sglang_settings_the_backend_does_not_run_with_are_refused(kw, pattern):
+    args = server_args(**kw)
+    with pytest.raises(ConfigError, match=pattern):
+        check_server_args(args)
+        sglang_kv_dtype(args)
+
+
+def test_cpu_engines_need_no_cuda_graph_flag_and_the_kv_dtype_follows_sglang():
+    check_server_args(server_args(device="cpu", disable_cuda_graph=False))
+    assert sglang_kv_dtype(server_args(dtype="float32")) == "float32"
+    assert sglang_kv_dtype(server_args(dtype="half")) == "float16"
+    assert sglang_kv_dtype(server_args(kv_cache_dtype="bf16", dtype="float32")) == "bfloat16"
+
+
+def test_page_size_follows_sglang_unless_given_and_must_then_agree():
+    assert build({}, 4, "float32").page_size == 4
+    assert build({"page_size": 8}, 8, "float32").page_size == 8
+    with pytest.raises(ConfigError, match=r"page_size=8 differs from SGLang's --page-size 4: "
+                                          r"pass --page-size 8"):
+        build({"page_size": 8}, 4, "float32")
+
+
+def test_config_text_errors_name_the_value(tmp_path):
+    assert load(None) == {} and load("  ") == {}
+    path = tmp_path / "c.json"
+    path.write_text('{"placement": "cpu"}')
+    assert load(str(path)) == {"placement": "cpu"}
+    with pytest.raises(ConfigError, match=r"^vortex_hybrid: --vortex-hybrid-config '\[1\]': .*"
+                                          r"expected an object"):
+        load("[1]")
+    with pytest.raises(ConfigError, match=r"HybridConfig.placement='gpux' is invalid"):
+        load('{"placement": "gpux"}')
+
+
+def model_config(**kw):
+    hf = types.SimpleNamespace(**kw.pop("hf", {}))
+    base = dict(attention_arch="MHA", head_dim=64, v_head_dim=64, num_attention_heads=8,
+                num_key_value_heads=2, is_hybrid_swa=False, hf_text_config=hf,
+                hf_config=types.SimpleNamespace(architectures=["LlamaForCausalLM"]))
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    ({"attention_arch": "MLA"}, r"multi-head latent attention \(MLA\)"),
+    ({"head_dim": 512, "v_head_dim": 512}, r"head_dim=512 is not supported"),
+    ({"v_head_dim": 32}, r"value head size 32 differs from head_dim 64"),
+    ({"num_key_value_heads": 3}, r"8 query heads are not a multiple of 3 KV heads"),
+    ({"hf": {"sliding_window": 4096}}, r"sliding-window attention"),
+    ({"hf": {"attn_logit_softcapping": 50.0}}, r"attn_logit_softcapping=50.0"),
+    ({"hf": {"query_pre_attn_scalar": 144}}, r"query_pre_attn_scalar=144"),
+])
+def test_models_the_kernels_do_not_serve_are_refused(kw, pattern):
+    check_model(model_config())
+    with pytest.raises(ConfigError, match=pattern):
+        check_model(model_config(**kw))
+
+
+L, HKV, D, P = 2, 2, 8, 4
+
+
+def test_request_map_follows_recycled_rows_chunks_and_frees():
+    """A row's runtime request holds exactly the SGLang request's tokens: appended chunk by chunk,
+    replaced when the row's generation changes (a recycled row) or when it holds more than asked,
+    removed when the row is freed."""
+    runtime = HybridAttention(HybridConfig(page_size=P, placement="gpu", kv_dtype="float32",
+                                           budget_ratio=1.0), L, 4, HKV, D, device_pages=64)
+    gen = torch.Generator().manual_seed(11)
+    print("seed 11")
+    pool = {row: torch.randn(2, L, 40, HKV, D, generator=gen) for row in (1, 2)}
+    reads = []
+
+    def reader(row):
+        def read(start, end):
+            reads.append((row, start, end))
+            return pool[row][0][:, start:end], pool[row][1][:, start:end]
+        return read
+
+    m = RequestMap(runtime)
+    a = m.sync(1, 1, 9, reader(1))
+    assert m.sync(1, 1, 17, reader(1)) == a and reads[-1] == (1, 9, 17)     # next chunk
+    assert m.sync(1, 1, 17, reader(1)) == a and len(reads) == 2             # steady state
+    k, _ = runtime.kv.read(a, 1)
+    torch.testing.assert_close(k, pool[1][0][1, :17])
+    pool[1] = torch.randn(2, L, 40, HKV, D, generator=gen)                   # row 1 recycled
+    b = m.sync(1, 2, 17, reader(1))
+    assert b != a and a not in runtime.kv.request_ids and reads[-1] == (1, 0, 17)
+    torch.testing.assert_close(runtime.kv.read(b, 0)[0], pool[1][0][0, :17])
+    c = m.sync(2, 1, 5, reader(2))
+    assert m.sync(2, 1, 3, reader(2)) not in (c, b)                         # holds more: replaced
+    m.freed(1)
+    assert b in runtime.kv.request_ids                                     # until between steps
+    m.drop_freed()
+    assert b not in runtime.kv.request_ids and len(m) == 1
+    m.clear()
+    assert runtime.kv.request_ids == []
