@@ -18,10 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from vortex_hybrid.predictors import Calibration
-from vortex_hybrid.profile.calibrate import judge, options
+from vortex_hybrid.profile.calibrate import Curves, judge
 
 
 def main(argv=None) -> int:
@@ -36,28 +34,17 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    held = cal.extra.get("summary", {}).get("heldout")
-    if not held or "error_curves" not in held:
+    try:
+        calib, held = Curves.stored(cal)
+    except KeyError:
+        held = None
+    if held is None:
         print("error: the calibration has no held-out curves (profile with --heldout >= 1)",
               file=sys.stderr)
         return 2
-    E = np.asarray(cal.extra["error_curves"])
-    Et = np.asarray(cal.extra.get("token_error_curves", E))
-    pages = np.asarray(cal.extra["pages_curve"])
-    Eh = np.asarray(held["error_curves"])
-    Eht = np.asarray(held.get("token_error_curves", Eh))
-    ph = np.asarray(held["uniform_curve"]["pages"])
-    R = E.shape[-1]
-    rows = []
     grans = ["page", "auto"] if "token_error_curves" in cal.extra else ["page"]
-    for gran in grans:
-        Eo, po = options(E, Et, pages, gran, cal.token_share)
-        Eho, pho = options(Eh, Eht, ph, gran, cal.token_share)
-        for t in targets:
-            j = judge(Eo, po, Eho, pho, t, uniform=(Eh.mean((0, 1)), ph))
-            j["granularity"] = gran
-            j["token_heads"] = int((j.pop("index") >= R).sum())
-            rows.append(j)
+    rows = [judge(calib, held, t, gran, token_share=cal.token_share)
+            for gran in grans for t in targets]
     m = cal.model
     head = (f"{m.get('name')}: {cal.num_layers} layers x {cal.num_kv_heads} KV heads, flow "
             f"{cal.flow}, page {cal.page_size}, context {cal.extra['prompts']['context']}, "

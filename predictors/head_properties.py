@@ -199,10 +199,11 @@ def measure_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flow: Union
     locality = (mass * forced).sum(-1).double().mean(0)
 
     ref = masks[-1] & ~forced                                                  # [m, Hkv, S]
-    kept = (ref[1:] & ref[:-1]).sum(-1).double()
-    total = ref[1:].sum(-1).double()
-    reuse = (kept / total.clamp_min(1)).mean(0) if m > 1 else torch.ones(hkv, dtype=torch.float64)
-    reuse = torch.where(total.sum(0) > 0, reuse, torch.ones_like(reuse)) if m > 1 else reuse
+    reuse = torch.ones(hkv, dtype=torch.float64, device=q.device)  # nothing to compare: all kept
+    if m > 1:
+        kept = (ref[1:] & ref[:-1]).sum(-1).double()
+        total = ref[1:].sum(-1).double()
+        reuse = torch.where(total.sum(0) > 0, (kept / total.clamp_min(1)).mean(0), reuse)
 
     feats = torch.zeros(hkv, len(FEATURES), dtype=torch.float64)
     if scores is not None:

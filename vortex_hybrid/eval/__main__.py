@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from . import tasks as task_lib
-from .models import DEFAULT_MODEL, MODELS, load_model
+from .models import add_model_argument, load_model
 from .run import MODES, EvalSpec, evaluate
 
 DEFAULT_TASKS = "niah_single,niah_multikey"
@@ -30,9 +30,7 @@ DEFAULT_TASKS = "niah_single,niah_multikey"
 def parse(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m vortex_hybrid.eval",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL,
-                    help=f"a built-in model ({', '.join(sorted(MODELS))}) or a local Hugging Face "
-                         f"folder (default {DEFAULT_MODEL})")
+    add_model_argument(ap)
     ap.add_argument("--tasks", default=DEFAULT_TASKS,
                     help=f"comma list of {', '.join(task_lib.TASKS)} (default {DEFAULT_TASKS})")
     ap.add_argument("--context", type=int, default=2048, help="prompt tokens per sample (2048)")

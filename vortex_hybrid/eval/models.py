@@ -54,6 +54,13 @@ MODELS = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
+def add_model_argument(parser) -> None:
+    """The `--model` option the command lines share (eval, profile)."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"a built-in model ({', '.join(sorted(MODELS))}) or a local Hugging "
+                             f"Face folder (default {DEFAULT_MODEL})")
+
+
 def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "vortex_hybrid")
 

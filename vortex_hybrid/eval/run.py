@@ -80,17 +80,13 @@ def mode_config(mode: str, flow: str, budget: float, kv_dtype: str,
 
 def calibrated_combo(path: str) -> tuple[str, float]:
     """(flow label, mean budget ratio) of a calibration file, checked against the eval's pages."""
-    cal = HybridConfig(page_size=PAGE_SIZE, calibration=path,
-                       flow=_calibration_flow(path)).load_calibration()
-    return cal.flow + CALIBRATED, float(cal.budgets.mean())
-
-
-def _calibration_flow(path: str) -> str:
     from ..predictors.calibration import Calibration
     try:
-        return Calibration.load(path).flow
+        cal = Calibration.load(path)
     except ValueError as exc:
         raise ValueError(f"HybridConfig.calibration: {exc}") from None
+    HybridConfig(page_size=PAGE_SIZE, calibration=path, flow=cal.flow)     # the settings match
+    return cal.flow + CALIBRATED, float(cal.budgets.mean())
 
 
 @torch.inference_mode()
@@ -130,14 +126,15 @@ def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
     eos = {t for t in [tokenizer.eos_token_id, *gen_eos] if isinstance(t, int)}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
     combos = []                                 # (mode, flow, budget)
+    calibrated = calibrated_combo(spec.calibration) if spec.calibration else None
     for m in spec.modes:
         if m == "dense":
             combos.append((m, None, None))
         else:
             combos += [(m, f, b) for f in (["streaming"] if m == "streaming" else spec.flows)
                        for b in spec.budgets]
-            if spec.calibration and m != "streaming":
-                combos.append((m, *calibrated_combo(spec.calibration)))
+            if calibrated and m != "streaming":
+                combos.append((m, *calibrated))
     runs = []
     for start in range(0, len(suite), spec.batch):
         group = suite[start:start + spec.batch]

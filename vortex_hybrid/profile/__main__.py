@@ -31,12 +31,10 @@ DEFAULT_TASKS = "niah_single,niah_multikey,niah_multivalue,vt,cwe"
 
 
 def parse(argv) -> argparse.Namespace:
-    from ..eval.models import DEFAULT_MODEL, MODELS
+    from ..eval.models import add_model_argument
     ap = argparse.ArgumentParser(prog="python -m vortex_hybrid.profile",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL,
-                    help=f"a built-in model ({', '.join(sorted(MODELS))}) or a local Hugging Face "
-                         f"folder (default {DEFAULT_MODEL})")
+    add_model_argument(ap)
     ap.add_argument("--samples", type=int, default=4,
                     help="calibration prompts, cycling through --tasks (4)")
     ap.add_argument("--heldout", type=int, default=2,
@@ -147,54 +145,47 @@ def show(cal) -> str:
 def retarget(args) -> int:
     """Budgets chosen again from a calibration's stored curves (`--retarget`)."""
     import numpy as np
-    from ..predictors.budget_selector import select_budgets
     from ..predictors.calibration import Calibration
-    from .calibrate import judge, options
-    from .plots import draw
+    from .calibrate import Curves, choose, judge_heldout
     try:
         cal = Calibration.load(args.retarget)
-        E = np.asarray(cal.extra["error_curves"], dtype=np.float64)
-        Et = np.asarray(cal.extra.get("token_error_curves", E), dtype=np.float64)
-        pages = np.asarray(cal.extra["pages_curve"], dtype=np.float64)
+        calib, held = Curves.stored(cal)
         ladder = np.asarray(cal.extra["ladder"], dtype=np.float64)
     except (ValueError, KeyError) as exc:
         fail(f"--retarget {args.retarget!r}: {str(exc).splitlines()[0]} (needs the curves a "
              "profile run stores)")
     if not (0 < args.error_target < float("inf")):
         fail(f"--error-target {args.error_target}: a positive number")
-    L, H, R = E.shape
+    R = calib.error.shape[-1]
     gran = args.granularity if "token_error_curves" in cal.extra else "page"
-    Eo, po = options(E, Et, pages, gran, cal.token_share)
-    choice = select_budgets(Eo.reshape(L * H, -1), po, args.error_target, args.max_pages)
-    idx = choice.index.reshape(L, H)
+    choice, idx = choose(calib, gran, args.error_target, args.max_pages, cal.token_share)
     cal.budgets = ladder[idx % R]
     cal.granularity = np.where(idx >= R, "token", "page").tolist()
     cal.error_target = float(args.error_target)
     summary = dict(cal.extra.get("summary", {}))
     summary["per_head"] = {"mean_error": choice.mean_error, "pages": choice.pages,
                            "met": choice.met, "token_heads": int((idx >= R).sum())}
-    held = summary.get("heldout")
-    if held and "error_curves" in held:
-        Eh = np.asarray(held["error_curves"])
-        ph = np.asarray(held["uniform_curve"]["pages"])
-        Eho, pho = options(Eh, np.asarray(held.get("token_error_curves", Eh)), ph, gran,
-                           cal.token_share)
-        j = judge(Eo, po, Eho, pho, args.error_target, args.max_pages,
-                  uniform=(Eh.mean((0, 1)), ph))
-        held = dict(held, **{k: j[k] for k in ("per_head_mean_error", "per_head_pages",
-                                                "uniform_pages_at_equal_error", "pages_ratio")})
-        summary["heldout"] = held
+    if held is not None:
+        summary["heldout"] = dict(summary["heldout"],
+                                  **judge_heldout(idx, held, gran, cal.token_share))
     cal.extra.update(summary=summary, retargeted_from=str(args.retarget), granularity_choice=gran)
-    out = Path(args.out)
+    print(f"wrote {write(cal, args.out)[0]}")
+    return 0
+
+
+def write(cal, out_arg: str) -> list[str]:
+    """Save the calibration to --out, draw its pictures beside it, print its summary; returns the
+    files written."""
+    from .plots import draw
+    out = Path(out_arg)
     try:
         cal.save(out)
     except OSError as exc:
-        fail(f"--out {args.out!r}: cannot write ({exc.strerror or exc})")
+        fail(f"--out {out_arg!r}: cannot write ({exc.strerror or exc})")
     stem = out.with_suffix("")
-    draw(cal, Path(f"{stem}_budgets.png"), Path(f"{stem}_reuse.png"))
+    files = [str(out)] + draw(cal, Path(f"{stem}_budgets.png"), Path(f"{stem}_reuse.png"))
     print(show(cal))
-    print(f"wrote {out}")
-    return 0
+    return files
 
 
 def main(argv=None) -> int:
@@ -217,7 +208,6 @@ def main(argv=None) -> int:
     from . import capture
     from .calibrate import calibrate
     from .machine import measure_machine
-    from .plots import draw
     t0 = time.perf_counter()
     try:
         model, tok, path = load_model(args.model, args.device, capture.PROFILE_ATTN, args.threads)
@@ -261,16 +251,8 @@ def main(argv=None) -> int:
                      created=time.strftime("%Y-%m-%d %H:%M:%S"),
                      command="python -m vortex_hybrid.profile " + " ".join(argv or sys.argv[1:]),
                      seconds=time.perf_counter() - t0)
-    out = Path(args.out)
-    try:
-        cal.save(out)
-    except OSError as exc:
-        fail(f"--out {args.out!r}: cannot write ({exc.strerror or exc})")
-    stem = out.with_suffix("")
-    pngs = draw(cal, Path(f"{stem}_budgets.png"), Path(f"{stem}_reuse.png"))
-    print(show(cal))
-    print(f"wrote {out}" + (f", {', '.join(pngs)}" if pngs else "") +
-          f" in {time.perf_counter() - t0:.0f} s")
+    files = write(cal, args.out)
+    print(f"wrote {', '.join(files)} in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
