@@ -160,3 +160,19 @@ def test_selection_reuse_counts_shared_pages(seed):
             a = {p for p in prev[b, h].tolist() if p >= 0}
             c = [p for p in sel[b, h].tolist() if p >= 0]
             assert got[b, h].item() == pytest.approx(sum(p in a for p in c) / len(c))
+
+
+def test_uniform_pages_at_interpolates_in_log_pages_and_held_out_judgement():
+    from vortex_hybrid.profile.calibrate import Curves, judge_heldout, uniform_pages_at
+    err, pages = np.array([0.4, 0.2, 0.1]), np.array([0.01, 0.02, 0.04])
+    assert uniform_pages_at(err, pages, 0.15) == pytest.approx((0.02 * 0.04) ** 0.5)
+    assert uniform_pages_at(err, pages, 0.5) == 0.01 and uniform_pages_at(err, pages, 0.05) == 0.04
+    # two heads: the first needs the last option, the second the first one
+    E = np.array([[[0.4, 0.2, 0.1], [0.2, 0.2, 0.2]]])                  # [L=1, H=2, R=3]
+    held = Curves(E, E, pages)
+    j = judge_heldout(np.array([[2, 0]]), held, "page")
+    assert j["per_head_mean_error"] == pytest.approx(0.15)
+    assert j["per_head_pages"] == pytest.approx(0.025)
+    uni = uniform_pages_at(E.mean((0, 1)), pages, 0.15)                 # mean curve .3 .2 .15
+    assert j["uniform_pages_at_equal_error"] == pytest.approx(uni) and uni == pytest.approx(0.04)
+    assert j["pages_ratio"] == pytest.approx(0.025 / 0.04)
