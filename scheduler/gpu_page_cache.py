@@ -97,6 +97,13 @@ class GpuPageCache:
         self._none = torch.full((), -1, dtype=torch.int32, device=device)
         self._index: dict[int, int] = {}         # request id -> dense index
         self._free = list(range(max_requests - 1, -1, -1))
+        self._backup: tuple[torch.Tensor, ...] = ()
+        self._new_backup()
+
+    def _new_backup(self) -> None:
+        """Room for every layer's state as it was before the current step (`checkpoint`)."""
+        self._backup = tuple(torch.empty_like(t) for t in
+                             (self.slot_of, self.owner, self.stamp, self.seen, self.reuse))
 
     # ---- requests ---------------------------------------------------------------------------
     def index_of(self, rid: int) -> int:
@@ -106,6 +113,10 @@ class GpuPageCache:
                 self._grow(requests=2 * self.slot_of.shape[1])
             self._index[rid] = self._free.pop()
         return self._index[rid]
+
+    def has(self, rid: int) -> bool:
+        """Whether the request has a dense index (was in a step since it last left)."""
+        return rid in self._index
 
     def reserve(self, pages: int) -> None:
         """Room for requests of up to `pages` pages."""
@@ -130,6 +141,7 @@ class GpuPageCache:
         self.reuse = reuse
         self.generation += 1
         self._free = list(range(R2 - 1, R - 1, -1)) + self._free
+        self._new_backup()
 
     def remove_request(self, rid: int) -> None:
         """Free every slot of a request in every layer."""
@@ -155,6 +167,31 @@ class GpuPageCache:
     def next_step(self) -> None:
         self.now += 1
         self.now_t.fill_(self.now)
+
+    def undo_step(self) -> None:
+        """Undo `next_step` (a step that failed, after `restore` of the layers it ran)."""
+        self.now -= 1
+        self.now_t.fill_(self.now)
+
+    def checkpoint(self, layer: int) -> None:
+        """Keep the layer's state as it is now (before its step; device copies, no sync, fine
+        inside a CUDA graph), for `restore` if the step fails."""
+        for keep, t in zip(self._backup, self.state(layer)):
+            keep[layer].copy_(t)
+
+    def restore(self, layer: int) -> None:
+        """The layer's state as at its last `checkpoint`, except that slots that changed owner
+        since are free: their pages were (or were about to be) overwritten by fetches."""
+        S = self.num_slots
+        before = self._backup[1][layer, :S]
+        changed = (self.owner[layer, :S] != before).any(1)
+        for keep, t in zip(self._backup, self.state(layer)):
+            t.copy_(keep[layer])
+        lost = changed & (before[:, 0] >= 0)
+        req, page = before[lost].to(torch.int64).unbind(1)
+        self.slot_of[layer, req, page] = -1
+        self.owner[layer, :S][changed] = -1
+        self.stamp[layer, :S][changed] = -1
 
     def table(self, layer: int, rows: torch.Tensor, width: int) -> torch.Tensor:
         """slots int32 [B, width] of the batch's requests (`rows`: dense indices [B], device)."""

@@ -236,3 +236,42 @@ def test_cuda_pool_offload_and_gather_load_are_bit_exact():
             k1, v1 = kv.read(rid, layer)
             assert torch.equal(k1.view(torch.uint8), k[layer].view(torch.uint8))
             assert torch.equal(v1.view(torch.uint8), v[layer].view(torch.uint8))
+
+
+def test_truncate_into_an_offloaded_page_makes_it_writable_with_no_stale_host_copy():
+    """A page offloaded while full and then cut back to partly filled comes back to the device
+    without its host copy: appending refills it, and offloading it again copies the new tokens."""
+    kv = new_cache(dtype=torch.float32)
+    seen = []
+    kv.add_truncated_listener(lambda rid, n: seen.append((rid, n)))
+    rid = kv.create_request()
+    k = torch.randn(L, 2 * P, H, D)
+    kv.append(rid, k, k)
+    kv.offload(rid, [0, 1])
+    kv.truncate(rid, P + 1)
+    assert kv.residency(rid)[1][0] != NOT_RESIDENT and kv.residency(rid)[1][1] == NOT_RESIDENT
+    assert seen == [(rid, P + 1)]
+    k2 = torch.randn(L, P - 1, H, D)
+    kv.append(rid, k2, k2)
+    kv.offload(rid, [1])
+    want = torch.cat([k[:, :P + 1], k2], 1)
+    for layer in range(L):
+        assert torch.equal(kv.read(rid, layer)[0], want[layer])
+
+
+def test_rollback_restores_length_and_residency_from_the_checkpoint():
+    kv = new_cache(dtype=torch.float32)
+    rid = kv.create_request()
+    k = torch.randn(L, P + 2, H, D)
+    kv.append(rid, k, k)
+    free = (kv.device_alloc.num_free, kv.host_alloc.num_free)
+    cp = kv.checkpoint(rid, first_page=0)
+    more = torch.randn(L, 3 * P, H, D)
+    kv.append(rid, more, more)
+    kv.offload(rid, [0, 1, 2])
+    kv.rollback(cp)
+    assert kv.seq_len(rid) == P + 2
+    assert [(d >= 0, h >= 0) for d, h in kv.residency(rid)] == [(True, False), (True, False)]
+    assert (kv.device_alloc.num_free, kv.host_alloc.num_free) == free
+    for layer in range(L):
+        assert torch.equal(kv.read(rid, layer)[0], k[layer])

@@ -45,6 +45,22 @@ one)."""
 RequestFreedListener = Callable[[int], None]
 """`fn(request_id)`: called when a request is freed, before its id is forgotten."""
 
+TruncatedListener = Callable[[int, int], None]
+"""`fn(request_id, seq_len)`: called after a request was shortened to `seq_len` tokens (pages
+`seq_len // page_size` onward are no longer full, or gone)."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A request's length and the residency of its logical pages from `first_page` on, taken
+    before a change that may fail (`PagedKVCache.checkpoint`, `rollback`)."""
+
+    rid: int
+    seq_len: int
+    first_page: int
+    device_pages: tuple[int, ...]
+    host_pages: tuple[int, ...]
+
 
 @dataclass
 class _Request:
@@ -100,6 +116,7 @@ class PagedKVCache:
         self._ids = itertools.count()
         self._listeners: list[PageFilledListener] = []
         self._freed_listeners: list[RequestFreedListener] = []
+        self._truncated_listeners: list[TruncatedListener] = []
 
     @classmethod
     def from_config(cls, cfg: HybridConfig, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -164,6 +181,11 @@ class PagedKVCache:
         """Call `fn(rid)` when a request is freed (a `SummaryStore` frees its rows there)."""
         self._freed_listeners.append(fn)
 
+    def add_truncated_listener(self, fn: TruncatedListener) -> None:
+        """Call `fn(rid, seq_len)` after a request is shortened (a `SummaryStore` drops the rows of
+        pages that are no longer full there)."""
+        self._truncated_listeners.append(fn)
+
     def extend(self, rid: int, num_tokens: int) -> int:
         """Reserve room for `num_tokens` more tokens; returns the first new position.
 
@@ -184,7 +206,8 @@ class PagedKVCache:
 
     def truncate(self, rid: int, seq_len: int) -> None:
         """Shorten a request to `seq_len` tokens (undo an `extend` whose writes did not finish);
-        pages past the new end are freed from both pools."""
+        pages past the new end are freed from both pools. A partly filled last page is writable
+        again afterwards: on the device, with no host copy (an offloaded copy would go stale)."""
         r = self._req(rid)
         if not isinstance(seq_len, int) or not 0 <= seq_len <= r.seq_len:
             raise ValueError(f"seq_len={seq_len!r} must be an integer in [0, {r.seq_len}]")
@@ -194,6 +217,51 @@ class PagedKVCache:
         del r.device_pages[keep:], r.host_pages[keep:]
         r.rows.clear()
         r.seq_len = seq_len
+        if seq_len % self.page_size:
+            self._writable_tail(rid, r)
+        for fn in self._truncated_listeners:
+            fn(rid, seq_len)
+
+    def _writable_tail(self, rid: int, r: _Request) -> None:
+        """Bring a partly filled last page back to the device and drop its host copy."""
+        tail = len(r.device_pages) - 1
+        if r.device_pages[tail] == NOT_RESIDENT:
+            self.load(rid, [tail])
+        host = r.host_pages[tail]
+        if host != NOT_RESIDENT:
+            self.host_alloc.free(rid, [host])
+            r.host_pages[tail] = NOT_RESIDENT
+            r.rows.clear()
+
+    def checkpoint(self, rid: int, first_page: int = 0) -> Checkpoint:
+        """The request's length and the residency of its pages from `first_page` on (pages before
+        it must stay as they are until `rollback`: callers pass the first page a change may move)."""
+        r = self._req(rid)
+        first = max(0, min(first_page, len(r.device_pages)))
+        return Checkpoint(rid, r.seq_len, first, tuple(r.device_pages[first:]),
+                          tuple(r.host_pages[first:]))
+
+    def rollback(self, cp: Checkpoint) -> None:
+        """Undo whatever happened to the request since `checkpoint`: its length, and for the pages
+        it had then from `cp.first_page` on, where their copies are (a page moved to the host goes
+        back to the device, a host copy made since is dropped); the page contents below the length
+        are as they were (new tokens land past it; an offload copies bit-exactly)."""
+        r = self._req(cp.rid)
+        self.truncate(cp.rid, min(cp.seq_len, r.seq_len))
+        if r.seq_len < cp.seq_len:
+            raise KVCacheError(f"request {cp.rid} is shorter ({r.seq_len} tokens) than its "
+                               f"checkpoint ({cp.seq_len}): a rollback restores, it cannot regrow")
+        for i, (dev, host) in enumerate(zip(cp.device_pages, cp.host_pages)):
+            p = cp.first_page + i
+            if dev != NOT_RESIDENT and r.device_pages[p] == NOT_RESIDENT:
+                self.load(cp.rid, [p])
+            if host == NOT_RESIDENT and r.host_pages[p] != NOT_RESIDENT:
+                if r.device_pages[p] == NOT_RESIDENT:
+                    raise KVCacheError(f"request {cp.rid}: logical page {p} has no device copy "
+                                       "to keep while dropping its host copy")
+                self.host_alloc.free(cp.rid, [r.host_pages[p]])
+                r.host_pages[p] = NOT_RESIDENT
+                r.rows.clear()
 
     def write(self, rid: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write `k`, `v` `[T, num_kv_heads, head_dim]` of one layer at positions `[start, start+T)`.

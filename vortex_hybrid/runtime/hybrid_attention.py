@@ -46,8 +46,9 @@ import torch
 from .. import reference
 from ..contracts import check_sel_values, pages_of
 from ..config import STEP_SHAPES, HybridConfig
+from ..kv.errors import OutOfPagesError, PageOwnershipError, UnknownRequestError
 from ..kv.page_pool import GIB, pool_bytes
-from ..kv.paged_kv_cache import PagedKVCache
+from ..kv.paged_kv_cache import Checkpoint, PagedKVCache
 from ..scheduler import cost_model
 from ..scheduler.gpu_page_cache import GpuPageCache
 from ..scheduler.step_shape import ShapeChooser, launch_order
@@ -186,6 +187,8 @@ class HybridAttention:
         self.step_shape = cfg.step_shape
         self._cpu_share = self._cpu_row_share()
         self._offloaded: dict[int, int] = {}      # request -> full pages known to be on the host
+        self._nonfinite: set[int] = set()         # requests that ever wrote NaN / inf K/V
+        self._nonfinite_step: set[int] = set()
         self._last: dict = {}
         self._totals: dict = {}
 
@@ -207,35 +210,102 @@ class HybridAttention:
     def add_request(self, k: torch.Tensor, v: torch.Tensor) -> int:
         """Prefill KV of every layer, k and v [num_layers, T, Hkv, D] (T >= 0); returns the request
         id. Host placements stream the prompt through the device pool in chunks, offloading full
-        pages to pinned host memory as they fill."""
+        pages to pinned host memory as they fill. All or nothing: when it raises (bad input, too
+        little room: `OutOfPagesError` naming the sizes) no request was added."""
         self._check_between_steps("add_request")
         self._check_prefill(k, v)
+        self._check_room(None, k.shape[1])
         rid = self.kv.create_request()
         try:
             self._fill(rid, k, v)
-        except Exception:
+        except BaseException:
             self.kv.free_request(rid)
+            self._offloaded.pop(rid, None)
             raise
         return rid
 
     @torch.inference_mode()
     def extend_request(self, rid: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """More prefill KV for a live request (a chunked prefill's next chunk), k and v
-        [num_layers, T, Hkv, D]: appended after its tokens, between steps. On failure the request
-        keeps its old length."""
+        [num_layers, T, Hkv, D]: appended after its tokens, between steps. All or nothing: when it
+        raises, the request is exactly as before (length, pages, summaries)."""
         self._check_between_steps("extend_request")
         self._check_prefill(k, v)
-        rid = operator.index(rid)
-        if rid not in self.kv.request_ids:
-            raise ValueError(f"unknown request id {rid}; live requests: {sorted(self.kv.request_ids)}")
-        old = self.kv.seq_len(rid)
+        rid = self._live(rid)
+        self._check_room(rid, k.shape[1])
+        cp, offloaded = self._checkpoint(rid), self._offloaded.get(rid)
         try:
             self._fill(rid, k, v)
-        except Exception:
-            self.kv.truncate(rid, old)
-            if rid in self._offloaded:
-                self._offloaded[rid] = min(self._offloaded[rid], self.kv.num_full_pages(rid))
+        except BaseException:
+            self._restore([cp], {rid: offloaded})
             raise
+
+    def _live(self, rid) -> int:
+        """`rid` as an int, checked to be a live request (`UnknownRequestError`, a ValueError)."""
+        try:
+            r = operator.index(rid)
+        except TypeError:
+            raise ValueError(f"request id {rid!r} must be an integer") from None
+        if r not in self.kv.request_ids:
+            raise UnknownRequestError(f"unknown request id {r}; live requests: "
+                                      f"{self.kv.request_ids}")
+        return r
+
+    def _checkpoint(self, rid: int) -> Checkpoint:
+        """The request's state before a change (`PagedKVCache.checkpoint`) from the first page
+        the change may move: host placements offload full pages from `_offloaded[rid]` on."""
+        first = self._offloaded.get(rid, 0) if self.placement in HOST_PLACEMENTS else \
+            self.kv.num_full_pages(rid)
+        return self.kv.checkpoint(rid, first)
+
+    def _restore(self, checkpoints: Sequence[Checkpoint], offloaded: dict) -> None:
+        """Undo a failed change of requests: their pages, lengths and summaries (the store follows
+        the cache's truncation) as at `checkpoints`, and what is known offloaded."""
+        for cp in checkpoints:
+            self.kv.rollback(cp)
+        for rid, n in offloaded.items():
+            if n is None:
+                self._offloaded.pop(rid, None)
+            else:
+                self._offloaded[rid] = n
+
+    @property
+    def max_requests(self) -> Optional[int]:
+        """Host placements: how many requests the device pool's tail pages serve at once (each
+        request keeps its partly filled last page on the device, and a prefill streams through one
+        more page); None for `dense`/`gpu` (bounded by pages only)."""
+        if self.placement not in HOST_PLACEMENTS:
+            return None
+        return self.kv.device_alloc.num_pages - self._slot_pages.numel() - 1
+
+    def _check_room(self, rid: Optional[int], tokens: int) -> None:
+        """Refuse, before anything changes, a prefill of `tokens` more tokens (a new request when
+        rid is None) that the pools cannot hold: `OutOfPagesError` naming the sizes."""
+        P, kv = self.cfg.page_size, self.kv
+        n = 0 if rid is None else kv.seq_len(rid)
+        if self.placement not in HOST_PLACEMENTS:
+            need = -(-(n + tokens) // P) - (-(-n // P))
+            if need > kv.device_alloc.num_free:
+                raise OutOfPagesError(
+                    f"a prefill of {tokens} tokens needs {need} device pages; {kv.device_alloc.num_free}"
+                    f" of {kv.device_alloc.num_pages} are free (finish requests or size the pool "
+                    "larger: device_pages)")
+            return
+        if rid is None and len(kv.request_ids) >= self.max_requests:
+            raise OutOfPagesError(
+                f"{len(kv.request_ids)} requests already hold the device pool's tail pages: at most "
+                f"{self.max_requests} requests at once with {kv.device_alloc.num_pages} device "
+                f"pages and {self._slot_pages.numel()} GPU cache slots (raise device_pages)")
+        need = (n + tokens) // P - self._offloaded.get(rid, 0)
+        if need > kv.host_alloc.num_free:
+            raise OutOfPagesError(
+                f"a prefill of {tokens} tokens needs {need} host pages; {kv.host_alloc.num_free} of "
+                f"{kv.host_alloc.num_pages} are free (finish requests or raise host_memory_gib / "
+                "host_pages)")
+        if kv.device_alloc.num_free < 2:
+            raise OutOfPagesError(
+                f"the device pool has {kv.device_alloc.num_free} free pages; a prefill streams "
+                "through at least 2 (finish requests or raise device_pages)")
 
     def _check_prefill(self, k, v) -> None:
         want = (self.num_layers, self.num_kv_heads, self.head_dim)
@@ -247,6 +317,12 @@ class HybridAttention:
                                  f"{tuple(getattr(t, 'shape', ()))}")
         if k.shape != v.shape:
             raise ValueError(f"k shape {tuple(k.shape)} differs from v shape {tuple(v.shape)}")
+        for name, t in (("k", k), ("v", v)):
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):                 # one sync per prefill, never per decode step
+                layer, pos, head, _ = (int(i) for i in bad.nonzero()[0])
+                raise ValueError(f"{name} holds NaN or inf (first at layer {layer}, token {pos}, "
+                                 f"KV head {head}); the KV store takes finite values only")
 
     def _fill(self, rid: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append prefill KV to a request; host placements stream it through the device pool in
@@ -258,9 +334,9 @@ class HybridAttention:
         done, T = 0, k.shape[1]
         while done < T:
             room = (self.kv.device_alloc.num_free - 1) * P
-            if room <= 0:
-                raise ValueError("the device pool has no room for a prefill chunk; raise "
-                                 "device_pages")
+            if room <= 0:                   # _check_room refused this before anything changed
+                raise OutOfPagesError("the device pool has no room for a prefill chunk; raise "
+                                      "device_pages")
             n = min(T - done, room)
             self.kv.append(rid, k[:, done:done + n], v[:, done:done + n])
             self._offload_full(rid)
@@ -268,12 +344,14 @@ class HybridAttention:
 
     @torch.inference_mode()
     def remove_request(self, rid: int) -> None:
-        """Free a request's device, host, cache and summary pages (refused inside a step)."""
+        """Free a request's device, host, cache and summary pages. Refused for a request of a step
+        that is planned or running (other requests may go: the step uses none of their pages)."""
+        rid = self._live(rid)
         step = self._step
-        if step is not None and not step.failed and step.next_layer < self.num_layers \
-                and rid in step.rids:
+        if self._open(step) and rid in step.rids:
             raise ValueError(f"request {rid} is in the current step (layers {step.next_layer}.."
-                             f"{self.num_layers - 1} still to run); remove it after the step")
+                             f"{self.num_layers - 1} still to run); remove it after the step, or "
+                             "cancel_step() first")
         self.kv.free_request(rid)
         self._offloaded.pop(rid, None)
         if self._cache is not None:
@@ -288,45 +366,118 @@ class HybridAttention:
             self.kv.offload(rid, range(start, full))
         self._offloaded[rid] = full
 
+    def _open(self, step: Optional[StepPlan]) -> bool:
+        """Whether `step` is planned or running (layers still to run)."""
+        return step is not None and step.next_layer < self.num_layers
+
     def _check_between_steps(self, what: str) -> None:
+        """Refuse a change of requests while a step is planned or running: the step's tables,
+        write targets and selections were fixed by plan() over the requests as they were."""
         step = self._step
-        if step is not None and not step.failed and 0 < step.next_layer < self.num_layers:
-            raise ValueError(f"{what} during a step (layer {step.next_layer} of "
-                             f"{self.num_layers} is next); finish the step first")
+        if self._open(step):
+            where = "planned (layer 0 not run yet)" if step.next_layer == 0 else \
+                f"running (layer {step.next_layer} of {self.num_layers} is next)"
+            raise ValueError(f"{what} while a step is {where} for requests {step.rids}; run its "
+                             "remaining layers or cancel_step() first")
+
+    @torch.inference_mode()
+    def cancel_step(self) -> None:
+        """Drop the planned or running step: its requests are as before plan() (their new token
+        gone), and the GPU page cache as before it, except that slots the step fetched into are
+        free again. Nothing to do when no step is open."""
+        step = self._step
+        if self._open(step):
+            self._abort(step, step.next_layer - 1)
+
+    def _abort(self, step: StepPlan, last_layer: int) -> None:
+        """Undo a step whose layers up to `last_layer` ran (or began): the page cache's layers
+        0..last_layer and its clock, the requests' pages, lengths and summaries (checkpoints
+        taken by plan()). The step's counters are never added to the totals."""
+        self._step = None
+        if self._cache is not None and step.cache_rows is not None:
+            for layer in range(last_layer + 1):
+                self._cache.restore(layer)
+            self._cache.undo_step()
+            for rid in step.cache_new:
+                self._cache.remove_request(rid)
+        self._restore(step.checkpoints, step.offloaded)
 
     # ---- plan -------------------------------------------------------------------------------
     @torch.inference_mode()
     def plan(self, rids: Sequence[int]) -> None:
         """Prepare one decode step for `rids` (batch order = this order): reserve the new token's
         slot, offload pages that filled, build tables, budgets and selection groups. All checks
-        happen here."""
-        self._check_between_steps("plan")
-        self._rollback_failed()
-        rids = [operator.index(r) for r in rids]
+        happen here. A step planned earlier that no run() followed is replaced. All or nothing:
+        when it raises, every request is as before (`OutOfPagesError` when the pools cannot take
+        the step's new tokens, naming the sizes)."""
+        step = self._step
+        if self._open(step) and step.next_layer > 0:
+            self._check_between_steps("plan")
+        rids = [self._live(r) for r in rids]
+        if not rids:
+            raise ValueError("plan([]): a step needs at least one request id (skip the step when "
+                             "no request decodes)")
         if len(set(rids)) != len(rids):
             raise ValueError(f"rids lists a request twice: {rids}")
-        live = set(self.kv.request_ids)
-        unknown = [r for r in rids if r not in live]
-        if unknown:
-            raise ValueError(f"unknown request ids {unknown}; live requests: {sorted(live)}")
-        if self.placement in HOST_PLACEMENTS:
-            for rid in rids:
-                self._offload_full(rid)
+        if self._open(step):
+            self._abort(step, -1)                     # replaced: nothing of it ran
+        self._check_step_room(rids)
+        host = self.placement in HOST_PLACEMENTS
+        checkpoints = [self._checkpoint(r) for r in rids]
+        offloaded = {r: self._offloaded.get(r) for r in rids}
         old = [self.kv.seq_len(r) for r in rids]
-        extended = []
+        step = None
         try:
+            if host:
+                for rid in rids:
+                    self._offload_full(rid)
             for rid in rids:
                 self.kv.extend(rid, 1)
-                extended.append(rid)
-        except Exception:
-            for rid, n in zip(extended, old):
-                self.kv.truncate(rid, n)
+            shape, key = self._step_shape(len(rids))
+            step = build_plan(self, rids, old, self._serial + 1, shape, key,
+                              round(self._cpu_share * len(rids)))
+            step.checkpoints, step.offloaded = checkpoints, offloaded
+            step.launch_order = self._launch_order()
+            if self._cache is not None:
+                cache = self._cache
+                step.cache_new = [r for r in rids if not cache.has(r)]
+                cache.reserve(step.dev_table.shape[1])
+                rows = [cache.index_of(r) for r in rids]
+                cache.next_step()
+                step.cache_rows = torch.as_tensor(rows, dtype=torch.int64).to(self.device)
+        except BaseException:
+            if self._cache is not None and step is not None:
+                if step.cache_rows is not None:
+                    self._cache.undo_step()
+                for rid in step.cache_new:
+                    self._cache.remove_request(rid)
+            self._restore(checkpoints, offloaded)
             raise
         self._serial += 1
-        shape, key = self._step_shape(len(rids))
-        self._step = build_plan(self, rids, old, self._serial, shape, key,
-                                round(self._cpu_share * len(rids)))
-        self._step.launch_order = self._launch_order()
+        self._step = step
+
+    def _check_step_room(self, rids: list[int]) -> None:
+        """Refuse, before anything changes, a step whose new tokens the pools cannot take: a token
+        that starts a page needs a device page (host placements first offload the full pages a
+        step filled, freeing theirs), and offloading needs host pages."""
+        kv, P = self.kv, self.cfg.page_size
+        new_pages = sum(1 for r in rids if kv.seq_len(r) % P == 0)
+        freed = to_host = 0
+        if self.placement in HOST_PLACEMENTS:
+            for r in rids:
+                start, full = self._offloaded.get(r, 0), kv.num_full_pages(r)
+                to_host += full - start
+                freed += sum(1 for d, _ in kv.residency(r)[start:full] if d >= 0)
+            if to_host > kv.host_alloc.num_free:
+                raise OutOfPagesError(
+                    f"the step offloads {to_host} full pages but {kv.host_alloc.num_free} of "
+                    f"{kv.host_alloc.num_pages} host pages are free (finish requests or raise "
+                    "host_memory_gib / host_pages)")
+        if new_pages > kv.device_alloc.num_free + freed:
+            raise OutOfPagesError(
+                f"the step's new tokens start {new_pages} pages but {kv.device_alloc.num_free} of "
+                f"{kv.device_alloc.num_pages} device pages are free (finish requests or raise "
+                "device_pages)")
 
     def _launch_order(self) -> tuple[str, str]:
         """Which hand-off of a split layer goes first, the CPU worker's or the GPU's: the list
@@ -375,16 +526,6 @@ class HybridAttention:
         fetch = self.num_kv_heads / self._costs.h2d_bw_concurrent
         return fetch / (cpu + fetch)
 
-    def _rollback_failed(self) -> None:
-        """A step that failed mid-way leaves the new token written in some layers only, and a plan
-        that no run() followed reserved a slot nothing wrote: drop the token."""
-        step = self._step
-        if step is not None and (step.failed or step.next_layer == 0):
-            for rid, n in zip(step.rids, step.old_lens):
-                if rid in self.kv.request_ids:
-                    self.kv.truncate(rid, n)
-            self._step = None
-
     # ---- run --------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
@@ -397,7 +538,7 @@ class HybridAttention:
         the flow's selection (not with `dense`). Checked here, which synchronises the GPU;
         check_sel=False skips the value checks (for a caller that checked its selections once)."""
         step = self._step
-        if step is None or step.failed or step.next_layer >= self.num_layers:
+        if not self._open(step):
             raise ValueError("run() needs a plan(): call plan(rids) once before layer 0 of each step")
         if layer != step.next_layer:
             raise ValueError(f"layer={layer!r}: layers run in order; layer {step.next_layer} is next")
@@ -412,14 +553,20 @@ class HybridAttention:
             with (self.trace or NO_TRACE).host(layer, "run()"):
                 o = self._run_layer(step, layer, q, k_new, v_new, sel)
         except BaseException:
-            step.failed = True
+            self._abort(step, layer)        # the whole step is undone: plan() again to retry
             raise
         step.next_layer += 1
         step.counters["step_host_s"] += time.perf_counter() - t0
         if step.next_layer == self.num_layers:
             c = dict(step.counters)
-            for name, v in zip(COUNTS, step.counts.tolist()):
+            flags = step.nonfinite
+            bound = self._graphs.bound_set(step) if self._graphs is not None else None
+            if bound is not None:
+                flags = flags | bound.step.nonfinite
+            read = torch.cat([step.counts, flags.to(torch.int64)]).tolist()   # the one sync
+            for name, v in zip(COUNTS, read):
                 c[name] += v
+            self._report_nonfinite([r for r, bad in zip(step.rids, read[len(COUNTS):]) if bad])
             c["bytes_h2d"] = c["fetched_pages"] * self._head_bytes * self.num_kv_heads
             c["bytes_cpu"] = c["cpu_pages"] * self._head_bytes
             c["steps_" + step.shape] = 1
@@ -432,7 +579,19 @@ class HybridAttention:
                 self._totals[k] = self._totals.get(k, 0) + v
             self._totals["steps"] = self._totals.get("steps", 0) + 1
             self._last["step_shape"] = step.shape
+            self._last["nonfinite_requests"] = sorted(self._nonfinite_step)
+            self._totals["nonfinite_requests"] = sorted(self._nonfinite)
         return o
+
+    def _report_nonfinite(self, rids: list[int]) -> None:
+        """Requests whose step token wrote NaN or inf K/V: named in a warning (once per request)
+        and in stats(); their later steps attend that token, so their outputs are NaN too."""
+        self._nonfinite_step = set(rids)
+        new = [r for r in rids if r not in self._nonfinite]
+        if new:
+            log.warning("requests %s wrote NaN or inf K/V in this step (the model's k/v for "
+                        "run()); their attention outputs will not be finite", new)
+        self._nonfinite.update(rids)
 
     def _check_inputs(self, B: int, q, k_new, v_new) -> None:
         shapes = (("q", q, (B, self.num_q_heads, self.head_dim)),
@@ -489,7 +648,10 @@ class HybridAttention:
         return body
 
     def _append(self, step: StepPlan, layer: int, k_new, v_new) -> None:
-        """Write the batch's new token of this layer (one index_put for K, one for V)."""
+        """Write the batch's new token of this layer (one index_put for K, one for V), and flag the
+        rows whose K or V is not finite (`step.nonfinite`, read with the step's counters)."""
+        step.nonfinite |= ~(torch.isfinite(k_new).flatten(1).all(1) &
+                            torch.isfinite(v_new).flatten(1).all(1))
         k_pool, v_pool = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
         k_pool[step.write_pages, :, step.write_offs] = k_new.to(k_pool.dtype)
         v_pool[step.write_pages, :, step.write_offs] = v_new.to(v_pool.dtype)
@@ -539,16 +701,21 @@ class HybridAttention:
             ready = self._handoff
             ready.record()                  # the worker waits for the front's copies only
         future, out = None, None
-        for hand in step.launch_order:      # the list scheduler's order (plan())
-            if hand == "cpu" and host:
-                future = self._worker.submit(self._cpu_attend, layer, q_host, sel_host,
-                                             step.host_table, step.lens_cpu, ready)
-            elif hand == "gpu":
-                with tr.gpu(layer, "fetch + attend"):
-                    out = self._replay(graphs, layer, "back", self._back_part(layer, front))
-                    if out is None:
-                        graphs = None
-                        out = self._back(step, layer, q, gsel, table, src, dst)
+        try:
+            for hand in step.launch_order:      # the list scheduler's order (plan())
+                if hand == "cpu" and host:
+                    future = self._worker.submit(self._cpu_attend, layer, q_host, sel_host,
+                                                 step.host_table, step.lens_cpu, ready)
+                elif hand == "gpu":
+                    with tr.gpu(layer, "fetch + attend"):
+                        out = self._replay(graphs, layer, "back", self._back_part(layer, front))
+                        if out is None:
+                            graphs = None
+                            out = self._back(step, layer, q, gsel, table, src, dst)
+        except BaseException:
+            if future is not None:          # the step's undo must not race the CPU's reads
+                future.exception()
+            raise
         o, lse = out
         if future is not None:
             t0 = time.perf_counter()
@@ -593,7 +760,10 @@ class HybridAttention:
         """Append, select, partition (GPU page cache, hybrid split), and copy the host's part of
         the selection and q to pinned buffers for the CPU worker. No sync. Returns (the GPU's
         selection, its page table, fetch sources, fetch destinations (-1: none), counts [5], q and
-        the selection on the host)."""
+        the selection on the host). The page cache's layer is checkpointed first (for a failed
+        step's undo)."""
+        if self._cache is not None:
+            self._cache.checkpoint(layer)
         self._append(step, layer, k_new, v_new)
         if sel is None:
             sel = self._select(step, layer, q)

@@ -77,7 +77,7 @@ class _GraphSet:
             host_table_dev=_padded(step.host_table_dev, width), lens=step.lens.clone(),
             s_lens=clone(step.s_lens), write_pages=step.write_pages.clone(),
             write_offs=step.write_offs.clone(), cache_rows=clone(step.cache_rows),
-            cpu_rows=clone(step.cpu_rows),
+            cpu_rows=clone(step.cpu_rows), nonfinite=clone(step.nonfinite),
             groups={k: v.clone() for k, v in step.groups.items()})
         self.inputs: dict[str, torch.Tensor] = {}
         self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
@@ -91,7 +91,8 @@ class _GraphSet:
         s = self.step
         for name in ("dev_table", "s_table", "host_table_dev"):
             _load_padded(getattr(s, name), getattr(step, name))
-        for name in ("lens", "s_lens", "write_pages", "write_offs", "cache_rows", "cpu_rows"):
+        for name in ("lens", "s_lens", "write_pages", "write_offs", "cache_rows", "cpu_rows",
+                     "nonfinite"):
             if getattr(s, name) is not None:
                 getattr(s, name).copy_(getattr(step, name))
 
@@ -159,6 +160,13 @@ class LayerGraphs:
         self.attn = attn
         self._sets: "OrderedDict[tuple, _GraphSet]" = OrderedDict()
         self._bound: Optional[tuple[tuple, _GraphSet]] = None   # ((serial, sel width), its set)
+
+    def bound_set(self, step: "StepPlan") -> Optional[_GraphSet]:
+        """The graph set bound to `step` (its static copy of the step holds what the graphs
+        wrote, e.g. `nonfinite`), or None when the step ran eagerly."""
+        if self._bound is not None and self._bound[0][0] == step.serial:
+            return self._bound[1]
+        return None
 
     def bind(self, step: "StepPlan", sel: Optional[torch.Tensor] = None) -> Optional[_GraphSet]:
         """The graph set for this step's shape, holding this step's tables; None when the layer

@@ -41,7 +41,6 @@ class StepPlan:
     resident_pages: int = 0            # page-heads a dense / gpu layer attends
     serial: int = 0                    # counts plans
     next_layer: int = 0
-    failed: bool = False
     counters: dict = field(default_factory=dict)   # host-side counts and times
     counts: Optional[torch.Tensor] = None           # device-side counts (HybridAttention.COUNTS)
     shape: str = "split"                            # the step shape (config.STEP_SHAPES)
@@ -51,13 +50,19 @@ class StepPlan:
     launch_order: tuple = ("cpu", "gpu")            # split layers' hand-offs, first to last
     passes: Optional[list] = None                   # per layer: head_budgets.Pass list (calibrated)
     budget_key: bytes = b""                         # names the calibrated budgets (graph shapes)
+    nonfinite: Optional[torch.Tensor] = None        # bool [B] (device): wrote NaN / inf K/V
+    checkpoints: list = field(default_factory=list)  # the requests before plan() (its undo)
+    offloaded: dict = field(default_factory=dict)    # their offloaded page counts before it
+    cache_new: list = field(default_factory=list)    # requests the page cache first saw here
 
 
 def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial: int,
                shape: str = "split", shape_key: tuple = (), cpu_requests: int = 0) -> StepPlan:
     """The plan of a step whose requests `rids` (lengths `old` before the step) have already had
     their new token's slot reserved (`extend`) and their full pages offloaded. shape: the step
-    shape; "subbatch" gives the first `cpu_requests` requests' host pages to the CPU."""
+    shape; "subbatch" gives the first `cpu_requests` requests' host pages to the CPU. Each new
+    token's page is checked to belong to its request (`PageOwnershipError`). The page-cache rows
+    (`cache_rows`) are the caller's to fill."""
     P = attn.cfg.page_size
     new = [n + 1 for n in old]
     dev_table, lens = attn.kv.page_table(rids, "device")
@@ -85,18 +90,15 @@ def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial:
     if attn.head_budgets is not None:
         passes, width, budget_key, attended = attn.head_budgets.plan([-(-n // P) for n in new])
     sdev = attn.store.device if attn.store is not None else dev
-    cache_rows = None
-    if attn._cache is not None:
-        attn._cache.next_step()
-        attn._cache.reserve(dev_table.shape[1])
-        cache_rows = torch.as_tensor([attn._cache.index_of(r) for r in rids],
-                                     dtype=torch.int64).to(dev)
+    for rid, page in zip(rids, write_pages.tolist()):    # the step writes only its own pages
+        attn.kv.device_alloc.check_owned(rid, [page])
     step = StepPlan(
         rids, old, dev_table, host_table, lens, lens_cpu, s_table, s_lens,
         {k: torch.as_tensor(v, dtype=torch.int64, device=sdev) for k, v in groups.items()},
         width, write_pages.to(dev), (positions % P).to(dev),
-        write_pages[filled].to(dev), filled_rows.to(sdev), host_table.to(dev), cache_rows)
+        write_pages[filled].to(dev), filled_rows.to(sdev), host_table.to(dev), None)
     step.counts = torch.zeros(5, dtype=torch.int64, device=dev)     # COUNTS, on the device
+    step.nonfinite = torch.zeros(len(rids), dtype=torch.bool, device=dev)
     step.counters = dict.fromkeys(("gpu_pages", "cpu_pages", "fetched_pages", "cache_hits",
                                    "cache_misses", "evictions"), 0)
     step.counters.update(gpu_wait_s=0.0, step_host_s=0.0)

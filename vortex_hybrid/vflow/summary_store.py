@@ -93,6 +93,7 @@ class SummaryStore:
         self._done: dict[int, int] = {}                       # request -> pages 0..n-1 have rows
         kv.add_page_filled_listener(self.on_pages_filled)
         kv.add_request_freed_listener(self.free_request)
+        kv.add_truncated_listener(self.truncate_request)
         for rid in kv.request_ids:
             self.summarize(rid)
 
@@ -225,6 +226,18 @@ class SummaryStore:
         self._done.pop(rid, None)
         if row:
             self._alloc.free(rid, [r for r in row if r != NOT_RESIDENT])
+
+    def truncate_request(self, rid: int, seq_len: int) -> None:
+        """Truncated listener: return the rows of pages that are no longer full (a rolled-back
+        step or prefill chunk), so the request's rows match its pages again."""
+        full = seq_len // self.kv.page_size
+        row = self._rows.get(rid)
+        if row is not None and len(row) > full:
+            self._alloc.free(rid, [r for r in row[full:] if r != NOT_RESIDENT])
+            del row[full:]
+            self._row_tensors.pop(rid, None)
+        if self._done.get(rid, 0) > full:
+            self._done[rid] = full
 
     @property
     def rows_used(self) -> int:
