@@ -220,11 +220,13 @@ def test_host_pool_larger_than_cap_is_refused():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA device pool needs a GPU")
 def test_cuda_pool_offload_and_gather_load_are_bit_exact():
-    """On a GPU the device pool is in HBM, the host pool pinned, and `load` runs the one-launch
-    gather kernel: every byte must come back as written, whatever the dtype."""
+    """On a GPU the device pool is in HBM, the host pool pinned (registered at a size no power of
+    two), and `load` runs the one-launch gather kernel: every byte must come back as written,
+    whatever the dtype."""
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        kv = PagedKVCache(L, H, D, P, device_pages=16, host_pages=16, dtype=dtype, device="cuda")
-        assert kv.host_pool.pinned
+        kv = PagedKVCache(L, H, D, P, device_pages=16, host_pages=23, dtype=dtype, device="cuda")
+        assert kv.host_pool.pinned and kv.host_pool.k.is_pinned() and kv.host_pool.v.is_pinned()
+        assert kv.host_pool.k.shape[1] == 23          # registered at its exact size
         rid = kv.create_request()
         k = torch.randn(L, 29, H, D).to(dtype)
         v = torch.randn(L, 29, H, D).to(dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Sequence
 
 import psutil
@@ -17,12 +18,31 @@ def pool_bytes(num_layers: int, num_pages: int, num_kv_heads: int, page_size: in
     return 2 * num_layers * num_pages * num_kv_heads * page_size * head_dim * elem
 
 
+def pinned_zeros(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed host tensor page-locked for the GPU at its exact size: plain memory registered with
+    `cudaHostRegister` (torch's pinned allocator would round each block up to a power of two, so
+    96 GiB of usable memory held only 2 x 32 GiB pools). Unregistered when the tensor is freed.
+    Registered memory is mapped for the device (UVA), so kernels read it by its host pointer, as
+    they read torch's pinned tensors."""
+    t = torch.zeros(tuple(shape), dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return t
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(t.data_ptr(), nbytes, 0)
+    if int(getattr(err, "value", err)) != 0:
+        raise RuntimeError(f"cudaHostRegister of {nbytes / GIB:.2f} GiB of host memory failed "
+                           f"({err}); lower host_memory_gib")
+    weakref.finalize(t.untyped_storage(), cudart.cudaHostUnregister, t.data_ptr())
+    return t
+
+
 class PagePool:
     """K and V pages `[num_layers, num_pages, num_kv_heads, page_size, head_dim]` on one device.
 
     `pool.k[layer]` is the contract's `k_pool` `[num_pages, num_kv_heads, page_size, head_dim]`,
     contiguous, so kernels take it directly. A host pool is pinned when CUDA is present (pageable
-    host memory moves ~6x slower over PCIe, docs/hardware.md).
+    host memory moves ~6x slower over PCIe, docs/hardware.md), at its exact size (`pinned_zeros`).
     """
 
     def __init__(self, num_layers: int, num_pages: int, num_kv_heads: int, page_size: int,
@@ -39,12 +59,11 @@ class PagePool:
         need = pool_bytes(num_layers, num_pages, num_kv_heads, page_size, head_dim, dtype)
         if pin is None:
             pin = self.device.type == "cpu" and torch.cuda.is_available()
-        if pin and need:            # torch's pinned allocator rounds each block up to a power of 2
-            need = 2 * (1 << (need // 2 - 1).bit_length())
         self._check_memory(need, memory_cap_bytes)
         shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=self.device, pin_memory=pin)
-        self.v = torch.zeros(shape, dtype=dtype, device=self.device, pin_memory=pin)
+        make = pinned_zeros if pin else (lambda s, d: torch.zeros(s, dtype=d, device=self.device))
+        self.k = make(shape, dtype)
+        self.v = make(shape, dtype)
         self.pinned = pin
 
     def _check_memory(self, need: int, cap: Optional[int]) -> None:
