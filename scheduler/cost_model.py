@@ -1,32 +1,13 @@
-"""Machine costs and the split of host-resident work between CPU attention and PCIe fetches.
+"""Machine costs: the bandwidths and fixed per-call costs the runtime's scheduling reads.
 
 `MachineCosts` (bytes/s, seconds): hbm_bw (device copy, read + write bytes), h2d_bw (pinned host ->
 GPU alone), cpu_attn_bw (CPU sparse attention alone, KV bytes read), cpu_attn_bw_concurrent /
 h2d_bw_concurrent (each while the other runs: host DRAM is one budget, docs/hardware.md),
 gpu_launch_s (host time of one eager GPU call), cpu_call_s (fixed time of one CPU kernel call).
 `measure()` takes them on this machine (GPU fields: docs/hardware.md `DEFAULTS` without CUDA);
-`load_or_measure()` caches them per machine.
-
-Model of one step, `predict` (b = page_bytes, c = cached pages, U = host_pages - c, n_cpu + n_fetch
-= U, x = n_cpu * b bytes attended by the CPU, y = n_fetch * b bytes fetched, G = gpu_bytes):
-    both host consumers run (x > 0 and y > 0): rate_cpu = cpu_attn_bw_concurrent,
-        rate_pcie = h2d_bw_concurrent; only one runs: its solo bandwidth
-    cpu_s  = cpu_call_s + x / rate_cpu                 (0 when x = 0)
-    pcie_s = gpu_launch_s + y / rate_pcie              (0 when y = 0; one gather launch)
-    res_s  = gpu_launch_s + (G + c*b) / hbm_bw         (0 when G + c*b = 0; overlaps the fetch)
-    gpu_s  = max(res_s, pcie_s) + gpu_launch_s + y / hbm_bw   if y > 0, else res_s
-    step_s = max(cpu_s, gpu_s)                         (the merge is not costed)
-The concurrent rates are charged for the whole of both transfers: at the balanced split they finish
-within one page of each other, so the solo-rate tail this ignores is at most one page (away from the
-balance `predict` is pessimistic).
-`split_host_work` picks n_cpu minimising step_s (ties: fewer fetched pages). Inside 0 < n_cpu < U,
-cpu_s rises and gpu_s falls with n_cpu, so the best interior split is at their crossing (found by
-bisection, where they finish within one page); the ends n_cpu = 0 and n_cpu = U run one host consumer
-at its solo rate and are compared too. The result is the exact minimum of the model (tests brute-force
-it). Lower bound, whatever the split: lower_bound_s = max((G + c*b) / hbm_bw, U*b / host_ceiling),
-host_ceiling = max(cpu_attn_bw, h2d_bw, cpu_attn_bw_concurrent + h2d_bw_concurrent).
-`split_rows` splits a step's rows ((request, KV head) pairs) with one `split_host_work` over their
-totals (one CPU call and one fetch per step) and gives each row its proportional share of CPU pages.
+`load_or_measure()` caches them per machine. Their readers: `step_shape.launch_order` (every host
+placement) and, in `hybrid`, the page-by-page split (`HybridAttention._hybrid_fetch`) and the
+subbatch share (`HybridAttention._cpu_row_share`).
 """
 
 from __future__ import annotations
@@ -43,7 +24,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -123,91 +103,6 @@ DEFAULTS = MachineCosts(
     gpu_launch_s=120e-6, cpu_call_s=50e-6, source="default", device="NVIDIA H100 80GB HBM3 (docs)",
     notes="docs/hardware.md survey figures of the H100 machine; gpu_launch_s from the 72-174 us "
           "eager-launch range; cpu_call_s assumed (not in hardware.md)")
-
-
-# ---- split -----------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Split:
-    cpu_pages: int       # host pages the CPU attends where they are
-    fetch_pages: int     # host pages copied to GPU slots and attended there
-    cached_pages: int    # host pages whose copy is already in the GPU cache (attended there)
-    cpu_s: float
-    pcie_s: float
-    gpu_s: float
-    step_s: float
-    lower_bound_s: float
-
-
-def split_host_work(costs: MachineCosts, host_pages: int, page_bytes: int, gpu_bytes: int,
-                    cached_pages: int = 0) -> Split:
-    """How many of one step's host-resident selected pages the CPU attends and how many are fetched.
-
-    host_pages: selected pages resident in host memory (cached_pages of them also in the GPU cache);
-    page_bytes: K+V bytes of one such page; gpu_bytes: K+V bytes of selected GPU-resident pages.
-    """
-    for name, v, least in (("host_pages", host_pages, 0), ("page_bytes", page_bytes, 1),
-                           ("gpu_bytes", gpu_bytes, 0), ("cached_pages", cached_pages, 0)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
-            raise ValueError(f"{name}={v!r} must be an int >= {least}")
-    if cached_pages > host_pages:
-        raise ValueError(f"cached_pages={cached_pages} must be <= host_pages={host_pages}")
-    u = host_pages - cached_pages
-
-    def at(n: int) -> Split:
-        return predict(costs, n, u - n, page_bytes, gpu_bytes, cached_pages)
-
-    cands = {0, u}
-    if u >= 2:                      # smallest interior n with cpu_s >= gpu_s (monotone in n)
-        lo, hi = 1, u - 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            s = at(mid)
-            lo, hi = (lo, mid) if s.cpu_s >= s.gpu_s else (mid + 1, hi)
-        cands |= {lo, max(1, lo - 1)}
-    # ties: fewer fetched pages (more CPU pages), hence -n in the key
-    return min((at(n) for n in cands), key=lambda s: (s.step_s, -s.cpu_pages))
-
-
-def predict(costs: MachineCosts, cpu_pages: int, fetch_pages: int, page_bytes: int, gpu_bytes: int,
-            cached_pages: int = 0) -> Split:
-    """Predicted times of a given split (formulas in the module docstring)."""
-    x, y = cpu_pages * page_bytes, fetch_pages * page_bytes
-    both = x > 0 and y > 0
-    rate_cpu = costs.cpu_attn_bw_concurrent if both else costs.cpu_attn_bw
-    rate_pcie = costs.h2d_bw_concurrent if both else costs.h2d_bw
-    cpu_s = costs.cpu_call_s + x / rate_cpu if x else 0.0
-    pcie_s = costs.gpu_launch_s + y / rate_pcie if y else 0.0
-    resident = gpu_bytes + cached_pages * page_bytes
-    res_s = costs.gpu_launch_s + resident / costs.hbm_bw if resident else 0.0
-    gpu_s = max(res_s, pcie_s) + costs.gpu_launch_s + y / costs.hbm_bw if y else res_s
-    ceiling = max(costs.cpu_attn_bw, costs.h2d_bw, costs.cpu_attn_bw_concurrent + costs.h2d_bw_concurrent)
-    lb = max(resident / costs.hbm_bw, (x + y) / ceiling)      # no split of these pages does better
-    return Split(cpu_pages, fetch_pages, cached_pages, cpu_s, pcie_s, gpu_s, max(cpu_s, gpu_s), lb)
-
-
-def split_rows(costs: MachineCosts, host_pages, page_bytes: int, gpu_bytes: int = 0,
-               cached_pages=None) -> tuple[np.ndarray, np.ndarray, Split]:
-    """Split per-row host pages (int array [R], rows = (request, KV head)) with one step-level split.
-
-    Returns (cpu_pages [R], fetch_pages [R], the step's Split). Row r gets its share
-    (host_pages[r] - cached_pages[r]) / total of the CPU pages, rounded by largest remainder (ties to
-    the lower row), so the rows' CPU pages sum to the Split's.
-    """
-    hp = np.asarray(host_pages, dtype=np.int64).reshape(-1)
-    cp = np.zeros_like(hp) if cached_pages is None else np.asarray(cached_pages, np.int64).reshape(-1)
-    if cp.shape != hp.shape or (hp < 0).any() or (cp < 0).any() or (cp > hp).any():
-        raise ValueError("host_pages and cached_pages must be non-negative [R] arrays, cached <= host")
-    u = hp - cp
-    split = split_host_work(costs, int(hp.sum()), page_bytes, gpu_bytes, int(cp.sum()))
-    total = int(u.sum())
-    if total == 0:
-        return np.zeros_like(u), np.zeros_like(u), split
-    exact = u * split.cpu_pages
-    cpu = exact // total
-    extra = split.cpu_pages - int(cpu.sum())
-    order = np.lexsort((np.arange(u.size), -(exact % total)))   # largest remainder first
-    cpu[order[:extra]] += 1
-    return cpu, u - cpu, split
 
 
 # ---- measurement -----------------------------------------------------------------------------------

@@ -1,30 +1,20 @@
-"""Cost model: MachineCosts JSON and validation, the host-work split against brute force, the
-quick measurement on this machine, and the per-machine cache."""
+"""Cost model: MachineCosts JSON and validation, the quick measurement on this machine, and the
+per-machine cache."""
 
 import dataclasses
 import json
 import math
 import time
 
-import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
 
 from vortex_hybrid.scheduler import cost_model as cm
-from vortex_hybrid.scheduler.cost_model import (DEFAULTS, GPU_FIELDS, NUMERIC, MachineCosts, predict,
-                                                split_host_work, split_rows)
-
-PAGE_BYTES = 2 * 16 * 128 * 2          # K+V of one (page, KV head), bf16, page 16, D 128
+from vortex_hybrid.scheduler.cost_model import DEFAULTS, GPU_FIELDS, NUMERIC, MachineCosts
 
 
 def costs(**kw) -> MachineCosts:
     return dataclasses.replace(DEFAULTS, **kw)
-
-
-def brute(c, host_pages, page_bytes, gpu_bytes, cached):
-    u = host_pages - cached
-    return min(predict(c, n, u - n, page_bytes, gpu_bytes, cached).step_s for n in range(u + 1))
 
 
 # ---- MachineCosts ----------------------------------------------------------------------------------
@@ -63,92 +53,6 @@ def test_unknown_missing_and_inconsistent_fields():
         costs(measured=("hbm",))
     with pytest.raises(ValueError):
         MachineCosts.from_dict([1, 2])
-
-
-# ---- split -----------------------------------------------------------------------------------------
-def test_all_cpu_when_pcie_is_very_slow():
-    s = split_host_work(costs(h2d_bw=1e6, h2d_bw_concurrent=1e6), 500, PAGE_BYTES, 1 << 26)
-    assert (s.cpu_pages, s.fetch_pages) == (500, 0) and s.pcie_s == 0
-
-
-def test_all_fetch_when_cpu_is_very_slow():
-    s = split_host_work(costs(cpu_attn_bw=1e6, cpu_attn_bw_concurrent=1e6), 500, PAGE_BYTES, 1 << 26)
-    assert (s.cpu_pages, s.fetch_pages) == (0, 500) and s.cpu_s == 0
-
-
-def test_balanced_split_finishes_together_within_one_page():
-    c = DEFAULTS
-    s = split_host_work(c, 4000, PAGE_BYTES, 64 << 20, cached_pages=100)
-    assert 0 < s.cpu_pages < 3900 and s.cpu_pages + s.fetch_pages == 3900
-    one_page = PAGE_BYTES * (1 / c.cpu_attn_bw_concurrent + 1 / c.h2d_bw_concurrent + 1 / c.hbm_bw)
-    assert abs(s.cpu_s - s.gpu_s) <= one_page
-    # large steps (fixed costs negligible): the concurrent rates set the CPU share, ~21 / (21 + 54)
-    big = split_host_work(c, 200_000, PAGE_BYTES, 64 << 20)
-    assert big.cpu_pages / 200_000 == pytest.approx(21 / 75, abs=0.01)
-    assert s.step_s == pytest.approx(brute(c, 4000, PAGE_BYTES, 64 << 20, 100), rel=0, abs=0)
-    for n in (s.cpu_pages - 1, s.cpu_pages + 1):      # moving a page either way is no better
-        assert predict(c, n, 3900 - n, PAGE_BYTES, 64 << 20, 100).step_s >= s.step_s
-
-
-def test_cached_pages_are_attended_on_the_gpu():
-    s = split_host_work(DEFAULTS, 10, PAGE_BYTES, 0, cached_pages=10)
-    assert (s.cpu_pages, s.fetch_pages, s.cached_pages) == (0, 0, 10) and s.gpu_s > 0 and s.cpu_s == 0
-    empty = split_host_work(DEFAULTS, 0, PAGE_BYTES, 0)
-    assert empty.step_s == empty.lower_bound_s == 0
-
-
-COST_SETS = [DEFAULTS, costs(cpu_call_s=5e-3, gpu_launch_s=1e-3), costs(gpu_launch_s=5e-3),
-             costs(cpu_attn_bw=5e9, cpu_attn_bw_concurrent=2e9, cpu_call_s=8e-3)]
-
-
-@pytest.mark.parametrize("c", COST_SETS)
-def test_step_time_and_bound_are_monotonic_in_host_pages(c):
-    prev = None
-    for h in range(0, 400):
-        s = split_host_work(c, h, PAGE_BYTES, 1 << 24)
-        assert s.lower_bound_s <= s.step_s + 1e-15
-        if prev is not None:
-            assert s.step_s >= prev.step_s and s.lower_bound_s >= prev.lower_bound_s
-        prev = s
-
-
-bandwidth = st.floats(1e6, 5e12)
-
-
-@given(hbm=bandwidth, h2d=bandwidth, cpu=bandwidth, f_cpu=st.floats(0.01, 1), f_h2d=st.floats(0.01, 1),
-       launch=st.floats(1e-7, 1e-2), call=st.floats(1e-7, 1e-2), host=st.integers(0, 120),
-       cached=st.integers(0, 120), gpu_bytes=st.integers(0, 1 << 30), page=st.integers(1, 1 << 20))
-def test_split_is_the_model_optimum_and_above_the_bound(hbm, h2d, cpu, f_cpu, f_h2d, launch, call,
-                                                        host, cached, gpu_bytes, page):
-    c = MachineCosts(hbm, h2d, cpu, cpu * f_cpu, h2d * f_h2d, launch, call)
-    cached = min(cached, host)
-    s = split_host_work(c, host, page, gpu_bytes, cached)
-    assert s.cpu_pages + s.fetch_pages + s.cached_pages == host and min(s.cpu_pages, s.fetch_pages) >= 0
-    assert s.step_s == brute(c, host, page, gpu_bytes, cached)
-    assert s.lower_bound_s <= s.step_s * (1 + 1e-12)
-    assert s.step_s == max(s.cpu_s, s.gpu_s) and s.gpu_s >= s.pcie_s
-
-
-def test_split_rejects_bad_arguments():
-    for kw in ({"host_pages": -1}, {"page_bytes": 0}, {"cached_pages": 11}, {"gpu_bytes": 1.5},
-               {"host_pages": True}):
-        args = {"host_pages": 10, "page_bytes": PAGE_BYTES, "gpu_bytes": 0, **kw}
-        with pytest.raises(ValueError, match=next(iter(kw))):
-            split_host_work(DEFAULTS, **args)
-
-
-def test_split_rows_apportions_the_step_split():
-    host = np.array([3001, 0, 17, 10007, 5, 2603])
-    cached = np.array([10, 0, 17, 0, 0, 60])
-    cpu, fetch, s = split_rows(DEFAULTS, host, PAGE_BYTES, 1 << 24, cached)
-    u = host - cached
-    assert 0 < s.cpu_pages < u.sum()                      # a real split, with remainders to apportion
-    assert (cpu + fetch == u).all() and (cpu >= 0).all() and (fetch >= 0).all()
-    assert cpu.sum() == s.cpu_pages and fetch.sum() == s.fetch_pages
-    assert s == split_host_work(DEFAULTS, int(host.sum()), PAGE_BYTES, 1 << 24, int(cached.sum()))
-    assert np.abs(cpu - u * s.cpu_pages / u.sum()).max() < 1
-    with pytest.raises(ValueError):
-        split_rows(DEFAULTS, host, PAGE_BYTES, 0, host + 1)
 
 
 # ---- measurement and cache -------------------------------------------------------------------------
