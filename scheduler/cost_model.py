@@ -1,32 +1,18 @@
-"""Machine costs and the split of host-resident work between CPU attention and PCIe fetches.
+"""Machine costs: the bandwidths and fixed per-call costs the runtime's scheduling reads.
 
 `MachineCosts` (bytes/s, seconds): hbm_bw (device copy, read + write bytes), h2d_bw (pinned host ->
 GPU alone), cpu_attn_bw (CPU sparse attention alone, KV bytes read), cpu_attn_bw_concurrent /
 h2d_bw_concurrent (each while the other runs: host DRAM is one budget, docs/hardware.md),
-gpu_launch_s (host time of one eager GPU call), cpu_call_s (fixed time of one CPU kernel call).
-`measure()` takes them on this machine (GPU fields: docs/hardware.md `DEFAULTS` without CUDA);
-`load_or_measure()` caches them per machine.
+gpu_launch_s (host time of one eager GPU call), cpu_call_s (fixed time of one CPU kernel call),
+and `measured`: which of them were measured on this machine (the rest are `DEFAULTS`, the H100
+figures of docs/hardware.md). Their readers: `step_shape.launch_order` (every host placement) and,
+in `hybrid`, the page-by-page split (`HybridAttention._hybrid_fetch`) and the subbatch share
+(`HybridAttention._cpu_row_share`); `NEEDS` lists each placement's.
 
-Model of one step, `predict` (b = page_bytes, c = cached pages, U = host_pages - c, n_cpu + n_fetch
-= U, x = n_cpu * b bytes attended by the CPU, y = n_fetch * b bytes fetched, G = gpu_bytes):
-    both host consumers run (x > 0 and y > 0): rate_cpu = cpu_attn_bw_concurrent,
-        rate_pcie = h2d_bw_concurrent; only one runs: its solo bandwidth
-    cpu_s  = cpu_call_s + x / rate_cpu                 (0 when x = 0)
-    pcie_s = gpu_launch_s + y / rate_pcie              (0 when y = 0; one gather launch)
-    res_s  = gpu_launch_s + (G + c*b) / hbm_bw         (0 when G + c*b = 0; overlaps the fetch)
-    gpu_s  = max(res_s, pcie_s) + gpu_launch_s + y / hbm_bw   if y > 0, else res_s
-    step_s = max(cpu_s, gpu_s)                         (the merge is not costed)
-The concurrent rates are charged for the whole of both transfers: at the balanced split they finish
-within one page of each other, so the solo-rate tail this ignores is at most one page (away from the
-balance `predict` is pessimistic).
-`split_host_work` picks n_cpu minimising step_s (ties: fewer fetched pages). Inside 0 < n_cpu < U,
-cpu_s rises and gpu_s falls with n_cpu, so the best interior split is at their crossing (found by
-bisection, where they finish within one page); the ends n_cpu = 0 and n_cpu = U run one host consumer
-at its solo rate and are compared too. The result is the exact minimum of the model (tests brute-force
-it). Lower bound, whatever the split: lower_bound_s = max((G + c*b) / hbm_bw, U*b / host_ceiling),
-host_ceiling = max(cpu_attn_bw, h2d_bw, cpu_attn_bw_concurrent + h2d_bw_concurrent).
-`split_rows` splits a step's rows ((request, KV head) pairs) with one `split_host_work` over their
-totals (one CPU call and one fetch per step) and gives each row its proportional share of CPU pages.
+`measure()` takes them on this machine (without CUDA only CPU_FIELDS); `load_or_measure()` keeps
+a complete measurement per machine in `cache_path()` (`$VORTEX_HYBRID_CACHE` or
+~/.cache/vortex_hybrid) and never caches a failed one; `costs_for(placement)` is what the runtime
+plans with when given no costs, and logs once the figures it reads that are defaults.
 """
 
 from __future__ import annotations
@@ -43,23 +29,28 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
 
 NUMERIC = ("hbm_bw", "h2d_bw", "cpu_attn_bw", "cpu_attn_bw_concurrent", "h2d_bw_concurrent",
            "gpu_launch_s", "cpu_call_s")
-GPU_FIELDS = ("hbm_bw", "h2d_bw", "h2d_bw_concurrent", "gpu_launch_s")
+CPU_FIELDS = ("cpu_attn_bw", "cpu_call_s")      # measurable without a GPU (the rest need CUDA)
 PAIRS = (("cpu_attn_bw", "cpu_attn_bw_concurrent"), ("h2d_bw", "h2d_bw_concurrent"))  # solo, concurrent
-SOURCES = ("measured", "default", "file")
+LEGACY_KEYS = ("source",)      # older files' one-word provenance ("measured" even when partial)
 CACHE_ENV = "VORTEX_HYBRID_CACHE"
 MIB = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
 class MachineCosts:
-    """Bandwidths in bytes/s, fixed per-call costs in seconds, and where they came from."""
+    """Bandwidths in bytes/s, fixed per-call costs in seconds, and which of them were measured.
+
+    measured: the numeric fields measured on the machine `fingerprint` names (in NUMERIC order);
+    every other one (`defaulted`) is a default, `DEFAULTS`' H100 figure (a concurrent default above
+    its measured solo figure is lowered to it). JSON (`to_dict`) lists both; `from_dict` checks that
+    they agree, ignores LEGACY_KEYS, and reads a file without `measured` as all defaulted: a figure
+    whose provenance is unknown is never taken as measured."""
     hbm_bw: float
     h2d_bw: float
     cpu_attn_bw: float
@@ -67,7 +58,6 @@ class MachineCosts:
     h2d_bw_concurrent: float
     gpu_launch_s: float
     cpu_call_s: float
-    source: str = "default"        # "measured", "default" or "file"
     device: str = ""
     date: str = ""
     fingerprint: str = ""          # machine_fingerprint() of the machine measured
@@ -82,29 +72,51 @@ class MachineCosts:
         for solo, conc in PAIRS:
             if getattr(self, conc) > getattr(self, solo):
                 raise ValueError(f"{conc}={getattr(self, conc)!r} must be <= {solo}={getattr(self, solo)!r}")
-        if self.source not in SOURCES:
-            raise ValueError(f"source={self.source!r} must be one of {SOURCES}")
         bad = [n for n in ("device", "date", "fingerprint", "notes") if not isinstance(getattr(self, n), str)]
         if bad:
             raise ValueError(f"{bad[0]}={getattr(self, bad[0])!r} must be a string")
-        if not isinstance(self.measured, (tuple, list)) or not all(m in NUMERIC for m in self.measured):
-            raise ValueError(f"measured={self.measured!r} must list fields of {NUMERIC}")
-        object.__setattr__(self, "measured", tuple(self.measured))
+        m = self.measured
+        if not isinstance(m, (tuple, list, set, frozenset)) or \
+                not all(isinstance(k, str) and k in NUMERIC for k in m) or len(set(m)) != len(m):
+            raise ValueError(f"measured={m!r} must list distinct fields of {NUMERIC}")
+        object.__setattr__(self, "measured", tuple(k for k in NUMERIC if k in m))
+
+    @property
+    def defaulted(self) -> tuple:
+        """The numeric fields not measured (defaults), in NUMERIC order."""
+        return tuple(k for k in NUMERIC if k not in self.measured)
+
+    def summary(self) -> str:
+        """One line: each figure (GB/s or us), the measured ones, then the defaulted ones."""
+        def fig(k):
+            v = getattr(self, k)
+            return f"{k} {v * 1e6:.0f} us" if k.endswith("_s") else f"{k} {v / 1e9:.1f} GB/s"
+        parts = [f"{label}: {', '.join(map(fig, keys))}" for label, keys in
+                 (("measured", self.measured), ("defaulted", self.defaulted))
+                 if keys]
+        return f"machine costs ({self.device or 'no device'}): " + "; ".join(parts)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["measured"] = list(self.measured)
+        d["measured"], d["defaulted"] = list(self.measured), list(self.defaulted)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "MachineCosts":
         if not isinstance(d, dict):
             raise ValueError(f"machine costs must be a JSON object, got {type(d).__name__}")
+        d = {k: v for k, v in d.items() if k not in LEGACY_KEYS}
+        defaulted = d.pop("defaulted", None)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown, missing = [k for k in d if k not in known], [k for k in NUMERIC if k not in d]
         if unknown or missing:
             raise ValueError(f"machine costs: unknown fields {unknown}, missing fields {missing}")
-        return cls(**d)
+        costs = cls(**d)
+        if defaulted is not None and (not isinstance(defaulted, list) or
+                                      sorted(defaulted) != sorted(costs.defaulted)):
+            raise ValueError(f"defaulted={defaulted!r} must list the fields not in "
+                             f"measured={list(costs.measured)}")
+        return costs
 
     def save(self, path) -> None:
         """Write JSON atomically (a temporary file, then a rename)."""
@@ -120,94 +132,9 @@ class MachineCosts:
 
 DEFAULTS = MachineCosts(
     hbm_bw=3000e9, h2d_bw=55e9, cpu_attn_bw=52e9, cpu_attn_bw_concurrent=21e9, h2d_bw_concurrent=54e9,
-    gpu_launch_s=120e-6, cpu_call_s=50e-6, source="default", device="NVIDIA H100 80GB HBM3 (docs)",
+    gpu_launch_s=120e-6, cpu_call_s=50e-6, device="NVIDIA H100 80GB HBM3 (docs)",
     notes="docs/hardware.md survey figures of the H100 machine; gpu_launch_s from the 72-174 us "
           "eager-launch range; cpu_call_s assumed (not in hardware.md)")
-
-
-# ---- split -----------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Split:
-    cpu_pages: int       # host pages the CPU attends where they are
-    fetch_pages: int     # host pages copied to GPU slots and attended there
-    cached_pages: int    # host pages whose copy is already in the GPU cache (attended there)
-    cpu_s: float
-    pcie_s: float
-    gpu_s: float
-    step_s: float
-    lower_bound_s: float
-
-
-def split_host_work(costs: MachineCosts, host_pages: int, page_bytes: int, gpu_bytes: int,
-                    cached_pages: int = 0) -> Split:
-    """How many of one step's host-resident selected pages the CPU attends and how many are fetched.
-
-    host_pages: selected pages resident in host memory (cached_pages of them also in the GPU cache);
-    page_bytes: K+V bytes of one such page; gpu_bytes: K+V bytes of selected GPU-resident pages.
-    """
-    for name, v, least in (("host_pages", host_pages, 0), ("page_bytes", page_bytes, 1),
-                           ("gpu_bytes", gpu_bytes, 0), ("cached_pages", cached_pages, 0)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
-            raise ValueError(f"{name}={v!r} must be an int >= {least}")
-    if cached_pages > host_pages:
-        raise ValueError(f"cached_pages={cached_pages} must be <= host_pages={host_pages}")
-    u = host_pages - cached_pages
-
-    def at(n: int) -> Split:
-        return predict(costs, n, u - n, page_bytes, gpu_bytes, cached_pages)
-
-    cands = {0, u}
-    if u >= 2:                      # smallest interior n with cpu_s >= gpu_s (monotone in n)
-        lo, hi = 1, u - 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            s = at(mid)
-            lo, hi = (lo, mid) if s.cpu_s >= s.gpu_s else (mid + 1, hi)
-        cands |= {lo, max(1, lo - 1)}
-    # ties: fewer fetched pages (more CPU pages), hence -n in the key
-    return min((at(n) for n in cands), key=lambda s: (s.step_s, -s.cpu_pages))
-
-
-def predict(costs: MachineCosts, cpu_pages: int, fetch_pages: int, page_bytes: int, gpu_bytes: int,
-            cached_pages: int = 0) -> Split:
-    """Predicted times of a given split (formulas in the module docstring)."""
-    x, y = cpu_pages * page_bytes, fetch_pages * page_bytes
-    both = x > 0 and y > 0
-    rate_cpu = costs.cpu_attn_bw_concurrent if both else costs.cpu_attn_bw
-    rate_pcie = costs.h2d_bw_concurrent if both else costs.h2d_bw
-    cpu_s = costs.cpu_call_s + x / rate_cpu if x else 0.0
-    pcie_s = costs.gpu_launch_s + y / rate_pcie if y else 0.0
-    resident = gpu_bytes + cached_pages * page_bytes
-    res_s = costs.gpu_launch_s + resident / costs.hbm_bw if resident else 0.0
-    gpu_s = max(res_s, pcie_s) + costs.gpu_launch_s + y / costs.hbm_bw if y else res_s
-    ceiling = max(costs.cpu_attn_bw, costs.h2d_bw, costs.cpu_attn_bw_concurrent + costs.h2d_bw_concurrent)
-    lb = max(resident / costs.hbm_bw, (x + y) / ceiling)      # no split of these pages does better
-    return Split(cpu_pages, fetch_pages, cached_pages, cpu_s, pcie_s, gpu_s, max(cpu_s, gpu_s), lb)
-
-
-def split_rows(costs: MachineCosts, host_pages, page_bytes: int, gpu_bytes: int = 0,
-               cached_pages=None) -> tuple[np.ndarray, np.ndarray, Split]:
-    """Split per-row host pages (int array [R], rows = (request, KV head)) with one step-level split.
-
-    Returns (cpu_pages [R], fetch_pages [R], the step's Split). Row r gets its share
-    (host_pages[r] - cached_pages[r]) / total of the CPU pages, rounded by largest remainder (ties to
-    the lower row), so the rows' CPU pages sum to the Split's.
-    """
-    hp = np.asarray(host_pages, dtype=np.int64).reshape(-1)
-    cp = np.zeros_like(hp) if cached_pages is None else np.asarray(cached_pages, np.int64).reshape(-1)
-    if cp.shape != hp.shape or (hp < 0).any() or (cp < 0).any() or (cp > hp).any():
-        raise ValueError("host_pages and cached_pages must be non-negative [R] arrays, cached <= host")
-    u = hp - cp
-    split = split_host_work(costs, int(hp.sum()), page_bytes, gpu_bytes, int(cp.sum()))
-    total = int(u.sum())
-    if total == 0:
-        return np.zeros_like(u), np.zeros_like(u), split
-    exact = u * split.cpu_pages
-    cpu = exact // total
-    extra = split.cpu_pages - int(cpu.sum())
-    order = np.lexsort((np.arange(u.size), -(exact % total)))   # largest remainder first
-    cpu[order[:extra]] += 1
-    return cpu, u - cpu, split
 
 
 # ---- measurement -----------------------------------------------------------------------------------
@@ -255,10 +182,12 @@ def _tiny_args(q, page_table, k_pool=None, v_pool=None) -> list:
             torch.zeros(1, HKV, 1, dtype=torch.int32)]
 
 
-def _cuda_measure(quick: bool, h2d_src: torch.Tensor, cpu_call, cpu_bytes: int) -> dict:
-    """HBM copy, pinned H2D alone, host time of an eager GPU attention call, and CPU attention while a
-    background thread keeps pinned H2D copies running (both concurrent rates)."""
+def _cuda_measure(quick: bool, cpu_call, cpu_bytes: int) -> dict:
+    """HBM copy, pinned H2D alone, host time of an eager GPU attention call, and CPU attention
+    (`cpu_call` over `cpu_bytes`) while a background thread keeps pinned H2D copies running (both
+    concurrent rates)."""
     n = (256 if quick else 1024) * MIB
+    h2d_src = torch.empty(n, dtype=torch.uint8, pin_memory=True).fill_(1)
     a, b = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
 
     def event_rate(fn, nbytes, reps):
@@ -323,9 +252,10 @@ def _cuda_measure(quick: bool, h2d_src: torch.Tensor, cpu_call, cpu_bytes: int) 
 def measure(quick: bool = True) -> MachineCosts:
     """Microbenchmarks (quick: ~1-2 s once kernels are compiled). CPU: `launch_sparse_decode_attention`
     over a bf16 host pool (128 MiB read per call; 512 MiB when not quick), a one-page call for
-    cpu_call_s; CUDA: `_cuda_measure`. Without CUDA (or when a GPU benchmark fails) GPU fields are
-    `DEFAULTS`, cpu_attn_bw_concurrent = cpu_attn_bw * the H100 concurrent/solo ratio; `measured` and
-    `notes` say which. A concurrent figure above its solo one (noise) is clamped to it."""
+    cpu_call_s; CUDA: `_cuda_measure` (every other field, the concurrent pair included). Without CUDA,
+    or when a GPU benchmark raises (logged), only CPU_FIELDS are measured and the rest are
+    `DEFAULTS`' figures; `measured` says which, `notes` why. A concurrent figure above its solo
+    one (measurement noise, or a default above a measured solo figure) is lowered to it."""
     from vortex_hybrid.cpu_kernels import launch_sparse_decode_attention as cpu_attn
     cuda = torch.cuda.is_available()
     sets, cpu_bytes = _cpu_inputs((128 if quick else 512) * MIB, 4, cuda)
@@ -333,31 +263,33 @@ def measure(quick: bool = True) -> MachineCosts:
     vals = {"cpu_attn_bw": cpu_bytes / _median_call(call, 4, 0.25 if quick else 1.0, 0.6 if quick else 3.0)}
     tiny = _tiny_args(sets[0][0][:1], sets[0][3][:1, :1], *sets[0][1:3])
     vals["cpu_call_s"] = _median_call(lambda i: cpu_attn(*tiny), 30, 0.05, 0.3)
-    notes = []
+    notes = [] if cuda else ["no CUDA"]
     if cuda:
         try:
-            h2d_src = torch.empty((256 if quick else 1024) * MIB, dtype=torch.uint8, pin_memory=True)
-            vals.update(_cuda_measure(quick, h2d_src.fill_(1), call, cpu_bytes))
-        except Exception as exc:                                          # keep the defaults, say so
-            log.warning("GPU microbenchmarks failed, GPU fields keep defaults: %r", exc)
+            vals.update(_cuda_measure(quick, call, cpu_bytes))
+        except Exception as exc:                                          # defaults, labelled so
+            log.warning("GPU microbenchmarks failed, their fields are defaults: %r", exc)
             notes.append(f"GPU microbenchmarks failed: {exc!r}")
-            vals = {k: vals[k] for k in ("cpu_attn_bw", "cpu_call_s")}
-    measured = tuple(k for k in NUMERIC if k in vals)
-    ratio = DEFAULTS.cpu_attn_bw_concurrent / DEFAULTS.cpu_attn_bw
-    if "cpu_attn_bw_concurrent" not in vals:
-        vals["cpu_attn_bw_concurrent"] = vals["cpu_attn_bw"] * ratio
-        notes.append(f"cpu_attn_bw_concurrent = cpu_attn_bw * {ratio:.3f} (H100 ratio, not measured)")
     full = {k: vals.get(k, getattr(DEFAULTS, k)) for k in NUMERIC}
     for solo, conc in PAIRS:
         if full[conc] > full[solo]:
-            notes.append(f"{conc} {full[conc]:.3g} clamped to {solo}")
+            notes.append(f"{conc} {full[conc]:.3g} lowered to {solo}")
             full[conc] = full[solo]
-    if len(measured) < len(NUMERIC):
-        notes.append("defaults (docs/hardware.md, H100): " + ", ".join(k for k in NUMERIC if k not in measured))
     device = torch.cuda.get_device_name(0) if cuda else "none (CPU only)"
-    return MachineCosts(**full, source="measured", device=f"{device}; {os.cpu_count()} CPUs",
+    return MachineCosts(**full, device=f"{device}; {os.cpu_count()} CPUs",
                         date=datetime.date.today().isoformat(), fingerprint=machine_fingerprint(),
-                        measured=measured, notes="; ".join(notes))
+                        measured=tuple(vals), notes="; ".join(notes))
+
+
+# ---- the per-machine cache, and the costs each placement plans with --------------------------------
+NEEDS = {"dense": (), "gpu": (),        # read no cost figure
+         "offload": ("hbm_bw", "h2d_bw", "gpu_launch_s"),
+         "cpu": ("hbm_bw", "cpu_attn_bw", "gpu_launch_s", "cpu_call_s"),
+         "hybrid": NUMERIC}
+"""Placement -> the figures its scheduling reads: `step_shape.launch_order` (each host placement,
+with one host consumer in `cpu` and `offload`, so their solo rates) and, in `hybrid`, both rates
+of each host consumer (the split and the subbatch share use the concurrent ones)."""
+_warned: set = set()                     # (placement, defaulted fields) already logged
 
 
 def cache_path() -> Path:
@@ -365,23 +297,81 @@ def cache_path() -> Path:
     return Path(base) / "machine_costs.json"
 
 
-def load_or_measure(path=None, quick: bool = True) -> MachineCosts:
-    """Costs from `path` when given (source "file"; errors propagate); else the cached measurement
-    when its fingerprint matches this machine; else `measure(quick)`, written to `cache_path()`."""
-    if path is not None:
-        return dataclasses.replace(MachineCosts.load(path), source="file")
-    cached = cache_path()
-    if cached.exists():
-        try:
-            costs = MachineCosts.load(cached)
-            if costs.fingerprint == machine_fingerprint():
-                return costs
-            log.info("machine changed (%s -> %s): re-measuring", costs.fingerprint, machine_fingerprint())
-        except (ValueError, OSError) as exc:                              # JSONDecodeError is a ValueError
-            log.warning("ignoring unreadable cost cache %s: %r", cached, exc)
-    costs = measure(quick)
+def measurable() -> tuple:
+    """The fields `measure()` takes on this machine: all with CUDA, else CPU_FIELDS."""
+    return NUMERIC if torch.cuda.is_available() else CPU_FIELDS
+
+
+def cached() -> MachineCosts | None:
+    """This machine's costs from `cache_path()`, or None: no file, an unreadable one (logged), one
+    measured on another machine, or one that lacks a figure this machine measures (`measurable()`:
+    a file from before a failed measurement stopped being cached, or of unknown provenance)."""
+    path = cache_path()
+    if not path.exists():
+        return None
     try:
-        costs.save(cached)
-    except OSError as exc:
-        log.warning("could not write cost cache %s: %r", cached, exc)
+        costs = MachineCosts.load(path)
+    except (ValueError, OSError) as exc:                                  # JSONDecodeError is a ValueError
+        log.warning("ignoring unreadable cost cache %s: %r", path, exc)
+        return None
+    if costs.fingerprint != machine_fingerprint():
+        log.info("machine changed (%s -> %s): cost cache not used", costs.fingerprint, machine_fingerprint())
+        return None
+    missing = [k for k in measurable() if k not in costs.measured]
+    if missing:
+        log.info("cost cache %s lacks measured %s: not used", path, ", ".join(missing))
+        return None
+    return costs
+
+
+def save_to_cache(costs: MachineCosts) -> Path:
+    """Write `costs` to `cache_path()` for later runs on this machine and return the path. Only a
+    complete measurement of this machine is cached: ValueError (one line, nothing written) for
+    costs of another machine or lacking a figure this machine measures (a failed measurement);
+    OSError when the file cannot be written."""
+    if costs.fingerprint != machine_fingerprint():
+        raise ValueError(f"fingerprint={costs.fingerprint!r} is not this machine's "
+                         f"({machine_fingerprint()!r}): not cached")
+    missing = [k for k in measurable() if k not in costs.measured]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} not measured on this machine: not cached "
+                         "(the next load_or_measure() measures again)")
+    path = cache_path()
+    costs.save(path)
+    return path
+
+
+def load_or_measure(quick: bool = True) -> MachineCosts:
+    """`cached()` costs of this machine, else `measure(quick)`, cached when complete
+    (`save_to_cache`; a failed measurement is not, so the next call measures again)."""
+    costs = cached()
+    if costs is None:
+        costs = measure(quick)
+        try:
+            save_to_cache(costs)
+        except (ValueError, OSError) as exc:
+            log.warning("machine costs not cached: %s", exc)
+    return costs
+
+
+def costs_for(placement: str) -> MachineCosts:
+    """The costs a runtime of `placement` plans with when given none: `hybrid` this machine's
+    (`load_or_measure()`: the split needs the concurrent bandwidths), `cpu` and `offload` the
+    cached ones if any (`cached()`) else `DEFAULTS`, `dense` and `gpu` `DEFAULTS` (they read none).
+    Logs one warning per process and (placement, fields) naming the figures of NEEDS[placement]
+    that were not measured on this machine."""
+    if placement not in NEEDS:
+        raise ValueError(f"placement={placement!r} must be one of {list(NEEDS)}")
+    if placement == "hybrid":
+        costs = load_or_measure()
+    else:
+        costs = (cached() if NEEDS[placement] else None) or DEFAULTS
+    missing = tuple(k for k in NEEDS[placement] if k not in costs.measured)
+    if missing and (placement, missing) not in _warned:
+        _warned.add((placement, missing))
+        can = [k for k in missing if k in measurable()]
+        log.warning("placement %r plans with default figures (docs/hardware.md, H100) not measured "
+                    "on this machine: %s%s", placement, ", ".join(missing),
+                    f" (a hybrid runtime or `python -m vortex_hybrid.profile` measures "
+                    f"{', '.join(can)})" if can else "")
     return costs

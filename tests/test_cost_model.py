@@ -1,42 +1,59 @@
-"""Cost model: MachineCosts JSON and validation, the host-work split against brute force, the
-quick measurement on this machine, and the per-machine cache."""
+"""Cost model: MachineCosts JSON, validation and per-field provenance (measured or defaulted), the
+quick measurement on this machine, the per-machine cache (never a failed measurement), and the
+costs each placement plans with (a warning, once, naming the defaulted figures it reads)."""
 
 import dataclasses
 import json
+import logging
 import math
 import time
 
-import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
 
+from vortex_hybrid.config import PLACEMENTS
 from vortex_hybrid.scheduler import cost_model as cm
-from vortex_hybrid.scheduler.cost_model import (DEFAULTS, GPU_FIELDS, NUMERIC, MachineCosts, predict,
-                                                split_host_work, split_rows)
+from vortex_hybrid.scheduler.cost_model import CPU_FIELDS, DEFAULTS, NUMERIC, MachineCosts
 
-PAGE_BYTES = 2 * 16 * 128 * 2          # K+V of one (page, KV head), bf16, page 16, D 128
+NEED_GPU = tuple(k for k in NUMERIC if k not in CPU_FIELDS)
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Every test's cost cache is its own folder (never the user's ~/.cache), and the once-only
+    warnings start afresh."""
+    monkeypatch.setenv(cm.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(cm, "_warned", set())
+    return tmp_path / "cache" / "machine_costs.json"
 
 
 def costs(**kw) -> MachineCosts:
     return dataclasses.replace(DEFAULTS, **kw)
 
 
-def brute(c, host_pages, page_bytes, gpu_bytes, cached):
-    u = host_pages - cached
-    return min(predict(c, n, u - n, page_bytes, gpu_bytes, cached).step_s for n in range(u + 1))
-
-
 # ---- MachineCosts ----------------------------------------------------------------------------------
-def test_json_round_trip():
-    c = costs(source="measured", measured=("cpu_attn_bw", "cpu_call_s"), notes="x", date="2026-11-23")
-    back = MachineCosts.from_dict(json.loads(json.dumps(c.to_dict())))
-    assert back == c and back.measured == ("cpu_attn_bw", "cpu_call_s")
+def test_json_round_trip_keeps_which_fields_were_measured():
+    c = costs(measured=("cpu_call_s", "cpu_attn_bw"), notes="x", date="2026-11-23")
+    assert c.measured == ("cpu_attn_bw", "cpu_call_s")                 # NUMERIC order
+    d = json.loads(json.dumps(c.to_dict()))
+    assert d["measured"] == ["cpu_attn_bw", "cpu_call_s"] and d["defaulted"] == list(NEED_GPU)
+    assert MachineCosts.from_dict(d) == c and c.defaulted == NEED_GPU
 
 
 def test_save_load(tmp_path):
     DEFAULTS.save(tmp_path / "a" / "costs.json")
     assert MachineCosts.load(tmp_path / "a" / "costs.json") == DEFAULTS
+    assert DEFAULTS.measured == () and DEFAULTS.defaulted == NUMERIC
+
+
+def test_an_old_file_loads_with_its_provenance_and_without_its_one_word_source():
+    """Files written before per-field provenance said source "measured" even for 2 of 7 fields:
+    that word is ignored; a file without `measured` (provenance unknown) is all defaulted."""
+    old = {k: getattr(DEFAULTS, k) for k in NUMERIC}
+    got = MachineCosts.from_dict({**old, "source": "measured", "fingerprint": "f"})
+    assert got.measured == () and got.defaulted == NUMERIC and got.fingerprint == "f"
+    got = MachineCosts.from_dict({**old, "source": "measured", "measured": ["cpu_attn_bw", "cpu_call_s"]})
+    assert got.measured == CPU_FIELDS and "source" not in got.to_dict()
 
 
 @pytest.mark.parametrize("field", NUMERIC)
@@ -57,101 +74,29 @@ def test_unknown_missing_and_inconsistent_fields():
         MachineCosts.from_dict(d)
     with pytest.raises(ValueError, match="cpu_attn_bw_concurrent"):
         costs(cpu_attn_bw_concurrent=DEFAULTS.cpu_attn_bw * 1.5)
-    with pytest.raises(ValueError, match="source"):
-        costs(source="guess")
-    with pytest.raises(ValueError, match="measured"):
-        costs(measured=("hbm",))
+    for bad in (("hbm",), "hbm_bw", ("hbm_bw", "hbm_bw"), None, [["hbm_bw"]]):
+        with pytest.raises(ValueError, match=r"measured=.* must list distinct fields"):
+            costs(measured=bad)
+    with pytest.raises(ValueError, match=r"defaulted=\['hbm_bw'\] must list the fields not in"):
+        MachineCosts.from_dict({**DEFAULTS.to_dict(), "defaulted": ["hbm_bw"]})
     with pytest.raises(ValueError):
         MachineCosts.from_dict([1, 2])
 
 
-# ---- split -----------------------------------------------------------------------------------------
-def test_all_cpu_when_pcie_is_very_slow():
-    s = split_host_work(costs(h2d_bw=1e6, h2d_bw_concurrent=1e6), 500, PAGE_BYTES, 1 << 26)
-    assert (s.cpu_pages, s.fetch_pages) == (500, 0) and s.pcie_s == 0
-
-
-def test_all_fetch_when_cpu_is_very_slow():
-    s = split_host_work(costs(cpu_attn_bw=1e6, cpu_attn_bw_concurrent=1e6), 500, PAGE_BYTES, 1 << 26)
-    assert (s.cpu_pages, s.fetch_pages) == (0, 500) and s.cpu_s == 0
-
-
-def test_balanced_split_finishes_together_within_one_page():
-    c = DEFAULTS
-    s = split_host_work(c, 4000, PAGE_BYTES, 64 << 20, cached_pages=100)
-    assert 0 < s.cpu_pages < 3900 and s.cpu_pages + s.fetch_pages == 3900
-    one_page = PAGE_BYTES * (1 / c.cpu_attn_bw_concurrent + 1 / c.h2d_bw_concurrent + 1 / c.hbm_bw)
-    assert abs(s.cpu_s - s.gpu_s) <= one_page
-    # large steps (fixed costs negligible): the concurrent rates set the CPU share, ~21 / (21 + 54)
-    big = split_host_work(c, 200_000, PAGE_BYTES, 64 << 20)
-    assert big.cpu_pages / 200_000 == pytest.approx(21 / 75, abs=0.01)
-    assert s.step_s == pytest.approx(brute(c, 4000, PAGE_BYTES, 64 << 20, 100), rel=0, abs=0)
-    for n in (s.cpu_pages - 1, s.cpu_pages + 1):      # moving a page either way is no better
-        assert predict(c, n, 3900 - n, PAGE_BYTES, 64 << 20, 100).step_s >= s.step_s
-
-
-def test_cached_pages_are_attended_on_the_gpu():
-    s = split_host_work(DEFAULTS, 10, PAGE_BYTES, 0, cached_pages=10)
-    assert (s.cpu_pages, s.fetch_pages, s.cached_pages) == (0, 0, 10) and s.gpu_s > 0 and s.cpu_s == 0
-    empty = split_host_work(DEFAULTS, 0, PAGE_BYTES, 0)
-    assert empty.step_s == empty.lower_bound_s == 0
-
-
-COST_SETS = [DEFAULTS, costs(cpu_call_s=5e-3, gpu_launch_s=1e-3), costs(gpu_launch_s=5e-3),
-             costs(cpu_attn_bw=5e9, cpu_attn_bw_concurrent=2e9, cpu_call_s=8e-3)]
-
-
-@pytest.mark.parametrize("c", COST_SETS)
-def test_step_time_and_bound_are_monotonic_in_host_pages(c):
-    prev = None
-    for h in range(0, 400):
-        s = split_host_work(c, h, PAGE_BYTES, 1 << 24)
-        assert s.lower_bound_s <= s.step_s + 1e-15
-        if prev is not None:
-            assert s.step_s >= prev.step_s and s.lower_bound_s >= prev.lower_bound_s
-        prev = s
-
-
-bandwidth = st.floats(1e6, 5e12)
-
-
-@given(hbm=bandwidth, h2d=bandwidth, cpu=bandwidth, f_cpu=st.floats(0.01, 1), f_h2d=st.floats(0.01, 1),
-       launch=st.floats(1e-7, 1e-2), call=st.floats(1e-7, 1e-2), host=st.integers(0, 120),
-       cached=st.integers(0, 120), gpu_bytes=st.integers(0, 1 << 30), page=st.integers(1, 1 << 20))
-def test_split_is_the_model_optimum_and_above_the_bound(hbm, h2d, cpu, f_cpu, f_h2d, launch, call,
-                                                        host, cached, gpu_bytes, page):
-    c = MachineCosts(hbm, h2d, cpu, cpu * f_cpu, h2d * f_h2d, launch, call)
-    cached = min(cached, host)
-    s = split_host_work(c, host, page, gpu_bytes, cached)
-    assert s.cpu_pages + s.fetch_pages + s.cached_pages == host and min(s.cpu_pages, s.fetch_pages) >= 0
-    assert s.step_s == brute(c, host, page, gpu_bytes, cached)
-    assert s.lower_bound_s <= s.step_s * (1 + 1e-12)
-    assert s.step_s == max(s.cpu_s, s.gpu_s) and s.gpu_s >= s.pcie_s
-
-
-def test_split_rejects_bad_arguments():
-    for kw in ({"host_pages": -1}, {"page_bytes": 0}, {"cached_pages": 11}, {"gpu_bytes": 1.5},
-               {"host_pages": True}):
-        args = {"host_pages": 10, "page_bytes": PAGE_BYTES, "gpu_bytes": 0, **kw}
-        with pytest.raises(ValueError, match=next(iter(kw))):
-            split_host_work(DEFAULTS, **args)
-
-
-def test_split_rows_apportions_the_step_split():
-    host = np.array([3001, 0, 17, 10007, 5, 2603])
-    cached = np.array([10, 0, 17, 0, 0, 60])
-    cpu, fetch, s = split_rows(DEFAULTS, host, PAGE_BYTES, 1 << 24, cached)
-    u = host - cached
-    assert 0 < s.cpu_pages < u.sum()                      # a real split, with remainders to apportion
-    assert (cpu + fetch == u).all() and (cpu >= 0).all() and (fetch >= 0).all()
-    assert cpu.sum() == s.cpu_pages and fetch.sum() == s.fetch_pages
-    assert s == split_host_work(DEFAULTS, int(host.sum()), PAGE_BYTES, 1 << 24, int(cached.sum()))
-    assert np.abs(cpu - u * s.cpu_pages / u.sum()).max() < 1
-    with pytest.raises(ValueError):
-        split_rows(DEFAULTS, host, PAGE_BYTES, 0, host + 1)
-
-
 # ---- measurement and cache -------------------------------------------------------------------------
+def small_cpu_inputs(monkeypatch):
+    """measure() over 4 MiB sets, unpinned (fake CUDA has no pinned memory): quick CPU figures."""
+    real = cm._cpu_inputs
+    monkeypatch.setattr(cm, "_cpu_inputs", lambda set_bytes, n_sets, pin: real(4 * cm.MIB, n_sets, False))
+
+
+def fake_cuda(monkeypatch, cuda_measure):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Fake GPU")
+    monkeypatch.setattr(cm, "_cuda_measure", cuda_measure)
+    small_cpu_inputs(monkeypatch)
+
+
 @pytest.mark.parametrize("inference", [False, True])
 def test_measure_quick_on_this_machine(inference):
     from vortex_hybrid.cpu_kernels import launch_sparse_decode_attention
@@ -163,41 +108,109 @@ def test_measure_quick_on_this_machine(inference):
     with torch.inference_mode(inference):      # callers measure under inference mode too
         c = cm.measure(quick=True)
     assert time.perf_counter() - t0 < 10
-    assert c.source == "measured" and c.fingerprint == cm.machine_fingerprint() and c.date
+    assert c.fingerprint == cm.machine_fingerprint() and c.date
     for name in NUMERIC:
         v = getattr(c, name)
         assert math.isfinite(v) and v > 0, name
-    assert {"cpu_attn_bw", "cpu_call_s"} <= set(c.measured)
     assert 1e8 < c.cpu_attn_bw < 1e12 and c.cpu_call_s < 0.5
-    if not torch.cuda.is_available():
-        assert not set(GPU_FIELDS) & set(c.measured)
-        assert all(getattr(c, f) == getattr(DEFAULTS, f) for f in GPU_FIELDS)
-        assert "cpu_attn_bw_concurrent" not in c.measured and "hbm_bw" in c.notes
-    else:
-        assert set(GPU_FIELDS) <= set(c.measured), c.notes
+    assert c.measured == cm.measurable(), c.notes
     assert MachineCosts.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
 
-def test_load_or_measure_caches_per_machine(tmp_path, monkeypatch):
+def test_measure_without_cuda_labels_every_gpu_figure_defaulted(monkeypatch):
+    """Only the CPU figures are measured; the concurrent CPU rate is the default (lowered to the
+    measured solo rate when above it), labelled defaulted, never a ratio of the solo rate."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    small_cpu_inputs(monkeypatch)
+    c = cm.measure(quick=True)
+    assert c.measured == CPU_FIELDS and c.defaulted == NEED_GPU and "no CUDA" in c.notes
+    assert all(getattr(c, k) == getattr(DEFAULTS, k) for k in NEED_GPU if k != "cpu_attn_bw_concurrent")
+    assert c.cpu_attn_bw_concurrent == min(DEFAULTS.cpu_attn_bw_concurrent, c.cpu_attn_bw)
+
+
+def test_a_failed_gpu_measurement_is_labelled_defaulted_and_never_cached(monkeypatch, own_cache,
+                                                                         caplog):
+    calls = []
+
+    def boom(quick, cpu_call, cpu_bytes):
+        calls.append(quick)
+        raise RuntimeError("no pinned memory today")
+
+    fake_cuda(monkeypatch, boom)
+    c = cm.load_or_measure()
+    assert c.measured == CPU_FIELDS and c.defaulted == NEED_GPU and "no pinned memory" in c.notes
+    assert not own_cache.exists() and "not cached" in caplog.text
+    assert cm.load_or_measure().measured == CPU_FIELDS and len(calls) == 2   # measured again
+    with pytest.raises(ValueError, match="hbm_bw, h2d_bw, cpu_attn_bw_concurrent, h2d_bw_concurrent, "
+                                         "gpu_launch_s not measured on this machine"):
+        cm.save_to_cache(c)
+
+    def works(quick, cpu_call, cpu_bytes):
+        calls.append(quick)
+        return {k: getattr(DEFAULTS, k) / 2 for k in NEED_GPU}
+
+    monkeypatch.setattr(cm, "_cuda_measure", works)
+    good = cm.load_or_measure()
+    assert good.measured == NUMERIC and own_cache.exists() and good.device.startswith("Fake GPU")
+    assert cm.load_or_measure() == good and len(calls) == 3                 # now cached
+
+
+def test_load_or_measure_caches_per_machine(monkeypatch, own_cache):
     calls = []
 
     def fake_measure(quick=True):
         calls.append(quick)
-        return costs(source="measured", fingerprint=cm.machine_fingerprint(), cpu_call_s=len(calls))
+        return costs(fingerprint=cm.machine_fingerprint(), measured=cm.measurable(), cpu_call_s=len(calls))
 
-    monkeypatch.setenv(cm.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(cm, "measure", fake_measure)
     first = cm.load_or_measure()
-    assert calls == [True] and (tmp_path / "machine_costs.json").exists()
+    assert calls == [True] and own_cache.exists()
     assert cm.load_or_measure() == first and len(calls) == 1         # cached, same machine
     monkeypatch.setattr(cm, "machine_fingerprint", lambda: "gpu=other|cpus=64|host=elsewhere")
     assert cm.load_or_measure().cpu_call_s == 2 and len(calls) == 2   # other machine: re-measured
-    (tmp_path / "machine_costs.json").write_text("{not json")
+    own_cache.write_text("{not json")
     assert cm.load_or_measure().cpu_call_s == 3                       # unreadable cache: re-measured
-    explicit = tmp_path / "profile.json"
-    costs(h2d_bw=20e9, h2d_bw_concurrent=10e9).save(explicit)
-    got = cm.load_or_measure(explicit)
-    assert got.source == "file" and got.h2d_bw == 20e9 and len(calls) == 3
-    explicit.write_text(json.dumps({**DEFAULTS.to_dict(), "extra": 1}))
-    with pytest.raises(ValueError, match="extra"):
-        cm.load_or_measure(explicit)
+    unknown = {k: v for k, v in cm.cached().to_dict().items() if k not in ("measured", "defaulted")}
+    own_cache.write_text(json.dumps(unknown))                          # provenance unknown
+    assert cm.cached() is None and cm.load_or_measure().cpu_call_s == 4
+    with pytest.raises(ValueError, match="fingerprint='elsewhere' is not this machine's"):
+        cm.save_to_cache(costs(fingerprint="elsewhere", measured=NUMERIC))
+
+
+# ---- the costs each placement plans with ------------------------------------------------------------
+def test_every_placement_says_which_figures_it_reads():
+    assert set(cm.NEEDS) == set(PLACEMENTS) and cm.NEEDS["hybrid"] == NUMERIC
+    with pytest.raises(ValueError, match="placement='neo' must be one of"):
+        cm.costs_for("neo")
+
+
+def warnings_of(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_placement_warns_once_which_defaulted_figures_it_relies_on(caplog):
+    assert cm.costs_for("cpu") is DEFAULTS and cm.costs_for("cpu") is DEFAULTS   # nothing cached
+    assert cm.costs_for("offload") is DEFAULTS
+    assert cm.costs_for("gpu") is DEFAULTS and cm.costs_for("dense") is DEFAULTS  # they read none
+    got = warnings_of(caplog)
+    assert len(got) == 2, got
+    assert "placement 'cpu' plans with default figures" in got[0] and \
+        got[0].split(": ")[1].startswith("hbm_bw, cpu_attn_bw, gpu_launch_s, cpu_call_s")
+    assert "placement 'offload'" in got[1] and "hbm_bw, h2d_bw, gpu_launch_s" in got[1]
+
+
+def test_placements_use_this_machines_cached_costs(monkeypatch, caplog):
+    def no_measure(quick=True):
+        raise AssertionError("measured although cached")
+
+    monkeypatch.setattr(cm, "measure", no_measure)
+    fp = cm.machine_fingerprint()
+    cm.save_to_cache(costs(fingerprint=fp, measured=NUMERIC, cpu_call_s=7e-6))
+    for placement in ("cpu", "offload", "hybrid"):
+        assert cm.costs_for(placement).cpu_call_s == 7e-6
+    assert warnings_of(caplog) == []                                  # every figure measured
+    monkeypatch.setattr(cm, "measurable", lambda: CPU_FIELDS)          # a machine without CUDA
+    cm.save_to_cache(costs(fingerprint=fp, measured=CPU_FIELDS, cpu_call_s=8e-6))
+    assert cm.costs_for("hybrid").cpu_call_s == 8e-6 and cm.costs_for("hybrid").cpu_call_s == 8e-6
+    got = warnings_of(caplog)
+    assert len(got) == 1 and "placement 'hybrid'" in got[0] and ", ".join(NEED_GPU) in got[0]

@@ -16,6 +16,7 @@ from vortex_hybrid import HybridConfig  # noqa: E402
 from vortex_hybrid.eval.__main__ import main as eval_main  # noqa: E402
 from vortex_hybrid.predictors import Calibration  # noqa: E402
 from vortex_hybrid.profile.__main__ import main  # noqa: E402
+from vortex_hybrid.scheduler import cost_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +155,16 @@ def test_the_command_line_measures_the_machine_for_the_runtime(model_dir, tmp_pa
         text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     machine = Calibration.load(out).extra["machine"]
-    assert machine["costs"]["cpu_attn_bw"] > 0 and machine["costs"]["source"] == "measured"
+    costs = machine["costs"]
+    measurable = list(cost_model.measurable())          # without CUDA: the CPU figures only
+    assert costs["cpu_attn_bw"] > 0 and costs["measured"] == measurable
+    assert costs["defaulted"] == [k for k in cost_model.NUMERIC if k not in measurable]
     saved = json.loads((tmp_path / "cache" / "machine_costs.json").read_text())
-    assert saved["cpu_attn_bw"] == machine["costs"]["cpu_attn_bw"]    # the scheduler reads these
+    assert saved["cpu_attn_bw"] == costs["cpu_attn_bw"]    # the scheduler reads these
+    assert saved["measured"] == measurable and machine["costs_saved_to"].endswith("machine_costs.json")
+    printed = next(line for line in run.stdout.splitlines() if line.startswith("machine costs"))
+    assert f"measured: {measurable[0]} " in printed and \
+        ("defaulted: " in printed) == (costs["defaulted"] != [])
     assert "wrote" in run.stdout
 
 

@@ -139,6 +139,11 @@ def show(cal) -> str:
         lines.append(f"head predictor, held-out: mean |error| {p['heldout']['mae_log2']:.2f} log2 "
                      f"units (constant baseline {p['heldout_constant_baseline']['mae_log2']:.2f}); "
                      f"its budgets meet the target for {p['heldout']['meets_target']:.0%} of heads")
+    machine = cal.extra.get("machine") or {}
+    if "costs" in machine:
+        from ..scheduler.cost_model import MachineCosts
+        lines.append(MachineCosts.from_dict(machine["costs"]).summary() +
+                     f" (cache: {machine.get('costs_saved_to', '?')})")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """The machine a calibration was made on: GPU and host memory, and the bandwidths the scheduler
 plans with (HBM, PCIe and CPU attention, each alone and the host pair concurrently), measured by
-`scheduler.cost_model.measure` and saved where the runtime finds them (`cost_model.cache_path`)."""
+`scheduler.cost_model.measure` (each field labelled measured or defaulted) and saved where the
+runtime finds them (`cost_model.cache_path`)."""
 
 from __future__ import annotations
 
@@ -40,15 +41,16 @@ def host_facts() -> dict:
 
 
 def measure_machine(bandwidths: bool = True) -> dict:
-    """GPU and host facts, and (unless `bandwidths` is False) the measured costs, also written to
-    the runtime's cost cache so `HybridAttention` plans with them."""
+    """GPU and host facts, and (unless `bandwidths` is False) the costs, with which fields were
+    measured and which defaulted ("measured", "defaulted"), also written to the runtime's cost
+    cache so `HybridAttention` plans with them (`cost_model.save_to_cache`: only a complete
+    measurement; "costs_saved_to" says where, or why not)."""
     out = {"gpus": gpu_facts(), "host": host_facts()}
     if bandwidths:
         costs = cost_model.measure(quick=True)
         try:
-            costs.save(cost_model.cache_path())
-            out["costs_saved_to"] = str(cost_model.cache_path())
-        except OSError as exc:
+            out["costs_saved_to"] = str(cost_model.save_to_cache(costs))
+        except (ValueError, OSError) as exc:
             out["costs_saved_to"] = f"not saved: {exc}"
         out["costs"] = costs.to_dict()
     return out

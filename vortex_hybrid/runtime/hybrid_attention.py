@@ -159,9 +159,8 @@ class HybridAttention:
             self.head_budgets = HeadBudgets(cal, self.device, self.store.device)
         self._cache = GpuPageCache(L, slots, self.device, prior_reuse=self._prior_reuse()) \
             if slots else None
-        if costs is None:           # the split needs this machine's concurrent host bandwidths
-            costs = cost_model.load_or_measure() if self.placement == "hybrid" else \
-                cost_model.DEFAULTS
+        if costs is None:           # this machine's figures; logs once those that are defaults
+            costs = cost_model.costs_for(self.placement)
         self._costs = costs
         self._worker = None
         if host:
