@@ -90,8 +90,9 @@ class HybridAttention:
     `cfg.gpu_cache_pages` device pages and host pages filling `cfg.host_memory_gib`, or
     8 x `cfg.gpu_cache_pages` when it is None). device: where the GPU side runs (default: CUDA if
     present, else the CPU with the torch reference). costs: the machine's bandwidths for the
-    `hybrid` split (default: `scheduler.cost_model.load_or_measure()`, measured once per machine and
-    cached). cuda_graphs: capture the per-layer GPU work in CUDA graphs (`layer_graphs`; CUDA only,
+    host placements' scheduling (default: `scheduler.cost_model.costs_for(placement)`: `hybrid`
+    measures once per machine and caches; the figures a placement reads that are defaults are named
+    once in the log). cuda_graphs: capture the per-layer GPU work in CUDA graphs (`layer_graphs`; CUDA only,
     with the summaries on the device): the whole layer for `dense` and `gpu`, the two parts around
     the CPU hand-off for the host placements; a flow whose indexer has no fused kernel runs eagerly.
     """
