@@ -212,12 +212,9 @@ class HybridConfig:
             cal = Calibration.load(self.calibration)
         except ValueError as exc:
             raise ValueError(f"HybridConfig.calibration: {exc}") from None
-        for name in ("flow", "page_size", "sink_pages", "recent_pages"):
-            if getattr(cal, name) != getattr(self, name):
-                raise ValueError(f"HybridConfig.calibration {str(self.calibration)!r} was made with "
-                                 f"{name}={getattr(cal, name)!r}, but this config has "
-                                 f"{name}={getattr(self, name)!r}; use the same, or re-run "
-                                 "python -m vortex_hybrid.profile")
+        cal.check_model(f"HybridConfig.calibration {str(self.calibration)!r}", "config",
+                        flow=self.flow, page_size=self.page_size, sink_pages=self.sink_pages,
+                        recent_pages=self.recent_pages)
         return cal
 
     def resolved_cpu_threads(self) -> int:

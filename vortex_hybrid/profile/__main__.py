@@ -204,6 +204,7 @@ def main(argv=None) -> int:
     from ..eval import tasks as task_lib
     from ..eval.models import load_model
     from ..integrations.hf import model_shape
+    from ..predictors.calibration import model_name
     from ..predictors.head_properties import LADDER, measure_layer
     from . import capture
     from .calibrate import calibrate
@@ -238,7 +239,7 @@ def main(argv=None) -> int:
     bar.close()
     settings = dict(flow=args.flow, page_size=args.page_size, sink_pages=args.sink,
                     recent_pages=args.recent)
-    model_info = dict(name=args.model, path=str(path), num_layers=len(shape.full_layers),
+    model_info = dict(name=model_name(path), path=str(path), num_layers=len(shape.full_layers),
                       num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads,
                       head_dim=shape.head_dim, model_layers=shape.full_layers)
     cal, summary = calibrate(traces["calibration"], traces["heldout"], list(LADDER),
