@@ -40,10 +40,14 @@ SETTINGS = {"flow": "--flow", "page_size": "--page-size", "sink_pages": "--sink"
 def model_name(name_or_path) -> str:
     """A model's name as a calibration records and compares it: the last part of the folder path or
     hub id it was loaded from (`smollm2-135m` for the built-in model, whose folder carries its
-    name; `Llama-3.1-8B` for `meta-llama/Llama-3.1-8B` or `/models/Llama-3.1-8B/`); "" when
-    unknown (None, or a model built from a config)."""
+    name; `Llama-3.1-8B` for `meta-llama/Llama-3.1-8B`, `/models/Llama-3.1-8B/` or the Hugging Face
+    cache's `.../models--meta-llama--Llama-3.1-8B/snapshots/<hash>`); "" when unknown (None, or a
+    model built from a config)."""
     text = str(name_or_path or "").strip()
-    return PurePath(text).name or (Path(text).resolve().name if text else "")
+    path = PurePath(text)
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.rsplit("--", 1)[-1]
+    return path.name or (Path(text).resolve().name if text else "")
 
 
 @dataclass

@@ -129,6 +129,7 @@ def test_a_matching_calibration_is_accepted_and_a_mismatch_names_every_field(tmp
     cal = attn.calibration
     cal.check_model(**MODEL, page_size=P, flow="quest", sink_pages=1, recent_pages=2,
                     name="/models/Llama-3.1-8B/")               # a name: the path's last part
+    cal.check_model(name="/hf/hub/models--meta-llama--Llama-3.1-8B/snapshots/0a1b2c")
     cal.check_model(name=None)                                  # unknown: not compared
     with pytest.raises(ValueError, match="was made with model='Llama-3.1-8B', num_q_heads=4, "
                        "head_dim=8, but the runtime has model='Llama-3-8B', num_q_heads=8, "
