@@ -1,5 +1,5 @@
 """`Calibration`: per-(layer, KV head) budgets written by `python -m vortex_hybrid.profile`, read by
-the runtime (`HybridConfig(calibration="calib.json")`).
+the runtime (`HybridConfig(flow="centroid", calibration="calib.json")`: the file's settings).
 
 The file is versioned JSON. What the runtime reads: `budgets` (a budget ratio per layer and KV
 head: that head attends max(sink + recent, ceil(ratio * pages)) pages of a request), `granularity`

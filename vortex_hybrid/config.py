@@ -132,8 +132,9 @@ class HybridConfig:
     """Path of a calibration JSON written by `python -m vortex_hybrid.profile`: a budget ratio per
     (layer, KV head) that replaces `budget_ratio` / `budget_pages` for sparse selection (a head
     attends max(sink + recent, ceil(ratio * pages))). Its flow, page_size, sink_pages and
-    recent_pages must equal this config's (the budgets were measured under them). None: uniform
-    budgets."""
+    recent_pages must equal this config's (the budgets were measured under them; the profile's
+    default flow is "centroid", this config's "quest"), and its model's shape the runtime's
+    (`Calibration.check_model`). None: uniform budgets."""
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
     """Flow options (e.g. {"channels": 16} for double_sparsity): the flow's constructor arguments,
     checked against them at construction."""

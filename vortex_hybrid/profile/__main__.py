@@ -2,7 +2,7 @@
 
     python -m vortex_hybrid.profile --model smollm2-135m --context 4096 --out calib.json
     python -m vortex_hybrid.eval --calibration calib.json           # use it (or HybridConfig(
-                                                                    #   calibration="calib.json"))
+                                                                    #   flow="centroid", calibration="calib.json"))
     python -m vortex_hybrid.profile --check calib.json              # validate and summarise one
 
 Runs long-context task prompts (`vortex_hybrid.eval.tasks`) through the model with dense attention,
