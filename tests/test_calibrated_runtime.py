@@ -87,18 +87,56 @@ def test_each_head_attends_its_own_budget(tmp_path, placement, seed):
     assert max(widths) >= 26                  # layer 1's full-budget head reads every page
 
 
-def test_a_calibration_for_another_shape_or_setting_is_refused(tmp_path):
-    path = calibration_file(tmp_path, ratios=[[0.1, 0.1, 0.1]] * L,
-                            model={"num_layers": L, "num_q_heads": 6, "num_kv_heads": 3,
-                                   "head_dim": D})
-    with pytest.raises(ValueError, match="2 x 2"):
+MODEL = {"num_layers": L, "num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": D}
+
+
+@pytest.mark.parametrize("field, other", [("num_layers", 3), ("num_q_heads", 8),
+                                          ("num_kv_heads", 1), ("head_dim", 16)])
+def test_a_calibration_for_another_model_shape_is_refused_by_the_runtime(tmp_path, field, other):
+    model = dict(MODEL, **{field: other})
+    ratios = [[0.1] * model["num_kv_heads"]] * model["num_layers"]
+    path = calibration_file(tmp_path, ratios=ratios, model=model)
+    HybridConfig(page_size=P, flow="quest", calibration=path)      # the config cannot know shapes
+    with pytest.raises(ValueError) as err:
         make("gpu", path)
-    with pytest.raises(ValueError, match="flow='quest'"):
-        HybridConfig(page_size=P, flow="centroid", sink_pages=1, recent_pages=2,
-                     calibration=calibration_file(tmp_path))
-    with pytest.raises(ValueError, match="page_size=4"):
-        HybridConfig(page_size=16, flow="quest", sink_pages=1, recent_pages=2,
-                     calibration=calibration_file(tmp_path))
+    msg = str(err.value)
+    assert f"was made with {field}={other}, but the runtime has {field}={MODEL[field]};" in msg
+    assert msg.endswith("re-run python -m vortex_hybrid.profile for this model")
+    assert "\n" not in msg and msg.count("=") == 2                # only the field that differs
+
+
+@pytest.mark.parametrize("field, other, option", [("flow", "centroid", "--flow quest"),
+                                                  ("page_size", 8, "--page-size 4"),
+                                                  ("sink_pages", 0, "--sink 1"),
+                                                  ("recent_pages", 3, "--recent 2")])
+def test_a_calibration_made_under_other_settings_is_refused_by_the_config(tmp_path, field, other,
+                                                                         option):
+    path = calibration_file(tmp_path, **{field: other})
+    with pytest.raises(ValueError) as err:
+        make("gpu", path)
+    msg = str(err.value)
+    ours = getattr(HybridConfig(page_size=P, flow="quest"), field)
+    assert f"was made with {field}={other!r}, but the config has {field}={ours!r};" in msg
+    assert msg.endswith(f"re-run python -m vortex_hybrid.profile with {option}, or use the file's "
+                        "settings")
+    assert "\n" not in msg
+
+
+def test_a_matching_calibration_is_accepted_and_a_mismatch_names_every_field(tmp_path):
+    named = dict(MODEL, name="Llama-3.1-8B")
+    attn = make("gpu", calibration_file(tmp_path, model=named))
+    assert attn.head_budgets is not None
+    cal = attn.calibration
+    cal.check_model(**MODEL, page_size=P, flow="quest", sink_pages=1, recent_pages=2,
+                    name="/models/Llama-3.1-8B/")               # a name: the path's last part
+    cal.check_model(name="/hf/hub/models--meta-llama--Llama-3.1-8B/snapshots/0a1b2c")
+    cal.check_model(name=None)                                  # unknown: not compared
+    with pytest.raises(ValueError, match="was made with model='Llama-3.1-8B', num_q_heads=4, "
+                       "head_dim=8, but the runtime has model='Llama-3-8B', num_q_heads=8, "
+                       "head_dim=16; re-run python -m vortex_hybrid.profile for this model$"):
+        cal.check_model(**dict(MODEL, num_q_heads=8, head_dim=16), name="meta-llama/Llama-3-8B")
+    unnamed = Calibration.load(calibration_file(tmp_path))     # a file without a model name
+    unnamed.check_model(**MODEL, name="Llama-3-8B")
 
 
 @pytest.mark.parametrize("change, message", [

@@ -1,6 +1,7 @@
 """HybridConfig: defaults, budgets, JSON round trips, and one message per kind of bad value."""
 
 import json
+import os
 
 import dataclasses
 
@@ -116,3 +117,29 @@ def test_integral_numbers_are_accepted_and_stored_as_int():
 def test_from_json_errors_say_what_was_wrong(source, match):
     with pytest.raises(ValueError, match=match):
         HybridConfig.from_json(source)
+
+
+def test_host_memory_gib_and_cpu_threads_do_what_their_docstrings_say(monkeypatch):
+    """None: 8 x gpu_cache_pages host pages and the cores less one (capped at Numba's pool); a
+    host_memory_gib: as many pages as fit; dense and gpu: no host pool (docs/runtime.md)."""
+    from vortex_hybrid import HybridAttention, cpu_kernels
+    from vortex_hybrid.kv.page_pool import GIB
+    page_bytes = 2 * 2 * 16 * 8 * 4 * 2          # layers x KV heads x page x head_dim x fp32 x K, V
+    before = cpu_kernels.cpu_threads()
+    try:
+        for placement, gib, pages in (("cpu", None, 8 * 5), ("gpu", None, 0),
+                                      ("offload", 0.001, int(0.001 * GIB) // page_bytes)):
+            cfg = HybridConfig(placement=placement, gpu_cache_pages=5, host_memory_gib=gib,
+                               kv_dtype="float32")
+            attn = HybridAttention(cfg, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=8)
+            assert attn.kv.host_pool.num_pages == pages, placement
+            attn.close()
+        monkeypatch.setattr(os, "cpu_count", lambda: 2)
+        cpu_kernels.set_cpu_threads(2)
+        HybridAttention(HybridConfig(placement="cpu"), 1, 2, 2, 8).close()
+        assert cpu_kernels.cpu_threads() == 1                   # 2 cores less the driving one
+        cpu_kernels.set_cpu_threads(1)
+        HybridAttention(HybridConfig(placement="cpu", cpu_threads=2), 1, 2, 2, 8).close()
+        assert cpu_kernels.cpu_threads() == min(2, cpu_kernels.threads.max_threads())
+    finally:
+        cpu_kernels.set_cpu_threads(before)

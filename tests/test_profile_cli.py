@@ -144,6 +144,31 @@ def test_eval_refuses_a_calibration_made_with_another_page_size(model_dir, calib
     assert "page_size=32" in capsys.readouterr().err
 
 
+def test_a_calibration_for_another_model_name_is_refused_by_eval_and_hybrid_cache(
+        model_dir, calibration, tmp_path, capsys):
+    """Same shapes, another name: the eval CLI refuses it before loading the model, `HybridCache`
+    when it is built; the model it was made for is accepted."""
+    import shutil
+    from transformers import AutoModelForCausalLM
+    from vortex_hybrid.integrations.hf import HybridCache
+    cal = Calibration.load(calibration)
+    assert cal.model["name"] == model_dir.name == "llama"              # the folder's name
+    assert (cal.model["num_q_heads"], cal.model["head_dim"]) == (4, 16)
+    other = shutil.copytree(model_dir, tmp_path / "other-llama")
+    with pytest.raises(SystemExit) as exc:
+        eval_main(["--model", str(other), "--out", str(tmp_path / "e"), "--calibration",
+                   str(calibration)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "was made with model='llama', but the evaluation has model='other-llama'; re-run " \
+           "python -m vortex_hybrid.profile for this model" in err and "\n" not in err
+    cfg = HybridConfig(placement="gpu", flow="centroid", calibration=str(calibration))
+    HybridCache(AutoModelForCausalLM.from_pretrained(model_dir), cfg, device_pages=64).close()
+    with pytest.raises(ValueError, match="was made with model='llama', but the HybridCache has "
+                                         "model='other-llama'"):
+        HybridCache(AutoModelForCausalLM.from_pretrained(other), cfg, device_pages=64)
+
+
 def test_the_command_line_measures_the_machine_for_the_runtime(model_dir, tmp_path):
     import os
     import subprocess

@@ -1,9 +1,12 @@
-"""The README's Python example runs as written and its result matches dense attention over the
-same pages; the README's two commands are where .ci/run looks for them."""
+"""The README's Python examples run as written (the API example matches dense attention over the
+same pages; the calibration example runs its profile command on a tiny model); the README's two
+commands are where .ci/run looks for them."""
 
 import re
+import shlex
 from pathlib import Path
 
+import pytest
 import torch
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -52,3 +55,37 @@ def test_readme_transformers_example_runs_and_decodes_sparsely():
     last = cache.stats()["last_step"]
     pages = -(-1508 // 16)
     assert 0 < last["gpu_pages"] + last["cpu_pages"] < 2 * 2 * pages      # sparse: not every page
+
+
+def test_readme_calibration_example_runs(tmp_path, monkeypatch):
+    """The README's per-head budgets example as written: its profile command (on a tiny model in
+    place of smollm2-135m, at a short context, few prompts) writes calib.json, its config line
+    loads it, and a runtime built from it for that model decodes with per-head budgets."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+    from tiny_models import tiny_llama_folder
+    from vortex_hybrid.integrations.hf import ATTN_IMPLEMENTATION, HybridCache
+    from vortex_hybrid.profile.__main__ import main as profile
+    from vortex_hybrid.scheduler.cost_model import DEFAULTS
+    section = README.split("## Per-head budgets\n", 1)[1].split("\n## ", 1)[0]
+    command = re.search(r"```bash\n(.*?)\n", section).group(1).split("#")[0]
+    words = shlex.split(command)
+    assert words[:3] == ["python", "-m", "vortex_hybrid.profile"]
+    opts = dict(zip(words[3::2], words[4::2]))
+    assert opts["--model"] == "smollm2-135m" and opts["--out"] == "calib.json"
+    model_dir = tiny_llama_folder(tmp_path / "llama")
+    opts.update({"--model": str(model_dir), "--context": "512"})
+    monkeypatch.chdir(tmp_path)                    # the example's relative calib.json lands here
+    assert profile([x for kv in opts.items() for x in kv] + [
+        "--samples", "2", "--heldout", "0", "--no-bandwidth", "--device", "cpu"]) == 0
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    model = AutoModelForCausalLM.from_pretrained(model_dir,
+                                                 attn_implementation=ATTN_IMPLEMENTATION).eval()
+    cache = HybridCache(model, scope["cfg"], costs=DEFAULTS)
+    assert cache.runtime.head_budgets is not None             # the file's per-head budgets
+    ids = torch.randint(0, model.config.vocab_size, (1, 200))
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 203) and cache.stats()["totals"]["steps"] == 2
+    cache.close()

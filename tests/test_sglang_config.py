@@ -14,7 +14,8 @@ import torch
 
 from vortex_hybrid import HybridAttention, HybridConfig
 from vortex_hybrid.integrations.sglang.config import (ConfigError, build, check_model,
-                                                      check_server_args, load, sglang_kv_dtype)
+                                                      check_server_args, load, resolve,
+                                                      sglang_kv_dtype)
 from vortex_hybrid.integrations.sglang.request_map import RequestMap
 
 
@@ -85,7 +86,8 @@ def test_config_text_errors_name_the_value(tmp_path):
 def model_config(**kw):
     hf = types.SimpleNamespace(**kw.pop("hf", {}))
     base = dict(attention_arch="MHA", head_dim=64, v_head_dim=64, num_attention_heads=8,
-                num_key_value_heads=2, is_hybrid_swa=False, hf_text_config=hf,
+                num_key_value_heads=2, num_hidden_layers=2, model_path="/models/Llama-3.1-8B",
+                is_hybrid_swa=False, hf_text_config=hf,
                 hf_config=types.SimpleNamespace(architectures=["LlamaForCausalLM"]))
     base.update(kw)
     return types.SimpleNamespace(**base)
@@ -104,6 +106,33 @@ def test_models_the_kernels_do_not_serve_are_refused(kw, pattern):
     check_model(model_config())
     with pytest.raises(ConfigError, match=pattern):
         check_model(model_config(**kw))
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    ({}, None),
+    ({"model_path": "meta-llama/Llama-3.1-8B"}, None),       # the same name from the hub
+    ({"model_path": "/models/Llama-3-8B"}, r"was made with model='Llama-3.1-8B', but the served "
+                                           r"model has model='Llama-3-8B'; re-run"),
+    ({"num_hidden_layers": 3}, r"num_layers=2, but the served model has num_layers=3"),
+    ({"head_dim": 128, "v_head_dim": 128}, r"head_dim=64, but the served model has head_dim=128"),
+])
+def test_a_calibration_for_another_model_is_refused_at_start_up(tmp_path, kw, pattern):
+    import json
+    from vortex_hybrid.predictors.calibration import FORMAT, VERSION
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps({
+        "format": FORMAT, "version": VERSION, "flow": "quest", "page_size": 16, "sink_pages": 1,
+        "recent_pages": 2, "error_target": 0.1, "budgets": [[0.1, 0.2]] * 2,
+        "granularity": [["page"] * 2] * 2, "model": {"name": "Llama-3.1-8B", "num_layers": 2,
+                                                     "num_q_heads": 8, "num_kv_heads": 2,
+                                                     "head_dim": 64}}))
+    text = json.dumps({"calibration": str(path)})
+    if pattern is None:
+        assert resolve(server_args(), text, model_config(**kw)).calibration == str(path)
+        return
+    with pytest.raises(ConfigError, match=pattern) as err:
+        resolve(server_args(), text, model_config(**kw))
+    assert "\n" not in str(err.value)
 
 
 L, HKV, D, P = 2, 2, 8, 4

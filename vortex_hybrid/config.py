@@ -107,7 +107,14 @@ class HybridConfig:
     gpu_cache_pages: int = 4096
     """Slots of the GPU page cache (pages kept in HBM), >= 0."""
     host_memory_gib: Optional[float] = None
-    """Cap on pinned host memory for the host page pool in GiB; None for 80% of free memory."""
+    """GiB of host memory for the host page pool of the host placements (`dense` and `gpu` have
+    none). Set: `HybridAttention` allocates (pinned, with CUDA) as many pages as fit in it, all
+    layers' K and V in `kv_dtype`, and a pool of an explicit `host_pages` must fit in it too. None:
+    `HybridAttention` allocates 8 x `gpu_cache_pages` host pages (at least 8), whatever the
+    machine's memory; SGLang's backend sizes the pool for every page of SGLang's KV pool. Either
+    way the pool must fit in 80% of the available host memory, else ValueError at start-up. With
+    CUDA, torch's pinned allocator rounds the K and the V pool each up to a power of two bytes, and
+    the rounded size is what must fit."""
     kv_dtype: str = "bfloat16"
     """Storage dtype of K and V pages; one of KV_DTYPES."""
     summary_dtype: str = "float32"
@@ -116,13 +123,18 @@ class HybridConfig:
     """Where summaries live: "device" (HBM), "host" (pinned memory; the CPU indexer scores them
     there), or "auto" (the device when they take at most a quarter of its free memory)."""
     cpu_threads: Optional[int] = None
-    """Numba worker threads for CPU kernels; None for NUMBA_NUM_THREADS or every core."""
+    """Numba threads of the CPU kernels, set (for the whole process) when a host-placement
+    `HybridAttention` is built. None: one fewer than the cores (`os.cpu_count() - 1`, at least 1),
+    so the thread driving the GPU keeps a core. Either way capped at Numba's pool
+    (`NUMBA_NUM_THREADS` when numba was imported; every core by default). Outside a runtime,
+    `cpu_kernels.set_cpu_threads(cfg)` reads None as `resolved_cpu_threads()` does."""
     calibration: Optional[str] = None
     """Path of a calibration JSON written by `python -m vortex_hybrid.profile`: a budget ratio per
     (layer, KV head) that replaces `budget_ratio` / `budget_pages` for sparse selection (a head
     attends max(sink + recent, ceil(ratio * pages))). Its flow, page_size, sink_pages and
-    recent_pages must equal this config's (the budgets were measured under them). None: uniform
-    budgets."""
+    recent_pages must equal this config's (the budgets were measured under them; the profile's
+    default flow is "centroid", this config's "quest"), and its model's shape the runtime's
+    (`Calibration.check_model`). None: uniform budgets."""
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
     """Flow options (e.g. {"channels": 16} for double_sparsity): the flow's constructor arguments,
     checked against them at construction."""
@@ -212,16 +224,15 @@ class HybridConfig:
             cal = Calibration.load(self.calibration)
         except ValueError as exc:
             raise ValueError(f"HybridConfig.calibration: {exc}") from None
-        for name in ("flow", "page_size", "sink_pages", "recent_pages"):
-            if getattr(cal, name) != getattr(self, name):
-                raise ValueError(f"HybridConfig.calibration {str(self.calibration)!r} was made with "
-                                 f"{name}={getattr(cal, name)!r}, but this config has "
-                                 f"{name}={getattr(self, name)!r}; use the same, or re-run "
-                                 "python -m vortex_hybrid.profile")
+        cal.check_model(f"HybridConfig.calibration {str(self.calibration)!r}", "config",
+                        flow=self.flow, page_size=self.page_size, sink_pages=self.sink_pages,
+                        recent_pages=self.recent_pages)
         return cal
 
     def resolved_cpu_threads(self) -> int:
-        """Thread count for CPU kernels: the field, else NUMBA_NUM_THREADS, else every core."""
+        """Thread count for CPU kernels called outside a runtime (`cpu_kernels.set_cpu_threads`):
+        the field, else NUMBA_NUM_THREADS, else every core. `HybridAttention` reads None as the
+        cores less one instead (`cpu_threads`)."""
         if self.cpu_threads is not None:
             return self.cpu_threads
         env = os.environ.get("NUMBA_NUM_THREADS")

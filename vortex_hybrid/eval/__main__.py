@@ -99,7 +99,7 @@ def check(args) -> EvalSpec:
     if args.calibration is not None:
         from .run import calibrated_combo
         try:
-            calibrated_combo(args.calibration)
+            calibrated_combo(args.calibration, args.model)
         except ValueError as exc:
             fail(f"--calibration: {str(exc).splitlines()[0]}")
     return EvalSpec(calibration=args.calibration, cuda_graphs=args.cuda_graphs, tasks=tasks, context=args.context, samples=args.samples, modes=modes,

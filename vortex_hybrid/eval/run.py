@@ -78,14 +78,16 @@ def mode_config(mode: str, flow: str, budget: float, kv_dtype: str,
                         kv_dtype=kv_dtype)
 
 
-def calibrated_combo(path: str) -> tuple[str, float]:
-    """(flow label, mean budget ratio) of a calibration file, checked against the eval's pages."""
+def calibrated_combo(path: str, model: Optional[str] = None) -> tuple[str, float]:
+    """(flow label, mean budget ratio) of a calibration file, checked against the eval's pages and,
+    when given, the `--model` it will run (its name: `predictors.calibration.model_name`)."""
     from ..predictors.calibration import Calibration
     try:
         cal = Calibration.load(path)
     except ValueError as exc:
         raise ValueError(f"HybridConfig.calibration: {exc}") from None
     HybridConfig(page_size=PAGE_SIZE, calibration=path, flow=cal.flow)     # the settings match
+    cal.check_model(f"calibration {path!r}", "evaluation", name=model)
     return cal.flow + CALIBRATED, float(cal.budgets.mean())
 
 

@@ -31,7 +31,9 @@ Qwen2/3, Mistral without a sliding window, SmolLM2, Gemma-3 text). Sliding-windo
 local layers) stay dense over their window in a transformers `DynamicSlidingWindowLayer`; the runtime
 serves the full-attention layers only (`runtime_layer` maps them). Refused with a message: models
 whose every layer slides, other layer types, other scalings, softcapping, a second prefill into a
-cache that already holds requests (one `generate` per cache).
+cache that already holds requests (one `generate` per cache), a calibration made for another model
+(its shapes, checked by the runtime, or its name: `model.config.name_or_path`'s last part, checked
+here; `predictors.calibration.Calibration.check_model`).
 """
 
 from __future__ import annotations
@@ -154,6 +156,14 @@ class HybridCache(Cache):
         L = len(mods)
         runtime_kw.setdefault("device", next(model.parameters()).device)
         self.runtime = HybridAttention(cfg, len(full), hq, hkv, D, **runtime_kw)
+        if self.runtime.calibration is not None:    # the runtime checked the shapes; the name:
+            try:
+                self.runtime.calibration.check_model(
+                    f"HybridConfig.calibration {cfg.calibration!r}", "HybridCache",
+                    name=getattr(model.config, "name_or_path", None))
+            except ValueError:
+                self.runtime.close()
+                raise
         self.runtime_layer = {layer: r for r, layer in enumerate(full)}
         """Model layer -> runtime layer, for the full-attention layers the runtime serves."""
         self.rids: list[int] = []

@@ -2,7 +2,7 @@
 
     python -m vortex_hybrid.profile --model smollm2-135m --context 4096 --out calib.json
     python -m vortex_hybrid.eval --calibration calib.json           # use it (or HybridConfig(
-                                                                    #   calibration="calib.json"))
+                                                                    #   flow="centroid", calibration="calib.json"))
     python -m vortex_hybrid.profile --check calib.json              # validate and summarise one
 
 Runs long-context task prompts (`vortex_hybrid.eval.tasks`) through the model with dense attention,
@@ -209,6 +209,7 @@ def main(argv=None) -> int:
     from ..eval import tasks as task_lib
     from ..eval.models import load_model
     from ..integrations.hf import model_shape
+    from ..predictors.calibration import model_name
     from ..predictors.head_properties import LADDER, measure_layer
     from . import capture
     from .calibrate import calibrate
@@ -243,7 +244,7 @@ def main(argv=None) -> int:
     bar.close()
     settings = dict(flow=args.flow, page_size=args.page_size, sink_pages=args.sink,
                     recent_pages=args.recent)
-    model_info = dict(name=args.model, path=str(path), num_layers=len(shape.full_layers),
+    model_info = dict(name=model_name(path), path=str(path), num_layers=len(shape.full_layers),
                       num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads,
                       head_dim=shape.head_dim, model_layers=shape.full_layers)
     cal, summary = calibrate(traces["calibration"], traces["heldout"], list(LADDER),

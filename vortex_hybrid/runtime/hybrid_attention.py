@@ -153,10 +153,9 @@ class HybridAttention:
         self.head_budgets = None
         if self.calibration is not None:
             cal = self.calibration
-            if (cal.num_layers, cal.num_kv_heads) != (L, hkv):
-                raise ValueError(f"HybridConfig.calibration {cfg.calibration!r} has budgets for "
-                                 f"{cal.num_layers} layers x {cal.num_kv_heads} KV heads; this "
-                                 f"runtime has {L} x {hkv} (calibrate this model)")
+            cal.check_model(f"HybridConfig.calibration {cfg.calibration!r}", num_layers=L,
+                            num_q_heads=hq, num_kv_heads=hkv, head_dim=D,
+                            page_size=cfg.page_size, flow=cfg.flow)
             self.head_budgets = HeadBudgets(cal, self.device, self.store.device)
         self._cache = GpuPageCache(L, slots, self.device, prior_reuse=self._prior_reuse()) \
             if slots else None

@@ -128,6 +128,22 @@ def check_model(model_config) -> None:
                           f"not head_dim ** -0.5 (head_dim={D}); the hybrid kernels use the latter")
 
 
+def check_calibration(cfg: HybridConfig, model_config) -> None:
+    """Refuse a `calibration` made for another model: its shapes and its name (the last part of
+    `--model-path`; `predictors.calibration.Calibration.check_model`), at start-up."""
+    if cfg.calibration is None:
+        return
+    try:
+        cfg.load_calibration().check_model(
+            f"HybridConfig.calibration {cfg.calibration!r}", "served model",
+            num_layers=int(model_config.num_hidden_layers),
+            num_q_heads=int(model_config.num_attention_heads),
+            num_kv_heads=int(model_config.num_key_value_heads), head_dim=int(model_config.head_dim),
+            name=getattr(model_config, "model_path", None))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def cuda_graph_phases(server_args) -> dict[str, str]:
     """The phases for which SGLang will capture CUDA graphs, and how: {"decode": "full", ...}
     (sglang 0.5.17 resolves `--disable-cuda-graph` and `--cuda-graph-backend-*` into
@@ -173,7 +189,8 @@ def check_server_args(server_args) -> None:
 
 def resolve(server_args, text: Optional[str], model_config=None) -> HybridConfig:
     """The checked `HybridConfig` of `text` for these SGLang settings: the JSON, SGLang's flags,
-    then the model (`model_config`: SGLang's `ModelConfig`, built from server_args when None)."""
+    then the model and the calibration's fit to it (`model_config`: SGLang's `ModelConfig`, built
+    from server_args when None)."""
     fields = load(text)
     check_server_args(server_args)
     cfg = build(fields, int(getattr(server_args, "page_size", None) or 1),
@@ -182,6 +199,7 @@ def resolve(server_args, text: Optional[str], model_config=None) -> HybridConfig
         from sglang.srt.configs.model_config import ModelConfig
         model_config = ModelConfig.from_server_args(server_args)
     check_model(model_config)
+    check_calibration(cfg, model_config)
     return cfg
 
 
@@ -194,5 +212,6 @@ def from_text(text: str) -> HybridConfig:
     return HybridConfig.from_dict(json.loads(text))
 
 
-__all__ = ["BACKEND_NAME", "CUDA_GRAPH_REFUSAL", "ConfigError", "build", "check_model", "check_server_args", "from_text",
+__all__ = ["BACKEND_NAME", "CUDA_GRAPH_REFUSAL", "ConfigError", "build", "check_calibration",
+           "check_model", "check_server_args", "from_text",
            "load", "resolve", "to_text"]
