@@ -113,8 +113,7 @@ class HybridConfig:
     `HybridAttention` allocates 8 x `gpu_cache_pages` host pages (at least 8), whatever the
     machine's memory; SGLang's backend sizes the pool for every page of SGLang's KV pool. Either
     way the pool must fit in 80% of the available host memory, else ValueError at start-up. With
-    CUDA, torch's pinned allocator rounds the K and the V pool each up to a power of two bytes, and
-    the rounded size is what must fit."""
+    CUDA the pool is page-locked at its exact size (`kv.page_pool.pinned_zeros`)."""
     kv_dtype: str = "bfloat16"
     """Storage dtype of K and V pages; one of KV_DTYPES."""
     summary_dtype: str = "float32"
