@@ -86,6 +86,26 @@ def fail_on_call(monkeypatch, obj, name: str, n: int):
     return calls
 
 
+def fail_in_gpu_attention(monkeypatch, attn, layer: int) -> None:
+    """Make layer `layer`'s GPU attention raise Boom: the eager call (`_gpu.attend`), or the replay
+    of the CUDA graph holding it (the "layer" part of dense / gpu, the "back" part after the front
+    of host placements)."""
+    attend, replay = attn._gpu.attend, attn._replay
+
+    def eager(*args, **kwargs):
+        if attn._step is not None and attn._step.next_layer == layer:
+            raise Boom(f"GPU attention of layer {layer}")
+        return attend(*args, **kwargs)
+
+    def graphed(graphs, at, part, *args, **kwargs):
+        if graphs is not None and at == layer and part in ("layer", "back"):
+            raise Boom(f"graph replay of layer {layer} ({part})")
+        return replay(graphs, at, part, *args, **kwargs)
+
+    monkeypatch.setattr(attn._gpu, "attend", eager)
+    monkeypatch.setattr(attn, "_replay", graphed)
+
+
 def qkv(attn, B, gen):
     return tuple(torch.randn(B, h, D, generator=gen).to(attn.device) for h in (HQ, HKV, HKV))
 
@@ -251,8 +271,8 @@ def test_a_failed_run_undoes_the_whole_step(monkeypatch, placement, fail_layer):
     attn.plan(rids)
     if placement in ("cpu", "hybrid"):
         fail_on_call(monkeypatch, attn, "_cpu_attend", fail_layer + 1)
-    else:
-        fail_on_call(monkeypatch, attn._gpu, "attend", fail_layer + 1)
+    else:                       # the GPU attention: eager, or its CUDA graph's replay
+        fail_in_gpu_attention(monkeypatch, attn, fail_layer)
     for layer in range(fail_layer):
         attn.run(layer, *qkv(attn, 2, gen))
     with pytest.raises(Boom):
