@@ -75,7 +75,7 @@ from hybrid_step import HEAD_PAGE_BYTES, fmt, lower_bound, pow2ceil, release_mem
 
 from vortex_hybrid import HybridAttention, HybridConfig  # noqa: E402
 from vortex_hybrid.kv.page_pool import GIB, pool_bytes  # noqa: E402
-from vortex_hybrid.runtime.hybrid_attention import HOST_PLACEMENTS, TAIL_PAGES  # noqa: E402
+from vortex_hybrid.runtime.memory_model import HOST_PLACEMENTS, TAIL_PAGES  # noqa: E402
 from vortex_hybrid.scheduler import cost_model  # noqa: E402
 from vortex_hybrid.vflow.summary_store import summary_bytes  # noqa: E402
 

@@ -48,7 +48,7 @@ import torch
 from vortex_hybrid.scheduler import cost_model
 from vortex_hybrid import HybridAttention, HybridConfig
 from vortex_hybrid.cpu_kernels import cpu_threads, set_cpu_threads
-from vortex_hybrid.runtime.hybrid_attention import HOST_PLACEMENTS, TAIL_PAGES
+from vortex_hybrid.runtime.memory_model import HOST_PLACEMENTS, TAIL_PAGES
 from vortex_hybrid.vflow.summary_store import summary_bytes
 
 HQ, HKV, D, P, SINK, RECENT = 32, 8, 128, 16, 1, 2

@@ -120,14 +120,22 @@ def test_from_json_errors_say_what_was_wrong(source, match):
 
 
 def test_host_memory_gib_and_cpu_threads_do_what_their_docstrings_say(monkeypatch):
-    """None: 8 x gpu_cache_pages host pages and the cores less one (capped at Numba's pool); a
-    host_memory_gib: as many pages as fit; dense and gpu: no host pool (docs/runtime.md)."""
+    """None: 90% of the available host memory (injected here) and the cores less one (capped at
+    Numba's pool); a host_memory_gib: as many pages as fit; dense and gpu: no host pool
+    (docs/runtime.md)."""
+    import types
+
     from vortex_hybrid import HybridAttention, cpu_kernels
     from vortex_hybrid.kv.page_pool import GIB
+    from vortex_hybrid.runtime import hybrid_attention
     page_bytes = 2 * 2 * 16 * 8 * 4 * 2          # layers x KV heads x page x head_dim x fp32 x K, V
+    available = 1 << 30
+    monkeypatch.setattr(hybrid_attention.psutil, "virtual_memory",
+                        lambda: types.SimpleNamespace(available=available))
     before = cpu_kernels.cpu_threads()
     try:
-        for placement, gib, pages in (("cpu", None, 8 * 5), ("gpu", None, 0),
+        for placement, gib, pages in (("cpu", None, int(0.9 * available) // page_bytes),
+                                      ("gpu", None, 0),
                                       ("offload", 0.001, int(0.001 * GIB) // page_bytes)):
             cfg = HybridConfig(placement=placement, gpu_cache_pages=5, host_memory_gib=gib,
                                kv_dtype="float32")

@@ -235,7 +235,7 @@ def test_api_misuse_is_refused_with_the_argument_named():
 
 def test_pinned_memory_beyond_the_cap_is_refused_before_allocating():
     cfg = HybridConfig(page_size=P, placement="cpu", host_memory_gib=1e-6, kv_dtype="float32")
-    with pytest.raises(ValueError, match="GiB of pages exceed"):
+    with pytest.raises(ValueError, match="host_pages=1000 .* exceed host_memory_gib=1e-06"):
         HybridAttention(cfg, L, HQ, HKV, D, device_pages=8, host_pages=1000)
 
 

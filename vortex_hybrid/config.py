@@ -104,16 +104,25 @@ class HybridConfig:
     """One of PLACEMENTS."""
     step_shape: str = "auto"
     """One of STEP_SHAPES (the `hybrid` placement's choice; other placements have one shape)."""
-    gpu_cache_pages: int = 4096
-    """Slots of the GPU page cache (pages kept in HBM), >= 0."""
+    gpu_memory_gib: Optional[float] = None
+    """GiB of HBM the runtime takes for KV (`runtime.memory_model`): the whole device pool in
+    `dense`/`gpu`; tail pages, summaries and every remaining page as GPU cache slots in the host
+    placements. None: the free GPU memory when the runtime is built, less `gpu_reserve_gib`
+    (without CUDA, where the GPU side runs on the CPU: a 0.5 GiB stand-in). A value that does not
+    leave `gpu_reserve_gib` free is refused when the runtime is built."""
+    gpu_reserve_gib: float = 4.0
+    """GiB of free GPU memory the runtime leaves for activations, CUDA graphs and workspaces."""
+    gpu_cache_pages: Optional[int] = None
+    """Slots of the GPU page cache (pages kept in HBM) of `offload` and `hybrid`: None for every
+    page `gpu_memory_gib` holds beside the tail pages and summaries; a number to override it (it
+    must fit)."""
     host_memory_gib: Optional[float] = None
-    """GiB of host memory for the host page pool of the host placements (`dense` and `gpu` have
-    none). Set: `HybridAttention` allocates (pinned, with CUDA) as many pages as fit in it, all
-    layers' K and V in `kv_dtype`, and a pool of an explicit `host_pages` must fit in it too. None:
-    `HybridAttention` allocates 8 x `gpu_cache_pages` host pages (at least 8), whatever the
-    machine's memory; SGLang's backend sizes the pool for every page of SGLang's KV pool. Either
-    way the pool must fit in 80% of the available host memory, else ValueError at start-up. With
-    CUDA the pool is page-locked at its exact size (`kv.page_pool.pinned_zeros`)."""
+    """GiB of host memory for the host store of the host placements (`dense` and `gpu` have none):
+    `HybridAttention` allocates as many pages as fit in it, all layers' K and V in `kv_dtype`
+    (pinned at its exact size with CUDA: `kv.page_pool.pinned_zeros`). None: 90% of the available
+    host memory (psutil) when the runtime is built. More than is available is refused before
+    anything is allocated; an explicit `host_pages` must fit in it when it is set. SGLang's backend
+    sizes the pool for every page of SGLang's KV pool unless this is set."""
     kv_dtype: str = "bfloat16"
     """Storage dtype of K and V pages; one of KV_DTYPES."""
     summary_dtype: str = "float32"
@@ -150,8 +159,9 @@ class HybridConfig:
             _fail("flow", self.flow, "a registered flow name such as 'quest' or 'path/to/file.py:name'")
         for name in ("sink_pages", "recent_pages", "gpu_cache_pages"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 0:
-                _fail(name, value, "a non-negative integer")
+            if (value is not None or name != "gpu_cache_pages") and (not _is_int(value) or value < 0):
+                _fail(name, value, "a non-negative integer" +
+                      (", or None" if name == "gpu_cache_pages" else ""))
         if self.recent_pages < 1:
             _fail("recent_pages", self.recent_pages,
                   "at least 1 (the partly filled last page is always attended)")
@@ -169,11 +179,14 @@ class HybridConfig:
                 _fail("budget_ratio", r, "a fraction in (0, 1], e.g. 0.02 for 2% of the pages")
         if self.placement not in PLACEMENTS:
             _fail("placement", self.placement, f"one of {list(PLACEMENTS)}")
-        if self.host_memory_gib is not None:
-            h = self.host_memory_gib
-            if isinstance(h, bool) or not isinstance(h, (int, float)) or not (h > 0) \
-                    or math.isinf(h):
-                _fail("host_memory_gib", h, "a positive finite number of GiB, or None")
+        for name in ("host_memory_gib", "gpu_memory_gib", "gpu_reserve_gib"):
+            h = getattr(self, name)
+            if h is None and name != "gpu_reserve_gib":
+                continue
+            if isinstance(h, bool) or not isinstance(h, (int, float)) or math.isnan(h) or \
+                    math.isinf(h) or h < 0 or (h == 0 and name != "gpu_reserve_gib"):
+                _fail(name, h, "a non-negative finite number of GiB" if name == "gpu_reserve_gib"
+                      else "a positive finite number of GiB, or None")
         if self.kv_dtype not in KV_DTYPES:
             _fail("kv_dtype", self.kv_dtype, f"one of {list(KV_DTYPES)}")
         if self.summary_dtype not in SUMMARY_DTYPES:

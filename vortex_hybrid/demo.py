@@ -104,7 +104,7 @@ def run_placement(cfg: HybridConfig, placement: str, args, kv_data, steps_data) 
     host = placement in HOST_PLACEMENTS
     slots = max(1, int(args.cache * total)) if placement in ("offload", "hybrid") else 0
     cfg = dataclasses.replace(cfg, placement=placement,
-                              gpu_cache_pages=slots if host else total)
+                              gpu_cache_pages=slots if host else None)
     attn = HybridAttention(cfg, args.layers, args.q_heads, args.kv_heads, args.head_dim,
                            device_pages=slots + 2 * B + 64 if host else total,
                            host_pages=total if host else 0)

@@ -3,7 +3,7 @@
     from vortex_hybrid import HybridConfig
     from vortex_hybrid.integrations.hf import HybridCache, ATTN_IMPLEMENTATION
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=ATTN_IMPLEMENTATION)
-    cache = HybridCache(model, HybridConfig(placement="hybrid", budget_ratio=0.05))
+    cache = HybridCache(model, HybridConfig(placement="hybrid", budget_ratio=0.05, host_memory_gib=8))
     out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=32)
     cache.close()
 
@@ -49,7 +49,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..config import HybridConfig
-from ..runtime.hybrid_attention import HOST_PLACEMENTS, TAIL_PAGES, HybridAttention
+from ..runtime.hybrid_attention import HybridAttention
+from ..runtime.memory_model import HOST_PLACEMENTS, TAIL_PAGES
 
 ATTN_IMPLEMENTATION = "vortex_hybrid"
 
@@ -181,14 +182,17 @@ class HybridCache(Cache):
                    cache_share: Optional[float] = None, **runtime_kw) -> "HybridCache":
         """A cache whose pools hold `batch` requests of up to `tokens` tokens each (prompt and
         generated): every page in the device pool for `dense`/`gpu`; in the host pool for the host
-        placements, whose device pool keeps the tail pages and the GPU cache slots. cache_share:
-        sets `gpu_cache_pages` to that share of the batch's pages (at least 8)."""
+        placements, whose device pool keeps the tail pages and the GPU cache slots (as many as
+        `gpu_memory_gib` holds, unless `gpu_cache_pages` is set). cache_share: sets
+        `gpu_cache_pages` to that share of the batch's pages (at least 8)."""
         pages = -(-tokens // cfg.page_size) + 2                        # per request, at most
         if cache_share is not None:
             cfg = dataclasses.replace(cfg, gpu_cache_pages=max(8, int(cache_share * batch * pages)))
         pool = batch * (pages + 8)
         if cfg.placement in HOST_PLACEMENTS:
-            runtime_kw.update(host_pages=pool, device_pages=TAIL_PAGES + cfg.gpu_cache_pages)
+            runtime_kw["host_pages"] = pool
+            if cfg.gpu_cache_pages is not None:          # else: the HBM budget's slots
+                runtime_kw["device_pages"] = TAIL_PAGES + cfg.gpu_cache_pages
         else:
             runtime_kw.update(host_pages=0, device_pages=pool)
         return cls(model, cfg, **runtime_kw)

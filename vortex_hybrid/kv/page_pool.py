@@ -71,10 +71,10 @@ class PagePool:
             free, _ = torch.cuda.mem_get_info(self.device)
             limit, what = free, "free GPU memory"
         else:
-            avail = int(0.8 * psutil.virtual_memory().available)
-            limit, what = avail, "80% of available host memory"
+            avail = int(psutil.virtual_memory().available)
+            limit, what = avail, "the available host memory"
             if cap is not None and cap < avail:
-                limit, what = cap, f"the host memory cap (80% of available: {avail / GIB:.2f} GiB)"
+                limit, what = cap, f"the host memory cap (available: {avail / GIB:.2f} GiB)"
         if need > limit:
             raise ValueError(f"{self.name}: {need / GIB:.2f} GiB of pages exceed {what} "
                              f"({limit / GIB:.2f} GiB); use fewer pages")

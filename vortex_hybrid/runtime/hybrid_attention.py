@@ -41,14 +41,14 @@ import time
 from typing import Optional, Sequence
 
 import numpy as np
+import psutil
 import torch
 
 from .. import reference
 from ..contracts import check_sel_values, pages_of
 from ..config import STEP_SHAPES, HybridConfig
 from ..kv.errors import OutOfPagesError, PageOwnershipError, UnknownRequestError
-from ..kv.page_pool import GIB, pool_bytes
-from ..kv.paged_kv_cache import Checkpoint, PagedKVCache
+from ..kv.paged_kv_cache import Checkpoint, PagedKVCache, default_device
 from ..scheduler import cost_model
 from ..scheduler.gpu_page_cache import GpuPageCache
 from ..scheduler.step_shape import ShapeChooser, launch_order
@@ -57,19 +57,16 @@ from ..vflow.summary_store import SummaryStore
 from .cpu_worker import CpuWorker, HostBuffers
 from .head_budgets import HeadBudgets
 from .layer_graphs import CaptureFailed, LayerGraphs
+from .memory_model import HOST_PLACEMENTS, plan_memory
 from .step_plan import StepPlan, build_plan
 from .step_trace import NO_TRACE, StepTrace
 
 log = logging.getLogger(__name__)
 
-HOST_PLACEMENTS = ("offload", "cpu", "hybrid")
 CACHE_OWNER = 2**62
 """Allocator owner of the device pages reserved as GPU page-cache slots (no request id reaches it)."""
 COUNTS = ("gpu_pages", "fetched_pages", "cache_hits", "cache_misses", "evictions")
 """What a split layer counts on the device (`StepPlan.counts`), read once at the step's end."""
-TAIL_PAGES = 256
-"""Device pages kept for the not-yet-full tail pages of requests (and prefill chunks) in host
-placements; `device_pages=` overrides the total."""
 
 
 def _positive(name: str, value) -> int:
@@ -114,23 +111,18 @@ class HybridAttention:
             cfg, L, hq, hkv, D
         self.placement = cfg.placement
         host = self.placement in HOST_PLACEMENTS
-        slots = cfg.gpu_cache_pages if self.placement in ("offload", "hybrid") else 0
-        dtype = getattr(torch, cfg.kv_dtype)
-        if device_pages is None:
-            device_pages = TAIL_PAGES + slots if host else cfg.gpu_cache_pages
-        if host_pages is None:
-            if not host:
-                host_pages = 0
-            elif cfg.host_memory_gib is not None:
-                per_page = pool_bytes(L, 1, hkv, cfg.page_size, D, dtype)
-                host_pages = int(cfg.host_memory_gib * GIB // per_page)
-            else:
-                host_pages = 8 * max(cfg.gpu_cache_pages, 1)
-        device_pages, host_pages = operator.index(device_pages), operator.index(host_pages)
-        if device_pages <= slots:
-            raise ValueError(f"device_pages={device_pages} must exceed the {slots} GPU cache slots "
-                             "(tail pages need room too)")
-        self.kv = PagedKVCache.from_config(cfg, L, hkv, D, device_pages, max(host_pages, 0), device)
+        for name, n in (("device_pages", device_pages), ("host_pages", host_pages)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+                raise ValueError(f"{name}={n!r} must be a non-negative integer, or None")
+        dev = torch.device(device) if device is not None else default_device()
+        gpu_free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
+        self.memory = plan_memory(cfg, L, hkv, D, gpu_free_bytes=gpu_free,
+                                  host_available_bytes=psutil.virtual_memory().available,
+                                  device_pages=device_pages, host_pages=host_pages)
+        """The pools' sizes and bytes (`memory_model.MemoryPlan`)."""
+        mem = self.memory
+        slots = mem.gpu_cache_pages
+        self.kv = PagedKVCache.from_config(cfg, L, hkv, D, mem.device_pages, mem.host_pages, dev)
         self._head_bytes = 2 * cfg.page_size * D * self.kv.device_pool.k.element_size()
         """K and V bytes of one KV head of one page: what the CPU reads per page-head."""
         dev = self.kv.device
@@ -142,7 +134,7 @@ class HybridAttention:
         if self.placement != "dense":
             flow = load_flow(cfg.flow, **dict(cfg.extra))
             self.store = SummaryStore(self.kv, flow, group=hq // hkv,
-                                      location=cfg.summary_location,
+                                      location="device" if mem.summary_on_device else "host",
                                       dtype=getattr(torch, cfg.summary_dtype))
             if self.store.bound.reads_keys:
                 raise ValueError(f"flow {cfg.flow!r} reads page keys when it selects; the runtime "
@@ -190,6 +182,29 @@ class HybridAttention:
         self._nonfinite_step: set[int] = set()
         self._last: dict = {}
         self._totals: dict = {}
+        log.info("vortex_hybrid runtime: placement %s, %s; capacity %d tokens", self.placement,
+                 self.memory.describe(), self.capacity()["tokens"])
+
+    def capacity(self) -> dict:
+        """What the runtime can take now: `tokens`, how many more tokens (prompts and decode,
+        across requests) its store holds (host placements: the host pool, less the pages that
+        wait to be offloaded; `dense`/`gpu`: the device pool), counting the room left in each
+        request's last page; `pages`, the store's free pages (what a new prompt of `pages x
+        page_size` tokens may take); `requests`, how many more requests the tail pages serve
+        (None: bounded by pages only); `gpu_cache_pages`; and the HBM and host bytes the pools
+        take."""
+        kv, P = self.kv, self.cfg.page_size
+        rids = kv.request_ids
+        tail_room = sum(-kv.seq_len(r) % P for r in rids)
+        if self.placement in HOST_PLACEMENTS:
+            pending = sum(kv.num_full_pages(r) - self._offloaded.get(r, 0) for r in rids)
+            pages, requests = kv.host_alloc.num_free - pending, self.max_requests - len(rids)
+        else:
+            pages, requests = kv.device_alloc.num_free, None
+        pages = max(pages, 0)
+        return {"tokens": pages * P + tail_room, "pages": pages, "requests": requests,
+                "gpu_cache_pages": self.memory.gpu_cache_pages,
+                "device_bytes": self.memory.device_bytes, "host_bytes": self.memory.host_bytes}
 
     def _prior_reuse(self):
         """Per layer, the selection reuse the calibration measured (mean over KV heads): the GPU

@@ -40,11 +40,17 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from ...config import HybridConfig
-from ...runtime.hybrid_attention import HOST_PLACEMENTS, TAIL_PAGES, HybridAttention
+from ...runtime.hybrid_attention import HybridAttention
+from ...runtime.memory_model import HOST_PLACEMENTS, TAIL_PAGES
 from .config import CUDA_GRAPH_REFUSAL, ConfigError, check_model
 from .request_map import RequestMap
 
 log = logging.getLogger(__name__)
+
+
+SLOTS = 4096
+"""GPU cache slots when `gpu_cache_pages` is None: SGLang keeps its own KV pool in HBM beside the
+runtime's, so the backend does not give the cache the rest of HBM."""
 
 
 def pool_sizes(cfg: HybridConfig, tokens: int, requests: int) -> dict:
@@ -55,7 +61,9 @@ def pool_sizes(cfg: HybridConfig, tokens: int, requests: int) -> dict:
     pages = tokens // cfg.page_size + 2 * requests + 8
     if cfg.placement not in HOST_PLACEMENTS:
         return {"device_pages": pages, "host_pages": 0}
-    slots = cfg.gpu_cache_pages if cfg.placement in ("offload", "hybrid") else 0
+    slots = 0
+    if cfg.placement in ("offload", "hybrid"):
+        slots = SLOTS if cfg.gpu_cache_pages is None else cfg.gpu_cache_pages
     out = {"device_pages": TAIL_PAGES + 2 * requests + slots, "host_pages": pages}
     if cfg.host_memory_gib is not None:
         out.pop("host_pages")                          # HybridAttention sizes it from the cap

@@ -1,0 +1,124 @@
+"""The memory model: pool sizes derived from injected free memory (arithmetic written out here,
+independently of `plan_memory`), refusals that name the sizes, what the runtime allocates equal to
+what the plan counts, and capacity: requests up to it work, one more is refused, and the others
+still equal the float64 reference afterwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_hybrid_attention import HKV, HQ, L, D, P, Shadow
+
+from vortex_hybrid import HybridAttention, HybridConfig
+from vortex_hybrid.kv import OutOfPagesError
+from vortex_hybrid.kv.page_pool import GIB
+from vortex_hybrid.runtime.memory_model import HOST_SHARE, TAIL_PAGES, plan_memory
+
+MIB = 1 << 20
+PAGE = 2 * L * HKV * P * D * 4                       # K + V, every layer, float32
+ROW = L * HKV * 2 * D * 4                            # quest: kmin and kmax per KV head, float32
+
+
+def cfg(placement, **kw):
+    return HybridConfig(page_size=P, placement=placement, flow="quest", kv_dtype="float32",
+                        budget_pages=4, budget_ratio=None, **kw)
+
+
+def plan(placement, gpu_free, host_avail, **kw):
+    sizes = {k: kw.pop(k) for k in ("device_pages", "host_pages") if k in kw}
+    return plan_memory(cfg(placement, **kw), L, HKV, D, gpu_free_bytes=gpu_free,
+                       host_available_bytes=host_avail, **sizes)
+
+
+def test_dense_and_gpu_take_the_free_hbm_less_the_reserve():
+    free = 4 * GIB + 3 * MIB
+    d = plan("dense", free, 0)
+    assert d.device_pages == 3 * MIB // PAGE and d.host_pages == 0 and d.summary_bytes == 0
+    g = plan("gpu", free, 0)
+    assert g.device_pages == 3 * MIB // (PAGE + ROW)
+    assert g.device_bytes == g.device_pages * (PAGE + ROW) <= 3 * MIB
+    g = plan("gpu", 64 * GIB, 0, gpu_memory_gib=0.002)      # the set budget, whatever is free
+    assert g.device_pages == int(0.002 * GIB) // (PAGE + ROW)
+
+
+@pytest.mark.parametrize("placement", ["offload", "hybrid", "cpu"])
+def test_host_placements_fill_the_host_store_and_give_the_cache_the_rest_of_hbm(placement):
+    free, avail = 4 * GIB + 40 * MIB, 10 * MIB
+    p = plan(placement, free, avail)
+    host = int(HOST_SHARE * avail) // PAGE
+    assert p.host_pages == host
+    budget = 40 * MIB
+    slots = (budget - TAIL_PAGES * PAGE - (host + TAIL_PAGES) * ROW) // (PAGE + ROW)
+    assert p.gpu_cache_pages == (0 if placement == "cpu" else slots)
+    assert p.device_pages == TAIL_PAGES + p.gpu_cache_pages
+    assert p.summary_on_device and p.device_bytes <= budget
+    assert p.device_bytes + (PAGE + ROW) > budget or placement == "cpu"   # nothing left idle
+
+
+def test_a_cache_of_set_size_must_fit_and_explicit_pools_are_kept():
+    p = plan("hybrid", 4 * GIB + 40 * MIB, 10 * MIB, gpu_cache_pages=100)
+    assert p.gpu_cache_pages == 100 and p.device_pages == TAIL_PAGES + 100
+    with pytest.raises(ValueError, match="gpu_cache_pages=100000 does not fit: .* holds \\d+ slots"):
+        plan("hybrid", 4 * GIB + 40 * MIB, 10 * MIB, gpu_cache_pages=100000)
+    p = plan("hybrid", None, 10 * MIB, device_pages=300, host_pages=50, gpu_cache_pages=20)
+    assert (p.device_pages, p.host_pages, p.gpu_cache_pages, p.tail_pages) == (300, 50, 20, 280)
+
+
+def test_budgets_that_do_not_fit_are_refused_naming_the_sizes():
+    with pytest.raises(ValueError, match="gpu_memory_gib=10 does not fit: 8.00 GiB of GPU memory "
+                                         "is free and gpu_reserve_gib=4.0"):
+        plan("gpu", 8 * GIB, 0, gpu_memory_gib=10)
+    with pytest.raises(ValueError, match="not more than gpu_reserve_gib=4.0"):
+        plan("gpu", 3 * GIB, 0)
+    with pytest.raises(ValueError, match="host_memory_gib=64 exceeds the 1.00 GiB of available"):
+        plan("cpu", 8 * GIB, GIB, host_memory_gib=64)
+    with pytest.raises(ValueError, match="less than the 256 tail pages"):
+        plan("hybrid", 4 * GIB + MIB, GIB, summary_location="device")
+
+
+def test_summaries_that_do_not_fit_beside_the_tails_go_to_host_memory_on_auto():
+    tails = TAIL_PAGES * PAGE
+    p = plan("hybrid", 4 * GIB + tails + 2 * MIB, 2 * GIB)   # 2 GiB of host pages: big summaries
+    assert not p.summary_on_device
+    assert p.gpu_cache_pages == 2 * MIB // PAGE
+    assert p.host_bytes == p.host_pages * PAGE + p.summary_bytes
+
+
+@pytest.mark.parametrize("placement", ["gpu", "hybrid"])
+def test_the_runtime_allocates_what_the_plan_counts(placement):
+    attn = HybridAttention(cfg(placement, gpu_memory_gib=0.004, host_memory_gib=0.002), L, HQ,
+                           HKV, D)
+    m, kv = attn.memory, attn.kv
+    pool = lambda p: p.k.numel() * p.k.element_size() + p.v.numel() * p.v.element_size()
+    assert pool(kv.device_pool) + attn.store.nbytes == m.device_bytes <= 0.004 * GIB
+    assert pool(kv.host_pool) == m.host_pages * PAGE <= 0.002 * GIB
+    assert attn.capacity()["gpu_cache_pages"] == m.gpu_cache_pages == \
+        (m.device_pages - TAIL_PAGES if placement == "hybrid" else 0)
+    attn.close()
+
+
+@pytest.mark.parametrize("placement", ["gpu", "cpu", "hybrid"])
+def test_requests_up_to_capacity_work_and_one_more_is_refused(placement):
+    """Fill the store through capacity(): every request fits while capacity says so; one more
+    token than it says is refused naming the sizes, and the others decode exactly afterwards."""
+    host = placement != "gpu"
+    attn = HybridAttention(cfg(placement, gpu_cache_pages=4 if placement == "hybrid" else None),
+                           L, HQ, HKV, D, device_pages=40 if not host else 12,
+                           host_pages=30 if host else None)
+    shadow = Shadow(attn, 12)
+    def room(cap):
+        return cap["pages"] >= 6 and (cap["requests"] is None or cap["requests"] >= 1)
+
+    rids = []
+    while room(attn.capacity()):
+        rids.append(shadow.add(4 * P + 1))          # the last page has room for the steps below
+    cap = attn.capacity()
+    assert len(rids) >= 2 and not room(cap)
+    assert cap["tokens"] == cap["pages"] * P + len(rids) * (P - 1)   # each last page: P - 1 free
+    more = cap["pages"] * P + P                     # beyond what the store holds
+    k = torch.randn(L, more, HKV, D).to(attn.device)
+    with pytest.raises(OutOfPagesError, match="pages"):
+        attn.add_request(k, k)
+    for _ in range(2):
+        assert shadow.step(rids) < 1e-5
+    attn.close()
