@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-if not os.environ.get("VH_TEST_CACHE") or os.environ.get("VORTEX_HYBRID_CACHE") != os.environ["VH_TEST_CACHE"]:
-    raise pytest.UsageError("tests/conftest.py did not run first (it points VORTEX_HYBRID_CACHE at a "
-                            "temporary folder, so the suite stays out of ~/.cache): run pytest from "
-                            "the repository root")
+_session_cache = os.environ.get("VH_TEST_CACHE")
+if not _session_cache or os.environ.get("VORTEX_HYBRID_CACHE") != _session_cache:
+    raise pytest.UsageError("tests/conftest.py did not run first (it points VORTEX_HYBRID_CACHE "
+                            "at a temporary folder, so the suite stays out of ~/.cache): run "
+                            "pytest from the repository root")
 
 STUBS = str(Path(__file__).resolve().parent / "stubs")
 if importlib.util.find_spec("sglang") is None:
