@@ -1,12 +1,38 @@
-"""Test set-up shared by every test file.
+"""Test set-up shared by every test file (the SGLang tests under with_sglang/ included).
+
+The suite stays out of the user's home: `VORTEX_HYBRID_CACHE` (machine costs, converted models) points
+at a temporary folder made for this session, before anything imports vortex_hybrid, and removed at
+exit; `USER_CACHE` is the cache the user had, which tests may only read (a converted real model).
 
 Without a CUDA device, Triton kernels run under its interpreter: TRITON_INTERPRET=1 must be set before
 anything imports triton, so it is set here, first. With a GPU the same tests run natively.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
-import torch
+CACHE_ENV = "VORTEX_HYBRID_CACHE"           # scheduler.cost_model.CACHE_ENV, read at call time
+
+
+def _session_cache() -> tuple[Path, Path]:
+    """(this session's temporary cache, the user's cache). Made once per session: a second import
+    of this module, or a test's subprocess, finds the folder through VH_TEST_CACHE and keeps it."""
+    made = os.environ.get("VH_TEST_CACHE")
+    if made and os.environ.get(CACHE_ENV) == made and Path(made).is_dir():
+        return Path(made), Path(os.environ["VH_TEST_USER_CACHE"])
+    user = os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "vortex_hybrid")
+    tmp = tempfile.mkdtemp(prefix="vh-test-cache-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    os.environ.update({CACHE_ENV: tmp, "VH_TEST_CACHE": tmp, "VH_TEST_USER_CACHE": user})
+    return Path(tmp), Path(user)
+
+
+TEST_CACHE, USER_CACHE = _session_cache()
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

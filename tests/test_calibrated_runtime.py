@@ -225,15 +225,15 @@ def test_token_heads_attend_their_best_host_tokens(tmp_path, share):
     kv = {}
     for T in lens:
         k, v = torch.randn(L, T, HKV, D, generator=gen), torch.randn(L, T, HKV, D, generator=gen)
-        kv[attn.add_request(k, v)] = [k, v]
+        kv[attn.add_request(k.to(attn.device), v.to(attn.device))] = [k, v]
     rids = list(kv)
     for _ in range(3):
         attn.plan(rids)
-        dev = attn._step.dev_table
+        dev = attn._step.dev_table.cpu()
         grown = {r: ([], []) for r in rids}
         for layer in range(L):
             q, kn, vn = (torch.randn(len(rids), h, D, generator=gen) for h in (HQ, HKV, HKV))
-            o = attn.run(layer, q, kn, vn)
+            o = attn.run(layer, q.to(attn.device), kn.to(attn.device), vn.to(attn.device)).cpu()
             # k_tokens as the runtime counts it: the most host pages any row's token head has
             host_counts = []
             for b, rid in enumerate(rids):
@@ -272,7 +272,8 @@ def test_the_calibrated_reuse_seeds_the_gpu_page_cache(tmp_path):
     mean over heads (what quotas and the hybrid split's fetch cost read); 1 without one."""
     reuse = [[0.2, 0.4], [0.9, 0.7]]
     attn = make("hybrid", calibration_file(tmp_path, properties={"reuse": reuse}))
-    rid = attn.add_request(torch.randn(L, 40, HKV, D), torch.randn(L, 40, HKV, D))
+    rid = attn.add_request(torch.randn(L, 40, HKV, D, device=attn.device),
+                           torch.randn(L, 40, HKV, D, device=attn.device))
     cache = attn._cache
     r = cache.index_of(rid)
     assert cache.reuse[:, r].tolist() == pytest.approx([0.3, 0.8])

@@ -12,9 +12,14 @@ pytest.importorskip("transformers")
 from tiny_models import tiny_llama_folder  # noqa: E402
 from vortex_hybrid.eval.__main__ import main  # noqa: E402
 
+MODEL_SEED = 67280421310721     # fixed: a module fixture is set up before conftest's per-test seed
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
+    import torch
+    torch.manual_seed(MODEL_SEED)             # module-scoped: set up before the per-test seed
+    print(f"model seed {MODEL_SEED}")
     return tiny_llama_folder(tmp_path_factory.mktemp("tiny") / "llama")
 
 
@@ -82,3 +87,56 @@ def test_batched_decoding_gives_the_unbatched_outputs(model_dir, tmp_path):
         outs[batch] = sorted((r["task"], r["sample"], r["mode"], r["output"]) for r in runs)
         assert {r["batch"] for r in runs} == {int(batch)}
     assert len(outs["1"]) == 8 and outs["1"] == outs["2"]
+
+
+def reference_greedy(ref64, cfg, seqs: list[list[int]], pad: int, max_new: int, eos: set[int]
+                     ) -> list[list[int]]:
+    """Greedy tokens of the float64 model attending, per decode step, exactly the flow's selection
+    over each row's real tokens (tests/hf_reference.py), for the left-padded batch of `seqs` at the
+    eval's positions (RoPE's float32 angles depend on them); each row through its first EOS."""
+    import torch
+    import transformers
+
+    from hf_reference import sparse_reference
+    T = max(map(len, seqs))
+    ids = torch.tensor([[pad] * (T - len(x)) + x for x in seqs])
+    mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in seqs])
+    with sparse_reference(ref64, cfg), torch.no_grad():
+        cache = transformers.DynamicCache(config=ref64.config)
+        x = ref64(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+        out = [x]
+        for _ in range(max_new - 1):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            x = ref64(x, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+            out.append(x)
+    rows = torch.cat(out, 1).tolist()
+    return [row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
+
+
+@pytest.mark.parametrize("mode", ["gpu", "hybrid"])
+def test_sparse_outputs_equal_the_float64_reference_over_the_flows_selection(model_dir, mode):
+    """A budget of 25% (8 of about 32 pages; 1 sink, 2 recent): each sample's output equals a
+    float64 transformers run of the model attending exactly the flow's selection, with a left-padded
+    batch of two samples of different lengths; the dense mode's outputs differ."""
+    import torch
+    import transformers
+
+    from vortex_hybrid.eval import tasks as task_lib
+    from vortex_hybrid.eval.run import EvalSpec, evaluate, mode_config
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    spec = EvalSpec(tasks=["passkey", "niah_single"], context=512, samples=1, modes=["dense", mode],
+                    flows=["quest"], budgets=[0.25], max_new_tokens=8, batch=2)
+    runs = evaluate(model, tok, spec, chat=True)["runs"]
+    suite = task_lib.make_suite(spec.tasks, tok, spec.context, spec.samples, spec.seed, True,
+                                haystack=spec.haystack)
+    seqs = [task_lib.render(s, tok, True) for s in suite]
+    assert len({len(s) for s in seqs}) == 2 and min(map(len, seqs)) > 16 * 24   # padded, > 24 pages
+    cfg = mode_config(mode, "quest", 0.25, "float32")
+    ref64 = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    want = [tok.decode(row, skip_special_tokens=True)           # pad 0: masked, any id will do
+            for row in reference_greedy(ref64, cfg, seqs, 0, 8, {tok.eos_token_id})]
+    got = [r["output"] for r in sorted(runs, key=lambda r: r["sample"]) if r["mode"] == mode]
+    dense = [r["output"] for r in sorted(runs, key=lambda r: r["sample"]) if r["mode"] == "dense"]
+    assert got == want, (got, want, dense)
+    assert dense != want, "dense gives the same outputs: the test cannot tell"

@@ -9,7 +9,10 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from vortex_hybrid.eval.models import MODELS, cache_root, resolve_model  # noqa: E402
+from conftest import USER_CACHE  # noqa: E402
+from vortex_hybrid.eval.models import MODELS, resolve_model  # noqa: E402
+
+CONVERTED = (USER_CACHE / "models" / "smollm2-135m" / "config.json").is_file()
 
 
 def test_a_local_model_folder_is_used_as_is(tmp_path):
@@ -35,14 +38,15 @@ def test_a_converted_model_is_found_in_the_cache_without_fetching(tmp_path):
     assert resolve_model("smollm2-135m", cache=tmp_path, progress=False) == out
 
 
-@pytest.mark.skipif(not (cache_root() / "models" / "smollm2-135m" / "config.json").is_file()
-                    and os.environ.get("VH_REAL_MODEL") != "1",
+@pytest.mark.skipif(not CONVERTED and os.environ.get("VH_REAL_MODEL") != "1",
                     reason="smollm2-135m not converted here (VH_REAL_MODEL=1 fetches ~93 MB)")
 def test_the_built_in_model_loads_and_generates_the_same_with_the_runtime():
+    """Reads the model the user converted (their cache); VH_REAL_MODEL=1 without one converts it
+    into the session's temporary cache (conftest), never into the user's."""
     import torch
     from vortex_hybrid import HybridConfig
     from vortex_hybrid.integrations.hf import ATTN_IMPLEMENTATION, HybridCache
-    path = resolve_model("smollm2-135m", progress=False)
+    path = resolve_model("smollm2-135m", cache=USER_CACHE if CONVERTED else None, progress=False)
     tok = transformers.AutoTokenizer.from_pretrained(path)
     kw = dict(dtype=torch.float32)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kw)

@@ -1,6 +1,9 @@
 """transformers integration: a tiny random Llama through HybridCache gives the logits of the model's
 own SDPA path (dense, and sparse placements whose budget covers every page), and `generate` with
-a left-padded batch of different lengths equals SDPA's token for token."""
+a left-padded batch of different lengths equals SDPA's token for token. With a budget well below
+the prompt's pages, every sparse placement gives the logits (and `generate` the tokens) of a float64
+run of the same model that attends exactly the pages the flow selects (tests/hf_reference.py),
+which differ from dense attention's by far more than the tolerance."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from conftest import DEVICE, test_seed  # noqa: E402
+from hf_reference import sparse_reference  # noqa: E402
 from vortex_hybrid import HybridConfig  # noqa: E402
 from vortex_hybrid.integrations.hf import ATTN_IMPLEMENTATION, HybridCache  # noqa: E402
 
@@ -74,15 +78,66 @@ def test_generate_with_a_padded_batch_equals_sdpa_token_for_token():
     cache.close()
 
 
-def test_a_small_budget_attends_fewer_pages_and_still_decodes():
+def teacher_forced(model, ids, prefill: int, cache) -> torch.Tensor:
+    """Logits [B, T, V] of a prefill of `prefill` tokens, then one token per step."""
+    with torch.no_grad():
+        out = [model(ids[:, :prefill], past_key_values=cache).logits]
+        for t in range(prefill, ids.shape[1]):
+            out.append(model(ids[:, t:t + 1], past_key_values=cache).logits)
+    return torch.cat(out, 1)
+
+
+def reference_logits(ref64, cfg, ids, prefill: int, dense: bool = False):
+    """The float64 reference's teacher-forced logits, and the (layer, row, sel) of its decode."""
+    with sparse_reference(ref64, cfg, dense) as log:
+        want = teacher_forced(ref64, ids, prefill, transformers.DynamicCache(config=ref64.config))
+    return want, log
+
+
+SPARSE_BUDGET = 6          # pages; the prompt holds 12, the last step 15
+
+
+@pytest.mark.parametrize("placement", ["gpu", "cpu", "offload", "hybrid"])
+def test_sparse_budget_logits_equal_float64_attention_over_the_flows_selection(placement):
+    """Prompt of 48 tokens (12 pages), 12 teacher-forced decode steps at a budget of 6 pages (1 sink,
+    2 recent, 3 chosen by quest): the logits equal the float64 reference's over the same selection;
+    dense attention (what an ignored selection gives) is 1e3 times the tolerance away."""
     seed = test_seed()
-    model = tiny_llama(ATTN_IMPLEMENTATION, seed)
-    ids = torch.randint(0, 97, (1, 80), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-    cache = cache_for(model, "hybrid", budget=4)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False)
-    assert out.shape == (1, 85)
-    last = cache.stats()["last_step"]
-    assert last["gpu_pages"] + last["cpu_pages"] <= 4 * 2 * 2     # budget x KV heads x layers
+    ours, ref64 = tiny_llama(ATTN_IMPLEMENTATION, seed), tiny_llama("sdpa", seed).double()
+    ids = torch.randint(0, 97, (2, 60), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    cache = cache_for(ours, placement, budget=SPARSE_BUDGET)
+    got = teacher_forced(ours, ids, 48, cache).double()
+    want, log = reference_logits(ref64, cache.runtime.cfg, ids, 48)
+    dense, _ = reference_logits(ref64, cache.runtime.cfg, ids, 48, dense=True)
+    scale = want.abs().max()
+    err = ((got - want).abs().max() / scale).item()
+    gap = ((dense - want).abs().max() / scale).item()
+    assert err < 1e-4, f"{placement} seed {seed}: relative logit error {err:.2e} (dense: {gap:.2e})"
+    assert gap > 0.1, f"seed {seed}: sparse and dense differ by only {gap:.2e}: the test cannot tell"
+    assert len(log) == 12 * 2 * 2 and all((sel >= 0).sum() == 2 * SPARSE_BUDGET for *_, sel in log)
+    assert cache.stats()["totals"]["steps"] == 12
+    cache.close()
+
+
+def test_sparse_generate_with_a_padded_batch_equals_the_float64_reference():
+    """Left padding at a sparse budget: each row's pages are cut from its real tokens only, as the
+    reference cuts them; greedy tokens equal the reference's."""
+    seed = test_seed()
+    ours, ref64 = tiny_llama(ATTN_IMPLEMENTATION, seed), tiny_llama("sdpa", seed).double()
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 97, (2, 50), generator=gen)
+    mask = torch.ones(2, 50, dtype=torch.long)
+    ids[1, :13], mask[1, :13] = 0, 0                    # row 1: 37 real tokens, left-padded
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    cache = cache_for(ours, "hybrid", budget=SPARSE_BUDGET)
+    got = ours.generate(ids, past_key_values=cache, **kw)
+    with sparse_reference(ref64, cache.runtime.cfg):
+        want = ref64.generate(ids, **kw)
+    with sparse_reference(ref64, cache.runtime.cfg, dense=True):
+        dense = ref64.generate(ids, **kw)
+    assert torch.equal(got, want), f"seed {seed}:\n{got}\n{want}\ndense:\n{dense}"
+    assert not torch.equal(dense, want), f"seed {seed}: dense gives the same tokens: cannot tell"
     cache.close()
 
 
@@ -164,4 +219,24 @@ def test_gemma3_sliding_layers_stay_dense_and_full_layers_go_hybrid(placement):
     cache = cache_for(ours, placement)
     out = ours.generate(ids, past_key_values=cache, max_new_tokens=10, do_sample=False)
     assert torch.equal(out, ref.generate(ids, max_new_tokens=10, do_sample=False)), f"seed {seed}"
+    cache.close()
+
+
+@pytest.mark.parametrize("placement", ["gpu", "hybrid"])
+def test_gemma3_sparse_budget_equals_float64_reference_with_dense_sliding_layers(placement):
+    """Gemma-3 at a budget of 6 pages of its 15-18 (full layers) while the sliding layers attend their
+    window: teacher-forced logits equal the float64 reference's over the flow's selection."""
+    seed = test_seed()
+    ours, ref64 = tiny_gemma3(ATTN_IMPLEMENTATION, seed), tiny_gemma3("sdpa", seed).double()
+    ids = torch.randint(0, 97, (1, 72), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    cache = cache_for(ours, placement, budget=SPARSE_BUDGET)
+    got = teacher_forced(ours, ids, 60, cache).double()
+    want, log = reference_logits(ref64, cache.runtime.cfg, ids, 60)
+    dense, _ = reference_logits(ref64, cache.runtime.cfg, ids, 60, dense=True)
+    scale = want.abs().max()
+    err = ((got - want).abs().max() / scale).item()
+    gap = ((dense - want).abs().max() / scale).item()
+    assert err < 1e-4, f"{placement} seed {seed}: relative logit error {err:.2e} (dense: {gap:.2e})"
+    assert gap > 0.1, f"seed {seed}: sparse and dense differ by only {gap:.2e}: the test cannot tell"
+    assert {layer for layer, *_ in log} == {1, 3}       # the full-attention layers only
     cache.close()

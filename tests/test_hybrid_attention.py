@@ -132,6 +132,7 @@ def test_a_prefill_in_chunks_equals_one_prefill(placement):
     other = shadow.add(2 * P + 1)
     for _ in range(P + 1):
         assert shadow.step([whole, other]) < 1e-5
+    k, v = k.to(attn.device), v.to(attn.device)
     with pytest.raises(ValueError, match="unknown request id 99"):
         attn.extend_request(99, k, v)
     with pytest.raises(ValueError, match="k must be a float tensor"):
@@ -204,7 +205,7 @@ def test_a_flow_that_reads_page_keys_is_refused_at_construction():
 
 def test_api_misuse_is_refused_with_the_argument_named():
     attn = make("gpu")
-    rid = attn.add_request(torch.randn(L, 5, HKV, D), torch.randn(L, 5, HKV, D))
+    rid = attn.add_request(*(torch.randn(L, 5, HKV, D, device=attn.device) for _ in "kv"))
     q, kn = torch.randn(1, HQ, D).to(attn.device), torch.randn(1, HKV, D).to(attn.device)
     with pytest.raises(ValueError, match="run\\(\\) needs a plan"):
         attn.run(0, q, kn, kn)
@@ -228,7 +229,7 @@ def test_api_misuse_is_refused_with_the_argument_named():
     attn.run(1, q, kn, kn)
     attn.remove_request(rid)
     with pytest.raises(ValueError, match="k must be a float tensor \\[2, T, 2, 8\\]"):
-        attn.add_request(torch.randn(L, 5, HKV + 1, D), torch.randn(L, 5, HKV + 1, D))
+        attn.add_request(*(torch.randn(L, 5, HKV + 1, D, device=attn.device) for _ in "kv"))
     with pytest.raises(ValueError, match="num_q_heads=5 must be a multiple of num_kv_heads=2"):
         HybridAttention(HybridConfig(), L, 5, 2, D)
 
@@ -244,10 +245,11 @@ def test_requests_never_read_each_others_pages():
     every cached slot belongs to the request that fetched it."""
     attn = make("hybrid", slots=3, budget=3)
     gen = torch.Generator().manual_seed(11)
-    small = attn.add_request(torch.randn(L, 33, HKV, D, generator=gen),
-                             torch.full((L, 33, HKV, D), 0.001))
-    big = attn.add_request(torch.randn(L, 33, HKV, D, generator=gen),
-                           torch.full((L, 33, HKV, D), 1000.0))
+    dev = attn.device
+    small = attn.add_request(torch.randn(L, 33, HKV, D, generator=gen).to(dev),
+                             torch.full((L, 33, HKV, D), 0.001, device=dev))
+    big = attn.add_request(torch.randn(L, 33, HKV, D, generator=gen).to(dev),
+                           torch.full((L, 33, HKV, D), 1000.0, device=dev))
     for _ in range(4):
         attn.plan([small, big])
         for layer in range(L):
@@ -276,7 +278,7 @@ def test_a_given_selection_is_attended_exactly(placement):
     lens = (29, 12)
     kv = [(torch.randn(L, n, HKV, D, generator=gen), torch.randn(L, n, HKV, D, generator=gen))
           for n in lens]
-    rids = [attn.add_request(k, v) for k, v in kv]
+    rids = [attn.add_request(k.to(attn.device), v.to(attn.device)) for k, v in kv]
     attn.plan(rids)
     for layer in range(L):
         q, kn, vn = (torch.randn(2, h, D, generator=gen) for h in (HQ, HKV, HKV))
@@ -302,15 +304,16 @@ def test_a_given_selection_is_attended_exactly(placement):
 
 def test_a_bad_given_selection_is_refused():
     attn = make("gpu")
-    rid = attn.add_request(torch.randn(L, 9, HKV, D), torch.randn(L, 9, HKV, D))
+    dev = attn.device
+    rid = attn.add_request(*(torch.randn(L, 9, HKV, D, device=dev) for _ in "kv"))
     attn.plan([rid])
-    args = [torch.randn(1, h, D).to(attn.device) for h in (HQ, HKV, HKV)]
+    args = [torch.randn(1, h, D).to(dev) for h in (HQ, HKV, HKV)]
     with pytest.raises(ValueError, match="sel\\[0, 1, 0\\]=3 is not a page of request"):
-        attn.run(0, *args, sel=torch.tensor([[[0, 1], [3, -1]]], dtype=torch.int32))
+        attn.run(0, *args, sel=torch.tensor([[[0, 1], [3, -1]]], dtype=torch.int32, device=dev))
     with pytest.raises(ValueError, match="sel lists a page twice"):
-        attn.run(0, *args, sel=torch.tensor([[[0, 0], [1, -1]]], dtype=torch.int32))
+        attn.run(0, *args, sel=torch.tensor([[[0, 0], [1, -1]]], dtype=torch.int32, device=dev))
     with pytest.raises(ValueError, match="sel must be an int32 tensor \\[1, 2, K\\]"):
-        attn.run(0, *args, sel=torch.zeros(1, 3, 2, dtype=torch.int32))
+        attn.run(0, *args, sel=torch.zeros(1, 3, 2, dtype=torch.int32, device=dev))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
@@ -333,6 +336,7 @@ def test_cuda_graph_steps_equal_eager_steps(placement, replay):
     rids = {}
     for n in (3, 17, 30):
         k, v = torch.randn(L, n, HKV, D, generator=gen), torch.randn(L, n, HKV, D, generator=gen)
+        k, v = k.cuda(), v.cuda()
         rids[n] = (graphed.add_request(k, v), eager.add_request(k, v))
     for step in range(12):
         batch = [rids[n] for n in ((3, 17, 30) if step % 4 != 3 else (17, 30))]
@@ -345,7 +349,7 @@ def test_cuda_graph_steps_equal_eager_steps(placement, replay):
                 n_pages = [-(-graphed.kv.seq_len(g) // P) for g, _ in batch]
                 sel = torch.tensor([[[0, min(1, n - 1) if n > 1 else -1, n - 1]
                                      if n > 2 else [0, n - 1 if n > 1 else -1, -1]] * HKV
-                                    for n in n_pages], dtype=torch.int32)
+                                    for n in n_pages], dtype=torch.int32, device="cuda")
             a = graphed.run(layer, q, kn, vn, sel=sel)
             b = eager.run(layer, q, kn, vn, sel=sel)
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (step, layer)

@@ -1,5 +1,8 @@
 """lm-evaluation-harness: the registered model `vortex_hybrid` runs a local generation task written
-by `eval.lm_eval_task` on a tiny random Llama, decoding through HybridAttention; offline."""
+by `eval.lm_eval_task` on a tiny random Llama, decoding through HybridAttention; offline. Its
+per-sample generations at a sparse budget equal, through the same harness (prompts, batching, left
+padding, stop strings), those of a float64 run of the model attending exactly the flow's selection
+(tests/hf_reference.py), and differ from transformers' own dense SDPA generations."""
 
 from __future__ import annotations
 
@@ -9,26 +12,54 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
+from hf_reference import sparse_reference  # noqa: E402
 from tiny_models import tiny_llama_folder, tiny_tokenizer  # noqa: E402
+from vortex_hybrid import HybridConfig  # noqa: E402
 from vortex_hybrid.eval.lm_eval_task import write_tasks  # noqa: E402
 
 
-def test_a_local_task_runs_with_hybrid_decoding(tmp_path):
+def evaluate(lm, tasks_dir, names) -> tuple[dict, list]:
+    """(aggregated metrics, per-sample logs sorted by doc id) of vh_passkey for `lm`."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
+    out = simple_evaluate(model=lm, tasks=names, task_manager=TaskManager(include_path=str(tasks_dir)),
+                          limit=2, log_samples=True)
+    return out["results"]["vh_passkey"], sorted(out["samples"]["vh_passkey"],
+                                                key=lambda s: s["doc_id"])
+
+
+def test_a_local_task_decodes_like_the_float64_reference_over_the_same_selection(tmp_path):
+    from lm_eval.models.huggingface import HFLM
     from vortex_hybrid.integrations import lm_eval as vh_lm_eval
+
+    class Reference64(HFLM):
+        """lm-eval's own HF model in float64, generating with the reference attention."""
+
+        def __init__(self, cfg: HybridConfig, **kw):
+            super().__init__(dtype="float64", attn_implementation="sdpa", **kw)
+            self.cfg = cfg
+
+        def _model_generate(self, context, max_length, stop, **kw):
+            with sparse_reference(self.model, self.cfg):
+                return super()._model_generate(context, max_length, stop, **kw)
+
     model_dir = tiny_llama_folder(tmp_path / "llama")
     names = write_tasks(tmp_path / "tasks", tiny_tokenizer(), ["passkey"], 384, 2, seed=3,
                         max_new=6)
     rows = [json.loads(x) for x in (tmp_path / "tasks" / "vh_passkey.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["answer"] in r["prompt"] for r in rows)
-    lm = vh_lm_eval.VortexHybridLM(pretrained=str(model_dir), placement="hybrid", budget=0.1,
-                                   device="cpu", batch_size=2)
-    out = simple_evaluate(model=lm, tasks=names, task_manager=TaskManager(
-        include_path=str(tmp_path / "tasks")), limit=2)
-    metrics = out["results"]["vh_passkey"]
-    assert 0.0 <= metrics["exact_match,first_number"] <= 1.0
+    common = dict(pretrained=str(model_dir), device="cpu", batch_size=2)
+    lm = vh_lm_eval.VortexHybridLM(placement="hybrid", budget=0.25, **common)    # 6 of 24 pages
+    metrics, ours = evaluate(lm, tmp_path / "tasks", names)
     assert lm.generated_steps >= 1               # generation decoded through the runtime
+    _, want = evaluate(Reference64(HybridConfig(**lm.vh), **common), tmp_path / "tasks", names)
+    _, dense = evaluate(HFLM(attn_implementation="sdpa", **common), tmp_path / "tasks", names)
+    texts = [s["resps"][0][0] for s in ours]
+    assert texts == [s["resps"][0][0] for s in want], (texts, [s["resps"] for s in want])
+    assert all(len(t) > 0 for t in texts)
+    assert texts != [s["resps"][0][0] for s in dense], "dense gives the same text: cannot tell"
+    per_sample = [float(s["filtered_resps"][0] == s["target"]) for s in ours]
+    assert metrics["exact_match,first_number"] == sum(per_sample) / len(per_sample)
 
 
 def test_bad_options_and_tasks_are_refused(tmp_path):

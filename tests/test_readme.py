@@ -45,16 +45,22 @@ def test_readme_opens_with_the_two_commands():
 
 def test_readme_transformers_example_runs_and_decodes_sparsely():
     """The README's transformers example runs as written and decodes sparsely: each step attends
-    fewer page-heads than the prompt has (exactness against SDPA at full budget is in
-    tests/test_hf_integration.py)."""
+    fewer page-heads than the prompt has, and the tokens are those of a float64 run of the same
+    model attending exactly the flow's selection (tests/hf_reference.py)."""
+    from hf_reference import sparse_reference
     code = re.search(r"## In a transformers model\n```python\n(.*?)```", README, re.S).group(1)
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
-    out, cache = scope["out"], scope["cache"]
+    out, cache, model, ids = scope["out"], scope["cache"], scope["model"], scope["ids"]
     assert out.shape == (1, 1508)
     last = cache.stats()["last_step"]
     pages = -(-1508 // 16)
     assert 0 < last["gpu_pages"] + last["cpu_pages"] < 2 * 2 * pages      # sparse: not every page
+    ref64 = type(model)(model.config).eval().double()
+    ref64.load_state_dict(model.state_dict())
+    with sparse_reference(ref64, cache.runtime.cfg):
+        want = ref64.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, want), (out[0, -8:].tolist(), want[0, -8:].tolist())
 
 
 def test_readme_calibration_example_runs(tmp_path, monkeypatch):

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import test_seed
 from vortex_hybrid import reference
 
 
 def make_paged_kv(B, hq, hkv, d, page_size, seq_lens, dtype=torch.float64, extra_pages=3, seed=None):
-    """Random pools with a shuffled page table: returns q, k_pool, v_pool, page_table, seq_lens."""
-    g = torch.Generator().manual_seed(seed if seed is not None else random.randrange(1 << 30))
+    """Random pools with a shuffled page table: returns q, k_pool, v_pool, page_table, seq_lens.
+    seed=None: the running test's seed (conftest `test_seed`, printed; replay with VH_TEST_SEED)."""
+    g = torch.Generator().manual_seed(test_seed() if seed is None else seed)
     n_pages = [-(-s // page_size) for s in seq_lens]
     max_pages = max(n_pages + [1])
     total = sum(n_pages) + extra_pages
@@ -71,7 +73,7 @@ def random_sel(seq_lens, hkv, k, page_size, rng):
 
 @pytest.mark.parametrize("group", [1, 3, 4])
 def test_sparse_attention_matches_naive_float64_loop(group):
-    rng = random.Random()
+    rng = random.Random(test_seed())
     hkv, d, P = 2, 16, 4
     seq_lens = [rng.randint(1, 40) for _ in range(3)]
     q, kp, vp, table, lens = make_paged_kv(3, hkv * group, hkv, d, P, seq_lens)
@@ -86,7 +88,7 @@ def test_sparse_attention_matches_naive_float64_loop(group):
 
 
 def test_sparse_attention_float32_pools_give_float32_state_close_to_float64():
-    rng = random.Random()
+    rng = random.Random(test_seed())
     seq_lens = [37, 5]
     q, kp, vp, table, lens = make_paged_kv(2, 8, 2, 32, 8, seq_lens)
     sel = random_sel(seq_lens, 2, 4, 8, rng)
@@ -117,7 +119,7 @@ def test_dense_equals_sparse_with_every_page_selected_and_naive():
 
 
 def test_merge_of_disjoint_selections_equals_attention_over_union():
-    rng = random.Random()
+    rng = random.Random(test_seed())
     P = 4
     seq_lens = [rng.randint(20, 60) for _ in range(3)]
     q, kp, vp, table, lens = make_paged_kv(3, 6, 3, 16, P, seq_lens)
@@ -164,7 +166,7 @@ def brute_topk(scores, k, n, sink, recent):
 
 @pytest.mark.parametrize("trial", range(5))
 def test_topk_matches_brute_force_with_ties(trial):
-    rng = random.Random()
+    rng = random.Random(test_seed())
     B, H, M = 3, 2, rng.randint(1, 40)
     scores = torch.randint(0, 4, (B, H, M)).float()          # many ties on purpose
     num_pages = torch.tensor([rng.randint(0, M) for _ in range(B)], dtype=torch.int32)

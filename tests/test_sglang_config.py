@@ -146,7 +146,8 @@ def test_request_map_follows_recycled_rows_chunks_and_frees():
                                            budget_ratio=1.0), L, 4, HKV, D, device_pages=64)
     gen = torch.Generator().manual_seed(11)
     print("seed 11")
-    pool = {row: torch.randn(2, L, 40, HKV, D, generator=gen) for row in (1, 2)}
+    dev = runtime.device                                  # SGLang's KV pool is on the runtime's
+    pool = {row: torch.randn(2, L, 40, HKV, D, generator=gen).to(dev) for row in (1, 2)}
     reads = []
 
     def reader(row):
@@ -160,11 +161,11 @@ def test_request_map_follows_recycled_rows_chunks_and_frees():
     assert m.sync(1, 1, 17, reader(1)) == a and reads[-1] == (1, 9, 17)     # next chunk
     assert m.sync(1, 1, 17, reader(1)) == a and len(reads) == 2             # steady state
     k, _ = runtime.kv.read(a, 1)
-    torch.testing.assert_close(k, pool[1][0][1, :17])
-    pool[1] = torch.randn(2, L, 40, HKV, D, generator=gen)                   # row 1 recycled
+    torch.testing.assert_close(k, pool[1][0][1, :17].cpu())          # kv.read: on the CPU
+    pool[1] = torch.randn(2, L, 40, HKV, D, generator=gen).to(dev)           # row 1 recycled
     b = m.sync(1, 2, 17, reader(1))
     assert b != a and a not in runtime.kv.request_ids and reads[-1] == (1, 0, 17)
-    torch.testing.assert_close(runtime.kv.read(b, 0)[0], pool[1][0][0, :17])
+    torch.testing.assert_close(runtime.kv.read(b, 0)[0], pool[1][0][0, :17].cpu())
     c = m.sync(2, 1, 5, reader(2))
     assert m.sync(2, 1, 3, reader(2)) not in (c, b)                         # holds more: replaced
     m.freed(1)

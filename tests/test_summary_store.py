@@ -314,7 +314,7 @@ def test_select_pages_checks_its_arguments():
     store = SummaryStore(kv, "quest", group=G)
     rid = kv.create_request()
     kv.append(rid, torch.randn(L, 9, HKV, D), torch.randn(L, 9, HKV, D))
-    q = torch.randn(1, HKV * G, D)
+    q = torch.randn(1, HKV * G, D).to(DEVICE)          # only the argument named is wrong
     with pytest.raises(ValueError, match="budget=2 must be >= sink \\+ recent = 3"):
         store.select_pages(0, q, [rid], 2, 1, 2)
     with pytest.raises(ValueError, match="layer=5 outside"):
@@ -322,5 +322,5 @@ def test_select_pages_checks_its_arguments():
     with pytest.raises(ValueError, match="q must be a float tensor \\[2, 4, 8\\]"):
         store.select_pages(0, q, [rid, rid], 3, 1, 2)
     import numpy as np
-    sel = store.select_pages(0, q.to(DEVICE), [rid], np.int64(3), np.int32(1), 2)
+    sel = store.select_pages(0, q, [rid], np.int64(3), np.int32(1), 2)
     assert sel.shape == (1, HKV, 3)

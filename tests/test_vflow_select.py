@@ -218,14 +218,21 @@ def test_float32_and_float64_agree_on_well_separated_scores():
 
 @pytest.mark.parametrize("flow", ["quest", "oracle", "double_sparsity"])
 def test_one_flow_object_runs_on_every_device(flow):
+    """One flow object selects on every device like the numpy brute force: float64 (the reference
+    interpreter) exactly, float32 (the device's registered lowerings where there are any) up to
+    rounding at the selection boundary; traced once for the shape whatever the device."""
     obj = vflow.load_flow(flow)
     q, k_pool, table, lens = make_inputs(13, torch.float64, 2, 2, 3, 8, 4, 8)
-    want = vflow.select_pages(obj, q, k_pool, table, lens, 4, 1, 1)
-    traced = dict(obj._compiled)
+    scores = brute_scores(flow, q, k_pool, table, lens, DoubleSparsity().heavy_channels(8))
+    traced = None
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
-        got = vflow.select_pages(obj, *(t.to(dev) for t in (q, k_pool, table, lens)), 4, 1, 1)
-        assert got.device.type == dev and torch.equal(got.cpu(), want)
+        for dtype in (torch.float64, torch.float32):
+            args = (q.to(dev, dtype), k_pool.to(dev, dtype), table.to(dev), lens.to(dev))
+            got = vflow.select_pages(obj, *args, 4, 1, 1)
+            assert got.device.type == dev, (dev, dtype)
+            assert_selection(got, scores, lens, 4, 4, 1, 1, tolerance(dtype, scores))
+            traced = traced or dict(obj._compiled)
     assert obj._compiled == traced                                # traced once for this shape
 
 

@@ -5,6 +5,8 @@ without sglang they are not collected.
 SGLang on a CPU machine needs, none of it a patch to SGLang: `SGLANG_USE_CPU_ENGINE=1`, and the
 test-only stand-ins for `sgl_kernel` and `torchvision` under tests/with_sglang/stubs on the path before
 sglang or transformers is imported (also for the engine's spawned processes, through PYTHONPATH).
+tests/conftest.py runs first and points VORTEX_HYBRID_CACHE at the session's temporary folder (the
+engine's processes inherit it); this file checks that it did.
 """
 
 from __future__ import annotations
@@ -15,6 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
+_session_cache = os.environ.get("VH_TEST_CACHE")
+if not _session_cache or os.environ.get("VORTEX_HYBRID_CACHE") != _session_cache:
+    raise pytest.UsageError("tests/conftest.py did not run first (it points VORTEX_HYBRID_CACHE "
+                            "at a temporary folder, so the suite stays out of ~/.cache): run "
+                            "pytest from the repository root")
 
 STUBS = str(Path(__file__).resolve().parent / "stubs")
 if importlib.util.find_spec("sglang") is None:

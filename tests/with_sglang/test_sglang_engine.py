@@ -1,9 +1,10 @@
 """A whole `sgl.Engine` (real SGLang 0.5.17 on the CPU) with a tiny random Llama: greedy output with
 `vortex_hybrid` at full budget equals SGLang's `torch_native` token for token, in the `gpu`
-placement (the device side is the torch reference on the CPU) and in `hybrid`; a sparse budget
-runs to completion; the HTTP server serves with the backend. The batches exercise chunked prefill
-(chunks of 32 tokens), prefix-cache hits (the second batch shares prefixes with the first) and
-requests joining a running batch."""
+placement (the device side is the torch reference on the CPU) and in `hybrid`; at a sparse budget
+it equals a float64 transformers run of the model attending exactly the flow's selection
+(tests/hf_reference.py); the HTTP server serves with the backend. The batches exercise chunked
+prefill (chunks of 32 tokens), prefix-cache hits (the second batch shares prefixes with the first)
+and requests joining a running batch."""
 
 from __future__ import annotations
 
@@ -71,12 +72,43 @@ def test_full_budget_output_equals_torch_native_token_for_token(tiny_model, torc
     assert ours == torch_native
 
 
-def test_a_sparse_budget_runs_to_completion(tiny_model, torch_native):
-    cfg = json.dumps({"placement": "hybrid", "budget_pages": 4, "budget_ratio": None,
-                      "gpu_cache_pages": 4})
-    ours = run_engine(tiny_model, "vortex_hybrid", cfg)
-    assert [len(o) for o in ours] == [NEW] * len(torch_native)
-    assert all(0 <= t < 320 for o in ours for t in o)
+def reference_greedy(model, cfg, prompt: list[int], dense: bool = False) -> list[int]:
+    """NEW greedy tokens of the float64 transformers `model` attending, at each decode step, the
+    pages cfg's flow selects (tests/hf_reference.py; dense: every page); EOS ignored."""
+    import torch
+    from transformers import DynamicCache
+
+    from hf_reference import sparse_reference
+    out = []
+    with sparse_reference(model, cfg, dense), torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        logits = model(torch.tensor([prompt]), past_key_values=cache).logits[0, -1]
+        for _ in range(NEW):
+            out.append(int(logits.argmax()))
+            logits = model(torch.tensor([[out[-1]]]), past_key_values=cache).logits[0, -1]
+    return out
+
+
+def test_a_sparse_budget_decodes_like_the_float64_reference_over_the_flows_selection(tiny_model,
+                                                                                      torch_native):
+    """A budget of 8 pages (1 sink, 2 recent, 5 chosen) where the prompts hold 3-27 pages, through
+    chunked prefill, prefix-cache hits and joining requests: greedy tokens equal those of a float64
+    transformers run of the same model whose decode attends exactly the flow's selection over each
+    request's KV; dense attention's tokens differ."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from vortex_hybrid import HybridConfig
+    fields = {"placement": "hybrid", "budget_pages": 8, "budget_ratio": None, "gpu_cache_pages": 4}
+    ours = run_engine(tiny_model, "vortex_hybrid", json.dumps(fields))
+    cfg = HybridConfig(page_size=PAGE, kv_dtype="float32", **fields)
+    ref = LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float64,
+                                           attn_implementation="sdpa").eval()
+    batch = [p for batch in prompts() for p in batch]
+    want = [reference_greedy(ref, cfg, p) for p in batch]
+    assert ours == want, f"seed {SEED}:\n{ours}\n{want}"
+    assert want != [reference_greedy(ref, cfg, p, dense=True) for p in batch], "cannot tell dense"
+    assert want != torch_native, "the sparse budget gives dense tokens: the test cannot tell"
 
 
 def test_the_http_server_serves_with_the_backend(tiny_model, torch_native, tmp_path):
