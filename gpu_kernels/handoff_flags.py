@@ -78,8 +78,9 @@ def _wait_kernel(words, base, status, channel, layer, num_layers, timeout_ns, ma
     code = tl.where(done >= seq, _ANSWERED,
                     tl.where(err == _ERR_CPU, _CPU_FAILED,
                              tl.where(err != 0, _ABANDONED, _TIMED_OUT)))
-    if code == _TIMED_OUT:
-        tl.atomic_cas(row + _ERROR, 0, _ERR_TIMEOUT, sem="relaxed", scope="sys")
+    if code == _TIMED_OUT:                   # cmp and val must be int64 like the word
+        zero = err * 0
+        tl.atomic_cas(row + _ERROR, zero, zero + _ERR_TIMEOUT, sem="relaxed", scope="sys")
     tl.store(status + channel * num_layers + layer, code.to(tl.int32))
 
 

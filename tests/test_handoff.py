@@ -9,6 +9,9 @@ CPU tensors. With CUDA (skipped here): publish and wait inside one captured CUDA
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -279,6 +282,43 @@ def test_interpreted_wait_times_out_and_abandons_the_later_layers():
         with pytest.raises(HandoffTimeout, match="layer 0"):
             h.finish_step()
         assert int(h.words[ERROR]) == 0
+
+
+AHEAD_OF_TIME = """
+import importlib.util, pathlib
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+spec = importlib.util.find_spec("vortex_hybrid.gpu_kernels")
+path = pathlib.Path(spec.submodule_search_locations[0]) / "handoff_flags.py"
+spec = importlib.util.spec_from_file_location("handoff_flags", path)
+g = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(g)
+target = GPUTarget("cuda", 90, 32)
+ints = dict(channel="i32", layer="i32")
+publish = triton.compile(ASTSource(g._publish_kernel, dict(words="*i64", base="*i64", **ints)),
+                         target=target, options=dict(num_warps=1))
+assert "atom.global.sys.release.exch.b64" in publish.asm["ptx"]
+for clock in (True, False):
+    sig = dict(words="*i64", base="*i64", status="*i32", num_layers="i32", timeout_ns="i64",
+               max_spins="i32", USE_CLOCK="constexpr", **ints)
+    wait = triton.compile(ASTSource(g._wait_kernel, sig, constexprs=dict(USE_CLOCK=clock)),
+                          target=target, options=dict(num_warps=1))
+    ptx = wait.asm["ptx"]
+    assert "ld.volatile.global.b64" in ptx and "atom.global.relaxed.sys.cas.b64" in ptx
+    assert ("%globaltimer" in ptx) == clock
+print("compiled")
+"""
+
+
+@interpreter_only
+def test_gpu_kernels_compile_for_sm90_without_a_gpu():
+    """Triton compiles for a target without a device: the interpreter is lax about types (an int32
+    compare-and-swap value on an int64 word runs there, and fails to compile for a GPU)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
 
 
 # Natively on a GPU: publish and wait inside one captured CUDA graph.
