@@ -272,6 +272,8 @@ def test_interpreted_kernels_publish_and_wait_each_layer():
 def test_interpreted_wait_times_out_and_abandons_the_later_layers():
     L = 3
     part = Doubler(L)
+    with pytest.raises(ValueError, match="max_spins=0"):
+        GraphHandoff(L, [part], device="cpu", max_spins=0)
     h = GraphHandoff(L, [part], device="cpu", timeout_s=TIMEOUT_S, max_spins=40)
     part.words = h.words
     with h:

@@ -285,8 +285,9 @@ class GraphHandoff(Handoff):
     """The protocol with the GPU's kernels: `publish` and `wait` enqueue them on the current stream
     (inside a CUDA graph capture they are captured). The kernels compile here (before any capture).
 
-    device: the CUDA device, or the CPU to run the kernels in Triton's interpreter
-    (TRITON_INTERPRET=1; there the wait is bounded by `max_spins` loads instead of a clock).
+    device: the CUDA device (the current one when the kernels launch), or the CPU to run the kernels
+    in Triton's interpreter (TRITON_INTERPRET=1; there `max_spins` loads bound the wait, no clock).
+    CPU parts must not call CUDA (the worker may run during a graph capture).
     Device tensors: `base` int64 [channels] (set by begin_step), `status_codes` int32
     [channels, num_layers] (zeroed by begin_step, written by the waits).
     """
@@ -298,26 +299,29 @@ class GraphHandoff(Handoff):
         from ..gpu_kernels import handoff_flags as gpu_flags
 
         device = torch.device(device) if device is not None else torch.device("cuda")
-        self._gpu = gpu_flags
-        self.device = device
+        if max_spins is None:         # the interpreter's load loop takes ~0.25 ms a spin
+            max_spins = gpu_flags.MAX_SPINS if gpu_flags.clock_available(device) else \
+                min(gpu_flags.MAX_SPINS, 1 + int(timeout_s / INTERPRETED_SPIN_S))
+        if not 1 <= max_spins <= gpu_flags.MAX_SPINS:
+            raise ValueError(f"max_spins={max_spins} must lie in [1, {gpu_flags.MAX_SPINS}]")
+        self._gpu, self.device, self.max_spins = gpu_flags, device, max_spins
         super().__init__(num_layers, cpu_parts, timeout_s=timeout_s, spin_us=spin_us,
                          max_sleep_us=max_sleep_us, pin=device.type == "cuda")
         self.timeout_ns = int(timeout_s * 1e9)
-        clocked = gpu_flags.clock_available(device)
-        if max_spins is None:         # the interpreter's load loop takes ~0.25 ms a spin
-            max_spins = gpu_flags.MAX_SPINS if clocked else \
-                min(gpu_flags.MAX_SPINS, 1 + int(timeout_s / INTERPRETED_SPIN_S))
-        self.max_spins = max_spins
-        if not 1 <= self.max_spins <= gpu_flags.MAX_SPINS:
-            raise ValueError(f"max_spins={self.max_spins} must lie in [1, {gpu_flags.MAX_SPINS}]")
-        self.base = torch.zeros(self.channels, dtype=torch.int64, device=device)
-        self.status_codes = torch.zeros(self.channels, num_layers, dtype=torch.int32, device=device)
-        self._compile()
+        try:
+            self.base = torch.zeros(self.channels, dtype=torch.int64, device=device)
+            self.status_codes = torch.zeros(self.channels, num_layers, dtype=torch.int32,
+                                            device=device)
+            self._compile()
+        except BaseException:
+            self.close()
+            raise
 
     def _compile(self) -> None:
         """Launch both kernels once on scratch words (answered in advance), so capture compiles
         nothing; the same argument types as every later launch."""
-        scratch = torch.zeros_like(self.flags)
+        scratch = torch.zeros(self.flags.shape, dtype=self.flags.dtype,     # pinned like the flags
+                              pin_memory=self.flags.is_pinned())
         scratch_base = torch.zeros_like(self.base)
         scratch_status = torch.zeros_like(self.status_codes)
         scratch.view(-1, ROW)[:, DONE] = 1
