@@ -221,6 +221,20 @@ def test_shutdown_is_clean_and_idempotent():
     assert not h.worker.alive
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl timer slack is Linux's")
+def test_worker_thread_sleeps_with_a_tight_timer_slack():
+    import ctypes
+
+    slack = []
+    libc = ctypes.CDLL(None)
+    with StandInHandoff(1, [lambda layer, step: slack.append(libc.prctl(30, 0, 0, 0, 0))]) as h:
+        h.begin_step()
+        h.publish(0)
+        h.wait(0)
+        h.finish_step()
+    assert slack == [handoff_module.TIMER_SLACK_NS]          # PR_GET_TIMERSLACK in the worker
+
+
 def test_bad_arguments_and_step_misuse_are_refused():
     with pytest.raises(ValueError, match="num_layers=0"):
         StandInHandoff(0, [lambda layer, step: None])

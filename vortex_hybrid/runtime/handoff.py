@@ -35,7 +35,9 @@ wait over the same words): CI tests ordering, exceptions and time-outs without a
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 import threading
 from typing import Callable, Optional, Sequence
 
@@ -61,6 +63,23 @@ class HandoffError(RuntimeError):
 
 class HandoffTimeout(HandoffError):
     """A GPU wait ran out of time: the worker did not answer (dead, stuck or too slow)."""
+
+
+PR_SET_TIMERSLACK = 29
+TIMER_SLACK_NS = 1000
+
+
+def tighten_timer_slack() -> bool:
+    """Linux: let this thread's sleeps overshoot by TIMER_SLACK_NS instead of the default 50 us
+    (prctl PR_SET_TIMERSLACK), so a backed-off worker wakes in ~15 us rather than ~70 us (measured
+    here with usleep(1)). Returns whether it was set."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, TIMER_SLACK_NS, 0, 0, 0) == 0
+    except (OSError, AttributeError) as exc:
+        log.debug("timer slack unchanged: %s", exc)
+        return False
 
 
 class HandoffWorker:
@@ -97,6 +116,7 @@ class HandoffWorker:
 
     def _run(self) -> None:
         channels = len(self.cpu_parts)
+        tighten_timer_slack()
         try:
             while True:
                 channel, seq = cpu_flags.next_request(self.words, channels, self.spin_ns,
