@@ -100,6 +100,8 @@ def test_layers_are_answered_in_order_after_their_publish_over_steps(pipelined):
         assert request >= seq, f"layer {layer} of step {step} served before it was published"
         assert done == seq - 1, f"layer {layer} of step {step} served before the one before it"
     assert h.worker.served(0) == steps * L and int(h.words[DONE]) == steps * L
+    requests = [c[2] for c in part.calls]
+    assert requests == sorted(requests) and requests[-1] == steps * L
 
 
 def test_channels_are_served_independently():

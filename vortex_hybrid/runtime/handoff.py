@@ -17,8 +17,8 @@ Use (one channel; `channels` independent ones are served by the same worker):
             ...                                  # the GPU's own part of the layer
             h.wait(layer)
             ...                                  # read the CPU's state, merge
-    for each step:
-        h.begin_step(); g.replay(); h.finish_step()
+    for each step:                               # begin_step with plan(), outside the graph
+        h.begin_step(); g.replay(); h.finish_step()   # finish_step synchronises the device
     h.close()
 
 Sequence numbers are `step * num_layers + layer + 1` (the device reads `step * num_layers` from a
@@ -27,7 +27,8 @@ exception in the CPU part sets ERROR, the GPU's remaining waits end at once, and
 re-raises the original exception (same object, a note names the layer); an answer that never comes
 (a dead or stuck worker) ends the wait after `timeout_s` with status TIMED_OUT, the later waits
 with ABANDONED, and `finish_step` raises `HandoffTimeout`. After a failed step the driver abandons
-its sequence numbers (the worker passes over what it had not served) and the next step runs.
+its sequence numbers (the worker passes over what it had not served) and the next step runs; while
+a CPU part stays stuck, each step times out again, and a worker that died fails every later step.
 
 `StandInHandoff` is the same protocol with the calling thread playing the GPU (compiled publish and
 wait over the same words): CI tests ordering, exceptions and time-outs without a GPU.
@@ -206,7 +207,7 @@ class Handoff:
 
     def status(self) -> np.ndarray:
         """int32 [channels, num_layers]: each wait's code in the current step (0 = answered);
-        synchronises with the GPU."""
+        synchronises with the device (every stream: the graph may run on any)."""
         raise NotImplementedError
 
     def _set_base(self, base: int) -> None:
@@ -363,4 +364,6 @@ class GraphHandoff(Handoff):
                               self.timeout_ns, self.max_spins)
 
     def status(self) -> np.ndarray:
+        if self.device.type == "cuda":       # whichever stream replayed the step
+            torch.cuda.synchronize(self.device)
         return self.status_codes.cpu().numpy()
