@@ -18,18 +18,23 @@ run eagerly (the --smoke configuration, CI).
 Prompt KV: synthetic (normal K of std 1, V = K; per request from a generator seeded by --seed and
 the request's index, so request i holds the same KV in every mode), appended with `add_request`;
 prefill is **not measured**. Every request holds --context tokens after the last step (the prompt is
---context minus the steps). Attention: flow --flow at --budget of the pages (sink 1, recent 2 pages);
-`offload`/`hybrid` get a GPU page cache of --cache of the batch's KV pages.
+--context minus the steps). Attention: flow --flow at --budget of the pages (sink 1, recent 2 pages).
 
-Batches (the largest that fits, unless --batch says otherwise; a --batch that does not fit exits 2):
-- `dense`, `gpu`: every page of every layer in HBM: free HBM after the weights, less the largest
-  synthetic prompt tensor and --hbm-reserve-gib (activations, graphs, kernel workspaces); `gpu` also
-  holds the flow's summaries (so its batch can be smaller than dense's).
-- `offload`, `cpu`, `hybrid`: full pages in pinned host memory, under the runtime's rule
-  (`PagePool`: torch's pinned allocator rounds each of the K and V blocks up to a power of two, and
-  the pair must stay under 80% of psutil's available memory), less --host-reserve-gib. On the H100
-  machine (125 GiB of RAM) that caps host KV at 2 x 32 GiB, about what HBM holds for `dense`: the
-  host batches are barely larger than dense's (the JSON's notes say by how much).
+Selections (--locality): `flow`, the flow's own choice on the random model (the worst case: no
+locality, reuse ~0 between steps); `real`, a synthetic stream (`hybrid_step.SelStream`, drawn before
+the timed steps) with --reuse (0.8: what real models reuse step to step) of each (request, KV head)'s
+non-forced pages kept from the step before, attended exactly through `run(..., sel=)` (dense keeps
+full attention).
+
+Memory (the runtime's memory model, `runtime.memory_model`): every mode gets the same HBM for KV,
+--gpu-memory-gib (default: the free HBM after the weights, less the largest synthetic prompt tensor
+and --hbm-reserve-gib for activations, graphs and workspaces). Batches (the largest that fits, unless
+--batch says otherwise; a --batch that does not fit exits 2):
+- `dense`, `gpu`: every page of every layer in that HBM; `gpu` also holds the flow's summaries.
+- `offload`, `cpu`, `hybrid`: full pages in pinned host memory (pinned at its exact size), 90% of
+  psutil's available memory less --host-reserve-gib, and at most the tail pages' request count; the
+  HBM holds the tail pages, the summaries (on the host when they do not fit) and, in `offload` and
+  `hybrid`, every other page as GPU cache slots (--cache overrides with a share of the batch's pages).
 Dense at the host placements' batch cannot be measured (its KV does not fit in HBM): the ratio to
 dense is tokens/s against dense at its own (largest) batch.
 
@@ -71,17 +76,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hybrid_step import HEAD_PAGE_BYTES, fmt, lower_bound, pow2ceil, release_memory, table  # noqa: E402
+from hybrid_step import HEAD_PAGE_BYTES, SelStream, fmt, lower_bound, release_memory, table  # noqa: E402
 
 from vortex_hybrid import HybridAttention, HybridConfig  # noqa: E402
 from vortex_hybrid.kv.page_pool import GIB, pool_bytes  # noqa: E402
-from vortex_hybrid.runtime.memory_model import HOST_PLACEMENTS, TAIL_PAGES  # noqa: E402
+from vortex_hybrid.runtime.memory_model import HOST_PLACEMENTS, HOST_SHARE, TAIL_PAGES  # noqa: E402
 from vortex_hybrid.scheduler import cost_model  # noqa: E402
 from vortex_hybrid.vflow.summary_store import summary_bytes  # noqa: E402
 
 MODES = ("dense", "gpu", "hybrid", "cpu", "offload")          # the order they run in
 SINK, RECENT, GOAL = 1, 2, 3.5
-PREFILL_CHUNK_PAGES = 4096       # extra device pages for host placements: the prompt streams through
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,7 @@ class Shape:
 
 
 SMOKE = dict(shape=Shape(2, 64, 4, 2, 16, 128, 256), context=320, batch="2", steps=3, warmup=1,
-             dtype="float32", page_size=16, modes="dense,gpu,hybrid")
+             dtype="float32", page_size=16, modes="dense,gpu,hybrid", cache=0.1)
 
 
 class Decoder:
@@ -220,12 +224,14 @@ class DecodeStep:
         self.graphs[layer + 1].replay() if self.graphs else self._boundary(layer)
 
 
-def decode_step(attn: HybridAttention, rids: list, st: DecodeStep) -> None:
-    """One decode step of every request: tokens in st.ids become the next tokens in st.ids."""
+def decode_step(attn: HybridAttention, rids: list, st: DecodeStep, sels=None) -> None:
+    """One decode step of every request: tokens in st.ids become the next tokens in st.ids.
+    sels: this step's selection per layer (the `real` locality regime), else the flow's."""
     attn.plan(rids)
     st.pre()
     for layer in range(st.m.s.layers):
-        st.attn_out.copy_(attn.run(layer, st.q, st.k, st.v))
+        sel = None if sels is None else sels[layer]
+        st.attn_out.copy_(attn.run(layer, st.q, st.k, st.v, sel=sel, check_sel=False))
         st.boundary(layer)
 
 
@@ -256,11 +262,10 @@ def device_need(mode: str, b: int, z: Sizes, s: Shape, args) -> int:
     return pool
 
 
-def host_need(b: int, z: Sizes, s: Shape, args, pinned: bool) -> int:
-    """Host bytes of a host placement's pool at batch b, as `PagePool` counts them when pinned."""
-    need = pool_bytes(s.layers, b * z.pages, s.kv_heads, args.page_size, s.head_dim,
+def host_need(b: int, z: Sizes, s: Shape, args) -> int:
+    """Host bytes of a host placement's pool at batch b (pinned at its exact size)."""
+    return pool_bytes(s.layers, b * z.pages, s.kv_heads, args.page_size, s.head_dim,
                       getattr(torch, args.dtype))
-    return 2 * pow2ceil(need // 2) if pinned else need
 
 
 def size_batches(args, s: Shape, dev: torch.device) -> Sizes:
@@ -269,15 +274,20 @@ def size_batches(args, s: Shape, dev: torch.device) -> Sizes:
     elem = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     prompt = s.layers * prefill * s.kv_heads * s.head_dim * elem     # one request's K (V = K)
     avail = psutil.virtual_memory().available
-    host_usable = 0.8 * avail - args.host_reserve_gib * GIB
+    host_usable = HOST_SHARE * avail - args.host_reserve_gib * GIB
     if dev.type == "cuda":
         hbm_usable = torch.cuda.mem_get_info(dev)[0] - prompt - args.hbm_reserve_gib * GIB
     else:                          # no HBM: the "device" pool is host memory too
         hbm_usable = host_usable - prompt
+    if args.gpu_memory_gib is not None:
+        if args.gpu_memory_gib * GIB > hbm_usable:
+            fail(f"--gpu-memory-gib={args.gpu_memory_gib} exceeds the {hbm_usable / GIB:.1f} GiB of "
+                 "HBM left after the weights, a prompt and --hbm-reserve-gib")
+        hbm_usable = args.gpu_memory_gib * GIB
     z = Sizes(prefill, pages, 0, 0, 0, hbm_usable / GIB, host_usable / GIB)
     z.dense = largest(lambda b: device_need("dense", b, z, s, args) <= hbm_usable)
     z.gpu = largest(lambda b: device_need("gpu", b, z, s, args) <= hbm_usable)
-    z.host = largest(lambda b: host_need(b, z, s, args, dev.type == "cuda") <= host_usable)
+    z.host = min(largest(lambda b: host_need(b, z, s, args) <= host_usable), TAIL_PAGES - 1)
     return z
 
 
@@ -317,8 +327,8 @@ def choose_batches(args, z: Sizes, s: Shape, modes: list, dev) -> dict:
     for mode in modes:
         b = asked.get(mode, largest[mode])
         if mode in asked and b > largest[mode]:
-            where = f"{z.host_usable:.1f} GiB of host memory usable (pinned blocks round to powers " \
-                    "of two)" if mode in HOST_PLACEMENTS else f"{z.hbm_usable:.1f} GiB usable"
+            where = f"{z.host_usable:.1f} GiB of host memory usable" if mode in HOST_PLACEMENTS \
+                else f"{z.hbm_usable:.1f} GiB of HBM usable"
             fail(f"--batch {mode}={b} does not fit: {mode} holds at most {largest[mode]} requests of "
                  f"{args.context} tokens in {where}")
         out[mode] = b
@@ -336,14 +346,18 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
     tokens of every step, [steps][batch])."""
     s, t0 = m.s, time.perf_counter()
     host = mode in HOST_PLACEMENTS
-    slots = max(8, int(args.cache * batch * z.pages)) if mode in ("offload", "hybrid") else 0
+    slots = None
+    if args.cache is not None and mode in ("offload", "hybrid"):
+        slots = max(8, int(args.cache * batch * z.pages))
     cfg = HybridConfig(page_size=args.page_size, flow=args.flow, budget_ratio=args.budget,
                        sink_pages=SINK, recent_pages=RECENT, placement=mode, gpu_cache_pages=slots,
-                       kv_dtype=args.dtype, summary_location="device" if dev.type == "cuda" else "auto")
-    dev_pages = slots + TAIL_PAGES + (PREFILL_CHUNK_PAGES if dev.type == "cuda" else 0) if host \
-        else batch * (z.pages + 1) + 8
-    attn = HybridAttention(cfg, s.layers, s.heads, s.kv_heads, s.head_dim, device_pages=dev_pages,
-                           host_pages=batch * z.pages if host else 0, device=dev, costs=costs)
+                       kv_dtype=args.dtype, summary_dtype=args.summary_dtype,
+                       gpu_memory_gib=z.hbm_usable if dev.type == "cuda" else args.gpu_memory_gib,
+                       gpu_reserve_gib=0.0)     # the reserve is already out of z.hbm_usable
+    attn = HybridAttention(cfg, s.layers, s.heads, s.kv_heads, s.head_dim,
+                           device_pages=None if host else batch * (z.pages + 1) + 8,
+                           host_pages=batch * z.pages if host else None, device=dev, costs=costs)
+    sels = None
     try:
         rids = []
         for i in range(batch):
@@ -356,23 +370,33 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
         g = torch.Generator(device="cpu").manual_seed(args.seed)
         st.start(torch.randint(0, s.vocab, (batch,), generator=g).to(dev),
                  torch.full((batch,), z.prefill, dtype=torch.int64, device=dev))
+        if args.locality == "real" and mode != "dense":   # drawn before timing; dense: full
+            n = [-(-(z.prefill + i + 1) // args.page_size) for i in range(args.warmup + args.steps)]
+            K = min(cfg.budget_for(n[0]), n[0])
+            stream = SelStream(s.layers, batch, K, args.reuse, args.seed, dev, kv_heads=s.kv_heads)
+            sels = [[stream.next(layer, n[i]) for layer in range(s.layers)] for i in range(len(n))]
         build_s = time.perf_counter() - t0
         tokens, rec = [], []
         for i in range(args.warmup + args.steps):
             sync(dev)
             t1 = time.perf_counter()
-            decode_step(attn, rids, st)
+            decode_step(attn, rids, st, None if sels is None else sels[i])
             sync(dev)
             ms = (time.perf_counter() - t1) * 1e3
             tokens.append(st.ids.tolist())
             if i >= args.warmup:
                 rec.append((ms, attn.stats()["last_step"]))
         last_logits = st.logits.clone()
+        memory = dict(hbm_gib=attn.memory.device_bytes / GIB, host_gib=attn.memory.host_bytes / GIB,
+                      gpu_cache_pages=attn.memory.gpu_cache_pages,
+                      summaries_on_device=attn.memory.summary_on_device,
+                      graphs=attn._graphs is not None)
     finally:
         attn.close()
     head_bytes = 2 * args.page_size * s.head_dim * m.embed.element_size()
     return dict(mode=mode, batch=batch, build_s=build_s, tokens=tokens, logits=last_logits,
-                **summarize(rec, m, batch, costs, head_bytes))
+                locality=args.locality, reuse=stream.measured() if sels is not None else None,
+                **memory, **summarize(rec, m, batch, costs, head_bytes))
 
 
 def sync(dev: torch.device) -> None:
@@ -410,8 +434,19 @@ def parse(argv=None) -> argparse.Namespace:
                     "largest batch each mode holds; one that does not fit exits 2)")
     ap.add_argument("--flow", default="quest", help="selection flow of the sparse modes (quest)")
     ap.add_argument("--budget", type=float, default=0.05, help="fraction of pages attended (0.05)")
-    ap.add_argument("--cache", type=float, default=0.1,
-                    help="GPU page cache of offload/hybrid, a share of the batch's pages (0.1)")
+    ap.add_argument("--cache", type=float, default=None,
+                    help="GPU page cache of offload/hybrid as a share of the batch's pages (default: "
+                    "every slot the HBM for KV holds beside the tail pages and summaries)")
+    ap.add_argument("--gpu-memory-gib", type=float, default=None,
+                    help="HBM for KV of every mode (default: what the weights leave, less "
+                    "--hbm-reserve-gib and a prompt)")
+    ap.add_argument("--locality", choices=("flow", "real"), default="flow",
+                    help="selections: the flow's on the random model (no locality), or a stream with "
+                    "--reuse kept step to step (default flow)")
+    ap.add_argument("--reuse", type=float, default=0.8,
+                    help="share of selected pages kept from the step before with --locality real")
+    ap.add_argument("--summary-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="page summaries' dtype (float32)")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per mode (32)")
     ap.add_argument("--warmup", type=int, default=6,
                     help="untimed steps first (6: hybrid's step-shape choice measures 4)")
@@ -426,7 +461,7 @@ def parse(argv=None) -> argparse.Namespace:
                     help="seconds (510): skip a mode the last one says would end later")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true",
-                    help="tiny shapes, float32, batch 2, short context, dense/gpu/hybrid (CI, CPU)")
+                    help="tiny shapes, float32, batch 2, short context, dense/gpu/hybrid, a GPU cache of 10%% of the pages (CI, CPU)")
     ap.add_argument("--out", default="results", help="folder for e2e_decode.json / .md")
     args = ap.parse_args(argv)
     args.shape = Shape()
@@ -460,8 +495,12 @@ def parse(argv=None) -> argparse.Namespace:
              f"steps; raise --context or lower --steps/--warmup")
     if not 0 < args.budget <= 1:
         fail(f"--budget={args.budget} must lie in (0, 1]")
-    if not 0 < args.cache <= 1:
+    if args.cache is not None and not 0 < args.cache <= 1:
         fail(f"--cache={args.cache} must lie in (0, 1]")
+    if not 0 <= args.reuse <= 1:
+        fail(f"--reuse={args.reuse} must lie in [0, 1]")
+    if args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0:
+        fail(f"--gpu-memory-gib={args.gpu_memory_gib} must be positive")
     try:
         HybridConfig(flow=args.flow, page_size=args.page_size)
     except ValueError as exc:
@@ -472,12 +511,13 @@ def parse(argv=None) -> argparse.Namespace:
 def report(result: dict) -> str:
     """The markdown table of the modes, ratios first."""
     head = ["mode", "x dense", "tokens/s", "batch", "context", "ms/step", "LB ms", "of LB",
-            "KV MB/token", "hit", "CPU wait", "build s"]
+            "KV MB/token", "hit", "CPU wait", "HBM GiB", "host GiB", "slots", "reuse", "build s"]
     lines = [[r["mode"], fmt(r.get("vs_dense"), ".2f", "x"), f"{r['tokens_per_s']:.1f}", str(r["batch"]),
               str(result["context"]), f"{r['ms_per_step']:.2f}", f"{r['lower_bound_ms']:.2f}",
               f"{r['of_lower_bound']:.0%}", f"{r['kv_bytes_per_token'] / 1e6:.2f}",
-              fmt(r["hit_rate"]), fmt(r["cpu_wait_frac"]), f"{r['build_s']:.0f}"]
-             for r in result["modes"]]
+              fmt(r["hit_rate"]), fmt(r["cpu_wait_frac"]), f"{r['hbm_gib']:.1f}",
+              f"{r['host_gib']:.1f}", str(r["gpu_cache_pages"]), fmt(r.get("reuse")),
+              f"{r['build_s']:.0f}"] for r in result["modes"]]
     md = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     md += ["| " + " | ".join(x) + " |" for x in lines]
     table(head, lines)
@@ -575,10 +615,9 @@ def finish(result: dict, z: Sizes, args) -> None:
     if "gpu" in by and dense:
         result["notes"].append(f"gpu (sparse, KV in HBM) / dense = {by['gpu']['vs_dense']:.2f}x at "
                                f"batches {by['gpu']['batch']} / {dense['batch']}")
-    if torch.cuda.is_available() and z.host and z.dense and z.host <= 1.25 * z.dense:
-        result["notes"].append(f"host batch {z.host} vs dense {z.dense}: pinned host pools are capped "
-                               f"by {z.host_usable:.0f} GiB usable with K and V blocks rounded to "
-                               "powers of two (torch's pinned allocator, PagePool's rule)")
+    if z.host and z.dense:
+        result["notes"].append(f"host batch {z.host} vs dense {z.dense}: {z.host_usable:.0f} GiB of "
+                               f"host memory usable, {z.hbm_usable:.1f} GiB of HBM for KV")
 
 
 def save(result: dict, args) -> None:

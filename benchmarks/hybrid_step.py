@@ -92,8 +92,10 @@ def release_memory(host: bool):
 class SelStream:
     """Page selections int32 [B, HKV, K] per layer with a stated reuse between consecutive cycles."""
 
-    def __init__(self, layers, batch, K, reuse, seed, dev):
-        self.R, self.K, self.free, self.reuse, self.dev = batch * HKV, K, K - SINK - RECENT, reuse, dev
+    def __init__(self, layers, batch, K, reuse, seed, dev, kv_heads=HKV):
+        self.hkv = kv_heads
+        self.R, self.K, self.free, self.reuse, self.dev = batch * kv_heads, K, K - SINK - RECENT, \
+            reuse, dev
         self.gen = torch.Generator(device=dev).manual_seed(seed)
         self.prev = [None] * layers
         self.kept = self.total = 0                 # measured: previous free pages found again
@@ -118,7 +120,7 @@ class SelStream:
         self.prev[layer] = cur
         forced = torch.cat([torch.arange(SINK, device=dev), torch.arange(n - RECENT, n, device=dev)])
         sel = torch.cat([forced[:SINK].expand(R, -1), cur, forced[SINK:].expand(R, -1)], 1)
-        return sel.view(-1, HKV, self.K).to(torch.int32)
+        return sel.view(-1, self.hkv, self.K).to(torch.int32)
 
     def measured(self):
         return self.kept / self.total if self.total else None
