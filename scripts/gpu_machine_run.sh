@@ -30,6 +30,8 @@ for step in "$@"; do
     hybrid_step)   timeout ${HYBRID_STEP_TIMEOUT:-570} python3 benchmarks/hybrid_step.py --out "$OUT" ${HYBRID_STEP_ARGS:-} ;;
     e2e_decode)    timeout ${E2E_TIMEOUT:-570} python3 benchmarks/e2e_decode.py --out "$OUT" ${E2E_ARGS:-} ;;
     head_features) timeout 200 python3 benchmarks/head_features.py --out "$OUT" ;;
+    handoff)       timeout 150 python3 benchmarks/handoff.py --out "$OUT" ${HANDOFF_ARGS:-} ;;
+    gpu_check)     timeout ${GPU_CHECK_TIMEOUT:-540} bash scripts/gpu_check.sh ${GPU_CHECK_ARGS:-} ;;
     carry)         mkdir -p /tmp/carry && cp -v .carry/* /tmp/carry/ ;;
     eval)          timeout ${EVAL_TIMEOUT:-500} bash scripts/device_model.sh python3 -m vortex_hybrid.eval \
                      --device cuda --out "$OUT/eval" ${EVAL_ARGS:-} ;;
