@@ -1,0 +1,217 @@
+"""`Requests`: the request side of `HybridAttention` (a mixin of it): adding, extending and
+removing requests, all or nothing, and the capacity they are measured against.
+
+A prefill (`add_request`, `extend_request`) is refused before anything changes when the pools
+cannot hold it (`OutOfPagesError` naming the sizes); any other failure is undone from a checkpoint
+of the request (`PagedKVCache.checkpoint` / `rollback`: its length and the residency of the pages
+the change may move; the summary store follows the truncation). Host placements stream a prompt
+through the device pool in chunks and offload full pages to the host store as they fill.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional, Sequence
+
+import torch
+
+from ..kv.errors import OutOfPagesError, UnknownRequestError
+from ..kv.paged_kv_cache import Checkpoint
+from .memory_model import HOST_PLACEMENTS
+
+
+class Requests:
+    """Request calls and capacity of `HybridAttention` (module docstring)."""
+
+
+    def capacity(self) -> dict:
+        """What the runtime can take now: `tokens`, how many more tokens (prompts and decode,
+        across requests) its store holds (host placements: the host pool, less the pages that
+        wait to be offloaded; `dense`/`gpu`: the device pool), counting the room left in each
+        request's last page; `pages`, the store's free pages (what a new prompt of `pages x
+        page_size` tokens may take); `requests`, how many more requests the tail pages serve
+        (None: bounded by pages only); `gpu_cache_pages`; and the HBM and host bytes the pools
+        take."""
+        kv, P = self.kv, self.cfg.page_size
+        rids = kv.request_ids
+        tail_room = sum(-kv.seq_len(r) % P for r in rids)
+        if self.placement in HOST_PLACEMENTS:
+            pending = sum(kv.num_full_pages(r) - self._offloaded.get(r, 0) for r in rids)
+            pages, requests = kv.host_alloc.num_free - pending, self.max_requests - len(rids)
+        else:
+            pages, requests = kv.device_alloc.num_free, None
+        pages = max(pages, 0)
+        return {"tokens": pages * P + tail_room, "pages": pages, "requests": requests,
+                "gpu_cache_pages": self.memory.gpu_cache_pages,
+                "device_bytes": self.memory.device_bytes, "host_bytes": self.memory.host_bytes}
+
+
+    @property
+    def max_requests(self) -> Optional[int]:
+        """Host placements: how many requests the device pool's tail pages serve at once (each
+        request keeps its partly filled last page on the device, and a prefill streams through one
+        more page); None for `dense`/`gpu` (bounded by pages only)."""
+        if self.placement not in HOST_PLACEMENTS:
+            return None
+        return self.kv.device_alloc.num_pages - self._slot_pages.numel() - 1
+
+
+    @torch.inference_mode()
+    def add_request(self, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Prefill KV of every layer, k and v [num_layers, T, Hkv, D] (T >= 0); returns the request
+        id. Host placements stream the prompt through the device pool in chunks, offloading full
+        pages to pinned host memory as they fill. All or nothing: when it raises (bad input, too
+        little room: `OutOfPagesError` naming the sizes) no request was added."""
+        self._check_between_steps("add_request")
+        self._check_prefill(k, v)
+        self._check_room(None, k.shape[1])
+        rid = self.kv.create_request()
+        try:
+            self._fill(rid, k, v)
+        except BaseException:
+            self.kv.free_request(rid)
+            self._offloaded.pop(rid, None)
+            raise
+        return rid
+
+
+    @torch.inference_mode()
+    def extend_request(self, rid: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """More prefill KV for a live request (a chunked prefill's next chunk), k and v
+        [num_layers, T, Hkv, D]: appended after its tokens, between steps. All or nothing: when it
+        raises, the request is exactly as before (length, pages, summaries)."""
+        self._check_between_steps("extend_request")
+        self._check_prefill(k, v)
+        rid = self._live(rid)
+        self._check_room(rid, k.shape[1])
+        cp, offloaded = self._checkpoint(rid), self._offloaded.get(rid)
+        try:
+            self._fill(rid, k, v)
+        except BaseException:
+            self._restore([cp], {rid: offloaded})
+            raise
+
+
+    def _live(self, rid) -> int:
+        """`rid` as an int, checked to be a live request (`UnknownRequestError`, a ValueError)."""
+        try:
+            r = operator.index(rid)
+        except TypeError:
+            raise ValueError(f"request id {rid!r} must be an integer") from None
+        if r not in self.kv.request_ids:
+            raise UnknownRequestError(f"unknown request id {r}; live requests: "
+                                      f"{self.kv.request_ids}")
+        return r
+
+
+    def _checkpoint(self, rid: int) -> Checkpoint:
+        """The request's state before a change (`PagedKVCache.checkpoint`) from the first page
+        the change may move: host placements offload full pages from `_offloaded[rid]` on."""
+        first = self._offloaded.get(rid, 0) if self.placement in HOST_PLACEMENTS else \
+            self.kv.num_full_pages(rid)
+        return self.kv.checkpoint(rid, first)
+
+
+    def _restore(self, checkpoints: Sequence[Checkpoint], offloaded: dict) -> None:
+        """Undo a failed change of requests: their pages, lengths and summaries (the store follows
+        the cache's truncation) as at `checkpoints`, and what is known offloaded."""
+        for cp in checkpoints:
+            self.kv.rollback(cp)
+        for rid, n in offloaded.items():
+            if n is None:
+                self._offloaded.pop(rid, None)
+            else:
+                self._offloaded[rid] = n
+
+
+    def _check_room(self, rid: Optional[int], tokens: int) -> None:
+        """Refuse, before anything changes, a prefill of `tokens` more tokens (a new request when
+        rid is None) that the pools cannot hold: `OutOfPagesError` naming the sizes."""
+        P, kv = self.cfg.page_size, self.kv
+        n = 0 if rid is None else kv.seq_len(rid)
+        if self.placement not in HOST_PLACEMENTS:
+            need = -(-(n + tokens) // P) - (-(-n // P))
+            if need > kv.device_alloc.num_free:
+                raise OutOfPagesError(
+                    f"a prefill of {tokens} tokens needs {need} device pages; {kv.device_alloc.num_free}"
+                    f" of {kv.device_alloc.num_pages} are free (finish requests or size the pool "
+                    "larger: device_pages)")
+            return
+        if rid is None and len(kv.request_ids) >= self.max_requests:
+            raise OutOfPagesError(
+                f"{len(kv.request_ids)} requests already hold the device pool's tail pages: at most "
+                f"{self.max_requests} requests at once with {kv.device_alloc.num_pages} device "
+                f"pages and {self._slot_pages.numel()} GPU cache slots (raise device_pages)")
+        need = (n + tokens) // P - self._offloaded.get(rid, 0)
+        if need > kv.host_alloc.num_free:
+            raise OutOfPagesError(
+                f"a prefill of {tokens} tokens needs {need} host pages; {kv.host_alloc.num_free} of "
+                f"{kv.host_alloc.num_pages} are free (finish requests or raise host_memory_gib / "
+                "host_pages)")
+        if kv.device_alloc.num_free < 2:
+            raise OutOfPagesError(
+                f"the device pool has {kv.device_alloc.num_free} free pages; a prefill streams "
+                "through at least 2 (finish requests or raise device_pages)")
+
+
+    def _check_prefill(self, k, v) -> None:
+        want = (self.num_layers, self.num_kv_heads, self.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or \
+                    (t.shape[0], t.shape[2], t.shape[3]) != want or not t.is_floating_point():
+                raise ValueError(f"{name} must be a float tensor [{want[0]}, T, {want[1]}, "
+                                 f"{want[2]}], got {getattr(t, 'dtype', type(t).__name__)} "
+                                 f"{tuple(getattr(t, 'shape', ()))}")
+        if k.shape != v.shape:
+            raise ValueError(f"k shape {tuple(k.shape)} differs from v shape {tuple(v.shape)}")
+        for name, t in (("k", k), ("v", v)):
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):                 # one sync per prefill, never per decode step
+                layer, pos, head, _ = (int(i) for i in bad.nonzero()[0])
+                raise ValueError(f"{name} holds NaN or inf (first at layer {layer}, token {pos}, "
+                                 f"KV head {head}); the KV store takes finite values only")
+
+
+    def _fill(self, rid: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append prefill KV to a request; host placements stream it through the device pool in
+        chunks, offloading full pages to pinned host memory as they fill."""
+        if self.placement not in HOST_PLACEMENTS:
+            self.kv.append(rid, k, v)
+            return
+        P = self.cfg.page_size
+        done, T = 0, k.shape[1]
+        while done < T:
+            room = (self.kv.device_alloc.num_free - 1) * P
+            if room <= 0:                   # _check_room refused this before anything changed
+                raise OutOfPagesError("the device pool has no room for a prefill chunk; raise "
+                                      "device_pages")
+            n = min(T - done, room)
+            self.kv.append(rid, k[:, done:done + n], v[:, done:done + n])
+            self._offload_full(rid)
+            done += n
+
+
+    @torch.inference_mode()
+    def remove_request(self, rid: int) -> None:
+        """Free a request's device, host, cache and summary pages. Refused for a request of a step
+        that is planned or running (other requests may go: the step uses none of their pages)."""
+        rid = self._live(rid)
+        step = self._step
+        if self._open(step) and rid in step.rids:
+            raise ValueError(f"request {rid} is in the current step (layers {step.next_layer}.."
+                             f"{self.num_layers - 1} still to run); remove it after the step, or "
+                             "cancel_step() first")
+        self.kv.free_request(rid)
+        self._offloaded.pop(rid, None)
+        if self._cache is not None:
+            self._cache.remove_request(rid)
+
+
+    def _offload_full(self, rid: int) -> None:
+        """Move the request's full pages that are still device-only to host memory (pages below
+        `_offloaded[rid]` already are: no scan of the whole request per step)."""
+        full = self.kv.num_full_pages(rid)
+        start = self._offloaded.get(rid, 0)
+        if full > start:
+            self.kv.offload(rid, range(start, full))
+        self._offloaded[rid] = full

@@ -1,0 +1,250 @@
+"""`SplitStep`: a layer of the host placements (a mixin of `HybridAttention`), in two GPU parts
+around the CPU hand-off: front (append, select, partition against the GPU page cache, the hybrid
+split of host pages between CPU attention and fetches, the host's share copied to pinned buffers)
+and back (fetch into the cache's slots, attend what the GPU holds); the CPU worker attends the
+host's share between them, and the states merge. Neither part synchronises, so each is one CUDA
+graph replay (`layer_graphs`). docs/runtime.md describes the flow and the split's cost model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from .step_trace import NO_TRACE
+
+if TYPE_CHECKING:
+    from .step_plan import StepPlan
+
+
+class SplitStep:
+    """The host placements' layer (module docstring)."""
+
+
+    def _attend_split(self, step: StepPlan, layer: int, q, k_new, v_new, sel=None,
+                      graphs=None) -> torch.Tensor:
+        """Host placements (or a given selection), in two GPU parts around the CPU hand-off:
+        front (append, select, partition, cache, the host's part copied to pinned buffers) and back
+        (fetch, attend what the GPU holds); the CPU worker starts between them, as soon as the
+        front's copies land, and the merge follows both. Neither part synchronises, so each is
+        one CUDA graph replay when `graphs` is given (docs/runtime.md)."""
+        c, tr = step.counters, self.trace or NO_TRACE
+        host = self.placement != "gpu"
+        inputs = dict(q=q, k_new=k_new, v_new=v_new)
+        if sel is not None:
+            inputs["sel"] = sel
+        with tr.gpu(layer, "select + partition + cache"):
+            front = self._replay(graphs, layer, "front",
+                                 self._front_part(layer, graphs.pinned) if graphs else None,
+                                 self._cache_state(layer), **inputs)
+            if front is None:               # the back part then runs eagerly too
+                graphs = None
+                front = self._front(step, layer, q, k_new, v_new, sel, self._pinned)
+        gsel, table, src, dst, counts, q_host, sel_host = front
+        step.counts += counts
+        ready = None
+        if host and self.device.type == "cuda":
+            ready = self._handoff
+            ready.record()                  # the worker waits for the front's copies only
+        future, out = None, None
+        try:
+            for hand in step.launch_order:      # the list scheduler's order (plan())
+                if hand == "cpu" and host:
+                    future = self._worker.submit(self._cpu_attend, layer, q_host, sel_host,
+                                                 step.host_table, step.lens_cpu, ready)
+                elif hand == "gpu":
+                    with tr.gpu(layer, "fetch + attend"):
+                        out = self._replay(graphs, layer, "back", self._back_part(layer, front))
+                        if out is None:
+                            graphs = None
+                            out = self._back(step, layer, q, gsel, table, src, dst)
+        except BaseException:
+            if future is not None:          # the step's undo must not race the CPU's reads
+                future.exception()
+            raise
+        o, lse = out
+        if future is not None:
+            t0 = time.perf_counter()
+            with tr.host(layer, "wait for the CPU"):
+                part = future.result()
+            c["gpu_wait_s"] += time.perf_counter() - t0
+            if part is not None:
+                o_c, lse_c, n_host = part
+                c["cpu_pages"] += n_host
+                with tr.gpu(layer, "merge"):
+                    o, lse = self._gpu.merge(o, lse, o_c.to(self.device), lse_c.to(self.device))
+                return o.to(q.dtype)
+        return o.to(q.dtype) if graphs is None or o.dtype != q.dtype else o.clone()
+
+
+    def _front_part(self, layer: int, pinned):
+        def body(step: StepPlan, inp: dict) -> tuple:
+            return self._front(step, layer, inp["q"], inp["k_new"], inp["v_new"], inp.get("sel"),
+                               pinned)
+        return body
+
+
+    def _cache_state(self, layer: int) -> tuple:
+        """The tensors a front part changes (the page cache's layer), for graph capture."""
+        return () if self._cache is None else self._cache.state(layer)
+
+
+    def _back_part(self, layer: int, front: tuple):
+        def body(step: StepPlan, inp: dict) -> tuple:
+            return self._back(step, layer, inp["q"], *front[:4])
+        return body
+
+
+    def _front(self, step: StepPlan, layer: int, q, k_new, v_new, sel, pinned) -> tuple:
+        """Append, select, partition (GPU page cache, hybrid split), and copy the host's part of
+        the selection and q to pinned buffers for the CPU worker. No sync. Returns (the GPU's
+        selection, its page table, fetch sources, fetch destinations (-1: none), counts [5], q and
+        the selection on the host). The page cache's layer is checkpointed first (for a failed
+        step's undo)."""
+        if self._cache is not None:
+            self._cache.checkpoint(layer)
+        self._append(step, layer, k_new, v_new)
+        if sel is None:
+            sel = self._select(step, layer, q)
+        chosen = sel >= 0
+        flat = sel.clamp_min(0).flatten(1).to(torch.int64)                # [B, Hkv * K]
+        table, src, dst = step.dev_table, None, None
+        zero = torch.zeros((), dtype=torch.int64, device=self.device)
+        cache_counts = [zero] * 4                 # fetched, hits, misses, evictions
+        if self._cache is not None:
+            table, src, dst, cache_counts = self._cache_table(step, layer, sel, chosen, flat, table)
+        on_gpu = chosen & (torch.gather(table, 1, flat).view_as(sel) >= 0)
+        counts = torch.stack([on_gpu.sum(), *cache_counts])
+        q_host = sel_host = None
+        if self.placement != "gpu":
+            host_sel = torch.where(chosen & ~on_gpu, sel, -1)
+            if self.device.type == "cuda":
+                q_host = pinned.get("q", q.shape, q.dtype)
+                sel_host = pinned.get("sel", host_sel.shape, host_sel.dtype)
+                q_host.copy_(q, non_blocking=True)
+                sel_host.copy_(host_sel, non_blocking=True)
+            else:
+                q_host, sel_host = q, host_sel
+        return torch.where(on_gpu, sel, -1), table, src, dst, counts, q_host, sel_host
+
+
+    def _back(self, step: StepPlan, layer: int, q, gsel, table, src, dst) -> tuple:
+        """Fetch the pages the front chose into their slots, then attend what the GPU holds."""
+        if src is not None:
+            self._copy_pages(layer, src, dst)
+        k_pool, v_pool = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
+        return self._gpu.attend(q, k_pool, v_pool, table, step.lens, gsel)
+
+
+    def _cache_table(self, step: StepPlan, layer: int, sel, chosen, flat, dev_table) -> tuple:
+        """This layer's table with the GPU page cache, and the copy to make: host pages that are
+        cached map to their slots; misses chosen for fetching get slots, and (src host pages, dst
+        device pages, -1 where unused) is returned for the back part to copy (one copy per page);
+        the rest stays with the CPU. All on the device, no sync; counts (fetched, hits, misses,
+        evictions) as device scalars."""
+        cache = self._cache
+        B, W = dev_table.shape
+        slots = cache.table(layer, step.cache_rows, W)
+        host_sel = chosen & (torch.gather(dev_table, 1, flat).view_as(sel) < 0)   # host pages
+        heads = torch.zeros(B, W, dtype=torch.int32, device=self.device)
+        heads.scatter_add_(1, flat, host_sel.flatten(1).to(torch.int32))      # heads per page
+        wanted = heads > 0
+        if self.placement == "offload":
+            to_fetch = wanted
+        elif step.shape == "subbatch":          # the CPU's sub-batch fetches nothing
+            to_fetch = wanted & (slots < 0) & ~step.cpu_rows[:, None]
+        else:
+            reuse = cache.reuse[layer].index_select(0, step.cache_rows)       # last step's
+            to_fetch = self._hybrid_fetch(heads, wanted & (slots < 0), reuse, wanted.sum())
+        plan = cache.step(layer, step.cache_rows, slots, wanted, to_fetch)
+        ok = plan.slots >= 0
+        src = torch.where(ok, step.host_table_dev[plan.rows.clamp_min(0), plan.pages.clamp_min(0)]
+                          .to(torch.int64), -1)
+        dst = torch.where(ok, self._slot_pages[plan.slots.clamp_min(0)], -1)
+        slots = cache.table(layer, step.cache_rows, W)                    # with this step's fetches
+        cached = torch.where(slots >= 0, self._slot_pages[slots.clamp_min(0).to(torch.int64)], -1)
+        table = torch.where(dev_table >= 0, dev_table, cached.to(dev_table.dtype))
+        return table, src, dst, [plan.count, plan.hits, plan.misses, plan.evictions]
+
+
+    def _hybrid_fetch(self, heads: torch.Tensor, misses: torch.Tensor, reuse: torch.Tensor,
+                      wanted: torch.Tensor) -> torch.Tensor:
+        """Which misses to fetch. The CPU attends a missing page reading only the heads that
+        selected it, every step it is selected; a fetch copies all heads once, and the copy serves
+        the following steps too while the page stays selected and cached. So a fetch is charged
+        its amortised cost: copy time x (1 - reuse x survival), reuse = the request's measured
+        selection reuse (`GpuPageCache.reuse`), survival = min(1, slots / pages wanted this step).
+        Both draw on host DRAM at once, so their concurrent rates apply (docs/hardware.md). Pages
+        go to the copy in order of heads served per amortised cost, until the copy would end after
+        the CPU's remaining work: the two then finish together. All on the device, no sync."""
+        survive = (self._cache.num_slots / wanted.clamp_min(1).to(torch.float64)).clamp_max(1.0)
+        factor = (1 - reuse.to(torch.float64) * survive).clamp_min(0.05)        # [B]
+        counts = torch.where(misses, heads, 0)
+        cost = factor[:, None].expand_as(counts).flatten()
+        counts = counts.flatten()
+        order = torch.argsort(counts / cost, descending=True)
+        n = counts[order].to(torch.float64)
+        cpu_s = self._head_bytes / self._costs.cpu_attn_bw_concurrent
+        copy = torch.cumsum(cost[order], 0) * \
+            (self.num_kv_heads * self._head_bytes / self._costs.h2d_bw_concurrent)
+        cpu_after = (n.sum() - torch.cumsum(n, 0)) * cpu_s
+        ok = ~((copy > cpu_after) & (copy > cpu_after + n * cpu_s)) & (n > 0)
+        keep = torch.cumprod(ok.to(torch.int8), 0).bool()                 # up to the first stop
+        out = torch.zeros_like(counts, dtype=torch.bool)
+        out[order] = keep
+        return out.view_as(misses)
+
+
+    def _copy_pages(self, layer: int, src: torch.Tensor, dst: torch.Tensor) -> None:
+        hk, hv = self.kv.host_pool.k[layer], self.kv.host_pool.v[layer]
+        dk, dv = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
+        if self.device.type == "cuda":
+            from ..gpu_kernels.gather_pages import launch_gather_pages
+            launch_gather_pages(hk, hv, src, dk, dv, dst)
+        else:                           # the torch stand-in (no CUDA): a sync is free here
+            keep = src >= 0
+            src, dst = src[keep], dst[keep]
+            dk.index_copy_(0, dst, hk.index_select(0, src))
+            dv.index_copy_(0, dst, hv.index_select(0, src))
+
+
+    def _cpu_attend(self, layer, q, sel, host_table, lens, ready):
+        """On the worker: wait for the front's copies (`ready`, a CUDA event), then attend the
+        host part of the selection; (o, lse, page-heads attended), or None when there is none."""
+        from .. import cpu_kernels
+        if ready is not None:
+            ready.synchronize()
+        n = int((sel >= 0).sum())
+        if n == 0:
+            return None
+        k_pool, v_pool = self.kv.host_pool.k[layer], self.kv.host_pool.v[layer]
+        tok = None if self.head_budgets is None else self.head_budgets.token_heads[layer]
+        with (self.trace or NO_TRACE).host(layer, "attend host pages", "cpu"):
+            if tok is None:
+                o, lse = cpu_kernels.launch_sparse_decode_attention(q, k_pool, v_pool, host_table,
+                                                                    lens, sel)
+            else:
+                o, lse = self._cpu_attend_by_granularity(q, k_pool, v_pool, host_table, lens,
+                                                         sel, tok)
+        return o, lse, n
+
+
+    def _cpu_attend_by_granularity(self, q, k_pool, v_pool, host_table, lens, sel, tok):
+        """Page heads attend their host pages whole; token heads (calibration) keep, of theirs,
+        the best `token_share` of the tokens (at least: k_tokens is one count for the batch, from
+        the row with the most host pages), by the group's largest score; the states merge."""
+        from .. import cpu_kernels
+        heads = tok[None, :, None]
+        o, lse = cpu_kernels.launch_sparse_decode_attention(
+            q, k_pool, v_pool, host_table, lens, torch.where(heads, -1, sel))
+        cand = torch.where(heads, sel, -1)
+        most = int((cand >= 0).sum(-1).max())
+        if most == 0:
+            return o, lse
+        k_tokens = math.ceil(self.calibration.token_share * most * self.cfg.page_size)
+        o_t, lse_t, _ = cpu_kernels.launch_token_topk_attention(q, k_pool, v_pool, host_table,
+                                                                lens, cand, k_tokens)
+        return cpu_kernels.merge_states(o, lse, o_t, lse_t)
