@@ -97,6 +97,22 @@ def reference_logits(ref64, cfg, ids, prefill: int, dense: bool = False):
 SPARSE_BUDGET = 6          # pages; the prompt holds 12, the last step 15
 
 
+def assert_sparse_logits_equal_reference(ours, ref64, placement, ids, prompt, seed):
+    """Teacher-forced logits of `ours` at SPARSE_BUDGET after `prompt` tokens equal the float64
+    reference's over the flow's selection, and dense attention is far from them (the test can
+    tell an ignored selection); returns the cache and the reference's selection log."""
+    cache = cache_for(ours, placement, budget=SPARSE_BUDGET)
+    got = teacher_forced(ours, ids, prompt, cache).double()
+    want, log = reference_logits(ref64, cache.runtime.cfg, ids, prompt)
+    dense, _ = reference_logits(ref64, cache.runtime.cfg, ids, prompt, dense=True)
+    scale = want.abs().max()
+    err = ((got - want).abs().max() / scale).item()
+    gap = ((dense - want).abs().max() / scale).item()
+    assert err < 1e-4, f"{placement} seed {seed}: relative logit error {err:.2e} (dense: {gap:.2e})"
+    assert gap > 0.1, f"seed {seed}: sparse and dense differ by only {gap:.2e}: the test cannot tell"
+    return cache, log
+
+
 @pytest.mark.parametrize("placement", ["gpu", "cpu", "offload", "hybrid"])
 def test_sparse_budget_logits_equal_float64_attention_over_the_flows_selection(placement):
     """Prompt of 48 tokens (12 pages), 12 teacher-forced decode steps at a budget of 6 pages (1 sink,
@@ -105,15 +121,7 @@ def test_sparse_budget_logits_equal_float64_attention_over_the_flows_selection(p
     seed = test_seed()
     ours, ref64 = tiny_llama(ATTN_IMPLEMENTATION, seed), tiny_llama("sdpa", seed).double()
     ids = torch.randint(0, 97, (2, 60), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-    cache = cache_for(ours, placement, budget=SPARSE_BUDGET)
-    got = teacher_forced(ours, ids, 48, cache).double()
-    want, log = reference_logits(ref64, cache.runtime.cfg, ids, 48)
-    dense, _ = reference_logits(ref64, cache.runtime.cfg, ids, 48, dense=True)
-    scale = want.abs().max()
-    err = ((got - want).abs().max() / scale).item()
-    gap = ((dense - want).abs().max() / scale).item()
-    assert err < 1e-4, f"{placement} seed {seed}: relative logit error {err:.2e} (dense: {gap:.2e})"
-    assert gap > 0.1, f"seed {seed}: sparse and dense differ by only {gap:.2e}: the test cannot tell"
+    cache, log = assert_sparse_logits_equal_reference(ours, ref64, placement, ids, 48, seed)
     assert len(log) == 12 * 2 * 2 and all((sel >= 0).sum() == 2 * SPARSE_BUDGET for *_, sel in log)
     assert cache.stats()["totals"]["steps"] == 12
     cache.close()
@@ -229,14 +237,6 @@ def test_gemma3_sparse_budget_equals_float64_reference_with_dense_sliding_layers
     seed = test_seed()
     ours, ref64 = tiny_gemma3(ATTN_IMPLEMENTATION, seed), tiny_gemma3("sdpa", seed).double()
     ids = torch.randint(0, 97, (1, 72), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-    cache = cache_for(ours, placement, budget=SPARSE_BUDGET)
-    got = teacher_forced(ours, ids, 60, cache).double()
-    want, log = reference_logits(ref64, cache.runtime.cfg, ids, 60)
-    dense, _ = reference_logits(ref64, cache.runtime.cfg, ids, 60, dense=True)
-    scale = want.abs().max()
-    err = ((got - want).abs().max() / scale).item()
-    gap = ((dense - want).abs().max() / scale).item()
-    assert err < 1e-4, f"{placement} seed {seed}: relative logit error {err:.2e} (dense: {gap:.2e})"
-    assert gap > 0.1, f"seed {seed}: sparse and dense differ by only {gap:.2e}: the test cannot tell"
+    cache, log = assert_sparse_logits_equal_reference(ours, ref64, placement, ids, 60, seed)
     assert {layer for layer, *_ in log} == {1, 3}       # the full-attention layers only
     cache.close()
