@@ -138,16 +138,17 @@ def test_host_memory_gib_and_cpu_threads_do_what_their_docstrings_say(monkeypatc
                                       ("gpu", None, 0),
                                       ("offload", 0.001, int(0.001 * GIB) // page_bytes)):
             cfg = HybridConfig(placement=placement, gpu_cache_pages=5, host_memory_gib=gib,
-                               kv_dtype="float32")
+                               kv_dtype="float32", gpu_memory_gib=0.01)
             attn = HybridAttention(cfg, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=8)
             assert attn.kv.host_pool.num_pages == pages, placement
             attn.close()
         monkeypatch.setattr(os, "cpu_count", lambda: 2)
         cpu_kernels.set_cpu_threads(2)
-        HybridAttention(HybridConfig(placement="cpu"), 1, 2, 2, 8).close()
+        HybridAttention(HybridConfig(placement="cpu", gpu_memory_gib=0.01), 1, 2, 2, 8).close()
         assert cpu_kernels.cpu_threads() == 1                   # 2 cores less the driving one
         cpu_kernels.set_cpu_threads(1)
-        HybridAttention(HybridConfig(placement="cpu", cpu_threads=2), 1, 2, 2, 8).close()
+        HybridAttention(HybridConfig(placement="cpu", cpu_threads=2, gpu_memory_gib=0.01), 1, 2, 2,
+                        8).close()
         assert cpu_kernels.cpu_threads() == min(2, cpu_kernels.threads.max_threads())
     finally:
         cpu_kernels.set_cpu_threads(before)

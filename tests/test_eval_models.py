@@ -56,7 +56,7 @@ def test_the_built_in_model_loads_and_generates_the_same_with_the_runtime():
               return_tensors="pt").input_ids
     want = ref.generate(ids, max_new_tokens=6, do_sample=False)
     cache = HybridCache(ours, HybridConfig(placement="hybrid", budget_pages=1000, budget_ratio=None,
-                                           kv_dtype="float32", gpu_cache_pages=32))
+                                           kv_dtype="float32", gpu_cache_pages=32, host_memory_gib=0.5))
     got = ours.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
     cache.close()
     assert torch.equal(got, want), (tok.decode(got[0]), tok.decode(want[0]))

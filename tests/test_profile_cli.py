@@ -163,10 +163,10 @@ def test_a_calibration_for_another_model_name_is_refused_by_eval_and_hybrid_cach
     assert "was made with model='llama', but the evaluation has model='other-llama'; re-run " \
            "python -m vortex_hybrid.profile for this model" in err and "\n" not in err
     cfg = HybridConfig(placement="gpu", flow="centroid", calibration=str(calibration))
-    HybridCache(AutoModelForCausalLM.from_pretrained(model_dir), cfg, device_pages=64).close()
+    HybridCache(AutoModelForCausalLM.from_pretrained(model_dir), cfg, device_pages=64, host_pages=64).close()
     with pytest.raises(ValueError, match="was made with model='llama', but the HybridCache has "
                                          "model='other-llama'"):
-        HybridCache(AutoModelForCausalLM.from_pretrained(other), cfg, device_pages=64)
+        HybridCache(AutoModelForCausalLM.from_pretrained(other), cfg, device_pages=64, host_pages=64)
 
 
 def test_the_command_line_measures_the_machine_for_the_runtime(model_dir, tmp_path):

@@ -89,7 +89,7 @@ def test_readme_calibration_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), scope)
     model = AutoModelForCausalLM.from_pretrained(model_dir,
                                                  attn_implementation=ATTN_IMPLEMENTATION).eval()
-    cache = HybridCache(model, scope["cfg"], costs=DEFAULTS)
+    cache = HybridCache(model, scope["cfg"], costs=DEFAULTS, device_pages=300, host_pages=256)
     assert cache.runtime.head_budgets is not None             # the file's per-head budgets
     ids = torch.randint(0, model.config.vocab_size, (1, 200))
     out = model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False)

@@ -530,8 +530,21 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep):
         return {"last_step": dict(self._last), "totals": dict(self._totals)}
 
     def close(self) -> None:
+        """Stop the CPU worker and release the pools, summaries, page cache and graphs now (not
+        when the garbage collector finds the object): a runtime built next gets this memory.
+        Nothing may be called on the runtime afterwards."""
         if self._worker is not None:
             self._worker.close()
+            self._worker = None
+        self._step = None
+        self._graphs = self._cache = self.store = self.head_budgets = None
+        self._slot_pages = None
+        if self.kv is not None:
+            for pool in (self.kv.device_pool, self.kv.host_pool):
+                pool.k = pool.v = None
+            self.kv = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 class _TorchGpu:

@@ -129,8 +129,9 @@ def plan_memory(cfg: HybridConfig, num_layers: int, num_kv_heads: int, head_dim:
         flow = load_flow(cfg.flow, **dict(cfg.extra))
         row = summary_bytes(flow, num_layers, 1, num_kv_heads, cfg.page_size, head_dim,
                             getattr(torch, cfg.summary_dtype))
-    gpu = gpu_budget(cfg, gpu_free_bytes)
-    hostb = host_budget(cfg, host_available_bytes) if host else 0
+    gpu = gpu_budget(cfg, gpu_free_bytes) if device_pages is None else 0   # explicit: not used
+    hostb = host_budget(cfg, host_available_bytes) if host and (
+        host_pages is None or cfg.host_memory_gib is not None) else 0
     on_device = cfg.summary_location != "host" and row > 0
     if not host:
         per_page = page + (row if on_device else 0)
