@@ -230,15 +230,15 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep):
         free again. Nothing to do when no step is open."""
         step = self._step
         if self._open(step):
-            self._abort(step, step.next_layer - 1)
+            self._abort(step)
 
-    def _abort(self, step: StepPlan, last_layer: int) -> None:
-        """Undo a step whose layers up to `last_layer` ran (or began): the page cache's layers
-        0..last_layer and its clock, the requests' pages, lengths and summaries (checkpoints
-        taken by plan()). The step's counters are never added to the totals."""
+    def _abort(self, step: StepPlan) -> None:
+        """Undo a step: the page cache's layers whose front part began (each checkpointed itself
+        first: `step.fronts`) and its clock, the requests' pages, lengths and summaries
+        (checkpoints taken by plan()). The step's counters are never added to the totals."""
         self._step = None
         if self._cache is not None and step.cache_rows is not None:
-            for layer in range(last_layer + 1):
+            for layer in range(step.fronts):
                 self._cache.restore(layer)
             self._cache.undo_step()
             for rid in step.cache_new:
@@ -263,7 +263,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep):
         if len(set(rids)) != len(rids):
             raise ValueError(f"rids lists a request twice: {rids}")
         if self._open(step):
-            self._abort(step, -1)                     # replaced: nothing of it ran
+            self._abort(step)                         # replaced: nothing of it ran
         self._check_step_room(rids)
         host = self.placement in HOST_PLACEMENTS
         checkpoints = [self._checkpoint(r) for r in rids]
@@ -396,7 +396,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep):
             with (self.trace or NO_TRACE).host(layer, "run()"):
                 o = self._run_layer(step, layer, q, k_new, v_new, sel)
         except BaseException:
-            self._abort(step, layer)        # the whole step is undone: plan() again to retry
+            self._abort(step)               # the whole step is undone: plan() again to retry
             raise
         step.next_layer += 1
         step.counters["step_host_s"] += time.perf_counter() - t0

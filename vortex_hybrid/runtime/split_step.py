@@ -36,6 +36,7 @@ class SplitStep:
         inputs = dict(q=q, k_new=k_new, v_new=v_new)
         if sel is not None:
             inputs["sel"] = sel
+        step.fronts = layer + 1             # its cache layer is checkpointed first (the undo)
         with tr.gpu(layer, "select + partition + cache"):
             front = self._replay(graphs, layer, "front",
                                  self._front_part(layer, graphs.pinned) if graphs else None,

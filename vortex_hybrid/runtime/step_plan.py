@@ -54,6 +54,7 @@ class StepPlan:
     checkpoints: list = field(default_factory=list)  # the requests before plan() (its undo)
     offloaded: dict = field(default_factory=dict)    # their offloaded page counts before it
     cache_new: list = field(default_factory=list)    # requests the page cache first saw here
+    fronts: int = 0                                  # layers whose front part began (cache undo)
 
 
 def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial: int,
