@@ -193,16 +193,26 @@ def test_the_command_line_measures_the_machine_for_the_runtime(model_dir, tmp_pa
     assert "wrote" in run.stdout
 
 
-def test_retarget_chooses_again_from_the_stored_curves(calibration, tmp_path, capsys):
+@pytest.mark.parametrize("target", [0.6, 0.8])          # 0.8: a head takes token granularity
+def test_retarget_chooses_again_from_the_stored_curves(calibration, tmp_path, capsys, target):
     from vortex_hybrid.predictors import select_budgets
+    from vortex_hybrid.predictors.head_properties import token_cost
     out = tmp_path / "loose.json"
-    assert main(["--retarget", str(calibration), "--error-target", "0.6", "--out", str(out)]) == 0
+    assert main(["--retarget", str(calibration), "--error-target", str(target), "--out",
+                 str(out)]) == 0
     old, new = Calibration.load(calibration), Calibration.load(out)
     E = np.asarray(old.extra["error_curves"])
     L, H, R = E.shape
-    want = select_budgets(E.reshape(L * H, R), old.extra["pages_curve"], 0.6)
-    assert new.budgets.tolist() == np.asarray(old.extra["ladder"])[want.index].reshape(L, H).tolist()
-    assert new.error_target == 0.6 and new.budgets.mean() <= old.budgets.mean()
+    pages = np.asarray(old.extra["pages_curve"])
+    # the profile ran with --granularity auto: each head may also take the ladder at token
+    # granularity, at token_cost of the pages' bytes (on a GPU the curves make one head pick it)
+    options = np.concatenate([E, np.asarray(old.extra["token_error_curves"])], -1)
+    cost = np.concatenate([pages, pages * token_cost(old.token_share)])
+    want = select_budgets(options.reshape(L * H, 2 * R), cost, target)
+    ladder = np.asarray(old.extra["ladder"])
+    assert new.budgets.tolist() == ladder[want.index % R].reshape(L, H).tolist()
+    assert new.granularity == np.where(want.index // R == 1, "token", "page").reshape(L, H).tolist()
+    assert new.error_target == target and new.budgets.mean() <= old.budgets.mean()
     assert new.extra["summary"]["per_head"]["mean_error"] == pytest.approx(want.mean_error)
     with pytest.raises(SystemExit) as exc:
         main(["--retarget", str(tmp_path / "none.json"), "--out", str(tmp_path / "x.json")])
