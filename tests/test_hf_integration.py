@@ -60,15 +60,20 @@ def test_teacher_forced_logits_equal_sdpa_at_full_budget(placement):
     cache.close()
 
 
+def left_padded_batch(seed: int, length: int, pad: int):
+    """Two rows of `length` token ids, the second left-padded by `pad` (id 0, mask 0), on DEVICE,
+    and the greedy generate() arguments for 12 new tokens."""
+    ids = torch.randint(1, 97, (2, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(2, length, dtype=torch.long)
+    ids[1, :pad], mask[1, :pad] = 0, 0
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    return ids, dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+
+
 def test_generate_with_a_padded_batch_equals_sdpa_token_for_token():
     seed = test_seed()
     ours, ref = tiny_llama(ATTN_IMPLEMENTATION, seed), tiny_llama("sdpa", seed)
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 97, (2, 26), generator=gen)
-    mask = torch.ones(2, 26, dtype=torch.long)
-    ids[1, :9], mask[1, :9] = 0, 0                      # row 1: 17 real tokens, left-padded
-    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
-    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    ids, kw = left_padded_batch(seed, 26, 9)            # row 1: 17 real tokens
     want = ref.generate(ids, **kw)
     cache = cache_for(ours, "hybrid")
     got = ours.generate(ids, past_key_values=cache, **kw)
@@ -132,12 +137,7 @@ def test_sparse_generate_with_a_padded_batch_equals_the_float64_reference():
     reference cuts them; greedy tokens equal the reference's."""
     seed = test_seed()
     ours, ref64 = tiny_llama(ATTN_IMPLEMENTATION, seed), tiny_llama("sdpa", seed).double()
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 97, (2, 50), generator=gen)
-    mask = torch.ones(2, 50, dtype=torch.long)
-    ids[1, :13], mask[1, :13] = 0, 0                    # row 1: 37 real tokens, left-padded
-    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
-    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    ids, kw = left_padded_batch(seed, 50, 13)           # row 1: 37 real tokens
     cache = cache_for(ours, "hybrid", budget=SPARSE_BUDGET)
     got = ours.generate(ids, past_key_values=cache, **kw)
     with sparse_reference(ref64, cache.runtime.cfg):
