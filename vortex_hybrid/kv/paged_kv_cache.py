@@ -157,10 +157,11 @@ class PagedKVCache:
     def num_full_pages(self, rid: int) -> int:
         return self._req(rid).seq_len // self.page_size
 
-    def residency(self, rid: int) -> list[tuple[int, int]]:
-        """Per logical page: (device page or -1, host page or -1)."""
+    def residency(self, rid: int, start: int = 0, stop: Optional[int] = None
+                  ) -> list[tuple[int, int]]:
+        """Per logical page of [start, stop) (default: all): (device page or -1, host page or -1)."""
         r = self._req(rid)
-        return list(zip(r.device_pages, r.host_pages))
+        return list(zip(r.device_pages[start:stop], r.host_pages[start:stop]))
 
     def free_request(self, rid: int) -> None:
         """Return every page of a finished request to its pool (and tell the freed listeners)."""

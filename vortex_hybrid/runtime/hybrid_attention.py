@@ -310,7 +310,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep):
             for r in rids:
                 start, full = self._offloaded.get(r, 0), kv.num_full_pages(r)
                 to_host += full - start
-                freed += sum(1 for d, _ in kv.residency(r)[start:full] if d >= 0)
+                freed += sum(1 for d, _ in kv.residency(r, start, full) if d >= 0)
             if to_host > kv.host_alloc.num_free:
                 raise OutOfPagesError(
                     f"the step offloads {to_host} full pages but {kv.host_alloc.num_free} of "
