@@ -144,6 +144,10 @@ class PagedKVCache:
             raise UnknownRequestError(f"request {rid!r} does not exist (never created or already "
                                       f"freed); live requests: {sorted(self._requests)}") from None
 
+    def has_request(self, rid: int) -> bool:
+        """Whether `rid` is a live request (no sort of every id, unlike `request_ids`)."""
+        return rid in self._requests
+
     @property
     def request_ids(self) -> list[int]:
         return sorted(self._requests)

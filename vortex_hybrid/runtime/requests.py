@@ -98,7 +98,7 @@ class Requests:
             r = operator.index(rid)
         except TypeError:
             raise ValueError(f"request id {rid!r} must be an integer") from None
-        if r not in self.kv.request_ids:
+        if not self.kv.has_request(r):
             raise UnknownRequestError(f"unknown request id {r}; live requests: "
                                       f"{self.kv.request_ids}")
         return r
