@@ -208,7 +208,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep):
             return None
         return np.clip(per_layer.mean(1), 0.0, 1.0)
 
-    # ---- requests ---------------------------------------------------------------------------
+    # ---- the open step: refused changes, undo ----------------------------------------------
     def _open(self, step: Optional[StepPlan]) -> bool:
         """Whether `step` is planned or running (layers still to run)."""
         return step is not None and step.next_layer < self.num_layers

@@ -23,7 +23,6 @@ from .memory_model import HOST_PLACEMENTS
 class Requests:
     """Request calls and capacity of `HybridAttention` (module docstring)."""
 
-
     def capacity(self) -> dict:
         """What the runtime can take now: `tokens`, how many more tokens (prompts and decode,
         across requests) its store holds (host placements: the host pool, less the pages that
@@ -45,7 +44,6 @@ class Requests:
                 "gpu_cache_pages": self.memory.gpu_cache_pages,
                 "device_bytes": self.memory.device_bytes, "host_bytes": self.memory.host_bytes}
 
-
     @property
     def max_requests(self) -> Optional[int]:
         """Host placements: how many requests the device pool's tail pages serve at once (each
@@ -54,7 +52,6 @@ class Requests:
         if self.placement not in HOST_PLACEMENTS:
             return None
         return self.kv.device_alloc.num_pages - self._slot_pages.numel() - 1
-
 
     @torch.inference_mode()
     def add_request(self, k: torch.Tensor, v: torch.Tensor) -> int:
@@ -74,7 +71,6 @@ class Requests:
             raise
         return rid
 
-
     @torch.inference_mode()
     def extend_request(self, rid: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """More prefill KV for a live request (a chunked prefill's next chunk), k and v
@@ -91,7 +87,6 @@ class Requests:
             self._restore([cp], {rid: offloaded})
             raise
 
-
     def _live(self, rid) -> int:
         """`rid` as an int, checked to be a live request (`UnknownRequestError`, a ValueError)."""
         try:
@@ -103,14 +98,12 @@ class Requests:
                                       f"{self.kv.request_ids}")
         return r
 
-
     def _checkpoint(self, rid: int) -> Checkpoint:
         """The request's state before a change (`PagedKVCache.checkpoint`) from the first page
         the change may move: host placements offload full pages from `_offloaded[rid]` on."""
         first = self._offloaded.get(rid, 0) if self.placement in HOST_PLACEMENTS else \
             self.kv.num_full_pages(rid)
         return self.kv.checkpoint(rid, first)
-
 
     def _restore(self, checkpoints: Sequence[Checkpoint], offloaded: dict) -> None:
         """Undo a failed change of requests: their pages, lengths and summaries (the store follows
@@ -122,7 +115,6 @@ class Requests:
                 self._offloaded.pop(rid, None)
             else:
                 self._offloaded[rid] = n
-
 
     def _check_room(self, rid: Optional[int], tokens: int) -> None:
         """Refuse, before anything changes, a prefill of `tokens` more tokens (a new request when
@@ -153,7 +145,6 @@ class Requests:
                 f"the device pool has {kv.device_alloc.num_free} free pages; a prefill streams "
                 "through at least 2 (finish requests or raise device_pages)")
 
-
     def _check_prefill(self, k, v) -> None:
         want = (self.num_layers, self.num_kv_heads, self.head_dim)
         for name, t in (("k", k), ("v", v)):
@@ -170,7 +161,6 @@ class Requests:
                 layer, pos, head, _ = (int(i) for i in bad.nonzero()[0])
                 raise ValueError(f"{name} holds NaN or inf (first at layer {layer}, token {pos}, "
                                  f"KV head {head}); the KV store takes finite values only")
-
 
     def _fill(self, rid: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append prefill KV to a request; host placements stream it through the device pool in
@@ -190,7 +180,6 @@ class Requests:
             self._offload_full(rid)
             done += n
 
-
     @torch.inference_mode()
     def remove_request(self, rid: int) -> None:
         """Free a request's device, host, cache and summary pages. Refused for a request of a step
@@ -205,7 +194,6 @@ class Requests:
         self._offloaded.pop(rid, None)
         if self._cache is not None:
             self._cache.remove_request(rid)
-
 
     def _offload_full(self, rid: int) -> None:
         """Move the request's full pages that are still device-only to host memory (pages below

@@ -17,13 +17,11 @@ if TYPE_CHECKING:
 class ResidentStep:
     """The resident layer (module docstring)."""
 
-
     def _resident_part(self, layer: int):
         def body(step: StepPlan, inp: dict) -> tuple:
             self._append(step, layer, inp["k_new"], inp["v_new"])
             return (self.attend_resident(step, layer, inp["q"]),)
         return body
-
 
     def attend_resident(self, step: StepPlan, layer: int, q: torch.Tensor) -> torch.Tensor:
         """`dense` and `gpu`: every page is in the device pool; select (gpu) and attend. Pure GPU

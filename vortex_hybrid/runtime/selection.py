@@ -17,7 +17,6 @@ if TYPE_CHECKING:
 class Selection:
     """Selection of a layer's pages (module docstring)."""
 
-
     def _select(self, step: StepPlan, layer: int, q: torch.Tensor) -> torch.Tensor:
         """sel int32 [B, Hkv, width]: each row at its own budget (-1 padded to the widest); with a
         calibration, each (row, KV head) at its own (`head_budgets`)."""
@@ -36,7 +35,6 @@ class Selection:
                                     self.cfg.recent_pages, check=False)
             sel[rows.to(self.device), :, :budget] = part
         return sel
-
 
     def _select_per_head(self, step: StepPlan, layer: int, q: torch.Tensor) -> torch.Tensor:
         sel = torch.full((len(step.rids), self.num_kv_heads, step.width), -1, dtype=torch.int32,

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 class SplitStep:
     """The host placements' layer (module docstring)."""
 
-
     def _attend_split(self, step: StepPlan, layer: int, q, k_new, v_new, sel=None,
                       graphs=None) -> torch.Tensor:
         """Host placements (or a given selection), in two GPU parts around the CPU hand-off:
@@ -80,24 +79,20 @@ class SplitStep:
                 return o.to(q.dtype)
         return o.to(q.dtype) if graphs is None or o.dtype != q.dtype else o.clone()
 
-
     def _front_part(self, layer: int, pinned):
         def body(step: StepPlan, inp: dict) -> tuple:
             return self._front(step, layer, inp["q"], inp["k_new"], inp["v_new"], inp.get("sel"),
                                pinned)
         return body
 
-
     def _cache_state(self, layer: int) -> tuple:
         """The tensors a front part changes (the page cache's layer), for graph capture."""
         return () if self._cache is None else self._cache.state(layer)
-
 
     def _back_part(self, layer: int, front: tuple):
         def body(step: StepPlan, inp: dict) -> tuple:
             return self._back(step, layer, inp["q"], *front[:4])
         return body
-
 
     def _front(self, step: StepPlan, layer: int, q, k_new, v_new, sel, pinned) -> tuple:
         """Append, select, partition (GPU page cache, hybrid split), and copy the host's part of
@@ -131,14 +126,12 @@ class SplitStep:
                 q_host, sel_host = q, host_sel
         return torch.where(on_gpu, sel, -1), table, src, dst, counts, q_host, sel_host
 
-
     def _back(self, step: StepPlan, layer: int, q, gsel, table, src, dst) -> tuple:
         """Fetch the pages the front chose into their slots, then attend what the GPU holds."""
         if src is not None:
             self._copy_pages(layer, src, dst)
         k_pool, v_pool = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
         return self._gpu.attend(q, k_pool, v_pool, table, step.lens, gsel)
-
 
     def _cache_table(self, step: StepPlan, layer: int, sel, chosen, flat, dev_table) -> tuple:
         """This layer's table with the GPU page cache, and the copy to make: host pages that are
@@ -170,7 +163,6 @@ class SplitStep:
         table = torch.where(dev_table >= 0, dev_table, cached.to(dev_table.dtype))
         return table, src, dst, [plan.count, plan.hits, plan.misses, plan.evictions]
 
-
     def _hybrid_fetch(self, heads: torch.Tensor, misses: torch.Tensor, reuse: torch.Tensor,
                       wanted: torch.Tensor) -> torch.Tensor:
         """Which misses to fetch. The CPU attends a missing page reading only the heads that
@@ -198,7 +190,6 @@ class SplitStep:
         out[order] = keep
         return out.view_as(misses)
 
-
     def _copy_pages(self, layer: int, src: torch.Tensor, dst: torch.Tensor) -> None:
         hk, hv = self.kv.host_pool.k[layer], self.kv.host_pool.v[layer]
         dk, dv = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
@@ -210,7 +201,6 @@ class SplitStep:
             src, dst = src[keep], dst[keep]
             dk.index_copy_(0, dst, hk.index_select(0, src))
             dv.index_copy_(0, dst, hv.index_select(0, src))
-
 
     def _cpu_attend(self, layer, q, sel, host_table, lens, ready):
         """On the worker: wait for the front's copies (`ready`, a CUDA event), then attend the
@@ -231,7 +221,6 @@ class SplitStep:
                 o, lse = self._cpu_attend_by_granularity(q, k_pool, v_pool, host_table, lens,
                                                          sel, tok)
         return o, lse, n
-
 
     def _cpu_attend_by_granularity(self, q, k_pool, v_pool, host_table, lens, sel, tok):
         """Page heads attend their host pages whole; token heads (calibration) keep, of theirs,
