@@ -177,10 +177,11 @@ def test_add_request_that_fails_adds_nothing(monkeypatch, placement):
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
-def test_non_finite_prefill_is_refused_naming_where(placement):
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_non_finite_prefill_is_refused_naming_where(placement, bad):
     attn = make(placement)
     k = torch.randn(L, 9, HKV, D)
-    k[1, 6, 1, 3] = float("nan")
+    k[1, 6, 1, 3] = float(bad)
     before = state(attn)
     with pytest.raises(ValueError, match="k holds NaN or inf \\(first at layer 1, token 6, KV "
                                          "head 1\\)"):
