@@ -285,16 +285,15 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep):
                 cache = self._cache
                 step.cache_new = [r for r in rids if not cache.has(r)]
                 cache.reserve(step.dev_table.shape[1])
-                rows = [cache.index_of(r) for r in rids]
-                cache.next_step()
-                step.cache_rows = torch.as_tensor(rows, dtype=torch.int64).to(self.device)
+                rows = torch.as_tensor([cache.index_of(r) for r in rids], dtype=torch.int64)
+                rows = rows.to(self.device)
+                cache.next_step()                     # last: cache_rows set = the clock moved
+                step.cache_rows = rows
         except BaseException:
-            if self._cache is not None and step is not None:
-                if step.cache_rows is not None:
-                    self._cache.undo_step()
-                for rid in step.cache_new:
-                    self._cache.remove_request(rid)
-            self._restore(checkpoints, offloaded)
+            if step is None:
+                self._restore(checkpoints, offloaded)
+            else:
+                self._abort(step)                     # nothing of it ran: fronts == 0
             raise
         self._serial += 1
         self._step = step
