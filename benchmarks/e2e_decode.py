@@ -70,6 +70,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import psutil
 import torch
@@ -151,6 +152,10 @@ class DecodeStep:
         self.attn_out = torch.zeros_like(self.q)
         self.logits = torch.zeros(batch, s.vocab, dtype=torch.float32, device=dev)
         self.graphs = None
+        self.pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
+        self.whole_graphs: dict = {}          # the runtime's whole-step key -> the step's graph
+        self.seen: set = set()                # keys that ran once eagerly (compiled, warm)
+        self.sel: Optional[torch.Tensor] = None   # [L, B, Hkv, K]: the step's given selection
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -213,6 +218,30 @@ class DecodeStep:
             gc.enable()
         torch.cuda.current_stream().wait_stream(side)
 
+    def whole(self, attn: HybridAttention, key, sel: Optional[torch.Tensor]):
+        """The step as one function over the static buffers (pre, then per layer the runtime's
+        run() and the boundary): what `capture_whole` records. sel: [L, B, Hkv, K] or None."""
+        self._pre()
+        for layer in range(self.m.s.layers):
+            self.attn_out.copy_(attn.run(layer, self.q, self.k, self.v,
+                                         sel=None if sel is None else sel[layer],
+                                         check_sel=False))
+            self._boundary(layer)
+
+    def capture_whole(self, attn: HybridAttention, key, sel: Optional[torch.Tensor]
+                      ) -> "torch.cuda.CUDAGraph":
+        """One CUDA graph of the whole step for `key` (the runtime's whole-step key): capturing
+        records it without running it, so the caller replays it next."""
+        g = torch.cuda.CUDAGraph()
+        gc.collect()
+        gc.disable()
+        try:
+            with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
+                self.whole(attn, key, sel)
+        finally:
+            gc.enable()
+        return g
+
     def start(self, ids: torch.Tensor, pos: torch.Tensor) -> None:
         self.ids.copy_(ids)
         self.pos.copy_(pos)
@@ -224,15 +253,37 @@ class DecodeStep:
         self.graphs[layer + 1].replay() if self.graphs else self._boundary(layer)
 
 
-def decode_step(attn: HybridAttention, rids: list, st: DecodeStep, sels=None) -> None:
+def decode_step(attn: HybridAttention, rids: list, st: DecodeStep, sels=None,
+                whole: bool = False) -> str:
     """One decode step of every request: tokens in st.ids become the next tokens in st.ids.
-    sels: this step's selection per layer (the `real` locality regime), else the flow's."""
+    sels: this step's selection per layer [L, B, Hkv, K] (the `real` locality regime), else the
+    flow's. whole: the step planned with whole_step=True: its first run of a key runs eagerly
+    (kernels compile), the second captures one graph of the whole step, later ones replay it.
+    Returns how the step ran: "replay", "eager" or "layers"."""
+    if whole:
+        key = attn.plan(rids, whole_step=True)
+        if sels is not None:
+            if st.sel is None or st.sel.shape != sels.shape:
+                st.sel = torch.empty_like(sels)
+            st.sel.copy_(sels)
+        g = st.whole_graphs.get(key)
+        if g is None and key in st.seen and st.pool is not None:
+            g = st.whole_graphs[key] = st.capture_whole(attn, key, st.sel if sels is not None
+                                                        else None)
+        st.seen.add(key)
+        if g is not None:
+            g.replay()
+        else:
+            st.whole(attn, key, st.sel if sels is not None else None)
+        attn.finish_step()
+        return "replay" if g is not None else "eager"
     attn.plan(rids)
     st.pre()
     for layer in range(st.m.s.layers):
         sel = None if sels is None else sels[layer]
         st.attn_out.copy_(attn.run(layer, st.q, st.k, st.v, sel=sel, check_sel=False))
         st.boundary(layer)
+    return "layers"
 
 
 @dataclass
@@ -365,7 +416,8 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
             rids.append(attn.add_request(k, k))
             del k
         st = DecodeStep(m, batch)
-        if dev.type == "cuda":
+        whole = args.graphs == "whole"
+        if dev.type == "cuda" and not whole:
             st.capture()
         g = torch.Generator(device="cpu").manual_seed(args.seed)
         st.start(torch.randint(0, s.vocab, (batch,), generator=g).to(dev),
@@ -374,23 +426,26 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
             n = [-(-(z.prefill + i + 1) // args.page_size) for i in range(args.warmup + args.steps)]
             K = min(cfg.budget_for(n[0]), n[0])
             stream = SelStream(s.layers, batch, K, args.reuse, args.seed, dev, kv_heads=s.kv_heads)
-            sels = [[stream.next(layer, n[i]) for layer in range(s.layers)] for i in range(len(n))]
+            sels = [torch.stack([stream.next(layer, n[i]) for layer in range(s.layers)])
+                    for i in range(len(n))]
         build_s = time.perf_counter() - t0
-        tokens, rec = [], []
+        tokens, rec, how = [], [], []
         for i in range(args.warmup + args.steps):
             sync(dev)
             t1 = time.perf_counter()
-            decode_step(attn, rids, st, None if sels is None else sels[i])
+            ran = decode_step(attn, rids, st, None if sels is None else sels[i], whole)
             sync(dev)
             ms = (time.perf_counter() - t1) * 1e3
             tokens.append(st.ids.tolist())
             if i >= args.warmup:
                 rec.append((ms, attn.stats()["last_step"]))
+                how.append(ran)
         last_logits = st.logits.clone()
         memory = dict(hbm_gib=attn.memory.device_bytes / GIB, host_gib=attn.memory.host_bytes / GIB,
                       gpu_cache_pages=attn.memory.gpu_cache_pages,
                       summaries_on_device=attn.memory.summary_on_device,
-                      graphs=attn._graphs is not None)
+                      graphs=attn._graphs is not None,
+                      step_ran=sorted(set(how)))
     finally:
         attn.close()
     head_bytes = 2 * args.page_size * s.head_dim * m.embed.element_size()
@@ -445,6 +500,10 @@ def parse(argv=None) -> argparse.Namespace:
                     "--reuse kept step to step (default flow)")
     ap.add_argument("--reuse", type=float, default=0.8,
                     help="share of selected pages kept from the step before with --locality real")
+    ap.add_argument("--graphs", choices=("whole", "layers"), default="whole",
+                    help="whole: each step is one CUDA graph (model and runtime, the CPU hand-off "
+                         "inside; the step planned with whole_step=True); layers: the runtime's "
+                         "per-layer graphs between the model's (default whole)")
     ap.add_argument("--summary-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="page summaries' dtype (float32)")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per mode (32)")

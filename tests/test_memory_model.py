@@ -34,11 +34,11 @@ def test_dense_and_gpu_take_the_free_hbm_less_the_reserve():
     free = 4 * GIB + 3 * MIB
     d = plan("dense", free, 0)
     assert d.device_pages == 3 * MIB // PAGE and d.host_pages == 0 and d.summary_bytes == 0
-    g = plan("gpu", free, 0)
-    assert g.device_pages == 3 * MIB // (PAGE + ROW)
-    assert g.device_bytes == g.device_pages * (PAGE + ROW) <= 3 * MIB
+    g = plan("gpu", free, 0)                    # each page and its summary, and a scratch row
+    assert g.device_pages == (3 * MIB - ROW) // (PAGE + ROW)
+    assert g.device_bytes == g.device_pages * (PAGE + ROW) + ROW <= 3 * MIB
     g = plan("gpu", 64 * GIB, 0, gpu_memory_gib=0.002)      # the set budget, whatever is free
-    assert g.device_pages == int(0.002 * GIB) // (PAGE + ROW)
+    assert g.device_pages == (int(0.002 * GIB) - ROW) // (PAGE + ROW)
 
 
 @pytest.mark.parametrize("placement", ["offload", "hybrid", "cpu"])
@@ -48,7 +48,7 @@ def test_host_placements_fill_the_host_store_and_give_the_cache_the_rest_of_hbm(
     host = int(HOST_SHARE * avail) // PAGE
     assert p.host_pages == host
     budget = 40 * MIB
-    slots = (budget - TAIL_PAGES * PAGE - (host + TAIL_PAGES) * ROW) // (PAGE + ROW)
+    slots = (budget - TAIL_PAGES * PAGE - (host + TAIL_PAGES + 1) * ROW) // (PAGE + ROW)
     assert p.gpu_cache_pages == (0 if placement == "cpu" else slots)
     assert p.device_pages == TAIL_PAGES + p.gpu_cache_pages
     assert p.summary_on_device and p.device_bytes <= budget

@@ -71,6 +71,7 @@ from .selection import Selection
 from .split_step import SplitStep
 from .step_plan import StepPlan, build_plan
 from .step_trace import NO_TRACE, StepTrace
+from .whole_step import WholeStep
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def _positive(name: str, value) -> int:
     return v
 
 
-class HybridAttention(Requests, Selection, ResidentStep, SplitStep):
+class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
     """Hybrid sparse decode attention for one model; see the module docstring.
 
     device_pages / host_pages override the pool sizes the memory model derives from
@@ -179,6 +180,10 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep):
         if cuda_graphs and self.device.type == "cuda" and (
                 self.store is None or self.store.device.type == "cuda"):
             self._graphs = LayerGraphs(self)
+        self._whole_sets = LayerGraphs(self)
+        """Whole steps' static buffers per shape (`whole_step`)."""
+        self._whole_handoff = None
+        """Whole steps' CPU hand-off (`handoff`), made by the first whole step of a host placement."""
         self._pinned = HostBuffers(pin=self.device.type == "cuda")
         """Eager steps' staging buffers for the CPU hand-off (graph sets have their own)."""
         self._handoff = torch.cuda.Event() if self.device.type == "cuda" else None
@@ -210,8 +215,11 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep):
 
     # ---- the open step: refused changes, undo ----------------------------------------------
     def _open(self, step: Optional[StepPlan]) -> bool:
-        """Whether `step` is planned or running (layers still to run)."""
-        return step is not None and step.next_layer < self.num_layers
+        """Whether `step` is planned or running (layers still to run; a whole step: until
+        finish_step())."""
+        if step is None:
+            return False
+        return not step.finished if step.whole else step.next_layer < self.num_layers
 
     def _check_between_steps(self, what: str) -> None:
         """Refuse a change of requests while a step is planned or running: the step's tables,
@@ -220,6 +228,8 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep):
         if self._open(step):
             where = "planned (layer 0 not run yet)" if step.next_layer == 0 else \
                 f"running (layer {step.next_layer} of {self.num_layers} is next)"
+            if step.whole:
+                where = "planned whole (finish_step() not called yet)"
             raise ValueError(f"{what} while a step is {where} for requests {step.rids}; run its "
                              "remaining layers or cancel_step() first")
 
@@ -236,6 +246,8 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep):
         """Undo a step: the page cache's layers whose front part began (each checkpointed itself
         first: `step.fronts`) and its clock, the requests' pages, lengths and summaries
         (checkpoints taken by plan()). The step's counters are never added to the totals."""
+        if step.whole:
+            self._settle_whole(step)
         self._step = None
         if self._cache is not None and step.cache_rows is not None:
             for layer in range(step.fronts):
@@ -247,14 +259,17 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep):
 
     # ---- plan -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def plan(self, rids: Sequence[int]) -> None:
+    def plan(self, rids: Sequence[int], whole_step: bool = False) -> Optional[tuple]:
         """Prepare one decode step for `rids` (batch order = this order): reserve the new token's
         slot, offload pages that filled, build tables, budgets and selection groups. All checks
-        happen here. A step planned earlier that no run() followed is replaced. All or nothing:
-        when it raises, every request is as before (`OutOfPagesError` when the pools cannot take
-        the step's new tokens, naming the sizes)."""
+        happen here. A step planned earlier that no run() followed is replaced, and so is a whole
+        step not finished. All or nothing: when it raises, every request is as before
+        (`OutOfPagesError` when the pools cannot take the step's new tokens, naming the sizes).
+
+        whole_step: the step's layers will run inside the caller's CUDA graph (`whole_step`);
+        returns the key of the graph to replay (None otherwise); `finish_step()` ends the step."""
         step = self._step
-        if self._open(step) and step.next_layer > 0:
+        if self._open(step) and step.next_layer > 0 and not step.whole:
             self._check_between_steps("plan")
         rids = [self._live(r) for r in rids]
         if not rids:
@@ -289,6 +304,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep):
                 rows = rows.to(self.device)
                 cache.next_step()                     # last: cache_rows set = the clock moved
                 step.cache_rows = rows
+            key = self._plan_whole(step) if whole_step else None
         except BaseException:
             if step is None:
                 self._restore(checkpoints, offloaded)
@@ -297,6 +313,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep):
             raise
         self._serial += 1
         self._step = step
+        return key
 
     def _check_step_room(self, rids: list[int]) -> None:
         """Refuse, before anything changes, a step whose new tokens the pools cannot take: a token
@@ -386,8 +403,14 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep):
             raise ValueError(f"layer={layer!r}: layers run in order; layer {step.next_layer} is next")
         B = len(step.rids)
         self._check_inputs(B, q, k_new, v_new)
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if capturing and not step.whole:
+            raise ValueError("run() inside a CUDA graph capture needs a step planned with "
+                             "plan(rids, whole_step=True)")
         if sel is not None:
-            sel = self._check_sel(step, sel, check_sel)
+            sel = self._check_sel(step, sel, check_sel and not capturing)
+        if step.whole:
+            return self._run_whole_layer(step, layer, q, k_new, v_new, sel)
         t0 = time.perf_counter()
         if layer == 0:
             step.t_start = t0
@@ -400,30 +423,43 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep):
         step.next_layer += 1
         step.counters["step_host_s"] += time.perf_counter() - t0
         if step.next_layer == self.num_layers:
-            c = dict(step.counters)
             flags = step.nonfinite
             bound = self._graphs.bound_set(step) if self._graphs is not None else None
             if bound is not None:
                 flags = flags | bound.step.nonfinite
-            read = torch.cat([step.counts, flags.to(torch.int64)]).tolist()   # the one sync
-            for name, v in zip(COUNTS, read):
-                c[name] += v
-            self._report_nonfinite([r for r, bad in zip(step.rids, read[len(COUNTS):]) if bad])
-            c["bytes_h2d"] = c["fetched_pages"] * self._head_bytes * self.num_kv_heads
-            c["bytes_cpu"] = c["cpu_pages"] * self._head_bytes
-            c["steps_" + step.shape] = 1
-            if self._shape_mode == "auto" and self.placement == "hybrid":
-                self._shapes.record(step.shape_key, step.shape,
-                                    (time.perf_counter() - step.t_start) / self.num_layers)
-            step.counters = c
-            self._last = dict(c)
-            for k, v in step.counters.items():
-                self._totals[k] = self._totals.get(k, 0) + v
-            self._totals["steps"] = self._totals.get("steps", 0) + 1
-            self._last["step_shape"] = step.shape
-            self._last["nonfinite_requests"] = sorted(self._nonfinite_step)
-            self._totals["nonfinite_requests"] = sorted(self._nonfinite)
+            self._end_step(step, torch.cat([step.counts, flags.to(torch.int64)]).tolist())
         return o
+
+    def _run_whole_layer(self, step: StepPlan, layer: int, q, k_new, v_new, sel) -> torch.Tensor:
+        try:
+            o = self._run_whole(step, layer, q, k_new, v_new, sel)
+        except BaseException:
+            self._abort(step)
+            raise
+        step.next_layer += 1
+        return o
+
+    def _end_step(self, step: StepPlan, read: list) -> None:
+        """Add a completed step's counters to the stats: `read` = its device counts (COUNTS) then
+        its per-request NaN flags, read in the step's one synchronisation."""
+        c = dict(step.counters)
+        for name, v in zip(COUNTS, read):
+            c[name] += v
+        self._report_nonfinite([r for r, bad in zip(step.rids, read[len(COUNTS):]) if bad])
+        c["bytes_h2d"] = c["fetched_pages"] * self._head_bytes * self.num_kv_heads
+        c["bytes_cpu"] = c["cpu_pages"] * self._head_bytes
+        c["steps_" + step.shape] = 1
+        if self._shape_mode == "auto" and self.placement == "hybrid" and not step.whole:
+            self._shapes.record(step.shape_key, step.shape,
+                                (time.perf_counter() - step.t_start) / self.num_layers)
+        step.counters = c
+        self._last = dict(c)
+        for k, v in step.counters.items():
+            self._totals[k] = self._totals.get(k, 0) + v
+        self._totals["steps"] = self._totals.get("steps", 0) + 1
+        self._last["step_shape"] = step.shape
+        self._last["nonfinite_requests"] = sorted(self._nonfinite_step)
+        self._totals["nonfinite_requests"] = sorted(self._nonfinite)
 
     def _report_nonfinite(self, rids: list[int]) -> None:
         """Requests whose step token wrote NaN or inf K/V: named in a warning (once per request)
@@ -535,6 +571,9 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep):
         if self._worker is not None:
             self._worker.close()
             self._worker = None
+        if self._whole_handoff is not None:
+            self._whole_handoff.close()
+            self._whole_handoff = None
         self._step = None
         self._graphs = self._cache = self.store = self.head_budgets = None
         self._slot_pages = None

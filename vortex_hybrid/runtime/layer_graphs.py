@@ -78,23 +78,36 @@ class _GraphSet:
             s_lens=clone(step.s_lens), write_pages=step.write_pages.clone(),
             write_offs=step.write_offs.clone(), cache_rows=clone(step.cache_rows),
             cpu_rows=clone(step.cpu_rows), nonfinite=clone(step.nonfinite),
-            groups={k: v.clone() for k, v in step.groups.items()})
+            groups={k: v.clone() for k, v in step.groups.items()},
+            host_table=_padded(step.host_table, width), lens_cpu=step.lens_cpu.clone(),
+            counts=step.counts.clone(), sum_rows=clone(step.sum_rows))
+        self.ran = torch.zeros(1, dtype=torch.int64, device=step.lens.device)
+        """Layers of a whole step that ran (`whole_step`: each layer adds 1 on the device)."""
+        self.cpu_io: dict[str, torch.Tensor] = {}
+        """A whole step's hand-off buffers (`whole_step`): q, sel in; o, lse out."""
+        self.cpu_pages = 0
+        """Page-heads the CPU attended in the bound whole step (its CPU part counts them)."""
+        self.split = False
+        """Whether the whole step's layers ran split (host placements, or a given selection)."""
         self.inputs: dict[str, torch.Tensor] = {}
         self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, str], tuple] = {}
-        self.pinned = HostBuffers(pin=True)
-        self.pool = torch.cuda.graph_pool_handle()
+        cuda = step.lens.device.type == "cuda"
+        self.pinned = HostBuffers(pin=cuda)
+        self.pool = torch.cuda.graph_pool_handle() if cuda else None
         self.failures: dict[tuple[int, str], int] = {}
 
     def load(self, step: "StepPlan") -> None:
         """Copy a new step's tables into the static buffers (same shape)."""
         s = self.step
-        for name in ("dev_table", "s_table", "host_table_dev"):
+        for name in ("dev_table", "s_table", "host_table_dev", "host_table"):
             _load_padded(getattr(s, name), getattr(step, name))
         for name in ("lens", "s_lens", "write_pages", "write_offs", "cache_rows", "cpu_rows",
-                     "nonfinite"):
+                     "nonfinite", "lens_cpu", "counts", "sum_rows"):
             if getattr(s, name) is not None:
                 getattr(s, name).copy_(getattr(step, name))
+        self.ran.zero_()
+        self.cpu_pages = 0
 
     def run(self, layer: int, part: str, body: Body, state: Sequence[torch.Tensor] = (),
             **tensors: torch.Tensor) -> tuple:
@@ -160,6 +173,7 @@ class LayerGraphs:
         self.attn = attn
         self._sets: "OrderedDict[tuple, _GraphSet]" = OrderedDict()
         self._bound: Optional[tuple[tuple, _GraphSet]] = None   # ((serial, sel width), its set)
+        self._whole: dict[tuple, _GraphSet] = {}                 # whole steps' static sets
 
     def bound_set(self, step: "StepPlan") -> Optional[_GraphSet]:
         """The graph set bound to `step` (its static copy of the step holds what the graphs
@@ -177,14 +191,7 @@ class LayerGraphs:
         sel_width = None if sel is None else sel.shape[-1]
         if self._bound is not None and self._bound[0] == (step.serial, sel_width):
             return self._bound[1]
-        width = max(16, 1 << max(step.dev_table.shape[1] - 1, 0).bit_length())
-        generation = 0
-        if attn._cache is not None:
-            attn._cache.reserve(width)
-            generation = attn._cache.generation
-        key = (len(step.rids), width, tuple((b, tuple(r.tolist()))
-                                            for b, r in sorted(step.groups.items())),
-               sel_width, generation, step.shape, step.budget_key)
+        key, width = self._key(step, sel_width)
         graphs = self._sets.get(key)
         if graphs is None:
             gc.collect()        # once per shape: what other runtimes left is freed before capturing
@@ -196,3 +203,28 @@ class LayerGraphs:
             graphs.load(step)
         self._bound = ((step.serial, sel_width), graphs)
         return graphs
+
+    def _key(self, step: "StepPlan", sel_width: Optional[int]) -> tuple[tuple, int]:
+        """The shape a step's graphs are captured for, and its page-table width."""
+        attn = self.attn
+        width = max(16, 1 << max(step.dev_table.shape[1] - 1, 0).bit_length())
+        generation = 0
+        if attn._cache is not None:
+            attn._cache.reserve(width)
+            generation = attn._cache.generation
+        key = (len(step.rids), width, tuple((b, tuple(r.tolist()))
+                                            for b, r in sorted(step.groups.items())),
+               sel_width, generation, step.shape, step.budget_key)
+        return key, width
+
+    def bind_whole(self, step: "StepPlan") -> tuple[tuple, _GraphSet]:
+        """The static set of a whole step (`whole_step`) for this step's shape, loaded with its
+        tables, and the shape's key. These sets are never dropped: a caller's graph captured over
+        one reads its buffers for as long as the runtime lives."""
+        key, width = self._key(step, None)
+        key = ("whole",) + key
+        graphs = self._whole.get(key)
+        if graphs is None:
+            graphs = self._whole[key] = _GraphSet(self.attn, step, width)
+        graphs.load(step)
+        return key, graphs

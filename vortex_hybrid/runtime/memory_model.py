@@ -135,11 +135,11 @@ def plan_memory(cfg: HybridConfig, num_layers: int, num_kv_heads: int, head_dim:
     on_device = cfg.summary_location != "host" and row > 0
     if not host:
         per_page = page + (row if on_device else 0)
-        n = device_pages if device_pages is not None else gpu // per_page
+        n = device_pages if device_pages is not None else (gpu - row) // per_page
         if n < 1:
             raise ValueError(f"{gpu / GIB:.3f} GiB of HBM holds no page of {per_page} bytes "
                              "(raise gpu_memory_gib)")
-        return MemoryPlan(n, 0, 0, 0, page, n * row, on_device, gpu, 0)
+        return MemoryPlan(n, 0, 0, 0, page, (n + 1) * row if row else 0, on_device, gpu, 0)
     h = host_pages if host_pages is not None else hostb // page
     if host_pages is None and h < 1:
         raise ValueError(f"{hostb / GIB:.3f} GiB of host memory holds no page of {page} bytes "
@@ -155,10 +155,10 @@ def plan_memory(cfg: HybridConfig, num_layers: int, num_kv_heads: int, head_dim:
             raise ValueError(f"device_pages={device_pages} must exceed the {slots} GPU cache "
                              "slots (tail pages need room too)")
         d = device_pages
-        return MemoryPlan(d, h, slots, d - slots, page, (d + h) * row, on_device, gpu, hostb)
+        return MemoryPlan(d, h, slots, d - slots, page, (d + h + 1) * row, on_device, gpu, hostb)
 
     def fixed(summaries_on_device: bool) -> int:      # HBM before any slot
-        return tail_pages * page + ((h + tail_pages) * row if summaries_on_device else 0)
+        return tail_pages * page + ((h + tail_pages + 1) * row if summaries_on_device else 0)
 
     if on_device and fixed(True) > gpu and cfg.summary_location == "auto":
         on_device = False                             # the summaries go to host memory
@@ -180,4 +180,4 @@ def plan_memory(cfg: HybridConfig, num_layers: int, num_kv_heads: int, head_dim:
     else:
         slots = room
     d = tail_pages + slots
-    return MemoryPlan(d, h, slots, tail_pages, page, (d + h) * row, on_device, gpu, hostb)
+    return MemoryPlan(d, h, slots, tail_pages, page, (d + h + 1) * row, on_device, gpu, hostb)

@@ -191,8 +191,10 @@ class Requests:
         rid = self._live(rid)
         step = self._step
         if self._open(step) and rid in step.rids:
-            raise ValueError(f"request {rid} is in the current step (layers {step.next_layer}.."
-                             f"{self.num_layers - 1} still to run); remove it after the step, or "
+            left = "finish_step() not called yet" if step.whole else \
+                f"layers {step.next_layer}..{self.num_layers - 1} still to run"
+            raise ValueError(f"request {rid} is in the current step ({left}); remove it after "
+                             "the step, or "
                              "cancel_step() first")
         self.kv.free_request(rid)
         self._offloaded.pop(rid, None)

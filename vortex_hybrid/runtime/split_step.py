@@ -178,7 +178,7 @@ class SplitStep:
         counts = torch.where(misses, heads, 0)
         cost = factor[:, None].expand_as(counts).flatten()
         counts = counts.flatten()
-        order = torch.argsort(counts / cost, descending=True)
+        order = torch.argsort(counts / cost, descending=True, stable=True)   # ties: page order
         n = counts[order].to(torch.float64)
         cpu_s = self._head_bytes / self._costs.cpu_attn_bw_concurrent
         copy = torch.cumsum(cost[order], 0) * \
@@ -205,22 +205,24 @@ class SplitStep:
     def _cpu_attend(self, layer, q, sel, host_table, lens, ready):
         """On the worker: wait for the front's copies (`ready`, a CUDA event), then attend the
         host part of the selection; (o, lse, page-heads attended), or None when there is none."""
-        from .. import cpu_kernels
         if ready is not None:
             ready.synchronize()
         n = int((sel >= 0).sum())
         if n == 0:
             return None
+        return (*self._cpu_state(layer, q, sel, host_table, lens), n)
+
+    def _cpu_state(self, layer, q, sel, host_table, lens, out=None):
+        """The CPU's state (o, lse) over the host part `sel` of a layer's selection (in `out`
+        when given; token heads of a calibration return new tensors)."""
+        from .. import cpu_kernels
         k_pool, v_pool = self.kv.host_pool.k[layer], self.kv.host_pool.v[layer]
         tok = None if self.head_budgets is None else self.head_budgets.token_heads[layer]
         with (self.trace or NO_TRACE).host(layer, "attend host pages", "cpu"):
             if tok is None:
-                o, lse = cpu_kernels.launch_sparse_decode_attention(q, k_pool, v_pool, host_table,
-                                                                    lens, sel)
-            else:
-                o, lse = self._cpu_attend_by_granularity(q, k_pool, v_pool, host_table, lens,
-                                                         sel, tok)
-        return o, lse, n
+                return cpu_kernels.launch_sparse_decode_attention(q, k_pool, v_pool, host_table,
+                                                                  lens, sel, out=out)
+            return self._cpu_attend_by_granularity(q, k_pool, v_pool, host_table, lens, sel, tok)
 
     def _cpu_attend_by_granularity(self, q, k_pool, v_pool, host_table, lens, sel, tok):
         """Page heads attend their host pages whole; token heads (calibration) keep, of theirs,

@@ -55,6 +55,12 @@ class StepPlan:
     offloaded: dict = field(default_factory=dict)    # their offloaded page counts before it
     cache_new: list = field(default_factory=list)    # requests the page cache first saw here
     fronts: int = 0                                  # layers whose front part began (cache undo)
+    sum_rows: Optional[torch.Tensor] = None          # int64 [B] (store device): summary row of
+                                                     # the page each token fills, else the
+                                                     # store's scratch row (whole steps)
+    whole: bool = False                              # planned with whole_step=True
+    finished: bool = False                           # a whole step's finish_step() ran
+    static: object = None                            # a whole step's static set (layer_graphs)
 
 
 def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial: int,
@@ -78,11 +84,17 @@ def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial:
     groups: dict[int, list[int]] = {}
     width = 0
     filled_rows = torch.zeros(0, dtype=torch.int64)
+    sum_rows = None
     if attn.store is not None:
         for rid, n in zip(rids, new):
             attn.store.reserve_rows(rid, n // P)
         filled_rows = torch.as_tensor([attn.store.rows(rids[b])[new[b] // P - 1]
                                        for b in filled], dtype=torch.int64)
+        if attn.store.summarizes:
+            rows = [attn.store.scratch_row] * len(rids)
+            for b, r in zip(filled, filled_rows.tolist()):
+                rows[b] = r
+            sum_rows = torch.as_tensor(rows, dtype=torch.int64)
         s_table, s_lens = attn.store.table(rids)
         for b, n in enumerate(new):
             groups.setdefault(attn.cfg.budget_for(-(-n // P)), []).append(b)
@@ -99,6 +111,8 @@ def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial:
         width, write_pages.to(dev), (positions % P).to(dev),
         write_pages[filled].to(dev), filled_rows.to(sdev), host_table.to(dev), None)
     step.counts = torch.zeros(5, dtype=torch.int64, device=dev)     # COUNTS, on the device
+    if sum_rows is not None:
+        step.sum_rows = sum_rows.to(sdev)
     step.nonfinite = torch.zeros(len(rids), dtype=torch.bool, device=dev)
     step.counters = dict.fromkeys(("gpu_pages", "cpu_pages", "fetched_pages", "cache_hits",
                                    "cache_misses", "evictions"), 0)

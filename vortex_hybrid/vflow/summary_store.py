@@ -83,7 +83,10 @@ class SummaryStore:
         self._lower = lower
         self.bound: BoundFlow = bind_flow(self.flow, P, D, group, self.device, lower=lower)
         pin = self.device.type == "cpu" and torch.cuda.is_available()
-        self._tensors = {name: torch.zeros(L, self.capacity, hkv, r, c, dtype=dtype,
+        self.scratch_row = self.capacity
+        """A row past the allocator's: what a static-shaped summarise writes for a page that is
+        not full yet (whole-step CUDA graphs summarise every request's written page each step)."""
+        self._tensors = {name: torch.zeros(L, self.capacity + 1, hkv, r, c, dtype=dtype,
                                            device=self.device, pin_memory=pin)
                          for name, (r, c) in self.bound.summaries.items()}
         self._layers = [{name: t[layer] for name, t in self._tensors.items()} for layer in range(L)]

@@ -1,0 +1,242 @@
+"""Whole decode steps (`runtime.whole_step`): a step planned with `plan(rids, whole_step=True)` runs
+every layer over static buffers without synchronising (captured in one CUDA graph on a GPU, run
+eagerly here), the CPU hand-off through the flag protocol. Such steps give the outputs, cache
+decisions and counters of ordinary steps in every placement, with the flow's selection or a given
+one; a failed CPU part or a step whose layers did not run is undone; misuse is refused in one line.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_hybrid_attention import HKV, HQ, L, D, P, make
+from test_runtime_transactions import Boom, assert_same, state
+
+PLACEMENTS = ["dense", "gpu", "cpu", "offload", "hybrid/split", "hybrid/subbatch"]
+TIMING = ("gpu_wait_s", "step_host_s")
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pair(placement: str):
+    placement, _, shape = placement.partition("/")       # a fixed shape: "auto" follows timings
+    kw = {"step_shape": shape} if shape else {}
+    whole, eager = make(placement, slots=3, **kw), make(placement, slots=3, **kw)
+    eager._graphs = None
+    return whole, eager
+
+
+def given_sel(attn, rids) -> torch.Tensor:
+    """The first two and the last page of each request (a replayed selection)."""
+    n_pages = [-(-attn.kv.seq_len(r) // P) for r in rids]
+    return torch.tensor([[[0, min(1, n - 1) if n > 1 else -1, n - 1]
+                          if n > 2 else [0, n - 1 if n > 1 else -1, -1]] * HKV
+                         for n in n_pages], dtype=torch.int32, device=DEV)
+
+
+def same_stats(whole, eager) -> None:
+    a, b = whole.stats()["last_step"], eager.stats()["last_step"]
+    assert {k: v for k, v in a.items() if k not in TIMING} == \
+        {k: v for k, v in b.items() if k not in TIMING}
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("replay", [False, True])
+def test_whole_steps_equal_ordinary_steps(placement, replay):
+    """Twelve steps (pages fill, are offloaded, cached and evicted; the batch shape changes and
+    comes back): the same outputs, the same counters, the same page-cache state (seed 7)."""
+    if replay and placement == "dense":
+        pytest.skip("dense attends every page")
+    whole, eager = pair(placement)
+    gen = torch.Generator().manual_seed(7)
+    rids = {}
+    for n in (3, 17, 30):
+        k, v = torch.randn(L, n, HKV, D, generator=gen), torch.randn(L, n, HKV, D, generator=gen)
+        rids[n] = (whole.add_request(k.to(DEV), v.to(DEV)), eager.add_request(k.to(DEV), v.to(DEV)))
+    keys = set()
+    try:
+        for step in range(12):
+            batch = [rids[n] for n in ((3, 17, 30) if step % 4 != 3 else (17, 30))]
+            keys.add(whole.plan([w for w, _ in batch], whole_step=True))
+            eager.plan([e for _, e in batch])
+            for layer in range(L):
+                q, kn, vn = (torch.randn(len(batch), h, D, generator=gen).to(DEV)
+                             for h in (HQ, HKV, HKV))
+                sel = given_sel(whole, [w for w, _ in batch]) if replay else None
+                a = whole.run(layer, q, kn, vn, sel=sel)
+                b = eager.run(layer, q, kn, vn, sel=sel)
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {step} layer {layer}")
+            whole.finish_step()
+            same_stats(whole, eager)
+            if whole._cache is not None:
+                for t, u in zip(whole._cache.state(0), eager._cache.state(0)):
+                    assert torch.equal(t, u), step
+        assert len(keys) == 2           # two batch shapes, each one key
+        assert all(k is not None and hash(k) is not None for k in keys)
+    finally:
+        whole.close()
+        eager.close()
+
+
+@pytest.mark.parametrize("placement", ["cpu", "hybrid/split", "offload"])
+def test_a_failed_cpu_part_undoes_the_whole_step(monkeypatch, placement):
+    """The CPU part raises inside the hand-off: finish_step() re-raises that exception (same type,
+    a note naming the layer), every request is as before plan(), and the next step equals an
+    ordinary one (seed 11)."""
+    whole, eager = pair(placement)
+    gen = torch.Generator().manual_seed(11)
+    rids = []
+    for n in (40, 45):
+        k, v = torch.randn(L, n, HKV, D, generator=gen), torch.randn(L, n, HKV, D, generator=gen)
+        rids.append((whole.add_request(k.to(DEV), v.to(DEV)), eager.add_request(k.to(DEV), v.to(DEV))))
+    ws, es = [w for w, _ in rids], [e for _, e in rids]
+    try:
+        before = state(whole)
+        real = whole._cpu_state
+        calls = {"n": 0}
+
+        def boom(*args, **kw):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise Boom("injected in the CPU part")
+            return real(*args, **kw)
+        monkeypatch.setattr(whole, "_cpu_state", boom)
+        whole.plan(ws, whole_step=True)
+        for layer in range(L):
+            q, kn, vn = (torch.randn(2, h, D, generator=gen).to(DEV) for h in (HQ, HKV, HKV))
+            whole.run(layer, q, kn, vn)
+        with pytest.raises(Boom, match="injected") as info:
+            whole.finish_step()
+        assert any("CPU part of layer" in n for n in getattr(info.value, "__notes__", []))
+        assert calls["n"] >= 1
+        assert_same(before, state(whole))
+        whole.plan(ws, whole_step=True)
+        eager.plan(es)
+        for layer in range(L):
+            q, kn, vn = (torch.randn(2, h, D, generator=gen).to(DEV) for h in (HQ, HKV, HKV))
+            torch.testing.assert_close(whole.run(layer, q, kn, vn), eager.run(layer, q, kn, vn),
+                                       rtol=1e-5, atol=1e-6)
+        whole.finish_step()
+        same_stats(whole, eager)
+    finally:
+        whole.close()
+        eager.close()
+
+
+@pytest.mark.parametrize("placement", ["gpu", "hybrid"])
+def test_a_step_whose_layers_did_not_run_is_refused_and_undone(placement):
+    attn = make(placement)
+    try:
+        gen = torch.Generator().manual_seed(3)
+        rid = attn.add_request(*(torch.randn(L, 20, HKV, D, generator=gen).to(DEV) for _ in "kv"))
+        before = state(attn)
+        attn.plan([rid], whole_step=True)
+        q, kn, vn = (torch.randn(1, h, D, generator=gen).to(DEV) for h in (HQ, HKV, HKV))
+        attn.run(0, q, kn, vn)                      # one layer of two
+        with pytest.raises(RuntimeError, match=f"1 of {L} layers of the step ran"):
+            attn.finish_step()
+        assert_same(before, state(attn))
+        with pytest.raises(ValueError, match="finish_step\\(\\) ends a step planned with"):
+            attn.finish_step()
+        attn.plan([rid])                            # an ordinary step is not finished by it
+        with pytest.raises(ValueError, match="finish_step\\(\\) ends a step planned with"):
+            attn.finish_step()
+    finally:
+        attn.close()
+
+
+def test_an_unfinished_whole_step_is_replaced_by_the_next_plan_and_refuses_request_changes():
+    attn = make("hybrid", step_shape="split")
+    try:
+        gen = torch.Generator().manual_seed(4)
+        rid = attn.add_request(*(torch.randn(L, 33, HKV, D, generator=gen).to(DEV) for _ in "kv"))
+        before = state(attn)
+        attn.plan([rid], whole_step=True)
+        for layer in range(L):
+            attn.run(layer, *(torch.randn(1, h, D, generator=gen).to(DEV) for h in (HQ, HKV, HKV)))
+        with pytest.raises(ValueError, match="in the current step \\(finish_step\\(\\) not called yet"):
+            attn.remove_request(rid)
+        with pytest.raises(ValueError, match="planned whole \\(finish_step\\(\\) not called yet\\)"):
+            attn.add_request(*(torch.zeros(L, 1, HKV, D).to(DEV) for _ in "kv"))
+        attn.cancel_step()                          # the step ran, but it is undone whole
+        assert_same(before, state(attn))
+        attn.plan([rid], whole_step=True)
+        attn.plan([rid], whole_step=True)           # replaced before any layer ran
+        for layer in range(L):
+            attn.run(layer, *(torch.randn(1, h, D, generator=gen).to(DEV) for h in (HQ, HKV, HKV)))
+        attn.finish_step()
+        assert attn.kv.seq_len(rid) == 34
+    finally:
+        attn.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("replay", [False, True])
+def test_whole_steps_captured_in_one_cuda_graph_equal_ordinary_steps(placement, replay):
+    """Every layer's run() of a step captured in one CUDA graph per key (the CPU hand-off inside
+    it), replayed step after step with new inputs: the ordinary steps' outputs and counters."""
+    if replay and placement == "dense":
+        pytest.skip("dense attends every page")
+    whole, eager = pair(placement)
+    gen = torch.Generator().manual_seed(9)
+    rids = {}
+    for n in (3, 17, 30):
+        k, v = torch.randn(L, n, HKV, D, generator=gen), torch.randn(L, n, HKV, D, generator=gen)
+        rids[n] = (whole.add_request(k.cuda(), v.cuda()), eager.add_request(k.cuda(), v.cuda()))
+    graphs = {}
+    try:
+        for step in range(12):
+            batch = [rids[n] for n in ((3, 17, 30) if step % 4 != 3 else (17, 30))]
+            B = len(batch)
+            key = whole.plan([w for w, _ in batch], whole_step=True)
+            eager.plan([e for _, e in batch])
+            ins = [tuple(torch.randn(B, h, D, generator=gen).cuda() for h in (HQ, HKV, HKV))
+                   for _ in range(L)]
+            sels = [given_sel(whole, [w for w, _ in batch]) if replay else None
+                    for _ in range(L)]
+            if key not in graphs:
+                buf = dict(q=torch.zeros(L, B, HQ, D, device="cuda"),
+                           k=torch.zeros(L, B, HKV, D, device="cuda"),
+                           v=torch.zeros(L, B, HKV, D, device="cuda"),
+                           sel=torch.zeros(L, B, HKV, 3, dtype=torch.int32, device="cuda"),
+                           out=torch.zeros(L, B, HQ, D, device="cuda"))
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for layer in range(L):
+                        buf["out"][layer].copy_(whole.run(
+                            layer, buf["q"][layer], buf["k"][layer], buf["v"][layer],
+                            sel=buf["sel"][layer] if replay else None))
+                graphs[key] = (g, buf)
+            g, buf = graphs[key]
+            for layer, (q, kn, vn) in enumerate(ins):
+                buf["q"][layer].copy_(q)
+                buf["k"][layer].copy_(kn)
+                buf["v"][layer].copy_(vn)
+                if replay:
+                    buf["sel"][layer].copy_(sels[layer])
+            g.replay()
+            whole.finish_step()
+            for layer, (q, kn, vn) in enumerate(ins):
+                b = eager.run(layer, q, kn, vn, sel=sels[layer])
+                torch.testing.assert_close(buf["out"][layer], b.float(), rtol=1e-5, atol=1e-6,
+                                           msg=f"step {step} layer {layer}")
+            same_stats(whole, eager)
+        assert len(graphs) == 2
+    finally:
+        whole.close()
+        eager.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_run_inside_a_capture_needs_a_whole_step():
+    attn = make("gpu")
+    try:
+        rid = attn.add_request(*(torch.randn(L, 20, HKV, D).cuda() for _ in "kv"))
+        attn.plan([rid])
+        q, kn, vn = (torch.randn(1, h, D).cuda() for h in (HQ, HKV, HKV))
+        g = torch.cuda.CUDAGraph()
+        with pytest.raises(ValueError, match="whole_step=True"):
+            with torch.cuda.graph(g):
+                attn.run(0, q, kn, vn)
+    finally:
+        attn.close()

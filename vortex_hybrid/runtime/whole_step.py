@@ -1,0 +1,177 @@
+"""`WholeStep`: a decode step whose layers all run inside the caller's CUDA graph, the CPU hand-off
+of the host placements included (a mixin of `HybridAttention`).
+
+    key = attn.plan(rids, whole_step=True)   # outside any graph: tables into the shape's buffers
+    if key not in graphs:                    # a new shape: capture the model's step once
+        with torch.cuda.graph(g):
+            ...                              # the model's layers, calling attn.run(layer, ...)
+        graphs[key] = g
+    graphs[key].replay()                     # the whole step: one call
+    attn.finish_step()                       # one sync: counters, NaN flags, the CPU's errors
+
+`plan(whole_step=True)` loads the step's tables into static buffers of its shape (`key`: batch
+size, page-table width bucket, budget groups, the page cache's generation, the step shape), which
+live as long as the runtime, so a graph captured for a key stays valid for every later step of
+that key. `run()` in such a step reads only those buffers and never synchronises: captured, it
+records the layer; called outside a capture it runs the same work eagerly (without CUDA: CI). Each
+layer adds one to a device counter; `finish_step()` reads the counters, the NaN flags and that
+counter in one copy, and refuses a step whose layers did not all run (a graph of another key
+replayed, or none): that step is undone like any failed one.
+
+Host placements hand the CPU its share inside the graph (`runtime.handoff`): the front part writes
+q and the host part of the selection to pinned buffers and publishes the layer (a flag in
+host-mapped memory); the persistent worker, polling in compiled code, attends into pinned output
+buffers and answers; the GPU's back part (fetches, its own attention) runs meanwhile, then waits
+(bounded) for the answer, copies the CPU's state in and merges. A CPU part that raises, or an
+answer that does not come within `HANDOFF_TIMEOUT_S`, fails the step at `finish_step()` with the
+original exception (or `HandoffTimeout`), and the step is undone. Without CUDA the same protocol
+runs with the calling thread as the GPU (`StandInHandoff`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from .memory_model import HOST_PLACEMENTS
+
+if TYPE_CHECKING:
+    from .step_plan import StepPlan
+
+HANDOFF_TIMEOUT_S = 10.0
+"""Bound of one GPU wait for the CPU's answer (a layer's CPU attention takes milliseconds)."""
+
+
+class WholeStep:
+    """Whole decode steps in the caller's CUDA graph (module docstring)."""
+
+    def _plan_whole(self, step: StepPlan) -> tuple:
+        """Bind `step` to its shape's static buffers and open its hand-off step; its graph key."""
+        if self.store is not None and self.store.device != self.device:
+            raise ValueError("plan(whole_step=True) needs the summaries on the device (they are "
+                             f"in host memory: summary_location={self.cfg.summary_location!r}, or "
+                             "auto found no room); plan without whole_step")
+        if self.placement != "dense" and self.store.bound.indexer_kernel is None:
+            raise ValueError(f"plan(whole_step=True): flow {self.cfg.flow!r} has no fused indexer "
+                             "kernel, so its selection synchronises and cannot be captured; plan "
+                             "without whole_step")
+        key, static = self._whole_sets.bind_whole(step)
+        step.whole, step.static = True, static
+        if self.placement in HOST_PLACEMENTS:
+            self._handoff_channel().begin_step()
+        return key
+
+    def _handoff_channel(self):
+        """The hand-off protocol's driver (made on first use: it starts the worker thread)."""
+        if self._whole_handoff is None:
+            from . import handoff
+            from .. import cpu_kernels
+            cpu_kernels.warmup()            # compile before the first step's bounded waits
+            if self.device.type == "cuda":
+                self._whole_handoff = handoff.GraphHandoff(
+                    self.num_layers, [self._whole_cpu_part], device=self.device,
+                    timeout_s=HANDOFF_TIMEOUT_S)
+            else:
+                self._whole_handoff = handoff.StandInHandoff(
+                    self.num_layers, [self._whole_cpu_part], timeout_s=HANDOFF_TIMEOUT_S)
+        return self._whole_handoff
+
+    def _run_whole(self, step: StepPlan, layer: int, q, k_new, v_new, sel=None) -> torch.Tensor:
+        """One layer of a whole step over its static buffers; no synchronisation."""
+        static = step.static
+        s = static.step
+        static.split = not (self.placement in ("dense", "gpu") and sel is None)
+        if not static.split:
+            self._append(s, layer, k_new, v_new)
+            o = self.attend_resident(s, layer, q)
+        else:
+            o = self._split_whole(s, static, layer, q, k_new, v_new, sel)
+        if self.store is not None and s.sum_rows is not None:
+            self.store.compute_rows(layer, self.kv.device_pool.k[layer], s.write_pages, s.sum_rows)
+        static.ran += 1
+        return o
+
+    def _split_whole(self, s: StepPlan, static, layer: int, q, k_new, v_new, sel) -> torch.Tensor:
+        """A host-placement layer (or a given selection) with the hand-off on the device."""
+        gsel, table, src, dst, counts, q_host, sel_host = self._front(
+            s, layer, q, k_new, v_new, sel, static.pinned)
+        s.counts += counts
+        host = self.placement != "gpu"
+        if host:
+            io = static.cpu_io
+            io["q"], io["sel"] = q_host, sel_host
+            B, hq, D = q.shape
+            io["o"] = static.pinned.get("o_cpu", (B, hq, D), torch.float32)
+            io["lse"] = static.pinned.get("lse_cpu", (B, hq), torch.float32)
+            self._whole_handoff.publish(layer)
+        o, lse = self._back(s, layer, q, gsel, table, src, dst)
+        if host:
+            self._whole_handoff.wait(layer)
+            o_c = io["o"].to(self.device, non_blocking=True)
+            lse_c = io["lse"].to(self.device, non_blocking=True)
+            o, lse = self._gpu.merge(o, lse, o_c, lse_c)
+        return o.to(q.dtype)
+
+    def _whole_cpu_part(self, layer: int, _step_no: int) -> None:
+        """On the hand-off worker: attend the host part of `layer`'s selection of the bound whole
+        step into the pinned output buffers (an empty selection: o = 0, lse = -inf)."""
+        static = self._step.static
+        io, s = static.cpu_io, static.step
+        with torch.inference_mode():        # the buffers are inference tensors (this thread's mode)
+            n = int((io["sel"] >= 0).sum())
+            static.cpu_pages += n
+            if n == 0:
+                io["o"].zero_()
+                io["lse"].fill_(float("-inf"))
+                return
+            o, lse = self._cpu_state(layer, io["q"], io["sel"], s.host_table, s.lens_cpu,
+                                     out=(io["o"], io["lse"]))
+            if o.data_ptr() != io["o"].data_ptr():
+                io["o"].copy_(o)
+                io["lse"].copy_(lse)
+
+    def finish_step(self) -> None:
+        """End a step planned with `plan(rids, whole_step=True)` after its layers ran (a replay, or
+        run() of every layer): one synchronisation reads its counters and NaN flags; a failed CPU
+        part (its exception re-raised), a hand-off time-out, or layers that did not run fail the
+        step, which is then undone (every request as before plan())."""
+        step = self._step
+        if step is None or not step.whole or step.finished:
+            raise ValueError("finish_step() ends a step planned with plan(rids, whole_step=True) "
+                             "whose layers ran; there is none open")
+        with torch.inference_mode():
+            static = step.static
+            s = static.step
+            try:
+                if self.placement in HOST_PLACEMENTS:
+                    self._whole_handoff.finish_step()
+                read = torch.cat([s.counts, s.nonfinite.to(torch.int64), static.ran]).tolist()
+                if read[-1] != self.num_layers:
+                    raise RuntimeError(
+                        f"finish_step(): {read[-1]} of {self.num_layers} layers of the step ran "
+                        "(replay the graph captured for the key plan() returned, or run() every "
+                        "layer, before finish_step()); the step is undone")
+            except BaseException:
+                self._abort(step)
+                raise
+            step.next_layer = step.fronts = self.num_layers
+            step.finished = True
+            c = step.counters
+            if not static.split:            # dense / gpu layers: what plan() counted, per layer
+                c["gpu_pages"] += step.resident_pages * self.num_layers
+            c["cpu_pages"] += static.cpu_pages
+            self._end_step(step, read[:-1])
+
+    def _settle_whole(self, step: StepPlan) -> None:
+        """Before undoing a whole step: wait for its work, count the layers that ran (their page
+        cache checkpoints are this step's: `step.fronts`), and close its hand-off step."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        step.fronts = min(self.num_layers, int(step.static.ran.item()))
+        h = self._whole_handoff
+        if h is not None and h._in_step:
+            try:
+                h.finish_step()
+            except BaseException:       # noqa: BLE001 - the step is being undone either way
+                pass
