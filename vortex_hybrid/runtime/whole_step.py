@@ -48,7 +48,7 @@ class WholeStep:
 
     def _plan_whole(self, step: StepPlan) -> tuple:
         """Bind `step` to its shape's static buffers and open its hand-off step; its graph key."""
-        if self.store is not None and self.store.device != self.device:
+        if self.store is not None and self.store.device.type != self.device.type:
             raise ValueError("plan(whole_step=True) needs the summaries on the device (they are "
                              f"in host memory: summary_location={self.cfg.summary_location!r}, or "
                              "auto found no room); plan without whole_step")
