@@ -20,6 +20,11 @@ dense (0..R-1), given out by `index_of`; R and W grow by doubling, which realloc
 bumps `generation` (graphs captured over the old tensor must be captured again).
 The host copy of every page stays authoritative: evicting drops a copy, never data.
 
+Granularity (`heads`): a request has `heads` rows, one per KV head (row = request index x heads +
+head), and a slot holds one KV head of one page, so a head's selection is cached and fetched on its
+own: a page that one head selects costs one head's bytes, not every head's. `rows(indices)` gives
+a batch's rows. With heads=1 a row is a request and a slot a whole page.
+
 Per-request budgets (SPIN's locality-aware manager is the model): each request keeps a moving
 average of its selection reuse per layer (the share of the pages it wants this step that it also
 wanted the step before). Its quota of slots is proportional to reuse x pages wanted, over the batch;
@@ -68,12 +73,14 @@ class GpuPageCache:
 
     def __init__(self, num_layers: int, num_slots: int, device: torch.device,
                  max_requests: int = 8, max_pages: int = 64, quotas: bool = True,
-                 prior_reuse=None) -> None:
-        if num_slots < 0 or num_layers < 1:
-            raise ValueError(f"num_slots={num_slots} must be >= 0 and num_layers={num_layers} >= 1")
-        self.num_layers, self.num_slots, self.device = num_layers, num_slots, device
-        self.slot_of = torch.full((num_layers, max_requests, max_pages + 1), -1, dtype=torch.int32,
-                                  device=device)
+                 prior_reuse=None, heads: int = 1) -> None:
+        if num_slots < 0 or num_layers < 1 or heads < 1:
+            raise ValueError(f"num_slots={num_slots} must be >= 0, num_layers={num_layers} and "
+                             f"heads={heads} >= 1")
+        self.num_layers, self.num_slots, self.device, self.heads = \
+            num_layers, num_slots, device, heads
+        self.slot_of = torch.full((num_layers, max_requests * heads, max_pages + 1), -1,
+                                  dtype=torch.int32, device=device)
         self.owner = torch.full((num_layers, num_slots + 1, 2), -1, dtype=torch.int32,
                                 device=device)
         # one spare column past the slots takes the stamps of masked-out entries (no compaction)
@@ -90,7 +97,7 @@ class GpuPageCache:
             if prior.numel() != num_layers or not bool(((prior >= 0) & (prior <= 1)).all()):
                 raise ValueError(f"prior_reuse must be {num_layers} shares in [0, 1]")
             self.prior = prior.to(device)[:, None]
-        self.reuse = self.prior.expand(num_layers, max_requests).clone()
+        self.reuse = self.prior.expand(num_layers, max_requests * heads).clone()
         self.now = 0
         self.now_t = torch.zeros((), dtype=torch.int64, device=device)   # `now` on the device
         self.generation = 0                      # bumped when slot_of is reallocated
@@ -110,7 +117,7 @@ class GpuPageCache:
         """The dense index of a request, given out on first use."""
         if rid not in self._index:
             if not self._free:
-                self._grow(requests=2 * self.slot_of.shape[1])
+                self._grow(requests=2 * self.max_requests)
             self._index[rid] = self._free.pop()
         return self._index[rid]
 
@@ -127,17 +134,28 @@ class GpuPageCache:
     def max_pages(self) -> int:
         return self.slot_of.shape[2] - 1
 
+    @property
+    def max_requests(self) -> int:
+        return self.slot_of.shape[1] // self.heads
+
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """The rows of requests' dense `indices` [B] (device int64): [B * heads], head-minor."""
+        h = self.heads
+        if h == 1:
+            return indices
+        return (indices[:, None] * h + torch.arange(h, device=indices.device)).flatten()
+
     def _grow(self, requests: int = 0, pages: int = 0) -> None:
-        L, R, W = self.slot_of.shape[0], self.slot_of.shape[1], self.max_pages
+        L, R, W, h = self.slot_of.shape[0], self.max_requests, self.max_pages, self.heads
         R2, W2 = max(R, requests), max(W, pages)
-        grown = torch.full((L, R2, W2 + 1), -1, dtype=torch.int32, device=self.device)
-        grown[:, :R, :W] = self.slot_of[:, :, :W]
+        grown = torch.full((L, R2 * h, W2 + 1), -1, dtype=torch.int32, device=self.device)
+        grown[:, :R * h, :W] = self.slot_of[:, :, :W]
         self.slot_of = grown
         seen = torch.full_like(grown, -1)
-        seen[:, :R, :W] = self.seen[:, :, :W]
+        seen[:, :R * h, :W] = self.seen[:, :, :W]
         self.seen = seen
-        reuse = self.prior.expand(L, R2).clone()
-        reuse[:, :R] = self.reuse
+        reuse = self.prior.expand(L, R2 * h).clone()
+        reuse[:, :R * h] = self.reuse
         self.reuse = reuse
         self.generation += 1
         self._free = list(range(R2 - 1, R - 1, -1)) + self._free
@@ -148,12 +166,13 @@ class GpuPageCache:
         r = self._index.pop(rid, None)
         if r is None:
             return
-        mine = self.owner[:, :self.num_slots, 0] == r                    # [L, S]
+        h = self.heads
+        mine = self.owner[:, :self.num_slots, 0].div(h, rounding_mode="floor") == r     # [L, S]
         self.owner[:, :self.num_slots][mine] = -1
         self.stamp[:, :self.num_slots][mine] = -1
-        self.slot_of[:, r] = -1
-        self.seen[:, r] = -1
-        self.reuse[:, r] = self.prior[:, 0]
+        self.slot_of[:, r * h:(r + 1) * h] = -1
+        self.seen[:, r * h:(r + 1) * h] = -1
+        self.reuse[:, r * h:(r + 1) * h] = self.prior
         self._free.append(r)
 
     def pages_of(self, rid: int, layer: int) -> torch.Tensor:
@@ -161,7 +180,9 @@ class GpuPageCache:
         r = self._index.get(rid)
         if r is None:
             return torch.zeros(0, dtype=torch.int64)
-        return (self.slot_of[layer, r, :self.max_pages] >= 0).nonzero().flatten().cpu()
+        h = self.heads
+        cached = self.slot_of[layer, r * h:(r + 1) * h, :self.max_pages] >= 0
+        return cached.any(0).nonzero().flatten().cpu()
 
     # ---- one step ---------------------------------------------------------------------------
     def next_step(self) -> None:

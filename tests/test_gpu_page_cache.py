@@ -234,3 +234,33 @@ def test_state_lists_everything_a_step_changes():
         t.copy_(old)
     for n, old in every.items():
         assert torch.equal(getattr(cache, n), old), n
+
+
+def test_per_head_rows_cache_each_kv_head_on_its_own_and_leave_together():
+    """heads=2: a request has two rows (request index x 2 + head); each row's pages take their own
+    slots, a page cached for one head is a miss for the other, and removing the request frees the
+    slots of both rows."""
+    cache = GpuPageCache(L, 6, DEVICE, heads=2)
+    a, b = cache.index_of(10), cache.index_of(11)
+    rows = cache.rows(torch.tensor([a, b], device=DEVICE))
+    assert rows.tolist() == [2 * a, 2 * a + 1, 2 * b, 2 * b + 1]
+    want = torch.zeros(4, W, dtype=torch.bool, device=DEVICE)
+    want[0, 3] = True                               # request 10, head 0: page 3
+    want[3, 5] = True                               # request 11, head 1: page 5
+    cache.next_step()
+    plan = cache.step(0, rows, cache.table(0, rows, W), want, want)
+    r, p, s = plan.valid()
+    assert sorted(zip(r.tolist(), p.tolist())) == [(0, 3), (3, 5)]
+    table = cache.table(0, rows, W)
+    assert table[0, 3] >= 0 and table[1, 3] < 0     # head 1 of page 3 is not cached
+    want2 = torch.zeros_like(want)
+    want2[1, 3] = True                              # head 1 now wants page 3: a miss
+    cache.next_step()
+    plan = cache.step(0, rows, cache.table(0, rows, W), want2, want2)
+    assert int(plan.misses) == 1 and int(plan.hits) == 0 and int(plan.count) == 1
+    assert cache.pages_of(10, 0).tolist() == [3]
+    cache.remove_request(10)
+    assert cache.pages_of(10, 0).tolist() == []
+    owners = cache.owner[0, :6, 0]
+    assert not bool(((owners >= 0) & (owners // 2 == a)).any())     # both rows' slots free
+    assert int((owners >= 0).sum()) == 1                            # request 11's slot kept

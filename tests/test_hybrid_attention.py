@@ -417,23 +417,51 @@ def test_a_trace_records_each_layer_on_each_lane():
 def test_hybrid_fetches_more_of_a_request_whose_selection_is_reused():
     """The split charges a fetch its amortised cost: with reuse near 1 (and room in the cache) a
     copy serves later steps, so more misses go to the copy than with reuse 0; with reuse 0 the
-    copy and the CPU's remaining work end together (the greedy's stop rule)."""
+    copy and the CPU's remaining work end together (the greedy's stop rule). Head-pages: a fetch
+    copies what the CPU would read, one KV head of one page (seed 3)."""
     from vortex_hybrid.scheduler.cost_model import DEFAULTS
     attn = make("hybrid", slots=1000, costs=DEFAULTS)
     gen = torch.Generator().manual_seed(3)
-    heads = torch.randint(1, HKV + 1, (2, 300), generator=gen).to(attn.device, torch.int32)
-    misses = torch.ones(2, 300, dtype=torch.bool, device=attn.device)
+    misses = torch.rand(2 * HKV, 300, generator=gen).to(attn.device) < 0.7   # rows x selection
     wanted = misses.sum()
     fetched = {}
     for r in (0.0, 0.5, 0.9):
-        reuse = torch.full((2,), r, device=attn.device)
-        fetched[r] = int(attn._hybrid_fetch(heads, misses, reuse, wanted).sum())
-    print("pages fetched by reuse:", fetched)
-    assert 0 < fetched[0.0] < fetched[0.5] < fetched[0.9] <= 600, fetched
-    f = attn._hybrid_fetch(heads, misses, torch.zeros(2, device=attn.device), wanted)
+        reuse = torch.full((2 * HKV,), r, device=attn.device)
+        f = attn._hybrid_fetch(misses, reuse, wanted)
+        assert not bool((f & ~misses).any())          # only misses are fetched
+        fetched[r] = int(f.sum())
+    print("head-pages fetched by reuse:", fetched)
+    assert 0 < fetched[0.0] < fetched[0.5] < fetched[0.9] <= int(wanted), fetched
+    f = attn._hybrid_fetch(misses, torch.zeros(2 * HKV, device=attn.device), wanted)
     hb, costs = attn._head_bytes, DEFAULTS
-    copy_s = int(f.sum()) * HKV * hb / costs.h2d_bw_concurrent
-    cpu_s = int(heads[~f].sum()) * hb / costs.cpu_attn_bw_concurrent
-    assert abs(copy_s - cpu_s) <= HKV * hb / costs.h2d_bw_concurrent + HKV * hb / \
+    copy_s = int(f.sum()) * hb / costs.h2d_bw_concurrent
+    cpu_s = int((misses & ~f).sum()) * hb / costs.cpu_attn_bw_concurrent
+    assert abs(copy_s - cpu_s) <= hb / costs.h2d_bw_concurrent + hb / \
         costs.cpu_attn_bw_concurrent, (copy_s, cpu_s)
+    attn.close()
+
+
+def test_a_fetch_copies_only_the_kv_heads_that_selected_the_page():
+    """Heads of one request select different pages: `offload` fetches each missing (page, KV head)
+    once, so the bytes over the link equal the selected bytes that missed the cache, never every
+    head of each page; the next step's same selection hits (seed 21)."""
+    attn = make("offload", slots=64, budget=4)
+    gen = torch.Generator().manual_seed(21)
+    rid = attn.add_request(*(torch.randn(L, 120, HKV, D, generator=gen).to(attn.device)
+                             for _ in "kv"))
+    n = -(-121 // P)
+    sel = torch.tensor([[[0, 1 + h, 3 + h, n - 1] for h in range(HKV)]], dtype=torch.int32,
+                       device=attn.device)                     # heads share only pages 0 and n-1
+    for step in range(2):
+        attn.plan([rid])
+        for layer in range(L):
+            attn.run(layer, *(torch.randn(1, h, D, generator=gen).to(attn.device)
+                              for h in (HQ, HKV, HKV)), sel=sel)
+        c = attn.stats()["last_step"]
+        host_heads = L * HKV * 3                               # every selected full page is on host
+        if step == 0:
+            assert c["cache_misses"] == c["fetched_pages"] == host_heads, c
+        else:
+            assert c["cache_hits"] == host_heads and c["fetched_pages"] == 0, c
+        assert c["bytes_h2d"] == c["fetched_pages"] * attn._head_bytes
     attn.close()

@@ -160,8 +160,12 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
                             num_q_heads=hq, num_kv_heads=hkv, head_dim=D,
                             page_size=cfg.page_size, flow=cfg.flow)
             self.head_budgets = HeadBudgets(cal, self.device, self.store.device)
-        self._cache = GpuPageCache(L, slots, self.device, prior_reuse=self._prior_reuse()) \
-            if slots else None
+        self._cache = GpuPageCache(L, slots * hkv, self.device, prior_reuse=self._prior_reuse(),
+                                   heads=hkv) if slots else None
+        """Per (page, KV head) slots: a slot holds one KV head of one page (`GpuPageCache`)."""
+        self._slot_heads = (self._slot_pages[:, None] * hkv +
+                            torch.arange(hkv, device=self.device)).flatten()
+        """Cache slot -> its head-page in the device pool viewed as [pages x Hkv, 1, P, D]."""
         if costs is None:           # this machine's figures; logs once those that are defaults
             costs = cost_model.costs_for(self.placement)
         self._costs = costs
@@ -301,7 +305,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
                 step.cache_new = [r for r in rids if not cache.has(r)]
                 cache.reserve(step.dev_table.shape[1])
                 rows = torch.as_tensor([cache.index_of(r) for r in rids], dtype=torch.int64)
-                rows = rows.to(self.device)
+                rows = cache.rows(rows.to(self.device))      # [B x Hkv]: one per KV head
                 cache.next_step()                     # last: cache_rows set = the clock moved
                 step.cache_rows = rows
             key = self._plan_whole(step) if whole_step else None
@@ -378,11 +382,12 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
 
     def _cpu_row_share(self) -> float:
         """Share of a `subbatch` step's requests given to the CPU: per request, the CPU reads the
-        page-heads selected (concurrent CPU bandwidth) where a fetch copies every KV head of each
-        page (concurrent PCIe bandwidth); the shares that make both finish together when heads
-        select different pages and nothing is cached (the GPU cache only shortens the fetches)."""
+        page-heads selected (concurrent CPU bandwidth) where a fetch copies the same page-heads
+        over the link (concurrent PCIe bandwidth; the cache holds (page, KV head) slots); the
+        shares that make both finish together when nothing is cached (the GPU cache only shortens
+        the fetches)."""
         cpu = 1 / self._costs.cpu_attn_bw_concurrent
-        fetch = self.num_kv_heads / self._costs.h2d_bw_concurrent
+        fetch = 1 / self._costs.h2d_bw_concurrent
         return fetch / (cpu + fetch)
 
     # ---- run --------------------------------------------------------------------------------
@@ -446,7 +451,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         for name, v in zip(COUNTS, read):
             c[name] += v
         self._report_nonfinite([r for r, bad in zip(step.rids, read[len(COUNTS):]) if bad])
-        c["bytes_h2d"] = c["fetched_pages"] * self._head_bytes * self.num_kv_heads
+        c["bytes_h2d"] = c["fetched_pages"] * self._head_bytes      # page-heads fetched
         c["bytes_cpu"] = c["cpu_pages"] * self._head_bytes
         c["steps_" + step.shape] = 1
         if self._shape_mode == "auto" and self.placement == "hybrid" and not step.whole:
@@ -576,7 +581,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
             self._whole_handoff = None
         self._step = None
         self._graphs = self._cache = self.store = self.head_budgets = None
-        self._slot_pages = None
+        self._slot_pages = self._slot_heads = None
         if self.kv is not None:
             for pool in (self.kv.device_pool, self.kv.host_pool):
                 pool.k = pool.v = None

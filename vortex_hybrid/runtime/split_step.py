@@ -97,26 +97,34 @@ class SplitStep:
     def _front(self, step: StepPlan, layer: int, q, k_new, v_new, sel, pinned) -> tuple:
         """Append, select, partition (GPU page cache, hybrid split), and copy the host's part of
         the selection and q to pinned buffers for the CPU worker. No sync. Returns (the GPU's
-        selection, its page table, fetch sources, fetch destinations (-1: none), counts [5], q and
+        selection, its head table, fetch sources, fetch destinations (-1: none), counts [5], q and
         the selection on the host). The page cache's layer is checkpointed first (for a failed
-        step's undo)."""
+        step's undo).
+
+        The GPU side works per (request, KV head) row, in head-pages: the pools viewed as
+        [pages x Hkv, 1, P, D], the head table [B x Hkv, W] maps each row's logical page to the
+        head-page holding that head of it (its device page, or a cache slot), so a cache slot is
+        one KV head of one page and a fetch copies only the heads that selected the page."""
         if self._cache is not None:
             self._cache.checkpoint(layer)
         self._append(step, layer, k_new, v_new)
         if sel is None:
             sel = self._select(step, layer, q)
-        chosen = sel >= 0
-        flat = sel.clamp_min(0).flatten(1).to(torch.int64)                # [B, Hkv * K]
-        table, src, dst = step.dev_table, None, None
+        B, H, K = sel.shape
+        sel_r = sel.reshape(B * H, K)
+        chosen = sel_r >= 0
+        idx = sel_r.clamp_min(0).to(torch.int64)                             # [B x Hkv, K]
+        table, src, dst = self._head_table(step.dev_table), None, None
         zero = torch.zeros((), dtype=torch.int64, device=self.device)
         cache_counts = [zero] * 4                 # fetched, hits, misses, evictions
         if self._cache is not None:
-            table, src, dst, cache_counts = self._cache_table(step, layer, sel, chosen, flat, table)
-        on_gpu = chosen & (torch.gather(table, 1, flat).view_as(sel) >= 0)
+            table, src, dst, cache_counts = self._cache_table(step, layer, chosen, idx, table)
+        on_gpu = chosen & (torch.gather(table, 1, idx) >= 0)
         counts = torch.stack([on_gpu.sum(), *cache_counts])
+        on_gpu = on_gpu.view(B, H, K)
         q_host = sel_host = None
         if self.placement != "gpu":
-            host_sel = torch.where(chosen & ~on_gpu, sel, -1)
+            host_sel = torch.where(chosen.view(B, H, K) & ~on_gpu, sel, -1)
             if self.device.type == "cuda":
                 q_host = pinned.get("q", q.shape, q.dtype)
                 sel_host = pinned.get("sel", host_sel.shape, host_sel.dtype)
@@ -126,73 +134,99 @@ class SplitStep:
                 q_host, sel_host = q, host_sel
         return torch.where(on_gpu, sel, -1), table, src, dst, counts, q_host, sel_host
 
+    def _head_table(self, table: torch.Tensor) -> torch.Tensor:
+        """A page table [B, W] as a head table [B x Hkv, W]: page d's head h is head-page
+        d x Hkv + h of the pool viewed as [pages x Hkv, 1, P, D]; -1 stays -1."""
+        H = self.num_kv_heads
+        heads = torch.arange(H, dtype=table.dtype, device=table.device)[None, :, None]
+        t = table[:, None, :]
+        return torch.where(t >= 0, t * H + heads, -1).flatten(0, 1)
+
     def _back(self, step: StepPlan, layer: int, q, gsel, table, src, dst) -> tuple:
-        """Fetch the pages the front chose into their slots, then attend what the GPU holds."""
+        """Fetch the head-pages the front chose into their slots, then attend what the GPU holds
+        (per (request, KV head) row over the head-page pools; o [B, Hq, D], lse [B, Hq])."""
         if src is not None:
             self._copy_pages(layer, src, dst)
+        B, H, K = gsel.shape
+        hq, D, P = self.num_q_heads, self.head_dim, self.cfg.page_size
         k_pool, v_pool = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
-        return self._gpu.attend(q, k_pool, v_pool, table, step.lens, gsel)
+        o, lse = self._gpu.attend(q.reshape(B * H, hq // H, D), k_pool.view(-1, 1, P, D),
+                                  v_pool.view(-1, 1, P, D), table,
+                                  step.lens.repeat_interleave(H), gsel.reshape(B * H, 1, K))
+        return o.view(B, hq, D), lse.view(B, hq)
 
-    def _cache_table(self, step: StepPlan, layer: int, sel, chosen, flat, dev_table) -> tuple:
-        """This layer's table with the GPU page cache, and the copy to make: host pages that are
-        cached map to their slots; misses chosen for fetching get slots, and (src host pages, dst
-        device pages, -1 where unused) is returned for the back part to copy (one copy per page);
-        the rest stays with the CPU. All on the device, no sync; counts (fetched, hits, misses,
-        evictions) as device scalars."""
+    def _cache_table(self, step: StepPlan, layer: int, chosen, idx, table) -> tuple:
+        """This layer's head table with the GPU page cache, and the copy to make: host head-pages
+        that are cached map to their slots; misses chosen for fetching get slots, and (src host
+        head-pages, dst device head-pages, -1 where unused) is returned for the back part to copy;
+        the rest stays with the CPU. chosen, idx [B x Hkv, K]: the selection per row; table: the
+        device head table. All on the device, no sync; counts (fetched, hits, misses, evictions)
+        as device scalars, in head-pages."""
         cache = self._cache
-        B, W = dev_table.shape
-        slots = cache.table(layer, step.cache_rows, W)
-        host_sel = chosen & (torch.gather(dev_table, 1, flat).view_as(sel) < 0)   # host pages
-        heads = torch.zeros(B, W, dtype=torch.int32, device=self.device)
-        heads.scatter_add_(1, flat, host_sel.flatten(1).to(torch.int32))      # heads per page
-        wanted = heads > 0
+        R, W = table.shape
+        rows = step.cache_rows
+        slots = cache.table(layer, rows, W)                                   # [R, W]
+        host_sel = chosen & (torch.gather(table, 1, idx) < 0)                # host head-pages
+        cached = torch.gather(slots, 1, idx) >= 0
+        wanted = torch.zeros(R, W, dtype=torch.int32, device=self.device)
+        wanted = wanted.scatter_add_(1, idx, host_sel.to(torch.int32)) > 0
         if self.placement == "offload":
             to_fetch = wanted
-        elif step.shape == "subbatch":          # the CPU's sub-batch fetches nothing
-            to_fetch = wanted & (slots < 0) & ~step.cpu_rows[:, None]
         else:
-            reuse = cache.reuse[layer].index_select(0, step.cache_rows)       # last step's
-            to_fetch = self._hybrid_fetch(heads, wanted & (slots < 0), reuse, wanted.sum())
-        plan = cache.step(layer, step.cache_rows, slots, wanted, to_fetch)
+            miss = host_sel & ~cached                                         # [R, K]
+            if step.shape == "subbatch":        # the CPU's sub-batch fetches nothing
+                H = self.num_kv_heads
+                pick = miss & ~step.cpu_rows.repeat_interleave(H)[:, None]
+            else:
+                reuse = cache.reuse[layer].index_select(0, rows)              # last step's
+                pick = self._hybrid_fetch(miss, reuse, host_sel.sum())
+            to_fetch = torch.zeros(R, W, dtype=torch.int32, device=self.device)
+            to_fetch = to_fetch.scatter_add_(1, idx, pick.to(torch.int32)) > 0
+        capacity = max(1, min(cache.num_slots, R * idx.shape[1]))            # <= selected entries
+        plan = cache.step(layer, rows, slots, wanted, to_fetch, capacity=capacity)
         ok = plan.slots >= 0
-        src = torch.where(ok, step.host_table_dev[plan.rows.clamp_min(0), plan.pages.clamp_min(0)]
+        host_heads = self._head_table(step.host_table_dev)
+        src = torch.where(ok, host_heads[plan.rows.clamp_min(0), plan.pages.clamp_min(0)]
                           .to(torch.int64), -1)
-        dst = torch.where(ok, self._slot_pages[plan.slots.clamp_min(0)], -1)
-        slots = cache.table(layer, step.cache_rows, W)                    # with this step's fetches
-        cached = torch.where(slots >= 0, self._slot_pages[slots.clamp_min(0).to(torch.int64)], -1)
-        table = torch.where(dev_table >= 0, dev_table, cached.to(dev_table.dtype))
+        dst = torch.where(ok, self._slot_heads[plan.slots.clamp_min(0)], -1)
+        slots = cache.table(layer, rows, W)                                   # with the fetches
+        in_cache = torch.where(slots >= 0, self._slot_heads[slots.clamp_min(0).to(torch.int64)], -1)
+        table = torch.where(table >= 0, table, in_cache.to(table.dtype))
         return table, src, dst, [plan.count, plan.hits, plan.misses, plan.evictions]
 
-    def _hybrid_fetch(self, heads: torch.Tensor, misses: torch.Tensor, reuse: torch.Tensor,
+    def _hybrid_fetch(self, miss: torch.Tensor, reuse: torch.Tensor,
                       wanted: torch.Tensor) -> torch.Tensor:
-        """Which misses to fetch. The CPU attends a missing page reading only the heads that
-        selected it, every step it is selected; a fetch copies all heads once, and the copy serves
-        the following steps too while the page stays selected and cached. So a fetch is charged
-        its amortised cost: copy time x (1 - reuse x survival), reuse = the request's measured
-        selection reuse (`GpuPageCache.reuse`), survival = min(1, slots / pages wanted this step).
-        Both draw on host DRAM at once, so their concurrent rates apply (docs/hardware.md). Pages
-        go to the copy in order of heads served per amortised cost, until the copy would end after
-        the CPU's remaining work: the two then finish together. All on the device, no sync."""
+        """Which missing head-pages to fetch (miss, the result: bool [B x Hkv, K] over the
+        selection). The CPU attends a missing head-page every step it is selected; a fetch
+        copies it once, and the copy serves the following steps too while it stays selected and
+        cached. So a fetch is charged its amortised cost: copy time x (1 - reuse x survival),
+        reuse = the row's measured selection reuse (`GpuPageCache.reuse`), survival = min(1,
+        slots / head-pages wanted this step). Both draw on host DRAM at once, so their concurrent
+        rates apply (docs/hardware.md). Head-pages go to the copy in order of amortised cost,
+        until the copy would end after the CPU's remaining work: the two then finish together.
+        All on the device, no sync."""
         survive = (self._cache.num_slots / wanted.clamp_min(1).to(torch.float64)).clamp_max(1.0)
-        factor = (1 - reuse.to(torch.float64) * survive).clamp_min(0.05)        # [B]
-        counts = torch.where(misses, heads, 0)
-        cost = factor[:, None].expand_as(counts).flatten()
-        counts = counts.flatten()
-        order = torch.argsort(counts / cost, descending=True, stable=True)   # ties: page order
-        n = counts[order].to(torch.float64)
+        factor = (1 - reuse.to(torch.float64) * survive).clamp_min(0.05)        # [R]
+        cost = factor[:, None].expand_as(miss).flatten()
+        n = miss.flatten().to(torch.float64)
+        order = torch.argsort(torch.where(n > 0, cost, torch.inf), stable=True)  # cheap first
+        n, cost = n[order], cost[order]
         cpu_s = self._head_bytes / self._costs.cpu_attn_bw_concurrent
-        copy = torch.cumsum(cost[order], 0) * \
-            (self.num_kv_heads * self._head_bytes / self._costs.h2d_bw_concurrent)
+        copy = torch.cumsum(cost * n, 0) * (self._head_bytes / self._costs.h2d_bw_concurrent)
         cpu_after = (n.sum() - torch.cumsum(n, 0)) * cpu_s
         ok = ~((copy > cpu_after) & (copy > cpu_after + n * cpu_s)) & (n > 0)
         keep = torch.cumprod(ok.to(torch.int8), 0).bool()                 # up to the first stop
-        out = torch.zeros_like(counts, dtype=torch.bool)
+        out = torch.zeros_like(n, dtype=torch.bool)
         out[order] = keep
-        return out.view_as(misses)
+        return out.view_as(miss)
 
     def _copy_pages(self, layer: int, src: torch.Tensor, dst: torch.Tensor) -> None:
-        hk, hv = self.kv.host_pool.k[layer], self.kv.host_pool.v[layer]
-        dk, dv = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
+        """Copy head-pages `src` of the host pool into head-pages `dst` of the device pool (both
+        viewed as [pages x Hkv, 1, P, D]; -1 entries copy nothing)."""
+        P, D = self.cfg.page_size, self.head_dim
+        hk, hv = (t[layer].view(-1, 1, P, D) for t in (self.kv.host_pool.k, self.kv.host_pool.v))
+        dk, dv = (t[layer].view(-1, 1, P, D) for t in (self.kv.device_pool.k,
+                                                        self.kv.device_pool.v))
         if self.device.type == "cuda":
             from ..gpu_kernels.gather_pages import launch_gather_pages
             launch_gather_pages(hk, hv, src, dk, dv, dst)

@@ -37,7 +37,7 @@ class StepPlan:
     filled_pages: torch.Tensor         # int64 [n] device pages the new token fills (device)
     filled_rows: torch.Tensor          # int64 [n] their summary rows (store device)
     host_table_dev: torch.Tensor       # host_table on the device (fetch sources)
-    cache_rows: Optional[torch.Tensor]  # int64 [B] dense request indices in the page cache
+    cache_rows: Optional[torch.Tensor]  # int64 [B x Hkv] the page cache's rows (request, KV head)
     resident_pages: int = 0            # page-heads a dense / gpu layer attends
     serial: int = 0                    # counts plans
     next_layer: int = 0
