@@ -156,6 +156,8 @@ class DecodeStep:
         self.whole_graphs: dict = {}          # the runtime's whole-step key -> the step's graph
         self.seen: set = set()                # keys that ran once eagerly (compiled, warm)
         self.sel: Optional[torch.Tensor] = None   # [L, B, Hkv, K]: the step's given selection
+        self.plan_s: list = []                # host seconds of each step's plan()
+        self.qkv_fn, self.mlp_fn = self._qkv_math, self._mlp_math     # `fuse` compiles them
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -167,17 +169,35 @@ class DecodeStep:
         rot = torch.cat((-x[..., half:], x[..., :half]), -1)
         return x * cos + rot * sin
 
-    def _qkv(self, layer: int) -> None:
-        m, s, B = self.m, self.m.s, self.B
-        qkv = F.linear(self._norm(self.h, m.norm1[layer]), m.wqkv[layer])
+    def _qkv_math(self, h, norm_w, wqkv, pos, inv_freq):
+        s, B = self.m.s, self.B
+        qkv = F.linear(self._norm(h, norm_w), wqkv)
         q, k, v = qkv.split([s.heads * s.head_dim, s.kv_heads * s.head_dim,
                              s.kv_heads * s.head_dim], -1)
-        freqs = self.pos[:, None].float() * m.inv_freq                   # [B, D/2]
+        freqs = pos[:, None].float() * inv_freq                            # [B, D/2]
         emb = torch.cat((freqs, freqs), -1)[:, None]                       # [B, 1, D]
         cos, sin = emb.cos(), emb.sin()
-        self.q.copy_(self._rope(q.view(B, s.heads, s.head_dim), cos, sin))
-        self.k.copy_(self._rope(k.view(B, s.kv_heads, s.head_dim), cos, sin))
-        self.v.copy_(v.view(B, s.kv_heads, s.head_dim))
+        return (self._rope(q.view(B, s.heads, s.head_dim), cos, sin),
+                self._rope(k.view(B, s.kv_heads, s.head_dim), cos, sin),
+                v.view(B, s.kv_heads, s.head_dim))
+
+    def _mlp_math(self, h, attn_out, wo, norm2, wgu, wd):
+        h = h + F.linear(attn_out.flatten(1), wo)
+        gate, up = F.linear(self._norm(h, norm2), wgu).chunk(2, -1)
+        return h + F.linear(F.silu(gate) * up, wd)
+
+    def fuse(self) -> None:
+        """Compile the per-layer math with torch.compile (its elementwise ops fused, as a serving
+        engine's fused norm / RoPE / activation kernels are); the same for every mode."""
+        self.qkv_fn = torch.compile(self._qkv_math, fullgraph=True)
+        self.mlp_fn = torch.compile(self._mlp_math, fullgraph=True)
+
+    def _qkv(self, layer: int) -> None:
+        m = self.m
+        q, k, v = self.qkv_fn(self.h, m.norm1[layer], m.wqkv[layer], self.pos, m.inv_freq)
+        self.q.copy_(q)
+        self.k.copy_(k)
+        self.v.copy_(v)
 
     def _pre(self) -> None:
         self.h.copy_(self.m.embed.index_select(0, self.ids))
@@ -185,9 +205,8 @@ class DecodeStep:
 
     def _boundary(self, layer: int) -> None:
         m = self.m
-        self.h.add_(F.linear(self.attn_out.flatten(1), m.wo[layer]))
-        gate, up = F.linear(self._norm(self.h, m.norm2[layer]), m.wgu[layer]).chunk(2, -1)
-        self.h.add_(F.linear(F.silu(gate) * up, m.wd[layer]))
+        self.h.copy_(self.mlp_fn(self.h, self.attn_out, m.wo[layer], m.norm2[layer],
+                                 m.wgu[layer], m.wd[layer]))
         if layer + 1 < m.s.layers:
             self._qkv(layer + 1)
         else:
@@ -260,8 +279,10 @@ def decode_step(attn: HybridAttention, rids: list, st: DecodeStep, sels=None,
     flow's. whole: the step planned with whole_step=True: its first run of a key runs eagerly
     (kernels compile), the second captures one graph of the whole step, later ones replay it.
     Returns how the step ran: "replay", "eager" or "layers"."""
+    t0 = time.perf_counter()
     if whole:
         key = attn.plan(rids, whole_step=True)
+        st.plan_s.append(time.perf_counter() - t0)
         if sels is not None:
             if st.sel is None or st.sel.shape != sels.shape:
                 st.sel = torch.empty_like(sels)
@@ -278,6 +299,7 @@ def decode_step(attn: HybridAttention, rids: list, st: DecodeStep, sels=None,
         attn.finish_step()
         return "replay" if g is not None else "eager"
     attn.plan(rids)
+    st.plan_s.append(time.perf_counter() - t0)
     st.pre()
     for layer in range(st.m.s.layers):
         sel = None if sels is None else sels[layer]
@@ -416,6 +438,8 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
             rids.append(attn.add_request(k, k))
             del k
         st = DecodeStep(m, batch)
+        if args.fuse == "on":
+            st.fuse()
         whole = args.graphs == "whole"
         if dev.type == "cuda" and not whole:
             st.capture()
@@ -440,18 +464,35 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
             if i >= args.warmup:
                 rec.append((ms, attn.stats()["last_step"]))
                 how.append(ran)
+        if args.profile:
+            profile_step(attn, rids, st, sels, whole, mode, args)
         last_logits = st.logits.clone()
         memory = dict(hbm_gib=attn.memory.device_bytes / GIB, host_gib=attn.memory.host_bytes / GIB,
                       gpu_cache_pages=attn.memory.gpu_cache_pages,
                       summaries_on_device=attn.memory.summary_on_device,
                       graphs=attn._graphs is not None,
-                      step_ran=sorted(set(how)))
+                      step_ran=sorted(set(how)),
+                      plan_ms=statistics.median(st.plan_s[args.warmup:]) * 1e3)
     finally:
         attn.close()
     head_bytes = 2 * args.page_size * s.head_dim * m.embed.element_size()
     return dict(mode=mode, batch=batch, build_s=build_s, tokens=tokens, logits=last_logits,
                 locality=args.locality, reuse=stream.measured() if sels is not None else None,
                 **memory, **summarize(rec, m, batch, costs, head_bytes))
+
+
+def profile_step(attn, rids, st, sels, whole, mode, args) -> None:
+    """One more step under torch.profiler (a replay when whole; the step's selection is the last
+    timed one's); its kernels by GPU time in profile_<mode>.txt."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        decode_step(attn, rids, st, None if sels is None else sels[-1], whole)
+        sync(st.m.device)
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40)
+    with open(os.path.join(args.out, f"profile_{mode}.txt"), "w") as fh:
+        fh.write(table + "\n")
 
 
 def sync(dev: torch.device) -> None:
@@ -504,6 +545,12 @@ def parse(argv=None) -> argparse.Namespace:
                     help="whole: each step is one CUDA graph (model and runtime, the CPU hand-off "
                          "inside; the step planned with whole_step=True); layers: the runtime's "
                          "per-layer graphs between the model's (default whole)")
+    ap.add_argument("--fuse", choices=("on", "off"), default=None,
+                    help="torch.compile the model's per-layer math (fused elementwise ops; the "
+                         "same in every mode); default on with CUDA, off without")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one more step per mode after the timed ones (torch.profiler): "
+                         "its kernels by GPU time, in profile_<mode>.txt under --out")
     ap.add_argument("--summary-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="page summaries' dtype (float32)")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per mode (32)")
@@ -534,6 +581,8 @@ def parse(argv=None) -> argparse.Namespace:
         if args.layers < 1:
             fail(f"--layers={args.layers} must be a positive integer")
         args.shape = Shape(**dict(asdict(args.shape), layers=args.layers))
+    if args.fuse is None:
+        args.fuse = "on" if torch.cuda.is_available() else "off"
     modes = [x for x in args.modes.split(",") if x]
     bad = [x for x in modes if x not in MODES]
     if bad or not modes:

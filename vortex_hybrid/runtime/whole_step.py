@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 
 HANDOFF_TIMEOUT_S = 10.0
 """Bound of one GPU wait for the CPU's answer (a layer's CPU attention takes milliseconds)."""
+HANDOFF_SPIN_US = 2000.0
+"""The hand-off worker spins this long after an answer before it backs off to sleeps: longer than
+a layer's GPU part, so the next layer's request is seen at once (it has a core of its own)."""
 
 
 class WholeStep:
@@ -65,13 +68,18 @@ class WholeStep:
     def _handoff_channel(self):
         """The hand-off protocol's driver (made on first use: it starts the worker thread)."""
         if self._whole_handoff is None:
+            import os
+
             from . import handoff
             from .. import cpu_kernels
             cpu_kernels.warmup()            # compile before the first step's bounded waits
+            # Cores: one for the thread driving the GPU (its synchronisation spins), one for the
+            # hand-off worker's poll; the CPU attention gets the rest unless cfg sets it.
+            cpu_kernels.set_cpu_threads(self.cfg.cpu_threads or max(1, (os.cpu_count() or 3) - 2))
             if self.device.type == "cuda":
                 self._whole_handoff = handoff.GraphHandoff(
                     self.num_layers, [self._whole_cpu_part], device=self.device,
-                    timeout_s=HANDOFF_TIMEOUT_S)
+                    timeout_s=HANDOFF_TIMEOUT_S, spin_us=HANDOFF_SPIN_US)
             else:
                 self._whole_handoff = handoff.StandInHandoff(
                     self.num_layers, [self._whole_cpu_part], timeout_s=HANDOFF_TIMEOUT_S)
