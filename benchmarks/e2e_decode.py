@@ -518,6 +518,7 @@ def summarize(rec: list, m: Decoder, batch: int, costs, head_bytes: int) -> dict
                 hit_rate=med("cache_hits") / looked if looked else None,
                 cpu_wait_frac=statistics.median(r[1].get("gpu_wait_s", 0) * 1e3 / r[0] for r in rec),
                 pcie_bytes_per_step=med("bytes_h2d"), cpu_bytes_per_step=med("bytes_cpu"),
+                cpu_part_ms=med("cpu_part_s") * 1e3,
                 step_shape=rec[-1][1].get("step_shape"))
 
 

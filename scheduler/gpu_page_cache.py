@@ -98,6 +98,10 @@ class GpuPageCache:
                 raise ValueError(f"prior_reuse must be {num_layers} shares in [0, 1]")
             self.prior = prior.to(device)[:, None]
         self.reuse = self.prior.expand(num_layers, max_requests * heads).clone()
+        self.held = torch.zeros(num_layers, max_requests * heads + 1, dtype=torch.int32,
+                                device=device)
+        """Slots each row holds, kept by `step` (its k entries; no scan over the slots); the spare
+        last column absorbs masked-out entries."""
         self.now = 0
         self.now_t = torch.zeros((), dtype=torch.int64, device=device)   # `now` on the device
         self.generation = 0                      # bumped when slot_of is reallocated
@@ -110,7 +114,8 @@ class GpuPageCache:
     def _new_backup(self) -> None:
         """Room for every layer's state as it was before the current step (`checkpoint`)."""
         self._backup = tuple(torch.empty_like(t) for t in
-                             (self.slot_of, self.owner, self.stamp, self.seen, self.reuse))
+                             (self.slot_of, self.owner, self.stamp, self.seen, self.reuse,
+                              self.held))
 
     # ---- requests ---------------------------------------------------------------------------
     def index_of(self, rid: int) -> int:
@@ -157,6 +162,9 @@ class GpuPageCache:
         reuse = self.prior.expand(L, R2 * h).clone()
         reuse[:, :R * h] = self.reuse
         self.reuse = reuse
+        held = torch.zeros(L, R2 * h + 1, dtype=torch.int32, device=self.device)
+        held[:, :R * h] = self.held[:, :R * h]
+        self.held = held
         self.generation += 1
         self._free = list(range(R2 - 1, R - 1, -1)) + self._free
         self._new_backup()
@@ -173,6 +181,7 @@ class GpuPageCache:
         self.slot_of[:, r * h:(r + 1) * h] = -1
         self.seen[:, r * h:(r + 1) * h] = -1
         self.reuse[:, r * h:(r + 1) * h] = self.prior
+        self.held[:, r * h:(r + 1) * h] = 0
         self._free.append(r)
 
     def pages_of(self, rid: int, layer: int) -> torch.Tensor:
@@ -213,6 +222,9 @@ class GpuPageCache:
         self.slot_of[layer, req, page] = -1
         self.owner[layer, :S][changed] = -1
         self.stamp[layer, :S][changed] = -1
+        owner = self.owner[layer, :S, 0].to(torch.int64)       # the failure path: a full count
+        self.held[layer].zero_()
+        self.held[layer].scatter_add_(0, owner.clamp_min(0), (owner >= 0).to(torch.int32))
 
     def table(self, layer: int, rows: torch.Tensor, width: int) -> torch.Tensor:
         """slots int32 [B, width] of the batch's requests (`rows`: dense indices [B], device)."""
@@ -225,7 +237,7 @@ class GpuPageCache:
     def state(self, layer: int) -> tuple[torch.Tensor, ...]:
         """Every tensor `step(layer, ...)` changes (views), e.g. to restore them."""
         return (self.slot_of[layer], self.owner[layer], self.stamp[layer], self.seen[layer],
-                self.reuse[layer])
+                self.reuse[layer], self.held[layer])
 
     def step(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, wanted: torch.Tensor,
              fetch: torch.Tensor, capacity: int = 0) -> FetchPlan:
@@ -258,6 +270,10 @@ class GpuPageCache:
         self.slot_of[layer, req.clamp_min(0), torch.where(valid, p, Wt)] = \
             torch.where(valid, victims, -1).to(torch.int32)
         self.owner[layer, victims] = torch.stack([req, torch.where(valid, p, -1)], 1).to(torch.int32)
+        spare = self.held.shape[1] - 1                                  # masked entries land here
+        one = torch.ones_like(req, dtype=torch.int32)
+        self.held[layer].scatter_add_(0, torch.where(taken, old[:, 0], spare), -one)
+        self.held[layer].scatter_add_(0, torch.where(valid, req, spare), one)
         stamp.scatter_(0, victims, now.expand(victims.shape))           # spare absorbs masked
         return FetchPlan(b, p, torch.where(valid, victims, -1), hit.sum(), misses, taken.sum(), n)
 
@@ -280,7 +296,7 @@ class GpuPageCache:
         quota = torch.zeros(self.reuse.shape[1], dtype=torch.float32, device=self.device)
         quota.index_copy_(0, rows, S * weight / weight.sum().clamp_min(1e-9))
         owner = self.owner[layer, :S, 0].to(torch.int64)
-        held = torch.zeros_like(quota).scatter_add_(0, owner.clamp_min(0), (owner >= 0).float())
+        held = self.held[layer, :-1]
         stamp = self.stamp[layer, :S]
         over = (owner >= 0) & (held[owner.clamp_min(0)] > quota[owner.clamp_min(0)]) & \
             (stamp < now)

@@ -99,6 +99,9 @@ class CacheMachine(RuleBasedStateMachine):
         c = self.cache
         for layer in range(L):
             owner = c.owner[layer, :self.slots].cpu()
+            held = torch.bincount(owner[:, 0][owner[:, 0] >= 0].long(),
+                                  minlength=c.held.shape[1] - 1)
+            assert c.held[layer, :-1].cpu().tolist() == held.tolist()   # kept count == recount
             assert bool((c.owner[layer, self.slots] == -1).all())       # the spare row stays free
             assert bool((c.slot_of[layer, :, c.max_pages] == -1).all())  # so does the spare column
             used = (owner[:, 0] >= 0).nonzero().flatten().tolist()

@@ -87,6 +87,8 @@ class _GraphSet:
         """A whole step's hand-off buffers (`whole_step`): q, sel in; o, lse out."""
         self.cpu_pages = 0
         """Page-heads the CPU attended in the bound whole step (its CPU part counts them)."""
+        self.cpu_s = 0.0
+        """Seconds the hand-off worker spent in the bound whole step's CPU parts."""
         self.split = False
         """Whether the whole step's layers ran split (host placements, or a given selection)."""
         self.inputs: dict[str, torch.Tensor] = {}
@@ -108,6 +110,7 @@ class _GraphSet:
                 getattr(s, name).copy_(getattr(step, name))
         self.ran.zero_()
         self.cpu_pages = 0
+        self.cpu_s = 0.0
 
     def run(self, layer: int, part: str, body: Body, state: Sequence[torch.Tensor] = (),
             **tensors: torch.Tensor) -> tuple:

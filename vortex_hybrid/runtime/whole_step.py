@@ -30,7 +30,8 @@ runs with the calling thread as the GPU (`StandInHandoff`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -124,8 +125,15 @@ class WholeStep:
     def _whole_cpu_part(self, layer: int, _step_no: int) -> None:
         """On the hand-off worker: attend the host part of `layer`'s selection of the bound whole
         step into the pinned output buffers (an empty selection: o = 0, lse = -inf)."""
+        t0 = time.perf_counter()
         static = self._step.static
         io, s = static.cpu_io, static.step
+        try:
+            self._cpu_part_into(layer, static, io, s)
+        finally:
+            static.cpu_s += time.perf_counter() - t0
+
+    def _cpu_part_into(self, layer: int, static, io: dict, s: StepPlan) -> None:
         with torch.inference_mode():        # the buffers are inference tensors (this thread's mode)
             n = int((io["sel"] >= 0).sum())
             static.cpu_pages += n
@@ -169,6 +177,7 @@ class WholeStep:
             if not static.split:            # dense / gpu layers: what plan() counted, per layer
                 c["gpu_pages"] += step.resident_pages * self.num_layers
             c["cpu_pages"] += static.cpu_pages
+            c["cpu_part_s"] = static.cpu_s      # the hand-off worker's time in the CPU parts
             self._end_step(step, read[:-1])
 
     def _settle_whole(self, step: StepPlan) -> None:
