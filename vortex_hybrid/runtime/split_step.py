@@ -125,10 +125,10 @@ class SplitStep:
         q_host = sel_host = None
         if self.placement != "gpu":
             host_sel = torch.where(chosen.view(B, H, K) & ~on_gpu, sel, -1)
-            if self.device.type == "cuda":
-                q_host = pinned.get("q", q.shape, q.dtype)
-                sel_host = pinned.get("sel", host_sel.shape, host_sel.dtype)
-                q_host.copy_(q, non_blocking=True)
+            if self.device.type == "cuda":   # q as float32: the CPU side converts nothing (a
+                q_host = pinned.get("q", q.shape, torch.float32)   # torch op there would wake
+                sel_host = pinned.get("sel", host_sel.shape, host_sel.dtype)   # its thread pool)
+                q_host.copy_(q.float(), non_blocking=True)
                 sel_host.copy_(host_sel, non_blocking=True)
             else:
                 q_host, sel_host = q, host_sel

@@ -33,6 +33,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from .memory_model import HOST_PLACEMENTS
@@ -135,7 +136,7 @@ class WholeStep:
 
     def _cpu_part_into(self, layer: int, static, io: dict, s: StepPlan) -> None:
         with torch.inference_mode():        # the buffers are inference tensors (this thread's mode)
-            n = int((io["sel"] >= 0).sum())
+            n = int(np.count_nonzero(io["sel"].numpy() >= 0))    # NumPy: no torch thread pool
             static.cpu_pages += n
             if n == 0:
                 io["o"].zero_()
