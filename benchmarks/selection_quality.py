@@ -193,11 +193,15 @@ def summarize(prompts: list[dict]) -> list[dict]:
         hit = np.concatenate([r["hit"][w] for r, w in sel])
         rank = np.concatenate([r["rank"][w] for r, w in sel])
         true_rank = np.concatenate([r["true_rank"][w] for r, w in sel])
+        hit_layer = [float(np.concatenate([r["hit"][i][w[i]] for r, w in sel]).mean())
+                     if sum(int(w[i].sum()) for _, w in sel) else None for i in range(len(per_layer))]
         rows.append(dict(variant=var.label, flow=var.flow, options=dict(var.options),
                          page_size=var.page_size, sink=var.sink, recent=var.recent,
                          recall_mean=float(recall.mean()),
                          recall_p10=float(np.percentile(recall, 10)),
-                         recall_per_layer=per_layer.tolist(),
+                         recall_per_layer=per_layer.tolist(), needle_hit_per_layer=hit_layer,
+                         retrieval_triples_per_layer=[sum(int(w[i].sum()) for _, w in sel)
+                                                      for i in range(len(per_layer))],
                          retrieval_triples=int(hit.size),
                          needle_hit=float(hit.mean()) if hit.size else None,
                          needle_rank_median=float(np.median(rank)) if rank.size and rank.min() >= 0
