@@ -61,16 +61,18 @@ class Variant:
     @property
     def label(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in self.options)
-        return (f"{self.flow}" + (f"[{opts}]" if opts else "") +
+        return (f"{self.flow.rpartition(':')[2]}" + (f"[{opts}]" if opts else "") +
                 f" P{self.page_size} s{self.sink} r{self.recent}")
 
 
-def variants(groups: list[str]) -> list[Variant]:
-    """The variants each measurement group adds (see --groups)."""
+LIBRARY = ("oracle", "quest", "centroid", "double_sparsity", "streaming")
+
+
+def variants(groups: list[str], flows: list[str]) -> list[Variant]:
+    """The variants each measurement group adds (see --groups); `flows` for the "flows" group."""
     out: list[Variant] = []
     if "flows" in groups:
-        out += [Variant(f) for f in (MASS, "oracle", "quest", "centroid", "double_sparsity",
-                                     "streaming")]
+        out += [Variant(f) for f in [MASS] + flows]
     if "gqa" in groups:
         out += [Variant(f, (("gqa", g),)) for f in ("quest", "centroid", "double_sparsity")
                 for g in ("max", "softmax", "union")]
@@ -223,14 +225,20 @@ def table(rows: list[dict], ratio: float) -> str:
     return "\n".join(lines)
 
 
-def layer_table(rows: list[dict], flows=(MASS, "oracle", "quest", "centroid", "streaming")) -> str:
-    """Mean recall per layer of the library settings of `flows`."""
-    by = {r["flow"]: r["recall_per_layer"] for r in rows
+def layer_table(rows: list[dict]) -> str:
+    """Per layer, for every flow at its library settings: mean recall, and the needle's hit rate
+    over that layer's retrieval triples (their count in the first column)."""
+    by = {r["variant"].split(" ")[0]: r for r in rows
           if not r["options"] and r["page_size"] == 16 and r["sink"] == 1 and r["recent"] == 2}
-    flows = [f for f in flows if f in by]
-    lines = ["| layer | " + " | ".join(flows) + " |", "|" + " --- |" * (len(flows) + 1)]
-    for i in range(len(by[flows[0]])):
-        lines.append(f"| {i} | " + " | ".join(f"{by[f][i]:.3f}" for f in flows) + " |")
+    names = list(by)
+    first = by[names[0]]
+    lines = ["| layer (retrieval triples) | " + " | ".join(names) + " |",
+             "|" + " --- |" * (len(names) + 1)]
+    fmt = lambda h: "-" if h is None else f"{h:.2f}"
+    for i, count in enumerate(first["retrieval_triples_per_layer"]):
+        lines.append(f"| {i} ({count}) | " + " | ".join(
+            f"{by[n]['recall_per_layer'][i]:.3f} ({fmt(by[n]['needle_hit_per_layer'][i])})"
+            for n in names) + " |")
     return "\n".join(lines)
 
 
@@ -241,6 +249,9 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--tasks", default="niah_single,niah_multikey", help="needle tasks")
     ap.add_argument("--samples", type=int, default=4, help="samples per task (depths spread) (4)")
     ap.add_argument("--budget", type=float, default=0.05, help="budget ratio (0.05)")
+    ap.add_argument("--flows", default=",".join(LIBRARY),
+                    help="flows of the 'flows' group: names or path/to/file.py:name "
+                         f"(default {','.join(LIBRARY)})")
     ap.add_argument("--groups", default="flows,gqa,page,recent",
                     help="variant groups: flows, gqa, page, recent (all)")
     ap.add_argument("--dense-layers", default="1,2",
@@ -255,7 +266,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     model, tok, path = load_model(args.model, "cpu", capture.PROFILE_ATTN, args.threads)
     chat = bool(getattr(tok, "chat_template", None))         # as the eval does
-    vs = variants(args.groups.split(","))
+    vs = variants(args.groups.split(","), [f for f in args.flows.split(",") if f])
     dense = [int(x) for x in args.dense_layers.split(",") if x]
     result = dict(model=args.model, budget=args.budget, date=time.strftime("%Y-%m-%d"),
                   command="python benchmarks/selection_quality.py " + " ".join(argv or sys.argv[1:]),
@@ -278,7 +289,7 @@ def main(argv=None) -> int:
             seconds=time.perf_counter() - t0)
         tables.append(f"### {args.model} @ {context} tokens "
                       f"(tokens after the haystack: {[p['tail_tokens'] for p in prompts]})\n" +
-                      table(rows, args.budget) + "\n\nrecall per layer\n" + layer_table(rows))
+                      table(rows, args.budget) + "\n\nrecall (needle hit) per layer\n" + layer_table(rows))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=1)
