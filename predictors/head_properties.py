@@ -110,7 +110,42 @@ def _attend(q, k, v, mask, scale):
     return torch.einsum("mht,thd->mhd", torch.softmax(logits, -1), v), logits
 
 
-def _flow_masks(flow, q, k_pool, table, lens, ladder, num_pages, sink, recent):
+def probe_layout(k: torch.Tensor, m: int, page_size: int):
+    """The paged view the flows see of the last `m` positions of a prompt with keys k [T, Hkv, D]
+    (probe i at position T - m + i attends tokens 0 .. T - m + i, one request per probe):
+    (k_pool [S, Hkv, P, D], page_table int32 [m, S], seq_lens int32 [m], num_pages int64 [m])."""
+    T = k.shape[0]
+    lens = torch.arange(T - m + 1, T + 1, device=k.device, dtype=torch.int32)
+    num_pages = (lens.to(torch.int64) + page_size - 1) // page_size
+    k_pool = paged(k, page_size)
+    S = k_pool.shape[0]
+    table = torch.arange(S, dtype=torch.int32, device=k.device).expand(m, S).contiguous()
+    return k_pool, table, lens, num_pages
+
+
+def probe_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """[m, Hq, T] scaled scores of the probes q [m, Hq, D] (the last m positions) against the keys
+    k [T, Hkv, D] (GQA: query head h reads KV head h // (Hq // Hkv)), -inf past each probe."""
+    m, hq, _ = q.shape
+    T, hkv, _ = k.shape
+    pos = torch.arange(T - m, T, device=q.device)
+    causal = torch.arange(T, device=q.device)[None, :] <= pos[:, None]          # [m, T]
+    logits = torch.einsum("mhd,thd->mht", q, k.repeat_interleave(hq // hkv, 1)) * scale
+    return logits.masked_fill(~causal[:, None, :], -math.inf)
+
+
+def page_mass(logits: torch.Tensor, num_kv_heads: int, page_size: int,
+              num_pages: int) -> torch.Tensor:
+    """[m, Hkv, num_pages]: the softmax attention mass of each page, the mean over a KV head's
+    query heads of their probabilities (each row sums to 1). logits [m, Hq, T]: scaled scores, -inf
+    where a query does not attend; token t lies on page t // page_size."""
+    m, hq, T = logits.shape
+    probs = torch.softmax(logits, -1).view(m, num_kv_heads, hq // num_kv_heads, T).mean(2)
+    tok_page = torch.arange(T, device=logits.device) // page_size
+    return probs.new_zeros(m, num_kv_heads, num_pages).index_add_(2, tok_page, probs)
+
+
+def flow_masks(flow, q, k_pool, table, lens, ladder, num_pages, sink, recent):
     """Selections (bool [m, Hkv, S]) per ladder ratio, and the flow's page scores (None for a flow
     that combines several scores: then each ratio runs the flow's own selection)."""
     try:
@@ -149,19 +184,16 @@ def measure_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flow: Union
     scale = d ** -0.5 if sm_scale is None else sm_scale
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    pos = torch.arange(T - m, T, device=q.device)                     # probe positions
-    lens = (pos + 1).to(torch.int32)
-    num_pages = (lens.to(torch.int64) + page_size - 1) // page_size
-    k_pool = paged(k, page_size)
+    k_pool, table, lens, num_pages = probe_layout(k, m, page_size)
     S = k_pool.shape[0]
-    table = torch.arange(S, dtype=torch.int32, device=q.device).expand(m, S).contiguous()
-    causal = torch.arange(T, device=q.device)[None, :] <= pos[:, None]          # [m, T]
+    causal = torch.arange(T, device=q.device)[None, :] < lens[:, None]          # [m, T]
     k_rep, v_rep = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)         # [T, Hq, D]
-    o_dense, logits = _attend(q, k_rep, v_rep, causal[:, None, :].expand(m, hq, T), scale)
+    logits = probe_logits(q, k, scale)
+    o_dense = torch.einsum("mht,thd->mhd", torch.softmax(logits, -1), v_rep)
     norm = o_dense.norm(dim=-1).clamp_min(1e-30)
 
     ladder = list(ladder)
-    masks, scores = _flow_masks(flow, q, k_pool, table, lens, ladder + [reuse_ratio], num_pages,
+    masks, scores = flow_masks(flow, q, k_pool, table, lens, ladder + [reuse_ratio], num_pages,
                                 sink, recent)
     error = torch.zeros(hkv, len(ladder), dtype=torch.float64)
     error_token = torch.zeros(hkv, len(ladder), dtype=torch.float64)
@@ -187,9 +219,7 @@ def measure_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flow: Union
             T, device=q.device).expand_as(order))
         error_token[:, j] = err_of((cand & (rank < keep)) | (tok & recent_tok[:, None, :]))
 
-    # attention mass per page, the group's mean probabilities
-    probs = torch.softmax(logits, -1).view(m, hkv, g, T).mean(2)               # [m, Hkv, T]
-    mass = probs.new_zeros(m, hkv, S).index_add_(2, tok_page, probs)
+    mass = page_mass(logits, hkv, page_size, S)                                # [m, Hkv, S]
     srt = torch.sort(mass, -1, descending=True).values.cumsum(-1)
     need = (srt < MASS).sum(-1) + 1                                            # pages for MASS
     concentration = (need.double() / num_pages.double()[:, None]).mean(0)
@@ -246,5 +276,6 @@ def selection_reuse(prev: torch.Tensor, sel: torch.Tensor, num_pages: int) -> to
     return hit.sum(-1).float() / valid.sum(-1).clamp_min(1).float()
 
 
-__all__ = ["FEATURES", "LADDER", "TOKEN_SHARE", "token_cost", "LayerProperties", "budget_pages", "measure_layer", "paged",
-           "score_statistics", "selection_mask", "selection_reuse"]
+__all__ = ["FEATURES", "LADDER", "TOKEN_SHARE", "token_cost", "LayerProperties", "budget_pages",
+           "flow_masks", "measure_layer", "page_mass", "paged", "probe_layout", "probe_logits", "score_statistics",
+           "selection_mask", "selection_reuse"]

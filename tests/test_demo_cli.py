@@ -16,7 +16,7 @@ BAD = [
     (["--config", "nope.json"], "cannot read 'nope.json'"),
     (["--config", '{"flow": "double_sparsity", "extra": {"chanels": 8}}'],
      "'chanels' (did you mean 'channels'?)"),
-    (["--config", '{"flow": "quest", "extra": {"channels": 16}}'], "it takes no options"),
+    (["--config", '{"flow": "streaming", "extra": {"gqa": "max"}}'], "it takes no options"),
     (["--flow", "qeust"], "did you mean 'quest'?"),
     (["--q-heads", "6", "--kv-heads", "4"], "--q-heads=6 must be a multiple of --kv-heads=4"),
     (["--layers", "0"], "--layers=0 must be a positive integer"),

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 from .. import ops
 from ..flow import Flow
 from ..registry import register
+from .gqa import check_gqa, gqa_topk
 
 
 @register("double_sparsity")
@@ -22,11 +23,12 @@ class DoubleSparsity(Flow):
 
     Options: `channels`, the heavy channel indices (from offline calibration, e.g. passed through
     HybridConfig.extra), or `num_channels` (default head_dim // 8, at least 1) evenly spaced
-    channels when uncalibrated.
+    channels when uncalibrated; `gqa`, how the group's query heads combine ("sum" as above, "max",
+    "softmax" or "union"; `flows.gqa`; the softmax scale is head_dim ** -0.5).
     """
 
     def __init__(self, channels: Optional[Sequence[int]] = None,
-                 num_channels: Optional[int] = None) -> None:
+                 num_channels: Optional[int] = None, gqa: str = "sum") -> None:
         if channels is not None and (isinstance(channels, (str, bytes)) or not all(
                 isinstance(c, int) and not isinstance(c, bool) and c >= 0
                 for c in (channels if isinstance(channels, (list, tuple)) else [None]))
@@ -39,6 +41,7 @@ class DoubleSparsity(Flow):
             raise ValueError(f"num_channels={num_channels!r} must be a positive integer")
         self.channels = None if channels is None else list(channels)
         self.num_channels = num_channels
+        self.gqa = check_gqa(gqa)
 
     def heavy_channels(self, head_dim: int) -> list[int]:
         if self.channels is not None:
@@ -58,4 +61,6 @@ class DoubleSparsity(Flow):
     def forward_indexer(self, q, cache):
         qc = ops.take(q, self.heavy_channels(q.shape[-1]), dim=-1)             # (G, C)
         bound = ops.maximum(qc * cache["kmax"], qc * cache["kmin"])            # (pages, G, C)
-        return ops.topk(bound.sum((-2, -1)))
+        if self.gqa == "sum":
+            return ops.topk(bound.sum((-2, -1)))
+        return gqa_topk(bound.sum(-1), self.gqa, q.shape[-1] ** -0.5)
