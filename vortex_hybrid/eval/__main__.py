@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import tasks as task_lib
 from .models import add_model_argument, load_model
-from .run import (MODES, EvalSpec, budget_label, evaluate, parse_budgets, placement_of)
+from .run import MODES, EvalSpec, budget_label, evaluate, parse_budgets, placement_of
 
 DEFAULT_TASKS = "niah_single,niah_multikey"
 DEFAULT_BUDGETS = "0.05,512t"
@@ -168,9 +168,10 @@ def chart(result: dict, path: Path) -> str:
             a.axhline(s["accuracy"], color="k", linestyle="--", label=f"{s['mode']} (every page)")
         else:
             lines.setdefault((s["mode"], s["flow"]), []).append((s["budget_share"], s["accuracy"]))
-    for (mode, flow), pts in sorted(lines.items()):
-        xs, ys = zip(*sorted(pts))
-        a.plot(xs, ys, marker="o", label=mode if mode == "streaming" else f"{mode} / {flow}")
+    for i, ((mode, flow), pts) in enumerate(sorted(lines.items())):
+        xs, ys = zip(*sorted(pts))                   # modes often coincide: markers tell them apart
+        a.plot(xs, ys, marker="osD^vP*X"[i % 8], markersize=9 - (i % 8), alpha=0.8,
+               label=mode if mode == "streaming" else f"{mode} / {flow}")
     a.set_xlabel(f"budget (share of a request's pages; token budgets / {result['context']})")
     a.set_ylabel("exact match (all tasks)")
     a.set_ylim(-0.02, 1.05)
@@ -188,8 +189,9 @@ def chart(result: dict, path: Path) -> str:
 
 
 def note_cost_figures(modes: list[str]) -> None:
-    """Have the runtime log, once and before the progress bar, which of this machine's figures its
-    planning defaults (`scheduler.cost_model.costs_for`; the runs ask for the same ones)."""
+    """Let the runtime log its one-time notes now, before the progress bar: which machine figures
+    each placement plans with are defaults, not measured here (`scheduler.cost_model.costs_for`,
+    which the runs call again for the same costs, logging nothing more)."""
     from ..scheduler import cost_model
     for placement in dict.fromkeys(placement_of(m) for m in modes):
         cost_model.costs_for(placement)
