@@ -39,7 +39,7 @@ class VortexHybridLM(HFLM):
     """HFLM whose generation runs through a `HybridCache` (module docstring)."""
 
     def __init__(self, pretrained: str, placement: str = "hybrid", flow: str = "centroid",
-                 budget="0.05", gpu_cache_share: float = 0.25, **kwargs) -> None:
+                 budget: str | float = "0.05", gpu_cache_share: float = 0.25, **kwargs) -> None:
         self.vh = dict(placement=str(placement), flow=str(flow), **budget_fields(budget))
         HybridConfig(**self.vh)                     # bad options fail here, with their names
         self.gpu_cache_share = float(gpu_cache_share)
