@@ -14,10 +14,10 @@ Writes sglang_e2e.json under --out after every run (a timeout keeps what finishe
 table last, ratios first.
 
     python benchmarks/sglang_e2e.py --out results                 # writes a random model to /tmp
-    bash scripts/gpu_machine_run.sh sglang_e2e                    # GPU machine, sglang from the overlay
+    bash scripts/dev/gpu_machine_run.sh sglang_e2e                # the project's offline H100 machine
 
 --model DIR uses an existing model (Llama-shaped, head_dim >= 64); without it a random one is written
-(bf16, head_dim 64, --layers layers; the GPU machine has no registry access). On a machine without
+(bf16, head_dim 64, --layers layers: no download needed). On a machine without
 CUDA it runs on the CPU (float32, TRITON_INTERPRET=1 for the triton runs): a smoke test only.
 """
 

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 
 from vortex_hybrid import HybridConfig
+from vortex_hybrid.config import budget_fields
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -21,7 +22,13 @@ from vortex_hybrid import HybridConfig
                                                          "sink_pages \\+ recent_pages = 3"),
     (dict(budget_ratio=0.0), "budget_ratio=0.0 is invalid: a fraction in \\(0, 1\\]"),
     (dict(budget_ratio=1.5), "budget_ratio=1.5 is invalid"),
-    (dict(budget_ratio=None, budget_pages=None), "set budget_pages and/or budget_ratio"),
+    (dict(budget_ratio=0.05, budget_pages=8), "budget_pages=8 is invalid: budget_ratio=0.05 is set "
+                                              "too; set exactly one of budget_ratio, budget_pages, "
+                                              "budget_tokens \\(the others None\\)"),
+    (dict(budget_pages=8, budget_tokens=512), "budget_tokens=512 is invalid: budget_pages=8 is set too"),
+    (dict(budget_tokens=0), "budget_tokens=0 is invalid: a positive integer \\(tokens per KV head"),
+    (dict(budget_tokens=64.0), "budget_tokens=64.0 is invalid: a positive integer"),
+    (dict(budget_tokens="512t"), "budget_tokens='512t' is invalid: a positive integer"),
     (dict(placement="tpu"), "placement='tpu' is invalid: one of \\['hybrid', 'gpu', 'cpu', 'offload', 'dense'\\]"),
     (dict(gpu_cache_pages=-5), "gpu_cache_pages=-5 is invalid: a non-negative integer"),
     (dict(host_memory_gib=-1.0), "host_memory_gib=-1.0 is invalid: a positive finite number"),
@@ -70,14 +77,57 @@ def test_config_is_frozen_and_hashable():
     (None, 0.02, 8192, 164),   # ceil(0.02 * 8192)
     (None, 0.02, 10, 3),       # floor: sink + recent
     (64, None, 8192, 64),
-    (64, 0.02, 8192, 164),     # both: the larger
-    (64, 0.02, 40, 64),        # wider than the request: it attends all 40 of its pages
+    (64, None, 40, 64),        # wider than the request: it attends all 40 of its pages
     (None, 0.5, 0, 3),         # never below sink + recent, even for an empty request
     (None, 0.5, 1, 3),
 ])
 def test_budget_for(pages, ratio, n, expected):
     cfg = HybridConfig(budget_pages=pages, budget_ratio=ratio, sink_pages=1, recent_pages=2)
     assert cfg.budget_for(n) == expected
+
+
+@pytest.mark.parametrize("tokens, page_size, sink, recent, expected", [
+    (512, 16, 1, 2, 32),       # whole pages
+    (513, 16, 1, 2, 33),       # rounded up to whole pages
+    (1, 16, 1, 2, 3),          # floor: sink + recent pages
+    (47, 16, 1, 2, 3),         # 3 pages exactly
+    (49, 16, 1, 2, 4),
+    (100, 32, 4, 4, 8),        # 4 pages, below the floor of 8
+    (100, 1, 1, 2, 100),       # page_size 1: tokens are pages
+])
+def test_budget_tokens_round_up_to_pages_and_never_drop_below_sink_and_recent(
+        tokens, page_size, sink, recent, expected):
+    cfg = HybridConfig(budget_tokens=tokens, page_size=page_size, sink_pages=sink,
+                       recent_pages=recent)
+    assert cfg.budget_ratio is None and cfg.budget_pages is None
+    for n in (0, 10, 8192):                  # a token budget does not depend on the request's size
+        assert cfg.budget_for(n) == expected
+
+
+def test_no_budget_field_means_the_default_ratio_and_one_field_leaves_the_others_none():
+    assert HybridConfig().budget_ratio == HybridConfig(budget_ratio=None).budget_ratio == 0.02
+    assert HybridConfig(budget_pages=8).budget_ratio is None
+    cfg = HybridConfig(budget_tokens=256)
+    assert (cfg.budget_ratio, cfg.budget_pages, cfg.budget_tokens) == (None, None, 256)
+    assert HybridConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("text, fields", [
+    ("0.05", {"budget_ratio": 0.05}), (" 1 ", {"budget_ratio": 1.0}), (0.1, {"budget_ratio": 0.1}),
+    ("1e-2", {"budget_ratio": 0.01}), ("512t", {"budget_tokens": 512}), ("1t", {"budget_tokens": 1}),
+])
+def test_budget_fields_reads_fractions_and_token_counts(text, fields):
+    assert budget_fields(text) == fields
+    HybridConfig(**fields)
+
+
+@pytest.mark.parametrize("text", ["0", "1.5", "2", "-0.1", "nan", "inf", "x", "", "t", "0t", "-5t",
+                                  "5.5t", "512T", "512 tokens", "5%"])
+def test_budget_fields_rejects_other_text_naming_it_and_the_forms(text):
+    with pytest.raises(ValueError, match=f"^budget {text.strip()!r} is invalid: a fraction of a "
+                                         "request's pages in \\(0, 1\\] .* or a token count per "
+                                         "KV head with a 't' suffix \\(e.g. 512t\\)$"):
+        budget_fields(text)
 
 
 def test_cpu_threads_resolution(monkeypatch):

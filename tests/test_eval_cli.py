@@ -4,6 +4,8 @@ exit code 2 with one line."""
 from __future__ import annotations
 
 import json
+import math
+import warnings
 
 import pytest
 
@@ -55,7 +57,13 @@ def test_a_tiny_configuration_runs_end_to_end(model_dir, tmp_path, capsys):
     ({"--tasks": "passkey,trivia"}, "--tasks 'passkey,trivia': unknown ['trivia']"),
     ({"--model": "llama-9000"}, "--model 'llama-9000': model='llama-9000' is neither a folder"),
     ({"--context": "5000"}, "--context 5000 + --max-new-tokens 4 exceeds the model's 4096"),
-    ({"--budget": "0,0.5"}, "--budget '0,0.5': a comma list of fractions in (0, 1]"),
+    ({"--budget": "0,0.5"}, "--budget '0,0.5': budget '0' is invalid: a fraction of a request's "
+                            "pages in (0, 1] (e.g. 0.05) or a token count per KV head with a 't' "
+                            "suffix (e.g. 512t)"),
+    ({"--budget": "0.05,512"}, "--budget '0.05,512': budget '512' is invalid: a fraction"),
+    ({"--budget": "0.05,0t"}, "--budget '0.05,0t': budget '0t' is invalid"),
+    ({"--budget": "64 tokens"}, "--budget '64 tokens': budget '64 tokens' is invalid"),
+    ({"--budget": ","}, "--budget ',': no budget given: a comma list such as 0.05,512t"),
     ({"--samples": "0"}, "--samples 0: must be >= 1"),
     ({"--flow": "centroid,qwest"}, "--flow 'qwest': HybridConfig.flow='qwest' is invalid"),
 ])
@@ -65,6 +73,42 @@ def test_bad_inputs_exit_2_with_one_line(model_dir, tmp_path, capsys, over, mess
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("text, budgets", [
+    ("0.05", ["0.05"]), ("0.05,512t", ["0.05", "512t"]), (" 0.1 , 64t ,", ["0.1", "64t"]),
+    ("0.050,0.05,512t,512t", ["0.05", "512t"]), ("1,1t", ["1.0", "1t"]),
+])
+def test_the_budget_option_reads_fractions_and_token_counts(text, budgets):
+    from vortex_hybrid.eval.run import budget_label, parse_budgets
+    assert parse_budgets(text) == budgets
+    assert [budget_label(b) for b in parse_budgets("0.05,0.025,512t")] == ["5%", "2.5%", "512t"]
+
+
+def test_fraction_and_token_budgets_run_side_by_side(model_dir, tmp_path, capsys):
+    """--budget 0.25,96t: a run per budget; the token budget reads 96 / 16 = 6 pages per KV head
+    and layer, the fraction ceil(0.25 * pages); the table shows both, the legend explains it, and
+    the run warns of nothing deprecated."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(args(model_dir, tmp_path / "out", **{"--budget": "0.25,96t",
+                                                           "--modes": "dense,gpu"})) == 0
+    future = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+              if issubclass(w.category, FutureWarning) or "deprecated" in str(w.message)]
+    assert not future, future                    # e.g. transformers' renamed cache argument
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    gpu = {r["budget"]: r for r in result["runs"] if r["mode"] == "gpu"}
+    assert sorted(gpu) == ["0.25", "96t"]
+    heads = 2 * 2                                # tiny model: 2 layers x 2 KV heads
+    pages = -(-(gpu["96t"]["prompt_tokens"] + 1) // 16)
+    assert gpu["96t"]["gpu_page_heads_per_token"] == 6 * heads
+    assert gpu["0.25"]["gpu_page_heads_per_token"] == math.ceil(0.25 * pages) * heads
+    assert math.ceil(0.25 * pages) != 6                  # the two budgets read different pages
+    assert gpu["96t"]["budget_share"] == 96 / 512 and gpu["0.25"]["budget_share"] == 0.25
+    out = capsys.readouterr().out
+    assert " 25% " in out and " 96t " in out and "legend: budget = " in out
+    assert "p-h/tok = page-heads" in out and "untimed warm-up" in out
+    assert "the `gpu` side of every mode (GPU kernels, GPU page cache) runs on the CPU" in out
 
 
 def test_an_unwritable_output_folder_exits_2(model_dir, tmp_path, capsys):
@@ -98,16 +142,17 @@ def reference_greedy(ref64, cfg, seqs: list[list[int]], pad: int, max_new: int, 
     import transformers
 
     from hf_reference import sparse_reference
+    from vortex_hybrid.integrations.hf import CACHE_ARGUMENT
     T = max(map(len, seqs))
     ids = torch.tensor([[pad] * (T - len(x)) + x for x in seqs])
     mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in seqs])
     with sparse_reference(ref64, cfg), torch.no_grad():
         cache = transformers.DynamicCache(config=ref64.config)
-        x = ref64(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+        x = ref64(ids, attention_mask=mask, **{CACHE_ARGUMENT: cache}).logits[:, -1:].argmax(-1)
         out = [x]
         for _ in range(max_new - 1):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            x = ref64(x, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+            x = ref64(x, attention_mask=mask, **{CACHE_ARGUMENT: cache}).logits[:, -1:].argmax(-1)
             out.append(x)
     rows = torch.cat(out, 1).tolist()
     return [row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in rows]

@@ -68,3 +68,90 @@ def test_bad_options_and_tasks_are_refused(tmp_path):
         vh_lm_eval.VortexHybridLM(pretrained=str(tmp_path), placement="moon")
     with pytest.raises(ValueError, match=r"tasks \['cwe'\]"):
         write_tasks(tmp_path, tiny_tokenizer(), ["cwe"], 512, 1, 0)
+
+
+PROBE_YAML = """task: vh_tokenizer_probe
+dataset_path: ""
+dataset_name: ""
+output_type: generate_until
+test_split: test
+custom_dataset: !function probe_utils.make
+doc_to_text: "{{input}}"
+doc_to_target: "{{target}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 3
+  do_sample: false
+metric_list:
+  - metric: exact_match
+metadata:
+  version: 1.0
+"""
+PROBE_UTILS = '''
+import os
+import datasets
+from transformers import AutoTokenizer
+
+
+def make(**kwargs):
+    """Like RULER's tasks: size the data with the tokenizer named by the model's `pretrained`."""
+    tok = AutoTokenizer.from_pretrained(kwargs["pretrained"])
+    with open(os.environ["VH_PROBE_OUT"], "w") as fh:
+        fh.write(kwargs["pretrained"])
+    text = "The pass key is 4711. Remember it. " * 4 + "The pass key is"
+    return {"test": datasets.Dataset.from_list([{"input": text, "target": " 4711",
+                                                  "tokens": len(tok(text).input_ids)}])}
+'''
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["run", "--model_args", "pretrained=NAME,placement=gpu", "--tasks", "t"],
+     ["run", "--model_args", "pretrained=DIR,placement=gpu", "--tasks", "t"]),
+    (["run", "-a", "placement=gpu", "pretrained=NAME", "budget=512t", "--limit", "1"],
+     ["run", "-a", "placement=gpu", "pretrained=DIR", "budget=512t", "--limit", "1"]),
+    (["run", "--model_args=pretrained=NAME", "--tasks", "pretrained=NAME"],
+     ["run", "--model_args=pretrained=DIR", "--tasks", "pretrained=NAME"]),
+    (["run", "--model_args", "pretrained=./NAME-folder,tokenizer=NAME"],       # folders, other keys
+     ["run", "--model_args", "pretrained=./NAME-folder,tokenizer=NAME"]),
+    (["run", "--model_args", "pretrained=not-a-built-in"],
+     ["run", "--model_args", "pretrained=not-a-built-in"]),
+])
+def test_built_in_model_names_in_model_args_become_their_folders(monkeypatch, tmp_path, argv, want):
+    from vortex_hybrid.eval.models import MODELS
+    from vortex_hybrid.integrations import lm_eval as vh_lm_eval
+    name, folder = next(iter(MODELS)), str(tmp_path / "converted")
+    monkeypatch.setattr(vh_lm_eval, "resolve_model", lambda m: folder if m == name else m)
+    sub = [w.replace("NAME", name) for w in argv]
+    assert vh_lm_eval.resolve_builtin_names(sub) == [
+        w.replace("DIR", folder).replace("NAME", name) for w in want]
+
+
+def test_a_task_that_loads_its_tokenizer_from_pretrained_runs_with_a_built_in_name(
+        tmp_path, monkeypatch):
+    """lm-eval hands `--model_args` to the tasks as metadata; a task that loads the tokenizer from
+    `pretrained` (as RULER's do) runs offline with a built-in name through our command line (the
+    name became the converted folder), and fails through lm-eval's own (the name reaches the hub)."""
+    from lm_eval.__main__ import cli_evaluate
+    from vortex_hybrid.eval.models import MODELS
+    from vortex_hybrid.integrations import lm_eval as vh_lm_eval
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)   # no network retries
+    monkeypatch.setenv("VH_PROBE_OUT", str(tmp_path / "seen"))
+    model_dir = tiny_llama_folder(tmp_path / "llama")
+    real = vh_lm_eval.resolve_model
+    monkeypatch.setitem(MODELS, "tiny-built-in", MODELS[next(iter(MODELS))])
+    monkeypatch.setattr(vh_lm_eval, "resolve_model",
+                        lambda m: model_dir if m == "tiny-built-in" else real(m))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "probe.yaml").write_text(PROBE_YAML)
+    (tmp_path / "tasks" / "probe_utils.py").write_text(PROBE_UTILS)
+    argv = ["run", "--model", "vortex_hybrid", "--model_args",
+            "pretrained=tiny-built-in,placement=gpu,budget=0.5", "--tasks", "vh_tokenizer_probe",
+            "--include_path", str(tmp_path / "tasks"), "--device", "cpu", "--limit", "1"]
+    vh_lm_eval.main(argv)
+    assert (tmp_path / "seen").read_text() == str(model_dir)
+    (tmp_path / "seen").unlink()
+    monkeypatch.setattr("sys.argv", ["lm_eval", *argv])
+    with pytest.raises(OSError, match="huggingface.co"):        # the name went to the hub
+        cli_evaluate()
+    assert not (tmp_path / "seen").exists()

@@ -69,7 +69,7 @@ def test_the_calibration_drives_the_runtime_through_the_eval_cli(model_dir, cali
     calibrated = [r for r in runs if r["flow"] == "centroid@calib"]
     assert len(calibrated) == 1 and calibrated[0]["decode_tokens"] >= 1
     cal = Calibration.load(calibration)
-    assert calibrated[0]["budget"] == pytest.approx(cal.budgets.mean())
+    assert float(calibrated[0]["budget"]) == pytest.approx(cal.budgets.mean())
     cfg = HybridConfig(flow="centroid", calibration=str(calibration))
     assert cfg.load_calibration().budgets.tolist() == cal.budgets.tolist()
 

@@ -70,7 +70,7 @@ def test_readme_calibration_example_runs(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM
     from tiny_models import tiny_llama_folder
-    from vortex_hybrid.integrations.hf import ATTN_IMPLEMENTATION, HybridCache
+    from vortex_hybrid.integrations.hf import ATTN_IMPLEMENTATION, CACHE_ARGUMENT, HybridCache
     from vortex_hybrid.profile.__main__ import main as profile
     from vortex_hybrid.scheduler.cost_model import DEFAULTS
     section = README.split("## Per-head budgets\n", 1)[1].split("\n## ", 1)[0]
@@ -92,6 +92,6 @@ def test_readme_calibration_example_runs(tmp_path, monkeypatch):
     cache = HybridCache(model, scope["cfg"], costs=DEFAULTS, device_pages=300, host_pages=256)
     assert cache.runtime.head_budgets is not None             # the file's per-head budgets
     ids = torch.randint(0, model.config.vocab_size, (1, 200))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    out = model.generate(ids, **{CACHE_ARGUMENT: cache}, max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 203) and cache.stats()["totals"]["steps"] == 2
     cache.close()

@@ -4,8 +4,10 @@ A config is validated when it is built: a bad value raises `ValueError` naming t
 and what is allowed, so nothing downstream (kernels, pools, scheduler) has to re-check it.
 
     cfg = HybridConfig(page_size=16, flow="quest", budget_ratio=0.02)
+    cfg = HybridConfig(budget_tokens=512)            # or a token budget (or budget_pages)
     cfg = HybridConfig.from_json("hybrid.json")      # a path or a JSON text
     cfg.budget_for(num_pages=8192)                   # pages one head attends per step
+    HybridConfig(**budget_fields("512t"))            # a budget as users write it
 """
 
 from __future__ import annotations
@@ -54,8 +56,35 @@ def _is_int(value: Any) -> bool:
     return True
 
 
-INT_FIELDS = ("page_size", "budget_pages", "sink_pages", "recent_pages", "gpu_cache_pages",
-              "cpu_threads")
+INT_FIELDS = ("page_size", "budget_pages", "budget_tokens", "sink_pages", "recent_pages",
+              "gpu_cache_pages", "cpu_threads")
+BUDGET_FIELDS = ("budget_ratio", "budget_pages", "budget_tokens")
+"""The ways to give a head's budget; a config sets exactly one (none: `DEFAULT_BUDGET_RATIO`)."""
+DEFAULT_BUDGET_RATIO = 0.02
+TOKENS_SUFFIX = "t"
+"""`budget_fields("512t")`: a token budget; a plain number is a fraction of the pages."""
+
+
+def budget_fields(text: Any) -> dict[str, Any]:
+    """A budget as users write it (the eval's `--budget`, lm-eval's `budget=`) as the
+    `HybridConfig` field it sets: a fraction such as "0.05" -> {"budget_ratio": 0.05} (of a
+    request's pages), tokens such as "512t" -> {"budget_tokens": 512} (per KV head). The value is
+    checked as the config checks it; ValueError naming the text and the forms allowed."""
+    s = str(text).strip()
+    allowed = ("a fraction of a request's pages in (0, 1] (e.g. 0.05) or a token count per KV "
+               f"head with a '{TOKENS_SUFFIX}' suffix (e.g. 512{TOKENS_SUFFIX})")
+    try:
+        if s.endswith(TOKENS_SUFFIX):
+            tokens = int(s[:-len(TOKENS_SUFFIX)])
+            if tokens >= 1:
+                return {"budget_tokens": tokens}
+        else:
+            ratio = float(s)
+            if 0.0 < ratio <= 1.0:
+                return {"budget_ratio": ratio}
+    except ValueError:
+        pass
+    raise ValueError(f"budget {s!r} is invalid: {allowed}")
 
 
 def _check_flow(flow: str, extra: Mapping[str, Any]) -> None:
@@ -82,9 +111,10 @@ def _check_flow(flow: str, extra: Mapping[str, Any]) -> None:
 class HybridConfig:
     """All settings of the hybrid sparse-attention runtime.
 
-    Budget: `budget_pages` (a fixed count) and/or `budget_ratio` (a fraction of the request's pages).
-    With both, a head attends `max(budget_pages, ceil(budget_ratio * num_pages))` pages; either way
-    the budget never drops below `sink_pages + recent_pages` and never exceeds the request's pages.
+    Budget: exactly one of `budget_ratio` (a fraction of the request's pages), `budget_pages` (a
+    fixed page count) or `budget_tokens` (a token count, rounded up to whole pages); with none set,
+    `budget_ratio` is `DEFAULT_BUDGET_RATIO`. Either way the budget never drops below
+    `sink_pages + recent_pages` and a head never reads more than the request's pages (`budget_for`).
     """
 
     page_size: int = 16
@@ -93,9 +123,15 @@ class HybridConfig:
     """A registered flow name, or `path/to/file.py:name` for a user's flow (loaded and checked at
     construction)."""
     budget_pages: Optional[int] = None
-    """Pages per (request, KV head) per step, sink and recent included; None to use the ratio only."""
-    budget_ratio: Optional[float] = 0.02
-    """Fraction of the request's pages attended, in (0, 1]; None to use `budget_pages` only."""
+    """Pages per (request, KV head) per step, sink and recent included; an integer >= sink_pages +
+    recent_pages, or None (another budget field is used)."""
+    budget_ratio: Optional[float] = None
+    """Fraction of the request's pages attended per (request, KV head) per step, in (0, 1]; or None
+    (another budget field is used). Set to DEFAULT_BUDGET_RATIO (2%) when no budget field is set."""
+    budget_tokens: Optional[int] = None
+    """Tokens per (request, KV head) per step, sink and recent included: a positive integer,
+    rounded up to whole pages and raised to sink_pages + recent_pages pages when below; or None
+    (another budget field is used)."""
     sink_pages: int = 1
     """First pages always attended (attention sinks); >= 0."""
     recent_pages: int = 2
@@ -138,10 +174,11 @@ class HybridConfig:
     `cpu_kernels.set_cpu_threads(cfg)` reads None as `resolved_cpu_threads()` does."""
     calibration: Optional[str] = None
     """Path of a calibration JSON written by `python -m vortex_hybrid.profile`: a budget ratio per
-    (layer, KV head) that replaces `budget_ratio` / `budget_pages` for sparse selection (a head
-    attends max(sink + recent, ceil(ratio * pages))). Its flow, page_size, sink_pages and
-    recent_pages must equal this config's (the budgets were measured under them; the profile's
-    default flow is "centroid", this config's "quest"), and its model's shape the runtime's
+    (layer, KV head) that replaces the budget field (`budget_ratio`, `budget_pages` or
+    `budget_tokens`) for sparse selection (a head attends max(sink + recent, ceil(ratio * pages))).
+    Its flow, page_size, sink_pages and recent_pages must equal this config's (the budgets were
+    measured under them; the profile's default flow is "centroid", this config's "quest"), and its
+    model's shape the runtime's
     (`Calibration.check_model`). None: uniform budgets."""
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
     """Flow options (e.g. {"channels": 16} for double_sparsity): the flow's constructor arguments,
@@ -165,8 +202,17 @@ class HybridConfig:
         if self.recent_pages < 1:
             _fail("recent_pages", self.recent_pages,
                   "at least 1 (the partly filled last page is always attended)")
-        if self.budget_pages is None and self.budget_ratio is None:
-            _fail("budget_pages", None, "set budget_pages and/or budget_ratio (both are None)")
+        given = [name for name in BUDGET_FIELDS if getattr(self, name) is not None]
+        if len(given) > 1:
+            _fail(given[1], getattr(self, given[1]),
+                  f"{given[0]}={getattr(self, given[0])!r} is set too; set exactly one of "
+                  f"{', '.join(BUDGET_FIELDS)} (the others None)")
+        if not given:
+            object.__setattr__(self, "budget_ratio", DEFAULT_BUDGET_RATIO)
+        if self.budget_tokens is not None and (not _is_int(self.budget_tokens)
+                                               or self.budget_tokens < 1):
+            _fail("budget_tokens", self.budget_tokens,
+                  "a positive integer (tokens per KV head, rounded up to whole pages), or None")
         if self.budget_pages is not None:
             floor = self.sink_pages + self.recent_pages
             if not _is_int(self.budget_pages) or self.budget_pages < floor:
@@ -211,17 +257,19 @@ class HybridConfig:
     # ---- derived values -------------------------------------------------------------------------
     def budget_for(self, num_pages: int) -> int:
         """The budget of one (request, KV head) whose request holds `num_pages` pages: the width of
-        its selection, never below `sink_pages + recent_pages` (what `select_pages`, the top-k
+        its selection (`budget_pages`; `ceil(budget_tokens / page_size)`; or `ceil(budget_ratio *
+        num_pages)`), never below `sink_pages + recent_pages` (what `select_pages`, the top-k
         kernels and the indexers require). A request with `num_pages <= budget` attends all its
         pages (the rest of the selection is -1 padding): min(budget, num_pages) pages are read."""
         if not _is_int(num_pages) or num_pages < 0:
             raise ValueError(f"num_pages={num_pages!r} must be a non-negative integer")
-        budget = self.sink_pages + self.recent_pages
         if self.budget_pages is not None:
-            budget = max(budget, self.budget_pages)
-        if self.budget_ratio is not None:
-            budget = max(budget, math.ceil(self.budget_ratio * num_pages))
-        return budget
+            budget = self.budget_pages
+        elif self.budget_tokens is not None:
+            budget = -(-self.budget_tokens // self.page_size)
+        else:
+            budget = math.ceil(self.budget_ratio * num_pages)
+        return max(budget, self.sink_pages + self.recent_pages)
 
     def load_calibration(self):
         """The `calibration` file loaded and checked against this config

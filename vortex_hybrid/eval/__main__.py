@@ -2,12 +2,13 @@
 and decode speed side by side.
 
     python -m vortex_hybrid.eval                                  # smollm2-135m, defaults below
-    python -m vortex_hybrid.eval --model ./my-llama --context 8192 --budget 0.02,0.05
+    python -m vortex_hybrid.eval --model ./my-llama --context 8192 --budget 0.02,0.05,1024t
 
-Prints a table (accuracy per task and mode with a 95% interval, decode tokens/s, KV bytes read per
-token, page-heads attended on the GPU and the CPU per token); writes eval.json and, where matplotlib
-imports, eval.png (accuracy vs budget per mode and flow; decode tokens/s per mode) under --out. Bad options
-exit with code 2 and one line.
+Prints a table (accuracy per task and mode with a 95% interval, decode tokens/s after an untimed
+warm-up of each mode, KV bytes read per token, page-heads attended on the GPU and the CPU per token)
+and a legend of its columns; writes eval.json and, where matplotlib imports, eval.png (accuracy vs
+budget per mode and flow; decode tokens/s per mode) under --out. Bad options exit with code 2 and
+one line.
 """
 
 from __future__ import annotations
@@ -22,9 +23,18 @@ from pathlib import Path
 
 from . import tasks as task_lib
 from .models import add_model_argument, load_model
-from .run import MODES, EvalSpec, evaluate
+from .run import MODES, EvalSpec, budget_label, evaluate, parse_budgets, placement_of
 
 DEFAULT_TASKS = "niah_single,niah_multikey"
+DEFAULT_BUDGETS = "0.05,512t"
+LEGEND = ("legend: budget = a share of each request's pages (5%) or tokens per KV head (512t); "
+          "accuracy = exact match, with its 95% (Wilson) interval; decode tok/s = greedy decode "
+          "after each mode's untimed warm-up (compilation excluded); KV MB/token = K and V bytes "
+          "attended per decoded token; GPU p-h/tok, CPU p-h/tok = page-heads (one page of one KV "
+          "head in one layer) attended per decoded token on the GPU side and by the CPU")
+NO_CUDA = ("no GPU in use (no CUDA here, or --device cpu): the `gpu` side of every mode (GPU "
+           "kernels, GPU page cache) runs on the CPU as torch code, so decode speeds compare CPU "
+           "stand-ins, not a GPU")
 
 
 def parse(argv) -> argparse.Namespace:
@@ -41,8 +51,10 @@ def parse(argv) -> argparse.Namespace:
                     help="comma list of page selection flows for the sparse modes (default "
                          "centroid: on smollm2-135m's needle tasks at 2K and 5%%, quest found 0 of "
                          "3 needles whole, centroid 2; docs/BENCHMARKS.md)")
-    ap.add_argument("--budget", default="0.05",
-                    help="comma list of budgets, fractions of a request's pages (0.05)")
+    ap.add_argument("--budget", default=DEFAULT_BUDGETS,
+                    help="comma list of budgets, each a fraction of a request's pages in (0, 1] "
+                         "(budget_ratio, e.g. 0.05) or tokens per KV head with a 't' suffix "
+                         f"(budget_tokens, e.g. 512t) (default {DEFAULT_BUDGETS})")
     ap.add_argument("--calibration", default=None, metavar="FILE",
                     help="a calibration from python -m vortex_hybrid.profile: every sparse mode also "
                          "runs its per-head budgets (shown as flow <flow>@calib, budget = the mean "
@@ -78,11 +90,9 @@ def check(args) -> EvalSpec:
     if bad or not modes:
         fail(f"--modes {args.modes!r}: unknown {bad}; allowed: {', '.join(MODES)}")
     try:
-        budgets = [float(b) for b in args.budget.split(",") if b]
-    except ValueError:
-        budgets = []
-    if not budgets or not all(0 < b <= 1 for b in budgets):
-        fail(f"--budget {args.budget!r}: a comma list of fractions in (0, 1]")
+        budgets = parse_budgets(args.budget)
+    except ValueError as exc:
+        fail(f"--budget {args.budget!r}: {exc}")
     for name in ("context", "samples", "max_new_tokens", "batch"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
@@ -131,15 +141,14 @@ def load(args, spec: EvalSpec):
 def table(summary: list[dict]) -> str:
     head = ["task", "mode", "flow", "budget", "n", "accuracy", "95% interval", "decode tok/s",
             "KV MB/token", "GPU p-h/tok", "CPU p-h/tok"]
-    rows = [[s["task"], s["mode"], s["flow"] or "-",
-             "-" if s["budget"] is None else f"{s['budget']:.0%}",
+    rows = [[s["task"], s["mode"], s["flow"] or "-", budget_label(s["budget"]),
              str(s["n"]), f"{s['accuracy']:.2f}",
              f"[{s['interval'][0]:.2f}, {s['interval'][1]:.2f}]",
              "-" if s["decode_tokens_per_s"] is None else f"{s['decode_tokens_per_s']:.1f}",
              f"{s['kv_bytes_per_token'] / 1e6:.2f}", f"{s['gpu_page_heads_per_token']:.0f}",
              f"{s['cpu_page_heads_per_token']:.0f}"]
             for s in sorted(summary, key=lambda s: (s["task"] == "all", s["task"], s["mode"],
-                                                    s["flow"] or "", s["budget"] or 0))]
+                                                    s["flow"] or "", s["budget_share"] or 0))]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [head] + rows)
 
@@ -158,11 +167,12 @@ def chart(result: dict, path: Path) -> str:
         if s["budget"] is None:
             a.axhline(s["accuracy"], color="k", linestyle="--", label=f"{s['mode']} (every page)")
         else:
-            lines.setdefault((s["mode"], s["flow"]), []).append((s["budget"], s["accuracy"]))
-    for (mode, flow), pts in sorted(lines.items()):
-        xs, ys = zip(*sorted(pts))
-        a.plot(xs, ys, marker="o", label=mode if mode == "streaming" else f"{mode} / {flow}")
-    a.set_xlabel("budget (share of a request's pages)")
+            lines.setdefault((s["mode"], s["flow"]), []).append((s["budget_share"], s["accuracy"]))
+    for i, ((mode, flow), pts) in enumerate(sorted(lines.items())):
+        xs, ys = zip(*sorted(pts))                   # modes often coincide: markers tell them apart
+        a.plot(xs, ys, marker="osD^vP*X"[i % 8], markersize=9 - (i % 8), alpha=0.8,
+               label=mode if mode == "streaming" else f"{mode} / {flow}")
+    a.set_xlabel(f"budget (share of a request's pages; token budgets / {result['context']})")
     a.set_ylabel("exact match (all tasks)")
     a.set_ylim(-0.02, 1.05)
     a.legend(fontsize=7)
@@ -178,6 +188,15 @@ def chart(result: dict, path: Path) -> str:
     return f"chart: {path}"
 
 
+def note_cost_figures(modes: list[str]) -> None:
+    """Let the runtime log its one-time notes now, before the progress bar: which machine figures
+    each placement plans with are defaults, not measured here (`scheduler.cost_model.costs_for`,
+    which the runs call again for the same costs, logging nothing more)."""
+    from ..scheduler import cost_model
+    for placement in dict.fromkeys(placement_of(m) for m in modes):
+        cost_model.costs_for(placement)
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     spec = check(args)
@@ -186,6 +205,8 @@ def main(argv=None) -> int:
         1 if m == "dense" else len(spec.budgets) * (1 if m == "streaming" else len(spec.flows))
         + (m != "streaming" and spec.calibration is not None) for m in spec.modes)
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    note_cost_figures(spec.modes)
     bar = tqdm(total=n, desc="eval", unit="run")
 
     def progress(what: str) -> None:
@@ -194,7 +215,8 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     try:
-        result = evaluate(model, tok, spec, chat, progress)
+        with logging_redirect_tqdm():           # log lines print above the bar, not through it
+            result = evaluate(model, tok, spec, chat, progress)
     except ValueError as exc:           # e.g. a context too small for a task's fixed text
         bar.close()
         fail(str(exc).splitlines()[0])
@@ -207,6 +229,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     print(table(result["summary"]))
+    print(LEGEND)
+    if model.device.type != "cuda":
+        print(NO_CUDA)
     print(chart(result, out / "eval.png"))
     print(f"json: {out / 'eval.json'}; {result['seconds']:.0f} s")
     return 0

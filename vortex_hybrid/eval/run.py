@@ -5,8 +5,11 @@ Per sample the prompt is prefilled once with transformers' SDPA (a `DynamicCache
 gets a `HybridCache` that `admit`s that prefill and decodes greedily through `HybridAttention` (so
 modes differ only in decode attention, as in the runtime). Modes: the five placements, and
 `streaming` (sink + recent pages only, on the GPU side), the bad baseline. Each sparse mode runs
-every flow of `flows` at every budget. Accuracy is RULER's
-exact match (`tasks.score`), with a Wilson 95% interval over the samples.
+every flow of `flows` at every budget (`config.budget_fields`: "0.05" a share of the pages, "512t"
+tokens per KV head). Accuracy is RULER's exact match (`tasks.score`), with a Wilson 95% interval
+over the samples. Decode speed excludes one-time costs (Numba and Triton compilation, first-call
+set-up): each (mode, flow, budget) first decodes `WARMUP_TOKENS` tokens of the first batch,
+untimed and unscored, before its timed runs.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ from typing import Callable, Optional
 
 import torch
 
-from ..config import HybridConfig
-from ..integrations.hf import ATTN_IMPLEMENTATION, HybridCache
+from ..config import HybridConfig, budget_fields
+from ..integrations.hf import ATTN_IMPLEMENTATION, CACHE_ARGUMENT, HybridCache
 from . import tasks as task_lib
 
 MODES = ("dense", "gpu", "offload", "cpu", "hybrid", "streaming")
 PAGE_SIZE = 16
 CACHE_SHARE = 0.25
 """GPU page-cache slots of `offload` and `hybrid`, as a share of the batch's pages."""
+WARMUP_TOKENS = 4
+"""Tokens (3 decode steps) each (mode, flow, budget) decodes untimed before its timed runs."""
 
 
 @dataclass
@@ -36,17 +41,18 @@ class EvalSpec:
     samples: int
     modes: list[str]
     flows: list[str] = field(default_factory=lambda: ["centroid"])
-    budgets: list[float] = field(default_factory=lambda: [0.05])
+    budgets: list[str] = field(default_factory=lambda: ["0.05"])
+    """Each a budget as `config.budget_fields` reads it: "0.05" (share of pages) or "512t"."""
     seed: int = 0
     max_new_tokens: int = 24
     haystack: str = "essay"
     batch: int = 1
     calibration: Optional[str] = None
+    """A calibration file (`python -m vortex_hybrid.profile`): each sparse mode also runs its
+    per-head budgets, as flow "<flow>@calib" at budget = the mean of its ratios."""
     cuda_graphs: bool = False
     """Capture the runtime's per-layer GPU work in CUDA graphs. Off by default: each run is a new
     runtime decoding a few tokens, and captures (per layer, per shape) cost more than they save."""
-    """A calibration file (`python -m vortex_hybrid.profile`): each sparse mode also runs its
-    per-head budgets, as flow "<flow>@calib" at budget = the mean of its ratios."""
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -64,23 +70,62 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
 CALIBRATED = "@calib"
 
 
-def mode_config(mode: str, flow: str, budget: float, kv_dtype: str,
+def parse_budgets(text: str) -> list[str]:
+    """The eval's `--budget`: a comma list of budgets, each as `config.budget_fields` reads it
+    ("0.05": a share of a request's pages; "512t": tokens per KV head), in canonical form
+    ("0.05", "512t"), duplicates dropped; ValueError naming a bad one and the forms allowed."""
+    out = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        fields = budget_fields(item)
+        canonical = (f"{fields['budget_tokens']}t" if "budget_tokens" in fields
+                     else repr(fields["budget_ratio"]))
+        if canonical not in out:
+            out.append(canonical)
+    if not out:
+        raise ValueError("no budget given: a comma list such as 0.05,512t")
+    return out
+
+
+def placement_of(mode: str) -> str:
+    """The runtime placement a mode runs in (`streaming`: the GPU side's sparse placement)."""
+    return "gpu" if mode == "streaming" else mode
+
+
+def mode_config(mode: str, flow: str, budget, kv_dtype: str,
                 calibration: Optional[str] = None) -> HybridConfig:
-    """The runtime config of one run; a flow named "<flow>@calib" uses `calibration`'s budgets."""
+    """The runtime config of one run (`budget`: "0.05", 0.05 or "512t", `config.budget_fields`;
+    unused by `dense`); a flow named "<flow>@calib" uses `calibration`'s budgets."""
     if mode == "dense":
         return HybridConfig(placement="dense", page_size=PAGE_SIZE, kv_dtype=kv_dtype)
-    placement, flow = ("gpu", "streaming") if mode == "streaming" else (mode, flow)
-    if flow.endswith(CALIBRATED):
-        return HybridConfig(placement=placement, flow=flow.removesuffix(CALIBRATED),
-                            budget_ratio=budget, page_size=PAGE_SIZE, kv_dtype=kv_dtype,
-                            calibration=calibration)
-    return HybridConfig(placement=placement, flow=flow, budget_ratio=budget, page_size=PAGE_SIZE,
-                        kv_dtype=kv_dtype)
+    placement, flow = placement_of(mode), "streaming" if mode == "streaming" else flow
+    calibrated = flow.endswith(CALIBRATED)
+    return HybridConfig(placement=placement, flow=flow.removesuffix(CALIBRATED),
+                        page_size=PAGE_SIZE, kv_dtype=kv_dtype,
+                        calibration=calibration if calibrated else None, **budget_fields(budget))
 
 
-def calibrated_combo(path: str, model: Optional[str] = None) -> tuple[str, float]:
-    """(flow label, mean budget ratio) of a calibration file, checked against the eval's pages and,
-    when given, the `--model` it will run (its name: `predictors.calibration.model_name`)."""
+def budget_share(budget: Optional[str], context: int) -> Optional[float]:
+    """A budget as a share of a `context`-token request (a token budget over the context); None
+    for none (dense). The x axis of the accuracy plot and the table's order."""
+    if budget is None:
+        return None
+    fields = budget_fields(budget)
+    return fields.get("budget_ratio") or fields["budget_tokens"] / context
+
+
+def budget_label(budget: Optional[str]) -> str:
+    """How the table shows a budget: "5%" (share of the pages), "512t" (tokens), "-" (none)."""
+    if budget is None:
+        return "-"
+    ratio = budget_fields(budget).get("budget_ratio")
+    return budget if ratio is None else f"{100 * ratio:.3g}%"
+
+
+def calibrated_combo(path: str, model: Optional[str] = None) -> tuple[str, str]:
+    """(flow label, mean budget ratio as a budget text) of a calibration file, checked against the
+    eval's pages and, when given, the `--model` it will run (`predictors.calibration.model_name`)."""
     from ..predictors.calibration import Calibration
     try:
         cal = Calibration.load(path)
@@ -88,7 +133,7 @@ def calibrated_combo(path: str, model: Optional[str] = None) -> tuple[str, float
         raise ValueError(f"HybridConfig.calibration: {exc}") from None
     HybridConfig(page_size=PAGE_SIZE, calibration=path, flow=cal.flow)     # the settings match
     cal.check_model(f"calibration {path!r}", "evaluation", name=model)
-    return cal.flow + CALIBRATED, float(cal.budgets.mean())
+    return cal.flow + CALIBRATED, repr(float(cal.budgets.mean()))
 
 
 @torch.inference_mode()
@@ -101,7 +146,7 @@ def greedy(model, cache, first: torch.Tensor, max_new: int, eos: set[int]
     done = torch.isin(first[:, 0], eos_t)
     t0 = time.perf_counter()
     while len(out) < max_new and not bool(done.all()):
-        x = model(x, past_key_values=cache).logits[:, -1:].argmax(-1)
+        x = model(x, **{CACHE_ARGUMENT: cache}).logits[:, -1:].argmax(-1)
         out.append(x)
         done |= torch.isin(x[:, 0], eos_t)
     if model.device.type == "cuda":
@@ -114,9 +159,26 @@ def greedy(model, cache, first: torch.Tensor, max_new: int, eos: set[int]
     return rows, seconds
 
 
+def decode_run(model, cfg: HybridConfig, prefill: tuple, first: torch.Tensor, max_new: int,
+               eos: set[int], cuda_graphs: bool = False) -> tuple[list[list[int]], float, dict]:
+    """One run: a `HybridCache` for `cfg` admits `prefill` (keys, values per layer [B, Hkv, T, D],
+    mask [B, T]) and decodes greedily from `first` [B, 1]; (rows, decode seconds, runtime totals)."""
+    keys, values, mask = prefill
+    B, T = mask.shape
+    cache = HybridCache.for_tokens(model, cfg, B, T + max_new, cache_share=CACHE_SHARE,
+                                   cuda_graphs=cuda_graphs)
+    try:
+        cache.admit(keys, values, mask)
+        rows, decode_s = greedy(model, cache, first, max_new, eos)
+        return rows, decode_s, cache.stats()["totals"]
+    finally:
+        cache.close()
+
+
 def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
              progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Run every (sample, mode, budget), `spec.batch` samples at a time (left-padded); returns
+    """Run every (sample, mode, flow, budget), `spec.batch` samples at a time (left-padded), each
+    (mode, flow, budget) after an untimed warm-up (`WARMUP_TOKENS` on the first batch); returns
     {"runs": [...], "summary": [...]}. A run's decode_s is its share of its batch's decode time."""
     from transformers import DynamicCache
     device = model.device
@@ -137,7 +199,7 @@ def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
                        for b in spec.budgets]
             if calibrated and m != "streaming":
                 combos.append((m, *calibrated))
-    runs = []
+    runs, warmed = [], set()
     for start in range(0, len(suite), spec.batch):
         group = suite[start:start + spec.batch]
         seqs = [task_lib.render(s, tokenizer, chat) for s in group]
@@ -148,29 +210,31 @@ def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
             model.config._attn_implementation = "sdpa"
             dyn = DynamicCache(config=model.config)
             t0 = time.perf_counter()
-            first = model(ids, attention_mask=mask, past_key_values=dyn).logits[:, -1:].argmax(-1)
+            first = model(ids, attention_mask=mask, **{CACHE_ARGUMENT: dyn}
+                          ).logits[:, -1:].argmax(-1)
             prefill_s = (time.perf_counter() - t0) / B
             model.config._attn_implementation = ATTN_IMPLEMENTATION
         keys = [layer.keys for layer in dyn.layers]
         values = [layer.values for layer in dyn.layers]
+        prefill = (keys, values, mask)
         head_page_bytes = 2 * PAGE_SIZE * keys[0].shape[-1] * keys[0].element_size()
-        for mode, flow, budget in combos:
-            cfg = mode_config(mode, flow or "quest", budget or 1.0, kv_dtype, spec.calibration)
-            cache = HybridCache.for_tokens(model, cfg, B, T + spec.max_new_tokens,
-                                           cache_share=CACHE_SHARE, cuda_graphs=spec.cuda_graphs)
-            try:
-                cache.admit(keys, values, mask)
-                rows, decode_s = greedy(model, cache, first, spec.max_new_tokens, eos)
-                totals = cache.stats()["totals"]
-            finally:
-                cache.close()
+        for combo in combos:
+            mode, flow, budget = combo
+            cfg = mode_config(mode, flow or "quest", budget, kv_dtype, spec.calibration)
+            if combo not in warmed:             # compilation and first-call set-up, untimed
+                decode_run(model, cfg, prefill, first, WARMUP_TOKENS, set(), spec.cuda_graphs)
+                warmed.add(combo)
+            rows, decode_s, totals = decode_run(model, cfg, prefill, first, spec.max_new_tokens,
+                                                eos, spec.cuda_graphs)
             per_token = max(totals.get("steps", 0), 1) * B            # row-steps
             for b, (sample, tokens) in enumerate(zip(group, rows)):
                 text = tokenizer.decode(tokens, skip_special_tokens=True)
                 runs.append(dict(
                     task=sample.task, sample=start + b, seed=sample.seed, depth=sample.depth,
-                    mode=mode, flow=flow, budget=budget, batch=B, prompt_tokens=len(seqs[b]),
-                    answers=sample.answers, output=text, score=task_lib.score(sample, text),
+                    mode=mode, flow=flow, budget=budget,
+                    budget_share=budget_share(budget, spec.context), batch=B,
+                    prompt_tokens=len(seqs[b]), answers=sample.answers, output=text,
+                    score=task_lib.score(sample, text),
                     prefill_s=prefill_s, decode_s=decode_s / B, decode_tokens=len(tokens) - 1,
                     gpu_page_heads_per_token=totals.get("gpu_pages", 0) / per_token,
                     cpu_page_heads_per_token=totals.get("cpu_pages", 0) / per_token,
@@ -178,7 +242,7 @@ def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
                     * head_page_bytes / per_token))
                 if progress:
                     progress(f"{sample.task} #{start + b} {mode}" +
-                             (f" {flow} {budget:.0%}" if budget else ""))
+                             (f" {flow} {budget_label(budget)}" if budget else ""))
     return dict(runs=runs, summary=summarize(runs))
 
 
@@ -193,7 +257,8 @@ def summarize(runs: list[dict]) -> list[dict]:
     for (task, mode, flow, budget), rs in groups.items():
         n, s = len(rs), sum(r["score"] for r in rs)
         dec_s = sum(r["decode_s"] for r in rs)
-        out.append(dict(task=task, mode=mode, flow=flow, budget=budget, n=n, accuracy=s / n,
+        out.append(dict(task=task, mode=mode, flow=flow, budget=budget,
+                        budget_share=rs[0]["budget_share"], n=n, accuracy=s / n,
                         interval=wilson(s, n),
                         decode_tokens_per_s=sum(r["decode_tokens"] for r in rs) / dec_s
                         if dec_s else None,

@@ -4,8 +4,11 @@
     from vortex_hybrid.integrations.hf import HybridCache, ATTN_IMPLEMENTATION
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=ATTN_IMPLEMENTATION)
     cache = HybridCache(model, HybridConfig(placement="hybrid", budget_ratio=0.05, host_memory_gib=8))
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=32)
+    out = model.generate(ids, attention_mask=mask, **{CACHE_ARGUMENT: cache}, max_new_tokens=32)
     cache.close()
+
+`CACHE_ARGUMENT` is the keyword transformers takes a cache under: `cache` in releases that renamed
+it (5.25 here; `past_key_values` warns there), `past_key_values` before.
 
 Importing this module registers the attention function `vortex_hybrid` with transformers'
 `AttentionInterface`, and transformers' SDPA mask builder under the same name (without one, a custom
@@ -39,11 +42,12 @@ here; `predictors.calibration.Calibration.check_model`).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Optional
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, GenerationMixin
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -53,6 +57,10 @@ from ..runtime.hybrid_attention import HybridAttention
 from ..runtime.memory_model import HOST_PLACEMENTS, TAIL_PAGES
 
 ATTN_IMPLEMENTATION = "vortex_hybrid"
+CACHE_ARGUMENT = ("cache" if "cache" in inspect.signature(
+    GenerationMixin.prepare_inputs_for_generation).parameters else "past_key_values")
+"""The keyword a model's forward and `generate` take the cache under in the installed transformers
+(`cache`, or `past_key_values` before it was renamed): `model(x, **{CACHE_ARGUMENT: cache})`."""
 
 
 def _text_config(model):
@@ -288,7 +296,7 @@ def hybrid_attention_forward(module, query, key, value, attention_mask, **kwargs
     cache = getattr(module, "vortex_hybrid_cache", None)
     if cache is None:
         raise ValueError("attn_implementation='vortex_hybrid' needs a HybridCache: pass "
-                         "past_key_values=HybridCache(model, cfg)")
+                         f"{CACHE_ARGUMENT}=HybridCache(model, cfg)")
     return cache._attend(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: set up, then the named steps, logs and JSON under $OUT.
-#   bash scripts/gpu_machine_run.sh tests demo gpu_topk gpu_attention cpu_attention summary_store
+# Development only: one call on the project's H100 machine (no package registry there): set up,
+# then the named steps, logs and JSON under $OUT.
+#   bash scripts/dev/gpu_machine_run.sh tests demo gpu_topk gpu_attention cpu_attention summary_store
 # (TESTS="tests/test_x.py ..." limits the tests step to those files; HYBRID_STEP_ARGS passes
 # options to benchmarks/hybrid_step.py, whose full grid needs several calls; E2E_ARGS to
 # benchmarks/e2e_decode.py, all of whose modes fit one call at its defaults; sglang_e2e needs the
-# SGLang overlay carried in .overlay/ (build it here: bash scripts/build_sglang_overlay.sh) and
+# SGLang overlay carried in .overlay/ (build it here: bash scripts/dev/build_sglang_overlay.sh) and
 # takes SGLANG_E2E_ARGS, e.g. --runs to split its engines over calls)
 # tests: the whole suite natively (GPU kernels without the interpreter; the wheel-build test is
 # skipped: no registry there). Each step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 VH_SKIP_WHEEL=1 OUT=${OUT:-/tmp/out}
 unset TRITON_INTERPRET
 mkdir -p "$OUT"
-source scripts/device_setup.sh || { echo "set-up failed"; exit 1; }
+source scripts/dev/device_setup.sh || { echo "set-up failed"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 for step in "$@"; do
   start=$(date +%s)
@@ -33,13 +34,13 @@ for step in "$@"; do
     handoff)       timeout 150 python3 benchmarks/handoff.py --out "$OUT" ${HANDOFF_ARGS:-} ;;
     gpu_check)     timeout ${GPU_CHECK_TIMEOUT:-540} bash scripts/gpu_check.sh ${GPU_CHECK_ARGS:-} ;;
     carry)         mkdir -p /tmp/carry && cp -v .carry/* /tmp/carry/ ;;
-    eval)          timeout ${EVAL_TIMEOUT:-500} bash scripts/device_model.sh python3 -m vortex_hybrid.eval \
+    eval)          timeout ${EVAL_TIMEOUT:-500} bash scripts/dev/device_model.sh python3 -m vortex_hybrid.eval \
                      --device cuda --out "$OUT/eval" ${EVAL_ARGS:-} ;;
-    profile)       timeout ${PROFILE_TIMEOUT:-400} bash scripts/device_model.sh python3 -m vortex_hybrid.profile \
+    profile)       timeout ${PROFILE_TIMEOUT:-400} bash scripts/dev/device_model.sh python3 -m vortex_hybrid.profile \
                      --device cuda --out "$OUT/profile/calib.json" ${PROFILE_ARGS:-} ;;
     sglang_e2e)    timeout ${SGLANG_E2E_TIMEOUT:-530} bash -c '
                      set -e; mkdir -p /tmp/ov
-                     [ -f .overlay/sglang_0.5.17_gpu.tar.xz ] || { echo "no .overlay/sglang_0.5.17_gpu.tar.xz: build it with bash scripts/build_sglang_overlay.sh and carry .overlay"; exit 2; }
+                     [ -f .overlay/sglang_0.5.17_gpu.tar.xz ] || { echo "no .overlay/sglang_0.5.17_gpu.tar.xz: build it with bash scripts/dev/build_sglang_overlay.sh and carry .overlay"; exit 2; }
                      [ -f /tmp/ov/.unpacked ] || { tar xJf .overlay/sglang_0.5.17_gpu.tar.xz -C /tmp/ov; touch /tmp/ov/.unpacked; }
                      PYTHONPATH=/tmp/ov:${PYTHONPATH:-} python3 benchmarks/sglang_e2e.py --out "$OUT" ${SGLANG_E2E_ARGS:-}' ;;
     *) echo "unknown step $step"; continue ;;

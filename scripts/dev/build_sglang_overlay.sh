@@ -1,11 +1,12 @@
 #!/bin/bash
-# Build a ~57 MB tar.xz holding everything sglang 0.5.17 needs on the GPU machine
-# (Python 3.12, torch 2.11.0+cu130, triton 3.6, nvcc 13.0, torchvision 0.26 already in the image).
-# Usage: bash scripts/build_sglang_overlay.sh [OUT.tar.xz]   (~5 min on 2 cores; ~1 GB scratch)
-# Default OUT: .overlay/sglang_0.5.17_gpu.tar.xz (git-ignored), what `scripts/gpu_machine_run.sh
-# sglang_e2e` unpacks on the GPU machine; name .overlay in the device call's carry.
+# Development only. Build a ~57 MB tar.xz holding everything sglang 0.5.17 needs on the project's
+# offline H100 machine (Python 3.12, torch 2.11.0+cu130, triton 3.6, nvcc 13.0, torchvision 0.26
+# already in its image).
+# Usage: bash scripts/dev/build_sglang_overlay.sh [OUT.tar.xz]   (~5 min on 2 cores; ~1 GB scratch)
+# Default OUT: .overlay/sglang_0.5.17_gpu.tar.xz (git-ignored), what `scripts/dev/gpu_machine_run.sh
+# sglang_e2e` unpacks there; name .overlay in the device call's carry.
 set -euo pipefail
-here=$(dirname "$(realpath "$0")"); out=$(realpath -m "${1:-$here/../.overlay/sglang_0.5.17_gpu.tar.xz}")
+here=$(dirname "$(realpath "$0")"); out=$(realpath -m "${1:-$here/../../.overlay/sglang_0.5.17_gpu.tar.xz}")
 mkdir -p "$(dirname "$out")"
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 plat="--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \

