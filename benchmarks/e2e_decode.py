@@ -8,12 +8,14 @@ each step), **random weights** (normal, std 0.02, norms 1; fixed --seed, printed
 meaningless as text. Default shape Llama-3-8B: 32 layers, hidden 4096, 32 q / 8 KV heads, head_dim
 128, intermediate 14336, vocab 128256, bf16 (8.03 B parameters, 16.06 GB). --layers shrinks it.
 
-CUDA graphs: each step is one replay for the embedding and layer 0's norm + QKV + RoPE, then per layer
-`HybridAttention.run` (which replays its own per-layer graphs; the host placements' CPU hand-off
-happens inside it) and one replay per layer boundary (o_proj + residual + MLP of layer i, then norm +
-QKV + RoPE of layer i+1; after the last layer: final norm, lm_head, argmax, position + 1). That is
-as much of the step as a CPU hand-off per layer lets a graph hold. Without CUDA the same functions
-run eagerly (the --smoke configuration, CI).
+CUDA graphs (--graphs): `whole` (default) makes each step one CUDA graph per batch shape: the
+step is planned with `plan(rids, whole_step=True)` outside it, the model's layers and every
+`HybridAttention.run` inside it (the host placements' CPU hand-off too, by the runtime's flag
+protocol), and `finish_step()` after the replay; a shape's first step runs eagerly (kernels
+compile), its second is captured, later ones replay. `layers`: one replay for the embedding and
+layer 0's norm + QKV + RoPE, then per layer `HybridAttention.run` (its own per-layer graphs) and
+one replay per layer boundary. --fuse compiles the model's per-layer math with torch.compile (on
+with CUDA). Without CUDA the same functions run eagerly (the --smoke configuration, CI).
 
 Prompt KV: synthetic (normal K of std 1, V = K; per request from a generator seeded by --seed and
 the request's index, so request i holds the same KV in every mode), appended with `add_request`;
@@ -43,7 +45,9 @@ tokens); medians of wall time per step. tokens/s = batch / median step time. Per
 attended per token (page-heads from the runtime's counters), the step's lower bound from the bytes
 it moved (weights / HBM bandwidth + `hybrid_step.lower_bound` of the attention bytes; ceilings from
 `cost_model.measure(quick=True)`) and the share of it reached, cache hit rate, the share of the step
-the driving thread waited for the CPU worker. Goal reported, not asserted: hybrid / dense >= 3.5x
+the driving thread waited for the CPU worker (per-layer graphs only: inside a whole-step graph the
+GPU waits, not the thread; the JSON then gives `cpu_part_ms`, the worker's time in the CPU parts),
+and plan()'s host time (`plan_ms`). --profile adds a profiled step's kernels by GPU time. Goal reported, not asserted: hybrid / dense >= 3.5x
 (the mark Vortex reports over full attention); the JSON also gives the ratio hybrid would reach at
 its own lower bound, which shows whether any schedule could meet it on this machine.
 
@@ -51,7 +55,7 @@ its own lower bound, which shows whether any schedule could meet it on this mach
     python benchmarks/e2e_decode.py --modes dense,gpu,hybrid --out results   # or in two calls:
     python benchmarks/e2e_decode.py --modes cpu,offload --out results2       # if one overruns
     python benchmarks/e2e_decode.py --smoke --out /tmp/e2e               # any machine, seconds
-    bash scripts/gpu_machine_run.sh e2e_decode                           # E2E_ARGS passes options
+    python benchmarks/e2e_decode.py --gpu-memory-gib 12 --locality real  # the HBM-limited row
 
 Writes e2e_decode.json (after every mode) and e2e_decode.md (the table) under --out; the table is
 printed last. Modes run one at a time in one process (dense, gpu, hybrid, cpu, offload), each freed

@@ -25,6 +25,15 @@ def pair(placement: str):
     return whole, eager
 
 
+def three_requests(whole, eager, gen) -> dict:
+    """Requests of 3, 17 and 30 tokens, the same KV in both runtimes: {tokens: (rid, rid)}."""
+    rids = {}
+    for n in (3, 17, 30):
+        k, v = torch.randn(L, n, HKV, D, generator=gen), torch.randn(L, n, HKV, D, generator=gen)
+        rids[n] = (whole.add_request(k.to(DEV), v.to(DEV)), eager.add_request(k.to(DEV), v.to(DEV)))
+    return rids
+
+
 def given_sel(attn, rids) -> torch.Tensor:
     """The first two and the last page of each request (a replayed selection)."""
     n_pages = [-(-attn.kv.seq_len(r) // P) for r in rids]
@@ -48,10 +57,7 @@ def test_whole_steps_equal_ordinary_steps(placement, replay):
         pytest.skip("dense attends every page")
     whole, eager = pair(placement)
     gen = torch.Generator().manual_seed(7)
-    rids = {}
-    for n in (3, 17, 30):
-        k, v = torch.randn(L, n, HKV, D, generator=gen), torch.randn(L, n, HKV, D, generator=gen)
-        rids[n] = (whole.add_request(k.to(DEV), v.to(DEV)), eager.add_request(k.to(DEV), v.to(DEV)))
+    rids = three_requests(whole, eager, gen)
     keys = set()
     try:
         for step in range(12):
@@ -179,10 +185,7 @@ def test_whole_steps_captured_in_one_cuda_graph_equal_ordinary_steps(placement, 
         pytest.skip("dense attends every page")
     whole, eager = pair(placement)
     gen = torch.Generator().manual_seed(9)
-    rids = {}
-    for n in (3, 17, 30):
-        k, v = torch.randn(L, n, HKV, D, generator=gen), torch.randn(L, n, HKV, D, generator=gen)
-        rids[n] = (whole.add_request(k.cuda(), v.cuda()), eager.add_request(k.cuda(), v.cuda()))
+    rids = three_requests(whole, eager, gen)
     graphs = {}
     try:
         for step in range(12):

@@ -80,7 +80,9 @@ class _GraphSet:
             cpu_rows=clone(step.cpu_rows), nonfinite=clone(step.nonfinite),
             groups={k: v.clone() for k, v in step.groups.items()},
             host_table=_padded(step.host_table, width), lens_cpu=step.lens_cpu.clone(),
-            counts=step.counts.clone(), sum_rows=clone(step.sum_rows))
+            counts=step.counts.clone(), sum_rows=clone(step.sum_rows),
+            dev_heads=_padded(step.dev_heads, width), host_heads=_padded(step.host_heads, width),
+            lens_heads=clone(step.lens_heads))
         self.ran = torch.zeros(1, dtype=torch.int64, device=step.lens.device)
         """Layers of a whole step that ran (`whole_step`: each layer adds 1 on the device)."""
         self.cpu_io: dict[str, torch.Tensor] = {}
@@ -102,10 +104,11 @@ class _GraphSet:
     def load(self, step: "StepPlan") -> None:
         """Copy a new step's tables into the static buffers (same shape)."""
         s = self.step
-        for name in ("dev_table", "s_table", "host_table_dev", "host_table"):
+        for name in ("dev_table", "s_table", "host_table_dev", "host_table", "dev_heads",
+                     "host_heads"):
             _load_padded(getattr(s, name), getattr(step, name))
         for name in ("lens", "s_lens", "write_pages", "write_offs", "cache_rows", "cpu_rows",
-                     "nonfinite", "lens_cpu", "counts", "sum_rows"):
+                     "nonfinite", "lens_cpu", "counts", "sum_rows", "lens_heads"):
             if getattr(s, name) is not None:
                 getattr(s, name).copy_(getattr(step, name))
         self.ran.zero_()

@@ -114,7 +114,7 @@ class SplitStep:
         sel_r = sel.reshape(B * H, K)
         chosen = sel_r >= 0
         idx = sel_r.clamp_min(0).to(torch.int64)                             # [B x Hkv, K]
-        table, src, dst = self._head_table(step.dev_table), None, None
+        table, src, dst = step.dev_heads, None, None
         zero = torch.zeros((), dtype=torch.int64, device=self.device)
         cache_counts = [zero] * 4                 # fetched, hits, misses, evictions
         if self._cache is not None:
@@ -134,14 +134,6 @@ class SplitStep:
                 q_host, sel_host = q, host_sel
         return torch.where(on_gpu, sel, -1), table, src, dst, counts, q_host, sel_host
 
-    def _head_table(self, table: torch.Tensor) -> torch.Tensor:
-        """A page table [B, W] as a head table [B x Hkv, W]: page d's head h is head-page
-        d x Hkv + h of the pool viewed as [pages x Hkv, 1, P, D]; -1 stays -1."""
-        H = self.num_kv_heads
-        heads = torch.arange(H, dtype=table.dtype, device=table.device)[None, :, None]
-        t = table[:, None, :]
-        return torch.where(t >= 0, t * H + heads, -1).flatten(0, 1)
-
     def _back(self, step: StepPlan, layer: int, q, gsel, table, src, dst) -> tuple:
         """Fetch the head-pages the front chose into their slots, then attend what the GPU holds
         (per (request, KV head) row over the head-page pools; o [B, Hq, D], lse [B, Hq])."""
@@ -151,8 +143,8 @@ class SplitStep:
         hq, D, P = self.num_q_heads, self.head_dim, self.cfg.page_size
         k_pool, v_pool = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
         o, lse = self._gpu.attend(q.reshape(B * H, hq // H, D), k_pool.view(-1, 1, P, D),
-                                  v_pool.view(-1, 1, P, D), table,
-                                  step.lens.repeat_interleave(H), gsel.reshape(B * H, 1, K))
+                                  v_pool.view(-1, 1, P, D), table, step.lens_heads,
+                                  gsel.reshape(B * H, 1, K))
         return o.view(B, hq, D), lse.view(B, hq)
 
     def _cache_table(self, step: StepPlan, layer: int, chosen, idx, table) -> tuple:
@@ -185,8 +177,7 @@ class SplitStep:
         capacity = max(1, min(cache.num_slots, R * idx.shape[1]))            # <= selected entries
         plan = cache.step(layer, rows, slots, wanted, to_fetch, capacity=capacity)
         ok = plan.slots >= 0
-        host_heads = self._head_table(step.host_table_dev)
-        src = torch.where(ok, host_heads[plan.rows.clamp_min(0), plan.pages.clamp_min(0)]
+        src = torch.where(ok, step.host_heads[plan.rows.clamp_min(0), plan.pages.clamp_min(0)]
                           .to(torch.int64), -1)
         dst = torch.where(ok, self._slot_heads[plan.slots.clamp_min(0)], -1)
         slots = cache.table(layer, rows, W)                                   # with the fetches

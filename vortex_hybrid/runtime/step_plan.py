@@ -61,6 +61,17 @@ class StepPlan:
     whole: bool = False                              # planned with whole_step=True
     finished: bool = False                           # a whole step's finish_step() ran
     static: object = None                            # a whole step's static set (layer_graphs)
+    dev_heads: Optional[torch.Tensor] = None         # int32 [B x Hkv, W] head tables of split
+    host_heads: Optional[torch.Tensor] = None        # layers (device, host pools as head-pages)
+    lens_heads: Optional[torch.Tensor] = None        # int32 [B x Hkv] lens per (request, KV head)
+
+
+def head_table(table: torch.Tensor, heads: int) -> torch.Tensor:
+    """A page table [B, W] as a head table [B x heads, W]: page d's KV head h is head-page
+    d x heads + h of a pool viewed as [pages x heads, 1, P, D]; -1 stays -1."""
+    h = torch.arange(heads, dtype=table.dtype, device=table.device)[None, :, None]
+    t = table[:, None, :]
+    return torch.where(t >= 0, t * heads + h, -1).flatten(0, 1)
 
 
 def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial: int,
@@ -111,6 +122,10 @@ def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial:
         width, write_pages.to(dev), (positions % P).to(dev),
         write_pages[filled].to(dev), filled_rows.to(sdev), host_table.to(dev), None)
     step.counts = torch.zeros(5, dtype=torch.int64, device=dev)     # COUNTS, on the device
+    if attn.placement != "dense":       # split layers' per-(request, KV head) tables, once a step
+        step.dev_heads = head_table(dev_table, attn.num_kv_heads)
+        step.host_heads = head_table(step.host_table_dev, attn.num_kv_heads)
+        step.lens_heads = lens.repeat_interleave(attn.num_kv_heads)
     if sum_rows is not None:
         step.sum_rows = sum_rows.to(sdev)
     step.nonfinite = torch.zeros(len(rids), dtype=torch.bool, device=dev)
