@@ -525,13 +525,20 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         return o
 
     def _append(self, step: StepPlan, layer: int, k_new, v_new) -> None:
-        """Write the batch's new token of this layer (one index_put for K, one for V), and flag the
-        rows whose K or V is not finite (`step.nonfinite`, read with the step's counters)."""
+        """Write the batch's new token of this layer and flag the rows whose K or V is not finite
+        (`step.nonfinite`, read with the step's counters): on CUDA one kernel
+        (`gpu_kernels.append_tokens`), else two index_puts and the reductions."""
+        k_pool, v_pool = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
+        k_new, v_new = k_new.to(k_pool.dtype), v_new.to(v_pool.dtype)
+        if self.device.type == "cuda":
+            from ..gpu_kernels.append_tokens import launch_append_tokens
+            launch_append_tokens(k_new.contiguous(), v_new.contiguous(), k_pool, v_pool,
+                                 step.write_pages, step.write_offs, step.nonfinite)
+            return
         step.nonfinite |= ~(torch.isfinite(k_new).flatten(1).all(1) &
                             torch.isfinite(v_new).flatten(1).all(1))
-        k_pool, v_pool = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
-        k_pool[step.write_pages, :, step.write_offs] = k_new.to(k_pool.dtype)
-        v_pool[step.write_pages, :, step.write_offs] = v_new.to(v_pool.dtype)
+        k_pool[step.write_pages, :, step.write_offs] = k_new
+        v_pool[step.write_pages, :, step.write_offs] = v_new
 
     def _summarize_filled(self, step: StepPlan, layer: int) -> None:
         """Summaries of the pages this step's token filled. After attention is fine: such a page
