@@ -193,23 +193,22 @@ class SplitStep:
         cached. So a fetch is charged its amortised cost: copy time x (1 - reuse x survival),
         reuse = the row's measured selection reuse (`GpuPageCache.reuse`), survival = min(1,
         slots / head-pages wanted this step). Both draw on host DRAM at once, so their concurrent
-        rates apply (docs/hardware.md). Head-pages go to the copy in order of amortised cost,
-        until the copy would end after the CPU's remaining work: the two then finish together.
-        All on the device, no sync."""
+        rates apply (docs/hardware.md). Head-pages go to the copy in order of amortised cost (a
+        row's share one cost: rows are ordered, not head-pages), until the copy would end after
+        the CPU's remaining work: the two then finish together. All on the device, no sync."""
         survive = (self._cache.num_slots / wanted.clamp_min(1).to(torch.float64)).clamp_max(1.0)
         factor = (1 - reuse.to(torch.float64) * survive).clamp_min(0.05)        # [R]
-        cost = factor[:, None].expand_as(miss).flatten()
-        n = miss.flatten().to(torch.float64)
-        order = torch.argsort(torch.where(n > 0, cost, torch.inf), stable=True)  # cheap first
-        n, cost = n[order], cost[order]
+        rows = torch.argsort(factor, stable=True)         # a row's head-pages share its cost:
+        n = miss.index_select(0, rows).flatten().to(torch.float64)  # rows cheap first, row-major
+        cost = factor.index_select(0, rows)[:, None].expand_as(miss).flatten()
         cpu_s = self._head_bytes / self._costs.cpu_attn_bw_concurrent
         copy = torch.cumsum(cost * n, 0) * (self._head_bytes / self._costs.h2d_bw_concurrent)
         cpu_after = (n.sum() - torch.cumsum(n, 0)) * cpu_s
-        ok = ~((copy > cpu_after) & (copy > cpu_after + n * cpu_s)) & (n > 0)
-        keep = torch.cumprod(ok.to(torch.int8), 0).bool()                 # up to the first stop
-        out = torch.zeros_like(n, dtype=torch.bool)
-        out[order] = keep
-        return out.view_as(miss)
+        stop = (copy > cpu_after) & (copy > cpu_after + n * cpu_s) & (n > 0)
+        keep = torch.cumprod((~stop).to(torch.int8), 0).bool() & (n > 0)  # up to the first stop
+        out = torch.zeros_like(miss)
+        out.index_copy_(0, rows, keep.view_as(miss))
+        return out
 
     def _copy_pages(self, layer: int, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy head-pages `src` of the host pool into head-pages `dst` of the device pool (both
