@@ -11,8 +11,10 @@ tensors per layer, on the runtime's device, so a step needs no host round trip a
 
 `step(layer, rows, slots, wanted, fetch)` (per layer, vectorised, no synchronisation): pages in
 `wanted` that are cached are hits and get this step's stamp (so nothing in use this step is
-evicted); pages in `fetch` that are not cached take the slots with the oldest stamps (exact LRU by
-step: a `topk` over the stamps, the GPU-friendly form of a bucketed LRU), whose old pages are evicted;
+evicted); pages in `fetch` that are not cached take the slots with the oldest stamps (LRU by step:
+a `topk` over the stamps, the GPU-friendly form of a bucketed LRU; exact in a cache of up to
+`WINDOW_MIN` slots, and in a larger one over a window of slots that a clock hand moves round, so a
+step's work grows with what it may fetch, not with the cache), whose old pages are evicted;
 when too few slots are older than this step, the rest stays with the CPU. Every output has a fixed
 size (`capacity` entries, the valid ones first), so a step can be captured in a CUDA graph: the
 fetch count stays on the device and the copy kernel skips entries marked -1. Request indices are
@@ -60,6 +62,12 @@ class FetchPlan:
         return self.rows[:n], self.pages[:n], self.slots[:n]
 
 
+WINDOW_MIN = 8192
+"""A step ranks at most max(WINDOW_MIN, WINDOW_FACTOR x capacity) slots for eviction (a window that
+a clock hand moves over the slots), so its work does not grow with the cache; a cache of at most
+that many slots is ranked whole (exact LRU)."""
+WINDOW_FACTOR = 4
+
 REUSE_ALPHA = 0.25
 """Weight of the newest step in each request's moving average of selection reuse."""
 OVER_QUOTA = 1 << 40
@@ -73,7 +81,7 @@ class GpuPageCache:
 
     def __init__(self, num_layers: int, num_slots: int, device: torch.device,
                  max_requests: int = 8, max_pages: int = 64, quotas: bool = True,
-                 prior_reuse=None, heads: int = 1) -> None:
+                 prior_reuse=None, heads: int = 1, window_min: int = WINDOW_MIN) -> None:
         if num_slots < 0 or num_layers < 1 or heads < 1:
             raise ValueError(f"num_slots={num_slots} must be >= 0, num_layers={num_layers} and "
                              f"heads={heads} >= 1")
@@ -100,6 +108,9 @@ class GpuPageCache:
         self.reuse = self.prior.expand(num_layers, max_requests * heads).clone()
         self.held = torch.zeros(num_layers, max_requests * heads + 1, dtype=torch.int32,
                                 device=device)
+        self.hand = torch.zeros(num_layers, dtype=torch.int64, device=device)
+        """Per layer, the first slot of the next eviction window (large caches: `WINDOW_MIN`)."""
+        self.window_min = window_min
         """Slots each row holds, kept by `step` (its k entries; no scan over the slots); the spare
         last column absorbs masked-out entries."""
         self.now = 0
@@ -115,7 +126,7 @@ class GpuPageCache:
         """Room for every layer's state as it was before the current step (`checkpoint`)."""
         self._backup = tuple(torch.empty_like(t) for t in
                              (self.slot_of, self.owner, self.stamp, self.seen, self.reuse,
-                              self.held))
+                              self.held, self.hand))
 
     # ---- requests ---------------------------------------------------------------------------
     def index_of(self, rid: int) -> int:
@@ -237,7 +248,7 @@ class GpuPageCache:
     def state(self, layer: int) -> tuple[torch.Tensor, ...]:
         """Every tensor `step(layer, ...)` changes (views), e.g. to restore them."""
         return (self.slot_of[layer], self.owner[layer], self.stamp[layer], self.seen[layer],
-                self.reuse[layer], self.held[layer])
+                self.reuse[layer], self.held[layer], self.hand[layer:layer + 1])
 
     def step(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, wanted: torch.Tensor,
              fetch: torch.Tensor, capacity: int = 0) -> FetchPlan:
@@ -254,13 +265,14 @@ class GpuPageCache:
         stamp.scatter_(0, used, now.expand(used.shape))           # (index_fill_ would sync)
         want_new = fetch & (slots < 0)
         misses = (wanted & (slots < 0)).sum()
-        n = torch.minimum(want_new.sum(), (stamp[:S] < now).sum()).clamp_max(k)   # wanted, free, room
+        window = self._window(layer, k)                                 # the slots ranked
+        n = torch.minimum(want_new.sum(), (stamp[window] < now).sum()).clamp_max(k)  # wanted, room
         valid = torch.arange(k, device=self.device) < n
         bp = torch.nonzero_static(want_new, size=k, fill_value=-1)     # the first k, row-major
         b, p = torch.where(valid[:, None], bp, -1).unbind(1)
-        rank = self._quota_rank(layer, rows, wanted) if self.quotas else stamp[:S]
-        _, victims = torch.topk(rank, k, largest=False)
-        victims = torch.where(valid, victims, S)                        # masked: the spare slot
+        rank = self._quota_rank(layer, rows, wanted, window) if self.quotas else stamp[window]
+        _, pos = torch.topk(rank, k, largest=False)
+        victims = torch.where(valid, window[pos], S)                    # masked: the spare slot
         old = self.owner[layer, victims].to(torch.int64)                # [k, 2]; spare: (-1, -1)
         taken = old[:, 0] >= 0
         Wt = self.max_pages                                             # the spare column
@@ -277,8 +289,23 @@ class GpuPageCache:
         stamp.scatter_(0, victims, now.expand(victims.shape))           # spare absorbs masked
         return FetchPlan(b, p, torch.where(valid, victims, -1), hit.sum(), misses, taken.sum(), n)
 
-    def _quota_rank(self, layer: int, rows: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
-        """Update the batch's reuse averages and rank the slots for eviction: free slots first,
+    def _window(self, layer: int, k: int) -> torch.Tensor:
+        """The slots this step may evict from (int64 [w]): every slot when the cache has at most
+        max(window_min, WINDOW_FACTOR x k); else the next w slots from the layer's clock hand,
+        which then moves past them (so every slot comes up in turn, and a step's work depends on
+        its capacity k, not on the cache's size). No sync."""
+        S = self.num_slots
+        w = max(self.window_min, WINDOW_FACTOR * k)
+        if w >= S:
+            return torch.arange(S, device=self.device)
+        hand = self.hand[layer]
+        window = (hand + torch.arange(w, device=self.device)) % S
+        hand.copy_((hand + w) % S)
+        return window
+
+    def _quota_rank(self, layer: int, rows: torch.Tensor, wanted: torch.Tensor,
+                    window: torch.Tensor) -> torch.Tensor:
+        """Update the batch's reuse averages and rank the `window` slots for eviction: free slots first,
         then slots of requests holding more than their quota (a request outside the batch has
         none), then the rest, each group by stamp (LRU). Quota of a batch request = slots x its
         reuse x its wanted pages / the batch's sum; slots used this step rank last and are never
@@ -295,9 +322,9 @@ class GpuPageCache:
         weight = new * n_want.float()
         quota = torch.zeros(self.reuse.shape[1], dtype=torch.float32, device=self.device)
         quota.index_copy_(0, rows, S * weight / weight.sum().clamp_min(1e-9))
-        owner = self.owner[layer, :S, 0].to(torch.int64)
+        owner = self.owner[layer, window, 0].to(torch.int64)
         held = self.held[layer, :-1]
-        stamp = self.stamp[layer, :S]
+        stamp = self.stamp[layer, window]
         over = (owner >= 0) & (held[owner.clamp_min(0)] > quota[owner.clamp_min(0)]) & \
             (stamp < now)
         return torch.where(owner < 0, -2 * OVER_QUOTA, torch.where(over, stamp - OVER_QUOTA, stamp))

@@ -12,7 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 import pytest
 
 from conftest import DEVICE
-from vortex_hybrid.scheduler.gpu_page_cache import GpuPageCache
+from vortex_hybrid.scheduler.gpu_page_cache import WINDOW_FACTOR, WINDOW_MIN, GpuPageCache
 
 L, W = 2, 12
 
@@ -26,10 +26,12 @@ class CacheMachine(RuleBasedStateMachine):
         self.next_rid = 0
         self.last_used: dict[tuple[int, int, int], int] = {}   # (layer, rid, page) -> step
 
-    @initialize(slots=st.integers(1, 6), quotas=st.booleans())
-    def build(self, slots, quotas):
+    @initialize(slots=st.integers(1, 6), quotas=st.booleans(), windowed=st.booleans())
+    def build(self, slots, quotas, windowed):
         self.slots = slots
-        self.cache = GpuPageCache(L, slots, DEVICE, max_requests=1, max_pages=4, quotas=quotas)
+        # windowed: a clock window of 4 x capacity slots (window_min=1), else every slot ranked
+        self.cache = GpuPageCache(L, slots, DEVICE, max_requests=1, max_pages=4, quotas=quotas,
+                                  window_min=1 if windowed else WINDOW_MIN)
         self.cache.reserve(W)
         self.steps = 0
 
@@ -52,8 +54,8 @@ class CacheMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.cache is not None and self.live)
     @rule(layer=st.integers(0, L - 1), seed=st.integers(0, 2**16), p_want=st.floats(0, 1),
-          p_fetch=st.floats(0, 1))
-    def step(self, layer, seed, p_want, p_fetch):
+          p_fetch=st.floats(0, 1), cap=st.integers(0, 6))
+    def step(self, layer, seed, p_want, p_fetch, cap):
         cache = self.cache
         self.steps += 1
         cache.next_step()
@@ -65,7 +67,12 @@ class CacheMachine(RuleBasedStateMachine):
         slots = cache.table(layer, rows, W)
         before = slots.clone()
         stamps_before = cache.stamp[layer, :self.slots].clone()
-        full = cache.step(layer, rows, slots, wanted, fetch)
+        k = min(cap, self.slots) or cache.capacity(B, W)          # 0: the default capacity
+        w = max(cache.window_min, WINDOW_FACTOR * k)
+        hand = int(cache.hand[layer])
+        window = list(range(self.slots)) if w >= self.slots else \
+            [(hand + i) % self.slots for i in range(w)]            # the slots it may evict
+        full = cache.step(layer, rows, slots, wanted, fetch, capacity=k)
         plan_rows, plan_pages, plan_slots = full.valid()
         n = plan_slots.numel()
         assert bool((full.slots[n:] == -1).all() and (full.rows[n:] == -1).all())  # masked tail
@@ -73,7 +80,8 @@ class CacheMachine(RuleBasedStateMachine):
         hit = wanted & (before >= 0)
         assert int(plan.hits) == int(hit.sum())
         assert int(plan.misses) == int((wanted & (before < 0)).sum())
-        assert n <= int((fetch & (before < 0)).sum()) and n <= self.slots
+        assert n <= int((fetch & (before < 0)).sum()) and n <= k
+        assert set(plan_slots.tolist()) <= set(window)                # only the window's slots
         assert len(set(plan_slots.tolist())) == n                      # one copy per slot
         hit_slots = set(before[hit].tolist())
         assert not hit_slots & set(plan_slots.tolist())               # nothing in use evicted
@@ -81,16 +89,16 @@ class CacheMachine(RuleBasedStateMachine):
             used = stamps_before.clone()
             used[before[hit].long()] = cache.now
             assert int(used[plan_slots].max()) < cache.now
-            if not cache.quotas:              # plain LRU: and they are the oldest
-                others = used.clone()
-                others[plan_slots] = torch.iinfo(torch.int64).max
+            if not cache.quotas:              # plain LRU: and they are the window's oldest
+                others = used[window].clone()
+                others[[window.index(s) for s in plan_slots.tolist()]] = torch.iinfo(torch.int64).max
                 assert int(used[plan_slots].max()) <= int(others.min())
         after = cache.table(layer, rows, W)
         for b, p, s in zip(plan_rows.tolist(), plan_pages.tolist(), plan_slots.tolist()):
             assert int(after[b, p]) == s
         missed = fetch & (before < 0)
-        if n < int(missed.sum()):                                     # the rest: no slot left
-            assert n == self.slots or int((cache.stamp[layer, :self.slots] < cache.now).sum()) == 0
+        if n < int(missed.sum()):                     # the rest: no room, or no slot left
+            assert n == k or int((cache.stamp[layer, window] < cache.now).sum()) == 0
 
     @invariant()
     def maps_agree(self):
@@ -267,3 +275,31 @@ def test_per_head_rows_cache_each_kv_head_on_its_own_and_leave_together():
     owners = cache.owner[0, :6, 0]
     assert not bool(((owners >= 0) & (owners // 2 == a)).any())     # both rows' slots free
     assert int((owners >= 0).sum()) == 1                            # request 11's slot kept
+
+
+def test_a_large_cache_ranks_a_moving_window_not_every_slot():
+    """100 slots, capacity 5, window_min 1: each step ranks the 20 slots after the clock hand,
+    takes its victims there (the free ones first), and moves the hand on; every slot comes up in
+    turn, and a slot in use this step is never taken even inside the window."""
+    cache = GpuPageCache(1, 100, DEVICE, window_min=1, quotas=False)
+    rows = torch.tensor([cache.index_of(1)], device=DEVICE)
+    cache.reserve(64)
+    taken = []
+    for step in range(6):
+        cache.next_step()
+        want = torch.zeros(1, 64, dtype=torch.bool, device=DEVICE)
+        want[0, 5 * step:5 * step + 5] = True
+        plan = cache.step(0, rows, cache.table(0, rows, 64), want, want, capacity=5)
+        slots = sorted(plan.valid()[2].tolist())
+        lo = (20 * step) % 100
+        assert all(lo <= s < lo + 20 for s in slots), (step, slots)
+        assert len(slots) == 5 and int(cache.hand[0]) == (lo + 20) % 100
+        taken += slots
+    assert len(set(taken)) == 30              # fresh slots each step: the free ones first
+    cache.next_step()                         # the window is now slots 20..39
+    want = torch.zeros(1, 64, dtype=torch.bool, device=DEVICE)
+    want[0, :5] = True                        # pages 0..4 in use (hits) ...
+    want[0, 40:45] = True                     # ... and 5 new ones need slots in the window
+    plan = cache.step(0, rows, cache.table(0, rows, 64), want, want, capacity=5)
+    assert int(plan.hits) == 5 and int(plan.count) == 5
+    assert sorted(cache.pages_of(1, 0).tolist())[:5] == [0, 1, 2, 3, 4]   # in use: kept
