@@ -248,7 +248,7 @@ class GpuPageCache:
     def state(self, layer: int) -> tuple[torch.Tensor, ...]:
         """Every tensor `step(layer, ...)` changes (views), e.g. to restore them."""
         return (self.slot_of[layer], self.owner[layer], self.stamp[layer], self.seen[layer],
-                self.reuse[layer], self.held[layer], self.hand[layer:layer + 1])
+                self.reuse[layer], self.held[layer], self.hand[layer])
 
     def step(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, wanted: torch.Tensor,
              fetch: torch.Tensor, capacity: int = 0) -> FetchPlan:
