@@ -430,6 +430,7 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
                        sink_pages=SINK, recent_pages=RECENT, placement=mode, gpu_cache_pages=slots,
                        kv_dtype=args.dtype, summary_dtype=args.summary_dtype,
                        gpu_memory_gib=z.hbm_usable if dev.type == "cuda" else args.gpu_memory_gib,
+                       cpu_threads=args.cpu_threads,
                        gpu_reserve_gib=0.0)     # the reserve is already out of z.hbm_usable
     attn = HybridAttention(cfg, s.layers, s.heads, s.kv_heads, s.head_dim,
                            device_pages=None if host else batch * (z.pages + 1) + 8,
@@ -553,6 +554,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--fuse", choices=("on", "off"), default=None,
                     help="torch.compile the model's per-layer math (fused elementwise ops; the "
                          "same in every mode); default on with CUDA, off without")
+    ap.add_argument("--cpu-threads", type=int, default=None,
+                    help="threads of the CPU attention (HybridConfig.cpu_threads; default: the "
+                         "cores less the driving thread's and, in whole steps, the hand-off's)")
     ap.add_argument("--profile", action="store_true",
                     help="profile one more step per mode after the timed ones (torch.profiler): "
                          "its kernels by GPU time, in profile_<mode>.txt under --out")
@@ -612,6 +616,8 @@ def parse(argv=None) -> argparse.Namespace:
         fail(f"--cache={args.cache} must lie in (0, 1]")
     if not 0 <= args.reuse <= 1:
         fail(f"--reuse={args.reuse} must lie in [0, 1]")
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        fail(f"--cpu-threads={args.cpu_threads} must be a positive integer")
     if args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0:
         fail(f"--gpu-memory-gib={args.gpu_memory_gib} must be positive")
     try:
