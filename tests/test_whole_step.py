@@ -34,6 +34,28 @@ def three_requests(whole, eager, gen) -> dict:
     return rids
 
 
+def two_requests(whole, eager, gen) -> tuple[list, list]:
+    """Requests of 40 and 45 tokens (full pages on the host), the same KV in both runtimes."""
+    ws, es = [], []
+    for n in (40, 45):
+        k, v = torch.randn(L, n, HKV, D, generator=gen), torch.randn(L, n, HKV, D, generator=gen)
+        ws.append(whole.add_request(k.to(DEV), v.to(DEV)))
+        es.append(eager.add_request(k.to(DEV), v.to(DEV)))
+    return ws, es
+
+
+def ordinary_step_equals(whole, eager, ws, es, gen) -> None:
+    """One whole step (run eagerly) and one ordinary step: equal outputs and counters."""
+    whole.plan(ws, whole_step=True)
+    eager.plan(es)
+    for layer in range(L):
+        q, kn, vn = (torch.randn(len(ws), h, D, generator=gen).to(DEV) for h in (HQ, HKV, HKV))
+        torch.testing.assert_close(whole.run(layer, q, kn, vn), eager.run(layer, q, kn, vn),
+                                   rtol=1e-5, atol=1e-6)
+    whole.finish_step()
+    same_stats(whole, eager)
+
+
 def given_sel(attn, rids) -> torch.Tensor:
     """The first two and the last page of each request (a replayed selection)."""
     n_pages = [-(-attn.kv.seq_len(r) // P) for r in rids]
@@ -90,11 +112,7 @@ def test_a_failed_cpu_part_undoes_the_whole_step(monkeypatch, placement):
     ordinary one (seed 11)."""
     whole, eager = pair(placement)
     gen = torch.Generator().manual_seed(11)
-    rids = []
-    for n in (40, 45):
-        k, v = torch.randn(L, n, HKV, D, generator=gen), torch.randn(L, n, HKV, D, generator=gen)
-        rids.append((whole.add_request(k.to(DEV), v.to(DEV)), eager.add_request(k.to(DEV), v.to(DEV))))
-    ws, es = [w for w, _ in rids], [e for _, e in rids]
+    ws, es = two_requests(whole, eager, gen)
     try:
         before = state(whole)
         real = whole._cpu_state
@@ -115,14 +133,7 @@ def test_a_failed_cpu_part_undoes_the_whole_step(monkeypatch, placement):
         assert any("CPU part of layer" in n for n in getattr(info.value, "__notes__", []))
         assert calls["n"] >= 1
         assert_same(before, state(whole))
-        whole.plan(ws, whole_step=True)
-        eager.plan(es)
-        for layer in range(L):
-            q, kn, vn = (torch.randn(2, h, D, generator=gen).to(DEV) for h in (HQ, HKV, HKV))
-            torch.testing.assert_close(whole.run(layer, q, kn, vn), eager.run(layer, q, kn, vn),
-                                       rtol=1e-5, atol=1e-6)
-        whole.finish_step()
-        same_stats(whole, eager)
+        ordinary_step_equals(whole, eager, ws, es, gen)
     finally:
         whole.close()
         eager.close()
@@ -243,3 +254,60 @@ def test_run_inside_a_capture_needs_a_whole_step():
                 attn.run(0, q, kn, vn)
     finally:
         attn.close()
+
+
+@pytest.mark.parametrize("placement", ["offload", "hybrid/split"])
+def test_a_whole_step_failing_inside_a_layer_is_undone_with_that_layers_cache(monkeypatch,
+                                                                              placement):
+    """Run eagerly, a whole step whose second layer fails inside its page-cache step (after that
+    layer's checkpoint and first changes): the step is undone, the failing layer's cache included,
+    and the next step equals an ordinary one (seed 13)."""
+    whole, eager = pair(placement)
+    gen = torch.Generator().manual_seed(13)
+    ws, es = two_requests(whole, eager, gen)
+    try:
+        before = state(whole)
+        real, calls = whole._cache.step, {"n": 0}
+
+        def step_then_boom(layer, *args, **kw):
+            calls["n"] += 1
+            out = real(layer, *args, **kw)            # the layer's cache state has changed
+            if layer == 1:
+                raise Boom("injected after layer 1's cache step")
+            return out
+        monkeypatch.setattr(whole._cache, "step", step_then_boom)
+        whole.plan(ws, whole_step=True)
+        q, kn, vn = (torch.randn(2, h, D, generator=gen).to(DEV) for h in (HQ, HKV, HKV))
+        whole.run(0, q, kn, vn)
+        with pytest.raises(Boom):
+            whole.run(1, q, kn, vn)
+        assert calls["n"] == 2
+        assert_same(before, state(whole))
+        monkeypatch.setattr(whole._cache, "step", real)
+        ordinary_step_equals(whole, eager, ws, es, gen)
+    finally:
+        whole.close()
+        eager.close()
+
+
+def test_the_cpu_parts_of_an_undone_step_are_passed_over_not_served_later():
+    """hybrid: a whole step whose second layer never ran (finish_step refuses it) leaves its
+    unpublished sequence numbers abandoned, so the next step's CPU parts are exactly its own:
+    the same counters as an ordinary step (seed 17)."""
+    whole, eager = pair("hybrid/split")
+    gen = torch.Generator().manual_seed(17)
+    ws, es = two_requests(whole, eager, gen)
+    try:
+        calls = []
+        real = whole._cpu_state
+        whole._cpu_state = lambda layer, *a, **kw: (calls.append(layer), real(layer, *a, **kw))[1]
+        whole.plan(ws, whole_step=True)
+        whole.run(0, *(torch.randn(2, h, D, generator=gen).to(DEV) for h in (HQ, HKV, HKV)))
+        with pytest.raises(RuntimeError, match=f"1 of {L} layers"):
+            whole.finish_step()
+        calls.clear()
+        ordinary_step_equals(whole, eager, ws, es, gen)
+        assert calls == list(range(L)), calls          # one CPU part per layer, in order
+    finally:
+        whole.close()
+        eager.close()

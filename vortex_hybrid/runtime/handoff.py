@@ -176,6 +176,11 @@ class Handoff:
         cpu_flags.compile_all()
         self.worker = HandoffWorker(self.words, cpu_parts, num_layers, spin_us, max_sleep_us)
 
+    @property
+    def in_step(self) -> bool:
+        """Whether a step is open (begin_step() without its finish_step() yet)."""
+        return self._in_step
+
     def seq(self, layer: int, step: Optional[int] = None) -> int:
         """The sequence number of `layer` in `step` (default: the current step)."""
         return (self.step if step is None else step) * self.num_layers + layer + 1
@@ -227,6 +232,18 @@ class Handoff:
                                "from begin_step()")
         self._in_step = False
         self.check()
+
+    def abandon_step(self) -> None:
+        """End the current step without checking it (a step being undone, after its GPU work is
+        done): the worker passes over its sequence numbers it has not served, published or not,
+        and its CPU parts' exceptions are dropped. No-op when no step is open."""
+        if not self._in_step:
+            return
+        self._in_step = False
+        with self.worker.lock:
+            for channel in range(self.channels):
+                cpu_flags.abandon(self.words, channel, self.seq(self.num_layers - 1))
+        self.worker.take_failures()
 
     def check(self) -> None:
         """Raise if the current step failed (see `finish_step`); then the next step can run."""

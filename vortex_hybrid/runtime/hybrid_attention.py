@@ -436,6 +436,8 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         return o
 
     def _run_whole_layer(self, step: StepPlan, layer: int, q, k_new, v_new, sel) -> torch.Tensor:
+        if not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            step.fronts = layer + 1         # runs now: its cache layer is checkpointed first
         try:
             o = self._run_whole(step, layer, q, k_new, v_new, sel)
         except BaseException:

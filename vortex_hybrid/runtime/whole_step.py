@@ -161,14 +161,14 @@ class WholeStep:
             static = step.static
             s = static.step
             try:
-                if self.placement in HOST_PLACEMENTS:
-                    self._whole_handoff.finish_step()
                 read = torch.cat([s.counts, s.nonfinite.to(torch.int64), static.ran]).tolist()
-                if read[-1] != self.num_layers:
+                if read[-1] != self.num_layers:       # (its hand-off step is abandoned)
                     raise RuntimeError(
                         f"finish_step(): {read[-1]} of {self.num_layers} layers of the step ran "
                         "(replay the graph captured for the key plan() returned, or run() every "
                         "layer, before finish_step()); the step is undone")
+                if self.placement in HOST_PLACEMENTS:
+                    self._whole_handoff.finish_step()     # a CPU part's exception, re-raised
             except BaseException:
                 self._abort(step)
                 raise
@@ -182,14 +182,12 @@ class WholeStep:
             self._end_step(step, read[:-1])
 
     def _settle_whole(self, step: StepPlan) -> None:
-        """Before undoing a whole step: wait for its work, count the layers that ran (their page
-        cache checkpoints are this step's: `step.fronts`), and close its hand-off step."""
+        """Before undoing a whole step: wait for its work, count the layers whose page-cache
+        checkpoints are this step's (`step.fronts`: those a replay ran, by the device counter, or
+        those run() began eagerly, the one that failed included), and close its hand-off step."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        step.fronts = min(self.num_layers, int(step.static.ran.item()))
-        h = self._whole_handoff
-        if h is not None and h._in_step:
-            try:
-                h.finish_step()
-            except BaseException:       # noqa: BLE001 - the step is being undone either way
-                pass
+        ran = int(step.static.ran.item())
+        step.fronts = min(self.num_layers, max(step.fronts, ran))
+        if self._whole_handoff is not None:     # its layers not published are passed over
+            self._whole_handoff.abandon_step()
