@@ -172,8 +172,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         self._worker = None
         if host:
             from .. import cpu_kernels
-            # The thread driving the GPU needs a core: Numba gets the rest unless set in cfg.
-            cpu_kernels.set_cpu_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
+            cpu_kernels.set_cpu_threads(self._cpu_threads(reserved=1))   # the driving thread's
             self._worker = CpuWorker()
         self._gpu = self._gpu_backend()
         self._step: Optional[StepPlan] = None
@@ -203,6 +202,11 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         self._totals: dict = {}
         log.info("vortex_hybrid runtime: placement %s, %s; capacity %d tokens", self.placement,
                  self.memory.describe(), self.capacity()["tokens"])
+
+    def _cpu_threads(self, reserved: int) -> int:
+        """Threads of the CPU attention: `cfg.cpu_threads`, else the cores less `reserved` (the
+        thread driving the GPU; whole steps' hand-off worker too)."""
+        return self.cfg.cpu_threads or max(1, (os.cpu_count() or reserved + 1) - reserved)
 
     def _prior_reuse(self):
         """Per layer, the selection reuse the calibration measured (mean over KV heads): the GPU
@@ -415,7 +419,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         if sel is not None:
             sel = self._check_sel(step, sel, check_sel and not capturing)
         if step.whole:
-            return self._run_whole_layer(step, layer, q, k_new, v_new, sel)
+            return self._run_whole_layer(step, layer, q, k_new, v_new, sel, capturing)
         t0 = time.perf_counter()
         if layer == 0:
             step.t_start = t0
@@ -435,8 +439,9 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
             self._end_step(step, torch.cat([step.counts, flags.to(torch.int64)]).tolist())
         return o
 
-    def _run_whole_layer(self, step: StepPlan, layer: int, q, k_new, v_new, sel) -> torch.Tensor:
-        if not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    def _run_whole_layer(self, step: StepPlan, layer: int, q, k_new, v_new, sel,
+                         capturing: bool) -> torch.Tensor:
+        if not capturing:
             step.fronts = layer + 1         # runs now: its cache layer is checkpointed first
         try:
             o = self._run_whole(step, layer, q, k_new, v_new, sel)

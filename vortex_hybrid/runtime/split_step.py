@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .step_plan import head_table
 from .step_trace import NO_TRACE
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ class SplitStep:
         sel_r = sel.reshape(B * H, K)
         chosen = sel_r >= 0
         idx = sel_r.clamp_min(0).to(torch.int64)                             # [B x Hkv, K]
-        table, src, dst = step.dev_heads, None, None
+        table, src, dst = self._dev_heads(step), None, None
         zero = torch.zeros((), dtype=torch.int64, device=self.device)
         cache_counts = [zero] * 4                 # fetched, hits, misses, evictions
         if self._cache is not None:
@@ -134,6 +135,13 @@ class SplitStep:
                 q_host, sel_host = q, host_sel
         return torch.where(on_gpu, sel, -1), table, src, dst, counts, q_host, sel_host
 
+    def _dev_heads(self, step: StepPlan) -> torch.Tensor:
+        """The step's device head table: built once by plan() in the host placements; for `gpu`
+        with a given selection (research), from its page table here."""
+        if step.dev_heads is not None:
+            return step.dev_heads
+        return head_table(step.dev_table, self.num_kv_heads)
+
     def _back(self, step: StepPlan, layer: int, q, gsel, table, src, dst) -> tuple:
         """Fetch the head-pages the front chose into their slots, then attend what the GPU holds
         (per (request, KV head) row over the head-page pools; o [B, Hq, D], lse [B, Hq])."""
@@ -143,7 +151,9 @@ class SplitStep:
         hq, D, P = self.num_q_heads, self.head_dim, self.cfg.page_size
         k_pool, v_pool = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
         o, lse = self._gpu.attend(q.reshape(B * H, hq // H, D), k_pool.view(-1, 1, P, D),
-                                  v_pool.view(-1, 1, P, D), table, step.lens_heads,
+                                  v_pool.view(-1, 1, P, D), table,
+                                  step.lens.repeat_interleave(H) if step.lens_heads is None
+                                  else step.lens_heads,
                                   gsel.reshape(B * H, 1, K))
         return o.view(B, hq, D), lse.view(B, hq)
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from .memory_model import HOST_PLACEMENTS
+
 if TYPE_CHECKING:
     from .hybrid_attention import HybridAttention
 
@@ -122,10 +124,10 @@ def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial:
         width, write_pages.to(dev), (positions % P).to(dev),
         write_pages[filled].to(dev), filled_rows.to(sdev), host_table.to(dev), None)
     step.counts = torch.zeros(5, dtype=torch.int64, device=dev)     # COUNTS, on the device
-    if attn.placement != "dense":       # split layers' per-(request, KV head) tables, once a step
+    if attn.placement in HOST_PLACEMENTS:   # split layers' head tables, once a step (`gpu` with
         step.dev_heads = head_table(dev_table, attn.num_kv_heads)
         step.host_heads = head_table(step.host_table_dev, attn.num_kv_heads)
-        step.lens_heads = lens.repeat_interleave(attn.num_kv_heads)
+        step.lens_heads = lens.repeat_interleave(attn.num_kv_heads)   # a given sel: SplitStep)
     if sum_rows is not None:
         step.sum_rows = sum_rows.to(sdev)
     step.nonfinite = torch.zeros(len(rids), dtype=torch.bool, device=dev)

@@ -70,14 +70,12 @@ class WholeStep:
     def _handoff_channel(self):
         """The hand-off protocol's driver (made on first use: it starts the worker thread)."""
         if self._whole_handoff is None:
-            import os
-
             from . import handoff
             from .. import cpu_kernels
             cpu_kernels.warmup()            # compile before the first step's bounded waits
             # Cores: one for the thread driving the GPU (its synchronisation spins), one for the
             # hand-off worker's poll; the CPU attention gets the rest unless cfg sets it.
-            cpu_kernels.set_cpu_threads(self.cfg.cpu_threads or max(1, (os.cpu_count() or 3) - 2))
+            cpu_kernels.set_cpu_threads(self._cpu_threads(reserved=2))
             if self.device.type == "cuda":
                 self._whole_handoff = handoff.GraphHandoff(
                     self.num_layers, [self._whole_cpu_part], device=self.device,
