@@ -182,6 +182,67 @@ def _tiny_args(q, page_table, k_pool=None, v_pool=None) -> list:
             torch.zeros(1, HKV, 1, dtype=torch.int32)]
 
 
+class BackgroundCopy:
+    """Pinned host -> GPU copies kept running by a thread on a side stream while the `with` block
+    runs (64 MiB chunks of `src`, cycled): the PCIe traffic a host placement's fetches make.
+    duty < 1 idles after each chunk so that copies take that share of the time. `rate()`: bytes/s
+    of the chunks copied wholly inside the block (all of them when none was). A failed copy thread
+    raises RuntimeError at exit."""
+
+    def __init__(self, src: torch.Tensor, duty: float = 1.0, chunk: int = 64 * MIB) -> None:
+        if not 0 < duty <= 1:
+            raise ValueError(f"duty={duty!r} must be in (0, 1]")
+        self.chunks = src.flatten().view(torch.uint8).split(chunk)     # bytes
+        self.duty, self.chunk = duty, chunk
+        self.spans: list = []
+        self._stop, self._errors = threading.Event(), []
+
+    def _run(self) -> None:
+        # Its own destination, made in this thread: inference mode is thread-local, and a tensor
+        # made under the caller's inference mode cannot be written here outside it.
+        try:
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                dst = torch.empty(self.chunk, dtype=torch.uint8, device="cuda")
+                while not self._stop.is_set():
+                    src = self.chunks[len(self.spans) % len(self.chunks)]
+                    t0 = time.perf_counter()
+                    dst[:src.numel()].copy_(src, non_blocking=True)
+                    stream.synchronize()
+                    t1 = time.perf_counter()
+                    self.spans.append((t0, t1, src.numel()))
+                    if self.duty < 1:
+                        time.sleep((t1 - t0) * (1 / self.duty - 1))
+        except Exception as exc:                                          # raised at exit
+            self._errors.append(exc)
+
+    def __enter__(self) -> "BackgroundCopy":
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        while not self.spans and self._thread.is_alive():
+            time.sleep(1e-4)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.t1 = time.perf_counter()
+        self._stop.set()
+        self._thread.join()
+        if self._errors or not self.spans:
+            raise RuntimeError("the concurrent copy thread failed: "
+                               f"{self._errors[0] if self._errors else 'no copy'}")
+
+    def rate(self) -> float:
+        """Bytes/s while copying (the chunks wholly inside the block)."""
+        inside = [s for s in self.spans if s[0] >= self.t0 and s[1] <= self.t1] or self.spans
+        return sum(s[2] for s in inside) / sum(s[1] - s[0] for s in inside)
+
+    def share(self) -> float:
+        """Bytes/s over the block's whole time (the copy's average while duty < 1)."""
+        inside = [s for s in self.spans if s[0] >= self.t0 and s[1] <= self.t1] or self.spans
+        return sum(s[2] for s in inside) / max(1e-9, inside[-1][1] - inside[0][0])
+
+
 def _cuda_measure(quick: bool, cpu_call, cpu_bytes: int) -> dict:
     """HBM copy, pinned H2D alone, host time of an eager GPU attention call, and CPU attention
     (`cpu_call` over `cpu_bytes`) while a background thread keeps pinned H2D copies running (both
@@ -214,38 +275,10 @@ def _cuda_measure(quick: bool, cpu_call, cpu_bytes: int) -> dict:
         gpu_attn(*args)
     out["gpu_launch_s"] = (time.perf_counter() - t0) / 50                # host time per eager call
     torch.cuda.synchronize()
-    chunks, stream, stop, spans = h2d_src.split(64 * MIB), torch.cuda.Stream(), threading.Event(), []
-    errors = []
-
-    def copier():
-        # Its own destination, made in this thread: inference mode is thread-local, and a tensor
-        # made under the caller's inference mode cannot be written here outside it.
-        try:
-            with torch.cuda.stream(stream):
-                dst = torch.empty(64 * MIB, dtype=torch.uint8, device="cuda")
-                while not stop.is_set():
-                    src = chunks[len(spans) % len(chunks)]
-                    t0 = time.perf_counter()
-                    dst[:src.numel()].copy_(src, non_blocking=True)
-                    stream.synchronize()
-                    spans.append((t0, time.perf_counter(), src.numel()))
-        except Exception as exc:                                          # reported below
-            errors.append(exc)
-
-    th = threading.Thread(target=copier, daemon=True)
-    th.start()
-    while not spans and th.is_alive():
-        time.sleep(1e-4)
-    w0 = time.perf_counter()
-    sec = _median_call(cpu_call, 3, 0.2 if quick else 1.0, 0.6 if quick else 3.0)
-    w1 = time.perf_counter()
-    stop.set()
-    th.join()
-    if errors or not spans:
-        raise RuntimeError(f"the concurrent copy thread failed: {errors[0] if errors else 'no copy'}")
-    inside = [s for s in spans if s[0] >= w0 and s[1] <= w1] or spans
+    with BackgroundCopy(h2d_src) as copy:
+        sec = _median_call(cpu_call, 3, 0.2 if quick else 1.0, 0.6 if quick else 3.0)
     out["cpu_attn_bw_concurrent"] = cpu_bytes / sec
-    out["h2d_bw_concurrent"] = sum(s[2] for s in inside) / sum(s[1] - s[0] for s in inside)
+    out["h2d_bw_concurrent"] = copy.rate()
     return out
 
 

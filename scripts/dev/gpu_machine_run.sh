@@ -31,6 +31,7 @@ for step in "$@"; do
     hybrid_step)   timeout ${HYBRID_STEP_TIMEOUT:-570} python3 benchmarks/hybrid_step.py --out "$OUT" ${HYBRID_STEP_ARGS:-} ;;
     e2e_decode)    timeout ${E2E_TIMEOUT:-570} python3 benchmarks/e2e_decode.py --out "$OUT" ${E2E_ARGS:-} ;;
     head_features) timeout 200 python3 benchmarks/head_features.py --out "$OUT" ;;
+    host_contention) timeout ${HOST_CONTENTION_TIMEOUT:-240} python3 benchmarks/host_contention.py --out "$OUT" ${HOST_CONTENTION_ARGS:-} ;;
     handoff)       timeout 150 python3 benchmarks/handoff.py --out "$OUT" ${HANDOFF_ARGS:-} ;;
     gpu_check)     timeout ${GPU_CHECK_TIMEOUT:-540} bash scripts/gpu_check.sh ${GPU_CHECK_ARGS:-} ;;
     carry)         mkdir -p /tmp/carry && cp -v .carry/* /tmp/carry/ ;;
