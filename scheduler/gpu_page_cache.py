@@ -195,6 +195,31 @@ class GpuPageCache:
         self.held[:, r * h:(r + 1) * h] = 0
         self._free.append(r)
 
+    def admit(self, rid: int, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take free slots of `layer` for pages a request's prefill just wrote (logical pages
+        `pages`, int64 [n] on the device, ascending and consecutive): as many whole pages (every
+        KV head) as the free slots hold, the last ones first (a decode step reads the recent
+        pages most). Returns (the pages admitted [m], their slots [m, heads]) for the caller to
+        fill before the next step; they are stamped with the current step, so they age as pages
+        used now. Synchronises (counts the free slots): between steps only."""
+        S, h = self.num_slots, self.heads
+        free = (self.owner[layer, :S, 0] < 0).nonzero().flatten()
+        m = min(pages.numel(), free.numel() // h)
+        if m == 0:
+            return pages[:0], free[:0].view(0, h)
+        self.reserve(int(pages[-1]) + 1)
+        r = self.index_of(rid)
+        got = pages[pages.numel() - m:]
+        slots = free[:m * h].view(m, h)
+        rows = (r * h + torch.arange(h, device=self.device))[None, :].expand(m, h)
+        page_of = got[:, None].expand(m, h)
+        self.slot_of[layer, rows, page_of] = slots.to(torch.int32)
+        self.owner[layer, slots, 0] = rows.to(torch.int32)
+        self.owner[layer, slots, 1] = page_of.to(torch.int32)
+        self.stamp[layer, slots] = self.now
+        self.held[layer, rows[0]] += m
+        return got, slots
+
     def pages_of(self, rid: int, layer: int) -> torch.Tensor:
         """Logical pages of `rid` cached in `layer` (for tests and diagnostics)."""
         r = self._index.get(rid)

@@ -363,7 +363,8 @@ def test_subbatch_gives_the_cpu_whole_requests_and_auto_tries_both_shapes():
     """"subbatch": the CPU's requests fetch nothing, the others fetch every miss (cache room
     permitting); "auto" measures both shapes in a situation before it picks one."""
     from vortex_hybrid.scheduler.cost_model import DEFAULTS
-    attn = make("hybrid", slots=64, step_shape="subbatch", budget=6, costs=DEFAULTS)
+    attn = make("hybrid", slots=64, step_shape="subbatch", budget=6, costs=DEFAULTS,
+                cache_prefill=False)            # the cache as the steps fill it
     shadow = Shadow(attn, 11)
     rids = [shadow.add(60) for _ in range(4)]
     n_cpu = round(attn._cpu_share * 4)
@@ -445,7 +446,7 @@ def test_a_fetch_copies_only_the_kv_heads_that_selected_the_page():
     """Heads of one request select different pages: `offload` fetches each missing (page, KV head)
     once, so the bytes over the link equal the selected bytes that missed the cache, never every
     head of each page; the next step's same selection hits (seed 21)."""
-    attn = make("offload", slots=64, budget=4)
+    attn = make("offload", slots=64, budget=4, cache_prefill=False)   # pages enter by fetches
     gen = torch.Generator().manual_seed(21)
     rid = attn.add_request(*(torch.randn(L, 120, HKV, D, generator=gen).to(attn.device)
                              for _ in "kv"))
@@ -465,3 +466,56 @@ def test_a_fetch_copies_only_the_kv_heads_that_selected_the_page():
             assert c["cache_hits"] == host_heads and c["fetched_pages"] == 0, c
         assert c["bytes_h2d"] == c["fetched_pages"] * attn._head_bytes
     attn.close()
+
+
+@pytest.mark.parametrize("placement", ["offload", "hybrid"])
+def test_a_prefill_warms_the_cache_and_a_step_then_reads_no_host_page(placement):
+    """cache_prefill (the default): the pages a prefill fills go into free cache slots with the
+    KV at hand, so when the cache holds every page the first step hits every host page it
+    selects (nothing fetched, nothing attended by the CPU) and still equals the reference; the
+    cached copies hold exactly the prompt's pages (seed 5)."""
+    attn = make(placement, slots=64, budget=4)
+    shadow = Shadow(attn, 5)
+    rids = [shadow.add(45), shadow.add(30)]
+    cache = attn._cache
+    for rid in rids:
+        full = attn._offloaded[rid]
+        for layer in range(L):
+            assert cache.pages_of(rid, layer).tolist() == list(range(full))
+    pool = attn.kv.device_pool
+    for rid in rids:                          # each cached head-page is the prompt's KV
+        r = cache.index_of(rid)
+        for layer in range(L):
+            for h in range(HKV):
+                for page in range(attn._offloaded[rid]):
+                    slot = int(cache.slot_of[layer, r * HKV + h, page])
+                    hp = int(attn._slot_heads[slot])
+                    got = pool.k[layer].view(-1, P, D)[hp].cpu()
+                    want = shadow.kv[rid][0][layer, page * P:(page + 1) * P, h]
+                    assert torch.equal(got, want), (rid, layer, h, page)
+    assert shadow.step(rids) < 1e-5
+    c = attn.stats()["last_step"]
+    assert c["cache_misses"] == 0 and c["fetched_pages"] == 0 and c["cpu_pages"] == 0, c
+    assert c["cache_hits"] > 0, c
+    attn.close()
+
+
+def test_a_prefill_larger_than_the_free_slots_caches_its_last_pages():
+    """With fewer free slots than pages, the prefill's last pages are cached (whole pages, every
+    KV head), the first ones are left to the steps; a second request finds the cache full and
+    caches nothing; steps stay exact (seed 9)."""
+    attn = make("hybrid", slots=4, budget=4)
+    shadow = Shadow(attn, 9)
+    a = shadow.add(41)                        # 10 full pages, 4 slots of 2 KV heads each
+    b = shadow.add(20)
+    for layer in range(L):
+        assert attn._cache.pages_of(a, layer).tolist() == [6, 7, 8, 9]
+        assert attn._cache.pages_of(b, layer).numel() == 0
+    for _ in range(3):
+        assert shadow.step([a, b]) < 1e-5
+    attn.close()
+
+
+def test_cache_prefill_must_be_a_bool():
+    with pytest.raises(ValueError, match="cache_prefill=1 .*True or False"):
+        HybridConfig(cache_prefill=1)

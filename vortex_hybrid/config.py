@@ -152,6 +152,11 @@ class HybridConfig:
     """Slots of the GPU page cache (pages kept in HBM) of `offload` and `hybrid`: None for every
     page `gpu_memory_gib` holds beside the tail pages and summaries; a number to override it (it
     must fit)."""
+    cache_prefill: bool = True
+    """`offload` / `hybrid`: a prefill's pages also go into free GPU cache slots (copied from the
+    KV at hand, most recent pages first), so a cache with room starts warm and, while HBM holds
+    every page, no step reads host memory. False: pages enter the cache only when a step fetches
+    them."""
     host_memory_gib: Optional[float] = None
     """GiB of host memory for the host store of the host placements (`dense` and `gpu` have none):
     `HybridAttention` allocates as many pages as fit in it, all layers' K and V in `kv_dtype`
@@ -199,6 +204,8 @@ class HybridConfig:
             if (value is not None or name != "gpu_cache_pages") and (not _is_int(value) or value < 0):
                 _fail(name, value, "a non-negative integer" +
                       (", or None" if name == "gpu_cache_pages" else ""))
+        if not isinstance(self.cache_prefill, bool):
+            _fail("cache_prefill", self.cache_prefill, "True or False")
         if self.recent_pages < 1:
             _fail("recent_pages", self.recent_pages,
                   "at least 1 (the partly filled last page is always attended)")

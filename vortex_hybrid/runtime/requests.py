@@ -65,9 +65,12 @@ class Requests:
         rid = self.kv.create_request()
         try:
             self._fill(rid, k, v)
+            self._admit_prefill(rid, k, v, 0)
         except BaseException:
             self.kv.free_request(rid)
             self._offloaded.pop(rid, None)
+            if self._cache is not None:
+                self._cache.remove_request(rid)
             raise
         return rid
 
@@ -81,10 +84,17 @@ class Requests:
         rid = self._live(rid)
         self._check_room(rid, k.shape[1])
         cp, offloaded = self._checkpoint(rid), self._offloaded.get(rid)
+        start = self.kv.seq_len(rid)
         try:
             self._fill(rid, k, v)
         except BaseException:
             self._restore([cp], {rid: offloaded})
+            raise
+        try:
+            self._admit_prefill(rid, k, v, start)
+        except BaseException:       # rare (a device error): its cached copies may name pages
+            self._restore([cp], {rid: offloaded})         # rolled back, so they all go
+            self._cache.remove_request(rid)
             raise
 
     def _live(self, rid) -> int:
@@ -183,6 +193,34 @@ class Requests:
             self.kv.append(rid, k[:, done:done + n], v[:, done:done + n])
             self._offload_full(rid)
             done += n
+
+    def _admit_prefill(self, rid: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Host placements with a GPU page cache (`HybridConfig.cache_prefill`): copy the pages this prefill filled (k, v: its KV
+        from token `start` of the request on) into free cache slots, every layer, as many as fit,
+        the most recent first (`GpuPageCache.admit`). The KV is at hand, so a cache with room
+        starts warm instead of fetching each page over PCIe the first time a step selects it; while
+        HBM holds every page, no step reads host memory at all. Copies only: the host store
+        stays authoritative."""
+        cache = self._cache
+        if cache is None or not self.cfg.cache_prefill:
+            return
+        P, H = self.cfg.page_size, self.num_kv_heads
+        first, last = -(-start // P), self._offloaded.get(rid, 0)   # pages wholly in this prefill
+        if last <= first:
+            return
+        pages = torch.arange(first, last, dtype=torch.int64, device=self.device)
+        pool = self.kv.device_pool
+        for layer in range(self.num_layers):
+            got, slots = cache.admit(rid, layer, pages)
+            m = got.numel()
+            if m == 0:
+                continue
+            lo = (last - m) * P - start                     # the admitted pages' first token
+            dst = self._slot_heads[slots.flatten()]          # head-pages, page-major
+            for src, kv_pool in ((k, pool.k), (v, pool.v)):
+                part = src[layer, lo:lo + m * P].to(self.device)         # [m x P, H, D]
+                heads = part.view(m, P, H, -1).transpose(1, 2).reshape(m * H, P, -1)
+                kv_pool[layer].view(-1, P, heads.shape[-1])[dst] = heads.to(kv_pool.dtype)
 
     @torch.inference_mode()
     def remove_request(self, rid: int) -> None:
