@@ -180,7 +180,7 @@ def parse(argv=None):
     ap.add_argument("--pool-gib", type=float, default=8.0, help="each pool's K+V, GiB (>> LLC)")
     cores = os.cpu_count() or 2
     ap.add_argument("--threads", default=",".join(str(t) for t in sorted(
-        {1, 2, 4, 8, max(1, cores - 2)}) if t <= cores))
+        {1, 2, 4, 8, max(1, cores - 2), max(1, cores - 1), cores}) if t <= cores))
     ap.add_argument("--sizes-mib", default="0.25,1,2.5,8,32", help="per-call selected KV, MiB")
     ap.add_argument("--gaps-us", default="0,500", help="idle spin before each call, us")
     ap.add_argument("--batch", type=int, default=27, help="requests per call (hybrid's batch)")
