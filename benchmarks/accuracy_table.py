@@ -114,24 +114,30 @@ def plot(results: list[dict], path: str) -> str:
         return "matplotlib is not importable: no plot"
     fig, axes = plt.subplots(1, len(results), figsize=(3.6 * len(results), 3.4), squeeze=False,
                              sharey=True)
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    flows = sorted({s["flow"].removesuffix(CALIB) for r in results for s in overall(r)
+                    if s["flow"] and s["flow"] != "streaming"})
+    colour = {f: f"C{i}" for i, f in enumerate(flows)} | {"streaming": "0.6"}
     for ax, r in zip(axes[0], results):
-        rows = overall(r)
         lines: dict[str, list] = {}
-        for s in rows:
+        for s in overall(r):
             if s["mode"] == "dense":
                 ax.axhline(s["accuracy"], color="k", linestyle="--", label="dense")
             elif s["flow"].endswith(CALIB):
-                ax.plot([s["budget_share"]], [s["accuracy"]], marker="*", markersize=11,
-                        linestyle="none", label=s["flow"].replace(CALIB, " per-head"))
+                flow = s["flow"].removesuffix(CALIB)
+                ax.plot([s["budget_share"]], [s["accuracy"]], marker="*", markersize=12,
+                        linestyle="none", color=colour[flow], markeredgecolor="k",
+                        label=f"{flow} per-head")
             else:
                 lines.setdefault(s["flow"], []).append((s["budget_share"], s["accuracy"]))
         for i, (flow, pts) in enumerate(sorted(lines.items())):
             xs, ys = zip(*sorted(pts))
-            ax.plot(xs, ys, marker="osD^vP"[i % 6], label=flow,
-                    color="0.6" if flow == "streaming" else None)
+            ax.plot(xs, ys, marker="osD^vP"[i % 6], label=flow, color=colour[flow], alpha=0.85)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{100 * x:g}%"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{r['model']} @ {ctx_label(r['context'])}", fontsize=9)
-        ax.set_xlabel("budget (share of pages)", fontsize=8)
+        ax.set_xlabel("budget (share of pages; tokens / context)", fontsize=8)
         ax.set_ylim(-0.02, 1.05)
     axes[0][0].set_ylabel("exact match (all tasks)")
     axes[0][-1].legend(fontsize=6)

@@ -5,12 +5,14 @@
 # under its own time limit, never past the step's deadline; after each, the results so far are
 # combined into $OUT/accuracy.json, accuracy.md and accuracy.png (benchmarks/accuracy_table.py), so
 # a run cut short costs only itself. Progress: one line per run here, the eval's own log in
-# $ACC_WORK/<model>_<context>.log (its last lines are printed).
+# $ACC_WORK/<model>_<context>.log (its last lines are printed). Each model's conversion starts in the
+# background at once (the first run of a model waits for it, outside its own limit).
 #
 # The sparse side runs in the `gpu` placement only: every placement selects the same pages and
 # attends them exactly, so they give the same answers (measured, docs/BENCHMARKS.md).
 #
-# ACC_RUNS      model:context:seconds ... (default below; most wanted first)
+# ACC_RUNS      model:context:seconds ... (default below: smollm2 first, while gemma converts;
+#               gemma's 32K, the longest and least certain, last)
 # ACC_FLOWS     comma list of flows (quest,centroid,double_sparsity; add oracle where it exists)
 # ACC_BUDGETS   0.02,0.05,512t,1024t,2048t        ACC_SAMPLES  20 per task (2 tasks: 40 prompts)
 # ACC_MODES     dense,gpu,streaming               ACC_BATCH    40 (every prompt in one decode batch)
@@ -21,14 +23,30 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out} PY=${PY:-python3}
-runs=${ACC_RUNS:-"gemma3-270m:8192:75 smollm2-135m:4096:70 smollm2-135m:8176:90 gemma3-270m:16384:100 gemma3-270m:32756:180"}
+runs=${ACC_RUNS:-"smollm2-135m:4096:110 smollm2-135m:8176:80 gemma3-270m:8192:120 gemma3-270m:16384:90 gemma3-270m:32756:250"}
 flows=${ACC_FLOWS:-quest,centroid,double_sparsity}
 work=${ACC_WORK:-/tmp/acc_runs} deadline=${ACC_DEADLINE:-520} calib_dir=${ACC_CALIB_DIR:-benchmarks/calibrations}
 mkdir -p "$OUT" "$work"
 start=$(date +%s)
+# the carried pieces installed once, then every model converted (GGUF to safetensors, CPU work) in
+# the background from the start, so a later model's conversion overlaps the earlier models' runs
+bash scripts/dev/device_model.sh true || { echo "installing the carried model pieces failed"; exit 1; }
+declare -A converting
+for run in $runs; do
+  model=${run%%:*}
+  [ -n "${converting[$model]:-}" ] && continue
+  bash scripts/dev/device_model.sh "$PY" -c "from vortex_hybrid.eval.models import resolve_model; \
+print(resolve_model('$model', progress=False))" > "$work/convert_$model.log" 2>&1 &
+  converting[$model]=$!
+done
 for run in $runs; do
   IFS=: read -r model ctx limit <<< "$run"
   limit=${limit:-120}
+  if [ -n "${converting[$model]:-}" ]; then
+    wait "${converting[$model]}" || echo "$model: conversion failed: $(tail -1 "$work/convert_$model.log")"
+    converting[$model]=""
+    echo "$model: converted at $(( $(date +%s) - start )) s"
+  fi
   left=$(( deadline - ($(date +%s) - start) ))
   (( left < limit )) && limit=$left
   if (( limit < 20 )); then echo "$model $ctx: skipped, $left s left of the step's $deadline"; continue; fi
