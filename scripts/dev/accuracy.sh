@@ -18,14 +18,14 @@
 # ACC_MODES     dense,gpu,streaming               ACC_BATCH    40 (every prompt in one decode batch)
 # ACC_MAX_NEW   12 (a 7-digit answer, its space and full stop, and some margin)
 # ACC_CALIB_DIR benchmarks/calibrations: <model>_<flow>.json of each flow present is added
-# ACC_DEADLINE  seconds for the whole step (520)   ACC_DEVICE cuda    ACC_EXTRA  more eval options
+# ACC_DEADLINE  seconds for the whole step (500)   ACC_DEVICE cuda    ACC_EXTRA  more eval options
 # ACC_WORK      /tmp/acc_runs (each run's eval.json, eval.png, log)    PY  python3
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out} PY=${PY:-python3}
-runs=${ACC_RUNS:-"smollm2-135m:4096:110 smollm2-135m:8176:80 gemma3-270m:8192:120 gemma3-270m:16384:90 gemma3-270m:32756:250"}
+runs=${ACC_RUNS:-"smollm2-135m:4096:150 smollm2-135m:8176:100 gemma3-270m:8192:120 gemma3-270m:16384:100 gemma3-270m:32756:200"}
 flows=${ACC_FLOWS:-quest,centroid,double_sparsity}
-work=${ACC_WORK:-/tmp/acc_runs} deadline=${ACC_DEADLINE:-520} calib_dir=${ACC_CALIB_DIR:-benchmarks/calibrations}
+work=${ACC_WORK:-/tmp/acc_runs} deadline=${ACC_DEADLINE:-500} calib_dir=${ACC_CALIB_DIR:-benchmarks/calibrations}
 mkdir -p "$OUT" "$work"
 start=$(date +%s)
 # the carried pieces installed once, then every model converted (GGUF to safetensors, CPU work) in

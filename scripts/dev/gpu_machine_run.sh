@@ -37,7 +37,7 @@ for step in "$@"; do
     carry)         mkdir -p /tmp/carry && cp -v .carry/* /tmp/carry/ ;;
     eval)          timeout ${EVAL_TIMEOUT:-500} bash scripts/dev/device_model.sh python3 -m vortex_hybrid.eval \
                      --device cuda --out "$OUT/eval" ${EVAL_ARGS:-} ;;
-    accuracy)      timeout $(( ${ACC_DEADLINE:-520} + 30 )) bash scripts/dev/accuracy.sh ;;
+    accuracy)      timeout $(( ${ACC_DEADLINE:-500} + 30 )) bash scripts/dev/accuracy.sh ;;
     profile)       timeout ${PROFILE_TIMEOUT:-400} bash scripts/dev/device_model.sh python3 -m vortex_hybrid.profile \
                      --device cuda --out "$OUT/profile/calib.json" ${PROFILE_ARGS:-} ;;
     sglang_e2e)    timeout ${SGLANG_E2E_TIMEOUT:-530} bash -c '
