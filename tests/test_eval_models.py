@@ -61,3 +61,36 @@ def test_the_built_in_model_loads_and_generates_the_same_with_the_runtime():
     cache.close()
     assert torch.equal(got, want), (tok.decode(got[0]), tok.decode(want[0]))
     assert MODELS["smollm2-135m"].chat
+
+
+def test_a_split_model_is_assembled_from_installed_part_packages(tmp_path, monkeypatch):
+    """Each chunk from its installed part package (under a data folder, as the registry's part
+    packages hold it), joined in order and checked, without a download; a bad part is refused."""
+    import hashlib
+    import importlib
+
+    from vortex_hybrid.eval import models
+    chunks = [b"GGUF" + bytes(range(i, i + 40)) for i in range(3)]
+    parts = tuple(f"toy-model-part{i + 1}" for i in range(3))
+    for i, (package, chunk) in enumerate(zip(parts, chunks)):
+        data = tmp_path / "site" / package.replace("-", "_") / "data"
+        data.mkdir(parents=True)
+        (data.parent / "__init__.py").write_text("")
+        (data / f"toy.gguf.part{i:02d}").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    monkeypatch.setattr(models, "_download", lambda *a: pytest.fail(f"downloaded {a[0]}"))
+    spec = models.ModelSpec("toy-model", "toy_model", "toy.gguf", chat=False, context=64,
+                            parts=parts, sha256=hashlib.sha256(b"".join(chunks)).hexdigest())
+
+    class Steps:
+        def update(self):
+            pass
+    work = tmp_path / "work"
+    work.mkdir()
+    path = models._find_gguf(spec, work, Steps())
+    assert path.read_bytes() == b"".join(chunks)
+    assert all((tmp_path / "site" / p.replace("-", "_")).is_dir() for p in parts)   # left alone
+    bad = models.ModelSpec(**{**spec.__dict__, "sha256": "0" * 64})
+    with pytest.raises(ValueError, match="sha256 .* is not the expected"):
+        models._find_gguf(bad, work, Steps())

@@ -144,3 +144,51 @@ def test_minimum_context_named_in_the_error_is_enough(tok):
     need = int(re.search(r"at least (\d+)", str(err.value)).group(1))
     sample = make_sample("vt", tok, need, test_seed())
     assert len(render(sample, tok, True)) == need
+
+
+def plain_search(length, limit: int) -> int:
+    """The search make_sample used before: doubling, then bisection."""
+    lo, hi = 0, 1
+    while length(hi) <= limit:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if length(mid) <= limit else (lo, mid)
+    return lo
+
+
+def test_the_fast_search_finds_what_doubling_and_bisection_find_in_fewer_calls():
+    import random
+    rng = random.Random(test_seed())
+    for _ in range(300):
+        base, steps = rng.randint(5, 200), [rng.choice([0, 9, 10, 11, 12, 25]) for _ in range(5000)]
+        cum = [base]
+        for s in steps:
+            cum.append(cum[-1] + s)
+        limit = rng.randint(base, cum[2000])
+        calls = []
+
+        def length(n):
+            calls.append(n)
+            return cum[n]
+        got = tasks.largest_fitting(length, limit, base)
+        fast = len(calls)
+        calls.clear()
+        assert got == plain_search(length, limit), (limit, base)
+        assert fast <= len(calls) + 2
+
+
+@pytest.mark.parametrize("task", ["niah_single", "niah_multikey", "vt", "cwe"])
+def test_real_prompts_are_the_plain_searchs_in_fewer_renders(tok, task, monkeypatch):
+    real = tasks.render
+    for context in (700, 2048, 6000):
+        calls = []
+        monkeypatch.setattr(tasks, "render", lambda *a: calls.append(1) or real(*a))
+        fast = make_sample(task, tok, context, seed=7, chat=True)
+        n_fast = len(calls)
+        monkeypatch.setattr(tasks, "largest_fitting", lambda length, limit, _: plain_search(
+            length, limit))
+        calls.clear()
+        assert make_sample(task, tok, context, seed=7, chat=True) == fast
+        assert n_fast < len(calls) or context == 700, (n_fast, len(calls))
+        monkeypatch.undo()

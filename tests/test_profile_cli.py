@@ -217,3 +217,24 @@ def test_retarget_chooses_again_from_the_stored_curves(calibration, tmp_path, ca
     with pytest.raises(SystemExit) as exc:
         main(["--retarget", str(tmp_path / "none.json"), "--out", str(tmp_path / "x.json")])
     assert exc.value.code == 2
+
+
+def test_the_eval_runs_one_calibration_per_flow_and_refuses_two_for_one_flow(
+        model_dir, calibration, tmp_path, capsys):
+    data = json.loads(calibration.read_text())
+    data["flow"] = "quest"
+    quest = tmp_path / "quest.json"
+    quest.write_text(json.dumps(data))
+    out = tmp_path / "eval"
+    assert eval_main(["--model", str(model_dir), "--context", "512", "--samples", "1", "--tasks",
+                      "passkey", "--modes", "gpu", "--flow", "quest,centroid", "--budget", "0.05",
+                      "--max-new-tokens", "3", "--out", str(out), "--device", "cpu", "--no-warmup",
+                      "--calibration", f"{calibration},{quest}"]) == 0
+    runs = json.loads((out / "eval.json").read_text())["runs"]
+    assert sorted(r["flow"] for r in runs) == ["centroid", "centroid@calib", "quest", "quest@calib"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        eval_main(["--model", str(model_dir), "--out", str(tmp_path / "e"), "--calibration",
+                   f"{quest},{quest}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "are both for flow 'quest'" in err[0]

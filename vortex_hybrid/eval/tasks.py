@@ -160,20 +160,56 @@ def make_sample(task: str, tokenizer, context_tokens: int, seed: int, depth: flo
     def sample(n: int) -> Sample:
         return Sample(task, build(n), prefix, answers, context_tokens, seed, depth)
 
-    def fits(n: int) -> bool:
-        return len(render(sample(n), tokenizer, chat)) <= context_tokens
+    def length(n: int) -> int:
+        return len(render(sample(n), tokenizer, chat))
 
-    if not fits(0):
-        need = len(render(sample(0), tokenizer, chat))
+    need = length(0)
+    if need > context_tokens:
         raise ValueError(f"context_tokens={context_tokens} is too small for {task!r}: "
                          f"it needs at least {need}")
-    lo, hi = 0, 1                    # fits(lo); search the largest n that fits
-    while fits(hi):
-        lo, hi = hi, 2 * hi
+    return sample(largest_fitting(length, context_tokens, need))
+
+
+def largest_fitting(length: Callable[[int], int], limit: int, length0: int) -> int:
+    """The largest n >= 0 with length(n) <= limit, for a nondecreasing length (a prompt's tokens
+    for n haystack sentences or words; length(0) = length0 <= limit). Each call renders and
+    tokenizes a whole prompt, so the calls are few: doubling only while the prompt is short, then
+    secant steps on length's near-linear growth to within a sentence or two of the limit, then a
+    gallop and a bisection around that (the answer of a plain doubling and bisection: tested)."""
+    lo, len_lo, hi = 0, length0, None            # length(lo) <= limit < length(hi)
+    n = 1
+    while True:
+        ln = length(n)
+        if ln > limit:
+            hi = n
+            break
+        lo, len_lo = n, ln
+        if ln * 8 > limit:                       # long enough for a slope
+            break
+        n *= 2
+    if hi is None and lo > 0 and len_lo > length0:
+        slope = (len_lo - length0) / lo
+        for _ in range(3):                       # secant: aim just below the limit
+            guess = lo + max(1, int((limit - len_lo) / slope))
+            lg = length(guess)
+            if lg > limit:
+                hi = guess
+                break
+            if lg > len_lo:
+                slope = (lg - len_lo) / (guess - lo)
+            lo, len_lo = guess, lg
+            if limit - lg < slope:               # within a sentence of the limit
+                break
+    step = 1
+    while hi is None:                            # gallop up from lo
+        if length(lo + step) > limit:
+            hi = lo + step
+        else:
+            lo, step = lo + step, 2 * step
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return sample(lo)
+        lo, hi = (mid, hi) if length(mid) <= limit else (lo, mid)
+    return lo
 
 
 def make_suite(tasks, tokenizer, context_tokens: int, samples: int, seed: int,
