@@ -5,7 +5,8 @@ Per sample the prompt is prefilled once with transformers' SDPA (a `DynamicCache
 gets a `HybridCache` that `admit`s that prefill and decodes greedily through `HybridAttention` (so
 modes differ only in decode attention, as in the runtime). Modes: the five placements, and
 `streaming` (sink + recent pages only, on the GPU side), the bad baseline. Each sparse mode runs
-every flow of `flows` at every budget (`config.budget_fields`: "0.05" a share of the pages, "512t"
+every flow of `flows` at every budget (flow `mass`: the pages of the most true attention mass,
+`mass_oracle`, a diagnostic ceiling) (`config.budget_fields`: "0.05" a share of the pages, "512t"
 tokens per KV head). Accuracy is RULER's exact match (`tasks.score`), with a Wilson 95% interval
 over the samples. Decode speed excludes one-time costs (Numba and Triton compilation, first-call
 set-up): each (mode, flow, budget) first decodes `WARMUP_TOKENS` tokens of the first batch,
@@ -22,8 +23,9 @@ from typing import Callable, Optional
 import torch
 
 from ..config import HybridConfig, budget_fields
-from ..integrations.hf import ATTN_IMPLEMENTATION, CACHE_ARGUMENT, HybridCache
+from ..integrations.hf import ATTN_IMPLEMENTATION, CACHE_ARGUMENT, HybridCache, model_shape
 from . import tasks as task_lib
+from .mass_oracle import MASS_FLOW, RUNTIME_FLOW, MassOracle
 
 MODES = ("dense", "gpu", "offload", "cpu", "hybrid", "streaming")
 PAGE_SIZE = 16
@@ -96,11 +98,14 @@ def placement_of(mode: str) -> str:
 def mode_config(mode: str, flow: str, budget, kv_dtype: str,
                 calibration: Optional[str] = None) -> HybridConfig:
     """The runtime config of one run (`budget`: "0.05", 0.05 or "512t", `config.budget_fields`;
-    unused by `dense`); a flow named "<flow>@calib" uses `calibration`'s budgets."""
+    unused by `dense`); a flow named "<flow>@calib" uses `calibration`'s budgets; flow `mass` (the
+    oracle, given to the runtime by `decode_run`) runs on a runtime built with `RUNTIME_FLOW`."""
     if mode == "dense":
         return HybridConfig(placement="dense", page_size=PAGE_SIZE, kv_dtype=kv_dtype)
     placement, flow = placement_of(mode), "streaming" if mode == "streaming" else flow
     calibrated = flow.endswith(CALIBRATED)
+    if flow == MASS_FLOW:
+        flow = RUNTIME_FLOW
     return HybridConfig(placement=placement, flow=flow.removesuffix(CALIBRATED),
                         page_size=PAGE_SIZE, kv_dtype=kv_dtype,
                         calibration=calibration if calibrated else None, **budget_fields(budget))
@@ -160,13 +165,16 @@ def greedy(model, cache, first: torch.Tensor, max_new: int, eos: set[int]
 
 
 def decode_run(model, cfg: HybridConfig, prefill: tuple, first: torch.Tensor, max_new: int,
-               eos: set[int], cuda_graphs: bool = False) -> tuple[list[list[int]], float, dict]:
+               eos: set[int], cuda_graphs: bool = False, mass: bool = False
+               ) -> tuple[list[list[int]], float, dict]:
     """One run: a `HybridCache` for `cfg` admits `prefill` (keys, values per layer [B, Hkv, T, D],
-    mask [B, T]) and decodes greedily from `first` [B, 1]; (rows, decode seconds, runtime totals)."""
+    mask [B, T]) and decodes greedily from `first` [B, 1]; (rows, decode seconds, runtime totals).
+    mass: the pages come from a `MassOracle` (flow `mass`), not from cfg's flow."""
     keys, values, mask = prefill
     B, T = mask.shape
+    selector = MassOracle(cfg, len(model_shape(model).full_layers)) if mass else None
     cache = HybridCache.for_tokens(model, cfg, B, T + max_new, cache_share=CACHE_SHARE,
-                                   cuda_graphs=cuda_graphs)
+                                   cuda_graphs=cuda_graphs, selector=selector)
     try:
         cache.admit(keys, values, mask)
         rows, decode_s = greedy(model, cache, first, max_new, eos)
@@ -221,11 +229,13 @@ def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
         for combo in combos:
             mode, flow, budget = combo
             cfg = mode_config(mode, flow or "quest", budget, kv_dtype, spec.calibration)
+            mass = flow == MASS_FLOW
             if combo not in warmed:             # compilation and first-call set-up, untimed
-                decode_run(model, cfg, prefill, first, WARMUP_TOKENS, set(), spec.cuda_graphs)
+                decode_run(model, cfg, prefill, first, WARMUP_TOKENS, set(), spec.cuda_graphs,
+                           mass)
                 warmed.add(combo)
             rows, decode_s, totals = decode_run(model, cfg, prefill, first, spec.max_new_tokens,
-                                                eos, spec.cuda_graphs)
+                                                eos, spec.cuda_graphs, mass)
             per_token = max(totals.get("steps", 0), 1) * B            # row-steps
             for b, (sample, tokens) in enumerate(zip(group, rows)):
                 text = tokenizer.decode(tokens, skip_special_tokens=True)
