@@ -29,6 +29,7 @@ import torch
 
 from .. import reference
 from ..config import HybridConfig
+from ..contracts import is_count
 
 MASS_FLOW = "mass"
 """The eval's name for the oracle (`--flow mass`); not a registered vflow flow."""
@@ -78,13 +79,9 @@ class MassOracle:
         if cfg.placement == "dense":
             raise ValueError("MassOracle selects pages for a sparse placement; cfg.placement is "
                              "'dense'")
-        try:
-            L = operator.index(num_layers)
-        except TypeError:
-            L = -1
-        if isinstance(num_layers, bool) or L < 1:
+        if not is_count(num_layers) or num_layers < 1:
             raise ValueError(f"num_layers={num_layers!r} must be a positive integer")
-        self.cfg, self.num_layers = cfg, L
+        self.cfg, self.num_layers = cfg, operator.index(num_layers)
         self._keys: list[torch.Tensor] = []   # per request: [L, capacity, Hkv, D]
         self._lens: list[int] = []            # per request: tokens before this step
         self._next_layer = 0
