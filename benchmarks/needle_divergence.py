@@ -15,9 +15,13 @@ oracle's selection.
 
 At the first decode step where the flow's tokens leave the dense ones, per (layer, KV head) whose
 needle pages (those holding the asked value's tokens) carry >= NEEDLE_SHARE of the true mass
-("retrieval heads"): each needle page's share of the mass and its rank among the pages by mass,
-and whether the flow and the oracle selected it; and the mass the flow's and the oracle's
-selections hold. Prints one block per prompt and writes JSON (--out). A measurement, not a test.
+("retrieval heads"): each needle page's share of the mass, its rank among the pages by mass and
+by the flow's score (0 = first; `p44 0.25 #0/17`: page 44, 25% of the head's mass, first by mass,
+18th by the flow), and whether the flow (F) and the oracle (O) selected it; the mass the flow's and
+the oracle's selections hold (mean over (layer, KV head)); and whether the flow's selection in the
+runtime equals a float64 recomputation of the flow from the keys (`vflow.select_pages`' reference
+interpreter) in every layer. Prints one block per prompt and writes JSON (--out). A measurement,
+not a test.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Recorder:
         self.cfg, self.use, self.cache = cfg, use, None
         self.oracle = MassOracle(cfg, num_layers)
         self.steps: list[list[dict]] = []
+        self.scores = None          # the flow's page scores [Hkv, pages] of the last recompute
 
     def admit(self, keys: torch.Tensor) -> None:
         self.oracle.admit(keys)
@@ -68,10 +73,11 @@ class Recorder:
         pool = torch.cat([keys, keys.new_zeros(n * P - T, hkv, D)])
         pool = pool.view(n, P, hkv, D).transpose(1, 2).contiguous()
         cfg = self.cfg
-        return vflow.select_pages(cfg.flow, q[:1].double(), pool,
-                                  torch.arange(n, dtype=torch.int32)[None],
-                                  torch.tensor([T], dtype=torch.int32), cfg.budget_for(n),
-                                  cfg.sink_pages, cfg.recent_pages)[0]
+        args = (q[:1].double(), pool, torch.arange(n, dtype=torch.int32)[None],
+                torch.tensor([T], dtype=torch.int32))
+        self.scores = vflow.page_scores(cfg.flow, *args)[0]          # [Hkv, pages]
+        return vflow.select_pages(cfg.flow, *args, cfg.budget_for(n), cfg.sink_pages,
+                                  cfg.recent_pages)[0]
 
     def select(self, layer: int, q: torch.Tensor, k_new: torch.Tensor) -> torch.Tensor:
         mass_sel = self.oracle.select(layer, q, k_new)
@@ -87,6 +93,7 @@ class Recorder:
         if layer == 0:
             self.steps.append([])
         self.steps[-1].append(dict(mass=mass, mass_sel=mass_sel[0], same=same,
+                                   scores=self.scores if flow_sel is not None else None,
                                    flow_sel=None if flow_sel is None else flow_sel[0]))
         return mass_sel if flow_sel is None else flow_sel
 
@@ -122,9 +129,12 @@ def at_step(step: list[dict], needle_pages: list[int]) -> dict:
             if needle < NEEDLE_SHARE:
                 continue
             order = torch.argsort(share, descending=True).tolist()
+            scores = rec["scores"]
             heads.append(dict(layer=layer, head=h, needle_share=needle, pages=[
                 dict(page=p, share=float(share[p]), rank=order.index(p), flow=p in flow,
-                     oracle=p in oracle) for p in needle_pages]))
+                     oracle=p in oracle,
+                     flow_rank=None if scores is None else int((scores[h] > scores[h, p]).sum()))
+                for p in needle_pages]))
     same = [rec["same"] for rec in step if rec["same"] is not None]
     return dict(retrieval_heads=heads, flow_mass_mean=sum(flow_mass) / len(flow_mass),
                 oracle_mass_mean=sum(oracle_mass) / len(oracle_mass),
@@ -176,6 +186,13 @@ def probe(model, tok, sample, chat, flow: str, budget: str, max_new: int, eos: s
     return out
 
 
+def page_label(x: dict) -> str:
+    """`p44 0.25 #0/17 F O` (module docstring)."""
+    flow_rank = "" if x["flow_rank"] is None else f"/{x['flow_rank']}"
+    return (f"p{x['page']} {x['share']:.2f} #{x['rank']}{flow_rank}"
+            f"{' F' if x['flow'] else ''}{' O' if x['oracle'] else ''}")
+
+
 def report(r: dict) -> str:
     lines = [f"{r['task']} depth {r['depth']:.2f}: value {r['answers'][0]} at tokens "
              f"{r['needle_positions']} {r['needle_tokens']} on pages {r['needle_pages']}",
@@ -195,9 +212,7 @@ def report(r: dict) -> str:
                          f"; flow's selection = float64 recomputation in {d['flow_layers_recomputed_equal']}"
                          f" of {d['flow_layers']} layers" if d["flow_layers"] else ""))
         for h in heads:
-            pages = ", ".join(f"p{x['page']} {x['share']:.2f} #{x['rank']}"
-                              f"{' F' if x['flow'] else ''}{' O' if x['oracle'] else ''}"
-                              for x in h["pages"])
+            pages = ", ".join(page_label(x) for x in h["pages"])
             lines.append(f"    layer {h['layer']} head {h['head']}: needle {h['needle_share']:.2f}"
                          f" [{pages}]")
     return "\n".join(lines)
