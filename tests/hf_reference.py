@@ -8,6 +8,8 @@ into pages of `cfg.page_size` in order, `vflow.select_pages` over them (its refe
 float64, budget `cfg.budget_for(pages)`, cfg's sink and recent pages), then
 `reference.sparse_decode_attention` in float64. Sliding-window layers attend their window densely,
 as the runtime's integration does. `dense=True` attends every page (the same path, no selection).
+`select=fn` chooses the pages instead of the flow: fn(q [Hq, D], k [T, Hkv, D]) -> sel [Hkv, K]
+(float64 inputs; logical pages, -1 padded).
 
     with sparse_reference(ref64, cfg):
         logits = ref64(ids, past_key_values=transformers.DynamicCache(config=ref64.config)).logits
@@ -36,9 +38,11 @@ def paged(x: torch.Tensor, P: int) -> torch.Tensor:
 
 
 def selected_attention(cfg: HybridConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       dense: bool = False, sm_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+                       dense: bool = False, sm_scale=None, select=None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 (o [Hq, D], sel [Hkv, budget]) of one query q [Hq, D] over the pages the flow selects
-    from k, v [T, Hkv, D] (token t in page t // page_size); dense: every page."""
+    from k, v [T, Hkv, D] (token t in page t // page_size); dense: every page; select: the pages
+    select(q, k) chooses (float64 inputs)."""
     P = cfg.page_size
     kp, vp = paged(k.double(), P), paged(v.double(), P)
     n = kp.shape[0]
@@ -47,6 +51,8 @@ def selected_attention(cfg: HybridConfig, q: torch.Tensor, k: torch.Tensor, v: t
     q64 = q.double()[None]
     if dense:
         sel = reference.all_pages_sel(lens, kp.shape[1], n, P)
+    elif select is not None:
+        sel = torch.as_tensor(select(q64[0], k.double()), dtype=torch.int32)[None]
     else:
         sel = vflow.select_pages(cfg.flow, q64, kp, table, lens, cfg.budget_for(n), cfg.sink_pages,
                                  cfg.recent_pages)
@@ -68,7 +74,7 @@ def reference_attention_forward(module, query, key, value, attention_mask, **kwa
     spec = getattr(module, "vh_reference", None)
     if spec is None:
         raise ValueError(f"attn_implementation={REFERENCE!r} outside `sparse_reference`")
-    cfg, dense, log = spec
+    cfg, dense, log, select = spec
     if query.shape[2] > 1 or getattr(module, "is_sliding", False) or \
             getattr(module, "sliding_window", None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -78,7 +84,7 @@ def reference_attention_forward(module, query, key, value, attention_mask, **kwa
         pos = _real_tokens(attention_mask, b, key.shape[2]).to(key.device)
         k = key[b].index_select(1, pos).transpose(0, 1)             # [T, Hkv, D]
         v = value[b].index_select(1, pos).transpose(0, 1)
-        o, sel = selected_attention(cfg, query[b, :, 0], k, v, dense, module.scaling)
+        o, sel = selected_attention(cfg, query[b, :, 0], k, v, dense, module.scaling, select)
         out[b, 0] = o.to(out.dtype)
         log.append((module.layer_idx, b, sel))
     return out, None
@@ -89,14 +95,14 @@ AttentionMaskInterface.register(REFERENCE, sdpa_mask)
 
 
 @contextlib.contextmanager
-def sparse_reference(model, cfg: HybridConfig, dense: bool = False):
+def sparse_reference(model, cfg: HybridConfig, dense: bool = False, select=None):
     """Within the block `model` attends with `vh_sparse_reference` (module docstring); yields the
     list of (layer, row, sel) its decode steps selected."""
     log: list = []
     mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")]
     old = model.config._attn_implementation
     for m in mods:
-        m.vh_reference = (cfg, dense, log)
+        m.vh_reference = (cfg, dense, log, select)
     model.config._attn_implementation = REFERENCE
     try:
         yield log

@@ -133,11 +133,12 @@ def test_batched_decoding_gives_the_unbatched_outputs(model_dir, tmp_path):
     assert len(outs["1"]) == 8 and outs["1"] == outs["2"]
 
 
-def reference_greedy(ref64, cfg, seqs: list[list[int]], pad: int, max_new: int, eos: set[int]
-                     ) -> list[list[int]]:
+def reference_greedy(ref64, cfg, seqs: list[list[int]], pad: int, max_new: int, eos: set[int],
+                     select=None) -> list[list[int]]:
     """Greedy tokens of the float64 model attending, per decode step, exactly the flow's selection
-    over each row's real tokens (tests/hf_reference.py), for the left-padded batch of `seqs` at the
-    eval's positions (RoPE's float32 angles depend on them); each row through its first EOS."""
+    (or `select`'s, `hf_reference.sparse_reference`) over each row's real tokens
+    (tests/hf_reference.py), for the left-padded batch of `seqs` at the eval's positions (RoPE's
+    float32 angles depend on them); each row through its first EOS."""
     import torch
     import transformers
 
@@ -146,7 +147,7 @@ def reference_greedy(ref64, cfg, seqs: list[list[int]], pad: int, max_new: int, 
     T = max(map(len, seqs))
     ids = torch.tensor([[pad] * (T - len(x)) + x for x in seqs])
     mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in seqs])
-    with sparse_reference(ref64, cfg), torch.no_grad():
+    with sparse_reference(ref64, cfg, select=select), torch.no_grad():
         cache = transformers.DynamicCache(config=ref64.config)
         x = ref64(ids, attention_mask=mask, **{CACHE_ARGUMENT: cache}).logits[:, -1:].argmax(-1)
         out = [x]
@@ -181,6 +182,43 @@ def test_sparse_outputs_equal_the_float64_reference_over_the_flows_selection(mod
     ref64 = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     want = [tok.decode(row, skip_special_tokens=True)           # pad 0: masked, any id will do
             for row in reference_greedy(ref64, cfg, seqs, 0, 8, {tok.eos_token_id})]
+    got = [r["output"] for r in sorted(runs, key=lambda r: r["sample"]) if r["mode"] == mode]
+    dense = [r["output"] for r in sorted(runs, key=lambda r: r["sample"]) if r["mode"] == "dense"]
+    assert got == want, (got, want, dense)
+    assert dense != want, "dense gives the same outputs: the test cannot tell"
+
+
+@pytest.mark.parametrize("mode", ["gpu", "cpu"])
+def test_the_mass_oracle_attends_the_top_pages_of_the_true_mass(model_dir, mode):
+    """`--flow mass` at 10% (4 of about 32 pages; 1 sink, 2 recent): each sample's output equals a
+    float64 transformers run of the model attending, per decode step and (layer, KV head), the
+    pages of the most true attention mass (computed independently, `test_eval_mass_oracle`), with
+    a left-padded batch of two samples; the dense mode's outputs differ."""
+    import torch
+    import transformers
+
+    from test_eval_mass_oracle import true_pages
+    from vortex_hybrid.eval import tasks as task_lib
+    from vortex_hybrid.eval.run import EvalSpec, evaluate, mode_config
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    spec = EvalSpec(tasks=["passkey", "niah_single"], context=512, samples=1, modes=["dense", mode],
+                    flows=["mass"], budgets=["0.1"], max_new_tokens=8, batch=2)
+    runs = evaluate(model, tok, spec, chat=True)["runs"]
+    assert {r["flow"] for r in runs if r["mode"] == mode} == {"mass"}
+    suite = task_lib.make_suite(spec.tasks, tok, spec.context, spec.samples, spec.seed, True,
+                                haystack=spec.haystack)
+    seqs = [task_lib.render(s, tok, True) for s in suite]
+    cfg = mode_config(mode, "mass", "0.1", "float32")
+
+    def select(q, k):
+        pages = true_pages(q, k, cfg)
+        width = cfg.budget_for(-(-k.shape[0] // cfg.page_size))
+        return [row + [-1] * (width - len(row)) for row in pages]
+
+    ref64 = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    want = [tok.decode(row, skip_special_tokens=True)
+            for row in reference_greedy(ref64, cfg, seqs, 0, 8, {tok.eos_token_id}, select)]
     got = [r["output"] for r in sorted(runs, key=lambda r: r["sample"]) if r["mode"] == mode]
     dense = [r["output"] for r in sorted(runs, key=lambda r: r["sample"]) if r["mode"] == "dense"]
     assert got == want, (got, want, dense)

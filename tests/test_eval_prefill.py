@@ -115,10 +115,11 @@ def test_without_warmup_each_configuration_decodes_once_per_batch(model_and_toke
         assert calls == want
 
 
-def test_sliding_layers_prefilled_by_chunks_equal_sdpa_over_the_whole_prompt(monkeypatch):
-    """A tiny Gemma 3 (three sliding layers of window 96, one full layer), prompts of 700 and 650
-    tokens in chunks of 64 query rows: every layer's keys and values and the first token equal
-    transformers' SDPA prefill of each prompt alone (same positions), to float32 rounding."""
+def test_layers_prefilled_by_chunks_equal_sdpa_over_the_whole_prompt(monkeypatch):
+    """A tiny Gemma 3 (three sliding layers of window 96, one full layer second, so the layers after
+    it read its chunked output), prompts of 700 and 650 tokens in chunks of 64 query rows: every
+    layer's keys and values and the first token equal transformers' SDPA prefill of each prompt
+    alone (same positions), to float32 rounding."""
     import torch
     import transformers
 
@@ -127,19 +128,20 @@ def test_sliding_layers_prefilled_by_chunks_equal_sdpa_over_the_whole_prompt(mon
     cfg = transformers.Gemma3TextConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=96,
-        max_position_embeddings=4096, layer_types=["sliding_attention"] * 3 + ["full_attention"])
+        max_position_embeddings=4096, layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                     "sliding_attention"])
     model = transformers.Gemma3ForCausalLM(cfg).eval()
     monkeypatch.setattr(run_mod, "PREFILL_CHUNK", 64)
     chunked = []
     real = run_mod.windowed_prefill_attention
 
     def spy(module, query, *a, **kw):
-        chunked.append(bool(module.sliding_window) and query.shape[2] > 64)
+        chunked.append(query.shape[2] > 64)
         return real(module, query, *a, **kw)
     monkeypatch.setattr(run_mod, "windowed_prefill_attention", spy)
     seqs = [torch.randint(0, 256, (n,)).tolist() for n in (700, 650)]
     (keys, values, _), first, _ = run_mod.prefill_batch(model, seqs)
-    assert sum(chunked) == 2 * 3                          # every sliding layer of both prompts
+    assert sum(chunked) == 2 * 4                          # every layer of both prompts
     model.config._attn_implementation = "sdpa"
     for b, x in enumerate(seqs):
         with torch.inference_mode():
@@ -149,6 +151,6 @@ def test_sliding_layers_prefilled_by_chunks_equal_sdpa_over_the_whole_prompt(mon
         assert first[b].item() == logits[0, -1].argmax().item()
         for i, layer in enumerate(dyn.layers):
             n = layer.keys.shape[2]
-            assert n == (95 if i < 3 else len(x))
+            assert n == (len(x) if i == 1 else 95)
             assert torch.allclose(keys[i][b, :, -n:], layer.keys[0], atol=1e-5)
             assert torch.allclose(values[i][b, :, -n:], layer.values[0], atol=1e-5)

@@ -8,7 +8,8 @@ would place them) and each (mode, flow, budget) then gets a `HybridCache` that `
 prefill and decodes greedily through `HybridAttention` (so modes differ only in decode attention,
 as in the runtime, and the prefill is paid once per sample, not per configuration). Modes: the five placements, and
 `streaming` (sink + recent pages only, on the GPU side), the bad baseline. Each sparse mode runs
-every flow of `flows` at every budget (`config.budget_fields`: "0.05" a share of the pages, "512t"
+every flow of `flows` at every budget (flow `mass`: the pages of the most true attention mass,
+`mass_oracle`, a diagnostic ceiling) (`config.budget_fields`: "0.05" a share of the pages, "512t"
 tokens per KV head). Accuracy is RULER's exact match (`tasks.score`), with a Wilson 95% interval
 over the samples. Decode speed excludes one-time costs (Numba and Triton compilation, first-call
 set-up): each (mode, flow, budget) first decodes `WARMUP_TOKENS` tokens of the first batch,
@@ -26,8 +27,9 @@ from typing import Callable, Optional, Union
 import torch
 
 from ..config import HybridConfig, budget_fields
-from ..integrations.hf import ATTN_IMPLEMENTATION, CACHE_ARGUMENT, HybridCache
+from ..integrations.hf import ATTN_IMPLEMENTATION, CACHE_ARGUMENT, HybridCache, model_shape
 from . import tasks as task_lib
+from .mass_oracle import MASS_FLOW, RUNTIME_FLOW, MassOracle
 
 MODES = ("dense", "gpu", "offload", "cpu", "hybrid", "streaming")
 PAGE_SIZE = 16
@@ -104,11 +106,14 @@ def placement_of(mode: str) -> str:
 def mode_config(mode: str, flow: str, budget, kv_dtype: str,
                 calibration: Optional[str] = None) -> HybridConfig:
     """The runtime config of one run (`budget`: "0.05", 0.05 or "512t", `config.budget_fields`;
-    unused by `dense`); a flow named "<flow>@calib" uses `calibration`'s budgets."""
+    unused by `dense`); a flow named "<flow>@calib" uses `calibration`'s budgets; flow `mass` (the
+    oracle, given to the runtime by `decode_run`) runs on a runtime built with `RUNTIME_FLOW`."""
     if mode == "dense":
         return HybridConfig(placement="dense", page_size=PAGE_SIZE, kv_dtype=kv_dtype)
     placement, flow = placement_of(mode), "streaming" if mode == "streaming" else flow
     calibrated = flow.endswith(CALIBRATED)
+    if flow == MASS_FLOW:
+        flow = RUNTIME_FLOW
     return HybridConfig(placement=placement, flow=flow.removesuffix(CALIBRATED),
                         page_size=PAGE_SIZE, kv_dtype=kv_dtype,
                         calibration=calibration if calibrated else None, **budget_fields(budget))
@@ -190,29 +195,35 @@ def greedy(model, cache, first: torch.Tensor, max_new: int, eos: set[int]
 
 
 PREFILL_CHUNK = 2048
-"""Query rows per chunk of a sliding-window layer's prefill (`windowed_prefill_attention`)."""
+"""Query rows per chunk of a long prompt's prefill (`windowed_prefill_attention`)."""
 PREFILL_ATTENTION = "vortex_hybrid_prefill"
 
 
 def windowed_prefill_attention(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA, except a sliding-window layer's prefill of a lone unpadded prompt longer
-    than `PREFILL_CHUNK`: each chunk of query rows attends only the keys its window can reach
-    (the same keys and mask SDPA would use, without the T x T work of masking the rest out: at 32K
-    tokens gemma3-270m's 15 sliding layers would otherwise cost ~30x its 3 full ones)."""
+    """transformers' SDPA, except the prefill of a lone unpadded prompt longer than
+    `PREFILL_CHUNK`: each chunk of query rows attends only the keys it can reach (its window in a
+    sliding-window layer, every earlier key in a full one), with the same causal (and window) mask
+    SDPA would use, so no layer builds the T x T scores at once (gemma3-270m at 32K: its 15
+    sliding layers would otherwise cost ~30x its 3 full ones, and a full layer's float32 scores
+    take 16 GiB)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     window = getattr(module, "sliding_window", None)
     T = query.shape[2]
-    if not window or T <= PREFILL_CHUNK or key.shape[2] != T or query.shape[0] != 1:
+    if T <= PREFILL_CHUNK or key.shape[2] != T or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
     outs = []
     for s in range(0, T, PREFILL_CHUNK):
-        e, k0 = min(T, s + PREFILL_CHUNK), max(0, s - window + 1)
+        e = min(T, s + PREFILL_CHUNK)
+        k0 = max(0, s - window + 1) if window else 0
         qi = torch.arange(s, e, device=query.device)[:, None]
         kj = torch.arange(k0, e, device=query.device)[None]
-        mask = ((kj <= qi) & (kj > qi - window))[None, None]        # transformers' sliding mask
+        mask = kj <= qi                                              # causal
+        if window:
+            mask = mask & (kj > qi - window)                         # transformers' sliding mask
         out, _ = sdpa_attention_forward(module, query[:, :, s:e], key[:, :, k0:e],
-                                        value[:, :, k0:e], mask, is_causal=False, **kwargs)
+                                        value[:, :, k0:e], mask[None, None], is_causal=False,
+                                        **kwargs)
         outs.append(out)
     return torch.cat(outs, 1), None
 
@@ -226,8 +237,7 @@ def _register_prefill_attention() -> None:
 
 @torch.inference_mode()
 def prefill_batch(model, seqs: list[list[int]]) -> tuple[tuple, torch.Tensor, list[float]]:
-    """Prefill each prompt of `seqs` alone (SDPA, sliding-window layers by chunks:
-    `windowed_prefill_attention`; a `DynamicCache`, no padding, the last position's logits only) at the positions it holds in a batch left-padded to the longest prompt, and pack
+    """Prefill each prompt of `seqs` alone (SDPA, by chunks of query rows: `windowed_prefill_attention`; a `DynamicCache`, no padding, the last position's logits only) at the positions it holds in a batch left-padded to the longest prompt, and pack
     the caches into that batch: ((keys, values per layer [B, Hkv, T_layer, D], zeros where padded;
     mask [B, T]), first greedy tokens [B, 1], prefill seconds per prompt). Equal, up to the
     rounding of batched kernels, to one left-padded batched prefill; a lone prompt needs neither a
@@ -270,13 +280,16 @@ def prefill_batch(model, seqs: list[list[int]]) -> tuple[tuple, torch.Tensor, li
 
 
 def decode_run(model, cfg: HybridConfig, prefill: tuple, first: torch.Tensor, max_new: int,
-               eos: set[int], cuda_graphs: bool = False) -> tuple[list[list[int]], float, dict]:
+               eos: set[int], cuda_graphs: bool = False, mass: bool = False
+               ) -> tuple[list[list[int]], float, dict]:
     """One run: a `HybridCache` for `cfg` admits `prefill` (keys, values per layer [B, Hkv, T, D],
-    mask [B, T]) and decodes greedily from `first` [B, 1]; (rows, decode seconds, runtime totals)."""
+    mask [B, T]) and decodes greedily from `first` [B, 1]; (rows, decode seconds, runtime totals).
+    mass: the pages come from a `MassOracle` (flow `mass`), not from cfg's flow."""
     keys, values, mask = prefill
     B, T = mask.shape
+    selector = MassOracle(cfg, len(model_shape(model).full_layers)) if mass else None
     cache = HybridCache.for_tokens(model, cfg, B, T + max_new, cache_share=CACHE_SHARE,
-                                   cuda_graphs=cuda_graphs)
+                                   cuda_graphs=cuda_graphs, selector=selector)
     try:
         cache.admit(keys, values, mask)
         rows, decode_s = greedy(model, cache, first, max_new, eos)
@@ -319,11 +332,13 @@ def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
             mode, flow, budget = combo
             cfg = mode_config(mode, flow or "quest", budget, kv_dtype,
                               calibrated.get(flow, (None, None))[1])
+            mass = flow == MASS_FLOW
             if spec.warmup and combo not in warmed:     # compilation, first-call set-up: untimed
-                decode_run(model, cfg, prefill, first, WARMUP_TOKENS, set(), spec.cuda_graphs)
+                decode_run(model, cfg, prefill, first, WARMUP_TOKENS, set(), spec.cuda_graphs,
+                           mass)
                 warmed.add(combo)
             rows, decode_s, totals = decode_run(model, cfg, prefill, first, spec.max_new_tokens,
-                                                eos, spec.cuda_graphs)
+                                                eos, spec.cuda_graphs, mass)
             per_token = max(totals.get("steps", 0), 1) * B            # row-steps
             for b, (sample, tokens) in enumerate(zip(group, rows)):
                 text = tokenizer.decode(tokens, skip_special_tokens=True)

@@ -155,9 +155,23 @@ def model_shape(model) -> ModelShape:
 class HybridCache(Cache):
     """A transformers `Cache` backed by one `HybridAttention` (module docstring). Pass it as
     `past_key_values`; `close()` frees its requests and worker. `runtime_kw` go to
-    `HybridAttention` (device_pages, host_pages, device, costs, cuda_graphs)."""
+    `HybridAttention` (device_pages, host_pages, device, costs, cuda_graphs).
 
-    def __init__(self, model, cfg: HybridConfig, **runtime_kw) -> None:
+    selector (research and diagnostics, e.g. the eval's `eval.mass_oracle.MassOracle`): chooses
+    the pages instead of the flow. Its `admit(keys)` gets each request's real tokens' keys [L, T,
+    Hkv, D] (runtime layers, in request order) and `select(layer, q, k_new)` returns each decode
+    layer's selection, passed to `HybridAttention.run(..., sel=...)` (checked there); not with
+    placement `dense`."""
+
+    def __init__(self, model, cfg: HybridConfig, *, selector=None, **runtime_kw) -> None:
+        if selector is not None and cfg.placement == "dense":
+            raise ValueError("HybridCache: a selector chooses pages for a sparse placement; "
+                             "cfg.placement is 'dense'")
+        if selector is not None and not (callable(getattr(selector, "admit", None)) and
+                                         callable(getattr(selector, "select", None))):
+            raise ValueError(f"HybridCache: selector {selector!r} needs admit(keys) and "
+                             "select(layer, q, k_new) methods")
+        self.selector = selector
         shape = model_shape(model)
         full, hq, hkv, D, window, mods = (shape.full_layers, shape.num_q_heads,
                                           shape.num_kv_heads, shape.head_dim, shape.window,
@@ -265,6 +279,8 @@ class HybridCache(Cache):
             kb = k[:, b].index_select(2, pos).permute(0, 2, 1, 3)       # [L, Tb, Hkv, D]
             vb = v[:, b].index_select(2, pos).permute(0, 2, 1, 3)
             self.rids.append(self.runtime.add_request(kb.contiguous(), vb.contiguous()))
+            if self.selector is not None:
+                self.selector.admit(kb)
 
     def _attend(self, module, query, key, value, attention_mask, **kw):
         layer = self.runtime_layer[module.layer_idx]
@@ -273,7 +289,9 @@ class HybridCache(Cache):
             if layer == self.runtime.num_layers - 1:
                 self._admit(attention_mask)
             return out
-        o = self.runtime.run(layer, query[:, :, 0], key[:, :, 0], value[:, :, 0])
+        q, k, v = query[:, :, 0], key[:, :, 0], value[:, :, 0]
+        sel = None if self.selector is None else self.selector.select(layer, q, k)
+        o = self.runtime.run(layer, q, k, v, sel)
         return o[:, None], None                          # [B, 1, Hq, D]
 
     def stats(self) -> dict:
