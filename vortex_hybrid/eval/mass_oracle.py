@@ -61,7 +61,8 @@ def top_mass_pages(mass: torch.Tensor, cfg: HybridConfig) -> torch.Tensor:
     """`mass_selection` from the page mass [Hkv, pages] (`page_mass`)."""
     n = mass.shape[1]
     budget = cfg.budget_for(n)
-    return reference.topk_pages(mass[None], budget, torch.tensor([n], dtype=torch.int32),
+    return reference.topk_pages(mass[None], budget,
+                                torch.tensor([n], dtype=torch.int32, device=mass.device),
                                 cfg.sink_pages, cfg.recent_pages)[0]
 
 

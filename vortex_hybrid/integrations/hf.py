@@ -298,7 +298,10 @@ class HybridCache(Cache):
         return self.runtime.stats()
 
     def close(self) -> None:
-        """Free the requests and the runtime's worker (the cache is unusable afterwards)."""
+        """Free the requests and the runtime's worker (the cache is unusable afterwards). A step
+        left open by a failure (an exception between plan() and its last layer) is cancelled
+        first, so the failure that left it propagates, not a refusal to free its requests."""
+        self.runtime.cancel_step()
         for rid in self.rids:
             self.runtime.remove_request(rid)
         self.rids = []
