@@ -123,11 +123,11 @@ def staging_tokens(server_args, context_len: int, rows: int, page_size: int) -> 
     """Slots of the prefill staging area: one extend batch's tokens, which are at most
     `--max-prefill-tokens` (or `--chunked-prefill-size` when larger) new tokens plus the earlier
     chunks of one chunked request (below the context length), each request's tokens starting on
-    a page of its own."""
+    a page of its own (at most one request per new token, and at most `rows`)."""
     new = max(int(getattr(server_args, "max_prefill_tokens", 0) or 0),
               int(getattr(server_args, "chunked_prefill_size", 0) or 0))
     P = page_size
-    return (-(-(new + context_len) // P) + rows) * P
+    return (-(-(new + context_len) // P) + min(rows, new + 1)) * P
 
 
 class Staging:
