@@ -3,24 +3,23 @@
 SGLang drives it per forward batch: `init_forward_metadata(batch)` once, then each layer's
 `forward_extend` or `forward_decode` in order. How the calls map onto the runtime:
 
-- **prefill (extend)**: dense attention over SGLang's KV pool by SGLang's own backend (`triton` on
-  CUDA, `torch_native` elsewhere; `VORTEX_HYBRID_SGLANG_PREFILL` overrides), which also writes the
-  new tokens' K and V into the pool; prefix-cache hits and chunked prefill included. When the
-  last layer has run, every row of the batch is synced into the runtime (`RequestMap.sync`): its new tokens (all of them, for a new request or a prefix-cache hit) are
-  read from SGLang's pool through `req_to_token` and appended to the runtime's paged store, which
-  fills the summaries and, in host placements, the pinned host copies. Nothing else is copied: a
-  decode step moves one token per layer.
+- **one copy of the KV** (`sizing`): with the plugin, SGLang's pool holds slot ids only and its
+  `max_total_num_tokens` is the runtime's capacity; prefill (extend) runs SGLang's own dense
+  backend (`triton` on CUDA, `torch_native` elsewhere; `VORTEX_HYBRID_SGLANG_PREFILL` overrides)
+  over a small staging area, each request's tokens placed there per batch (a chunked prefill's
+  earlier chunks read back from the runtime); after the last layer the new tokens are synced into
+  the runtime (`RequestMap.sync`), which fills the summaries and, in host placements, the pinned
+  host copies. A row the runtime refuses (`OutOfPagesError`) is marked for the scheduler to abort.
+  A runner built without the plugin's sizing keeps SGLang's pool as is: prefill runs over it and
+  decode writes its token there too (the KV twice; tests only).
 - **decode**: `init_forward_metadata` syncs the rows (a no-op check in the steady state) and calls
-  `HybridAttention.plan` once for all layers; each layer writes the token into SGLang's pool too
-  (its prefix cache and later prefills read it there) and returns `HybridAttention.run`.
+  `HybridAttention.plan` once for all layers; each layer returns `HybridAttention.run`.
 - **requests**: SGLang's request-pool rows recycle; `RequestMap` ties a runtime request to a row
   and its generation, and the pool's `free` (wrapped on this backend's pool object) drops finished
   requests between steps.
 
-Pages: the runtime's page size equals SGLang's `--page-size` (checked at start-up), so the runtime's
-logical page p of a request holds the tokens of SGLang's page `req_to_token[row, p * page_size]
-// page_size`. The runtime keeps its own copy of the KV (its layout is [page, Hkv, page_size, D],
-SGLang's pool [token, Hkv, D]); SGLang's pool stays whole in HBM.
+Pages: the runtime's page size equals SGLang's `--page-size` (checked at start-up), so SGLang's
+page count of a request is the runtime's.
 
 Not supported (refused at start-up by `config.check_server_args` / `check_model`, and here when a
 layer shows it): SGLang's CUDA graphs, mixed prefill+decode batches, speculative decoding, tensor
