@@ -5,7 +5,8 @@ SGLang's processes only).
 - **Sizing** (`plan`, hooked on SGLang's `KVCacheConfigurator`): the runtime's memory plan
   (`runtime.memory_model.plan_memory`) is made when SGLang sizes its KV pool, and SGLang's
   `max_total_num_tokens` becomes the runtime's token capacity (host placements: the host store;
-  `dense`/`gpu`: the device pool; SGLang's `--max-total-tokens` still caps it) and its
+  `dense`/`gpu`: the device pool; SGLang's `--max-total-tokens` caps it, and the store with it)
+  and its
   `max_running_requests` at most what the runtime's tail pages serve. SGLang's allocator and
   scheduler admit by that count; SGLang's own pool is built as its `NoOpMHATokenToKVPool` of that
   size: slot ids for the scheduler, no K/V storage (any read or write of it raises).
@@ -59,13 +60,21 @@ def max_requests_of(cfg: HybridConfig, mem: MemoryPlan) -> Optional[int]:
     return mem.device_pages - mem.gpu_cache_pages - 2
 
 
-def plan(cfg: HybridConfig, model_config, device: str) -> MemoryPlan:
-    """The runtime's memory plan for SGLang's model on `device` (the free HBM now on CUDA)."""
+def plan(cfg: HybridConfig, model_config, device: str, max_tokens: Optional[int] = None
+         ) -> MemoryPlan:
+    """The runtime's memory plan for SGLang's model on `device` (the free HBM now on CUDA); with
+    `max_tokens` (SGLang's `--max-total-tokens`), the store holds no more than that."""
     L, hkv, D = (int(model_config.num_hidden_layers), int(model_config.num_key_value_heads),
                  int(model_config.head_dim))
     gpu_free = torch.cuda.mem_get_info()[0] if str(device).startswith("cuda") else None
-    return plan_memory(cfg, L, hkv, D, gpu_free_bytes=gpu_free,
-                       host_available_bytes=psutil.virtual_memory().available)
+    kw = dict(gpu_free_bytes=gpu_free, host_available_bytes=psutil.virtual_memory().available)
+    mem = plan_memory(cfg, L, hkv, D, **kw)
+    pages = None if not max_tokens else int(max_tokens) // cfg.page_size
+    if pages is None or pages * cfg.page_size >= tokens_of(cfg, mem):
+        return mem
+    if cfg.placement in HOST_PLACEMENTS:
+        return plan_memory(cfg, L, hkv, D, **kw, device_pages=mem.device_pages, host_pages=pages)
+    return plan_memory(cfg, L, hkv, D, **kw, device_pages=pages)
 
 
 def planned(server_args) -> Optional[tuple[HybridConfig, MemoryPlan]]:
@@ -89,14 +98,11 @@ def resolve_pool_config(original, self, *args, **kwargs):
     from .config import ConfigError
     cfg = from_text(self.server_args.vortex_hybrid_config)
     try:
-        mem = plan(cfg, self.model_config, self.device)
+        mem = plan(cfg, self.model_config, self.device,
+                   getattr(self.server_args, "max_total_tokens", None))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    tokens = tokens_of(cfg, mem)
-    cap = getattr(self.server_args, "max_total_tokens", None)
-    if cap:
-        tokens = min(tokens, int(cap) // cfg.page_size * cfg.page_size)
-    config.max_total_num_tokens = tokens
+    config.max_total_num_tokens = tokens_of(cfg, mem)
     most = max_requests_of(cfg, mem)
     if most is not None and (config.max_running_requests or most) > most:
         config.max_running_requests = most
