@@ -3,8 +3,9 @@
 placement (the device side is the torch reference on the CPU) and in `hybrid`; at a sparse budget
 it equals a float64 transformers run of the model attending exactly the flow's selection
 (tests/hf_reference.py); the HTTP server serves with the backend. The batches exercise chunked
-prefill (chunks of 32 tokens), prefix-cache hits (the second batch shares prefixes with the first)
-and requests joining a running batch."""
+prefill (chunks of 32 tokens), shared prefixes (the second batch shares prefixes with the first;
+recomputed, since the plugin turns SGLang's radix cache off: docs/sglang.md) and requests joining a
+running batch."""
 
 from __future__ import annotations
 
