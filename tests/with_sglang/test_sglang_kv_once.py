@@ -6,7 +6,6 @@ its post-prefill sync is aborted by the scheduler (not the engine)."""
 
 from __future__ import annotations
 
-import atexit
 import json
 import re
 import types
@@ -18,6 +17,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from test_sglang_backend import World, cfg_for
 from test_sglang_engine import PAGE, prompts
 from vortex_hybrid.integrations.sglang import sizing
+from vortex_hybrid.integrations.sglang.shutdown import shut_down
 
 LINE = re.compile(r"vortex_hybrid: placement (\w+); KV in HBM ([\d.]+) GiB \(runtime ([\d.]+) GiB, "
                   r"prefill staging ([\d.]+) GiB\), in host memory ([\d.]+) GiB; capacity (\d+) "
@@ -40,8 +40,11 @@ def engine(model, placement: str, **memory):
 def start_up(model, placement: str, capfd, **memory) -> tuple[re.Match, int]:
     """The start-up line and SGLang's max_total_num_tokens of an engine in `placement`."""
     llm = engine(model, placement, **memory)
-    llm.shutdown()
-    atexit.unregister(llm.shutdown)
+    manager = llm.tokenizer_manager
+    shut_down(llm)
+    # this engine served no request: once unreachable it is the collector's, and with its
+    # sockets open, finalizing its ZMQ context would hang this process (shutdown.py)
+    assert manager.recv_from_detokenizer.closed and manager.send_to_scheduler.closed
     err = capfd.readouterr().err
     line = LINE.search(err)
     assert line, err[-3000:]
@@ -79,8 +82,7 @@ def test_a_request_beyond_capacity_is_refused_while_another_completes(tiny_model
             llm.generate(input_ids=prompts()[0][0], sampling_params=params)
         out = llm.generate(input_ids=short, sampling_params=params)
     finally:
-        llm.shutdown()
-        atexit.unregister(llm.shutdown)
+        shut_down(llm)
     total = int(re.search(r"max_total_num_tokens=(\d+)", capfd.readouterr().err).group(1))
     assert total == 80
     assert out["output_ids"] == want
