@@ -24,7 +24,6 @@ CUDA it runs on the CPU (float32, TRITON_INTERPRET=1 for the triton runs): a smo
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
 import random
@@ -71,6 +70,8 @@ def hybrid_config(run: str, args) -> dict:
 
 def run_engine(run: str, model: Path, prompts: list[list[int]], args, cuda: bool) -> dict:
     import sglang as sgl
+
+    from vortex_hybrid.integrations.sglang.shutdown import shut_down
     kw = dict(model_path=str(model), sampling_backend="pytorch", skip_tokenizer_init=True,
               random_seed=0, page_size=P, disable_radix_cache=True,
               max_total_tokens=args.batch * (args.context + args.new) + 64 * P,
@@ -113,8 +114,7 @@ def run_engine(run: str, model: Path, prompts: list[list[int]], args, cuda: bool
                          "max_new_tokens": 2 * args.new})
             t_all = min(t_all, time.perf_counter() - t0)
     finally:
-        llm.shutdown()
-        atexit.unregister(llm.shutdown)          # shut down already (its atexit would log late)
+        shut_down(llm)                           # so that the next run's engine can start
     decode_s = t_all - t_first                   # args.new more tokens per request
     if decode_s <= 0:
         raise RuntimeError(f"{2 * args.new} tokens took {t_all:.3f} s, {args.new} tokens "

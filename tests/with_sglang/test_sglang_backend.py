@@ -30,7 +30,7 @@ class World:
     """One SGLang KV pool and request pool, shared by our backend and the oracle backend; slots
     handed out page by page (SGLang's paged allocation), rows through the pool's own alloc."""
 
-    def __init__(self, cfg: HybridConfig, seed: int):
+    def __init__(self, cfg: HybridConfig, seed: int, runtime_tokens: int = 2048):
         self.gen = torch.Generator().manual_seed(seed)
         self.req_pool = ReqToTokenPool(size=4, max_context_len=256, device="cpu",
                                        enable_memory_saver=False)
@@ -44,7 +44,7 @@ class World:
                                    hf_text_config=types.SimpleNamespace())
         runner = types.SimpleNamespace(device="cpu", req_to_token_pool=self.req_pool,
                                        token_to_kv_pool=self.kv_pool, model_config=mc,
-                                       max_total_num_tokens=2048)
+                                       max_total_num_tokens=runtime_tokens)
         self.ours = VortexHybridBackend(runner, cfg)
         self.oracle = TorchNativeAttnBackend(runner)
         self.layers = [RadixAttention(num_heads=HQ, head_dim=D, scaling=D ** -0.5,

@@ -3,12 +3,12 @@
 placement (the device side is the torch reference on the CPU) and in `hybrid`; at a sparse budget
 it equals a float64 transformers run of the model attending exactly the flow's selection
 (tests/hf_reference.py); the HTTP server serves with the backend. The batches exercise chunked
-prefill (chunks of 32 tokens), prefix-cache hits (the second batch shares prefixes with the first)
-and requests joining a running batch."""
+prefill (chunks of 32 tokens), shared prefixes (the second batch shares prefixes with the first;
+recomputed, since the plugin turns SGLang's radix cache off: docs/sglang.md) and requests joining a
+running batch."""
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import signal
@@ -18,6 +18,8 @@ import time
 import urllib.request
 
 import pytest
+
+from vortex_hybrid.integrations.sglang.shutdown import shut_down
 
 SEED = 5
 PAGE = 4
@@ -50,8 +52,7 @@ def run_engine(model, backend: str, config: str | None = None) -> list[list[int]
             out += [o["output_ids"] for o in llm.generate(input_ids=batch, sampling_params=params)]
         return out
     finally:
-        llm.shutdown()
-        atexit.unregister(llm.shutdown)          # shut down already (its atexit would log late)
+        shut_down(llm)
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +147,29 @@ def test_the_http_server_serves_with_the_backend(tiny_model, torch_native, tmp_p
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
         log.close()
+
+
+def test_shut_down_closes_the_tokenizer_managers_sockets_even_with_messages_queued():
+    """`shut_down` (vortex_hybrid.integrations.sglang.shutdown): after the engine's own shutdown,
+    the tokenizer manager's ZMQ sockets are closed at once (linger 0: a message queued for the
+    stopped scheduler does not hold them), so collecting the manager later cannot block. Here a
+    stand-in engine over real `zmq.asyncio` sockets; the real engines' sockets are checked in
+    test_sglang_kv_once.py."""
+    import threading
+    import types
+
+    import zmq
+    import zmq.asyncio
+    context = zmq.asyncio.Context(2)
+    manager = types.SimpleNamespace(recv_from_detokenizer=context.socket(zmq.PULL),
+                                    send_to_scheduler=context.socket(zmq.PUSH), other=1)
+    manager.send_to_scheduler.connect("ipc:///tmp/vh-test-no-scheduler-here")
+    manager.send_to_scheduler.send(b"a request", zmq.NOBLOCK)   # queued: no peer will take it
+    stopped = []
+    engine = types.SimpleNamespace(tokenizer_manager=manager, shutdown=lambda: stopped.append(1))
+    done = threading.Thread(target=shut_down, args=(engine,), daemon=True)
+    done.start()
+    done.join(timeout=30)
+    assert not done.is_alive(), "shut_down blocked on the queued message"
+    assert stopped == [1] and context.closed
+    assert manager.recv_from_detokenizer.closed and manager.send_to_scheduler.closed

@@ -9,7 +9,9 @@ configuration (no patch to SGLang):
 SGLang finds the plugin through the `sglang.srt.plugins` entry point `vortex_hybrid`
 (`plugin.register`). Modules: `config` (the config and its start-up checks), `plugin` (entry point,
 server argument, hooks), `backend` (the `AttentionBackend`), `request_map` (SGLang request-pool rows
--> runtime requests). Only `backend` imports sglang at import time; `import vortex_hybrid` never does.
+-> runtime requests), `sizing` (SGLang's pool sized by the runtime), `shutdown` (`shut_down`: an
+engine shut down so that another can start in the same process). Only `backend` imports sglang
+at import time; `import vortex_hybrid` never does.
 See docs/sglang.md.
 """
 

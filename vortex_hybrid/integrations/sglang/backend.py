@@ -3,24 +3,23 @@
 SGLang drives it per forward batch: `init_forward_metadata(batch)` once, then each layer's
 `forward_extend` or `forward_decode` in order. How the calls map onto the runtime:
 
-- **prefill (extend)**: dense attention over SGLang's KV pool by SGLang's own backend (`triton` on
-  CUDA, `torch_native` elsewhere; `VORTEX_HYBRID_SGLANG_PREFILL` overrides), which also writes the
-  new tokens' K and V into the pool; prefix-cache hits and chunked prefill included. When the
-  last layer has run, every row of the batch is synced into the runtime (`RequestMap.sync`): its new tokens (all of them, for a new request or a prefix-cache hit) are
-  read from SGLang's pool through `req_to_token` and appended to the runtime's paged store, which
-  fills the summaries and, in host placements, the pinned host copies. Nothing else is copied: a
-  decode step moves one token per layer.
+- **one copy of the KV** (`sizing`): with the plugin, SGLang's pool holds slot ids only and its
+  `max_total_num_tokens` is the runtime's capacity; prefill (extend) runs SGLang's own dense
+  backend (`triton` on CUDA, `torch_native` elsewhere; `VORTEX_HYBRID_SGLANG_PREFILL` overrides)
+  over a small staging area, each request's tokens placed there per batch (a chunked prefill's
+  earlier chunks read back from the runtime); after the last layer the new tokens are synced into
+  the runtime (`RequestMap.sync`), which fills the summaries and, in host placements, the pinned
+  host copies. A row the runtime refuses (`OutOfPagesError`) is marked for the scheduler to abort.
+  A runner built without the plugin's sizing keeps SGLang's pool as is: prefill runs over it and
+  decode writes its token there too (the KV twice; tests only).
 - **decode**: `init_forward_metadata` syncs the rows (a no-op check in the steady state) and calls
-  `HybridAttention.plan` once for all layers; each layer writes the token into SGLang's pool too
-  (its prefix cache and later prefills read it there) and returns `HybridAttention.run`.
+  `HybridAttention.plan` once for all layers; each layer returns `HybridAttention.run`.
 - **requests**: SGLang's request-pool rows recycle; `RequestMap` ties a runtime request to a row
   and its generation, and the pool's `free` (wrapped on this backend's pool object) drops finished
   requests between steps.
 
-Pages: the runtime's page size equals SGLang's `--page-size` (checked at start-up), so the runtime's
-logical page p of a request holds the tokens of SGLang's page `req_to_token[row, p * page_size]
-// page_size`. The runtime keeps its own copy of the KV (its layout is [page, Hkv, page_size, D],
-SGLang's pool [token, Hkv, D]); SGLang's pool stays whole in HBM.
+Pages: the runtime's page size equals SGLang's `--page-size` (checked at start-up), so SGLang's
+page count of a request is the runtime's.
 
 Not supported (refused at start-up by `config.check_server_args` / `check_model`, and here when a
 layer shows it): SGLang's CUDA graphs, mixed prefill+decode batches, speculative decoding, tensor
@@ -30,6 +29,7 @@ cross-attention.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -42,6 +42,8 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from ...config import HybridConfig
 from ...runtime.hybrid_attention import HybridAttention
 from ...runtime.memory_model import HOST_PLACEMENTS, TAIL_PAGES
+from ...kv.errors import OutOfPagesError
+from . import sizing
 from .config import CUDA_GRAPH_REFUSAL, ConfigError, check_model
 from .request_map import RequestMap
 
@@ -96,19 +98,44 @@ class VortexHybridBackend(AttentionBackend):
         self.device = torch.device(model_runner.device)
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.token_to_kv_pool = model_runner.token_to_kv_pool
-        self.dense = _prefill_backend(model_runner, self.device)
         self.num_layers = int(mc.num_hidden_layers)
         self.num_q_heads, self.num_kv_heads = int(mc.num_attention_heads), int(mc.num_key_value_heads)
         self.head_dim = int(mc.head_dim)
-        sizes = pool_sizes(cfg, int(model_runner.max_total_num_tokens),
-                           int(self.req_to_token_pool.size))
+        self.staging = None
+        """The prefill staging area when the runtime holds the only copy of the KV (SGLang's pool
+        sized by the plugin: `sizing`); None when SGLang's pool holds the KV too (a runner built
+        without the plugin's sizing: prefill then runs over SGLang's pool)."""
+        server_args = getattr(model_runner, "server_args", None)
+        prefill_runner = model_runner
+        if sizing.holds_no_kv(self.token_to_kv_pool):
+            stash = sizing.planned(server_args)
+            if stash is None:
+                raise ConfigError("SGLang's KV pool holds no K/V (NoOpMHATokenToKVPool) but the "
+                                  "plugin did not size it; load the plugin before the engine "
+                                  "starts (sglang.srt.plugins.load_plugins())")
+            mem = stash[1]
+            sizes = {"device_pages": mem.device_pages, "host_pages": mem.host_pages}
+            self.staging = sizing.Staging(model_runner, sizing.staging_tokens(
+                server_args, int(mc.context_len), int(self.req_to_token_pool.size),
+                cfg.page_size))
+            prefill_runner = self.staging.runner(model_runner)
+        else:
+            sizes = pool_sizes(cfg, int(model_runner.max_total_num_tokens),
+                               int(self.req_to_token_pool.size))
+        self.dense = _prefill_backend(prefill_runner, self.device)
         self.runtime = HybridAttention(cfg, self.num_layers, self.num_q_heads, self.num_kv_heads,
                                        self.head_dim, device=self.device, **sizes)
         self.requests = RequestMap(self.runtime)
         self._checked: set[int] = set()
+        self._extend_batch = None              # the extend batch as the dense backend sees it
+        self._decode_live = None               # decode: batch positions the runtime serves
         self._watch_frees(self.req_to_token_pool)
-        log.info("vortex_hybrid: %s over %d layers, %d/%d heads, head_dim %d; pools %s",
-                 cfg, self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim, sizes)
+        cap = self.runtime.capacity()
+        log.info(sizing.describe(cfg, self.runtime.memory,
+                                 self.staging.bytes if self.staging is not None else 0,
+                                 cap["tokens"], cap["requests"]))
+        log.debug("vortex_hybrid: %s over %d layers, %d/%d heads, head_dim %d; pools %s",
+                  cfg, self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim, sizes)
 
     @property
     def cfg(self) -> HybridConfig:
@@ -119,13 +146,19 @@ class VortexHybridBackend(AttentionBackend):
         (sglang 0.5.21: every row goes back through it) or `free(req)` (0.5.17), wrapped on this
         instance; SGLang's class is untouched."""
         requests = self.requests
+
+        def forget(row: int) -> None:
+            requests.freed(row)
+            for key in [key for key in sizing.FAILED if key[0] == row]:
+                del sizing.FAILED[key]
+
         if hasattr(pool, "free_rows"):
             free_rows = pool.free_rows
 
             def watched_free_rows(indices, *args, **kwargs):
                 out = free_rows(indices, *args, **kwargs)
                 for row in indices:
-                    requests.freed(int(row))
+                    forget(int(row))
                 return out
 
             pool.free_rows = watched_free_rows
@@ -136,15 +169,16 @@ class VortexHybridBackend(AttentionBackend):
             row = req if isinstance(req, int) else getattr(req, "req_pool_idx", None)
             out = free(req, *args, **kwargs)
             if row is not None:
-                requests.freed(row)
+                forget(row)
             return out
 
         pool.free = watched_free
 
     # ---- per batch ------------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch) -> None:
-        """Once per forward batch, before layer 0: drop freed requests; for a decode batch, sync
-        its rows and plan the runtime's step (once for all layers)."""
+        """Once per forward batch, before layer 0: drop freed requests; for an extend batch, place
+        its tokens in the staging area (when there is one) and prepare the dense backend; for a
+        decode batch, sync its rows and plan the runtime's step (once for all layers)."""
         mode = forward_batch.forward_mode
         if mode.is_mixed() or mode.is_target_verify() or mode.is_draft_extend_v2():
             raise ConfigError(f"forward mode {mode.name} (mixed batches / speculative decoding) "
@@ -152,26 +186,85 @@ class VortexHybridBackend(AttentionBackend):
                               "speculative decoding")
         self.requests.drop_freed()
         if mode.is_extend():
-            self.dense.init_forward_metadata(forward_batch)
+            batch = forward_batch if self.staging is None else self._stage(forward_batch)
+            self._extend_batch = batch
+            self.dense.init_forward_metadata(batch)
         elif mode.is_decode():
             lens = forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None \
                 else forward_batch.seq_lens
-            rids = self._sync(forward_batch.req_pool_indices.tolist(),
-                              [n - 1 for n in lens.tolist()])
-            self.runtime.plan(rids)
+            rows, gens = self._rows(forward_batch)
+            live = [i for i, key in enumerate(zip(rows, gens)) if key not in sizing.FAILED]
+            self._decode_live = None if len(live) == len(rows) else live
+            if live:
+                lens = lens.tolist()
+                rids = [self.requests.sync(rows[i], gens[i], lens[i] - 1, self._reader(rows[i]))
+                        for i in live]
+                self.runtime.plan(rids)
 
-    def _sync(self, rows: list[int], lens: list[int]) -> list[int]:
+    def _rows(self, forward_batch) -> tuple[list[int], list[int]]:
+        """The batch's request-pool rows and their generations."""
+        rows = forward_batch.req_pool_indices.tolist()
         generation = getattr(self.req_to_token_pool, "req_generation", None)
         gens = generation[rows].tolist() if generation is not None else [0] * len(rows)
-        return [self.requests.sync(row, gen, n, self._reader(row))
-                for row, gen, n in zip(rows, gens, lens)]
+        return rows, gens
+
+    def _stage(self, forward_batch):
+        """The extend batch as the dense backend sees it over the staging area: every row's tokens
+        [0, seq_len) placed there (the earlier chunks of a chunked prefill read back from the
+        runtime), the new tokens' slots as `out_cache_loc`."""
+        staging = self.staging
+        rows, gens = self._rows(forward_batch)
+        ends = forward_batch.seq_lens.tolist()
+        starts = [e - n for e, n in zip(ends, forward_batch.extend_seq_lens.tolist())]
+        new = staging.place(rows, starts, ends)
+        for row, gen, start in zip(rows, gens, starts):
+            if start == 0 or (row, gen) in sizing.FAILED:
+                continue
+            rid = self.requests.holding(row, gen, start)
+            if rid is None:
+                sizing.FAILED[(row, gen)] = (
+                    f"request-pool row {row} starts its extend at token {start} but the runtime "
+                    "holds no such prefix (a prefix-cache hit: run with --disable-radix-cache)")
+                continue
+            kv = [self.runtime.kv.read(rid, layer) for layer in range(self.num_layers)]
+            staging.write(staging.slots(row, 0, start), torch.stack([k for k, _ in kv]),
+                          torch.stack([v for _, v in kv]))
+        batch = copy.copy(forward_batch)
+        batch.out_cache_loc = new.to(forward_batch.out_cache_loc.device)
+        batch.req_to_token_pool = staging.req_to_token_pool
+        batch.token_to_kv_pool = staging.pool
+        return batch
+
+    def _sync_extend(self, forward_batch) -> None:
+        """After an extend batch's last layer: each row's new tokens into the runtime. A row the
+        runtime cannot take (`OutOfPagesError`) is marked in `sizing.FAILED` (the scheduler aborts
+        it) and its runtime request dropped; the other rows go on."""
+        rows, gens = self._rows(forward_batch)
+        for row, gen, n in zip(rows, gens, forward_batch.seq_lens.tolist()):
+            if (row, gen) in sizing.FAILED:
+                continue
+            try:
+                self.requests.sync(row, gen, n, self._reader(row))
+            except OutOfPagesError as exc:
+                sizing.FAILED[(row, gen)] = str(exc)
+                self.requests.drop(row)
+                log.warning("vortex_hybrid: the runtime refused request-pool row %d's %d tokens: "
+                            "%s", row, n, exc)
 
     def _reader(self, row: int):
-        """Tokens [start, end) of the request in pool row `row`, every layer, from SGLang's pool:
-        k, v [num_layers, end - start, Hkv, D]."""
+        """Tokens [start, end) of the request in pool row `row`, every layer, from the pool the
+        prefill wrote (the staging area, or SGLang's pool): k, v [num_layers, end - start, Hkv,
+        D]."""
+        rtt = (self.staging.req_to_token_pool if self.staging is not None
+               else self.req_to_token_pool).req_to_token
+        pool = self.staging.pool if self.staging is not None else self.token_to_kv_pool
+
         def read(start: int, end: int):
-            slots = self.req_to_token_pool.req_to_token[row, start:end].to(torch.int64)
-            pool = self.token_to_kv_pool
+            if self.staging is not None and self._extend_batch is None:
+                raise RuntimeError(f"request-pool row {row}: the runtime lacks its tokens "
+                                   f"[{start}, {end}) at a decode step, and only the runtime "
+                                   "holds the KV")
+            slots = rtt[row, start:end].to(torch.int64)
             k = torch.stack([pool.get_key_buffer(i).index_select(0, slots)
                              for i in range(self.num_layers)])
             v = torch.stack([pool.get_value_buffer(i).index_select(0, slots)
@@ -181,29 +274,38 @@ class VortexHybridBackend(AttentionBackend):
 
     # ---- per layer ------------------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
-        """Dense prefill over SGLang's pool; after the last layer, the batch's new tokens go into
-        the runtime. q [T, Hq * D] (or [T, Hq, D]); out [T, Hq * D]."""
+        """Dense prefill over the staging area (or SGLang's pool); after the last layer, the
+        batch's new tokens go into the runtime. q [T, Hq * D] (or [T, Hq, D]); out [T, Hq * D]."""
         self._check_layer(layer)
-        o = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        batch = self._extend_batch if self._extend_batch is not None else forward_batch
+        o = self.dense.forward_extend(q, k, v, layer, batch, save_kv_cache)
         if layer.layer_id == self.num_layers - 1:
-            self._sync(forward_batch.req_pool_indices.tolist(),
-                       forward_batch.seq_lens.tolist())
+            self._sync_extend(forward_batch)
+            self._extend_batch = None
         return o
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
-        """One token per request: written into SGLang's pool, then the runtime's layer step.
-        q [B, Hq * D], k / v [B, Hkv * D] (or head-split); out [B, Hq * D] in q's dtype."""
+        """One token per request: the runtime's layer step (and, when SGLang's pool holds the KV
+        too, the token written there). Rows the runtime refused (aborted by the scheduler) get
+        zeros. q [B, Hq * D], k / v [B, Hkv * D] (or head-split); out [B, Hq * D] in q's dtype."""
         self._check_layer(layer)
         if k is None or v is None:
             raise ConfigError(f"layer {layer.layer_id} hands no new K/V to attention (KV shared "
                               "across layers), which the hybrid runtime does not serve")
-        if save_kv_cache:
+        if save_kv_cache and self.staging is None:
             self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc,
                                                                   None), k, v)
-        B = forward_batch.batch_size
-        o = self.runtime.run(layer.layer_id, q.reshape(B, self.num_q_heads, self.head_dim),
-                             k.reshape(B, self.num_kv_heads, self.head_dim),
-                             v.reshape(B, self.num_kv_heads, self.head_dim))
+        B, live = forward_batch.batch_size, self._decode_live
+        q = q.reshape(B, self.num_q_heads, self.head_dim)
+        k = k.reshape(B, self.num_kv_heads, self.head_dim)
+        v = v.reshape(B, self.num_kv_heads, self.head_dim)
+        if live is None:
+            o = self.runtime.run(layer.layer_id, q, k, v)
+        else:
+            o = torch.zeros_like(q)
+            if live:
+                idx = torch.tensor(live, device=q.device)
+                o[idx] = self.runtime.run(layer.layer_id, q[idx], k[idx], v[idx]).to(q.dtype)
         return o.reshape(B, self.num_q_heads * self.head_dim)
 
     def _check_layer(self, layer) -> None:

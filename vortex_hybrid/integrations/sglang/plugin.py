@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import contextvars
 import json
+import logging
 import os
 from typing import Mapping, Optional
 
 from ...config import HybridConfig
 from .config import BACKEND_NAME, ConfigError, from_text, resolve, to_text
+
+log = logging.getLogger(__name__)
 
 CONFIG_FLAG = "--vortex-hybrid-config"
 CONFIG_FIELD = "vortex_hybrid_config"
@@ -53,6 +56,27 @@ def register() -> None:
     HookRegistry.register(f"{args}.__init__", _init, HookType.AROUND)
     HookRegistry.register("sglang.srt.utils.common.support_triton", _support_triton,
                           HookType.AROUND)
+    configurator = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+    HookRegistry.register(f"{configurator}._resolve_memory_pool_config", _resolve_pool_config,
+                          HookType.AROUND)
+    HookRegistry.register(f"{configurator}._build_mha_kv_pool", _build_mha_pool, HookType.AROUND)
+    HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.process_batch_result",
+                          _process_batch_result, HookType.AROUND)
+
+
+def _resolve_pool_config(original, self, *args, **kwargs):
+    from . import sizing
+    return sizing.resolve_pool_config(original, self, *args, **kwargs)
+
+
+def _build_mha_pool(original, self, *args, **kwargs):
+    from . import sizing
+    return sizing.build_mha_pool(original, self, *args, **kwargs)
+
+
+def _process_batch_result(original, self, batch, result):
+    from . import sizing
+    return sizing.abort_failed(original, self, batch, result)
 
 
 def create_backend(model_runner):
@@ -120,11 +144,17 @@ def _attach(server_args, text: Optional[str]) -> None:
         return
     if str(getattr(server_args, "model_path", "")).lower() in ("none", "dummy"):
         return
-    text = to_text(resolve(server_args, text))
+    fields = {CONFIG_FIELD: to_text(resolve(server_args, text))}
+    if not getattr(server_args, "disable_radix_cache", True):
+        log.warning("vortex_hybrid: SGLang's radix (prefix) cache is turned off "
+                    "(--disable-radix-cache): the runtime holds the only copy of the KV, so "
+                    "SGLang's pool has none for a prefix-cache hit to read")
+        fields["disable_radix_cache"] = True
     if hasattr(server_args, "override"):        # sglang 0.5.17+: the resolved args are read-only
-        server_args.override(BACKEND_NAME, **{CONFIG_FIELD: text})
+        server_args.override(BACKEND_NAME, **fields)
     else:
-        setattr(server_args, CONFIG_FIELD, text)
+        for name, value in fields.items():
+            setattr(server_args, name, value)
 
 
 def _support_triton(original, backend: str) -> bool:

@@ -52,6 +52,17 @@ class RequestMap:
         for row in freed:
             self._drop(row)
 
+    def drop(self, row: int) -> None:
+        """Remove the row's runtime request now (between steps), if it has one."""
+        self._drop(row)
+
+    def holding(self, row: int, generation: int, n: int):
+        """The runtime request of (row, generation) when it holds exactly `n` tokens, else None."""
+        entry = self._rows.get(row)
+        if entry is None or entry[1] != generation or self.runtime.kv.seq_len(entry[0]) != n:
+            return None
+        return entry[0]
+
     def _drop(self, row: int) -> None:
         entry = self._rows.pop(row, None)
         if entry is not None:

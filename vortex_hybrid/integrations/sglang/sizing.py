@@ -1,0 +1,239 @@
+"""One copy of the KV: SGLang's KV pool sized by the runtime, a prefill staging area, and refusals
+that do not take the engine down. Imports sglang (used by the plugin's hooks and the backend, in
+SGLang's processes only).
+
+- **Sizing** (`plan`, hooked on SGLang's `KVCacheConfigurator`): the runtime's memory plan
+  (`runtime.memory_model.plan_memory`) is made when SGLang sizes its KV pool, and SGLang's
+  `max_total_num_tokens` becomes the runtime's token capacity (host placements: the host store;
+  `dense`/`gpu`: the device pool; SGLang's `--max-total-tokens` caps it, and the store with it)
+  and its
+  `max_running_requests` at most what the runtime's tail pages serve. SGLang's allocator and
+  scheduler admit by that count; SGLang's own pool is built as its `NoOpMHATokenToKVPool` of that
+  size: slot ids for the scheduler, no K/V storage (any read or write of it raises).
+- **Staging** (`Staging`): prefill runs SGLang's dense backend over a small pool of its own,
+  `staging_tokens(...)` slots in HBM. Per extend batch, each request's tokens are placed there (the
+  earlier chunks of a chunked prefill read back from the runtime), the dense backend writes the
+  new tokens and attends, the backend syncs the new tokens into the runtime, and the staging area
+  is empty again. Decode reads the runtime only. SGLang's radix (prefix) cache would hand a new
+  request slots whose K/V no pool holds, so the plugin turns it off (`--disable-radix-cache`).
+- **Refusals** (`FAILED`, `abort_failed`, hooked on `Scheduler.process_batch_result`): a request
+  whose K/V the runtime cannot take (`OutOfPagesError` at the post-prefill sync) is marked; the
+  scheduler then finishes it with `FINISH_ABORT` (its client gets the error, its row and slots are
+  freed) and the batch's other requests go on. Until then its later chunks and decode steps attend
+  nothing of it (their outputs are zeros, and none is returned: the request ends at its prefill's
+  result).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import types
+from typing import Optional
+
+import psutil
+import torch
+
+from ...config import HybridConfig
+from ...kv.page_pool import GIB
+from ...runtime.memory_model import HOST_PLACEMENTS, TAIL_PAGES, MemoryPlan, plan_memory
+from .config import BACKEND_NAME, from_text
+
+log = logging.getLogger(__name__)
+
+_PLANS: dict[int, tuple[HybridConfig, MemoryPlan]] = {}
+"""id(server_args) -> the config and memory plan SGLang's pool was sized by (this process)."""
+
+
+def tokens_of(cfg: HybridConfig, mem: MemoryPlan) -> int:
+    """The token capacity of an empty runtime with this plan (what `HybridAttention.capacity()`
+    reports before any request: the host store in host placements, the device pool otherwise)."""
+    pages = mem.host_pages if cfg.placement in HOST_PLACEMENTS else mem.device_pages
+    return pages * cfg.page_size
+
+
+def max_requests_of(cfg: HybridConfig, mem: MemoryPlan) -> Optional[int]:
+    """Requests the runtime serves at once (host placements: each holds a tail page and a prefill
+    streams through one more; `HybridAttention.max_requests` less that one); None: pages only."""
+    if cfg.placement not in HOST_PLACEMENTS:
+        return None
+    return mem.device_pages - mem.gpu_cache_pages - 2
+
+
+def plan(cfg: HybridConfig, model_config, device: str, max_tokens: Optional[int] = None
+         ) -> MemoryPlan:
+    """The runtime's memory plan for SGLang's model on `device` (the free HBM now on CUDA); with
+    `max_tokens` (SGLang's `--max-total-tokens`), the store holds no more than that."""
+    L, hkv, D = (int(model_config.num_hidden_layers), int(model_config.num_key_value_heads),
+                 int(model_config.head_dim))
+    gpu_free = torch.cuda.mem_get_info()[0] if str(device).startswith("cuda") else None
+    kw = dict(gpu_free_bytes=gpu_free, host_available_bytes=psutil.virtual_memory().available)
+    mem = plan_memory(cfg, L, hkv, D, **kw)
+    pages = None if not max_tokens else int(max_tokens) // cfg.page_size
+    if pages is None or pages * cfg.page_size >= tokens_of(cfg, mem):
+        return mem
+    if cfg.placement in HOST_PLACEMENTS:
+        return plan_memory(cfg, L, hkv, D, **kw, device_pages=mem.device_pages, host_pages=pages)
+    return plan_memory(cfg, L, hkv, D, **kw, device_pages=pages)
+
+
+def planned(server_args) -> Optional[tuple[HybridConfig, MemoryPlan]]:
+    """The (config, plan) SGLang's pool was sized by for these server args; None when the plugin
+    did not size it (a runner built by hand)."""
+    return _PLANS.get(id(server_args))
+
+
+def _ours(configurator) -> bool:
+    sa = configurator.server_args
+    return getattr(sa, "attention_backend", None) == BACKEND_NAME and \
+        not configurator.is_draft_worker and bool(getattr(sa, "vortex_hybrid_config", None))
+
+
+def resolve_pool_config(original, self, *args, **kwargs):
+    """`KVCacheConfigurator._resolve_memory_pool_config` (AROUND): SGLang's config with the token
+    count and request count of the runtime's plan (module docstring)."""
+    config = original(self, *args, **kwargs)
+    if not _ours(self):
+        return config
+    from .config import ConfigError
+    cfg = from_text(self.server_args.vortex_hybrid_config)
+    try:
+        mem = plan(cfg, self.model_config, self.device,
+                   getattr(self.server_args, "max_total_tokens", None))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    config.max_total_num_tokens = tokens_of(cfg, mem)
+    most = max_requests_of(cfg, mem)
+    if most is not None and (config.max_running_requests or most) > most:
+        config.max_running_requests = most
+    _PLANS[id(self.server_args)] = (cfg, mem)
+    return config
+
+
+def build_mha_pool(original, self, *args, **kwargs):
+    """`KVCacheConfigurator._build_mha_kv_pool` (AROUND): SGLang's pool as slot ids only
+    (`NoOpMHATokenToKVPool`) when the runtime holds the KV."""
+    if _ours(self) and planned(self.server_args) is not None:
+        from sglang.srt.mem_cache.memory_pool import NoOpMHATokenToKVPool
+        kwargs["mha_pool_class"] = NoOpMHATokenToKVPool
+    return original(self, *args, **kwargs)
+
+
+def holds_no_kv(pool) -> bool:
+    """Whether SGLang's KV pool is the slot-ids-only pool the plugin gave it."""
+    from sglang.srt.mem_cache.memory_pool import NoOpMHATokenToKVPool
+    return isinstance(pool, NoOpMHATokenToKVPool)
+
+
+def staging_tokens(server_args, context_len: int, rows: int, page_size: int) -> int:
+    """Slots of the prefill staging area: one extend batch's tokens, which are at most
+    `--max-prefill-tokens` (or `--chunked-prefill-size` when larger) new tokens plus the earlier
+    chunks of one chunked request (below the context length), each request's tokens starting on
+    a page of its own (at most one request per new token, and at most `rows`)."""
+    new = max(int(getattr(server_args, "max_prefill_tokens", 0) or 0),
+              int(getattr(server_args, "chunked_prefill_size", 0) or 0))
+    P = page_size
+    return (-(-(new + context_len) // P) + min(rows, new + 1)) * P
+
+
+class Staging:
+    """The prefill staging area (module docstring): a real `MHATokenToKVPool` of `tokens` slots
+    and a request-to-slot table of SGLang's shape, seen by the dense prefill backend instead of
+    SGLang's pools."""
+
+    def __init__(self, model_runner, tokens: int) -> None:
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+        src = model_runner.token_to_kv_pool
+        self.page_size = int(src.page_size)
+        self.pool = MHATokenToKVPool(tokens, page_size=self.page_size, dtype=src.dtype,
+                                     head_num=src.head_num, head_dim=src.head_dim,
+                                     layer_num=src.layer_num, device=src.device,
+                                     enable_memory_saver=False)
+        rtt = model_runner.req_to_token_pool.req_to_token
+        self.req_to_token_pool = types.SimpleNamespace(
+            req_to_token=torch.zeros_like(rtt), size=model_runner.req_to_token_pool.size)
+        self.tokens = tokens
+
+    @property
+    def bytes(self) -> int:
+        k, v = self.pool.get_kv_size_bytes()
+        return int(k) + int(v)
+
+    def runner(self, model_runner):
+        """A view of `model_runner` whose pools are the staging area's (for the dense backend)."""
+        view = copy.copy(model_runner)
+        view.req_to_token_pool = self.req_to_token_pool
+        view.token_to_kv_pool = self.pool
+        return view
+
+    def place(self, rows: list[int], starts: list[int], ends: list[int]) -> torch.Tensor:
+        """Slots for tokens [0, end) of each row (pages from slot page_size on, in row order);
+        returns the staging slots of the new tokens [start, end), concatenated."""
+        P, table = self.page_size, self.req_to_token_pool.req_to_token
+        need = sum(-(-e // P) for e in ends) * P
+        if need > self.tokens:
+            from ...kv.errors import OutOfPagesError
+            raise OutOfPagesError(f"an extend batch of {sum(ends)} tokens (rows {rows}, lengths "
+                                  f"{ends}) needs {need} staging slots; the staging area has "
+                                  f"{self.tokens} (raise --max-prefill-tokens)")
+        nxt, new = P, []
+        for row, start, end in zip(rows, starts, ends):
+            n = -(-end // P) * P
+            slots = torch.arange(nxt, nxt + n, dtype=table.dtype, device=table.device)
+            table[row, :n] = slots
+            new.append(slots[start:end].to(torch.int64))
+            nxt += n
+        return torch.cat(new) if new else torch.zeros(0, dtype=torch.int64)
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """K and V [num_layers, T, Hkv, D] of T tokens into `slots` (restaging earlier chunks)."""
+        pool = self.pool
+        for layer in range(pool.layer_num):
+            pool.k_buffer[layer][slots] = k[layer].to(pool.k_buffer[layer].dtype).to(
+                pool.k_buffer[layer].device)
+            pool.v_buffer[layer][slots] = v[layer].to(pool.v_buffer[layer].dtype).to(
+                pool.v_buffer[layer].device)
+
+    def slots(self, row: int, start: int, end: int) -> torch.Tensor:
+        return self.req_to_token_pool.req_to_token[row, start:end].to(torch.int64)
+
+
+FAILED: dict[tuple[int, int], str] = {}
+"""(request-pool row, generation) -> why the runtime refused its K/V: the scheduler aborts it."""
+
+
+def abort_failed(original, self, batch, result):
+    """`Scheduler.process_batch_result` (AROUND): the batch's requests the runtime refused finish
+    with `FINISH_ABORT` (their clients get the reason); then SGLang processes the result."""
+    if FAILED and batch is not None and getattr(batch, "reqs", None):
+        from http import HTTPStatus
+
+        from sglang.srt.managers.schedule_batch import FINISH_ABORT
+        gens = getattr(getattr(self, "req_to_token_pool", None), "req_generation", None)
+        for req in batch.reqs:
+            row = getattr(req, "req_pool_idx", None)
+            if row is None:
+                continue
+            gen = int(gens[row]) if gens is not None else 0
+            why = FAILED.pop((int(row), gen), None)
+            if why is not None and not req.finished():
+                log.warning("vortex_hybrid: request %s aborted: %s", req.rid, why)
+                req.to_finish = FINISH_ABORT(why, HTTPStatus.SERVICE_UNAVAILABLE,
+                                             "OutOfKVMemory")
+    return original(self, batch, result)
+
+
+def describe(cfg: HybridConfig, mem: MemoryPlan, staging_bytes: int, tokens: int,
+             requests: Optional[int]) -> str:
+    """The start-up line: placement, HBM and host memory for KV, token capacity, GPU cache."""
+    return (f"vortex_hybrid: placement {cfg.placement}; KV in HBM "
+            f"{(mem.device_bytes + staging_bytes) / GIB:.3f} GiB (runtime "
+            f"{mem.device_bytes / GIB:.3f} GiB, prefill staging {staging_bytes / GIB:.3f} GiB), "
+            f"in host memory {mem.host_bytes / GIB:.3f} GiB; capacity {tokens} tokens"
+            f"{'' if requests is None else f', {requests} requests'}; GPU cache "
+            f"{mem.gpu_cache_pages} pages")
+
+
+__all__ = ["FAILED", "Staging", "abort_failed", "build_mha_pool", "describe", "holds_no_kv",
+           "max_requests_of", "plan", "planned", "resolve_pool_config", "staging_tokens",
+           "tokens_of", "TAIL_PAGES"]
