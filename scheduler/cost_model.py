@@ -131,10 +131,11 @@ class MachineCosts:
 
 
 DEFAULTS = MachineCosts(
-    hbm_bw=3000e9, h2d_bw=55e9, cpu_attn_bw=52e9, cpu_attn_bw_concurrent=21e9, h2d_bw_concurrent=54e9,
+    hbm_bw=3000e9, h2d_bw=55e9, cpu_attn_bw=52e9, cpu_attn_bw_concurrent=34e9, h2d_bw_concurrent=54e9,
     gpu_launch_s=120e-6, cpu_call_s=50e-6, device="NVIDIA H100 80GB HBM3 (docs)",
-    notes="docs/hardware.md survey figures of the H100 machine; gpu_launch_s from the 72-174 us "
-          "eager-launch range; cpu_call_s assumed (not in hardware.md)")
+    notes="docs/hardware.md figures of the H100 machine (cpu_attn_bw_concurrent: with a core left "
+          "for the copy's thread); gpu_launch_s from the 72-174 us eager-launch range; "
+          "cpu_call_s assumed (not in hardware.md)")
 
 
 # ---- measurement -----------------------------------------------------------------------------------
