@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from tiny_models import tiny_llama_folder  # noqa: E402
+from tiny_models import tiny_llama_loaded  # noqa: E402
 
 MODEL_SEED = 5519370217          # fixed: the module fixture is set up before conftest's per-test seed
 COMPILE_S = 3600.0               # the clock's jump at a config's first call: far above any decode
@@ -19,13 +19,7 @@ COMPILE_S = 3600.0               # the clock's jump at a config's first call: fa
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tmp_path_factory):
-    import torch
-    import transformers
-    torch.manual_seed(MODEL_SEED)
-    print(f"model seed {MODEL_SEED}")
-    path = tiny_llama_folder(tmp_path_factory.mktemp("tiny") / "llama")
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return model, transformers.AutoTokenizer.from_pretrained(path)
+    return tiny_llama_loaded(tmp_path_factory.mktemp("tiny") / "llama", MODEL_SEED)
 
 
 def first_call_clock(monkeypatch) -> set:

@@ -40,3 +40,15 @@ def tiny_llama_folder(path: Path, positions: int = 4096) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def tiny_llama_loaded(folder: Path, seed: int):
+    """(model in eval mode, float32, tokenizer) of a `tiny_llama_folder` made under `seed` in
+    `folder` (module fixtures: set up before conftest's per-test seed, so they fix their own)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.manual_seed(seed)
+    print(f"model seed {seed}")
+    path = tiny_llama_folder(folder)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
