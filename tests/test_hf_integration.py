@@ -240,3 +240,29 @@ def test_gemma3_sparse_budget_equals_float64_reference_with_dense_sliding_layers
     cache, log = assert_sparse_logits_equal_reference(ours, ref64, placement, ids, 60, seed)
     assert {layer for layer, *_ in log} == {1, 3}       # the full-attention layers only
     cache.close()
+
+
+def test_close_after_a_failed_decode_step_frees_the_requests():
+    """A decode step that fails between plan() and its last layer leaves the step open; close()
+    cancels it before freeing the requests, so the caller sees the original failure and no
+    refusal from close() (seed 31)."""
+    model = tiny_llama(ATTN_IMPLEMENTATION, 31)
+    cache = cache_for(model, "gpu")
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(31)).to(DEVICE)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)                               # prefill
+        real = cache.runtime.run
+
+        def fail_at_layer_1(layer, *a, **kw):
+            if layer == 1:
+                raise RuntimeError("boom in layer 1")
+            return real(layer, *a, **kw)
+        cache.runtime.run = fail_at_layer_1
+        with pytest.raises(RuntimeError, match="boom in layer 1"):
+            model(ids[:, :1], past_key_values=cache)
+    freed = []
+    real_remove = cache.runtime.remove_request
+    cache.runtime.remove_request = lambda rid: (real_remove(rid), freed.append(rid))
+    rids = list(cache.rids)
+    cache.close()                                       # raised "request 0 is in the current step"
+    assert freed == rids and len(rids) == 2 and cache.rids == []
