@@ -6,6 +6,10 @@ Questions (issue "hybrid that pays", the CPU side):
      (`launch_sparse_decode_attention` over the host part of the selection). How much of such a call
      is fixed cost (thread wake-up, argument views) against bytes, by thread count, back to back
      and with an idle gap between calls (the GPU's part of a layer runs between two CPU parts)?
+  3. **Skew.** A step's host part is rarely even: in the sub-batch shape a few requests hold every
+     host page. The same bytes, held by the first `share` of the batch's requests, with the
+     kernel's two schedules (static: equal blocks of rows per thread; dynamic: one work item at a
+     time), by thread count.
   2. **Contention.** A large call (--big-mib of selected KV) alone and while a thread keeps pinned
      H2D copies running (`cost_model.BackgroundCopy`, duty 1.0 and 0.5), by thread count, over a
      host pool in plain 4 KiB pages and one advised to use transparent huge pages (2 MiB): random
@@ -18,6 +22,7 @@ Without CUDA only part 1 runs (and part 2 without the copy). Times are medians (
 
     python benchmarks/host_contention.py [--out DIR] [--pool-gib 8] [--threads 1,2,4,8,14]
     python benchmarks/host_contention.py --pool-gib 1 --threads 1,2 --big-mib 64   # 2 cores
+    python benchmarks/host_contention.py --parts skew --threads 8,14                 # skew only
 
 JSON to DIR/host_contention.json (DIR: $OUT, else the current folder); the tables are printed.
 """
@@ -106,11 +111,30 @@ def call_sets(pages: int, batch: int, per_row: int, n: int, seed: int):
     return out, batch * HKV * per_row * PAGE_KV // HKV     # bytes read: K+V of each page-head
 
 
-def timed(k, v, sets, gap_s: float, min_calls: int = 5, min_s: float = 0.2) -> float:
+def skewed(sets, share: float):
+    """The same argument sets with the host pages of the first `share` of the requests only, each
+    of them selecting 1/share times the pages (the same bytes in total)."""
+    out = []
+    for q, table, lens, sel in sets:
+        batch, hkv, per_row = sel.shape
+        busy = max(1, round(share * batch))
+        width = table.shape[1]
+        k = min(width, round(per_row * batch / busy))
+        g = torch.Generator().manual_seed(busy * 7919 + per_row)
+        s = torch.full((batch, hkv, k), -1, dtype=torch.int32)
+        for b in range(busy):
+            for h in range(hkv):
+                s[b, h] = torch.randperm(width, generator=g)[:k].int()
+        out.append((q, table, lens, s))
+    return out
+
+
+def timed(k, v, sets, gap_s: float, min_calls: int = 5, min_s: float = 0.2,
+          schedule: str = "dynamic") -> float:
     """Median seconds of one call, cycling through `sets`; gap_s: spin that long before each call
     (the threads go idle as between two layers' CPU parts)."""
     q, t, ln, s = sets[0]
-    launch_sparse_decode_attention(q, k, v, t, ln, s)           # warm-up
+    launch_sparse_decode_attention(q, k, v, t, ln, s, schedule=schedule)      # warm-up
     times, start, i = [], time.perf_counter(), 0
     while len(times) < min_calls or time.perf_counter() - start < min_s:
         q, t, ln, s = sets[i % len(sets)]
@@ -120,7 +144,7 @@ def timed(k, v, sets, gap_s: float, min_calls: int = 5, min_s: float = 0.2) -> f
             while time.perf_counter() < end:
                 pass
         t0 = time.perf_counter()
-        launch_sparse_decode_attention(q, k, v, t, ln, s)
+        launch_sparse_decode_attention(q, k, v, t, ln, s, schedule=schedule)
         times.append(time.perf_counter() - t0)
         if time.perf_counter() - start > 3 and len(times) >= 3:
             break
@@ -143,6 +167,25 @@ def per_call(k, v, pages, threads, sizes_mib, gaps_us, batch):
                                  gbps=nbytes / sec / 1e9))
                 print(f"  per-call threads {n_thr:2d} {nbytes / MIB:7.2f} MiB gap {gap:5d} us: "
                       f"{sec * 1e6:8.1f} us {nbytes / sec / 1e9:6.1f} GB/s", flush=True)
+    return rows
+
+
+def skew(k, v, pages, threads, mib, shares, batch):
+    rows = []
+    per_row = max(1, round(mib * MIB / (batch * HKV * PAGE_KV / HKV)))
+    for n_thr in threads:
+        set_cpu_threads(n_thr)
+        sets, nbytes = call_sets(pages, batch, per_row, 4, seed=11 + n_thr)
+        for share in shares:
+            row = dict(threads=n_thr, mib=nbytes / MIB, busy_share=share)
+            for schedule in ("static", "dynamic"):
+                sec = timed(k, v, skewed(sets, share), 0, schedule=schedule)
+                row[f"{schedule}_us"] = sec * 1e6
+                row[f"{schedule}_gbps"] = nbytes / sec / 1e9
+            row["dynamic_x"] = row["static_us"] / row["dynamic_us"]
+            rows.append(row)
+            print("  skew " + " ".join(f"{a}={b:.2f}" if isinstance(b, float) else f"{a}={b}"
+                                       for a, b in row.items()), flush=True)
     return rows
 
 
@@ -186,6 +229,12 @@ def parse(argv=None):
     ap.add_argument("--batch", type=int, default=27, help="requests per call (hybrid's batch)")
     ap.add_argument("--big-mib", type=float, default=256, help="contention call's selected KV, MiB")
     ap.add_argument("--duties", default="1.0,0.5", help="copy duty cycles while the CPU attends")
+    ap.add_argument("--parts", default="per_call,skew,contention",
+                    help="which questions to measure (comma-separated)")
+    ap.add_argument("--skew-mib", type=float, default=32,
+                    help="the skew calls' selected KV, MiB (a 12 GiB hybrid layer: ~32)")
+    ap.add_argument("--shares", default="0.1,0.25,0.5,1.0",
+                    help="shares of the batch's requests holding the skew calls' host pages")
     return ap.parse_args(argv)
 
 
@@ -201,27 +250,39 @@ def main(argv=None) -> dict:
         copy_src = torch.empty(1 * GIB, dtype=torch.uint8, pin_memory=True).fill_(1)
     result = dict(date=datetime.date.today().isoformat(), cores=os.cpu_count(), thp=thp_mode(),
                   device=torch.cuda.get_device_name() if cuda else "cpu", pool_gib=a.pool_gib,
-                  per_call=[], contention=[])
+                  per_call=[], skew=[], contention=[])
+    parts = set(a.parts.split(","))
+    unknown = parts - {"per_call", "skew", "contention"}
+    if unknown:
+        raise SystemExit(f"--parts {a.parts!r}: unknown {sorted(unknown)}; "
+                         "allowed: per_call, skew, contention")
     print(f"cores {os.cpu_count()}, transparent huge pages: {result['thp']}", flush=True)
-    for huge in (False, True):
+    for huge in (False, True) if "contention" in parts else (False,):
         before = anon_huge_bytes()
         k, v, buf, addr = host_pool(pages, huge)
         got = (anon_huge_bytes() - before) / GIB
         label = "huge (madvise)" if huge else "4 KiB"
         print(f"pool {label}: {a.pool_gib} GiB, {got:.2f} GiB in huge pages", flush=True)
         result.setdefault("huge_gib", {})[label] = got
-        if not huge:
+        if not huge and "per_call" in parts:
             result["per_call"] = per_call(k, v, pages, threads,
                                           [float(x) for x in a.sizes_mib.split(",")],
                                           [int(x) for x in a.gaps_us.split(",")], a.batch)
-        result["contention"] += contention(k, v, pages, threads, a.big_mib,
-                                           [float(x) for x in a.duties.split(",")], a.batch,
-                                           copy_src, label)
+        if not huge and "skew" in parts:
+            result["skew"] = skew(k, v, pages, threads, a.skew_mib,
+                                  [float(x) for x in a.shares.split(",")], a.batch)
+        if "contention" in parts:
+            result["contention"] += contention(k, v, pages, threads, a.big_mib,
+                                               [float(x) for x in a.duties.split(",")], a.batch,
+                                               copy_src, label)
         unregister(addr)
         del k, v
         buf.close()
     text = ("per call (4 KiB pool):\n" + table(result["per_call"], [
                 "threads", "mib", "requests", "pages_per_head", "gap_us", "us", "gbps"])
+            + "\nskew (the same bytes held by a share of the requests):\n" + table(
+                result["skew"], ["threads", "mib", "busy_share", "static_us", "static_gbps",
+                                 "dynamic_us", "dynamic_gbps", "dynamic_x"])
             + "\ncontention (GB/s):\n" + table(result["contention"], list(
                 dict.fromkeys(c for r in result["contention"] for c in r))))
     print(text)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numba
 import numpy as np
 import torch
 from numba import njit, prange
@@ -40,7 +41,8 @@ MIN_CHUNK_PAGES = 4
 def _sparse_attention_kernel(q, scale, k_bits, v_bits, kind, page_size, page_table, seq_lens, sel,
                              chunk_slots, o, lse):
     """q float32 [B*Hkv, G, D] queries, scale: sm_scale; k_bits, v_bits flat raw storage; sel int32
-    [B, Hkv, K]; writes o float32 [B*Hkv, G, D] and lse float32 [B*Hkv, G]."""
+    [B, Hkv, K]; writes o float32 [B*Hkv, G, D] and lse float32 [B*Hkv, G]. Its loops split
+    their items as the calling thread's `numba.set_parallel_chunksize` says."""
     rows, G, D = q.shape
     hkv = sel.shape[1]
     K = sel.shape[2]
@@ -93,27 +95,38 @@ def _next_page(sel_row, j, stop):
 
 
 def chunk_slots_for(rows: int, k: int, threads: int) -> int:
-    """Selection slots per work item: the whole row when rows alone fill `threads` twice over, else
-    enough chunks for about four items per thread, never fewer than MIN_CHUNK_PAGES slots."""
+    """Selection slots per work item: the whole row when the rows that select anything (`rows`)
+    alone fill `threads` four times over, else enough chunks for about four items per thread, never
+    fewer than MIN_CHUNK_PAGES slots."""
     if k <= 0:
         return 1
-    if rows >= 2 * threads:
+    if rows >= 4 * threads:
         return k
     want = math.ceil(4 * threads / max(rows, 1))
     return max(MIN_CHUNK_PAGES, math.ceil(k / want))
+
+
+SCHEDULES = ("dynamic", "static")
 
 
 def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                                 page_table: torch.Tensor, seq_lens: torch.Tensor, sel: torch.Tensor,
                                 sm_scale: Optional[float] = None,
                                 chunk_slots: Optional[int] = None,
-                                out: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                                out: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                                schedule: str = "dynamic",
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sparse_decode_attention` without the value checks (the runtime checks once per step).
 
-    chunk_slots: selection slots per work item (None: `chunk_slots_for`); any value >= 1 gives the
-    same state up to float32 rounding. out: optional (o, lse) to write into.
+    chunk_slots: selection slots per work item (None: `chunk_slots_for` over the rows that select
+    a page); any value >= 1 gives the same state up to float32 rounding. out: optional (o, lse) to
+    write into. schedule: "dynamic" (threads take one work item at a time: a host selection is
+    often skewed, e.g. a few requests hold every host page, and equal blocks of rows would leave
+    most threads idle) or "static" (Numba's equal blocks; kept for comparison). A selection with no
+    page returns o = 0, lse = -inf without starting the threads.
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} must be one of {SCHEDULES}")
     B, hq, d = q.shape
     _, hkv, page_size, _ = k_pool.shape
     group = hq // hkv
@@ -121,17 +134,27 @@ def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool
     lse = out_tensor("out[1]", None if out is None else out[1], (B, hq), torch.float32)
     if B == 0:
         return o, lse
+    s = int32_array("sel", sel)
+    busy = int(np.count_nonzero(s.max(axis=2) >= 0)) if s.shape[2] else 0
+    if busy == 0:
+        o.numpy().fill(0.0)                 # NumPy: no torch op (an inference tensor may be out)
+        lse.numpy().fill(-np.inf)
+        return o, lse
     scale = d ** -0.5 if sm_scale is None else float(sm_scale)
     qf = float32_array("q", q.detach()).reshape(B * hkv, group, d)
     k_bits, kind = storage_bits("k_pool", k_pool)
     v_bits, _ = storage_bits("v_pool", v_pool)
     pt = int32_array("page_table", page_table)
     sl = int32_array("seq_lens", seq_lens)
-    s = int32_array("sel", sel)
     with kernel_call() as threads:
-        slots = chunk_slots if chunk_slots is not None else chunk_slots_for(B * hkv, s.shape[2], threads)
-        _sparse_attention_kernel(qf, scale, k_bits, v_bits, kind, page_size, pt, sl, s, max(1, slots),
-                                 o.numpy().reshape(B * hkv, group, d), lse.numpy().reshape(B * hkv, group))
+        slots = chunk_slots if chunk_slots is not None else chunk_slots_for(busy, s.shape[2], threads)
+        old = numba.set_parallel_chunksize(1 if schedule == "dynamic" else 0)
+        try:
+            _sparse_attention_kernel(qf, scale, k_bits, v_bits, kind, page_size, pt, sl, s,
+                                     max(1, slots), o.numpy().reshape(B * hkv, group, d),
+                                     lse.numpy().reshape(B * hkv, group))
+        finally:
+            numba.set_parallel_chunksize(old)
     return o, lse
 
 

@@ -45,6 +45,29 @@ def test_page_chunks_merge_exactly(chunk_slots):
     assert_state_close(o, lse, *reference_state(q, k, v, pt, sl, sel), TOL[torch.bfloat16], seed)
 
 
+@pytest.mark.parametrize("schedule", ["dynamic", "static"])
+@pytest.mark.parametrize("busy_rows", [1, 2, 5])
+def test_skewed_selection_equals_reference_in_both_schedules(schedule, busy_rows):
+    """A host part where a few requests hold every page (the sub-batch shape) and the rest select
+    nothing: both schedules give the reference state, and the empty rows o = 0, lse = -inf."""
+    seed = new_seed()
+    q, k, v, pt, sl, sel = make_case(seed, torch.bfloat16, 4, 64, batch=6, page_size=4,
+                                     max_pages=12, num_sel=9)
+    sel[busy_rows:] = -1
+    o, lse = launch_sparse_decode_attention(q, k, v, pt, sl, sel, out=poisoned(q), schedule=schedule)
+    assert torch.all(o[busy_rows:] == 0) and torch.all(torch.isneginf(lse[busy_rows:]))
+    assert_state_close(o, lse, *reference_state(q, k, v, pt, sl, sel), TOL[torch.bfloat16], seed)
+
+
+def test_empty_selection_skips_the_kernel_and_bad_schedule_is_refused():
+    q, k, v, pt, sl, sel = make_case(new_seed(), torch.float32, 4, 64)
+    o, lse = launch_sparse_decode_attention(q, k, v, pt, sl, torch.full_like(sel, -1),
+                                            out=poisoned(q))
+    assert torch.all(o == 0) and torch.all(torch.isneginf(lse))
+    with pytest.raises(ValueError, match="schedule='guided' must be one of"):
+        launch_sparse_decode_attention(q, k, v, pt, sl, sel, schedule="guided")
+
+
 @pytest.mark.parametrize("q_dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_query_dtypes_page_size_16_and_custom_scale(q_dtype):
     seed = new_seed()
