@@ -8,8 +8,9 @@ Questions (issue "hybrid that pays", the CPU side):
      and with an idle gap between calls (the GPU's part of a layer runs between two CPU parts)?
   3. **Skew.** A step's host part is rarely even: in the sub-batch shape a few requests hold every
      host page. The same bytes, held by the first `share` of the batch's requests, with the
-     kernel's two schedules (static: equal blocks of rows per thread; dynamic: one work item at a
-     time), by thread count.
+     kernel's two schedules (static: items in row order, split into equal blocks per thread;
+     balanced: items ordered so that each thread's block holds about the same pages), by thread
+     count. Bytes are the pages actually selected.
   2. **Contention.** A large call (--big-mib of selected KV) alone and while a thread keeps pinned
      H2D copies running (`cost_model.BackgroundCopy`, duty 1.0 and 0.5), by thread count, over a
      host pool in plain 4 KiB pages and one advised to use transparent huge pages (2 MiB): random
@@ -113,7 +114,8 @@ def call_sets(pages: int, batch: int, per_row: int, n: int, seed: int):
 
 def skewed(sets, share: float):
     """The same argument sets with the host pages of the first `share` of the requests only, each
-    of them selecting 1/share times the pages (the same bytes in total)."""
+    of them selecting 1/share times the pages (the same bytes in total, unless that exceeds a
+    request's table: then fewer)."""
     out = []
     for q, table, lens, sel in sets:
         batch, hkv, per_row = sel.shape
@@ -130,7 +132,7 @@ def skewed(sets, share: float):
 
 
 def timed(k, v, sets, gap_s: float, min_calls: int = 5, min_s: float = 0.2,
-          schedule: str = "dynamic") -> float:
+          schedule: str = "balanced") -> float:
     """Median seconds of one call, cycling through `sets`; gap_s: spin that long before each call
     (the threads go idle as between two layers' CPU parts)."""
     q, t, ln, s = sets[0]
@@ -177,12 +179,14 @@ def skew(k, v, pages, threads, mib, shares, batch):
         set_cpu_threads(n_thr)
         sets, nbytes = call_sets(pages, batch, per_row, 4, seed=11 + n_thr)
         for share in shares:
+            skewed_sets = skewed(sets, share)
+            nbytes = int((skewed_sets[0][3] >= 0).sum()) * PAGE_KV // HKV
             row = dict(threads=n_thr, mib=nbytes / MIB, busy_share=share)
-            for schedule in ("static", "dynamic"):
-                sec = timed(k, v, skewed(sets, share), 0, schedule=schedule)
+            for schedule in ("static", "balanced"):
+                sec = timed(k, v, skewed_sets, 0, schedule=schedule)
                 row[f"{schedule}_us"] = sec * 1e6
                 row[f"{schedule}_gbps"] = nbytes / sec / 1e9
-            row["dynamic_x"] = row["static_us"] / row["dynamic_us"]
+            row["balanced_x"] = row["static_us"] / row["balanced_us"]
             rows.append(row)
             print("  skew " + " ".join(f"{a}={b:.2f}" if isinstance(b, float) else f"{a}={b}"
                                        for a, b in row.items()), flush=True)
@@ -278,13 +282,15 @@ def main(argv=None) -> dict:
         unregister(addr)
         del k, v
         buf.close()
-    text = ("per call (4 KiB pool):\n" + table(result["per_call"], [
-                "threads", "mib", "requests", "pages_per_head", "gap_us", "us", "gbps"])
-            + "\nskew (the same bytes held by a share of the requests):\n" + table(
-                result["skew"], ["threads", "mib", "busy_share", "static_us", "static_gbps",
-                                 "dynamic_us", "dynamic_gbps", "dynamic_x"])
-            + "\ncontention (GB/s):\n" + table(result["contention"], list(
-                dict.fromkeys(c for r in result["contention"] for c in r))))
+    sections = [("per call (4 KiB pool)", "per_call", [
+                    "threads", "mib", "requests", "pages_per_head", "gap_us", "us", "gbps"]),
+                ("skew (the same bytes held by a share of the requests)", "skew", [
+                    "threads", "mib", "busy_share", "static_us", "static_gbps", "balanced_us",
+                    "balanced_gbps", "balanced_x"]),
+                ("contention (GB/s)", "contention", list(
+                    dict.fromkeys(c for r in result["contention"] for c in r)))]
+    text = "\n".join(f"{title}:\n" + table(result[key], cols)
+                     for title, key, cols in sections if result[key])
     print(text)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "host_contention.json"), "w") as fh:

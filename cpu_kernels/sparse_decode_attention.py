@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange
@@ -39,17 +38,21 @@ MIN_CHUNK_PAGES = 4
 
 @njit(parallel=True, nogil=True, cache=True)
 def _sparse_attention_kernel(q, scale, k_bits, v_bits, kind, page_size, page_table, seq_lens, sel,
-                             chunk_slots, o, lse):
+                             chunk_slots, order, o, lse):
     """q float32 [B*Hkv, G, D] queries, scale: sm_scale; k_bits, v_bits flat raw storage; sel int32
-    [B, Hkv, K]; writes o float32 [B*Hkv, G, D] and lse float32 [B*Hkv, G]. Its loops split
-    their items as the calling thread's `numba.set_parallel_chunksize` says."""
+    [B, Hkv, K]; order int64 [n]: the work items (row * n_chunks + chunk) in the order the loop
+    takes them, -1 for none; every item appears once. Writes o float32 [B*Hkv, G, D] and lse
+    float32 [B*Hkv, G]."""
     rows, G, D = q.shape
     hkv = sel.shape[1]
     K = sel.shape[2]
     n_chunks = max(1, (K + chunk_slots - 1) // chunk_slots)
     tile = page_size * D
     part_m, part_l, part_acc = new_parts(rows, n_chunks, G, D)
-    for item in prange(rows * n_chunks):
+    for it in prange(order.shape[0]):
+        item = order[it]
+        if item < 0:
+            continue
         row = item // n_chunks
         c = item - row * n_chunks
         b = row // hkv
@@ -106,7 +109,27 @@ def chunk_slots_for(rows: int, k: int, threads: int) -> int:
     return max(MIN_CHUNK_PAGES, math.ceil(k / want))
 
 
-SCHEDULES = ("dynamic", "static")
+SCHEDULES = ("balanced", "static")
+
+
+def balanced_order(sel: np.ndarray, chunk_slots: int, threads: int) -> np.ndarray:
+    """The kernel's work items ordered so that Numba's static split of its loop into `threads`
+    equal blocks gives each thread about the same number of selected pages: items sorted by their
+    pages, dealt to the threads in snake order (0..T-1, T-1..0, ...), thread t's items forming
+    block t (padded with -1). sel int32 [B, Hkv, K]; returns int64 [T * ceil(items / T)]."""
+    rows, k = sel.shape[0] * sel.shape[1], sel.shape[2]
+    n_chunks = max(1, -(-k // chunk_slots))
+    valid = (sel.reshape(rows, k) >= 0)
+    if n_chunks * chunk_slots != k:
+        valid = np.pad(valid, ((0, 0), (0, n_chunks * chunk_slots - k)))
+    work = valid.reshape(rows, n_chunks, chunk_slots).sum(axis=2).ravel()
+    by_work = np.argsort(-work, kind="stable")
+    per_thread = -(-by_work.size // threads)
+    grid = np.full(per_thread * threads, -1, dtype=np.int64)
+    grid[:by_work.size] = by_work
+    grid = grid.reshape(per_thread, threads)
+    grid[1::2] = grid[1::2, ::-1].copy()
+    return np.ascontiguousarray(grid.T).ravel()
 
 
 def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -114,16 +137,17 @@ def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool
                                 sm_scale: Optional[float] = None,
                                 chunk_slots: Optional[int] = None,
                                 out: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                                schedule: str = "dynamic",
+                                schedule: str = "balanced",
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sparse_decode_attention` without the value checks (the runtime checks once per step).
 
     chunk_slots: selection slots per work item (None: `chunk_slots_for` over the rows that select
     a page); any value >= 1 gives the same state up to float32 rounding. out: optional (o, lse) to
-    write into. schedule: "dynamic" (threads take one work item at a time: a host selection is
-    often skewed, e.g. a few requests hold every host page, and equal blocks of rows would leave
-    most threads idle) or "static" (Numba's equal blocks; kept for comparison). A selection with no
-    page returns o = 0, lse = -inf without starting the threads.
+    write into. schedule: "balanced" (a host selection is
+    often skewed, e.g. a few requests hold every host page, and Numba splits a loop into equal
+    blocks of items, one per thread: `balanced_order` gives each block about the same pages) or
+    "static" (items in row order; kept for comparison). A selection with no page returns o = 0,
+    lse = -inf without starting the threads.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} must be one of {SCHEDULES}")
@@ -148,13 +172,14 @@ def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool
     sl = int32_array("seq_lens", seq_lens)
     with kernel_call() as threads:
         slots = chunk_slots if chunk_slots is not None else chunk_slots_for(busy, s.shape[2], threads)
-        old = numba.set_parallel_chunksize(1 if schedule == "dynamic" else 0)
-        try:
-            _sparse_attention_kernel(qf, scale, k_bits, v_bits, kind, page_size, pt, sl, s,
-                                     max(1, slots), o.numpy().reshape(B * hkv, group, d),
-                                     lse.numpy().reshape(B * hkv, group))
-        finally:
-            numba.set_parallel_chunksize(old)
+        slots = max(1, slots)
+        if schedule == "balanced":
+            order = balanced_order(s, slots, threads)
+        else:
+            order = np.arange(B * hkv * max(1, -(-s.shape[2] // slots)), dtype=np.int64)
+        _sparse_attention_kernel(qf, scale, k_bits, v_bits, kind, page_size, pt, sl, s, slots,
+                                 order, o.numpy().reshape(B * hkv, group, d),
+                                 lse.numpy().reshape(B * hkv, group))
     return o, lse
 
 

@@ -45,7 +45,7 @@ def test_page_chunks_merge_exactly(chunk_slots):
     assert_state_close(o, lse, *reference_state(q, k, v, pt, sl, sel), TOL[torch.bfloat16], seed)
 
 
-@pytest.mark.parametrize("schedule", ["dynamic", "static"])
+@pytest.mark.parametrize("schedule", ["balanced", "static"])
 @pytest.mark.parametrize("busy_rows", [1, 2, 5])
 def test_skewed_selection_equals_reference_in_both_schedules(schedule, busy_rows):
     """A host part where a few requests hold every page (the sub-batch shape) and the rest select
@@ -165,3 +165,24 @@ def test_bad_arguments_name_the_value(bad, match):
         k, v = k.view(torch.int32), v.view(torch.int32)
     with pytest.raises(ValueError, match=match):
         sparse_decode_attention(q, k, v, pt, sl, sel, out=out)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 14])
+def test_balanced_order_is_a_permutation_with_even_blocks(threads):
+    """Every work item once, -1 only as padding, and each thread's block within one item's pages
+    of the mean (what a static split of the loop into `threads` blocks then gives each thread)."""
+    import numpy as np
+    from vortex_hybrid.cpu_kernels.sparse_decode_attention import balanced_order
+    seed = new_seed()
+    rng = np.random.default_rng(seed)
+    sel = np.full((9, 4, 20), -1, dtype=np.int32)
+    sel[:2] = rng.integers(0, 50, size=(2, 4, 20))            # two requests hold every page
+    sel[5, 1, :3] = 7
+    chunk = 6
+    order = balanced_order(sel, chunk, threads)
+    n_items = 9 * 4 * 4
+    assert order.size % threads == 0
+    assert sorted(order[order >= 0].tolist()) == list(range(n_items)), seed
+    work = np.pad(sel.reshape(36, 20) >= 0, ((0, 0), (0, 4))).reshape(36, 4, chunk).sum(2).ravel()
+    loads = [work[b[b >= 0]].sum() for b in order.reshape(threads, -1)]
+    assert max(loads) - min(loads) <= work.max(), (seed, loads)

@@ -13,7 +13,7 @@ from test_hybrid_attention import HKV, HQ, L, D, P, make
 from test_runtime_transactions import Boom, assert_same, state
 
 PLACEMENTS = ["dense", "gpu", "cpu", "offload", "hybrid/split", "hybrid/subbatch"]
-TIMING = ("gpu_wait_s", "step_host_s", "cpu_part_s")
+TIMING = ("gpu_wait_s", "step_host_s", "cpu_part_s", "cpu_kernel_s")
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

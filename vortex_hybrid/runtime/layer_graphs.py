@@ -91,6 +91,8 @@ class _GraphSet:
         """Page-heads the CPU attended in the bound whole step (its CPU part counts them)."""
         self.cpu_s = 0.0
         """Seconds the hand-off worker spent in the bound whole step's CPU parts."""
+        self.cpu_kernel_s = 0.0
+        """Of `cpu_s`, seconds in the CPU attention's call (the rest: the worker's own path)."""
         self.split = False
         """Whether the whole step's layers ran split (host placements, or a given selection)."""
         self.inputs: dict[str, torch.Tensor] = {}
@@ -114,6 +116,7 @@ class _GraphSet:
         self.ran.zero_()
         self.cpu_pages = 0
         self.cpu_s = 0.0
+        self.cpu_kernel_s = 0.0
 
     def run(self, layer: int, part: str, body: Body, state: Sequence[torch.Tensor] = (),
             **tensors: torch.Tensor) -> tuple:

@@ -140,8 +140,10 @@ class WholeStep:
                 io["o"].zero_()
                 io["lse"].fill_(float("-inf"))
                 return
+            t0 = time.perf_counter()
             o, lse = self._cpu_state(layer, io["q"], io["sel"], s.host_table, s.lens_cpu,
                                      out=(io["o"], io["lse"]))
+            static.cpu_kernel_s += time.perf_counter() - t0
             if o.data_ptr() != io["o"].data_ptr():
                 io["o"].copy_(o)
                 io["lse"].copy_(lse)
@@ -177,6 +179,7 @@ class WholeStep:
                 c["gpu_pages"] += step.resident_pages * self.num_layers
             c["cpu_pages"] += static.cpu_pages
             c["cpu_part_s"] = static.cpu_s      # the hand-off worker's time in the CPU parts
+            c["cpu_kernel_s"] = static.cpu_kernel_s     # of which in the attention kernel's call
             self._end_step(step, read[:-1])
 
     def _settle_whole(self, step: StepPlan) -> None:
