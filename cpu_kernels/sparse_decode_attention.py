@@ -112,17 +112,22 @@ def chunk_slots_for(rows: int, k: int, threads: int) -> int:
 SCHEDULES = ("balanced", "static")
 
 
-def balanced_order(sel: np.ndarray, chunk_slots: int, threads: int) -> np.ndarray:
-    """The kernel's work items ordered so that Numba's static split of its loop into `threads`
-    equal blocks gives each thread about the same number of selected pages: items sorted by their
-    pages, dealt to the threads in snake order (0..T-1, T-1..0, ...), thread t's items forming
-    block t (padded with -1). sel int32 [B, Hkv, K]; returns int64 [T * ceil(items / T)]."""
+def item_pages(sel: np.ndarray, chunk_slots: int) -> np.ndarray:
+    """Selected pages of each work item (row * n_chunks + chunk) of the kernel: int64 [items].
+    sel int32 [B, Hkv, K]."""
     rows, k = sel.shape[0] * sel.shape[1], sel.shape[2]
     n_chunks = max(1, -(-k // chunk_slots))
     valid = (sel.reshape(rows, k) >= 0)
     if n_chunks * chunk_slots != k:
         valid = np.pad(valid, ((0, 0), (0, n_chunks * chunk_slots - k)))
-    work = valid.reshape(rows, n_chunks, chunk_slots).sum(axis=2).ravel()
+    return valid.reshape(rows, n_chunks, chunk_slots).sum(axis=2).ravel()
+
+
+def balanced_order(work: np.ndarray, threads: int) -> np.ndarray:
+    """The kernel's work items ordered so that Numba's static split of its loop into `threads`
+    equal blocks gives each thread about the same number of selected pages: items sorted by their
+    pages (`work`, from `item_pages`), dealt to the threads in snake order (0..T-1, T-1..0, ...),
+    thread t's items forming block t (padded with -1). Returns int64 [T * ceil(items / T)]."""
     by_work = np.argsort(-work, kind="stable")
     per_thread = -(-by_work.size // threads)
     grid = np.full(per_thread * threads, -1, dtype=np.int64)
@@ -130,6 +135,25 @@ def balanced_order(sel: np.ndarray, chunk_slots: int, threads: int) -> np.ndarra
     grid = grid.reshape(per_thread, threads)
     grid[1::2] = grid[1::2, ::-1].copy()
     return np.ascontiguousarray(grid.T).ravel()
+
+
+def _most_per_thread(work: np.ndarray, order: np.ndarray, threads: int) -> int:
+    """The most pages one thread gets when Numba splits `order` into `threads` equal blocks."""
+    return max(int(work[b[b >= 0]].sum()) for b in np.array_split(order, threads))
+
+
+def work_order(sel: np.ndarray, chunk_slots: int, threads: int, schedule: str) -> np.ndarray:
+    """The kernel's loop order: row order ("static"), or for "balanced" `balanced_order` when it
+    gives the busiest thread fewer pages than row order does (row order keeps a thread's rows
+    together otherwise)."""
+    work = item_pages(sel, chunk_slots)
+    rows = np.arange(work.size, dtype=np.int64)
+    if schedule == "static" or threads <= 1:
+        return rows
+    order = balanced_order(work, threads)
+    if _most_per_thread(work, order, threads) < _most_per_thread(work, rows, threads):
+        return order
+    return rows
 
 
 def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -145,7 +169,7 @@ def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool
     a page); any value >= 1 gives the same state up to float32 rounding. out: optional (o, lse) to
     write into. schedule: "balanced" (a host selection is
     often skewed, e.g. a few requests hold every host page, and Numba splits a loop into equal
-    blocks of items, one per thread: `balanced_order` gives each block about the same pages) or
+    blocks of items, one per thread: `work_order` gives each block about the same pages) or
     "static" (items in row order; kept for comparison). A selection with no page returns o = 0,
     lse = -inf without starting the threads.
     """
@@ -173,10 +197,7 @@ def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool
     with kernel_call() as threads:
         slots = chunk_slots if chunk_slots is not None else chunk_slots_for(busy, s.shape[2], threads)
         slots = max(1, slots)
-        if schedule == "balanced":
-            order = balanced_order(s, slots, threads)
-        else:
-            order = np.arange(B * hkv * max(1, -(-s.shape[2] // slots)), dtype=np.int64)
+        order = work_order(s, slots, threads, schedule)
         _sparse_attention_kernel(qf, scale, k_bits, v_bits, kind, page_size, pt, sl, s, slots,
                                  order, o.numpy().reshape(B * hkv, group, d),
                                  lse.numpy().reshape(B * hkv, group))

@@ -172,17 +172,23 @@ def test_balanced_order_is_a_permutation_with_even_blocks(threads):
     """Every work item once, -1 only as padding, and each thread's block within one item's pages
     of the mean (what a static split of the loop into `threads` blocks then gives each thread)."""
     import numpy as np
-    from vortex_hybrid.cpu_kernels.sparse_decode_attention import balanced_order
+    from vortex_hybrid.cpu_kernels.sparse_decode_attention import (balanced_order, item_pages,
+                                                                   work_order)
     seed = new_seed()
     rng = np.random.default_rng(seed)
     sel = np.full((9, 4, 20), -1, dtype=np.int32)
     sel[:2] = rng.integers(0, 50, size=(2, 4, 20))            # two requests hold every page
     sel[5, 1, :3] = 7
     chunk = 6
-    order = balanced_order(sel, chunk, threads)
+    work = np.pad(sel.reshape(36, 20) >= 0, ((0, 0), (0, 4))).reshape(36, 4, chunk).sum(2).ravel()
+    assert item_pages(sel, chunk).tolist() == work.tolist()
+    order = balanced_order(work, threads)
     n_items = 9 * 4 * 4
     assert order.size % threads == 0
     assert sorted(order[order >= 0].tolist()) == list(range(n_items)), seed
-    work = np.pad(sel.reshape(36, 20) >= 0, ((0, 0), (0, 4))).reshape(36, 4, chunk).sum(2).ravel()
     loads = [work[b[b >= 0]].sum() for b in order.reshape(threads, -1)]
     assert max(loads) - min(loads) <= work.max(), (seed, loads)
+    chosen = work_order(sel, chunk, threads, "balanced")       # skewed: the balanced order wins
+    assert threads == 1 or chosen.tolist() == order.tolist()
+    even = np.tile(np.arange(20, dtype=np.int32), (threads * 4, 4, 1))   # every row alike
+    assert work_order(even, chunk, threads, "balanced").tolist() == list(range(threads * 4 * 4 * 4))
