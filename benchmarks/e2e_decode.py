@@ -477,7 +477,8 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
                       summaries_on_device=attn.memory.summary_on_device,
                       graphs=attn._graphs is not None,
                       step_ran=sorted(set(how)),
-                      plan_ms=statistics.median(st.plan_s[args.warmup:]) * 1e3)
+                      plan_ms=statistics.median(st.plan_s[args.warmup:]) * 1e3,
+                      cpu_attn_bw_live=attn.stats().get("cpu_attn_bw"))
     finally:
         attn.close()
     head_bytes = 2 * args.page_size * s.head_dim * m.embed.element_size()

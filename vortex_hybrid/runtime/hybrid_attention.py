@@ -58,6 +58,7 @@ from ..kv.errors import OutOfPagesError
 from ..kv.paged_kv_cache import PagedKVCache, default_device
 from ..scheduler import cost_model
 from ..scheduler.gpu_page_cache import GpuPageCache
+from ..scheduler.live_rate import LiveCpuRate
 from ..scheduler.step_shape import ShapeChooser, launch_order
 from ..vflow.registry import load_flow
 from ..vflow.summary_store import SummaryStore
@@ -169,6 +170,8 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         if costs is None:           # this machine's figures; logs once those that are defaults
             costs = cost_model.costs_for(self.placement)
         self._costs = costs
+        self._live_cpu = LiveCpuRate(costs.cpu_attn_bw_concurrent, costs.cpu_call_s, self.device)
+        """The CPU's rate as the steps measure it, read by hybrid's split (`scheduler.live_rate`)."""
         self._worker = None
         if host:
             from .. import cpu_kernels
@@ -390,7 +393,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         over the link (concurrent PCIe bandwidth; the cache holds (page, KV head) slots); the
         shares that make both finish together when nothing is cached (the GPU cache only shortens
         the fetches)."""
-        cpu = 1 / self._costs.cpu_attn_bw_concurrent
+        cpu = 1 / self._live_cpu.value
         fetch = 1 / self._costs.h2d_bw_concurrent
         return fetch / (cpu + fetch)
 
@@ -460,6 +463,8 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         self._report_nonfinite([r for r, bad in zip(step.rids, read[len(COUNTS):]) if bad])
         c["bytes_h2d"] = c["fetched_pages"] * self._head_bytes      # page-heads fetched
         c["bytes_cpu"] = c["cpu_pages"] * self._head_bytes
+        if c["cpu_kernel_s"]:
+            self._live_cpu.observe(c["bytes_cpu"], c["cpu_kernel_s"], c.get("cpu_calls", 0))
         c["steps_" + step.shape] = 1
         if self._shape_mode == "auto" and self.placement == "hybrid" and not step.whole:
             self._shapes.record(step.shape_key, step.shape,
@@ -580,8 +585,13 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         """{"last_step": counters of the last completed step, "totals": sums over steps}:
         pages attended on GPU / CPU (page-heads), pages fetched, cache hits / misses (pages),
         evictions, bytes moved over PCIe and read by the CPU, time the GPU side waited for the CPU,
-        host time of the step's run() calls."""
-        return {"last_step": dict(self._last), "totals": dict(self._totals)}
+        host time of the step's run() calls; in `hybrid` also "cpu_attn_bw", the CPU attention
+        rate in bytes/s its split plans with (`scheduler.live_rate`: the cost model's figure,
+        then what whole steps measure)."""
+        out = {"last_step": dict(self._last), "totals": dict(self._totals)}
+        if self.placement == "hybrid":      # the CPU rate its split now plans with
+            out["cpu_attn_bw"] = self._live_cpu.value
+        return out
 
     def close(self) -> None:
         """Stop the CPU worker and release the pools, summaries, page cache and graphs now (not

@@ -93,6 +93,8 @@ class _GraphSet:
         """Seconds the hand-off worker spent in the bound whole step's CPU parts."""
         self.cpu_kernel_s = 0.0
         """Of `cpu_s`, seconds in the CPU attention's call (the rest: the worker's own path)."""
+        self.cpu_calls = 0
+        """CPU attention calls of the bound whole step (layers whose host part was not empty)."""
         self.split = False
         """Whether the whole step's layers ran split (host placements, or a given selection)."""
         self.inputs: dict[str, torch.Tensor] = {}
@@ -117,6 +119,7 @@ class _GraphSet:
         self.cpu_pages = 0
         self.cpu_s = 0.0
         self.cpu_kernel_s = 0.0
+        self.cpu_calls = 0
 
     def run(self, layer: int, part: str, body: Body, state: Sequence[torch.Tensor] = (),
             **tensors: torch.Tensor) -> tuple:

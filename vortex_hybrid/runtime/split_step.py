@@ -73,8 +73,10 @@ class SplitStep:
                 part = future.result()
             c["gpu_wait_s"] += time.perf_counter() - t0
             if part is not None:
-                o_c, lse_c, n_host = part
+                o_c, lse_c, n_host, kernel_s = part
                 c["cpu_pages"] += n_host
+                c["cpu_calls"] += 1
+                c["cpu_kernel_s"] += kernel_s
                 with tr.gpu(layer, "merge"):
                     o, lse = self._gpu.merge(o, lse, o_c.to(self.device), lse_c.to(self.device))
                 return o.to(q.dtype)
@@ -203,7 +205,8 @@ class SplitStep:
         cached. So a fetch is charged its amortised cost: copy time x (1 - reuse x survival),
         reuse = the row's measured selection reuse (`GpuPageCache.reuse`), survival = min(1,
         slots / head-pages wanted this step). Both draw on host DRAM at once, so their concurrent
-        rates apply (docs/hardware.md). Head-pages go to the copy in order of amortised cost (a
+        rates apply (docs/hardware.md; the CPU's as the running steps measure it,
+        `scheduler.live_rate`). Head-pages go to the copy in order of amortised cost (a
         row's share one cost: rows are ordered, not head-pages), until the copy would end after
         the CPU's remaining work: the two then finish together. All on the device, no sync."""
         survive = (self._cache.num_slots / wanted.clamp_min(1).to(torch.float64)).clamp_max(1.0)
@@ -211,7 +214,7 @@ class SplitStep:
         rows = torch.argsort(factor, stable=True)         # a row's head-pages share its cost:
         n = miss.index_select(0, rows).flatten().to(torch.float64)  # rows cheap first, row-major
         cost = factor.index_select(0, rows)[:, None].expand_as(miss).flatten()
-        cpu_s = self._head_bytes / self._costs.cpu_attn_bw_concurrent
+        cpu_s = self._head_bytes / self._live_cpu.tensor       # read at replay: the live rate
         copy = torch.cumsum(cost * n, 0) * (self._head_bytes / self._costs.h2d_bw_concurrent)
         cpu_after = (n.sum() - torch.cumsum(n, 0)) * cpu_s
         stop = (copy > cpu_after) & (copy > cpu_after + n * cpu_s) & (n > 0)
@@ -238,13 +241,16 @@ class SplitStep:
 
     def _cpu_attend(self, layer, q, sel, host_table, lens, ready):
         """On the worker: wait for the front's copies (`ready`, a CUDA event), then attend the
-        host part of the selection; (o, lse, page-heads attended), or None when there is none."""
+        host part of the selection; (o, lse, page-heads attended, seconds in the kernel's call), or
+        None when there is none."""
         if ready is not None:
             ready.synchronize()
         n = int((sel >= 0).sum())
         if n == 0:
             return None
-        return (*self._cpu_state(layer, q, sel, host_table, lens), n)
+        t0 = time.perf_counter()
+        o, lse = self._cpu_state(layer, q, sel, host_table, lens)
+        return o, lse, n, time.perf_counter() - t0
 
     def _cpu_state(self, layer, q, sel, host_table, lens, out=None):
         """The CPU's state (o, lse) over the host part `sel` of a layer's selection (in `out`

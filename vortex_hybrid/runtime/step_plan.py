@@ -132,8 +132,8 @@ def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial:
         step.sum_rows = sum_rows.to(sdev)
     step.nonfinite = torch.zeros(len(rids), dtype=torch.bool, device=dev)
     step.counters = dict.fromkeys(("gpu_pages", "cpu_pages", "fetched_pages", "cache_hits",
-                                   "cache_misses", "evictions"), 0)
-    step.counters.update(gpu_wait_s=0.0, step_host_s=0.0)
+                                   "cache_misses", "evictions", "cpu_calls"), 0)
+    step.counters.update(gpu_wait_s=0.0, step_host_s=0.0, cpu_kernel_s=0.0)
     step.serial = serial
     step.shape, step.shape_key = shape, shape_key
     step.cpu_rows = (torch.arange(len(rids)) < cpu_requests).to(dev)

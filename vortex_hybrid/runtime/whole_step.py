@@ -144,6 +144,7 @@ class WholeStep:
             o, lse = self._cpu_state(layer, io["q"], io["sel"], s.host_table, s.lens_cpu,
                                      out=(io["o"], io["lse"]))
             static.cpu_kernel_s += time.perf_counter() - t0
+            static.cpu_calls += 1
             if o.data_ptr() != io["o"].data_ptr():
                 io["o"].copy_(o)
                 io["lse"].copy_(lse)
@@ -179,7 +180,8 @@ class WholeStep:
                 c["gpu_pages"] += step.resident_pages * self.num_layers
             c["cpu_pages"] += static.cpu_pages
             c["cpu_part_s"] = static.cpu_s      # the hand-off worker's time in the CPU parts
-            c["cpu_kernel_s"] = static.cpu_kernel_s     # of which in the attention kernel's call
+            c["cpu_kernel_s"] += static.cpu_kernel_s    # of which in the attention kernel's calls
+            c["cpu_calls"] += static.cpu_calls          # layers whose host part was not empty
             self._end_step(step, read[:-1])
 
     def _settle_whole(self, step: StepPlan) -> None:
