@@ -47,16 +47,17 @@ def test_hybrid_steps_feed_the_rate_their_split_plans_with(monkeypatch, whole):
     next step's split reads) away from the cost model's figure, whole step or not (seed 3)."""
     from vortex_hybrid.scheduler import live_rate
     from test_hybrid_attention import HKV, HQ, L, D, make
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(live_rate, "MIN_BYTES_PER_CALL", 0)     # test shapes are tiny
     attn = make("hybrid", slots=1, step_shape="subbatch", cache_prefill=False)
     gen = torch.Generator().manual_seed(3)
-    rids = [attn.add_request(torch.randn(L, n, HKV, D, generator=gen),
-                             torch.randn(L, n, HKV, D, generator=gen)) for n in (40, 45)]
+    rids = [attn.add_request(torch.randn(L, n, HKV, D, generator=gen).to(dev),
+                             torch.randn(L, n, HKV, D, generator=gen).to(dev)) for n in (40, 45)]
     before = attn.stats()["cpu_attn_bw"]
     assert before == attn._costs.cpu_attn_bw_concurrent
     attn.plan(rids, whole_step=whole)
     for layer in range(L):
-        q, kn, vn = (torch.randn(2, h, D, generator=gen) for h in (HQ, HKV, HKV))
+        q, kn, vn = (torch.randn(2, h, D, generator=gen).to(dev) for h in (HQ, HKV, HKV))
         attn.run(layer, q, kn, vn)
     if whole:
         attn.finish_step()

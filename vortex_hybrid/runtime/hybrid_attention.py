@@ -190,6 +190,8 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         """Whole steps' static buffers per shape (`whole_step`)."""
         self._whole_handoff = None
         """Whole steps' CPU hand-off (`handoff`), made by the first whole step of a host placement."""
+        self._step_done = None
+        """A blocking CUDA event the driving thread sleeps on at a host placement's finish_step."""
         self._pinned = HostBuffers(pin=self.device.type == "cuda")
         """Eager steps' staging buffers for the CPU hand-off (graph sets have their own)."""
         self._handoff = torch.cuda.Event() if self.device.type == "cuda" else None

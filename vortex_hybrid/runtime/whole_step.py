@@ -162,6 +162,7 @@ class WholeStep:
             static = step.static
             s = static.step
             try:
+                self._sleep_until_done()
                 read = torch.cat([s.counts, s.nonfinite.to(torch.int64), static.ran]).tolist()
                 if read[-1] != self.num_layers:       # (its hand-off step is abandoned)
                     raise RuntimeError(
@@ -183,6 +184,16 @@ class WholeStep:
             c["cpu_kernel_s"] += static.cpu_kernel_s    # of which in the attention kernel's calls
             c["cpu_calls"] += static.cpu_calls          # layers whose host part was not empty
             self._end_step(step, read[:-1])
+
+    def _sleep_until_done(self) -> None:
+        """Host placements on CUDA: wait for the step's GPU work on a blocking event, so this
+        thread sleeps instead of spinning in the copy's synchronisation and leaves its core to the
+        CPU parts still running (one wake-up a step, not a layer)."""
+        if self.placement in HOST_PLACEMENTS and self.device.type == "cuda":
+            if self._step_done is None:
+                self._step_done = torch.cuda.Event(blocking=True)
+            self._step_done.record()
+            self._step_done.synchronize()
 
     def _settle_whole(self, step: StepPlan) -> None:
         """Before undoing a whole step: wait for its work, count the layers whose page-cache
