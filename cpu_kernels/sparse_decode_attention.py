@@ -138,8 +138,12 @@ def balanced_order(work: np.ndarray, threads: int) -> np.ndarray:
 
 
 def _most_per_thread(work: np.ndarray, order: np.ndarray, threads: int) -> int:
-    """The most pages one thread gets when Numba splits `order` into `threads` equal blocks."""
-    return max(int(work[b[b >= 0]].sum()) for b in np.array_split(order, threads))
+    """The most pages one thread gets when Numba splits `order` into `threads` equal blocks
+    (sizes as `np.array_split`: the first `n % threads` blocks one item longer)."""
+    pages = np.where(order >= 0, work[np.maximum(order, 0)], 0)
+    size, extra = divmod(order.size, threads)
+    starts = np.arange(threads) * size + np.minimum(np.arange(threads), extra)
+    return int(np.add.reduceat(pages, starts[starts < order.size]).max()) if order.size else 0
 
 
 def work_order(sel: np.ndarray, chunk_slots: int, threads: int, schedule: str) -> np.ndarray:
