@@ -136,9 +136,9 @@ class WholeStep:
         with torch.inference_mode():        # the buffers are inference tensors (this thread's mode)
             n = int(np.count_nonzero(io["sel"].numpy() >= 0))    # NumPy: no torch thread pool
             static.cpu_pages += n
-            if n == 0:
-                io["o"].zero_()
-                io["lse"].fill_(float("-inf"))
+            if n == 0:                      # NumPy fills: a torch op here would wake torch's
+                io["o"].numpy().fill(0.0)   # own thread pool beside the CPU kernels' threads
+                io["lse"].numpy().fill(-np.inf)
                 return
             t0 = time.perf_counter()
             o, lse = self._cpu_state(layer, io["q"], io["sel"], s.host_table, s.lens_cpu,
