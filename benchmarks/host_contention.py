@@ -24,6 +24,8 @@ Without CUDA only part 1 runs (and part 2 without the copy). Times are medians (
     python benchmarks/host_contention.py [--out DIR] [--pool-gib 8] [--threads 1,2,4,8,14]
     python benchmarks/host_contention.py --pool-gib 1 --threads 1,2 --big-mib 64   # 2 cores
     python benchmarks/host_contention.py --parts skew --threads 8,14                 # skew only
+    python benchmarks/host_contention.py --parts per_call --caller worker   # calls from a thread, as
+                                                                            # the hand-off worker's
 
 JSON to DIR/host_contention.json (DIR: $OUT, else the current folder); the tables are printed.
 """
@@ -37,6 +39,7 @@ import json
 import mmap
 import os
 import statistics
+import threading
 import time
 
 import torch
@@ -233,6 +236,9 @@ def parse(argv=None):
     ap.add_argument("--batch", type=int, default=27, help="requests per call (hybrid's batch)")
     ap.add_argument("--big-mib", type=float, default=256, help="contention call's selected KV, MiB")
     ap.add_argument("--duties", default="1.0,0.5", help="copy duty cycles while the CPU attends")
+    ap.add_argument("--caller", choices=("main", "worker"), default="main",
+                    help="per_call: launch from the main thread or from a second thread (the "
+                         "runtime's hand-off worker calls the CPU kernels), the main one sleeping")
     ap.add_argument("--parts", default="per_call,skew,contention",
                     help="which questions to measure (comma-separated)")
     ap.add_argument("--skew-mib", type=float, default=32,
@@ -253,6 +259,7 @@ def main(argv=None) -> dict:
     if cuda:
         copy_src = torch.empty(1 * GIB, dtype=torch.uint8, pin_memory=True).fill_(1)
     result = dict(date=datetime.date.today().isoformat(), cores=os.cpu_count(), thp=thp_mode(),
+                  caller=a.caller, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                   device=torch.cuda.get_device_name() if cuda else "cpu", pool_gib=a.pool_gib,
                   per_call=[], skew=[], contention=[])
     parts = set(a.parts.split(","))
@@ -269,9 +276,14 @@ def main(argv=None) -> dict:
         print(f"pool {label}: {a.pool_gib} GiB, {got:.2f} GiB in huge pages", flush=True)
         result.setdefault("huge_gib", {})[label] = got
         if not huge and "per_call" in parts:
-            result["per_call"] = per_call(k, v, pages, threads,
-                                          [float(x) for x in a.sizes_mib.split(",")],
-                                          [int(x) for x in a.gaps_us.split(",")], a.batch)
+            args = (k, v, pages, threads, [float(x) for x in a.sizes_mib.split(",")],
+                    [int(x) for x in a.gaps_us.split(",")], a.batch)
+            if a.caller == "main":
+                result["per_call"] = per_call(*args)
+            else:
+                worker = threading.Thread(target=lambda: result.update(per_call=per_call(*args)))
+                worker.start()
+                worker.join()
         if not huge and "skew" in parts:
             result["skew"] = skew(k, v, pages, threads, a.skew_mib,
                                   [float(x) for x in a.shares.split(",")], a.batch)
