@@ -2,7 +2,8 @@
 # Development only: one call on the project's H100 machine (no package registry there): set up,
 # then the named steps, logs and JSON under $OUT.
 #   bash scripts/dev/gpu_machine_run.sh tests demo gpu_topk gpu_attention cpu_attention summary_store
-# (TESTS="tests/test_x.py ..." limits the tests step to those files; HYBRID_STEP_ARGS passes
+# (TESTS="tests/test_x.py ..." limits the tests step to those files; cpu_percall times CPU attention calls
+# from the main thread and from a second thread under both OMP wait policies; HYBRID_STEP_ARGS passes
 # options to benchmarks/hybrid_step.py, whose full grid needs several calls; E2E_ARGS to
 # benchmarks/e2e_decode.py, all of whose modes fit one call at its defaults; sglang_e2e needs the
 # SGLang overlay carried in .overlay/ (build it here: bash scripts/dev/build_sglang_overlay.sh) and
@@ -33,6 +34,11 @@ for step in "$@"; do
     e2e_decode)    timeout ${E2E_TIMEOUT:-570} python3 benchmarks/e2e_decode.py --out "$OUT" ${E2E_ARGS:-} ;;
     head_features) timeout 200 python3 benchmarks/head_features.py --out "$OUT" ;;
     host_contention) timeout ${HOST_CONTENTION_TIMEOUT:-240} python3 benchmarks/host_contention.py --out "$OUT" ${HOST_CONTENTION_ARGS:-} ;;
+    cpu_percall)   for pol in PASSIVE ACTIVE; do for c in main worker; do   # the per-call cost question
+                     OMP_WAIT_POLICY=$pol timeout 60 python3 benchmarks/host_contention.py --parts per_call \
+                       --caller $c --pool-gib 16 --threads 14 --sizes-mib 1,4,32 --gaps-us 0,1000 \
+                       --out "$OUT/percall_${pol}_$c" | grep "per-call" | sed "s/^/$pol $c /"
+                   done; done ;;
     handoff)       timeout 150 python3 benchmarks/handoff.py --out "$OUT" ${HANDOFF_ARGS:-} ;;
     gpu_check)     timeout ${GPU_CHECK_TIMEOUT:-540} bash scripts/gpu_check.sh ${GPU_CHECK_ARGS:-} ;;
     carry)         mkdir -p /tmp/carry && cp -v .carry/* /tmp/carry/ ;;
