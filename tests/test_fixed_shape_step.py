@@ -159,6 +159,32 @@ def test_padding_rows_with_nan_inputs_change_no_request(placement):
         t.close()
 
 
+@pytest.mark.parametrize("placement", ["gpu", "offload", "hybrid/subbatch"])
+def test_padding_rows_between_requests_follow_the_none_in_rids(placement):
+    """plan([a, None, b], fixed=...): rows 0 and 2 are a's and b's (the ordinary step's outputs),
+    rows 1 and 3 padding (zeros); the key is the shape's."""
+    t = Twins(placement, 12)
+    try:
+        a, b = t.add(13), t.add(26)
+        key, _ = t.step([a, b])
+        for _ in range(3):
+            assert t.fixed.plan([a, None, b], whole_step=True, fixed=SHAPE) == key
+            t.plain.plan([t.ids[a], t.ids[b]])
+            for layer in range(L):
+                q, kn, vn = (torch.randn(2, h, D, generator=t.gen) for h in (HQ, HKV, HKV))
+                rows = [torch.stack([x[0], torch.full_like(x[0], float("nan")), x[1],
+                                     torch.full_like(x[0], float("nan"))]).to(DEV)
+                        for x in (q, kn, vn)]
+                got = t.fixed.run(layer, *rows).cpu()
+                want = t.plain.run(layer, q.to(DEV), kn.to(DEV), vn.to(DEV)).cpu()
+                torch.testing.assert_close(got[[0, 2]], want, rtol=1e-5, atol=1e-6)
+                assert not got[[1, 3]].any()
+            t.fixed.finish_step()
+            same_stats(t.fixed, t.plain)
+    finally:
+        t.close()
+
+
 def test_bad_fixed_plans_are_refused_in_one_line_and_change_nothing():
     t = Twins("hybrid/split", 6)
     try:
@@ -167,7 +193,7 @@ def test_bad_fixed_plans_are_refused_in_one_line_and_change_nothing():
         before = state(t.fixed)
         cases = [
             (dict(fixed=SHAPE), "plan(fixed=...) is for whole steps: pass whole_step=True"),
-            (dict(whole_step=True, fixed=FixedShape(2, 16)), "got 3 requests; at most 2"),
+            (dict(whole_step=True, fixed=FixedShape(2, 16)), "got 3 rows; at most 2"),
             (dict(whole_step=True, fixed=FixedShape(4, 5)),
              "holds 6 pages after this step's token; FixedShape.max_pages=5"),
             (dict(whole_step=True, fixed=(4, 16)), "fixed=(4, 16) must be a FixedShape"),
@@ -177,7 +203,7 @@ def test_bad_fixed_plans_are_refused_in_one_line_and_change_nothing():
                 t.fixed.plan(rids, **kw)
             assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
             assert_same(before, state(t.fixed))
-        for bad in ((0, 4), (4, True), (4, 2.5)):
+        for bad in ((0, 4), (4, True), (4, 2.5), (4, 4, 0)):
             with pytest.raises(ValueError, match="must be a positive integer"):
                 FixedShape(*bad)
         t.fixed.plan(rids, whole_step=True, fixed=SHAPE)
@@ -234,5 +260,28 @@ def test_one_captured_graph_per_fixed_shape_serves_every_step(placement):
                                            msg=f"step {i} layer {layer}")
                 assert not buf["out"][layer, n:].any()
             same_stats(t.fixed, t.plain)
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("placement", ["gpu", "cpu", "hybrid/split"])
+def test_calibrated_per_head_budgets_in_fixed_shape_steps_equal_ordinary_steps(tmp_path,
+                                                                              placement):
+    """With a calibration (each (layer, KV head) its own budget ratio, one head at token
+    granularity), the budgets as data give the ordinary step's outputs, step after step, with one
+    key."""
+    from test_calibrated_runtime import calibration_file
+    path = calibration_file(tmp_path, granularity=[["page", "token"], ["page", "page"]],
+                            token_share=0.5)
+    seed = test_seed()
+    print("seed", seed)
+    t = Twins.__new__(Twins)
+    t.fixed, t.plain = make(placement, calibration=path), make(placement, calibration=path)
+    t.plain._graphs = None
+    t.gen, t.kv, t.ids = torch.Generator().manual_seed(seed), {}, {}
+    try:
+        live = [t.add(n) for n in (5, 22, 37)]
+        keys = {t.step(live if i % 3 else live[1:])[0] for i in range(8)}
+        assert len(keys) == 1
     finally:
         t.close()

@@ -281,11 +281,16 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         whole_step: the step's layers will run inside the caller's CUDA graph (`whole_step`);
         returns the key of the graph to replay (None otherwise); `finish_step()` ends the step.
         fixed: with whole_step, a `FixedShape(batch, max_pages)`: the step's tables have that
-        shape whatever the requests (padding rows after them), so every step with it has one key
-        (`fixed_shape`); rids may then be empty (a step of padding only)."""
+        shape whatever the requests, so every step with it has one key (`fixed_shape`); rids may
+        then hold None (a padding row there; the rows past rids are padding too) or be empty (a
+        step of padding only)."""
         step = self._step
         if self._open(step) and step.next_layer > 0 and not step.whole:
             self._check_between_steps("plan")
+        rows = len(rids)
+        positions = [i for i, r in enumerate(rids) if r is not None or fixed is None]
+        if fixed is not None:                         # None: a padding row
+            rids = [r for r in rids if r is not None]
         rids = [self._live(r) for r in rids]
         if not rids and fixed is None:
             raise ValueError("plan([]): a step needs at least one request id (skip the step when "
@@ -293,7 +298,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         if len(set(rids)) != len(rids):
             raise ValueError(f"rids lists a request twice: {rids}")
         if fixed is not None:
-            check_fixed(self, rids, fixed, whole_step)
+            check_fixed(self, rids, rows, fixed, whole_step)
         if self._open(step):
             self._abort(step)                         # replaced: nothing of it ran
         self._check_step_room(rids)
@@ -326,8 +331,8 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
             if self._cache is not None:
                 cache = self._cache
                 if fixed is not None:             # sized once: the fixed key's generation stays
-                    cache.presize(self.max_requests + 1, max(16, 1 << (fixed.max_pages - 1)
-                                                             .bit_length()))
+                    live = fixed.max_requests or self.max_requests
+                    cache.presize(live + 1, max(16, 1 << (fixed.max_pages - 1).bit_length()))
                     pad_rows = cache.rows(torch.tensor([cache.index_of(PAD_OWNER)],
                                                        device=self.device))
                 step.cache_new = [r for r in rids if not cache.has(r)]
@@ -337,7 +342,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
                 cache.next_step()                     # last: cache_rows set = the clock moved
                 step.cache_rows = rows
             if fixed is not None:
-                step = fixed_step(self, step, fixed, self._pad_page, pad_rows)
+                step = fixed_step(self, step, fixed, positions, self._pad_page, pad_rows)
             key = self._plan_whole(step) if whole_step else None
         except BaseException:
             if step is None:
@@ -489,7 +494,10 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         c = dict(step.counters)
         for name, v in zip(COUNTS, read):
             c[name] += v
-        self._report_nonfinite([r for r, bad in zip(step.rids, read[len(COUNTS):]) if bad])
+        flags = read[len(COUNTS):]
+        if step.positions is not None:          # a fixed-shape step: rows, padding among them
+            flags = [flags[p] for p in step.positions]
+        self._report_nonfinite([r for r, bad in zip(step.rids, flags) if bad])
         c["bytes_h2d"] = c["fetched_pages"] * self._head_bytes      # page-heads fetched
         c["bytes_cpu"] = c["cpu_pages"] * self._head_bytes
         c["steps_" + step.shape] = 1

@@ -70,6 +70,7 @@ class StepPlan:
                                                      # `rids` are padding: `fixed_shape`)
     budgets: Optional[torch.Tensor] = None           # int32 [L, B, Hkv] (store device): a fixed-
                                                      # shape step's budgets, one indexer pass
+    positions: Optional[list] = None                 # a fixed-shape step: the row of each rid
 
     @property
     def batch(self) -> int:
