@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vortex_hybrid import HybridAttention, HybridConfig
-from vortex_hybrid.integrations.sglang.config import (ConfigError, build, check_model,
+from vortex_hybrid.integrations.sglang.config import (GRAPHS_ENV, ConfigError, build, check_model,
                                                       check_server_args, load, resolve,
                                                       sglang_kv_dtype)
 from vortex_hybrid.integrations.sglang.request_map import RequestMap
@@ -54,6 +54,36 @@ def test_sglang_settings_the_backend_does_not_run_with_are_refused(kw, pattern):
     with pytest.raises(ConfigError, match=pattern):
         check_server_args(args)
         sglang_kv_dtype(args)
+
+
+def graphs(decode: str, prefill: str = "disabled"):
+    return types.SimpleNamespace(decode=types.SimpleNamespace(backend=decode),
+                                 prefill=types.SimpleNamespace(backend=prefill))
+
+
+@pytest.mark.parametrize("env, config, allowed", [
+    (None, graphs("full"), False),
+    ("1", graphs("full"), True),
+    ("1", graphs("breakable"), False),
+    ("1", graphs("full", "full"), False),
+    ("0", graphs("full"), False),
+])
+def test_full_decode_graphs_pass_only_with_the_opt_in_and_others_stay_one_line_refusals(
+        monkeypatch, env, config, allowed):
+    """GRAPHS_ENV=1 lets SGLang's full decode graphs through (the backend's graph hooks); without
+    it, and for breakable decode or prefill graphs, the refusal is one line naming both fixes."""
+    if env is None:
+        monkeypatch.delenv(GRAPHS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(GRAPHS_ENV, env)
+    args = server_args(disable_cuda_graph=False, cuda_graph_config=config)
+    if allowed:
+        check_server_args(args)
+        return
+    with pytest.raises(ConfigError) as err:
+        check_server_args(args)
+    msg = str(err.value)
+    assert "\n" not in msg and "--disable-cuda-graph" in msg and f"{GRAPHS_ENV}=1" in msg
 
 
 def test_cpu_engines_need_no_cuda_graph_flag_and_the_kv_dtype_follows_sglang():
