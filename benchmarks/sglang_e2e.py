@@ -97,7 +97,7 @@ def run_engine(run: str, model: Path, prompts: list[list[int]], args, cuda: bool
         if cuda and args.sglang_graphs:
             from vortex_hybrid.integrations.sglang.config import GRAPHS_ENV
             os.environ[GRAPHS_ENV] = "1"             # the engine's processes inherit it
-            kw["cuda_graph_max_bs_decode"] = args.batch
+            kw.update(cuda_graph_max_bs_decode=args.batch, disable_prefill_cuda_graph=True)
         else:
             kw["disable_cuda_graph"] = True
     t0 = time.perf_counter()

@@ -84,6 +84,7 @@ def test_full_decode_graphs_pass_only_with_the_opt_in_and_others_stay_one_line_r
         check_server_args(args)
     msg = str(err.value)
     assert "\n" not in msg and "--disable-cuda-graph" in msg and f"{GRAPHS_ENV}=1" in msg
+    assert "--disable-prefill-cuda-graph" in msg
 
 
 def test_cpu_engines_need_no_cuda_graph_flag_and_the_kv_dtype_follows_sglang():

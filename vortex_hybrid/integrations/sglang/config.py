@@ -28,7 +28,8 @@ GRAPHS_ENV = "VORTEX_HYBRID_SGLANG_CUDA_GRAPHS"
 (fixed-shape whole steps, docs/sglang.md) are built and tested on the CPU but not yet on a GPU."""
 CUDA_GRAPH_REFUSAL = ("SGLang's CUDA graphs are not validated on a GPU yet with --attention-backend "
                       "vortex_hybrid: pass --disable-cuda-graph (Engine: disable_cuda_graph=True), "
-                      f"or set {GRAPHS_ENV}=1 to try full decode graphs")
+                      f"or try full decode graphs: {GRAPHS_ENV}=1 with "
+                      "--disable-prefill-cuda-graph")
 _SGLANG_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "half": "float16",
                   "float32": "float32", "float": "float32"}
 
