@@ -213,3 +213,48 @@ def test_a_graph_step_whose_cpu_part_fails_aborts_its_requests_not_the_engine(gr
     finally:
         sizing.FAILED.clear()
         world.ours.runtime.close()
+
+
+def engine_tokens(model, backend: str, config: str | None, graphs: bool) -> list[list[int]]:
+    """Greedy tokens of two batches (3 requests of different lengths, padded to SGLang's bucket of
+    4; then 4 requests, one joining a running batch) from one CUDA engine."""
+    import random
+
+    import sglang as sgl
+
+    from vortex_hybrid.integrations.sglang.shutdown import shut_down
+    rng = random.Random(21)
+    batches = [[[256] + [rng.randrange(256) for _ in range(n)] for n in (300, 77, 150)],
+               [[256] + [rng.randrange(256) for _ in range(n)] for n in (40, 500, 9, 260)]]
+    kw = dict(model_path=str(model), attention_backend=backend, sampling_backend="pytorch",
+              dtype="bfloat16", skip_tokenizer_init=True, page_size=16, random_seed=0,
+              mem_fraction_static=0.3, max_running_requests=4, cuda_graph_max_bs_decode=4,
+              disable_radix_cache=True)
+    if config is not None:
+        kw["vortex_hybrid_config"] = config
+    if not graphs:
+        kw["disable_cuda_graph"] = True
+    elif backend == "vortex_hybrid":
+        kw["disable_prefill_cuda_graph"] = True
+    print(f"engine {backend} {config} graphs={graphs}")
+    llm = sgl.Engine(**kw)
+    try:
+        params = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
+        return [o["output_ids"] for batch in batches
+                for o in llm.generate(input_ids=batch, sampling_params=params)]
+    finally:
+        shut_down(llm)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SGLang's CUDA graphs need CUDA")
+@pytest.mark.parametrize("placement", ["gpu", "hybrid"])
+def test_an_engine_with_sglang_decode_graphs_gives_triton_tokens_at_full_budget(
+        tmp_path, monkeypatch, placement):
+    """A whole CUDA engine with SGLang's decode graphs on (the opt-in): at full budget the greedy
+    tokens equal SGLang's `triton` backend's (its graphs on too), batch sizes padded to buckets."""
+    from tiny_llama import write_tiny_llama
+    model = write_tiny_llama(tmp_path / "tiny-llama-64", head_dim=64, dtype="bfloat16")
+    monkeypatch.setenv(GRAPHS_ENV, "1")
+    want = engine_tokens(model, "triton", None, graphs=True)
+    cfg = '{"placement": "%s", "budget_ratio": 1.0, "gpu_cache_pages": 64}' % placement
+    assert engine_tokens(model, "vortex_hybrid", cfg, graphs=True) == want
