@@ -205,3 +205,21 @@ def test_request_map_follows_recycled_rows_chunks_and_frees():
     assert b not in runtime.kv.request_ids and len(m) == 1
     m.clear()
     assert runtime.kv.request_ids == []
+
+
+@pytest.mark.parametrize("placement", ["gpu", "hybrid"])
+def test_sglang_is_promised_one_page_less_when_its_decode_graphs_take_the_padding_page(
+        monkeypatch, placement):
+    """With the graph opt-in, the fixed-shape steps' scratch page is not promised to SGLang:
+    `gpu` one page fewer tokens, `hybrid` one request fewer (its tail pages)."""
+    from vortex_hybrid.integrations.sglang.sizing import max_requests_of, tokens_of
+    cfg = HybridConfig(page_size=16, placement=placement)
+    mem = types.SimpleNamespace(device_pages=100, host_pages=1000, gpu_cache_pages=40)
+    monkeypatch.delenv(GRAPHS_ENV, raising=False)
+    off = (tokens_of(cfg, mem), max_requests_of(cfg, mem))
+    monkeypatch.setenv(GRAPHS_ENV, "1")
+    on = (tokens_of(cfg, mem), max_requests_of(cfg, mem))
+    if placement == "gpu":
+        assert (off[0] - on[0], off[1], on[1]) == (16, None, None)
+    else:
+        assert (off[0], off[1] - on[1]) == (on[0], 1)
