@@ -18,7 +18,7 @@ from test_runtime_transactions import assert_same, state
 from test_whole_step import same_stats
 
 from vortex_hybrid import HybridAttention, HybridConfig
-from vortex_hybrid.runtime.fixed_shape import FixedShape
+from vortex_hybrid.runtime import FixedShape
 
 PLACEMENTS = ["dense", "gpu", "cpu", "offload", "hybrid/split", "hybrid/subbatch"]
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -52,7 +52,7 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from ...config import HybridConfig
-from ...runtime.fixed_shape import FixedShape
+from ...runtime import FixedShape
 from ...runtime.hybrid_attention import HybridAttention
 from ...runtime.memory_model import HOST_PLACEMENTS, TAIL_PAGES
 from ...kv.errors import OutOfPagesError
