@@ -13,6 +13,7 @@ arguments as given.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import weakref
@@ -54,7 +55,7 @@ class BoundFlow:
         """Summary name -> (r, c) per page and KV head."""
         return self.compiled.summaries
 
-    @property
+    @functools.cached_property
     def takes_budgets(self) -> bool:
         """Whether the indexer kernel takes per-(request, KV head) budgets in one call
         (`budgets=`; the library's lowerings do, `flow_kernels`)."""
