@@ -15,16 +15,7 @@ SGLang drives it per forward batch: `init_forward_metadata(batch)` once, then ea
 - **decode**: `init_forward_metadata` syncs the rows (a no-op check in the steady state) and calls
   `HybridAttention.plan` once for all layers; each layer returns `HybridAttention.run`.
 - **decode in SGLang's CUDA graphs** (decode backend `full`, with `config.GRAPHS_ENV=1`): one
-  graph per batch-size bucket over the runtime's fixed-shape whole steps (`runtime.fixed_shape`:
-  `FixedShape(bucket, pages of SGLang's longest request)`, one key per bucket). Capture:
-  `init_forward_metadata_out_graph(in_capture=True)` plans a step of padding only for the bucket,
-  `on_after_cuda_graph_warmup` plans it again after each warm-up run, so the capture records
-  layers 0..L-1 over that bucket's static buffers. Replay: `init_forward_metadata_out_graph` gets
-  SGLang's padded batch (real rows first, `num_padding` dummy rows after), syncs the real rows and
-  plans them with the padding as padding rows (a row the runtime refused is padding too); the key
-  must be the bucket's captured one. The step is finished (`HybridAttention.finish_step`, one
-  sync) at the backend's next call, before anything else: a failure there aborts the step's
-  requests (`sizing.FAILED`), never the engine.
+  graph per batch-size bucket over the runtime's fixed-shape whole steps (`decode_graphs`).
 - **requests**: SGLang's request-pool rows recycle; `RequestMap` ties a runtime request to a row
   and its generation, and the pool's `free` (wrapped on this backend's pool object) drops finished
   requests between steps.
@@ -52,12 +43,12 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from ...config import HybridConfig
-from ...runtime import FixedShape
 from ...runtime.hybrid_attention import HybridAttention
 from ...runtime.memory_model import HOST_PLACEMENTS, TAIL_PAGES
 from ...kv.errors import OutOfPagesError
 from . import sizing
-from .config import CUDA_GRAPH_REFUSAL, GRAPHS_ENV, ConfigError, check_model
+from .config import ConfigError, check_model
+from .decode_graphs import DecodeGraphs
 from .request_map import RequestMap
 
 log = logging.getLogger(__name__)
@@ -101,7 +92,7 @@ def _prefill_backend(model_runner, device: torch.device):
     raise ConfigError(f"{PREFILL_ENV}={name!r} must be 'triton' or 'torch_native'")
 
 
-class VortexHybridBackend(AttentionBackend):
+class VortexHybridBackend(DecodeGraphs, AttentionBackend):
     """SGLang attention backend `vortex_hybrid` (module docstring)."""
 
     def __init__(self, model_runner, cfg: HybridConfig) -> None:
@@ -142,12 +133,7 @@ class VortexHybridBackend(AttentionBackend):
         self._checked: set[int] = set()
         self._extend_batch = None              # the extend batch as the dense backend sees it
         self._decode_live = None               # decode: batch positions the runtime serves
-        self.graph_keys: dict[int, tuple] = {}
-        """SGLang's decode graphs: bucket (padded batch size) -> the runtime key captured for it."""
-        self._graph_pages = 0                  # FixedShape.max_pages of every bucket
-        self._capture: FixedShape | None = None   # the bucket being captured
-        self._open_graph_step: list | None = None  # a replayed step's (row, generation)s, until
-                                                   # finished at the next call
+        self._init_graphs()
         self._watch_frees(self.req_to_token_pool)
         cap = self.runtime.capacity()
         log.info(sizing.describe(cfg, self.runtime.memory,
@@ -353,78 +339,6 @@ class VortexHybridBackend(AttentionBackend):
             raise ConfigError(f"layer {layer.layer_id}: " + "; ".join(problems) +
                               " is not supported by the hybrid runtime")
         self._checked.add(layer.layer_id)
-
-    # ---- SGLang's decode CUDA graphs (module docstring) -----------------------------------------
-    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        """Before the captures: every bucket's tables are as wide as SGLang's longest request
-        (its request pool's context length) in pages. Refused without `config.GRAPHS_ENV=1`."""
-        if os.environ.get(GRAPHS_ENV) != "1":
-            raise ConfigError(CUDA_GRAPH_REFUSAL)
-        context = int(self.req_to_token_pool.req_to_token.shape[1])
-        self._graph_pages = -(-context // self.cfg.page_size)
-
-    def get_cuda_graph_seq_len_fill_value(self):
-        return 1
-
-    def _graph_shape(self, batch: int) -> FixedShape:
-        return FixedShape(batch, self._graph_pages, int(self.req_to_token_pool.size))
-
-    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
-        """Outside the graph, before a capture (`in_capture`: a step of padding only for the
-        bucket) or a replay (the batch's real rows planned, padded to the bucket); the runtime's
-        key must be the one captured for the bucket."""
-        self._end_graph_step()
-        self._decode_live = None                    # graphs: every row runs, padding included
-        bs = int(forward_batch.batch_size)
-        shape = self._graph_shape(bs)
-        if in_capture:
-            self._capture = shape
-            self.graph_keys[bs] = self.runtime.plan([], whole_step=True, fixed=shape)
-            return
-        self.requests.drop_freed()
-        self._capture = None
-        real = bs - int(getattr(forward_batch, "num_padding", 0) or 0)
-        rows, gens = self._rows(forward_batch)
-        lens = (forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None
-                else forward_batch.seq_lens).tolist()
-        rids, keys = [], []
-        for i in range(real):
-            if (rows[i], gens[i]) in sizing.FAILED:
-                rids.append(None)                   # refused by the runtime: a padding row
-                continue
-            rids.append(self.requests.sync(rows[i], gens[i], lens[i] - 1, self._reader(rows[i])))
-            keys.append((rows[i], gens[i]))
-        key = self.runtime.plan(rids, whole_step=True, fixed=shape)
-        if key != self.graph_keys.get(bs):
-            self.runtime.cancel_step()
-            raise RuntimeError(f"vortex_hybrid: the runtime's step key {key} for batch size {bs} "
-                               f"differs from the one captured ({self.graph_keys.get(bs)}); the "
-                               "captured graph would read other buffers")
-        self._open_graph_step = keys
-
-    def on_after_cuda_graph_warmup(self):
-        """After each warm-up run of a capture: the bucket's padding step planned again, so the
-        next run (the capture) starts at layer 0 over the same static buffers."""
-        if self._capture is not None:
-            self.runtime.plan([], whole_step=True, fixed=self._capture)
-
-    def _end_graph_step(self) -> None:
-        """Finish a replayed step (one sync: its counters, NaN flags, the CPU side's errors), or
-        drop a capture's padding step; a step that failed aborts its requests."""
-        keys, self._open_graph_step = self._open_graph_step, None
-        if self._capture is not None:
-            self._capture = None
-            self.runtime.cancel_step()
-        if keys is None:
-            return
-        try:
-            self.runtime.finish_step()
-        except Exception as exc:                    # the step is undone: its requests end
-            log.error("vortex_hybrid: a decode step in SGLang's CUDA graph failed, aborting its "
-                      "%d requests: %s", len(keys), exc)
-            for row, gen in keys:
-                sizing.FAILED[(row, gen)] = f"decode step failed: {exc}"
-                self.requests.drop(row)
 
     def support_triton(self) -> bool:
         return False
