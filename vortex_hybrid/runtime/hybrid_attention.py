@@ -332,7 +332,12 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
                 cache = self._cache
                 if fixed is not None:             # sized once: the fixed key's generation stays
                     live = fixed.max_requests or self.max_requests
+                    gen = cache.generation
                     cache.presize(live + 1, max(16, 1 << (fixed.max_pages - 1).bit_length()))
+                    if cache.generation != gen:
+                        log.info("vortex_hybrid runtime: page cache state sized for %d requests "
+                                 "of %d pages (fixed-shape steps): %.2f GiB", live + 1,
+                                 cache.max_pages, cache.state_bytes() / 2**30)
                     pad_rows = cache.rows(torch.tensor([cache.index_of(PAD_OWNER)],
                                                        device=self.device))
                 step.cache_new = [r for r in rids if not cache.has(r)]
