@@ -9,8 +9,10 @@ per key.
 
 from __future__ import annotations
 
+import hypothesis.strategies as st
 import pytest
 import torch
+from hypothesis import given, settings
 
 from conftest import test_seed
 from test_hybrid_attention import HKV, HQ, L, D, P, reference_output
@@ -285,3 +287,82 @@ def test_calibrated_per_head_budgets_in_fixed_shape_steps_equal_ordinary_steps(t
         assert len(keys) == 1
     finally:
         t.close()
+
+
+def test_a_fixed_plan_without_a_free_page_for_the_padding_rows_changes_nothing():
+    """The first fixed-shape step needs one device page for its padding rows: with none free the
+    plan raises OutOfPagesError naming it and every request, pool and counter is as before; an
+    ordinary step still runs."""
+    from vortex_hybrid.kv.errors import OutOfPagesError
+    cfg = HybridConfig(page_size=P, flow="quest", budget_ratio=0.4, sink_pages=1, recent_pages=2,
+                       placement="gpu", kv_dtype="float32")
+    attn = HybridAttention(cfg, L, HQ, HKV, D, device_pages=3, host_pages=0)
+    try:
+        gen = torch.Generator().manual_seed(13)
+        rid = attn.add_request(*(torch.randn(L, 3 * P - 1, HKV, D, generator=gen).to(DEV)
+                                 for _ in "kv"))
+        assert attn.kv.device_alloc.num_free == 0
+        before = state(attn)
+        with pytest.raises(OutOfPagesError, match="one device page for its padding rows"):
+            attn.plan([rid], whole_step=True, fixed=SHAPE)
+        assert_same(before, state(attn))
+        attn.plan([rid])
+        for layer in range(L):
+            attn.run(layer, *(torch.randn(1, h, D, generator=gen).to(DEV) for h in (HQ, HKV, HKV)))
+        assert attn.kv.seq_len(rid) == 3 * P
+    finally:
+        attn.close()
+
+
+
+@pytest.mark.parametrize("placement", ["gpu", "offload", "hybrid/split"])
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16),
+       ops=st.lists(st.tuples(st.sampled_from(["add", "step", "step", "step", "remove"]),
+                              st.integers(0, 3 * P + 2), st.integers(0, 15)),
+                    min_size=4, max_size=12))
+def test_random_joins_leaves_and_padding_positions_keep_one_key_and_ordinary_outputs(
+        placement, seed, ops):
+    """Requests join and leave at random, each step puts the live requests (up to 4) at random
+    rows of the 4 with padding between: one key, and the ordinary twin's outputs."""
+    t = Twins(placement, seed)
+    live: list[int] = []
+    keys = set()
+    try:
+        for op, n, where in ops:
+            if op == "add" and len(live) < 4 or not live:
+                live.append(t.add(n))
+            elif op == "remove" and len(live) > 1:
+                t.remove(live.pop(n % len(live)))
+            else:
+                rows = [None] * SHAPE.batch             # the live requests at rows picked by `where`
+                free = list(range(SHAPE.batch))
+                for i, rid in enumerate(live):
+                    rows[free.pop((where + i) % len(free))] = rid
+                keys.add(step_at_rows(t, rows))
+        assert len(keys) <= 1, keys
+    finally:
+        t.close()
+
+
+def step_at_rows(t: Twins, rows: list) -> tuple:
+    """One fixed step with the requests at `rows` (None: padding), NaN padding; checks every row
+    against the ordinary twin's step over the requests alone (the test's own copy of the KV,
+    `Twins.kv`, is not kept: the twin is the oracle here). Returns the key."""
+    rids = [r for r in rows if r is not None]
+    key = t.fixed.plan(rows, whole_step=True, fixed=SHAPE)
+    t.plain.plan([t.ids[r] for r in rids])
+    at = [i for i, r in enumerate(rows) if r is not None]
+    for layer in range(L):
+        real = [torch.randn(len(rids), h, D, generator=t.gen) for h in (HQ, HKV, HKV)]
+        full = [torch.full((SHAPE.batch, h, D), float("nan")) for h in (HQ, HKV, HKV)]
+        for f, x in zip(full, real):
+            f[at] = x
+        got = t.fixed.run(layer, *(f.to(DEV) for f in full)).cpu()
+        want = t.plain.run(layer, *(x.to(DEV) for x in real)).cpu()
+        torch.testing.assert_close(got[at], want, rtol=1e-5, atol=1e-6)
+        pad = [i for i in range(SHAPE.batch) if i not in at]
+        assert not got[pad].any()
+    t.fixed.finish_step()
+    same_stats(t.fixed, t.plain)
+    return key
