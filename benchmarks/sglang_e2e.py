@@ -160,6 +160,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8192, help="SGLang's --chunked-prefill-size")
     ap.add_argument("--sglang-graphs", action="store_true",
                     help="vortex_hybrid runs with SGLang's decode CUDA graphs on (CUDA only)")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 unless every run finished and every PLACEMENT@full run gave "
+                         "triton's tokens (a validation, e.g. with --sglang-graphs)")
     ap.add_argument("--no-overlap", action="store_true",
                     help="every run with SGLang's overlap scheduler off (--disable-overlap-schedule)")
     ap.add_argument("--runs", default=RUNS,
@@ -200,6 +203,13 @@ def main() -> None:
         result["runs"].append(r)
         path.write_text(json.dumps(result, indent=1))
     table(result)
+    if args.check:
+        bad = [r["run"] for r in result["runs"] if "error" in r or (
+            r["run"].endswith("@full") and r.get("same_as_triton") != args.batch)]
+        if bad or base is None:
+            raise SystemExit(f"sglang_e2e --check: failed or not triton's tokens: "
+                             f"{bad or ['triton (no baseline)']}")
+        print("sglang_e2e --check: every run finished; every @full run gave triton's tokens")
 
 
 def table(result: dict) -> None:
