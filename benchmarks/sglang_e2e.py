@@ -4,8 +4,9 @@ against SGLang's own dense `triton` backend, and do they produce the same greedy
 Starts one `sgl.Engine` per run on the same Llama-shaped model and the same long-context batch
 (--batch random prompts of --context tokens, --new greedy tokens each, radix cache off so every run
 prefills the whole batch): SGLang's `triton` backend (CUDA graphs on, its normal mode) and
-`vortex_hybrid` in each placement (SGLang's CUDA graphs off: the backend refuses them; the runtime
-captures its own). A run is `triton`, or `PLACEMENT` (sparse, --budget of the pages, quest) or
+`vortex_hybrid` in each placement (SGLang's CUDA graphs off, the runtime capturing its own per-layer
+graphs; with --sglang-graphs, SGLang's decode graphs on over the backend's graph hooks, which
+VORTEX_HYBRID_SGLANG_CUDA_GRAPHS=1 lets through while they are not validated on a GPU). A run is `triton`, or `PLACEMENT` (sparse, --budget of the pages, quest) or
 `PLACEMENT@full` (budget_ratio 1.0: every page, the output must equal triton's). Per run: decode
 throughput and time per output token (TPOT, from timed generates of --new and of 2 x --new tokens,
 the faster of two of each: prefill and the previous call's clean-up cancel),
@@ -92,8 +93,13 @@ def run_engine(run: str, model: Path, prompts: list[list[int]], args, cuda: bool
         cfg = None
     else:
         cfg = hybrid_config(run, args)
-        kw.update(attention_backend="vortex_hybrid", disable_cuda_graph=True,
-                  vortex_hybrid_config=json.dumps(cfg))
+        kw.update(attention_backend="vortex_hybrid", vortex_hybrid_config=json.dumps(cfg))
+        if cuda and args.sglang_graphs:
+            from vortex_hybrid.integrations.sglang.config import GRAPHS_ENV
+            os.environ[GRAPHS_ENV] = "1"             # the engine's processes inherit it
+            kw.update(cuda_graph_max_bs_decode=args.batch, disable_prefill_cuda_graph=True)
+        else:
+            kw["disable_cuda_graph"] = True
     t0 = time.perf_counter()
     llm = sgl.Engine(**kw)
     start_s = time.perf_counter() - t0
@@ -117,6 +123,7 @@ def run_engine(run: str, model: Path, prompts: list[list[int]], args, cuda: bool
         shut_down(llm)                           # so that the next run's engine can start
     decode_s = t_all - t_first                   # args.new more tokens per request
     r = {"run": run, "config": cfg, "engine_start_s": round(start_s, 2),
+         "sglang_graphs": bool(cuda and (run == "triton" or args.sglang_graphs)),
          "generate_new_s": round(t_first, 4), "generate_2new_s": round(t_all, 4),
          "tpot_ms": None, "decode_tok_s": None, "output_ids": [o["output_ids"] for o in outs]}
     if decode_s <= 0:        # timing noise larger than the decode: the outputs still count
@@ -151,6 +158,11 @@ def main() -> None:
     ap.add_argument("--cache", type=float, default=0.1,
                     help="GPU page cache of the host placements, as a share of the batch's pages")
     ap.add_argument("--chunk", type=int, default=8192, help="SGLang's --chunked-prefill-size")
+    ap.add_argument("--sglang-graphs", action="store_true",
+                    help="vortex_hybrid runs with SGLang's decode CUDA graphs on (CUDA only)")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 unless every run finished and every PLACEMENT@full run gave "
+                         "triton's tokens (a validation, e.g. with --sglang-graphs)")
     ap.add_argument("--no-overlap", action="store_true",
                     help="every run with SGLang's overlap scheduler off (--disable-overlap-schedule)")
     ap.add_argument("--runs", default=RUNS,
@@ -191,6 +203,13 @@ def main() -> None:
         result["runs"].append(r)
         path.write_text(json.dumps(result, indent=1))
     table(result)
+    if args.check:
+        bad = [r["run"] for r in result["runs"] if "error" in r or (
+            r["run"].endswith("@full") and r.get("same_as_triton") != args.batch)]
+        if bad or base is None:
+            raise SystemExit(f"sglang_e2e --check: failed or not triton's tokens: "
+                             f"{bad or ['triton (no baseline)']}")
+        print("sglang_e2e --check: every run finished; every @full run gave triton's tokens")
 
 
 def table(result: dict) -> None:

@@ -19,6 +19,8 @@ Shapes (B requests, Hq query heads, Hkv KV heads, G = Hq / Hkv, D head_dim, R su
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 from numba import njit, prange
@@ -123,8 +125,13 @@ def launch_page_scores(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, page_t
 
 def launch_indexer(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, page_table: torch.Tensor,
                    seq_lens: torch.Tensor, budget: int, sink: int, recent: int, page_size: int,
-                   quest: bool) -> torch.Tensor:
-    """Unchecked launcher: sel int32 [B, Hkv, budget]; arguments as in `launch_page_scores`."""
+                   quest: bool, budgets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Unchecked launcher: sel int32 [B, Hkv, budget]; arguments as in `launch_page_scores`;
+    budgets int32 [B, Hkv] (or None): each row trimmed to its own (`flow_kernels.keep_budgets`)."""
     scores = launch_page_scores(q, a, b, page_table, seq_lens, page_size, quest)
-    return launch_topk_pages(scores, budget, pages_of(seq_lens, page_size).to(torch.int32), sink,
-                             recent)
+    num_pages = pages_of(seq_lens, page_size).to(torch.int32)
+    sel = launch_topk_pages(scores, budget, num_pages, sink, recent)
+    if budgets is None:
+        return sel
+    from vortex_hybrid.flow_kernels import keep_budgets
+    return keep_budgets(sel, scores, budgets, num_pages, sink, recent)

@@ -26,6 +26,8 @@ The mirror of `cpu_kernels.page_scoring`.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -105,12 +107,19 @@ def launch_page_scores(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, page_t
 
 def launch_indexer(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, page_table: torch.Tensor,
                    seq_lens: torch.Tensor, budget: int, sink: int, recent: int, page_size: int,
-                   quest: bool, block_pages: int = BLOCK_PAGES, **config) -> torch.Tensor:
-    """Unchecked launcher: sel int32 [B, Hkv, budget]; arguments as in `launch_page_scores`.
+                   quest: bool, budgets: Optional[torch.Tensor] = None,
+                   block_pages: int = BLOCK_PAGES, **config) -> torch.Tensor:
+    """Unchecked launcher: sel int32 [B, Hkv, budget]; arguments as in `launch_page_scores`;
+    budgets int32 [B, Hkv] (or None): each row trimmed to its own (`flow_kernels.keep_budgets`).
     `config` overrides the top-k launch choices (`topk_pages.row_config`)."""
     sel = torch.empty(q.shape[0], a.shape[1], budget, dtype=torch.int32, device=q.device)
     if sel.numel() == 0:
         return sel
     scores = launch_page_scores(q, a, b, page_table, seq_lens, page_size, quest, block_pages)
-    return launch_topk_pages(scores, budget, seq_lens.to(torch.int32), sink, recent, sel,
-                             page_size=page_size, **config)
+    sel = launch_topk_pages(scores, budget, seq_lens.to(torch.int32), sink, recent, sel,
+                            page_size=page_size, **config)
+    if budgets is None:
+        return sel
+    from vortex_hybrid.flow_kernels import keep_budgets
+    num_pages = (seq_lens.to(torch.int32) + page_size - 1) // page_size
+    return keep_budgets(sel, scores, budgets, num_pages, sink, recent)

@@ -146,6 +146,18 @@ class GpuPageCache:
         if pages > self.max_pages:
             self._grow(pages=max(pages, 2 * self.max_pages))
 
+    def presize(self, requests: int, pages: int) -> None:
+        """Room for `requests` requests of up to `pages` pages now, so that no later step within
+        those bounds reallocates the state (the generation stays: fixed-shape steps' graphs)."""
+        if requests > self.max_requests or pages > self.max_pages:
+            self._grow(requests=requests, pages=pages)
+
+    def state_bytes(self) -> int:
+        """Bytes of the state and its undo copies (what `presize` and growth allocate)."""
+        return sum(t.numel() * t.element_size() for t in
+                   (self.slot_of, self.owner, self.stamp, self.seen, self.reuse, self.held,
+                    *self._backup))
+
     @property
     def max_pages(self) -> int:
         return self.slot_of.shape[2] - 1

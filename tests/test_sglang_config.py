@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vortex_hybrid import HybridAttention, HybridConfig
-from vortex_hybrid.integrations.sglang.config import (ConfigError, build, check_model,
+from vortex_hybrid.integrations.sglang.config import (GRAPHS_ENV, ConfigError, build, check_model,
                                                       check_server_args, load, resolve,
                                                       sglang_kv_dtype)
 from vortex_hybrid.integrations.sglang.request_map import RequestMap
@@ -54,6 +54,37 @@ def test_sglang_settings_the_backend_does_not_run_with_are_refused(kw, pattern):
     with pytest.raises(ConfigError, match=pattern):
         check_server_args(args)
         sglang_kv_dtype(args)
+
+
+def graphs(decode: str, prefill: str = "disabled"):
+    return types.SimpleNamespace(decode=types.SimpleNamespace(backend=decode),
+                                 prefill=types.SimpleNamespace(backend=prefill))
+
+
+@pytest.mark.parametrize("env, config, allowed", [
+    (None, graphs("full"), False),
+    ("1", graphs("full"), True),
+    ("1", graphs("breakable"), False),
+    ("1", graphs("full", "full"), False),
+    ("0", graphs("full"), False),
+])
+def test_full_decode_graphs_pass_only_with_the_opt_in_and_others_stay_one_line_refusals(
+        monkeypatch, env, config, allowed):
+    """GRAPHS_ENV=1 lets SGLang's full decode graphs through (the backend's graph hooks); without
+    it, and for breakable decode or prefill graphs, the refusal is one line naming both fixes."""
+    if env is None:
+        monkeypatch.delenv(GRAPHS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(GRAPHS_ENV, env)
+    args = server_args(disable_cuda_graph=False, cuda_graph_config=config)
+    if allowed:
+        check_server_args(args)
+        return
+    with pytest.raises(ConfigError) as err:
+        check_server_args(args)
+    msg = str(err.value)
+    assert "\n" not in msg and "--disable-cuda-graph" in msg and f"{GRAPHS_ENV}=1" in msg
+    assert "--disable-prefill-cuda-graph" in msg
 
 
 def test_cpu_engines_need_no_cuda_graph_flag_and_the_kv_dtype_follows_sglang():
@@ -174,3 +205,21 @@ def test_request_map_follows_recycled_rows_chunks_and_frees():
     assert b not in runtime.kv.request_ids and len(m) == 1
     m.clear()
     assert runtime.kv.request_ids == []
+
+
+@pytest.mark.parametrize("placement", ["gpu", "hybrid"])
+def test_sglang_is_promised_one_page_less_when_its_decode_graphs_take_the_padding_page(
+        monkeypatch, placement):
+    """With the graph opt-in, the fixed-shape steps' scratch page is not promised to SGLang:
+    `gpu` one page fewer tokens, `hybrid` one request fewer (its tail pages)."""
+    from vortex_hybrid.integrations.sglang.sizing import max_requests_of, tokens_of
+    cfg = HybridConfig(page_size=16, placement=placement)
+    mem = types.SimpleNamespace(device_pages=100, host_pages=1000, gpu_cache_pages=40)
+    monkeypatch.delenv(GRAPHS_ENV, raising=False)
+    off = (tokens_of(cfg, mem), max_requests_of(cfg, mem))
+    monkeypatch.setenv(GRAPHS_ENV, "1")
+    on = (tokens_of(cfg, mem), max_requests_of(cfg, mem))
+    if placement == "gpu":
+        assert (off[0] - on[0], off[1], on[1]) == (16, None, None)
+    else:
+        assert (off[0], off[1] - on[1]) == (on[0], 1)

@@ -247,6 +247,21 @@ def check_counts(budget, sink, recent) -> None:
           "selects all of them)")
 
 
+def check_budgets(budgets, batch: int, num_kv_heads: int, budget, sink, recent, device) -> None:
+    """Per-(request, KV head) budgets of one indexer call: int32 [batch, num_kv_heads] on `device`,
+    each in [sink + recent, budget] (synchronises: checked calls only)."""
+    _need(isinstance(budgets, torch.Tensor) and budgets.dtype == torch.int32
+          and tuple(budgets.shape) == (batch, num_kv_heads) and budgets.device == device,
+          f"budgets must be an int32 tensor [{batch}, {num_kv_heads}] on {device}, got "
+          f"{getattr(budgets, 'dtype', type(budgets).__name__)} "
+          f"{tuple(getattr(budgets, 'shape', ()))}")
+    if budgets.numel():
+        lo, hi = int(budgets.min()), int(budgets.max())
+        _need(lo >= sink + recent and hi <= budget,
+              f"budgets span {lo}..{hi}; each must lie in [sink + recent, budget] = "
+              f"[{sink + recent}, {budget}]")
+
+
 def is_count(v) -> bool:
     """A non-negative integral number (int, numpy integer, ...), not a bool."""
     if isinstance(v, bool):

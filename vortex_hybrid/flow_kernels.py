@@ -3,7 +3,8 @@
 Both kernel backends implement two unchecked launchers with the same signatures:
 
     launch_cache(k_pool, pages, rows, a, b, quest: bool)                      summaries of full pages
-    launch_indexer(q, a, b, page_table, seq_lens, budget, sink, recent, page_size, quest: bool)
+    launch_indexer(q, a, b, page_table, seq_lens, budget, sink, recent, page_size, quest: bool,
+                   budgets=None)
 
 (a, b = kmin, kmax for the cache stage and kmax, kmin for the indexer of quest; mean twice for
 centroid). `entry_points` wraps them into the public, checked functions with the lowering-hook
@@ -12,8 +13,13 @@ backends cannot drift apart:
 
     quest_cache(k_pool, pages, summaries, rows=None, *, check=True)
     centroid_cache(...)
-    quest_indexer(q, summaries, page_table, seq_lens, budget, sink, recent, *, page_size, check=True)
+    quest_indexer(q, summaries, page_table, seq_lens, budget, sink, recent, *, page_size,
+                  check=True, budgets=None)
     centroid_indexer(...)
+
+`budgets` (int32 [B, Hkv], each in [sink + recent, budget]) gives every (request, KV head) its own
+budget inside the one call: the launchers select at `budget` and `keep_budgets` trims each row to
+its own, from the same scores (a step of fixed shape, whose budget groups are data).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .contracts import check_cache_args, check_indexer_args
+from .contracts import check_budgets, check_cache_args, check_indexer_args
 
 _CACHE_DOC = """Write summaries{names} at `rows` (default `pages`): the {what} over the keys of each
     listed full page of k_pool [N, Hkv, P, D]; pages, rows int64 [n]; summaries float32 or bfloat16
@@ -31,7 +37,8 @@ _CACHE_DOC = """Write summaries{names} at `rows` (default `pages`): the {what} o
 _INDEXER_DOC = """{flow} selection: sel int32 [B, Hkv, budget] (ascending, -1 padded) from q
     [B, Hq, D] and summaries{names} ([R, Hkv, 1, D]); page_table int32 [B, max_pages] logical page ->
     summary row (read for full pages only); seq_lens int32 [B] tokens; page_size: tokens per page.
-    check=False skips the argument checks."""
+    budgets: int32 [B, Hkv] or None: each (request, KV head)'s own budget (<= budget), the rest of
+    its row -1 (what a call at that budget selects). check=False skips the argument checks."""
 
 
 def entry_points(launch_cache: Callable, launch_indexer: Callable) -> SimpleNamespace:
@@ -50,13 +57,16 @@ def entry_points(launch_cache: Callable, launch_indexer: Callable) -> SimpleName
     def indexer_fn(quest: bool, names: tuple[str, ...], flow: str):
         def fn(q: torch.Tensor, summaries: dict[str, torch.Tensor], page_table: torch.Tensor,
                seq_lens: torch.Tensor, budget: int, sink: int, recent: int, *, page_size: int,
-               check: bool = True) -> torch.Tensor:
+               check: bool = True, budgets: Optional[torch.Tensor] = None) -> torch.Tensor:
             if check:
                 check_indexer_args(q, summaries, names, page_table, seq_lens, budget, sink,
                                    recent, page_size)
+                if budgets is not None:
+                    check_budgets(budgets, q.shape[0], summaries[names[0]].shape[1], budget,
+                                  sink, recent, q.device)
             return launch_indexer(q, summaries[names[0]], summaries[names[-1]], page_table,
                                   seq_lens, int(budget), int(sink), int(recent), int(page_size),
-                                  quest)
+                                  quest, budgets=budgets)
         fn.__doc__ = _INDEXER_DOC.format(flow=flow, names=list(names))
         return fn
 
@@ -73,3 +83,33 @@ def entry_points(launch_cache: Callable, launch_indexer: Callable) -> SimpleName
                      ("centroid", "cache"): out.centroid_cache,
                      ("centroid", "indexer"): out.centroid_indexer}
     return out
+
+
+def keep_budgets(sel: torch.Tensor, scores: torch.Tensor, budgets: torch.Tensor,
+                 num_pages: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+    """Trim a top-k selection to per-row budgets: sel int32 [B, Hkv, K] (ascending, -1 padded: the
+    `topk_pages` selection at K) over scores float32 [B, Hkv, max_pages]; budgets int32 [B, Hkv]
+    (each in [sink + recent, K]); num_pages int32 [B]. Returns sel int32 [B, Hkv, K], each row
+    exactly `topk_pages` at its own budget (ascending, -1 padded): the sink and recent pages, then
+    the best-scoring others (ties toward the lower page index; NaN above +inf, as torch.sort).
+    Pure torch, no synchronisation (a CUDA graph captures it)."""
+    K = sel.shape[-1]
+    if K == 0:
+        return sel
+    idx = sel.clamp_min(0).to(torch.int64)
+    s = torch.gather(scores, -1, idx).float()
+    n = num_pages.to(sel.device).view(-1, 1, 1)
+    forced = (sel >= 0) & ((sel < sink) | (sel >= n - recent))
+    group = torch.where(sel < 0, 0, torch.where(forced, 2, 1))
+    # rank: forced pages, then candidates by score (descending; among ties the lower page, which
+    # comes first in the ascending selection), then padding: two stable sorts
+    by_score = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    by_group = torch.sort(torch.gather(group, -1, by_score), dim=-1, descending=True,
+                          stable=True).indices
+    order = torch.gather(by_score, -1, by_group)                        # positions, best first
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(K, device=sel.device).expand_as(order))
+    keep = (rank < budgets.to(sel.device, torch.int64)[..., None]) & (sel >= 0)
+    big = torch.iinfo(torch.int32).max
+    out = torch.sort(torch.where(keep, sel, big), dim=-1).values
+    return torch.where(out == big, -1, out).to(torch.int32)

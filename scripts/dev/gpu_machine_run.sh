@@ -7,7 +7,8 @@
 # options to benchmarks/hybrid_step.py, whose full grid needs several calls; E2E_ARGS to
 # benchmarks/e2e_decode.py, all of whose modes fit one call at its defaults; sglang_e2e needs the
 # SGLang overlay carried in .overlay/ (build it here: bash scripts/dev/build_sglang_overlay.sh) and
-# takes SGLANG_E2E_ARGS, e.g. --runs to split its engines over calls; accuracy runs the accuracy grid,
+# takes SGLANG_E2E_ARGS, e.g. --runs to split its engines over calls (sglang_graphs, the check of
+# SGLang's decode graphs with the backend, likewise: SGLANG_GRAPHS_ARGS); accuracy runs the accuracy grid,
 # scripts/dev/accuracy.sh, ACC_* there, writing accuracy.json/.md/.png)
 # tests: the whole suite natively (GPU kernels without the interpreter; the wheel-build test is
 # skipped: no registry there). Each step has its own time limit so one slow step cannot eat the call.
@@ -52,6 +53,11 @@ for step in "$@"; do
                      [ -f .overlay/sglang_0.5.17_gpu.tar.xz ] || { echo "no .overlay/sglang_0.5.17_gpu.tar.xz: build it with bash scripts/dev/build_sglang_overlay.sh and carry .overlay"; exit 2; }
                      [ -f /tmp/ov/.unpacked ] || { tar xJf .overlay/sglang_0.5.17_gpu.tar.xz -C /tmp/ov; touch /tmp/ov/.unpacked; }
                      PYTHONPATH=/tmp/ov:${PYTHONPATH:-} python3 benchmarks/sglang_e2e.py --out "$OUT" ${SGLANG_E2E_ARGS:-}' ;;
+    sglang_graphs) timeout ${SGLANG_GRAPHS_TIMEOUT:-530} bash -c '
+                     set -e; mkdir -p /tmp/ov
+                     [ -f .overlay/sglang_0.5.17_gpu.tar.xz ] || { echo "no .overlay/sglang_0.5.17_gpu.tar.xz: build it with bash scripts/dev/build_sglang_overlay.sh and carry .overlay"; exit 2; }
+                     [ -f /tmp/ov/.unpacked ] || { tar xJf .overlay/sglang_0.5.17_gpu.tar.xz -C /tmp/ov; touch /tmp/ov/.unpacked; }
+                     PYTHONPATH=/tmp/ov:${PYTHONPATH:-} python3 benchmarks/sglang_graphs_check.py --out "$OUT" ${SGLANG_GRAPHS_ARGS:-}' ;;
     *) echo "unknown step $step"; continue ;;
   esac > "$OUT/$step.log" 2>&1
   rc=$?

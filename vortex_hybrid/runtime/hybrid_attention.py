@@ -72,6 +72,7 @@ from .selection import Selection
 from .split_step import SplitStep
 from .step_plan import StepPlan, build_plan
 from .step_trace import NO_TRACE, StepTrace
+from .fixed_shape import PAD_OWNER, FixedShape, check_fixed, fixed_step
 from .whole_step import WholeStep
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,8 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         self.trace: Optional[StepTrace] = None
         """Set to a `StepTrace` to record a timeline of the steps that follow (docs/runtime.md)."""
         self._serial = 0
+        self._pad_page: Optional[int] = None
+        """The scratch device page fixed-shape steps' padding rows write to (`fixed_shape`)."""
         self._graphs = None
         if cuda_graphs and self.device.type == "cuda" and (
                 self.store is None or self.store.device.type == "cuda"):
@@ -272,7 +275,8 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
 
     # ---- plan -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def plan(self, rids: Sequence[int], whole_step: bool = False) -> Optional[tuple]:
+    def plan(self, rids: Sequence[int], whole_step: bool = False,
+             fixed: Optional[FixedShape] = None) -> Optional[tuple]:
         """Prepare one decode step for `rids` (batch order = this order): reserve the new token's
         slot, offload pages that filled, build tables, budgets and selection groups. All checks
         happen here. A step planned earlier that no run() followed is replaced, and so is a whole
@@ -280,19 +284,36 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         (`OutOfPagesError` when the pools cannot take the step's new tokens, naming the sizes).
 
         whole_step: the step's layers will run inside the caller's CUDA graph (`whole_step`);
-        returns the key of the graph to replay (None otherwise); `finish_step()` ends the step."""
+        returns the key of the graph to replay (None otherwise); `finish_step()` ends the step.
+        fixed: with whole_step, a `FixedShape(batch, max_pages)`: the step's tables have that
+        shape whatever the requests, so every step with it has one key (`fixed_shape`); rids may
+        then hold None (a padding row there; the rows past rids are padding too) or be empty (a
+        step of padding only)."""
         step = self._step
         if self._open(step) and step.next_layer > 0 and not step.whole:
             self._check_between_steps("plan")
+        rows = len(rids)
+        positions = [i for i, r in enumerate(rids) if r is not None or fixed is None]
+        if fixed is not None:                         # None: a padding row
+            rids = [r for r in rids if r is not None]
         rids = [self._live(r) for r in rids]
-        if not rids:
+        if not rids and fixed is None:
             raise ValueError("plan([]): a step needs at least one request id (skip the step when "
                              "no request decodes)")
         if len(set(rids)) != len(rids):
             raise ValueError(f"rids lists a request twice: {rids}")
+        if fixed is not None:
+            check_fixed(self, rids, rows, fixed, whole_step)
         if self._open(step):
             self._abort(step)                         # replaced: nothing of it ran
         self._check_step_room(rids)
+        new_pad = fixed is not None and self._pad_page is None
+        if new_pad:                                   # once: padding rows' scratch page
+            if self.kv.device_alloc.num_free < 1:
+                raise OutOfPagesError("a fixed-shape step needs one device page for its padding "
+                                      "rows and none is free (finish requests or raise "
+                                      "device_pages)")
+            self._pad_page = self.kv.device_alloc.alloc(PAD_OWNER, 1)[0]
         host = self.placement in HOST_PLACEMENTS
         checkpoints = [self._checkpoint(r) for r in rids]
         offloaded = {r: self._offloaded.get(r) for r in rids}
@@ -305,24 +326,42 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
             for rid in rids:
                 self.kv.extend(rid, 1)
             shape, key = self._step_shape(len(rids))
+            if fixed is not None and shape != self._shape_mode:
+                shape = "split"                   # "auto" measures: the key would follow it
             step = build_plan(self, rids, old, self._serial + 1, shape, key,
                               round(self._cpu_share * len(rids)))
             step.checkpoints, step.offloaded = checkpoints, offloaded
             step.launch_order = self._launch_order()
+            pad_rows = None
             if self._cache is not None:
                 cache = self._cache
+                if fixed is not None:             # sized once: the fixed key's generation stays
+                    live = fixed.max_requests or self.max_requests
+                    gen = cache.generation
+                    cache.presize(live + 1, max(16, 1 << (fixed.max_pages - 1).bit_length()))
+                    if cache.generation != gen:
+                        log.info("vortex_hybrid runtime: page cache state sized for %d requests "
+                                 "of %d pages (fixed-shape steps): %.2f GiB", live + 1,
+                                 cache.max_pages, cache.state_bytes() / 2**30)
+                    pad_rows = cache.rows(torch.tensor([cache.index_of(PAD_OWNER)],
+                                                       device=self.device))
                 step.cache_new = [r for r in rids if not cache.has(r)]
                 cache.reserve(step.dev_table.shape[1])
                 rows = torch.as_tensor([cache.index_of(r) for r in rids], dtype=torch.int64)
                 rows = cache.rows(rows.to(self.device))      # [B x Hkv]: one per KV head
                 cache.next_step()                     # last: cache_rows set = the clock moved
                 step.cache_rows = rows
+            if fixed is not None:
+                step = fixed_step(self, step, fixed, positions, self._pad_page, pad_rows)
             key = self._plan_whole(step) if whole_step else None
         except BaseException:
             if step is None:
                 self._restore(checkpoints, offloaded)
             else:
                 self._abort(step)                     # nothing of it ran: fronts == 0
+            if new_pad:
+                self.kv.device_alloc.free(PAD_OWNER, [self._pad_page])
+                self._pad_page = None
             raise
         self._serial += 1
         self._step = step
@@ -415,8 +454,11 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
             raise ValueError("run() needs a plan(): call plan(rids) once before layer 0 of each step")
         if layer != step.next_layer:
             raise ValueError(f"layer={layer!r}: layers run in order; layer {step.next_layer} is next")
-        B = len(step.rids)
+        B = step.batch
         self._check_inputs(B, q, k_new, v_new)
+        if sel is not None and step.fixed is not None:
+            raise ValueError("sel= is not taken by a fixed-shape step (plan(fixed=...)); plan "
+                             "without fixed= to attend a given selection")
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if capturing and not step.whole:
             raise ValueError("run() inside a CUDA graph capture needs a step planned with "
@@ -462,7 +504,10 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         c = dict(step.counters)
         for name, v in zip(COUNTS, read):
             c[name] += v
-        self._report_nonfinite([r for r, bad in zip(step.rids, read[len(COUNTS):]) if bad])
+        flags = read[len(COUNTS):]
+        if step.positions is not None:          # a fixed-shape step: rows, padding among them
+            flags = [flags[p] for p in step.positions]
+        self._report_nonfinite([r for r, bad in zip(step.rids, flags) if bad])
         c["bytes_h2d"] = c["fetched_pages"] * self._head_bytes      # page-heads fetched
         c["bytes_cpu"] = c["cpu_pages"] * self._head_bytes
         if c["cpu_kernel_s"]:
@@ -504,7 +549,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
                 raise ValueError(f"{name} is on {t.device}; the runtime's device is {self.device}")
 
     def _check_sel(self, step: StepPlan, sel, values: bool = True) -> torch.Tensor:
-        B = len(step.rids)
+        B = step.batch
         if self.placement == "dense":
             raise ValueError("sel= is for sparse placements; placement 'dense' attends every page")
         if not isinstance(sel, torch.Tensor) or sel.dim() != 3 or \

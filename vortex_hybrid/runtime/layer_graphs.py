@@ -82,7 +82,7 @@ class _GraphSet:
             host_table=_padded(step.host_table, width), lens_cpu=step.lens_cpu.clone(),
             counts=step.counts.clone(), sum_rows=clone(step.sum_rows),
             dev_heads=_padded(step.dev_heads, width), host_heads=_padded(step.host_heads, width),
-            lens_heads=clone(step.lens_heads))
+            lens_heads=clone(step.lens_heads), budgets=clone(step.budgets))
         self.ran = torch.zeros(1, dtype=torch.int64, device=step.lens.device)
         """Layers of a whole step that ran (`whole_step`: each layer adds 1 on the device)."""
         self.cpu_io: dict[str, torch.Tensor] = {}
@@ -112,7 +112,7 @@ class _GraphSet:
                      "host_heads"):
             _load_padded(getattr(s, name), getattr(step, name))
         for name in ("lens", "s_lens", "write_pages", "write_offs", "cache_rows", "cpu_rows",
-                     "nonfinite", "lens_cpu", "counts", "sum_rows", "lens_heads"):
+                     "nonfinite", "lens_cpu", "counts", "sum_rows", "lens_heads", "budgets"):
             if getattr(s, name) is not None:
                 getattr(s, name).copy_(getattr(step, name))
         self.ran.zero_()
@@ -232,9 +232,20 @@ class LayerGraphs:
     def bind_whole(self, step: "StepPlan") -> tuple[tuple, _GraphSet]:
         """The static set of a whole step (`whole_step`) for this step's shape, loaded with its
         tables, and the shape's key. These sets are never dropped: a caller's graph captured over
-        one reads its buffers for as long as the runtime lives."""
-        key, width = self._key(step, None)
-        key = ("whole",) + key
+        one reads its buffers for as long as the runtime lives. A fixed-shape step's key names its
+        `FixedShape`, selection width, the page cache's generation and the step shape only
+        (`fixed_shape`)."""
+        if step.fixed is not None:
+            shape, attn = step.fixed, self.attn
+            width = shape.max_pages
+            generation = 0
+            if attn._cache is not None:
+                attn._cache.reserve(width)
+                generation = attn._cache.generation
+            key = ("whole", "fixed", shape.batch, width, step.width, generation, step.shape)
+        else:
+            key, width = self._key(step, None)
+            key = ("whole",) + key
         graphs = self._whole.get(key)
         if graphs is None:
             graphs = self._whole[key] = _GraphSet(self.attn, step, width)

@@ -51,7 +51,8 @@ class Requests:
         more page); None for `dense`/`gpu` (bounded by pages only)."""
         if self.placement not in HOST_PLACEMENTS:
             return None
-        return self.kv.device_alloc.num_pages - self._slot_pages.numel() - 1
+        pad = 0 if self._pad_page is None else 1        # fixed-shape steps' scratch page
+        return self.kv.device_alloc.num_pages - self._slot_pages.numel() - 1 - pad
 
     @torch.inference_mode()
     def add_request(self, k: torch.Tensor, v: torch.Tensor) -> int:

@@ -1,6 +1,7 @@
 """`Selection`: the indexer pass of a layer (a mixin of `HybridAttention`): the flow scores each
 request's pages from the stored summaries and keeps a budget per (request, KV head): one pass per
-distinct budget, or per calibrated budget (`head_budgets`). Pure GPU work on the step's tensors, so
+distinct budget, or per calibrated budget (`head_budgets`), or one pass with the budgets as data
+(a fixed-shape step, `fixed_shape`). Pure GPU work on the step's tensors, so
 both step kinds capture it in their CUDA graphs.
 """
 
@@ -20,7 +21,11 @@ class Selection:
     def _select(self, step: StepPlan, layer: int, q: torch.Tensor) -> torch.Tensor:
         """sel int32 [B, Hkv, width]: each row at its own budget (-1 padded to the widest); with a
         calibration, each (row, KV head) at its own (`head_budgets`)."""
-        B = len(step.rids)
+        B = step.batch
+        if step.budgets is not None:        # a fixed-shape step: one pass, budgets as data
+            return self.store.index(layer, q, step.s_table, step.s_lens, step.width,
+                                    self.cfg.sink_pages, self.cfg.recent_pages, check=False,
+                                    budgets=step.budgets[layer])
         if step.passes is not None:
             return self._select_per_head(step, layer, q)
         if len(step.groups) == 1:
@@ -37,7 +42,7 @@ class Selection:
         return sel
 
     def _select_per_head(self, step: StepPlan, layer: int, q: torch.Tensor) -> torch.Tensor:
-        sel = torch.full((len(step.rids), self.num_kv_heads, step.width), -1, dtype=torch.int32,
+        sel = torch.full((step.batch, self.num_kv_heads, step.width), -1, dtype=torch.int32,
                          device=self.device)
         for p in step.passes[layer]:
             if p.rows is None:

@@ -66,6 +66,16 @@ class StepPlan:
     dev_heads: Optional[torch.Tensor] = None         # int32 [B x Hkv, W] head tables of split
     host_heads: Optional[torch.Tensor] = None        # layers (device, host pools as head-pages)
     lens_heads: Optional[torch.Tensor] = None        # int32 [B x Hkv] lens per (request, KV head)
+    fixed: object = None                             # a fixed-shape step's FixedShape (rows past
+                                                     # `rids` are padding: `fixed_shape`)
+    budgets: Optional[torch.Tensor] = None           # int32 [L, B, Hkv] (store device): a fixed-
+                                                     # shape step's budgets, one indexer pass
+    positions: Optional[list] = None                 # a fixed-shape step: the row of each rid
+
+    @property
+    def batch(self) -> int:
+        """Rows of the step's tables: its requests, and a fixed-shape step's padding rows."""
+        return self.lens.shape[0]
 
 
 def head_table(table: torch.Tensor, heads: int) -> torch.Tensor:

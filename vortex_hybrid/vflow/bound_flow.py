@@ -13,6 +13,8 @@ arguments as given.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 import weakref
 from dataclasses import dataclass
@@ -53,6 +55,13 @@ class BoundFlow:
         """Summary name -> (r, c) per page and KV head."""
         return self.compiled.summaries
 
+    @functools.cached_property
+    def takes_budgets(self) -> bool:
+        """Whether the indexer kernel takes per-(request, KV head) budgets in one call
+        (`budgets=`; the library's lowerings do, `flow_kernels`)."""
+        fn = self.indexer_kernel
+        return fn is not None and "budgets" in inspect.signature(fn).parameters
+
     @property
     def reads_keys(self) -> bool:
         """True when the indexer reads page keys (cache["k"]), not only summaries."""
@@ -72,13 +81,20 @@ class BoundFlow:
     def indexer(self, q: torch.Tensor, summaries: dict[str, torch.Tensor], page_table: torch.Tensor,
                 seq_lens: torch.Tensor, budget: int, sink: int, recent: int, *,
                 num_kv_heads: Optional[int] = None, keys: Optional[Keys] = None,
-                check: bool = True) -> torch.Tensor:
+                check: bool = True, budgets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """sel int32 [B, Hkv, budget] (-1 padded) from q [B, Hq, D], summaries [R, Hkv, r, c] and
         page_table int32 [B, max_pages] (logical page -> summary row); keys only for flows that read
-        page keys. num_kv_heads is needed only by flows without summaries."""
+        page keys. num_kv_heads is needed only by flows without summaries. budgets: int32
+        [B, Hkv], each (request, KV head)'s own budget (<= budget): only with an indexer kernel
+        that takes them (`takes_budgets`)."""
+        if budgets is not None and not self.takes_budgets:
+            raise ValueError(f"budgets=: the indexer of {self.flow!r} on {self.device} "
+                             f"({'interpreter' if self.indexer_kernel is None else 'its lowering'})"
+                             " takes one budget per call; pass budget only")
         if self.indexer_kernel is not None:
+            extra = {} if budgets is None else {"budgets": budgets}
             sel = self.indexer_kernel(q, summaries, page_table, seq_lens, budget, sink, recent,
-                                      page_size=self.compiled.page_size, check=check)
+                                      page_size=self.compiled.page_size, check=check, **extra)
             if check and (tuple(sel.shape) != (q.shape[0], sel.shape[1], budget)
                           or sel.dtype != torch.int32):
                 raise RuntimeError(f"lowering {self.indexer_kernel!r} returned sel "

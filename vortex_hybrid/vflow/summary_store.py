@@ -249,13 +249,16 @@ class SummaryStore:
     # ---- selection --------------------------------------------------------------------------
     def index(self, layer: int, q: torch.Tensor, table: torch.Tensor, seq_lens: torch.Tensor,
               budget: int, sink: int, recent: int, *, keys: Optional[Keys] = None,
-              check: bool = True) -> torch.Tensor:
+              check: bool = True, budgets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """sel int32 [B, Hkv, budget] on q's device from q [B, Hq, D] and the batch's `table`,
         `seq_lens` (from `table`, on the store's device). Runs where the summaries are. keys: only
-        for flows that read page keys (see `select_pages`). check=False skips validation."""
+        for flows that read page keys (see `select_pages`). budgets: int32 [B, Hkv] on the
+        store's device, each row's own budget (`BoundFlow.indexer`). check=False skips
+        validation."""
         qd = q if q.device == self.device else q.to(self.device)
         sel = self.bound.indexer(qd, self._layers[layer], table, seq_lens, budget, sink, recent,
-                                 num_kv_heads=self.kv.num_kv_heads, keys=keys, check=check)
+                                 num_kv_heads=self.kv.num_kv_heads, keys=keys, check=check,
+                                 budgets=budgets)
         return sel if sel.device == q.device else sel.to(q.device)
 
     def select_pages(self, layer: int, q: torch.Tensor, rids: Sequence[int], budget: int,

@@ -14,6 +14,8 @@ SGLang drives it per forward batch: `init_forward_metadata(batch)` once, then ea
   decode writes its token there too (the KV twice; tests only).
 - **decode**: `init_forward_metadata` syncs the rows (a no-op check in the steady state) and calls
   `HybridAttention.plan` once for all layers; each layer returns `HybridAttention.run`.
+- **decode in SGLang's CUDA graphs** (decode backend `full`, with `config.GRAPHS_ENV=1`): one
+  graph per batch-size bucket over the runtime's fixed-shape whole steps (`decode_graphs`).
 - **requests**: SGLang's request-pool rows recycle; `RequestMap` ties a runtime request to a row
   and its generation, and the pool's `free` (wrapped on this backend's pool object) drops finished
   requests between steps.
@@ -22,7 +24,8 @@ Pages: the runtime's page size equals SGLang's `--page-size` (checked at start-u
 page count of a request is the runtime's.
 
 Not supported (refused at start-up by `config.check_server_args` / `check_model`, and here when a
-layer shows it): SGLang's CUDA graphs, mixed prefill+decode batches, speculative decoding, tensor
+layer shows it): SGLang's breakable and prefill CUDA graphs (and full decode graphs without
+`config.GRAPHS_ENV=1`), mixed prefill+decode batches, speculative decoding, tensor
 / pipeline / data parallelism, sliding windows, logit capping, scalings other than head_dim ** -0.5,
 cross-attention.
 """
@@ -44,7 +47,8 @@ from ...runtime.hybrid_attention import HybridAttention
 from ...runtime.memory_model import HOST_PLACEMENTS, TAIL_PAGES
 from ...kv.errors import OutOfPagesError
 from . import sizing
-from .config import CUDA_GRAPH_REFUSAL, ConfigError, check_model
+from .config import ConfigError, check_model
+from .decode_graphs import DecodeGraphs
 from .request_map import RequestMap
 
 log = logging.getLogger(__name__)
@@ -88,7 +92,7 @@ def _prefill_backend(model_runner, device: torch.device):
     raise ConfigError(f"{PREFILL_ENV}={name!r} must be 'triton' or 'torch_native'")
 
 
-class VortexHybridBackend(AttentionBackend):
+class VortexHybridBackend(DecodeGraphs, AttentionBackend):
     """SGLang attention backend `vortex_hybrid` (module docstring)."""
 
     def __init__(self, model_runner, cfg: HybridConfig) -> None:
@@ -129,6 +133,7 @@ class VortexHybridBackend(AttentionBackend):
         self._checked: set[int] = set()
         self._extend_batch = None              # the extend batch as the dense backend sees it
         self._decode_live = None               # decode: batch positions the runtime serves
+        self._init_graphs()
         self._watch_frees(self.req_to_token_pool)
         cap = self.runtime.capacity()
         log.info(sizing.describe(cfg, self.runtime.memory,
@@ -184,6 +189,7 @@ class VortexHybridBackend(AttentionBackend):
             raise ConfigError(f"forward mode {mode.name} (mixed batches / speculative decoding) "
                               "is not supported; run without --enable-mixed-chunk and "
                               "speculative decoding")
+        self._end_graph_step()
         self.requests.drop_freed()
         if mode.is_extend():
             batch = forward_batch if self.staging is None else self._stage(forward_batch)
@@ -333,13 +339,6 @@ class VortexHybridBackend(AttentionBackend):
             raise ConfigError(f"layer {layer.layer_id}: " + "; ".join(problems) +
                               " is not supported by the hybrid runtime")
         self._checked.add(layer.layer_id)
-
-    # ---- CUDA graphs: refused (SGLang calls these only with its CUDA graphs on) ------------------
-    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        raise ConfigError(CUDA_GRAPH_REFUSAL)
-
-    def get_cuda_graph_seq_len_fill_value(self):
-        return 1
 
     def support_triton(self) -> bool:
         return False

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any, Optional
 
 from ...config import KV_DTYPES, HybridConfig
@@ -22,9 +23,13 @@ BACKEND_NAME = "vortex_hybrid"
 """The attention-backend name SGLang knows this backend by (`--attention-backend vortex_hybrid`)."""
 MAX_HEAD_DIM = 256
 """Largest head_dim the attention kernels are built for (one head's row sits in registers)."""
-CUDA_GRAPH_REFUSAL = ("SGLang's CUDA graphs are not supported with --attention-backend vortex_hybrid "
-                      "(the runtime captures its own per-layer graphs around the CPU hand-off): "
-                      "pass --disable-cuda-graph (Engine: disable_cuda_graph=True)")
+GRAPHS_ENV = "VORTEX_HYBRID_SGLANG_CUDA_GRAPHS"
+"""Set to 1 to let SGLang's decode CUDA graphs (backend `full`) run with the backend: its graph hooks
+(fixed-shape whole steps, docs/sglang.md) are built and tested on the CPU but not yet on a GPU."""
+CUDA_GRAPH_REFUSAL = ("SGLang's CUDA graphs are not validated on a GPU yet with --attention-backend "
+                      "vortex_hybrid: pass --disable-cuda-graph (Engine: disable_cuda_graph=True), "
+                      f"or try full decode graphs: {GRAPHS_ENV}=1 with "
+                      "--disable-prefill-cuda-graph")
 _SGLANG_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "half": "float16",
                   "float32": "float32", "float": "float32"}
 
@@ -159,11 +164,20 @@ def cuda_graph_phases(server_args) -> dict[str, str]:
     return out
 
 
+def graphs_allowed(phases: dict[str, str]) -> bool:
+    """Whether SGLang may capture these phases' CUDA graphs with the backend: decode graphs of
+    backend `full` only (one graph per batch size over fixed-shape whole steps), and only with
+    GRAPHS_ENV=1 until they are validated on a GPU."""
+    full = phases.get("decode", "").rsplit(".", 1)[-1].lower() in ("full", "on")
+    return os.environ.get(GRAPHS_ENV) == "1" and full and set(phases) == {"decode"}
+
+
 def check_server_args(server_args) -> None:
     """Refuse SGLang settings the backend does not run with (one-line reasons naming the flag)."""
     device = str(getattr(server_args, "device", "cuda") or "cuda")
-    if device != "cpu" and cuda_graph_phases(server_args):
-        raise ConfigError(f"{CUDA_GRAPH_REFUSAL} (on now: {cuda_graph_phases(server_args)})")
+    phases = cuda_graph_phases(server_args)
+    if device != "cpu" and phases and not graphs_allowed(phases):
+        raise ConfigError(f"{CUDA_GRAPH_REFUSAL} (on now: {phases})")
     for flag, value in (("--enable-piecewise-cuda-graph",
                          getattr(server_args, "enable_piecewise_cuda_graph", False)),
                         ("--enable-mixed-chunk", getattr(server_args, "enable_mixed_chunk", False)),
@@ -212,6 +226,6 @@ def from_text(text: str) -> HybridConfig:
     return HybridConfig.from_dict(json.loads(text))
 
 
-__all__ = ["BACKEND_NAME", "CUDA_GRAPH_REFUSAL", "ConfigError", "build", "check_calibration",
+__all__ = ["BACKEND_NAME", "CUDA_GRAPH_REFUSAL", "GRAPHS_ENV", "ConfigError", "build", "check_calibration",
            "check_model", "check_server_args", "from_text",
            "load", "resolve", "to_text"]

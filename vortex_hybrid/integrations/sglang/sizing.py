@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import types
 from typing import Optional
 
@@ -37,7 +38,7 @@ import torch
 from ...config import HybridConfig
 from ...kv.page_pool import GIB
 from ...runtime.memory_model import HOST_PLACEMENTS, TAIL_PAGES, MemoryPlan, plan_memory
-from .config import BACKEND_NAME, from_text
+from .config import BACKEND_NAME, GRAPHS_ENV, from_text
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,19 @@ _PLANS: dict[int, tuple[HybridConfig, MemoryPlan]] = {}
 """id(server_args) -> the config and memory plan SGLang's pool was sized by (this process)."""
 
 
+def graph_pages() -> int:
+    """Device pages SGLang's decode graphs take from the runtime: the scratch page of the
+    fixed-shape steps' padding rows (`runtime.fixed_shape`), when the graphs are let through."""
+    return 1 if os.environ.get(GRAPHS_ENV) == "1" else 0
+
+
 def tokens_of(cfg: HybridConfig, mem: MemoryPlan) -> int:
     """The token capacity of an empty runtime with this plan (what `HybridAttention.capacity()`
-    reports before any request: the host store in host placements, the device pool otherwise)."""
-    pages = mem.host_pages if cfg.placement in HOST_PLACEMENTS else mem.device_pages
-    return pages * cfg.page_size
+    reports before any request: the host store in host placements, the device pool otherwise,
+    less the decode graphs' scratch page)."""
+    if cfg.placement in HOST_PLACEMENTS:
+        return mem.host_pages * cfg.page_size
+    return (mem.device_pages - graph_pages()) * cfg.page_size
 
 
 def max_requests_of(cfg: HybridConfig, mem: MemoryPlan) -> Optional[int]:
@@ -57,7 +66,7 @@ def max_requests_of(cfg: HybridConfig, mem: MemoryPlan) -> Optional[int]:
     streams through one more; `HybridAttention.max_requests` less that one); None: pages only."""
     if cfg.placement not in HOST_PLACEMENTS:
         return None
-    return mem.device_pages - mem.gpu_cache_pages - 2
+    return mem.device_pages - mem.gpu_cache_pages - 2 - graph_pages()
 
 
 def plan(cfg: HybridConfig, model_config, device: str, max_tokens: Optional[int] = None
