@@ -2,6 +2,7 @@
 benchmark: context and HBM for KV), each bar labelled with its batch and share of its lower bound.
 
     python benchmarks/e2e_plot.py --out docs/img/e2e.png a.json b.json ...
+    python benchmarks/e2e_plot.py --out x.png --labels "before,after" a.json b.json
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ def main(argv=None) -> None:
     ap.add_argument("files", nargs="+", help="e2e_decode.json files (each a row)")
     ap.add_argument("--out", required=True, help="PNG to write")
     ap.add_argument("--title", default="Llama-3-8B shape, quest 5%, end-to-end decode")
+    ap.add_argument("--labels", default=None,
+                    help="comma list, one per file: added to each group's context/HBM label")
     args = ap.parse_args(argv)
+    labels = args.labels.split(",") if args.labels else [""] * len(args.files)
+    if len(labels) != len(args.files):
+        sys.exit(f"--labels has {len(labels)} entries for {len(args.files)} files")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -24,11 +30,12 @@ def main(argv=None) -> None:
     except ImportError:
         sys.exit("e2e_plot needs matplotlib")
     rows = []
-    for path in args.files:
+    for path, label in zip(args.files, labels):
         with open(path) as fh:
             d = json.load(fh)
         hbm = d["sizes"]["hbm_usable"]
-        rows.append((f"{d['context'] // 1024}K, {hbm:.0f} GiB HBM for KV", d["modes"]))
+        name = f"{d['context'] // 1024}K, {hbm:.0f} GiB HBM for KV"
+        rows.append((f"{name}\n{label}" if label else name, d["modes"]))
     modes = [m for m in ("dense", "gpu", "hybrid", "cpu", "offload")
              if any(r["mode"] == m for _, recs in rows for r in recs)]
     fig, ax = plt.subplots(figsize=(2.2 + 2.4 * len(rows), 4.2))
