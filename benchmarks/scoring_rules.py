@@ -6,7 +6,8 @@
 Prompts are the eval's suite (`python -m vortex_hybrid.eval`: same tasks, seed, samples, context,
 chat template; `--prompts` picks suite indices). Each prompt plus its correct answer runs once with
 dense attention; per full-attention layer the queries of the answer's decode steps and every key
-are saved under --traces (float32, ~95 MB per prompt at 4K on smollm2-135m; reused when present).
+are saved under --traces (float32, ~95 MB per prompt at 4K on smollm2-135m; reused when present),
+and so are each prompt's counts (a long run can be split into several, the last one prints all).
 Then for every rule, per (prompt, layer, KV head, step) at each budget ratio (the runtime's budget:
 ceil(ratio * pages), at least sink + recent; sink 1, recent 2, pages of 16), as
 `benchmarks/selection_quality.py` measures:
@@ -86,22 +87,31 @@ def flow_scores(flow, q, kp, T) -> torch.Tensor:
     return vflow.page_scores(flow, q, kp, table, lens)
 
 
+_FLOWS: dict = {}
+
+
+def library_flows() -> dict:
+    """The library flows measured, loaded once: name -> flow object."""
+    if not _FLOWS:
+        for name, flow, opts in (("centroid", "centroid", {}), ("centroid gqa=max", "centroid", {"gqa": "max"}),
+                                 ("quest", "quest", {}), ("quest gqa=max", "quest", {"gqa": "max"}),
+                                 ("double_sparsity (8 evenly spaced channels)", "double_sparsity", {}),
+                                 ("lowbit (bits=2, gqa=max)", "lowbit", {}),
+                                 ("lowbit bits=1", "lowbit", {"bits": 1}),
+                                 ("lowbit bits=3", "lowbit", {"bits": 3}),
+                                 ("lowbit bits=4", "lowbit", {"bits": 4}),
+                                 ("lowbit bits=2 gqa=sum", "lowbit", {"gqa": "sum"})):
+            _FLOWS[name] = vflow.load_flow(flow, **opts)
+    return _FLOWS
+
+
 def rules(q, k, kp, T) -> dict:
     """name -> scores [m, H, S] (higher is better)."""
     m, Hq, D = q.shape
     S, H = kp.shape[:2]
     G = Hq // H
     qg = q.view(m, H, G, D)
-    out = {}
-    for name, flow in (("centroid", "centroid"), ("centroid gqa=max", vflow.load_flow("centroid", gqa="max")),
-                       ("quest", "quest"), ("quest gqa=max", vflow.load_flow("quest", gqa="max")),
-                       ("double_sparsity (8 evenly spaced channels)", "double_sparsity"),
-                       ("lowbit (bits=2, gqa=max)", "lowbit"),
-                       ("lowbit bits=1", vflow.load_flow("lowbit", bits=1)),
-                       ("lowbit bits=3", vflow.load_flow("lowbit", bits=3)),
-                       ("lowbit bits=4", vflow.load_flow("lowbit", bits=4)),
-                       ("lowbit bits=2 gqa=sum", vflow.load_flow("lowbit", gqa="sum"))):
-        out[name] = flow_scores(flow, q, kp, T)
+    out = {name: flow_scores(flow, q, kp, T) for name, flow in library_flows().items()}
     dots = torch.einsum("mhgd,shpd->mhgsp", qg, kp)
     out["oracle (max over tokens and query heads)"] = dots.amax(-1).amax(2)
     out["oracle gqa=sum"] = dots.amax(-1).sum(2)
@@ -187,6 +197,16 @@ def measure(tr: dict, ratios: list[float], stats: dict) -> None:
         stats[name][r]["prompts"] += 1
 
 
+def merge(into: dict, one: dict) -> None:
+    """Add one prompt's counts (and needle ranks) to `into`."""
+    for name, per in one.items():
+        for r, st in per.items():
+            acc = into.setdefault(name, {}).setdefault(r, {k: ([] if k == "ranks" else 0)
+                                                           for k in st})
+            for k, v in st.items():
+                acc[k] = acc[k] + v
+
+
 def table(stats: dict, ratios: list[float]) -> tuple[str, list[dict]]:
     head = ["rule"] + [f"{x} @{r:g}" for r in ratios for x in ("hit", "recall", "L7H2", "clean")]
     lines = ["| " + " | ".join(head + [f"rank @{ratios[0]:g}"]) + " |",
@@ -239,9 +259,19 @@ def main(argv=None) -> int:
         if not 0 <= i < len(suite):
             raise ValueError(f"--prompts index {i} is outside the suite's 0..{len(suite) - 1}")
         path = os.path.join(args.traces, f"{args.model}_{args.context}_{args.seed}_{i}.pt")
-        if not os.path.exists(path):
-            torch.save(trace(model, tok, suite[i], chat), path)
-        measure(torch.load(path), ratios, stats)
+        done = path.removesuffix(".pt") + f"_stats_{args.budget}.json"
+        if os.path.exists(done):                  # measured before (this run was split up)
+            with open(done) as fh:
+                merge(stats, {n: {float(r): v for r, v in per.items()}
+                              for n, per in json.load(fh).items()})
+        else:
+            if not os.path.exists(path):
+                torch.save(trace(model, tok, suite[i], chat), path)
+            one: dict = {}
+            measure(torch.load(path), ratios, one)
+            with open(done, "w") as fh:
+                json.dump(one, fh)
+            merge(stats, one)
         print(f"  prompt {i} ({suite[i].task}, depth {suite[i].depth:.2f}) "
               f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
     text, rows = table(stats, ratios)
