@@ -65,7 +65,7 @@ class Variant:
                 f" P{self.page_size} s{self.sink} r{self.recent}")
 
 
-LIBRARY = ("oracle", "quest", "centroid", "double_sparsity", "streaming")
+LIBRARY = ("oracle", "quest", "centroid", "double_sparsity", "lowbit", "streaming")
 
 
 def variants(groups: list[str], flows: list[str]) -> list[Variant]:

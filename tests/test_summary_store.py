@@ -20,7 +20,7 @@ from vortex_hybrid.vflow.interpreter import run_cache
 from vortex_hybrid.vflow.summary_store import SummaryStore
 
 L, HKV, D, P, G = 2, 2, 8, 4, 2
-LIBRARY = ["streaming", "quest", "centroid", "oracle", "double_sparsity"]
+LIBRARY = ["streaming", "quest", "centroid", "oracle", "double_sparsity", "lowbit"]
 
 
 class NegQuest(Quest):

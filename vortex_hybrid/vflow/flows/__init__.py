@@ -2,8 +2,9 @@
 
 from .centroid import Centroid
 from .double_sparsity import DoubleSparsity
+from .lowbit import LowBit
 from .oracle import Oracle
 from .quest import Quest
 from .streaming import Streaming
 
-__all__ = ["Centroid", "DoubleSparsity", "Oracle", "Quest", "Streaming"]
+__all__ = ["Centroid", "DoubleSparsity", "LowBit", "Oracle", "Quest", "Streaming"]

@@ -2,8 +2,10 @@
 
 A flow that scores pages per query head (score (pages, G)) ends in `gqa_topk(score, gqa)`:
 
-- "sum": the sum over the group (the library's default: one dot product with the summed query);
-- "max": the largest score of the group, so a page one query head needs is not outvoted;
+- "sum": the sum over the group (the default of quest, centroid and double_sparsity: one dot
+  product with the summed query);
+- "max": the largest score of the group, so a page one query head needs is not outvoted (the
+  default of lowbit);
 - "softmax": the sum over the group of each head's softmax over the pages of its scaled score
   (`scale`, e.g. head_dim ** -0.5): each query head's estimate of its attention by page, summed,
   so every head weighs the same whatever the scale of its scores;
