@@ -46,7 +46,7 @@ class EvalSpec:
     context: int
     samples: int
     modes: list[str]
-    flows: list[str] = field(default_factory=lambda: ["centroid"])
+    flows: list[str] = field(default_factory=lambda: ["lowbit"])
     budgets: list[str] = field(default_factory=lambda: ["0.05"])
     """Each a budget as `config.budget_fields` reads it: "0.05" (share of pages) or "512t"."""
     seed: int = 0
