@@ -14,7 +14,8 @@ from vortex_hybrid.vflow.flows import Centroid, DoubleSparsity, Quest
 from vortex_hybrid.vflow.flows.gqa import GQA
 from vortex_hybrid.vflow.pattern import graph_signature
 
-from test_vflow_select import assert_selection, brute_select, make_inputs, page_keys, tolerance
+from test_vflow_select import (assert_selection, brute_select, make_inputs,
+                               per_head_page_scores, tolerance)
 
 FLOWS = {"quest": Quest, "centroid": Centroid, "double_sparsity": DoubleSparsity}
 
@@ -22,23 +23,14 @@ FLOWS = {"quest": Quest, "centroid": Centroid, "double_sparsity": DoubleSparsity
 def head_scores(flow: str, q, k_pool, table, lens, channels) -> np.ndarray:
     """[B, Hkv, max_pages, G] float64: each query head's own score of each full page; -inf where a
     page has no summary (past the request, or its partial last page)."""
-    B, hq, D = q.shape
-    _, hkv, P, _ = k_pool.shape
-    G = hq // hkv
-    out = np.full((B, hkv, table.shape[1], G), -np.inf)
-    for b in range(B):
-        for h in range(hkv):
-            qg = q[b, h * G:(h + 1) * G].double().numpy()                      # [G, D]
-            for p in range(int(lens[b]) // P):                                  # full pages
-                keys = page_keys(k_pool, table, lens, b, h, p)
-                if flow == "quest":
-                    out[b, h, p] = np.maximum(qg * keys.max(0), qg * keys.min(0)).sum(1)
-                elif flow == "double_sparsity":
-                    kc, qc = keys[:, channels], qg[:, channels]
-                    out[b, h, p] = np.maximum(qc * kc.max(0), qc * kc.min(0)).sum(1)
-                else:
-                    out[b, h, p] = qg @ keys.mean(0)
-    return out
+    def score(qg, keys):
+        if flow == "quest":
+            return np.maximum(qg * keys.max(0), qg * keys.min(0)).sum(1)
+        if flow == "double_sparsity":
+            kc, qc = keys[:, channels], qg[:, channels]
+            return np.maximum(qc * kc.max(0), qc * kc.min(0)).sum(1)
+        return qg @ keys.mean(0)
+    return per_head_page_scores(q, k_pool, table, lens, score)
 
 
 def combined(per_head: np.ndarray, gqa: str, scale: float) -> np.ndarray:

@@ -14,7 +14,7 @@ from vortex_hybrid.vflow.flows import Centroid, LowBit
 from vortex_hybrid.vflow.flows.gqa import GQA
 
 from test_vflow_gqa import assert_union, combined
-from test_vflow_select import assert_selection, make_inputs, page_keys, tolerance
+from test_vflow_select import assert_selection, make_inputs, per_head_page_scores, tolerance
 
 
 def decoded_keys(keys: np.ndarray, bits: int) -> np.ndarray:
@@ -29,17 +29,8 @@ def decoded_keys(keys: np.ndarray, bits: int) -> np.ndarray:
 def head_scores(bits: int, q, k_pool, table, lens) -> np.ndarray:
     """[B, Hkv, max_pages, G] float64: max over a full page's tokens of q_j . decoded key; -inf
     where a page has no summary (past the request, or its partial last page)."""
-    B, hq, D = q.shape
-    _, hkv, P, _ = k_pool.shape
-    G = hq // hkv
-    out = np.full((B, hkv, table.shape[1], G), -np.inf)
-    for b in range(B):
-        for h in range(hkv):
-            qg = q[b, h * G:(h + 1) * G].double().numpy()                      # [G, D]
-            for p in range(int(lens[b]) // P):
-                out[b, h, p] = (qg @ decoded_keys(page_keys(k_pool, table, lens, b, h, p),
-                                                  bits).T).max(1)
-    return out
+    return per_head_page_scores(q, k_pool, table, lens,
+                                lambda qg, keys: (qg @ decoded_keys(keys, bits).T).max(1))
 
 
 CASES = [(seed, bits, gqa) for seed in (0, 1, 2) for bits in (1, 2, 4) for gqa in GQA]

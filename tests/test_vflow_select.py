@@ -47,6 +47,22 @@ def page_keys(k_pool, table, lens, b, h, p):
     return k_pool[int(table[b, p]), h, :count].double().numpy()
 
 
+def per_head_page_scores(q, k_pool, table, lens, score) -> np.ndarray:
+    """[B, Hkv, max_pages, G] float64: `score(qg [G, D], keys [P, D])` -> [G] for each full page
+    of each (request, KV head); -inf where a page has no summary (past the request, or its
+    partial last page)."""
+    B, hq, D = q.shape
+    _, hkv, P, _ = k_pool.shape
+    G = hq // hkv
+    out = np.full((B, hkv, table.shape[1], G), -np.inf)
+    for b in range(B):
+        for h in range(hkv):
+            qg = q[b, h * G:(h + 1) * G].double().numpy()                      # [G, D]
+            for p in range(int(lens[b]) // P):                                  # full pages
+                out[b, h, p] = score(qg, page_keys(k_pool, table, lens, b, h, p))
+    return out
+
+
 def brute_scores(flow: str, q, k_pool, table, lens, channels=None):
     """Scores [B, Hkv, max_pages] float64 numpy from the issue's formulas; -inf where unscored."""
     B, hq, D = q.shape
