@@ -315,3 +315,16 @@ def test_the_cpu_parts_of_an_undone_step_are_passed_over_not_served_later():
     finally:
         whole.close()
         eager.close()
+
+
+def test_a_whole_step_whose_host_parts_are_empty_equals_an_ordinary_step():
+    """Every page cached by the prefill (hybrid, slots for all of them): each layer's CPU part has
+    nothing to attend and answers an empty state; outputs and counters equal an ordinary step's,
+    and the CPU attended no page (seed 11)."""
+    whole, eager = make("hybrid", slots=16), make("hybrid", slots=16)
+    eager._graphs = None
+    gen = torch.Generator().manual_seed(11)
+    ws, es = two_requests(whole, eager, gen)
+    ordinary_step_equals(whole, eager, ws, es, gen)
+    assert whole.stats()["last_step"]["cpu_pages"] == 0
+    assert whole.stats()["last_step"]["cpu_calls"] == 0
