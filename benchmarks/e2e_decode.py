@@ -471,6 +471,7 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
                 how.append(ran)
         if args.profile:
             profile_step(attn, rids, st, sels, whole, mode, args)
+        replay = cpu_replay(attn, args.cpu_replay) if args.cpu_replay and host and whole else None
         last_logits = st.logits.clone()
         memory = dict(hbm_gib=attn.memory.device_bytes / GIB, host_gib=attn.memory.host_bytes / GIB,
                       gpu_cache_pages=attn.memory.gpu_cache_pages,
@@ -478,7 +479,7 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
                       graphs=attn._graphs is not None,
                       step_ran=sorted(set(how)),
                       plan_ms=statistics.median(st.plan_s[args.warmup:]) * 1e3,
-                      cpu_attn_bw_live=attn.stats().get("cpu_attn_bw"))
+                      cpu_attn_bw_live=attn.stats().get("cpu_attn_bw"), cpu_replay=replay)
     finally:
         attn.close()
     head_bytes = 2 * args.page_size * s.head_dim * m.embed.element_size()
@@ -499,6 +500,48 @@ def profile_step(attn, rids, st, sels, whole, mode, args) -> None:
     table = prof.key_averages().table(sort_by=key, row_limit=40)
     with open(os.path.join(args.out, f"profile_{mode}.txt"), "w") as fh:
         fh.write(table + "\n")
+
+
+def cpu_replay(attn, reps: int) -> dict:
+    """The last timed step's last CPU part (the last layer's q and host selection, still in the
+    step's pinned buffers) run again outside the step, `reps` calls each way: from this thread
+    back to back, from this thread with a 1 ms sleep before each call (the CPU kernels' threads
+    idle between calls, as between a step's layers), and from a new thread. Set against the step's
+    own calls (cpu_kernel_ms / cpu_calls), it says whether a call's cost in the step is the
+    kernel's on these pages, or the step's surroundings (threads, the GPU's copies)."""
+    import threading
+
+    import numba
+    static = attn._step.static
+    io, s = static.cpu_io, static.step
+    layer = attn.num_layers - 1
+    pages = int((io["sel"] >= 0).sum())
+
+    def calls(gap_s: float) -> float:
+        times = []
+        for _ in range(reps):
+            if gap_s:
+                time.sleep(gap_s)
+            t0 = time.perf_counter()
+            attn._cpu_state(layer, io["q"], io["sel"], s.host_table, s.lens_cpu,
+                            out=(io["o"], io["lse"]))
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    k = attn.kv.host_pool.k[layer]
+    out = dict(pages=pages, mb=pages * 2 * k.shape[2] * k.shape[3] * k.element_size() / 1e6,
+               main_ms=calls(0.0) * 1e3, main_gap1ms_ms=calls(1e-3) * 1e3)
+    box = {}
+    th = threading.Thread(target=lambda: box.update(ms=calls(0.0) * 1e3,
+                                                    gap_ms=calls(1e-3) * 1e3))
+    th.start()
+    th.join()
+    out.update(thread_ms=box.get("ms"), thread_gap1ms_ms=box.get("gap_ms"),
+               threading_layer=numba.threading_layer(),
+               omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+    print(f"cpu replay (layer {layer}, {pages} page-heads): " + ", ".join(
+        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()), flush=True)
+    return out
 
 
 def sync(dev: torch.device) -> None:
@@ -525,6 +568,7 @@ def summarize(rec: list, m: Decoder, batch: int, costs, head_bytes: int) -> dict
                 cpu_wait_frac=statistics.median(r[1].get("gpu_wait_s", 0) * 1e3 / r[0] for r in rec),
                 pcie_bytes_per_step=med("bytes_h2d"), cpu_bytes_per_step=med("bytes_cpu"),
                 cpu_part_ms=med("cpu_part_s") * 1e3, cpu_kernel_ms=med("cpu_kernel_s") * 1e3,
+                cpu_calls=med("cpu_calls"),
                 step_shape=rec[-1][1].get("step_shape"))
 
 
@@ -561,6 +605,10 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true",
                     help="profile one more step per mode after the timed ones (torch.profiler): "
                          "its kernels by GPU time, in profile_<mode>.txt under --out")
+    ap.add_argument("--cpu-replay", type=int, default=0, metavar="N",
+                    help="host placements in whole steps: after the timed steps, run the last "
+                         "step's last CPU part N more times outside the step (from this thread, "
+                         "with gaps, from a new thread) and report its time per call (0: off)")
     ap.add_argument("--summary-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="page summaries' dtype (float32)")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per mode (32)")

@@ -10,6 +10,8 @@
 # takes SGLANG_E2E_ARGS, e.g. --runs to split its engines over calls (sglang_graphs, the check of
 # SGLang's decode graphs with the backend, likewise: SGLANG_GRAPHS_ARGS); accuracy runs the accuracy grid,
 # scripts/dev/accuracy.sh, ACC_* there, writing accuracy.json/.md/.png)
+# omp_policy: hybrid at 12 GiB per context (OMP_CONTEXTS) under each OpenMP wait policy (OMP_POLICIES:
+# PASSIVE, ACTIVE, or spinN for GOMP_SPINCOUNT=N), each with --cpu-replay (a CPU part's cost per call).
 # tests: the whole suite natively (GPU kernels without the interpreter; the wheel-build test is
 # skipped: no registry there). Each step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -39,6 +41,13 @@ for step in "$@"; do
                      OMP_WAIT_POLICY=$pol timeout 60 python3 benchmarks/host_contention.py --parts per_call \
                        --caller $c --pool-gib 16 --threads 14 --sizes-mib 1,4,32 --gaps-us 0,1000 \
                        --out "$OUT/percall_${pol}_$c" | grep "per-call" | sed "s/^/$pol $c /"
+                   done; done ;;
+    omp_policy)    for ctx in ${OMP_CONTEXTS:-131072}; do for pol in ${OMP_POLICIES:-PASSIVE ACTIVE}; do
+                     case $pol in spin*) env_set="GOMP_SPINCOUNT=${pol#spin}";; *) env_set="OMP_WAIT_POLICY=$pol";; esac
+                     env $env_set timeout ${OMP_RUN_TIMEOUT:-150} python3 benchmarks/e2e_decode.py --modes hybrid \
+                       --locality real --summary-dtype bfloat16 --steps 8 --warmup 3 --gpu-memory-gib 12 \
+                       --context $ctx --cpu-replay 20 --out "$OUT/omp_${ctx}_$pol" ${E2E_ARGS:-} \
+                       | grep -E "cpu replay|^\[|tokens/s" | sed "s/^/$ctx $pol /"
                    done; done ;;
     handoff)       timeout 150 python3 benchmarks/handoff.py --out "$OUT" ${HANDOFF_ARGS:-} ;;
     gpu_check)     timeout ${GPU_CHECK_TIMEOUT:-540} bash scripts/gpu_check.sh ${GPU_CHECK_ARGS:-} ;;
