@@ -76,6 +76,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+import numba
+import numpy as np
 import psutil
 import torch
 import torch.nn.functional as F
@@ -504,44 +506,81 @@ def profile_step(attn, rids, st, sels, whole, mode, args) -> None:
 
 def cpu_replay(attn, reps: int) -> dict:
     """The last timed step's last CPU part (the last layer's q and host selection, still in the
-    step's pinned buffers) run again outside the step, `reps` calls each way: from this thread
-    back to back, from this thread with a 1 ms sleep before each call (the CPU kernels' threads
-    idle between calls, as between a step's layers), and from a new thread. Set against the step's
-    own calls (cpu_kernel_ms / cpu_calls), it says whether a call's cost in the step is the
-    kernel's on these pages, or the step's surroundings (threads, the GPU's copies)."""
+    step's pinned buffers) run again outside the step, `reps` calls per row: from this thread back
+    to back and with a 1 ms sleep before each call (the kernels' threads idle between calls, as
+    between a step's layers), from a new thread, and per thread count and schedule split into the
+    launcher's preparation and its parallel kernel, beside an empty parallel loop's fork and join.
+    Set against the step's own calls (cpu_kernel_ms / cpu_calls), it says whether a call's cost in
+    the step is the kernel's on these pages, or the step's surroundings (threads, the GPU's copies)."""
     import threading
 
     import numba
+
+    from vortex_hybrid import cpu_kernels
+    from vortex_hybrid.cpu_kernels import threads as kthreads
     static = attn._step.static
     io, s = static.cpu_io, static.step
     layer = attn.num_layers - 1
     pages = int((io["sel"] >= 0).sum())
+    k_pool, v_pool = attn.kv.host_pool.k[layer], attn.kv.host_pool.v[layer]
 
-    def calls(gap_s: float) -> float:
-        times = []
+    def calls(gap_s: float = 0.0, schedule: str = "balanced") -> tuple:
+        times, parts = [], {}
         for _ in range(reps):
             if gap_s:
                 time.sleep(gap_s)
             t0 = time.perf_counter()
-            attn._cpu_state(layer, io["q"], io["sel"], s.host_table, s.lens_cpu,
-                            out=(io["o"], io["lse"]))
+            cpu_kernels.launch_sparse_decode_attention(
+                io["q"], k_pool, v_pool, s.host_table, s.lens_cpu, io["sel"],
+                out=(io["o"], io["lse"]), schedule=schedule, timings=parts)
             times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return (statistics.median(times) * 1e3, parts.get("prep", 0.0) / reps * 1e3,
+                parts.get("kernel", 0.0) / reps * 1e3)
 
-    k = attn.kv.host_pool.k[layer]
-    out = dict(pages=pages, mb=pages * 2 * k.shape[2] * k.shape[3] * k.element_size() / 1e6,
-               main_ms=calls(0.0) * 1e3, main_gap1ms_ms=calls(1e-3) * 1e3)
+    x = np.zeros(256, np.float64)
+
+    def fork_join() -> float:
+        _fork_join(x)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            _fork_join(x)
+        return (time.perf_counter() - t0) / reps * 1e3
+
+    out = dict(layer=layer, pages=pages,
+               mb=pages * 2 * k_pool.shape[2] * k_pool.shape[3] * k_pool.element_size() / 1e6,
+               threading_layer=numba.threading_layer(),
+               omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+               main_ms=calls()[0], main_gap1ms_ms=calls(1e-3)[0])
     box = {}
-    th = threading.Thread(target=lambda: box.update(ms=calls(0.0) * 1e3,
-                                                    gap_ms=calls(1e-3) * 1e3))
+    th = threading.Thread(target=lambda: box.update(ms=calls()[0], gap_ms=calls(1e-3)[0]))
     th.start()
     th.join()
-    out.update(thread_ms=box.get("ms"), thread_gap1ms_ms=box.get("gap_ms"),
-               threading_layer=numba.threading_layer(),
-               omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
-    print(f"cpu replay (layer {layer}, {pages} page-heads): " + ", ".join(
-        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()), flush=True)
+    out.update(thread_ms=box.get("ms"), thread_gap1ms_ms=box.get("gap_ms"))
+    before, rows = kthreads.cpu_threads(), []
+    try:
+        for n in sorted({n for n in (1, 2, 4, 8, before) if n <= kthreads.max_threads()}):
+            kthreads.set_cpu_threads(n)
+            numba.set_num_threads(n)
+            for schedule in ("balanced", "static"):
+                ms, prep, kern = calls(schedule=schedule)
+                rows.append(dict(threads=n, schedule=schedule, ms=ms, prep_ms=prep,
+                                 kernel_ms=kern, fork_join_ms=fork_join()))
+    finally:
+        kthreads.set_cpu_threads(before)
+    out["by_threads"] = rows
+    print(f"cpu replay (layer {layer}, {pages} page-heads, {out['mb']:.2f} MB): " + ", ".join(
+        f"{k} {v:.3f}" for k, v in out.items() if isinstance(v, float)), flush=True)
+    for r in rows:
+        print("cpu replay " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in r.items()), flush=True)
     return out
+
+
+@numba.njit(parallel=True, nogil=True, cache=False)
+def _fork_join(x):
+    """An empty parallel loop: the fork and join of the CPU kernels' thread team."""
+    for i in numba.prange(x.shape[0]):
+        x[i] += 1.0
 
 
 def sync(dev: torch.device) -> None:

@@ -17,6 +17,7 @@ Shapes (B requests, Hq query heads, Hkv KV heads, G = Hq // Hkv, D head_dim, P p
 from __future__ import annotations
 
 import math
+import time
 from typing import Optional
 
 import numpy as np
@@ -166,6 +167,7 @@ def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool
                                 chunk_slots: Optional[int] = None,
                                 out: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                                 schedule: str = "balanced",
+                                timings: Optional[dict] = None,
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sparse_decode_attention` without the value checks (the runtime checks once per step).
 
@@ -175,8 +177,10 @@ def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool
     often skewed, e.g. a few requests hold every host page, and Numba splits a loop into equal
     blocks of items, one per thread: `work_order` gives each block about the same pages) or
     "static" (items in row order; kept for comparison). A selection with no page returns o = 0,
-    lse = -inf without starting the threads.
+    lse = -inf without starting the threads. timings: a dict that gets the call's seconds before
+    the parallel kernel ("prep": views, work order) and in it ("kernel") added to its keys.
     """
+    t0 = time.perf_counter() if timings is not None else 0.0
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} must be one of {SCHEDULES}")
     B, hq, d = q.shape
@@ -202,9 +206,14 @@ def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool
         slots = chunk_slots if chunk_slots is not None else chunk_slots_for(busy, s.shape[2], threads)
         slots = max(1, slots)
         order = work_order(s, slots, threads, schedule)
+        if timings is not None:
+            t1 = time.perf_counter()
+            timings["prep"] = timings.get("prep", 0.0) + t1 - t0
         _sparse_attention_kernel(qf, scale, k_bits, v_bits, kind, page_size, pt, sl, s, slots,
                                  order, o.numpy().reshape(B * hkv, group, d),
                                  lse.numpy().reshape(B * hkv, group))
+    if timings is not None:
+        timings["kernel"] = timings.get("kernel", 0.0) + time.perf_counter() - t1
     return o, lse
 
 
