@@ -29,8 +29,8 @@ from vortex_hybrid.contracts import pages_of
 
 from .online_softmax import FASTMATH, NEG_INF
 from .prefetch import prefetch_range
-from .storage_decode import as_f32
-from .tensor_views import float32_array, int32_array, storage_bits
+from .storage_decode import as_f32, float32_of
+from .tensor_views import int32_array, storage_bits
 from .threads import kernel_call
 from .topk_pages import launch_topk_pages
 
@@ -111,7 +111,7 @@ def launch_page_scores(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, page_t
     hkv = a.shape[1]
     pt = int32_array("page_table", page_table)
     sl = int32_array("seq_lens", seq_lens)
-    qf = float32_array("q", q).reshape(B, hkv, hq // hkv, d)
+    qf = float32_of("q", q).reshape(B, hkv, hq // hkv, d)
     max_pages = pt.shape[1]
     scores = torch.empty(B, hkv, max_pages, dtype=torch.float32)
     if scores.numel() == 0:

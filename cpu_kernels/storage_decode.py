@@ -12,11 +12,12 @@ x86 vector units), so results match
 from __future__ import annotations
 
 import numpy as np
+import torch
 from numba import njit, types
 from numba.extending import overload
 
 from .float_bits import bits_to_f32, f32_to_bits
-from .tensor_views import BF16, FP16
+from .tensor_views import BF16, FP16, float32_array, raw_bits
 
 _SHIFT16 = np.uint32(16)
 _SHIFT13 = np.uint32(13)
@@ -73,3 +74,16 @@ def _as_f32(x):
     if x == types.float32:
         return lambda x: x
     return None
+
+
+def float32_of(name: str, t) -> np.ndarray:
+    """A float32 NumPy array of a float CPU tensor (same shape): a view when `t` is float32 and
+    contiguous; bf16 / fp16 decoded by `decode_into` in compiled code, not by a torch cast (which,
+    called from a worker thread on a large enough tensor, starts torch's own thread pool beside the
+    CPU kernels' threads)."""
+    if t.dtype not in (torch.bfloat16, torch.float16):
+        return float32_array(name, t)
+    bits, kind = raw_bits(name, t)
+    out = np.empty(tuple(t.shape), np.float32)
+    decode_into(bits, kind, out.reshape(-1))
+    return out

@@ -52,7 +52,7 @@ def storage_bits(name: str, pool: torch.Tensor) -> tuple[np.ndarray, int]:
     hit = _VIEWS.get(id(pool))
     if hit is not None and hit[0]() is pool and hit[1] == pool.data_ptr() and hit[2] == pool.shape:
         return hit[3], hit[4]
-    bits, kind = _storage_bits(name, pool)
+    bits, kind = raw_bits(name, pool)
     if bits.size and bits.ctypes.data == pool.data_ptr():          # a view, not a copy: cache it
         key = id(pool)
         _VIEWS[key] = (weakref.ref(pool, lambda _, key=key: _VIEWS.pop(key, None)),
@@ -60,7 +60,8 @@ def storage_bits(name: str, pool: torch.Tensor) -> tuple[np.ndarray, int]:
     return bits, kind
 
 
-def _storage_bits(name: str, pool: torch.Tensor) -> tuple[np.ndarray, int]:
+def raw_bits(name: str, pool: torch.Tensor) -> tuple[np.ndarray, int]:
+    """`storage_bits` of a tensor that may not live long (no view kept): e.g. a step's q."""
     _cpu(name, pool)
     if pool.dtype == torch.float64:
         log.debug("%s is float64: rounding a copy to float32 for the CPU kernels", name)

@@ -31,8 +31,8 @@ from .float_bits import f32_to_bits
 from .online_softmax import (attend_tile, empty_state, finish_row, new_parts, new_tiles,
                              tile_scores)
 from .prefetch import prefetch_range
-from .storage_decode import decode_into
-from .tensor_views import FP16, float32_array, int32_array, out_tensor, storage_bits
+from .storage_decode import decode_into, float32_of
+from .tensor_views import FP16, int32_array, out_tensor, storage_bits
 from .threads import kernel_call
 from .topk_pages import order_key, radix_threshold, take_top
 
@@ -184,7 +184,7 @@ def launch_token_topk_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: t
     if B == 0:
         return o, lse, tokens
     scale = d ** -0.5 if sm_scale is None else float(sm_scale)
-    qf = float32_array("q", q.detach()).reshape(B * hkv, group, d)
+    qf = float32_of("q", q.detach()).reshape(B * hkv, group, d)
     k_bits, kind = storage_bits("k_pool", k_pool)
     v_bits, _ = storage_bits("v_pool", v_pool)
     big = torch.iinfo(torch.int32).max

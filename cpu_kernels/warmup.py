@@ -40,6 +40,7 @@ def warmup() -> float:
         k = torch.randn(N, hkv, P, D, generator=gen).to(dtype)
         v = torch.randn(N, hkv, P, D, generator=gen).to(dtype)
         o, lse = launch_sparse_decode_attention(q, k, v, page_table, seq_lens, sel)
+        launch_sparse_decode_attention(q.to(dtype), k, v, page_table, seq_lens, sel)  # q decoded
         launch_token_topk_attention(q, k, v, page_table, seq_lens, sel, 2)
         for quest in (True, False):
             a, b = torch.zeros(N, hkv, 1, D), torch.zeros(N, hkv, 1, D)
