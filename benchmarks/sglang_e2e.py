@@ -4,9 +4,9 @@ against SGLang's own dense `triton` backend, and do they produce the same greedy
 Starts one `sgl.Engine` per run on the same Llama-shaped model and the same long-context batch
 (--batch random prompts of --context tokens, --new greedy tokens each, radix cache off so every run
 prefills the whole batch): SGLang's `triton` backend (CUDA graphs on, its normal mode) and
-`vortex_hybrid` in each placement (SGLang's CUDA graphs off, the runtime capturing its own per-layer
-graphs; with --sglang-graphs, SGLang's decode graphs on over the backend's graph hooks, which
-VORTEX_HYBRID_SGLANG_CUDA_GRAPHS=1 lets through while they are not validated on a GPU). A run is `triton`, or `PLACEMENT` (sparse, --budget of the pages, quest) or
+`vortex_hybrid` in each placement (SGLang's decode CUDA graphs on over the backend's graph hooks,
+prefill graphs off; with --no-sglang-graphs, SGLang's CUDA graphs off and the runtime capturing
+its own per-layer graphs). A run is `triton`, or `PLACEMENT` (sparse, --budget of the pages, quest) or
 `PLACEMENT@full` (budget_ratio 1.0: every page, the output must equal triton's). Per run: decode
 throughput and time per output token (TPOT, from timed generates of --new and of 2 x --new tokens,
 the faster of two of each: prefill and the previous call's clean-up cancel),
@@ -95,8 +95,6 @@ def run_engine(run: str, model: Path, prompts: list[list[int]], args, cuda: bool
         cfg = hybrid_config(run, args)
         kw.update(attention_backend="vortex_hybrid", vortex_hybrid_config=json.dumps(cfg))
         if cuda and args.sglang_graphs:
-            from vortex_hybrid.integrations.sglang.config import GRAPHS_ENV
-            os.environ[GRAPHS_ENV] = "1"             # the engine's processes inherit it
             kw.update(cuda_graph_max_bs_decode=args.batch, disable_prefill_cuda_graph=True)
         else:
             kw["disable_cuda_graph"] = True
@@ -158,11 +156,12 @@ def main() -> None:
     ap.add_argument("--cache", type=float, default=0.1,
                     help="GPU page cache of the host placements, as a share of the batch's pages")
     ap.add_argument("--chunk", type=int, default=8192, help="SGLang's --chunked-prefill-size")
-    ap.add_argument("--sglang-graphs", action="store_true",
-                    help="vortex_hybrid runs with SGLang's decode CUDA graphs on (CUDA only)")
+    ap.add_argument("--sglang-graphs", action=argparse.BooleanOptionalAction, default=True,
+                    help="vortex_hybrid runs with SGLang's decode CUDA graphs on (CUDA only; "
+                         "default on; --no-sglang-graphs: SGLang's CUDA graphs off)")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 unless every run finished and every PLACEMENT@full run gave "
-                         "triton's tokens (a validation, e.g. with --sglang-graphs)")
+                         "triton's tokens (a validation)")
     ap.add_argument("--no-overlap", action="store_true",
                     help="every run with SGLang's overlap scheduler off (--disable-overlap-schedule)")
     ap.add_argument("--runs", default=RUNS,

@@ -5,8 +5,7 @@ One `sgl.Engine` per run on a random Llama-shaped model (benchmarks/sglang_e2e.p
 prompts of different lengths, each with its own number of new tokens (so the decode batch shrinks
 one request at a time and most of its sizes are padded up to SGLang's next captured bucket), greedy,
 radix cache off. Runs: SGLang's `triton` backend (its graphs on), then `vortex_hybrid` in each
-placement at full budget with SGLang's decode graphs on (VORTEX_HYBRID_SGLANG_CUDA_GRAPHS=1,
-prefill graphs off). Every run's tokens must equal triton's, request for request; a sparse run
+placement at full budget with SGLang's decode graphs on (prefill graphs off). Every run's tokens must equal triton's, request for request; a sparse run
 (`PLACEMENT` without `@full`, --budget of the pages) must finish. Prints one line per run, writes
 sglang_graphs_check.json under --out, exits 1 on any failure. CUDA only.
 
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
@@ -32,7 +30,6 @@ def run_engine(run: str, model: Path, prompts: list, news: list, args) -> list:
     """Each request's greedy tokens from one engine."""
     import sglang as sgl
 
-    from vortex_hybrid.integrations.sglang.config import GRAPHS_ENV
     from vortex_hybrid.integrations.sglang.shutdown import shut_down
     kw = dict(model_path=str(model), sampling_backend="pytorch", skip_tokenizer_init=True,
               random_seed=0, page_size=P, disable_radix_cache=True, dtype="bfloat16",
@@ -43,7 +40,6 @@ def run_engine(run: str, model: Path, prompts: list, news: list, args) -> list:
         placement, _, full = run.partition("@")
         cfg = {"placement": placement, "page_size": P, "flow": "quest", "gpu_cache_pages": 64,
                "budget_ratio": 1.0 if full == "full" else args.budget}
-        os.environ[GRAPHS_ENV] = "1"                 # the engine's processes inherit it
         kw.update(attention_backend="vortex_hybrid", vortex_hybrid_config=json.dumps(cfg),
                   disable_prefill_cuda_graph=True)
     llm = sgl.Engine(**kw)

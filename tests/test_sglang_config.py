@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vortex_hybrid import HybridAttention, HybridConfig
-from vortex_hybrid.integrations.sglang.config import (GRAPHS_ENV, ConfigError, build, check_model,
+from vortex_hybrid.integrations.sglang.config import (ConfigError, build, check_model,
                                                       check_server_args, load, resolve,
                                                       sglang_kv_dtype)
 from vortex_hybrid.integrations.sglang.request_map import RequestMap
@@ -38,7 +38,10 @@ def server_args(**kw):
 
 
 @pytest.mark.parametrize("kw, pattern", [
-    ({"disable_cuda_graph": False}, r"pass --disable-cuda-graph"),
+    ({"disable_cuda_graph": False,
+      "cuda_graph_config": types.SimpleNamespace(decode=types.SimpleNamespace(backend="full"),
+                                                 prefill=types.SimpleNamespace(backend="breakable"))},
+     r"pass --disable-prefill-cuda-graph"),
     ({"disable_cuda_graph": True,
       "cuda_graph_config": types.SimpleNamespace(decode=types.SimpleNamespace(backend="breakable"),
                                                  prefill=types.SimpleNamespace(backend="disabled"))},
@@ -61,21 +64,16 @@ def graphs(decode: str, prefill: str = "disabled"):
                                  prefill=types.SimpleNamespace(backend=prefill))
 
 
-@pytest.mark.parametrize("env, config, allowed", [
-    (None, graphs("full"), False),
-    ("1", graphs("full"), True),
-    ("1", graphs("breakable"), False),
-    ("1", graphs("full", "full"), False),
-    ("0", graphs("full"), False),
+@pytest.mark.parametrize("config, allowed", [
+    (graphs("full"), True),
+    (None, True),                   # a version without cuda_graph_config: decode graphs only
+    (graphs("breakable"), False),
+    (graphs("full", "full"), False),
+    (graphs("full", "breakable"), False),
 ])
-def test_full_decode_graphs_pass_only_with_the_opt_in_and_others_stay_one_line_refusals(
-        monkeypatch, env, config, allowed):
-    """GRAPHS_ENV=1 lets SGLang's full decode graphs through (the backend's graph hooks); without
-    it, and for breakable decode or prefill graphs, the refusal is one line naming both fixes."""
-    if env is None:
-        monkeypatch.delenv(GRAPHS_ENV, raising=False)
-    else:
-        monkeypatch.setenv(GRAPHS_ENV, env)
+def test_full_decode_graphs_pass_and_other_graphs_stay_one_line_refusals(config, allowed):
+    """SGLang's full decode graphs run with the backend (its graph hooks); breakable decode graphs
+    and prefill graphs are refused in one line naming both fixes."""
     args = server_args(disable_cuda_graph=False, cuda_graph_config=config)
     if allowed:
         check_server_args(args)
@@ -83,7 +81,7 @@ def test_full_decode_graphs_pass_only_with_the_opt_in_and_others_stay_one_line_r
     with pytest.raises(ConfigError) as err:
         check_server_args(args)
     msg = str(err.value)
-    assert "\n" not in msg and "--disable-cuda-graph" in msg and f"{GRAPHS_ENV}=1" in msg
+    assert "\n" not in msg and "--disable-cuda-graph" in msg
     assert "--disable-prefill-cuda-graph" in msg
 
 
@@ -208,17 +206,19 @@ def test_request_map_follows_recycled_rows_chunks_and_frees():
 
 
 @pytest.mark.parametrize("placement", ["gpu", "hybrid"])
-def test_sglang_is_promised_one_page_less_when_its_decode_graphs_take_the_padding_page(
-        monkeypatch, placement):
-    """With the graph opt-in, the fixed-shape steps' scratch page is not promised to SGLang:
-    `gpu` one page fewer tokens, `hybrid` one request fewer (its tail pages)."""
-    from vortex_hybrid.integrations.sglang.sizing import max_requests_of, tokens_of
+def test_sglang_is_promised_one_page_less_when_its_decode_graphs_take_the_padding_page(placement):
+    """When SGLang will capture decode graphs (a CUDA engine with them on), the fixed-shape steps'
+    scratch page is not promised to SGLang: `gpu` one page fewer tokens, `hybrid` one request fewer
+    (its tail pages); CPU engines and --disable-cuda-graph keep it."""
+    from vortex_hybrid.integrations.sglang.sizing import graph_pages, max_requests_of, tokens_of
     cfg = HybridConfig(page_size=16, placement=placement)
     mem = types.SimpleNamespace(device_pages=100, host_pages=1000, gpu_cache_pages=40)
-    monkeypatch.delenv(GRAPHS_ENV, raising=False)
-    off = (tokens_of(cfg, mem), max_requests_of(cfg, mem))
-    monkeypatch.setenv(GRAPHS_ENV, "1")
-    on = (tokens_of(cfg, mem), max_requests_of(cfg, mem))
+    assert graph_pages(server_args(disable_cuda_graph=False, cuda_graph_config=graphs("full"))) == 1
+    assert graph_pages(server_args(disable_cuda_graph=True, cuda_graph_config=graphs("disabled"))) == 0
+    assert graph_pages(server_args(device="cpu", disable_cuda_graph=False,
+                                   cuda_graph_config=graphs("full"))) == 0
+    off = (tokens_of(cfg, mem, 0), max_requests_of(cfg, mem, 0))
+    on = (tokens_of(cfg, mem, 1), max_requests_of(cfg, mem, 1))
     if placement == "gpu":
         assert (off[0] - on[0], off[1], on[1]) == (16, None, None)
     else:

@@ -234,12 +234,6 @@ def test_a_recycled_row_never_reads_the_finished_requests_kv(seen):
     assert world.ours.stats()["requests"] == 1 and len(held) == 3
 
 
-def test_cuda_graph_state_is_refused_with_the_fix_named():
-    world = World(cfg_for("gpu"), 0)
-    with pytest.raises(ConfigError, match="--disable-cuda-graph"):
-        world.ours.init_cuda_graph_state(8, 8)
-
-
 def test_a_layer_with_another_scaling_is_refused():
     world = World(cfg_for("gpu"), 0)
     world.layers[0] = RadixAttention(num_heads=HQ, head_dim=D, scaling=0.5, num_kv_heads=HKV,

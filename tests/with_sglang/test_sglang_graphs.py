@@ -21,7 +21,6 @@ from sglang.srt.model_executor.forward_context import ForwardContext, forward_co
 from test_sglang_backend import HKV, HQ, L, D, PLACEMENTS, World, cfg_for, sparse_reference
 
 from vortex_hybrid.integrations.sglang import sizing
-from vortex_hybrid.integrations.sglang.config import GRAPHS_ENV, ConfigError
 
 BUCKETS = (4, 2, 1)                       # SGLang captures the large buckets first
 
@@ -92,13 +91,8 @@ def replay(world: World, static: dict, rows: list[int], fail: tuple = ()):
     return qkv, want, [g[:n] for g in got]
 
 
-@pytest.fixture
-def graphs_on(monkeypatch):
-    monkeypatch.setenv(GRAPHS_ENV, "1")
-
-
 @pytest.mark.parametrize("placement", PLACEMENTS)
-def test_graph_replays_equal_sglang_torch_native_at_full_budget(graphs_on, placement):
+def test_graph_replays_equal_sglang_torch_native_at_full_budget(placement):
     seed = 3000 + PLACEMENTS.index(placement)
     print(f"seed {seed}")
     world = World(cfg_for(placement), seed)
@@ -123,8 +117,7 @@ def test_graph_replays_equal_sglang_torch_native_at_full_budget(graphs_on, place
 
 
 @pytest.mark.parametrize("placement", ["gpu", "hybrid"])
-def test_graph_replays_at_a_sparse_budget_equal_the_reference_and_refused_rows_pad(graphs_on,
-                                                                                  placement):
+def test_graph_replays_at_a_sparse_budget_equal_the_reference_and_refused_rows_pad(placement):
     seed = 4000 + PLACEMENTS.index(placement)
     print(f"seed {seed}")
     cfg = cfg_for(placement, budget=4)
@@ -155,7 +148,7 @@ def test_graph_replays_at_a_sparse_budget_equal_the_reference_and_refused_rows_p
         world.ours.runtime.close()
 
 
-def test_a_replay_whose_key_differs_from_the_captured_one_is_refused(graphs_on):
+def test_a_replay_whose_key_differs_from_the_captured_one_is_refused():
     world = World(cfg_for("gpu"), 5)
     try:
         a = world.new_row()
@@ -171,17 +164,19 @@ def test_a_replay_whose_key_differs_from_the_captured_one_is_refused(graphs_on):
         world.ours.runtime.close()
 
 
-def test_without_the_opt_in_cuda_graph_state_is_refused_in_one_line(monkeypatch):
-    monkeypatch.delenv(GRAPHS_ENV, raising=False)
+def test_cuda_graph_state_is_taken_without_any_opt_in():
+    """The former refusal of SGLang's decode graphs is gone: the graph state is set up with no
+    environment variable or flag, its tables as wide as SGLang's longest request in pages."""
     world = World(cfg_for("gpu"), 0)
-    with pytest.raises(ConfigError) as err:
+    try:
         world.ours.init_cuda_graph_state(8, 8)
-    assert "\n" not in str(err.value) and f"{GRAPHS_ENV}=1" in str(err.value)
-    world.ours.runtime.close()
+        context = int(world.req_pool.req_to_token.shape[1])
+        assert world.ours._graph_shape(4).max_pages == -(-context // world.ours.cfg.page_size)
+    finally:
+        world.ours.runtime.close()
 
 
-def test_a_graph_step_whose_cpu_part_fails_aborts_its_requests_not_the_engine(graphs_on,
-                                                                              monkeypatch):
+def test_a_graph_step_whose_cpu_part_fails_aborts_its_requests_not_the_engine(monkeypatch):
     """The CPU part of a replayed step raises: at the backend's next call the step is undone and
     its rows are marked for the scheduler to abort (`sizing.FAILED`, the error named); the next
     replay treats them as padding and serves a request that joins later."""

@@ -2,8 +2,8 @@
 configuration (no patch to SGLang):
 
     python -m sglang.launch_server --model-path M --attention-backend vortex_hybrid \
-        --disable-cuda-graph --vortex-hybrid-config cfg.json
-    sgl.Engine(model_path=M, attention_backend="vortex_hybrid", disable_cuda_graph=True,
+        --disable-prefill-cuda-graph --vortex-hybrid-config cfg.json
+    sgl.Engine(model_path=M, attention_backend="vortex_hybrid", disable_prefill_cuda_graph=True,
                vortex_hybrid_config='{"placement": "hybrid", "budget_ratio": 0.05}')
 
 SGLang finds the plugin through the `sglang.srt.plugins` entry point `vortex_hybrid`

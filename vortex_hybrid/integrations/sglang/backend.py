@@ -14,7 +14,7 @@ SGLang drives it per forward batch: `init_forward_metadata(batch)` once, then ea
   decode writes its token there too (the KV twice; tests only).
 - **decode**: `init_forward_metadata` syncs the rows (a no-op check in the steady state) and calls
   `HybridAttention.plan` once for all layers; each layer returns `HybridAttention.run`.
-- **decode in SGLang's CUDA graphs** (decode backend `full`, with `config.GRAPHS_ENV=1`): one
+- **decode in SGLang's CUDA graphs** (decode backend `full`, SGLang's default for decode): one
   graph per batch-size bucket over the runtime's fixed-shape whole steps (`decode_graphs`).
 - **requests**: SGLang's request-pool rows recycle; `RequestMap` ties a runtime request to a row
   and its generation, and the pool's `free` (wrapped on this backend's pool object) drops finished
@@ -24,8 +24,8 @@ Pages: the runtime's page size equals SGLang's `--page-size` (checked at start-u
 page count of a request is the runtime's.
 
 Not supported (refused at start-up by `config.check_server_args` / `check_model`, and here when a
-layer shows it): SGLang's breakable and prefill CUDA graphs (and full decode graphs without
-`config.GRAPHS_ENV=1`), mixed prefill+decode batches, speculative decoding, tensor
+layer shows it): SGLang's breakable and prefill CUDA graphs (`--disable-prefill-cuda-graph`), mixed
+prefill+decode batches, speculative decoding, tensor
 / pipeline / data parallelism, sliding windows, logit capping, scalings other than head_dim ** -0.5,
 cross-attention.
 """

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Optional
 
 from ...config import KV_DTYPES, HybridConfig
@@ -23,13 +22,10 @@ BACKEND_NAME = "vortex_hybrid"
 """The attention-backend name SGLang knows this backend by (`--attention-backend vortex_hybrid`)."""
 MAX_HEAD_DIM = 256
 """Largest head_dim the attention kernels are built for (one head's row sits in registers)."""
-GRAPHS_ENV = "VORTEX_HYBRID_SGLANG_CUDA_GRAPHS"
-"""Set to 1 to let SGLang's decode CUDA graphs (backend `full`) run with the backend: its graph hooks
-(fixed-shape whole steps, docs/sglang.md) are built and tested on the CPU but not yet on a GPU."""
-CUDA_GRAPH_REFUSAL = ("SGLang's CUDA graphs are not validated on a GPU yet with --attention-backend "
-                      "vortex_hybrid: pass --disable-cuda-graph (Engine: disable_cuda_graph=True), "
-                      f"or try full decode graphs: {GRAPHS_ENV}=1 with "
-                      "--disable-prefill-cuda-graph")
+CUDA_GRAPH_REFUSAL = ("--attention-backend vortex_hybrid runs in SGLang's decode CUDA graphs of "
+                      "backend full only: pass --disable-prefill-cuda-graph (Engine: "
+                      "disable_prefill_cuda_graph=True) and keep the decode graph backend full, "
+                      "or pass --disable-cuda-graph")
 _SGLANG_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "half": "float16",
                   "float32": "float32", "float": "float32"}
 
@@ -166,10 +162,10 @@ def cuda_graph_phases(server_args) -> dict[str, str]:
 
 def graphs_allowed(phases: dict[str, str]) -> bool:
     """Whether SGLang may capture these phases' CUDA graphs with the backend: decode graphs of
-    backend `full` only (one graph per batch size over fixed-shape whole steps), and only with
-    GRAPHS_ENV=1 until they are validated on a GPU."""
+    backend `full` only (one graph per batch size over fixed-shape whole steps; prefill graphs and
+    breakable decode graphs split the step where the backend cannot)."""
     full = phases.get("decode", "").rsplit(".", 1)[-1].lower() in ("full", "on")
-    return os.environ.get(GRAPHS_ENV) == "1" and full and set(phases) == {"decode"}
+    return full and set(phases) == {"decode"}
 
 
 def check_server_args(server_args) -> None:
@@ -226,6 +222,6 @@ def from_text(text: str) -> HybridConfig:
     return HybridConfig.from_dict(json.loads(text))
 
 
-__all__ = ["BACKEND_NAME", "CUDA_GRAPH_REFUSAL", "GRAPHS_ENV", "ConfigError", "build", "check_calibration",
+__all__ = ["BACKEND_NAME", "CUDA_GRAPH_REFUSAL", "ConfigError", "build", "check_calibration",
            "check_model", "check_server_args", "from_text",
            "load", "resolve", "to_text"]

@@ -5,8 +5,8 @@ it with the batch padded to the bucket, real rows first. The hooks map that onto
 fixed-shape whole steps (`runtime.fixed_shape`): every bucket is `FixedShape(bucket, pages of
 SGLang's context length)`, so every step of a bucket has the key captured for it.
 
-- `init_cuda_graph_state`: the tables' width (refused without `config.GRAPHS_ENV=1` while the
-  graphs are not validated on a GPU);
+- `init_cuda_graph_state`: the tables' width (SGLang's other graph kinds are refused earlier,
+  `config.check_server_args`);
 - capture: `init_forward_metadata_out_graph(in_capture=True)` plans a step of padding only for the
   bucket; `on_after_cuda_graph_warmup` plans it again after each warm-up run, so the captured
   forward records layers 0..L-1 (the CPU hand-off included) over that bucket's static buffers;
@@ -21,12 +21,10 @@ SGLang's context length)`, so every step of a bucket has the key captured for it
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
 from ...runtime import FixedShape
 from . import sizing
-from .config import CUDA_GRAPH_REFUSAL, GRAPHS_ENV, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +42,7 @@ class DecodeGraphs:
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         """Before the captures: every bucket's tables are as wide as SGLang's longest request
-        (its request pool's context length) in pages. Refused without `config.GRAPHS_ENV=1`."""
-        if os.environ.get(GRAPHS_ENV) != "1":
-            raise ConfigError(CUDA_GRAPH_REFUSAL)
+        (its request pool's context length) in pages."""
         context = int(self.req_to_token_pool.req_to_token.shape[1])
         self._graph_pages = -(-context // self.cfg.page_size)
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import types
 from typing import Optional
 
@@ -38,7 +37,7 @@ import torch
 from ...config import HybridConfig
 from ...kv.page_pool import GIB
 from ...runtime.memory_model import HOST_PLACEMENTS, TAIL_PAGES, MemoryPlan, plan_memory
-from .config import BACKEND_NAME, GRAPHS_ENV, from_text
+from .config import BACKEND_NAME, cuda_graph_phases, from_text
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +45,29 @@ _PLANS: dict[int, tuple[HybridConfig, MemoryPlan]] = {}
 """id(server_args) -> the config and memory plan SGLang's pool was sized by (this process)."""
 
 
-def graph_pages() -> int:
+def graph_pages(server_args) -> int:
     """Device pages SGLang's decode graphs take from the runtime: the scratch page of the
-    fixed-shape steps' padding rows (`runtime.fixed_shape`), when the graphs are let through."""
-    return 1 if os.environ.get(GRAPHS_ENV) == "1" else 0
+    fixed-shape steps' padding rows (`runtime.fixed_shape`), when SGLang will capture decode graphs
+    (a CUDA engine without --disable-cuda-graph)."""
+    device = str(getattr(server_args, "device", "cuda") or "cuda")
+    return 1 if device != "cpu" and "decode" in cuda_graph_phases(server_args) else 0
 
 
-def tokens_of(cfg: HybridConfig, mem: MemoryPlan) -> int:
+def tokens_of(cfg: HybridConfig, mem: MemoryPlan, graph_pages: int = 0) -> int:
     """The token capacity of an empty runtime with this plan (what `HybridAttention.capacity()`
     reports before any request: the host store in host placements, the device pool otherwise,
     less the decode graphs' scratch page)."""
     if cfg.placement in HOST_PLACEMENTS:
         return mem.host_pages * cfg.page_size
-    return (mem.device_pages - graph_pages()) * cfg.page_size
+    return (mem.device_pages - graph_pages) * cfg.page_size
 
 
-def max_requests_of(cfg: HybridConfig, mem: MemoryPlan) -> Optional[int]:
+def max_requests_of(cfg: HybridConfig, mem: MemoryPlan, graph_pages: int = 0) -> Optional[int]:
     """Requests the runtime serves at once (host placements: each holds a tail page and a prefill
     streams through one more; `HybridAttention.max_requests` less that one); None: pages only."""
     if cfg.placement not in HOST_PLACEMENTS:
         return None
-    return mem.device_pages - mem.gpu_cache_pages - 2 - graph_pages()
+    return mem.device_pages - mem.gpu_cache_pages - 2 - graph_pages
 
 
 def plan(cfg: HybridConfig, model_config, device: str, max_tokens: Optional[int] = None
@@ -111,8 +112,9 @@ def resolve_pool_config(original, self, *args, **kwargs):
                    getattr(self.server_args, "max_total_tokens", None))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    config.max_total_num_tokens = tokens_of(cfg, mem)
-    most = max_requests_of(cfg, mem)
+    scratch = graph_pages(self.server_args)
+    config.max_total_num_tokens = tokens_of(cfg, mem, scratch)
+    most = max_requests_of(cfg, mem, scratch)
     if most is not None and (config.max_running_requests or most) > most:
         config.max_running_requests = most
     _PLANS[id(self.server_args)] = (cfg, mem)
