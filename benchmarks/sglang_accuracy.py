@@ -54,15 +54,39 @@ def engine_kwargs(run: str, model: Path, args, cuda: bool) -> dict:
     return kw
 
 
-def generate(run: str, model: Path, prompts: list, args, cuda: bool) -> list:
-    """Each prompt's greedy tokens from one engine of `run`."""
+def generate(run: str, model: Path, prompts: list, args, argv: list) -> list:
+    """Each prompt's greedy tokens from one engine of `run`, started in a process of its own (this
+    script with --one-run): an engine that fails to start leaves sockets behind that would hang the
+    next engine's requests in this process (pyzmq's garbage collection, SGLang 0.5.17), and a run
+    past --run-timeout is ended there, not here."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="sglang_accuracy_") as io:
+        Path(io, "prompts.json").write_text(json.dumps(prompts))
+        try:
+            child = subprocess.run([sys.executable, __file__, *argv, "--one-run", run, "--io", io,
+                                    "--model", str(model)], capture_output=True, text=True,
+                                   timeout=args.run_timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"no answer within --run-timeout={args.run_timeout:g} s") from None
+        answer = Path(io, "output_ids.json")
+        if child.returncode != 0 or not answer.is_file():
+            tail = (child.stderr or "").strip().splitlines()[-1:] or ["no error output"]
+            raise RuntimeError(f"exit {child.returncode}: {tail[0]}")
+        return json.loads(answer.read_text())
+
+
+def one_run(run: str, io: Path, args, cuda: bool) -> None:
+    """The child side of `generate`: one engine over io/prompts.json into io/output_ids.json."""
     import sglang as sgl
 
     from vortex_hybrid.integrations.sglang.shutdown import shut_down
-    llm = sgl.Engine(**engine_kwargs(run, model, args, cuda))
+    prompts = json.loads((io / "prompts.json").read_text())
+    llm = sgl.Engine(**engine_kwargs(run, Path(args.model), args, cuda))
     try:
         params = {"temperature": 0, "max_new_tokens": args.max_new_tokens}
-        return [o["output_ids"] for o in llm.generate(input_ids=prompts, sampling_params=params)]
+        got = [o["output_ids"] for o in llm.generate(input_ids=prompts, sampling_params=params)]
+        (io / "output_ids.json").write_text(json.dumps(got))
     finally:
         shut_down(llm)
 
@@ -98,7 +122,11 @@ def main(argv=None) -> int:
                          "the peer always runs first")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 unless every run finished and every @full run gave the peer's tokens")
+    ap.add_argument("--run-timeout", type=float, default=1800,
+                    help="seconds one engine may take, start to last token (1800)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--one-run", help=argparse.SUPPRESS)       # the child of `generate`
+    ap.add_argument("--io", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="results", help="folder for sglang_accuracy.json")
     args = ap.parse_args(argv)
     for name in ("context", "samples", "max_new_tokens", "batch"):
@@ -112,6 +140,9 @@ def main(argv=None) -> int:
     if not cuda:
         os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.one_run:
+        one_run(args.one_run, Path(args.io), args, cuda)
+        return 0
     from transformers import AutoTokenizer
 
     from vortex_hybrid.eval import tasks as task_lib
@@ -132,10 +163,11 @@ def main(argv=None) -> int:
     result = {"device": torch.cuda.get_device_name() if cuda else "CPU", "date":
               time.strftime("%Y-%m-%d"), "args": vars(args), "model": str(folder), "runs": {}}
     peer, failed = None, []
+    given = list(sys.argv[1:] if argv is None else argv)
     for run in ["peer"] + [r.strip() for r in args.runs.split(",") if r.strip()]:
         t0 = time.perf_counter()
         try:
-            got = generate(run, folder, prompts, args, cuda)
+            got = generate(run, folder, prompts, args, given)
         except Exception as exc:                      # the other runs still answer
             result["runs"][run] = {"error": f"{type(exc).__name__}: {exc}"}
             failed.append(run)
