@@ -31,6 +31,13 @@ RUNS = "gpu@full,hybrid"
 P = 16
 
 
+def backend_of(run: str, cuda: bool) -> str:
+    """The attention backend of a run: SGLang's own for the peer, else vortex_hybrid."""
+    if run == "peer":
+        return "triton" if cuda else "torch_native"
+    return "vortex_hybrid"
+
+
 def engine_kwargs(run: str, model: Path, args, cuda: bool) -> dict:
     """The `sgl.Engine` keywords of a run: the peer (`peer`), or vortex_hybrid in a placement."""
     kw = dict(model_path=str(model), sampling_backend="pytorch", skip_tokenizer_init=True,
@@ -42,13 +49,13 @@ def engine_kwargs(run: str, model: Path, args, cuda: bool) -> dict:
         kw["mem_fraction_static"] = 0.5
     else:
         kw.update(device="cpu", disable_cuda_graph=True)
+    kw["attention_backend"] = backend_of(run, cuda)
     if run == "peer":
-        kw["attention_backend"] = "triton" if cuda else "torch_native"
         return kw
     placement, _, full = run.partition("@")
     cfg = {"placement": placement, "page_size": P, "flow": args.flow,
            "budget_ratio": 1.0 if full == "full" else args.budget}
-    kw.update(attention_backend="vortex_hybrid", vortex_hybrid_config=json.dumps(cfg))
+    kw["vortex_hybrid_config"] = json.dumps(cfg)
     if cuda:
         kw["disable_prefill_cuda_graph"] = True      # SGLang's decode graphs stay on
     return kw
@@ -181,7 +188,7 @@ def main(argv=None) -> int:
                    sum(s.task == t for s in suite) for t in task_names}
         full = run == "peer" or run.endswith("@full")
         result["runs"][run] = dict(
-            backend=engine_kwargs(run, folder, args, cuda)["attention_backend"],
+            backend=backend_of(run, cuda),
             budget="all" if full else f"{args.budget:g} ({args.flow})", n=len(prompts),
             accuracy=sum(scores) / len(scores), by_task=by_task, same_as_peer=same,
             s=time.perf_counter() - t0, texts=texts, output_ids=got)
