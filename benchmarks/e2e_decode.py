@@ -88,6 +88,7 @@ from hybrid_step import HEAD_PAGE_BYTES, SelStream, fmt, lower_bound, release_me
 from vortex_hybrid import HybridAttention, HybridConfig  # noqa: E402
 from vortex_hybrid.kv.page_pool import GIB, pool_bytes  # noqa: E402
 from vortex_hybrid.runtime.memory_model import HOST_PLACEMENTS, HOST_SHARE, TAIL_PAGES  # noqa: E402
+from vortex_hybrid.runtime.micro_batches import MicroBatches  # noqa: E402
 from vortex_hybrid.scheduler import cost_model  # noqa: E402
 from vortex_hybrid.vflow.summary_store import summary_bytes  # noqa: E402
 
@@ -314,6 +315,61 @@ def decode_step(attn: HybridAttention, rids: list, st: DecodeStep, sels=None,
     return "layers"
 
 
+def whole_micro(mb, steps: list, sels: Optional[list]) -> None:
+    """A whole step of micro-batches staggered by a layer (`runtime.micro_batches`): each part's
+    layer begins (its GPU part up to the wait for the CPU) before the other part's layer ends, so
+    the CPU attends one micro-batch while the GPU runs the other's layer. sels: per part
+    [L, B_i, Hkv, K] or None."""
+    L = steps[0].m.s.layers
+    sel = (lambda i, layer: None) if sels is None else (lambda i, layer: sels[i][layer])  # noqa: E731
+    for st in steps:
+        st._pre()
+    pend = [p.run_begin(0, st.q, st.k, st.v, sel=sel(i, 0), check_sel=False)
+            for i, (p, st) in enumerate(zip(mb.parts, steps))]
+    for layer in range(L):
+        for i, (p, st) in enumerate(zip(mb.parts, steps)):
+            st.attn_out.copy_(p.run_end(pend[i]))
+            st._boundary(layer)
+            if layer + 1 < L:
+                pend[i] = p.run_begin(layer + 1, st.q, st.k, st.v, sel=sel(i, layer + 1),
+                                      check_sel=False)
+
+
+def decode_step_micro(mb, rids: list, steps: list, graphs: dict, sels=None) -> str:
+    """`decode_step` for micro-batches (`whole_micro`): plan every part, then the staggered step
+    as one CUDA graph per tuple of the parts' keys (a key's first step eager, its second captured,
+    later ones replayed), then finish every part. sels: per part this step's [L, B_i, Hkv, K]."""
+    st0 = steps[0]
+    t0 = time.perf_counter()
+    key = mb.plan(rids)
+    st0.plan_s.append(time.perf_counter() - t0)
+    static = None
+    if sels is not None:
+        for st, sel in zip(steps, sels):
+            if st.sel is None or st.sel.shape != sel.shape:
+                st.sel = torch.empty_like(sel)
+            st.sel.copy_(sel)
+        static = [st.sel for st in steps]
+    g = graphs.get(key)
+    if g is None and key in st0.seen and st0.pool is not None:
+        g = torch.cuda.CUDAGraph()
+        gc.collect()
+        gc.disable()
+        try:
+            with torch.cuda.graph(g, pool=st0.pool, capture_error_mode="thread_local"):
+                whole_micro(mb, steps, static)
+        finally:
+            gc.enable()
+        graphs[key] = g
+    st0.seen.add(key)
+    if g is not None:
+        g.replay()
+    else:
+        whole_micro(mb, steps, static)
+    mb.finish_step()
+    return "replay" if g is not None else "eager"
+
+
 @dataclass
 class Sizes:
     """Per-request pages and the batches that fit, with what limited them."""
@@ -420,70 +476,103 @@ def synthetic_kv(s: Shape, T: int, index: int, args, dev) -> torch.Tensor:
                        dtype=getattr(torch, args.dtype))
 
 
+def split_batch(batch: int, n: int) -> list:
+    """Micro-batch sizes: `batch` requests in `n` contiguous parts, the first ones larger by one."""
+    return [batch // n + (i < batch % n) for i in range(n)]
+
+
 def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> dict:
     """Build `mode` at `batch`, prefill synthetic KV, warm up, time; the mode's record (with the
-    tokens of every step, [steps][batch])."""
+    tokens of every step, [steps][batch]). With --micro-batches N (host placements, whole steps):
+    N runtimes of 1/N of the memory each, one per contiguous part of the batch, their CPU parts on
+    one shared worker (`MicroBatches`), the step staggered by a layer (`whole_micro`)."""
     s, t0 = m.s, time.perf_counter()
     host = mode in HOST_PLACEMENTS
-    slots = None
-    if args.cache is not None and mode in ("offload", "hybrid"):
-        slots = max(8, int(args.cache * batch * z.pages))
-    cfg = HybridConfig(page_size=args.page_size, flow=args.flow, budget_ratio=args.budget,
-                       sink_pages=SINK, recent_pages=RECENT, placement=mode, gpu_cache_pages=slots,
-                       kv_dtype=args.dtype, summary_dtype=args.summary_dtype,
-                       gpu_memory_gib=z.hbm_usable if dev.type == "cuda" else args.gpu_memory_gib,
-                       cpu_threads=args.cpu_threads,
-                       gpu_reserve_gib=0.0)     # the reserve is already out of z.hbm_usable
-    attn = HybridAttention(cfg, s.layers, s.heads, s.kv_heads, s.head_dim,
-                           device_pages=None if host else batch * (z.pages + 1) + 8,
-                           host_pages=batch * z.pages if host else None, device=dev, costs=costs)
-    sels = None
+    whole = args.graphs == "whole"
+    n_parts = args.micro_batches if host and whole and batch >= args.micro_batches else 1
+    sizes = split_batch(batch, n_parts)
+    hbm = z.hbm_usable if dev.type == "cuda" else args.gpu_memory_gib
+    parts, mb, sels = [], None, None
     try:
-        rids = []
-        for i in range(batch):
-            k = synthetic_kv(s, z.prefill, i, args, dev)
-            rids.append(attn.add_request(k, k))
-            del k
-        st = DecodeStep(m, batch)
-        if args.fuse == "on":
-            st.fuse()
-        whole = args.graphs == "whole"
-        if dev.type == "cuda" and not whole:
-            st.capture()
+        for size in sizes:
+            slots = None
+            if args.cache is not None and mode in ("offload", "hybrid"):
+                slots = max(8, int(args.cache * size * z.pages))
+            cfg = HybridConfig(page_size=args.page_size, flow=args.flow, budget_ratio=args.budget,
+                               sink_pages=SINK, recent_pages=RECENT, placement=mode,
+                               gpu_cache_pages=slots, kv_dtype=args.dtype,
+                               summary_dtype=args.summary_dtype,
+                               gpu_memory_gib=None if hbm is None else hbm / n_parts,
+                               cpu_threads=args.cpu_threads,
+                               gpu_reserve_gib=0.0)     # the reserve is already out of z.hbm_usable
+            parts.append(HybridAttention(
+                cfg, s.layers, s.heads, s.kv_heads, s.head_dim,
+                device_pages=None if host else size * (z.pages + 1) + 8,
+                host_pages=size * z.pages if host else None, device=dev, costs=costs))
+        attn = parts[0]
+        if n_parts > 1:
+            mb = MicroBatches(parts)
+        rids, steps, first = [], [], 0
+        for p, size in zip(parts, sizes):
+            part = []
+            for i in range(first, first + size):
+                k = synthetic_kv(s, z.prefill, i, args, dev)
+                part.append(p.add_request(k, k))
+                del k
+            rids.append(part)
+            st = DecodeStep(m, size)
+            if args.fuse == "on":
+                st.fuse()
+            if dev.type == "cuda" and not whole:
+                st.capture()
+            steps.append(st)
+            first += size
         g = torch.Generator(device="cpu").manual_seed(args.seed)
-        st.start(torch.randint(0, s.vocab, (batch,), generator=g).to(dev),
-                 torch.full((batch,), z.prefill, dtype=torch.int64, device=dev))
+        ids = torch.randint(0, s.vocab, (batch,), generator=g).to(dev)
+        for st, lo in zip(steps, np.cumsum([0] + sizes[:-1])):
+            st.start(ids[lo:lo + st.B], torch.full((st.B,), z.prefill, dtype=torch.int64, device=dev))
         if args.locality == "real" and mode != "dense":   # drawn before timing; dense: full
             n = [-(-(z.prefill + i + 1) // args.page_size) for i in range(args.warmup + args.steps)]
-            K = min(cfg.budget_for(n[0]), n[0])
+            K = min(attn.cfg.budget_for(n[0]), n[0])
             stream = SelStream(s.layers, batch, K, args.reuse, args.seed, dev, kv_heads=s.kv_heads)
             sels = [torch.stack([stream.next(layer, n[i]) for layer in range(s.layers)])
                     for i in range(len(n))]
         build_s = time.perf_counter() - t0
-        tokens, rec, how = [], [], []
+        tokens, rec, how, graphs = [], [], [], {}
+        bounds = np.cumsum([0] + sizes)
         for i in range(args.warmup + args.steps):
             sync(dev)
             t1 = time.perf_counter()
-            ran = decode_step(attn, rids, st, None if sels is None else sels[i], whole)
+            if mb is None:
+                ran = decode_step(attn, rids[0], steps[0], None if sels is None else sels[i], whole)
+            else:
+                sel_i = None if sels is None else [sels[i][:, lo:hi].contiguous()
+                                                   for lo, hi in zip(bounds[:-1], bounds[1:])]
+                ran = decode_step_micro(mb, rids, steps, graphs, sel_i)
             sync(dev)
             ms = (time.perf_counter() - t1) * 1e3
-            tokens.append(st.ids.tolist())
+            tokens.append([t for st in steps for t in st.ids.tolist()])
             if i >= args.warmup:
-                rec.append((ms, attn.stats()["last_step"]))
+                rec.append((ms, attn.stats()["last_step"] if mb is None else mb.stats()))
                 how.append(ran)
-        if args.profile:
-            profile_step(attn, rids, st, sels, whole, mode, args)
+        if args.profile and mb is None:
+            profile_step(attn, rids[0], steps[0], sels, whole, mode, args)
         replay = cpu_replay(attn, args.cpu_replay) if args.cpu_replay and host and whole else None
-        last_logits = st.logits.clone()
-        memory = dict(hbm_gib=attn.memory.device_bytes / GIB, host_gib=attn.memory.host_bytes / GIB,
-                      gpu_cache_pages=attn.memory.gpu_cache_pages,
+        last_logits = torch.cat([st.logits for st in steps])
+        memory = dict(hbm_gib=sum(p.memory.device_bytes for p in parts) / GIB,
+                      host_gib=sum(p.memory.host_bytes for p in parts) / GIB,
+                      gpu_cache_pages=sum(p.memory.gpu_cache_pages for p in parts),
                       summaries_on_device=attn.memory.summary_on_device,
-                      graphs=attn._graphs is not None,
+                      graphs=attn._graphs is not None, micro_batches=sizes,
                       step_ran=sorted(set(how)),
-                      plan_ms=statistics.median(st.plan_s[args.warmup:]) * 1e3,
+                      plan_ms=statistics.median(steps[0].plan_s[args.warmup:]) * 1e3,
                       cpu_attn_bw_live=attn.stats().get("cpu_attn_bw"), cpu_replay=replay)
     finally:
-        attn.close()
+        if mb is not None:
+            mb.close()
+        else:
+            for p in parts:
+                p.close()
     head_bytes = 2 * args.page_size * s.head_dim * m.embed.element_size()
     return dict(mode=mode, batch=batch, build_s=build_s, tokens=tokens, logits=last_logits,
                 locality=args.locality, reuse=stream.measured() if sels is not None else None,
@@ -635,6 +724,10 @@ def parse(argv=None) -> argparse.Namespace:
                     help="whole: each step is one CUDA graph (model and runtime, the CPU hand-off "
                          "inside; the step planned with whole_step=True); layers: the runtime's "
                          "per-layer graphs between the model's (default whole)")
+    ap.add_argument("--micro-batches", type=int, default=1, metavar="N",
+                    help="host placements in whole steps: the batch as N micro-batches staggered "
+                         "by a layer, one runtime of 1/N of the memory each, their CPU parts on "
+                         "one worker, so the CPU attends one while the GPU runs another (1: off)")
     ap.add_argument("--fuse", choices=("on", "off"), default=None,
                     help="torch.compile the model's per-layer math (fused elementwise ops; the "
                          "same in every mode); default on with CUDA, off without")
@@ -704,6 +797,8 @@ def parse(argv=None) -> argparse.Namespace:
         fail(f"--cache={args.cache} must lie in (0, 1]")
     if not 0 <= args.reuse <= 1:
         fail(f"--reuse={args.reuse} must lie in [0, 1]")
+    if args.micro_batches < 1:
+        fail(f"--micro-batches={args.micro_batches} must be a positive integer")
     if args.cpu_threads is not None and args.cpu_threads < 1:
         fail(f"--cpu-threads={args.cpu_threads} must be a positive integer")
     if args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0:
@@ -720,7 +815,9 @@ def report(result: dict) -> str:
     head = ["mode", "x dense", "tokens/s", "batch", "context", "ms/step", "LB ms", "of LB",
             "KV MB/token", "hit", "CPU wait", "CPU parts ms", "of which kernel", "PCIe GB", "CPU GB", "step ran",
             "HBM GiB", "host GiB", "slots", "reuse", "build s"]
-    lines = [[r["mode"], fmt(r.get("vs_dense"), ".2f", "x"), f"{r['tokens_per_s']:.1f}", str(r["batch"]),
+    lines = [[r["mode"], fmt(r.get("vs_dense"), ".2f", "x"), f"{r['tokens_per_s']:.1f}",
+              str(r["batch"]) + (" (" + "+".join(map(str, r["micro_batches"])) + ")"
+                                 if len(r.get("micro_batches", [])) > 1 else ""),
               str(result["context"]), f"{r['ms_per_step']:.2f}", f"{r['lower_bound_ms']:.2f}",
               f"{r['of_lower_bound']:.0%}", f"{r['kv_bytes_per_token'] / 1e6:.2f}",
               fmt(r["hit_rate"]), fmt(r["cpu_wait_frac"]), f"{r.get('cpu_part_ms', 0):.1f}",

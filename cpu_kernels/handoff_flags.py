@@ -100,7 +100,10 @@ def next_request(words, channels, spin_ns, max_sleep_us):
     words: int64 [(channels + 1) * ROW]. A channel whose ERROR is set is not served (its step
     failed); sequence numbers up to its SKIP_THROUGH are passed over (recorded in SERVED, not
     answered). Within a channel, sequence numbers come in order (SERVED + 1 next), even when the
-    GPU published several; channels are scanned lowest first.
+    GPU published several. Across channels the lowest pending sequence number goes first (the
+    lowest channel on a tie): channels whose steps advance together (micro-batches staggered by a
+    layer) are served in the order their layers come, so a channel's layer l never waits behind
+    another's layer l + 1.
     """
     stop = channels * ROW + STOP
     start = monotonic_ns()
@@ -108,6 +111,7 @@ def next_request(words, channels, spin_ns, max_sleep_us):
     while True:
         if load_word(words, stop) != 0:
             return -1, 0
+        best, best_seq = -1, 0
         for c in range(channels):
             row = c * ROW
             if load_word(words, row + ERROR) != 0:
@@ -120,7 +124,11 @@ def next_request(words, channels, spin_ns, max_sleep_us):
             if req <= skip:
                 store_word(words, row + SERVED, req)
                 continue
-            return c, max(served, skip) + 1
+            seq = max(served, skip) + 1
+            if best < 0 or seq < best_seq:
+                best, best_seq = c, seq
+        if best >= 0:
+            return best, best_seq
         if monotonic_ns() - start > spin_ns:
             sleep_us(pause)
             pause = min(2 * pause, max_sleep_us)

@@ -43,6 +43,22 @@ def test_full_budget_gpu_and_hybrid_decode_the_same_tokens_and_logits_as_dense(t
     assert "| hybrid |" in (tmp_path / "e2e_decode.md").read_text()
 
 
+@pytest.mark.parametrize("locality", ["flow", "real"])
+def test_micro_batches_decode_the_tokens_of_one_batch(tmp_path, locality):
+    """--micro-batches 2 (two runtimes, the step staggered by a layer, one CPU worker) decodes
+    token for token what one runtime decodes for the whole batch, and reads the same host bytes."""
+    common = ["--smoke", "--modes", "hybrid,cpu", "--batch", "3", "--steps", "3",
+              "--locality", locality]
+    one = load().main(common + ["--out", str(tmp_path / "one")])
+    two = load().main(common + ["--micro-batches", "2", "--out", str(tmp_path / "two")])
+    for a, b in zip(one["modes"], two["modes"]):
+        assert b["micro_batches"] == [2, 1] and a["micro_batches"] == [3], b["mode"]
+        assert b["tokens"] == a["tokens"], b["mode"]
+        assert b["cpu_bytes_per_step"] == a["cpu_bytes_per_step"], b["mode"]
+    assert two["modes"][1]["cpu_bytes_per_step"] > 0          # cpu: the CPU attended host pages
+    assert "3 (2+1)" in (tmp_path / "two" / "e2e_decode.md").read_text()
+
+
 def test_sparse_budget_reads_fewer_kv_bytes_than_dense(tmp_path):
     res = load().main(["--smoke", "--modes", "dense,gpu", "--out", str(tmp_path)])
     by = {r["mode"]: r for r in res["modes"]}
@@ -57,6 +73,7 @@ def test_sparse_budget_reads_fewer_kv_bytes_than_dense(tmp_path):
     (["--budget", "0"], "--budget=0.0 must lie in (0, 1]"),
     (["--context", "40"], "--context=40 leaves 36 prompt tokens"),
     (["--flow", "qeust"], "did you mean 'quest'?"),
+    (["--micro-batches", "0"], "--micro-batches=0 must be a positive integer"),
 ])
 def test_bad_option_gives_one_line_and_exit_code_2(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:

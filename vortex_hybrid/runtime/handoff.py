@@ -156,6 +156,10 @@ class Handoff:
     num_layers: hand-offs per channel per step; cpu_parts: one `fn(layer, step)` per channel;
     timeout_s: bound of one wait; spin_us / max_sleep_us: the worker spins this long after an answer
     before it sleeps, with sleeps doubling up to max_sleep_us (its wake-up latency when idle).
+
+    Each channel has steps of its own (`begin_step(channel)` ... `finish_step(channel)`): runtimes
+    sharing one worker, one channel each (`runtime.micro_batches`), open, finish and fail their
+    steps independently. `channel=None` means every channel at once (one step over all of them).
     """
 
     def __init__(self, num_layers: int, cpu_parts: Sequence[CpuPart], *, timeout_s: float,
@@ -171,29 +175,49 @@ class Handoff:
         self.num_layers, self.channels, self.timeout_s = num_layers, len(cpu_parts), timeout_s
         self.flags = torch.zeros((self.channels + 1) * ROW, dtype=torch.int64, pin_memory=pin)
         self.words = self.flags.numpy()
-        self.step = -1
-        self._in_step = False
+        self.steps = [-1] * self.channels
+        """Each channel's current (or last) step."""
+        self._open = [False] * self.channels
+        self._kept: list[tuple[int, int, BaseException]] = []   # other channels' failures
         cpu_flags.compile_all()
         self.worker = HandoffWorker(self.words, cpu_parts, num_layers, spin_us, max_sleep_us)
 
     @property
+    def step(self) -> int:
+        """Channel 0's current (or last) step."""
+        return self.steps[0]
+
+    @property
     def in_step(self) -> bool:
-        """Whether a step is open (begin_step() without its finish_step() yet)."""
-        return self._in_step
+        """Whether a step is open on any channel (begin_step() without its finish_step() yet)."""
+        return any(self._open)
 
-    def seq(self, layer: int, step: Optional[int] = None) -> int:
-        """The sequence number of `layer` in `step` (default: the current step)."""
-        return (self.step if step is None else step) * self.num_layers + layer + 1
+    def _channels(self, channel: Optional[int]) -> list[int]:
+        if channel is None:
+            return list(range(self.channels))
+        if isinstance(channel, bool) or not isinstance(channel, int) or \
+                not 0 <= channel < self.channels:
+            raise ValueError(f"channel={channel!r} must be None (every channel) or an int in "
+                             f"[0, {self.channels})")
+        return [channel]
 
-    def begin_step(self) -> int:
-        """Start the next step (outside any graph): its sequence numbers. Returns the step."""
-        if self._in_step:
-            raise HandoffError(f"begin_step() while step {self.step} is unfinished; "
-                               "call finish_step() first")
-        self.step += 1
-        self._in_step = True
-        self._set_base(self.step * self.num_layers)
-        return self.step
+    def seq(self, layer: int, step: Optional[int] = None, channel: int = 0) -> int:
+        """The sequence number of `layer` in `step` (default: `channel`'s current step)."""
+        return (self.steps[channel] if step is None else step) * self.num_layers + layer + 1
+
+    def begin_step(self, channel: Optional[int] = None) -> int:
+        """Start the next step of `channel` (None: of every channel; outside any graph): its
+        sequence numbers. Returns the step (channel 0's with None)."""
+        chans = self._channels(channel)
+        for c in chans:
+            if self._open[c]:
+                raise HandoffError(f"begin_step() while step {self.steps[c]} of channel {c} is "
+                                   "unfinished; call finish_step() first")
+        for c in chans:
+            self.steps[c] += 1
+            self._open[c] = True
+            self._set_base(c, self.steps[c] * self.num_layers)
+        return self.steps[chans[0]]
 
     def publish(self, layer: int, channel: int = 0) -> None:
         """GPU side: `layer`'s inputs on `channel` are in the pinned buffers (stream-ordered)."""
@@ -211,11 +235,11 @@ class Handoff:
                              f"[0, {self.num_layers}) and [0, {self.channels})")
 
     def status(self) -> np.ndarray:
-        """int32 [channels, num_layers]: each wait's code in the current step (0 = answered);
-        synchronises with the device (every stream: the graph may run on any)."""
+        """int32 [channels, num_layers]: each wait's code in the channels' current steps (0 =
+        answered); synchronises with the device (every stream: the graph may run on any)."""
         raise NotImplementedError
 
-    def _set_base(self, base: int) -> None:
+    def _set_base(self, channel: int, base: int) -> None:
         raise NotImplementedError
 
     def _publish(self, layer: int, channel: int) -> None:
@@ -224,62 +248,79 @@ class Handoff:
     def _wait(self, layer: int, channel: int) -> None:
         raise NotImplementedError
 
-    def finish_step(self) -> None:
-        """End the step (after the GPU work is done: this waits for it): raise the CPU part's
-        exception (the original object) or `HandoffTimeout` / `HandoffError` if the step failed."""
-        if not self._in_step:
+    def finish_step(self, channel: Optional[int] = None) -> None:
+        """End `channel`'s step (None: every channel's; after the GPU work is done: this waits for
+        it): raise the CPU part's exception (the original object) or `HandoffTimeout` /
+        `HandoffError` if the step failed."""
+        chans = self._channels(channel)
+        if not all(self._open[c] for c in chans):
             raise HandoffError("finish_step() without begin_step(): a step's sequence numbers come "
-                               "from begin_step()")
-        self._in_step = False
-        self.check()
+                               f"from begin_step() (channel {channel})")
+        for c in chans:
+            self._open[c] = False
+        self.check(channel)
 
-    def abandon_step(self) -> None:
-        """End the current step without checking it (a step being undone, after its GPU work is
-        done): the worker passes over its sequence numbers it has not served, published or not,
-        and its CPU parts' exceptions are dropped. No-op when no step is open."""
-        if not self._in_step:
+    def abandon_step(self, channel: Optional[int] = None) -> None:
+        """End `channel`'s current step (None: every channel's) without checking it (a step being
+        undone, after its GPU work is done): the worker passes over its sequence numbers it has
+        not served, published or not, and its CPU parts' exceptions are dropped. No-op for a
+        channel with no step open."""
+        chans = [c for c in self._channels(channel) if self._open[c]]
+        if not chans:
             return
-        self._in_step = False
         with self.worker.lock:
-            for channel in range(self.channels):
-                cpu_flags.abandon(self.words, channel, self.seq(self.num_layers - 1))
-        self.worker.take_failures()
+            for c in chans:
+                self._open[c] = False
+                cpu_flags.abandon(self.words, c, self.seq(self.num_layers - 1, channel=c))
+        self._take_failures(chans)
 
-    def check(self) -> None:
-        """Raise if the current step failed (see `finish_step`); then the next step can run."""
+    def _take_failures(self, chans: list[int]) -> list[tuple[int, int, BaseException]]:
+        """The CPU parts' exceptions on `chans` since the last call; other channels' are kept for
+        their own finish_step."""
+        everything = self._kept + self.worker.take_failures()
+        self._kept = [f for f in everything if f[0] not in chans]
+        return [f for f in everything if f[0] in chans]
+
+    def check(self, channel: Optional[int] = None) -> None:
+        """Raise if `channel`'s current step failed (None: any channel's; see `finish_step`); then
+        the next step can run."""
+        chans = self._channels(channel)
         codes = self.status()
-        first, last = self.seq(0), self.seq(self.num_layers - 1)
         failures = []
-        for channel, seq, exc in self.worker.take_failures():
-            if first <= seq <= last:
-                failures.append((channel, seq, exc))
+        for c, seq, exc in self._take_failures(chans):
+            if self.seq(0, channel=c) <= seq <= self.seq(self.num_layers - 1, channel=c):
+                failures.append((c, seq, exc))
             else:
-                log.warning("CPU part of step %d layer %d raised after its step ended: %s: %s",
-                            *divmod(seq - 1, self.num_layers), type(exc).__name__, exc)
-        if not failures and not codes.any() and self.worker.crash is None:
+                log.warning("CPU part of step %d layer %d (hand-off channel %d) raised after its "
+                            "step ended: %s: %s", *divmod(seq - 1, self.num_layers), c,
+                            type(exc).__name__, exc)
+        bad = [c for c in chans if codes[c].any()]
+        if not failures and not bad and self.worker.crash is None:
             return
         with self.worker.lock:
-            for channel in range(self.channels):
-                cpu_flags.abandon(self.words, channel, last)
+            for c in chans:
+                cpu_flags.abandon(self.words, c, self.seq(self.num_layers - 1, channel=c))
         if failures:
-            channel, seq, exc = failures[0]
+            c, seq, exc = failures[0]
+            first = self.seq(0, channel=c)
             if hasattr(exc, "add_note"):
-                exc.add_note(f"(in the CPU part of layer {seq - first}, step {self.step}, "
-                             f"hand-off channel {channel})")
+                exc.add_note(f"(in the CPU part of layer {seq - first}, step {self.steps[c]}, "
+                             f"hand-off channel {c})")
             raise exc
         if self.worker.crash is not None:
-            raise HandoffError(f"hand-off worker stopped in step {self.step}: "
+            raise HandoffError(f"hand-off worker stopped in step {self.steps[chans[0]]}: "
                                f"{type(self.worker.crash).__name__}: {self.worker.crash}"
                                ) from self.worker.crash
-        channel, layer = (int(i[0]) for i in np.nonzero(codes))
-        code = int(codes[channel, layer])
+        c = bad[0]
+        layer = int(np.nonzero(codes[c])[0][0])
+        code = int(codes[c, layer])
         state = "running" if self.worker.alive else "not running"
         what = (f"waited {self.timeout_s} s for layer {layer}" if code == TIMED_OUT
                 else f"layer {layer}: {STATUS_NAMES.get(code, code)}")
         error = HandoffTimeout if code in (TIMED_OUT, ABANDONED) else HandoffError
-        raise error(f"hand-off of step {self.step} failed: {what} (channel {channel}, sequence "
-                    f"{self.seq(layer)}); the CPU worker ({state}) served through sequence "
-                    f"{self.worker.served(channel)}")
+        raise error(f"hand-off of step {self.steps[c]} failed: {what} (channel {c}, sequence "
+                    f"{self.seq(layer, channel=c)}); the CPU worker ({state}) served through "
+                    f"sequence {self.worker.served(c)}")
 
     def close(self) -> None:
         """Stop the worker (idempotent)."""
@@ -304,8 +345,8 @@ class StandInHandoff(Handoff):
         self._codes = np.zeros((self.channels, num_layers), dtype=np.int32)
         self._spin_ns, self._max_sleep_us = int(spin_us * 1e3), max_sleep_us
 
-    def _set_base(self, base: int) -> None:
-        self._codes[:] = 0
+    def _set_base(self, channel: int, base: int) -> None:
+        self._codes[channel] = 0
 
     def _publish(self, layer: int, channel: int) -> None:
         cpu_flags.publish_request(self.words, channel, self.seq(layer))
@@ -369,9 +410,9 @@ class GraphHandoff(Handoff):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _set_base(self, base: int) -> None:
-        self.base.fill_(base)
-        self.status_codes.zero_()
+    def _set_base(self, channel: int, base: int) -> None:
+        self.base[channel].fill_(base)
+        self.status_codes[channel].zero_()
 
     def _publish(self, layer: int, channel: int) -> None:
         self._gpu.launch_publish(self.flags, self.base, channel, layer)

@@ -73,7 +73,7 @@ from .split_step import SplitStep
 from .step_plan import StepPlan, build_plan
 from .step_trace import NO_TRACE, StepTrace
 from .fixed_shape import PAD_OWNER, FixedShape, check_fixed, fixed_step
-from .whole_step import WholeStep
+from .whole_step import PendingLayer, WholeStep
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,12 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         self._whole_sets = LayerGraphs(self)
         """Whole steps' static buffers per shape (`whole_step`)."""
         self._whole_handoff = None
-        """Whole steps' CPU hand-off (`handoff`), made by the first whole step of a host placement."""
+        """Whole steps' CPU hand-off (`handoff`), made by the first whole step of a host placement,
+        or shared with other runtimes (`micro_batches`)."""
+        self._handoff_ch = 0
+        """This runtime's channel of the hand-off (several when runtimes share its worker)."""
+        self._handoff_owned = True
+        """Whether close() stops the hand-off (False: a `MicroBatches` owns it)."""
         self._step_done = None
         """A blocking CUDA event the driving thread sleeps on at a host placement's finish_step."""
         self._pinned = HostBuffers(pin=self.device.type == "cuda")
@@ -448,10 +453,27 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         sel (research and benchmarks: replaying recorded selections): int [B, Hkv, K] logical pages
         of each request after this step's token, -1 padded, unique per row; attended instead of
         the flow's selection (not with `dense`). Checked here, which synchronises the GPU;
-        check_sel=False skips the value checks (for a caller that checked its selections once)."""
+        check_sel=False skips the value checks (for a caller that checked its selections once).
+
+        `run` is `run_end(run_begin(...))`: a caller with other GPU work to put between the two
+        (another micro-batch's layer, `runtime.micro_batches`) calls them apart."""
+        return self.run_end(self.run_begin(layer, q, k_new, v_new, sel, check_sel=check_sel))
+
+    @torch.inference_mode()
+    def run_begin(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                  sel: Optional[torch.Tensor] = None, *, check_sel: bool = True) -> PendingLayer:
+        """The first half of `run` (same arguments): in a whole step of a host placement, the
+        GPU's part up to its wait for the CPU (append, select, partition, hand the host's share to
+        the CPU worker, fetch, attend what the GPU holds); `run_end` waits for the CPU's answer and
+        merges. The CPU attends meanwhile, so GPU work the caller enqueues between the two (another
+        runtime's layer) overlaps it. Anywhere else the whole layer runs here. One layer at a time:
+        the next run_begin comes after this one's run_end."""
         step = self._step
         if not self._open(step):
             raise ValueError("run() needs a plan(): call plan(rids) once before layer 0 of each step")
+        if step.pending is not None:
+            raise ValueError(f"run_begin(layer={layer!r}) while layer {step.pending.layer} is begun "
+                             "and not ended: call run_end() on it first")
         if layer != step.next_layer:
             raise ValueError(f"layer={layer!r}: layers run in order; layer {step.next_layer} is next")
         B = step.batch
@@ -466,7 +488,15 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         if sel is not None:
             sel = self._check_sel(step, sel, check_sel and not capturing)
         if step.whole:
-            return self._run_whole_layer(step, layer, q, k_new, v_new, sel, capturing)
+            if not capturing:
+                step.fronts = layer + 1     # runs now: its cache layer is checkpointed first
+            try:
+                pending = self._begin_whole(step, layer, q, k_new, v_new, sel)
+            except BaseException:
+                self._abort(step)
+                raise
+            step.pending = pending
+            return pending
         t0 = time.perf_counter()
         if layer == 0:
             step.t_start = t0
@@ -484,17 +514,26 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
             if bound is not None:
                 flags = flags | bound.step.nonfinite
             self._end_step(step, torch.cat([step.counts, flags.to(torch.int64)]).tolist())
-        return o
+        return PendingLayer(layer, out=o)
 
-    def _run_whole_layer(self, step: StepPlan, layer: int, q, k_new, v_new, sel,
-                         capturing: bool) -> torch.Tensor:
-        if not capturing:
-            step.fronts = layer + 1         # runs now: its cache layer is checkpointed first
+    @torch.inference_mode()
+    def run_end(self, pending: PendingLayer) -> torch.Tensor:
+        """The second half of `run` for a layer `run_begin` returned: o [B, Hq, D] in q's dtype."""
+        if not isinstance(pending, PendingLayer):
+            raise ValueError(f"run_end() takes what run_begin() returned, got "
+                             f"{type(pending).__name__}")
+        if pending.out is not None:
+            return pending.out
+        step = self._step
+        if step is None or step.pending is not pending:
+            raise ValueError(f"run_end(): layer {pending.layer} is not the layer begun in this "
+                             "runtime's open step (ended already, or its step was undone)")
         try:
-            o = self._run_whole(step, layer, q, k_new, v_new, sel)
+            o = self._end_whole(step, pending)
         except BaseException:
             self._abort(step)
             raise
+        step.pending = None
         step.next_layer += 1
         return o
 
@@ -648,7 +687,8 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
             self._worker.close()
             self._worker = None
         if self._whole_handoff is not None:
-            self._whole_handoff.close()
+            if self._handoff_owned:
+                self._whole_handoff.close()
             self._whole_handoff = None
         self._step = None
         self._graphs = self._cache = self.store = self.head_budgets = None

@@ -62,6 +62,8 @@ class StepPlan:
                                                      # store's scratch row (whole steps)
     whole: bool = False                              # planned with whole_step=True
     finished: bool = False                           # a whole step's finish_step() ran
+    pending: object = None                           # a whole step's layer begun, not ended
+                                                     # (whole_step.PendingLayer)
     static: object = None                            # a whole step's static set (layer_graphs)
     dev_heads: Optional[torch.Tensor] = None         # int32 [B x Hkv, W] head tables of split
     host_heads: Optional[torch.Tensor] = None        # layers (device, host pools as head-pages)

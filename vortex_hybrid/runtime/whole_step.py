@@ -31,7 +31,8 @@ runs with the calling thread as the GPU (`StandInHandoff`).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -46,6 +47,18 @@ HANDOFF_TIMEOUT_S = 10.0
 HANDOFF_SPIN_US = 2000.0
 """The hand-off worker spins this long after an answer before it backs off to sleeps: longer than
 a layer's GPU part, so the next layer's request is seen at once (it has a core of its own)."""
+
+
+@dataclass(eq=False)
+class PendingLayer:
+    """A layer `HybridAttention.run_begin` began; `run_end` finishes it. `out`: the layer's output
+    when run_begin ran it whole; else `state` holds the GPU's side (o, lse; lse None: o is the
+    output) until the CPU's answer merges in."""
+    layer: int
+    out: Optional[torch.Tensor] = None
+    state: Optional[tuple] = None
+    host: bool = False
+    dtype: Optional[torch.dtype] = None
 
 
 class WholeStep:
@@ -64,7 +77,7 @@ class WholeStep:
         key, static = self._whole_sets.bind_whole(step)
         step.whole, step.static = True, static
         if self.placement in HOST_PLACEMENTS:
-            self._handoff_channel().begin_step()
+            self._handoff_channel().begin_step(self._handoff_ch)
         return key
 
     def _handoff_channel(self):
@@ -85,23 +98,37 @@ class WholeStep:
                     self.num_layers, [self._whole_cpu_part], timeout_s=HANDOFF_TIMEOUT_S)
         return self._whole_handoff
 
-    def _run_whole(self, step: StepPlan, layer: int, q, k_new, v_new, sel=None) -> torch.Tensor:
-        """One layer of a whole step over its static buffers; no synchronisation."""
+    def _begin_whole(self, step: StepPlan, layer: int, q, k_new, v_new, sel=None) -> PendingLayer:
+        """One layer of a whole step over its static buffers up to the GPU's wait for the CPU (a
+        host placement's; other layers run whole); no synchronisation."""
         static = step.static
         s = static.step
         static.split = not (self.placement in ("dense", "gpu") and sel is None)
         if not static.split:
             self._append(s, layer, k_new, v_new)
-            o = self.attend_resident(s, layer, q)
+            pending = PendingLayer(layer, out=None, state=(self.attend_resident(s, layer, q), None))
         else:
-            o = self._split_whole(s, static, layer, q, k_new, v_new, sel)
+            pending = self._split_whole_begin(s, static, layer, q, k_new, v_new, sel)
         if self.store is not None and s.sum_rows is not None:
             self.store.compute_rows(layer, self.kv.device_pool.k[layer], s.write_pages, s.sum_rows)
-        static.ran += 1
-        return o
+        pending.dtype = q.dtype
+        return pending
 
-    def _split_whole(self, s: StepPlan, static, layer: int, q, k_new, v_new, sel) -> torch.Tensor:
-        """A host-placement layer (or a given selection) with the hand-off on the device."""
+    def _end_whole(self, step: StepPlan, pending: PendingLayer) -> torch.Tensor:
+        """The rest of a layer `_begin_whole` began: wait for the CPU's answer, merge; the layer
+        counts as run (the step's device counter)."""
+        static = step.static
+        o, lse = pending.state
+        if lse is not None:
+            o = self._split_whole_end(static, pending.layer, o, lse)
+        static.ran += 1
+        return o if lse is None else o.to(pending.dtype)
+
+    def _split_whole_begin(self, s: StepPlan, static, layer: int, q, k_new, v_new,
+                           sel) -> PendingLayer:
+        """A host-placement layer (or a given selection) with the hand-off on the device: the
+        front, the host's share published to the CPU worker, the back (fetch, the GPU's own
+        attention); the GPU's state waits in the returned layer for the CPU's."""
         gsel, table, src, dst, counts, q_host, sel_host = self._front(
             s, layer, q, k_new, v_new, sel, static.pinned)
         s.counts += counts
@@ -112,14 +139,21 @@ class WholeStep:
             B, hq, D = q.shape
             io["o"] = static.pinned.get("o_cpu", (B, hq, D), torch.float32)
             io["lse"] = static.pinned.get("lse_cpu", (B, hq), torch.float32)
-            self._whole_handoff.publish(layer)
+            self._whole_handoff.publish(layer, self._handoff_ch)
         o, lse = self._back(s, layer, q, gsel, table, src, dst)
-        if host:
-            self._whole_handoff.wait(layer)
-            o_c = io["o"].to(self.device, non_blocking=True)
-            lse_c = io["lse"].to(self.device, non_blocking=True)
-            o, lse = self._gpu.merge(o, lse, o_c, lse_c)
-        return o.to(q.dtype)
+        return PendingLayer(layer, out=None, state=(o, lse), host=host)
+
+    def _split_whole_end(self, static, layer: int, o, lse) -> torch.Tensor:
+        """Wait (bounded, on the device) for the CPU's state of `layer`, and merge it into the
+        GPU's (o, lse); without a host part, the GPU's o."""
+        if self.placement == "gpu":
+            return o
+        self._whole_handoff.wait(layer, self._handoff_ch)
+        io = static.cpu_io
+        o_c = io["o"].to(self.device, non_blocking=True)
+        lse_c = io["lse"].to(self.device, non_blocking=True)
+        o, _ = self._gpu.merge(o, lse, o_c, lse_c)
+        return o
 
     def _whole_cpu_part(self, layer: int, _step_no: int) -> None:
         """On the hand-off worker: attend the host part of `layer`'s selection of the bound whole
@@ -170,7 +204,8 @@ class WholeStep:
                         "(replay the graph captured for the key plan() returned, or run() every "
                         "layer, before finish_step()); the step is undone")
                 if self.placement in HOST_PLACEMENTS:
-                    self._whole_handoff.finish_step()     # a CPU part's exception, re-raised
+                    # a CPU part's exception, re-raised
+                    self._whole_handoff.finish_step(self._handoff_ch)
             except BaseException:
                 self._abort(step)
                 raise
@@ -204,4 +239,4 @@ class WholeStep:
         ran = int(step.static.ran.item())
         step.fronts = min(self.num_layers, max(step.fronts, ran))
         if self._whole_handoff is not None:     # its layers not published are passed over
-            self._whole_handoff.abandon_step()
+            self._whole_handoff.abandon_step(self._handoff_ch)
