@@ -10,6 +10,8 @@
 # takes SGLANG_E2E_ARGS, e.g. --runs to split its engines over calls (sglang_graphs, the check of
 # SGLang's decode graphs with the backend, likewise: SGLANG_GRAPHS_ARGS); accuracy runs the accuracy grid,
 # scripts/dev/accuracy.sh, ACC_* there, writing accuracy.json/.md/.png)
+# e2e_grid: one benchmarks/e2e_decode.py per entry of E2E_GRID ("name=args;name=args"), each under
+# E2E_RUN_TIMEOUT, JSON under $OUT/<name>, log $OUT/e2e_<name>.log.
 # omp_policy: hybrid at 12 GiB per context (OMP_CONTEXTS) under each OpenMP wait policy (OMP_POLICIES:
 # PASSIVE, ACTIVE, or spinN for GOMP_SPINCOUNT=N), each with --cpu-replay (a CPU part's cost per call).
 # tests: the whole suite natively (GPU kernels without the interpreter; the wheel-build test is
@@ -35,6 +37,13 @@ for step in "$@"; do
                    done ;;
     hybrid_step)   timeout ${HYBRID_STEP_TIMEOUT:-570} python3 benchmarks/hybrid_step.py --out "$OUT" ${HYBRID_STEP_ARGS:-} ;;
     e2e_decode)    timeout ${E2E_TIMEOUT:-570} python3 benchmarks/e2e_decode.py --out "$OUT" ${E2E_ARGS:-} ;;
+    e2e_grid)      IFS=';' read -ra runs <<< "${E2E_GRID:-}"     # "name=args;name=args": one e2e_decode each
+                   for run in "${runs[@]}"; do
+                     name=${run%%=*} args=${run#*=}
+                     timeout ${E2E_RUN_TIMEOUT:-200} python3 benchmarks/e2e_decode.py --out "$OUT/$name" $args \
+                       > "$OUT/e2e_$name.log" 2>&1
+                     echo "$name: exit $? ($args)"; grep -E "^\[|FAILED|Error" "$OUT/e2e_$name.log" | sed "s/^/$name /"
+                   done ;;
     head_features) timeout 200 python3 benchmarks/head_features.py --out "$OUT" ;;
     host_contention) timeout ${HOST_CONTENTION_TIMEOUT:-240} python3 benchmarks/host_contention.py --out "$OUT" ${HOST_CONTENTION_ARGS:-} ;;
     cpu_percall)   for pol in PASSIVE ACTIVE; do for c in main worker; do   # the per-call cost question
