@@ -17,6 +17,12 @@ layer 0's norm + QKV + RoPE, then per layer `HybridAttention.run` (its own per-l
 one replay per layer boundary. --fuse compiles the model's per-layer math with torch.compile (on
 with CUDA). Without CUDA the same functions run eagerly (the --smoke configuration, CI).
 
+Micro-batches (--micro-batches N, host placements in whole steps): the batch runs as N contiguous
+micro-batches, one runtime of 1/N of the memory each (`runtime.micro_batches.MicroBatches`: their
+CPU parts on one hand-off worker), the step staggered by a layer (`whole_micro`): while the GPU
+runs one micro-batch's layer, the CPU attends another's. The model's weights are then read N
+times a step. The tokens equal one batch's (tested).
+
 Prompt KV: synthetic (normal K of std 1, V = K; per request from a generator seeded by --seed and
 the request's index, so request i holds the same KV in every mode), appended with `add_request`;
 prefill is **not measured**. Every request holds --context tokens after the last step (the prompt is
