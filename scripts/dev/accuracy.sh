@@ -13,7 +13,7 @@
 #
 # ACC_RUNS      model:context:seconds ... (default below: smollm2 first, while gemma converts;
 #               gemma's 32K, the longest and least certain, last)
-# ACC_FLOWS     comma list of flows (quest,centroid,double_sparsity; add oracle where it exists)
+# ACC_FLOWS     comma list of flows (lowbit,quest,centroid,double_sparsity; add oracle where it exists)
 # ACC_BUDGETS   0.02,0.05,512t,1024t,2048t        ACC_SAMPLES  20 per task (2 tasks: 40 prompts)
 # ACC_MODES     dense,gpu,streaming               ACC_BATCH    40 (every prompt in one decode batch)
 # ACC_MAX_NEW   12 (a 7-digit answer, its space and full stop, and some margin)
@@ -24,7 +24,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out} PY=${PY:-python3}
 runs=${ACC_RUNS:-"smollm2-135m:4096:150 smollm2-135m:8176:100 gemma3-270m:8192:120 gemma3-270m:16384:100 gemma3-270m:32756:200"}
-flows=${ACC_FLOWS:-quest,centroid,double_sparsity}
+flows=${ACC_FLOWS:-lowbit,quest,centroid,double_sparsity}
 work=${ACC_WORK:-/tmp/acc_runs} deadline=${ACC_DEADLINE:-500} calib_dir=${ACC_CALIB_DIR:-benchmarks/calibrations}
 mkdir -p "$OUT" "$work"
 start=$(date +%s)
