@@ -251,3 +251,56 @@ def test_micro_batches_refuse_what_cannot_share_a_worker(placements, msg):
     finally:
         for p in parts:
             p.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("placement", ["cpu", "hybrid/split", "offload"])
+def test_staggered_step_captured_in_one_cuda_graph_equals_ordinary_steps(placement):
+    """Both micro-batches' layers, staggered, captured in one CUDA graph (the two hand-offs inside
+    it), replayed step after step with new inputs: each part's outputs and counters equal its
+    twin's ordinary steps (seed 13)."""
+    parts, twins = build(placement)
+    mb = MicroBatches(parts)
+    gen = torch.Generator().manual_seed(13)
+    rids = add(parts, twins, [(3, 40), (17, 30, 45)], gen)
+    graphs = {}
+    try:
+        for step in range(8):
+            key = mb.plan([pr for pr, _ in rids])
+            for t, (_, tr) in zip(twins, rids):
+                t.plan(tr)
+            sizes = [len(pr) for pr, _ in rids]
+            ins = [[inputs(b, gen) for _ in range(L)] for b in sizes]
+            if key not in graphs:
+                bufs = [dict(q=torch.zeros(L, b, HQ, D, device="cuda"),
+                             k=torch.zeros(L, b, HKV, D, device="cuda"),
+                             v=torch.zeros(L, b, HKV, D, device="cuda"),
+                             out=torch.zeros(L, b, HQ, D, device="cuda")) for b in sizes]
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    pend = [p.run_begin(0, bf["q"][0], bf["k"][0], bf["v"][0])
+                            for p, bf in zip(parts, bufs)]
+                    for layer in range(L):
+                        for i, (p, bf) in enumerate(zip(parts, bufs)):
+                            bf["out"][layer].copy_(p.run_end(pend[i]))
+                            if layer + 1 < L:
+                                pend[i] = p.run_begin(layer + 1, bf["q"][layer + 1],
+                                                      bf["k"][layer + 1], bf["v"][layer + 1])
+                graphs[key] = (g, bufs)
+            g, bufs = graphs[key]
+            for bf, part_ins in zip(bufs, ins):
+                for layer, (q, kn, vn) in enumerate(part_ins):
+                    bf["q"][layer].copy_(q)
+                    bf["k"][layer].copy_(kn)
+                    bf["v"][layer].copy_(vn)
+            g.replay()
+            mb.finish_step()
+            for i, (t, bf) in enumerate(zip(twins, bufs)):
+                for layer, x in enumerate(ins[i]):
+                    torch.testing.assert_close(bf["out"][layer], t.run(layer, *x).float(),
+                                               rtol=1e-5, atol=1e-6,
+                                               msg=f"step {step} part {i} layer {layer}")
+                same_stats(parts[i], t)
+        assert len(graphs) == 1
+    finally:
+        close_all(mb, twins)
