@@ -80,6 +80,8 @@ MIN_RUN_S = 60.0
 """--time-limit: a run is not started with less time left than this (or than the longest run of
 the same context so far)."""
 BOS = 256
+EXC = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*: ")
+"""A log line that names an exception (`module.SomeError: message`)."""
 
 SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
@@ -146,10 +148,16 @@ def tokens_per_request(context: int, new: int, page: int = P) -> int:
     return -(-(context + new) // page) * page
 
 
+def admission_tokens(context: int, new: int, page: int = P) -> int:
+    """Tokens of SGLang's capacity one request of `context` + `new` tokens (ignore_eos, radix
+    cache off) needs to be admitted beside others (sglang 0.5.17's `PrefillAdder`: the prompt in
+    whole pages, every new token, one page of alignment overhead, one token of reserve)."""
+    return -(-context // page) * page + new + page + 1
+
+
 def fit(max_total_tokens: int, per_request: int, *caps: Optional[int]) -> int:
-    """Requests of `per_request` slots that SGLang admits at once with `max_total_tokens` (its
-    paged allocator hands out whole pages, and a new request reserves its prompt and every new
-    token), at most each of `caps` (max running requests, --max-batch)."""
+    """Requests that run at once in `max_total_tokens` when each needs `per_request`
+    (`admission_tokens`), at most each of `caps` (max running requests, --max-batch)."""
     n = max(0, int(max_total_tokens)) // per_request
     for cap in caps:
         if cap is not None:
@@ -279,6 +287,7 @@ def write_model(out: Path, args, weights: bool, dtype: str, max_positions: int) 
         torch.manual_seed(0)
         LlamaForCausalLM(cfg).eval().to(getattr(torch, dtype)).save_pretrained(out)
     else:
+        cfg.architectures = ["LlamaForCausalLM"]         # what save_pretrained of a model adds
         cfg.save_pretrained(out)
     vocab = {bytes([i]).decode("latin-1"): i for i in range(256)}
     vocab.update({"<s>": BOS, "</s>": BOS + 1, "<pad>": BOS + 2})
@@ -318,12 +327,15 @@ def engine_kwargs(run: str, context: int, kv: Optional[float], args, cuda: bool,
     auto = args.batch == "auto"
     legacy = not auto and kv is None
     cap = args.max_batch if auto else int(args.batch)
-    per_req = tokens_per_request(context, args.new)
+    per_req = admission_tokens(context, args.new)
     kw = dict(model_path=str(args.model), load_format=args.load_format,
               sampling_backend="pytorch", skip_tokenizer_init=True, random_seed=0, page_size=P,
-              disable_radix_cache=True, max_running_requests=cap,
+              disable_radix_cache=True, max_running_requests=cap + 1,
               chunked_prefill_size=args.chunk, dtype="bfloat16" if cuda else "float32",
               log_level="info")
+    # max_running_requests: one more than the requests, since SGLang 0.5.17's scheduler marks its
+    # batch full when its last request slot goes to a request in chunked prefill, and then admits
+    # none until a request finishes
     if legacy:
         kw["max_total_tokens"] = cap * (context + args.new) + 64 * P
     else:
@@ -368,7 +380,7 @@ def engine_kwargs(run: str, context: int, kv: Optional[float], args, cuda: bool,
             predicted = fit(host_tokens, per_req, cap)
             # SGLang's request pool (and the GPU page cache's state of its decode graphs) for
             # what can run, not for --max-batch
-            kw["max_running_requests"] = max(1, predicted)
+            kw["max_running_requests"] = max(1, predicted) + 1
         kw.update(attention_backend="vortex_hybrid", vortex_hybrid_config=json.dumps(cfg))
     if graphs:
         kw["cuda_graph_max_bs_decode"] = kw["max_running_requests"]
@@ -390,8 +402,9 @@ def one_run(run: str, context: int, kv: Optional[float], io: Path, args, cuda: b
         geo = read_geometry(Path(args.model), cuda)
         kw, cfg, predicted = engine_kwargs(run, context, kv, args, cuda, geo,
                                            psutil.virtual_memory().available)
-        per_req = tokens_per_request(context, args.new)
-        r.update(config=cfg, tokens_per_request=per_req, predicted_admission=predicted,
+        per_req = admission_tokens(context, args.new)
+        r.update(config=cfg, tokens_per_request=tokens_per_request(context, args.new),
+                 admission_tokens=per_req, predicted_admission=predicted,
                  engine={k: v for k, v in kw.items() if k not in ("model_path",
                                                                   "vortex_hybrid_config")})
         if cuda:
@@ -399,8 +412,8 @@ def one_run(run: str, context: int, kv: Optional[float], io: Path, args, cuda: b
         if predicted == 0:
             where = "the host memory" if cfg and "host_memory_gib" in cfg else \
                 f"{kv_label(kv)} GiB of KV"
-            r.update(status="no_fit", admitted=0, reason=f"not started: a request of {per_req} "
-                                                         f"tokens does not fit in {where}")
+            r.update(status="no_fit", admitted=0, reason=f"not started: a request ({per_req} "
+                                                         f"tokens to admit) does not fit in {where}")
             path.write_text(json.dumps(r))
             return
         run_engine(r, kw, context, per_req, geo["bytes_per_token"], args, path)
@@ -425,7 +438,8 @@ def run_engine(r: dict, kw: dict, context: int, per_req: int, per_token: int, ar
         running = states[0].get("effective_max_running_requests_per_dp") or \
             kw["max_running_requests"]
         usage = states[0].get("memory_usage") or {}
-        admits = fit(total, per_req, running, kw["max_running_requests"])
+        admits = fit(total, per_req, int(running) - 1, args.max_batch if args.batch == "auto"
+                     else int(args.batch))
         n = admits if args.batch == "auto" else int(args.batch)
         r.update(max_total_num_tokens=total, max_running_requests=int(running), admits=admits,
                  admitted=n, sglang_memory_usage=usage, status="started")
@@ -434,8 +448,8 @@ def run_engine(r: dict, kw: dict, context: int, per_req: int, per_token: int, ar
             r["kv_host_gib"] = 0.0
         path.write_text(json.dumps(r))
         if n == 0:
-            r.update(status="no_fit", reason=f"SGLang's capacity {total} tokens holds no request "
-                                             f"of {per_req} tokens")
+            r.update(status="no_fit", reason=f"SGLang's capacity of {total} tokens admits no "
+                                             f"request ({per_req} tokens to admit)")
             path.write_text(json.dumps(r))
             return
         prompts = prompts_for(n, context, args.seed)
@@ -536,10 +550,11 @@ def child_run(run: str, context: int, kv: Optional[float], model: Path, args, ar
         elif r.get("status") not in ("ok", "no_fit", "error"):
             r.update(status="error", error=f"the run ended at status {r.get('status')}")
         if r["status"] == "error":
-            tail = [x for x in text.strip().splitlines() if x.strip()][-15:]
-            r["log_tail"] = tail
-            if "error" not in r or r["error"].startswith("exit"):
-                r["error"] = f"{r.get('error', '')}: {tail[-1] if tail else 'no output'}"
+            lines = [x for x in text.strip().splitlines() if x.strip()]
+            r["log_tail"] = lines[-15:]
+            if r["error"].startswith("exit"):      # the child was ended before it could say why
+                why = [x.strip() for x in lines if EXC.match(x.strip())]
+                r["error"] += f": {(why or lines or ['no output'])[-1].strip()}"
         return r
 
 
@@ -596,17 +611,17 @@ def table(result: dict) -> list:
                 return "-" if v is None else format(v, fmt)
             tot = num("max_total_num_tokens", "d")
             if st == "no_fit":
-                lines.append(f"{r['run']:<13}{0:>9}  no request of {r.get('tokens_per_request')} "
-                             f"tokens fits (SGLang tokens {tot}; {r.get('reason', '')[:60]})")
+                lines.append(f"{r['run']:<13}{0:>9}  no request fits: {r.get('reason', '')[:100]}")
                 continue
             n = len(r["output_ids"])
+            reqs = f"{n}" if r.get("concurrency", n) == n else f"{n} ({r['concurrency']})"
             ratio = f"{r['tok_s_vs_triton']:.2f}x" if "tok_s_vs_triton" in r else "-"
             tratio = f"{r['tpot_vs_triton']:.2f}x" if "tpot_vs_triton" in r else "-"
             same = f"{r['same_as_triton']}/{r['compared']}" if "same_as_triton" in r else "-"
             if r["run"].endswith("@full") and "same_as_triton" in r and \
                     r["same_as_triton"] != r["compared"]:
                 same += " MISMATCH"
-            lines.append(f"{r['run']:<13}{n:>9}{num('decode_tok_s', '.1f'):>10}{ratio:>10}"
+            lines.append(f"{r['run']:<13}{reqs:>9}{num('decode_tok_s', '.1f'):>10}{ratio:>10}"
                          f"{num('tpot_ms', '.2f'):>9}{tratio:>15}{num('prefill_s', '.2f'):>10}"
                          f"{num('kv_hbm_gib', '.2f'):>9}{num('kv_host_gib', '.2f'):>9}{tot:>14}"
                          f"{num('engine_start_s', '.0f'):>8}{same:>16}")
