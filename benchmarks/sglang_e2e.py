@@ -398,7 +398,6 @@ def one_run(run: str, context: int, kv: Optional[float], io: Path, args, cuda: b
     path = io / "result.json"
     r = {"run": run, "context": context, "kv_gib": kv_label(kv), "backend": backend_of(run)}
     try:
-        import torch
         geo = read_geometry(Path(args.model), cuda)
         kw, cfg, predicted = engine_kwargs(run, context, kv, args, cuda, geo,
                                            psutil.virtual_memory().available)
@@ -407,8 +406,6 @@ def one_run(run: str, context: int, kv: Optional[float], io: Path, args, cuda: b
                  admission_tokens=per_req, predicted_admission=predicted,
                  engine={k: v for k, v in kw.items() if k not in ("model_path",
                                                                   "vortex_hybrid_config")})
-        if cuda:
-            r["device"] = torch.cuda.get_device_name()
         if predicted == 0:
             where = "the host memory" if cfg and "host_memory_gib" in cfg else \
                 f"{kv_label(kv)} GiB of KV"
@@ -484,29 +481,52 @@ def run_engine(r: dict, kw: dict, context: int, per_req: int, per_token: int, ar
 _CHILD: Optional[subprocess.Popen] = None
 
 
+def _group_alive(pgid: int) -> list:
+    """The live (not zombie) processes of process group `pgid`."""
+    import psutil
+    alive = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(p.pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return alive
+
+
 def _end_group(proc: subprocess.Popen, wait_s: float = 30.0) -> None:
     """SIGKILL the child's process group (the engine's scheduler and detokenizer processes with
-    it) and wait until none of it is left, so the next engine starts on free memory."""
+    it) and wait until none of it is left alive, so the next engine starts on free memory."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
-        return
+        pass
+    try:
+        proc.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        pass
     deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return
-        try:
-            proc.wait(timeout=0.2)
-        except subprocess.TimeoutExpired:
-            pass
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _on_signal(signum, frame):
     if _CHILD is not None:
         _end_group(_CHILD, 5.0)
     raise SystemExit(128 + signum)
+
+
+def device_name(cuda: bool) -> str:
+    """The GPU's name from nvidia-smi (no CUDA context in this process, whose memory the engines
+    would not have), or "cpu"."""
+    if not cuda:
+        return "cpu"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0].strip() or "cuda"
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "cuda"
 
 
 def child_run(run: str, context: int, kv: Optional[float], model: Path, args, argv: list,
@@ -537,7 +557,7 @@ def child_run(run: str, context: int, kv: Optional[float], model: Path, args, ar
         answer = Path(io, "result.json")
         r = json.loads(answer.read_text()) if answer.is_file() else \
             {"run": run, "context": context, "kv_gib": kv_label(kv), "backend": backend_of(run)}
-        r["wall_s"] = round(wall, 1)
+        r["wall_s"], r["pid"] = round(wall, 1), proc.pid       # pid: also its process group
         line = parse_startup(text)
         if line is not None:
             r["startup"] = line
@@ -788,7 +808,7 @@ def main(argv=None) -> int:
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     if "triton" in runs:
         runs = ["triton"] + [r for r in runs if r != "triton"]
-    result = {"device": "cpu" if not cuda else "cuda", "date": time.strftime("%Y-%m-%d"),
+    result = {"device": device_name(cuda), "date": time.strftime("%Y-%m-%d"),
               "args": {k: v for k, v in vars(args).items() if k not in ("one_run", "cell", "io")},
               "model": {"folder": str(model), **geo, "load_format": args.load_format},
               "notes": ["prompts: random token ids (byte ids after a BOS; speed only), prompt i "
@@ -803,12 +823,11 @@ def main(argv=None) -> int:
     kept = {}
     if args.resume and Path(args.resume).is_file():
         old = json.loads(Path(args.resume).read_text())
-        if same_setup(old, args):
+        if same_setup(old, args) and old.get("device") == result["device"]:
             kept = {(r["run"], r["context"], r["kv_gib"]): r for r in old["runs"]
                     if r.get("status") in ("ok", "no_fit")}
-            result["device"] = old.get("device", result["device"])
         else:
-            print(f"--resume {args.resume}: other settings; nothing kept", flush=True)
+            print(f"--resume {args.resume}: other settings or device; nothing kept", flush=True)
     path = out / "sglang_e2e.json"
     given = list(sys.argv[1:] if argv is None else argv)
     for context in contexts:
@@ -831,8 +850,6 @@ def main(argv=None) -> int:
                         timeout = args.run_timeout if left is None else \
                             min(args.run_timeout, left)
                         r = child_run(run, context, kv, model, args, given, timeout, logs)
-                if r.get("device") and result["device"] in ("cuda", "cpu"):
-                    result["device"] = r["device"]
                 result["runs"].append(r)
                 compare(result)
                 print({k: v for k, v in r.items() if k not in ("output_ids", "log_tail",

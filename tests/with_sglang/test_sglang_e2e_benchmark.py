@@ -206,3 +206,17 @@ def test_time_estimates_and_kv_settings():
     assert e2e.parse_kv("all,12") == [None, 12.0] and e2e.kv_label(12.0) == "12"
     with pytest.raises(ValueError):
         e2e.parse_kv("0")
+
+
+def test_a_run_past_its_timeout_is_ended_with_its_processes(tmp_path):
+    import psutil
+    out = _run("--out", str(tmp_path), "--runs", "gpu", "--context", "96", "--new", "2",
+               "--layers", "2", "--load-format", "dummy", "--run-timeout", "4", timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads((tmp_path / "sglang_e2e.json").read_text())["runs"][0]
+    assert r["status"] == "error" and "no answer within 4 s" in r["error"], r
+    assert r["wall_s"] < 40
+    assert not e2e._group_alive(r["pid"])        # the child's process group is gone
+    left = [p.pid for p in psutil.process_iter(["cmdline"])
+            if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert not left, left
