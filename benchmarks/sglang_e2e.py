@@ -45,8 +45,8 @@ Writes sglang_e2e.json under --out after every run (a killed invocation keeps wh
 calls of a --time-limit each), prints a table per cell with ratios to triton, and draws
 sglang_e2e.png (output tokens/s per run and cell) when matplotlib is importable.
 
-    python benchmarks/sglang_e2e.py --out results                       # tiny random model, CPU smoke
-    python benchmarks/sglang_e2e.py --shape llama3-8b --out results     # 32K and 128K, all HBM and 12 GiB
+    python benchmarks/sglang_e2e.py --out results                      # tiny random model
+    python benchmarks/sglang_e2e.py --shape llama3-8b --out results    # 32K, 128K x all, 12 GiB
 
 --model DIR uses an existing model folder (Llama-shaped, head_dim >= 64). On a machine without
 CUDA it runs SGLang's CPU engine (float32, TRITON_INTERPRET=1 for the triton runs; needs the
@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import re
@@ -409,8 +408,9 @@ def one_run(run: str, context: int, kv: Optional[float], io: Path, args, cuda: b
         if predicted == 0:
             where = "the host memory" if cfg and "host_memory_gib" in cfg else \
                 f"{kv_label(kv)} GiB of KV"
-            r.update(status="no_fit", admitted=0, reason=f"not started: a request ({per_req} "
-                                                         f"tokens to admit) does not fit in {where}")
+            r.update(status="no_fit", admitted=0,
+                     reason=f"not started: a request ({per_req} tokens to admit) does not fit in "
+                            f"{where}")
             path.write_text(json.dumps(r))
             return
         run_engine(r, kw, context, per_req, geo["bytes_per_token"], args, path)
@@ -522,8 +522,8 @@ def device_name(cuda: bool) -> str:
     if not cuda:
         return "cpu"
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
         return out.stdout.strip().splitlines()[0].strip() or "cuda"
     except (OSError, IndexError, subprocess.SubprocessError):
         return "cuda"
@@ -532,7 +532,8 @@ def device_name(cuda: bool) -> str:
 def child_run(run: str, context: int, kv: Optional[float], model: Path, args, argv: list,
               timeout: float, logs: Optional[Path]) -> dict:
     """One run in a process of its own (this script with --one-run), in a process group of its
-    own that is ended with it: an engine that cannot start, hangs or crashes fails this run alone."""
+    own that is ended with it: an engine that cannot start, hangs or crashes fails this run
+    alone."""
     global _CHILD
     with tempfile.TemporaryDirectory(prefix="sglang_e2e_") as io:
         log_path = Path(io, "engine.log") if logs is None else \
@@ -679,6 +680,7 @@ def plot(result: dict, path: Path) -> Optional[str]:
             if r.get("tok_s_vs_triton"):
                 label += f"\n{r['tok_s_vs_triton']:.2f}x"
             ax.annotate(label, (x, v), ha="center", va="bottom", fontsize=7)
+    ax.margins(y=0.15)
     ax.set_xticks(range(len(cells)))
     ax.set_xticklabels([f"{c // 1024}K, {'all HBM' if k == 'all' else k + ' GiB'}"
                         if c >= 1024 else f"{c}, {k}" for c, k in cells])

@@ -96,7 +96,8 @@ def test_auto_batch_admits_what_sglang_holds_and_a_failed_start_fails_alone(tmp_
                  "--resume", str(tmp_path / "a" / "sglang_e2e.json"), "--time-limit", "30",
                  timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
-    res = {r["run"]: r for r in json.loads((tmp_path / "b" / "sglang_e2e.json").read_text())["runs"]}
+    res = json.loads((tmp_path / "b" / "sglang_e2e.json").read_text())
+    res = {r["run"]: r for r in res["runs"]}
     assert res["triton"]["resumed"] and res["gpu"]["resumed"]
     assert res["triton"]["output_ids"] == tri["output_ids"]
     assert res["hybrid"]["status"] == "skipped" and "--time-limit" in res["hybrid"]["reason"]
@@ -220,3 +221,17 @@ def test_a_run_past_its_timeout_is_ended_with_its_processes(tmp_path):
     left = [p.pid for p in psutil.process_iter(["cmdline"])
             if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
     assert not left, left
+
+
+def test_the_png_has_a_bar_per_run_and_cell(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = [{"run": run, "context": ctx, "kv_gib": kv, "status": "ok", "decode_tok_s": v,
+             "tpot_ms": 10.0, "output_ids": [[1, 2]] * 3}
+            for ctx in (32768, 131072) for kv in ("all", "12")
+            for run, v in (("triton", 100.0), ("hybrid", 300.0))]
+    runs[2] = {"run": "triton", "context": 32768, "kv_gib": "12", "status": "no_fit"}
+    result = {"device": "cpu", "args": {"shape": "tiny", "new": 2, "budget": 0.05}, "runs": runs}
+    e2e.compare(result)
+    assert runs[1]["tok_s_vs_triton"] == 3.0 and "tok_s_vs_triton" not in runs[3]
+    assert e2e.plot(result, tmp_path / "p.png") is None
+    assert (tmp_path / "p.png").stat().st_size > 1000
