@@ -390,30 +390,40 @@ def engine_kwargs(run: str, context: int, kv: Optional[float], args, cuda: bool,
     return kw, cfg, predicted
 
 
+def plan_run(run: str, context: int, kv: Optional[float], args, cuda: bool,
+             geo: dict) -> tuple:
+    """(the run's record so far, its engine keywords): the sizes, the admission the sizes
+    predict, and status no_fit when they already say that no request fits (no engine needed)."""
+    import psutil
+    kw, cfg, predicted = engine_kwargs(run, context, kv, args, cuda, geo,
+                                       psutil.virtual_memory().available)
+    per_req = admission_tokens(context, args.new)
+    r = {"run": run, "context": context, "kv_gib": kv_label(kv), "backend": backend_of(run),
+         "config": cfg, "tokens_per_request": tokens_per_request(context, args.new),
+         "admission_tokens": per_req, "predicted_admission": predicted,
+         "engine": {k: v for k, v in kw.items() if k not in ("model_path",
+                                                              "vortex_hybrid_config")}}
+    if predicted == 0:
+        where = "the host memory" if cfg and "host_memory_gib" in cfg else \
+            f"{kv_label(kv)} GiB of KV"
+        r.update(status="no_fit", admitted=0,
+                 reason=f"not started: a request ({per_req} tokens to admit) does not fit in "
+                        f"{where}")
+    return r, kw
+
+
 def one_run(run: str, context: int, kv: Optional[float], io: Path, args, cuda: bool) -> None:
     """The child: one engine, its admission, a warm-up and the timed streamed generates; the
     result into io/result.json (written once the engine is up, and again at the end)."""
-    import psutil
     path = io / "result.json"
     r = {"run": run, "context": context, "kv_gib": kv_label(kv), "backend": backend_of(run)}
     try:
         geo = read_geometry(Path(args.model), cuda)
-        kw, cfg, predicted = engine_kwargs(run, context, kv, args, cuda, geo,
-                                           psutil.virtual_memory().available)
-        per_req = admission_tokens(context, args.new)
-        r.update(config=cfg, tokens_per_request=tokens_per_request(context, args.new),
-                 admission_tokens=per_req, predicted_admission=predicted,
-                 engine={k: v for k, v in kw.items() if k not in ("model_path",
-                                                                  "vortex_hybrid_config")})
-        if predicted == 0:
-            where = "the host memory" if cfg and "host_memory_gib" in cfg else \
-                f"{kv_label(kv)} GiB of KV"
-            r.update(status="no_fit", admitted=0,
-                     reason=f"not started: a request ({per_req} tokens to admit) does not fit in "
-                            f"{where}")
+        r, kw = plan_run(run, context, kv, args, cuda, geo)
+        if r.get("status") == "no_fit":
             path.write_text(json.dumps(r))
             return
-        run_engine(r, kw, context, per_req, geo["bytes_per_token"], args, path)
+        run_engine(r, kw, context, r["admission_tokens"], geo["bytes_per_token"], args, path)
     except Exception as exc:
         r.update(status="error", error=f"{type(exc).__name__}: {exc}")
         path.write_text(json.dumps(r))
@@ -840,10 +850,16 @@ def main(argv=None) -> int:
                 if key in kept:
                     r = dict(kept[key], resumed=True)
                 else:
+                    try:
+                        r, _ = plan_run(run, context, kv, args, cuda, geo)
+                    except Exception:                 # the child says it, with its log
+                        r = {}
                     left = None if args.time_limit is None else \
                         args.time_limit - (time.monotonic() - t_begin)
                     need = estimate_s(result["runs"], context)
-                    if left is not None and left < need:
+                    if r.get("status") == "no_fit":   # the sizes say it: no engine needed
+                        r["wall_s"] = 0.0
+                    elif left is not None and left < need:
                         r = {"run": run, "context": context, "kv_gib": kv_label(kv),
                              "backend": backend_of(run), "status": "skipped",
                              "reason": f"--time-limit: {max(left, 0):.0f} s left, about "

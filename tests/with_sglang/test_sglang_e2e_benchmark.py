@@ -89,18 +89,26 @@ def test_auto_batch_admits_what_sglang_holds_and_a_failed_start_fails_alone(tmp_
     assert "KV limited to 0.00132 GiB of HBM" in out.stdout and "vs triton" in out.stdout
 
     # --resume keeps the finished runs (no engine starts); the failed one would run again, but
-    # --time-limit leaves it no time: it is recorded as skipped
+    # --time-limit leaves it no time: it is recorded as skipped. At 800 tokens the sizes say that
+    # no request fits triton's or gpu's 688 tokens: recorded so, no engine started
     again = _run("--out", str(tmp_path / "b"), "--runs", "triton,hybrid,gpu", "--batch", "auto",
-                 "--kv-gib", str(kv), "--context", "200", "--new", "2", "--layers", "2",
+                 "--kv-gib", str(kv), "--context", "200,800", "--new", "2", "--layers", "2",
                  "--chunk", "256", "--max-batch", "8", "--load-format", "dummy",
                  "--resume", str(tmp_path / "a" / "sglang_e2e.json"), "--time-limit", "30",
                  timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     res = json.loads((tmp_path / "b" / "sglang_e2e.json").read_text())
-    res = {r["run"]: r for r in res["runs"]}
-    assert res["triton"]["resumed"] and res["gpu"]["resumed"]
-    assert res["triton"]["output_ids"] == tri["output_ids"]
-    assert res["hybrid"]["status"] == "skipped" and "--time-limit" in res["hybrid"]["reason"]
+    res = {(r["run"], r["context"]): r for r in res["runs"]}
+    assert res["triton", 200]["resumed"] and res["gpu", 200]["resumed"]
+    assert res["triton", 200]["output_ids"] == tri["output_ids"]
+    for ctx in (200, 800):
+        assert res["hybrid", ctx]["status"] == "skipped"
+        assert "--time-limit" in res["hybrid", ctx]["reason"]
+    for run in ("triton", "gpu"):
+        r = res[run, 800]
+        assert (r["status"], r["admitted"], r["wall_s"]) == ("no_fit", 0, 0.0), r
+        assert "not started" in r["reason"] and r["admission_tokens"] == 819
+    assert "no request fits" in again.stdout
 
 
 def test_the_llama3_8b_shape_is_written_without_weights(tmp_path):
