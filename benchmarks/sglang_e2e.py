@@ -787,6 +787,7 @@ def main(argv=None) -> int:
         kvs = parse_kv(args.kv_gib or ("all,12" if big else "all"))
     except ValueError as exc:
         ap.error(str(exc))
+    args.contexts, args.kv_gib = ",".join(map(str, contexts)), ",".join(map(kv_label, kvs))
     if big and args.load_format != "dummy" and not args.model:
         ap.error("--shape llama3-8b writes no weights: --load-format dummy, or --model DIR")
     if min(contexts) < 2 or args.new < 1 or args.repeats < 1 or args.max_batch < 1:
