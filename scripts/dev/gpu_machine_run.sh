@@ -7,7 +7,10 @@
 # options to benchmarks/hybrid_step.py, whose full grid needs several calls; E2E_ARGS to
 # benchmarks/e2e_decode.py, all of whose modes fit one call at its defaults; sglang_e2e needs the
 # SGLang overlay carried in .overlay/ (build it here: bash scripts/dev/build_sglang_overlay.sh) and
-# takes SGLANG_E2E_ARGS, e.g. --runs to split its engines over calls (sglang_graphs, the check of
+# takes SGLANG_E2E_ARGS, e.g. --runs to split its engines over calls, or for the Llama-3-8B grid
+# "--shape llama3-8b --time-limit 480 --resume .carry/sglang_e2e.json" with SGLANG_E2E_TIMEOUT=540
+# in several calls, each carrying .carry with the last call's sglang_e2e.json (none the first
+# time), until no run is skipped (sglang_graphs, the check of
 # SGLang's decode graphs with the backend, likewise: SGLANG_GRAPHS_ARGS); accuracy runs the accuracy grid,
 # scripts/dev/accuracy.sh, ACC_* there, writing accuracy.json/.md/.png)
 # e2e_grid: one benchmarks/e2e_decode.py per entry of E2E_GRID ("name=args;name=args"), each under
