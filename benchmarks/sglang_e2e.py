@@ -171,15 +171,6 @@ def host_gib_for(want_requests: int, per_request: int, per_token: int,
     return min(want_requests * per_request * per_token, share * available_bytes) / GIB
 
 
-def staging_gib(context_len: int, new_per_batch: int, rows: int, per_token: int,
-                page: int = P) -> float:
-    """The plugin's prefill staging area in GiB (`integrations/sglang/sizing.staging_tokens`: one
-    extend batch of `new_per_batch` tokens plus the earlier chunks of one chunked request, each
-    request on pages of its own)."""
-    tokens = (-(-(new_per_batch + context_len) // page) + min(rows, new_per_batch + 1)) * page
-    return tokens * per_token / GIB
-
-
 def stream_timing(t_start: float, events: dict) -> dict:
     """Timing of one streamed batch generate. events: request index -> [(arrival time, output
     tokens so far)]. Prefill: start to the last request's first token; the decode window: from
@@ -365,12 +356,6 @@ def engine_kwargs(run: str, context: int, kv: Optional[float], args, cuda: bool,
             cfg["gpu_memory_gib"] = kv
             if placement in ("dense", "gpu"):
                 predicted = fit(kv_tokens(kv, geo["bytes_per_token"]), per_req, cap)
-        elif cuda:
-            # the plugin sizes the runtime from the free HBM when SGLang sizes its pool, and the
-            # prefill staging area is allocated after: keep room for it beside the reserve
-            from vortex_hybrid.config import HybridConfig
-            cfg["gpu_reserve_gib"] = round(HybridConfig().gpu_reserve_gib + staging_gib(
-                context + args.new + P, args.chunk, cap + 1, geo["bytes_per_token"]) + 0.25, 2)
         if placement in ("offload", "cpu", "hybrid") and not legacy:
             host = args.host_gib if args.host_gib else host_gib_for(
                 cap, per_req, geo["bytes_per_token"], host_available)

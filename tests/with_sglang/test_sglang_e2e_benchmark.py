@@ -167,8 +167,7 @@ def test_engine_keywords_of_each_memory_setting():
     assert cfg["gpu_memory_gib"] == 12.0 and n == 2 and kw["disable_prefill_cuda_graph"]
     assert json.loads(kw["vortex_hybrid_config"]) == cfg
     kw, cfg, n = e2e.engine_kwargs("gpu", 131072, None, args, True, geo, host)
-    staging = e2e.staging_gib(131072 + 128 + 16, 8192, 65, geo["bytes_per_token"])
-    assert staging > 16 and cfg["gpu_reserve_gib"] == pytest.approx(4 + staging + 0.25, abs=0.01)
+    assert "gpu_reserve_gib" not in cfg and "gpu_memory_gib" not in cfg   # the plugin's sizing
     kw, cfg, n = e2e.engine_kwargs("hybrid", 32768, 12.0, args, True, geo, host)
     assert cfg["gpu_memory_gib"] == 12.0 and cfg["host_memory_gib"] == pytest.approx(75.0)
     assert n == e2e.fit(e2e.kv_tokens(75.0, geo["bytes_per_token"]), 32913) == 18
@@ -179,12 +178,25 @@ def test_engine_keywords_of_each_memory_setting():
     assert kw["max_total_tokens"] == 4 * (8192 + 128) + 64 * 16 and kw["device"] == "cpu"
 
 
-def test_staging_matches_the_plugin_and_the_startup_line_parses():
+def test_the_plugin_leaves_room_for_the_staging_area_and_the_startup_line_parses(monkeypatch):
+    """With all of HBM (gpu_memory_gib None) the runtime takes the free HBM less the prefill
+    staging area (allocated after it) and the reserve; the start-up line parses."""
+    import torch
+
+    from vortex_hybrid.config import HybridConfig
     from vortex_hybrid.integrations.sglang import sizing
     sa = types.SimpleNamespace(max_prefill_tokens=8192, chunked_prefill_size=8192)
-    for ctx, rows in ((32912, 65), (131216, 20), (500, 3)):
-        assert e2e.staging_gib(ctx, 8192, rows, 1 << 17) == \
-            sizing.staging_tokens(sa, ctx, rows, 16) * (1 << 17) / (1 << 30)
+    assert sizing.staging_tokens(sa, 131216, 20, 16) == (-(-(8192 + 131216) // 16) + 20) * 16
+    assert sizing.staging_tokens(sa, 500, None, 16) == (-(-(8192 + 500) // 16) + 8193) * 16
+    free = 60 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free, 80 << 30))
+    mc = types.SimpleNamespace(num_hidden_layers=32, num_key_value_heads=8, head_dim=128)
+    cfg = HybridConfig(placement="gpu", page_size=16, kv_dtype="bfloat16")
+    whole = sizing.plan(cfg, mc, "cuda")
+    staging = 17 << 30
+    left = sizing.plan(cfg, mc, "cuda", staging_bytes=staging)
+    assert whole.device_bytes <= free - (4 << 30)
+    assert left.device_bytes <= free - staging - (4 << 30) < whole.device_bytes
     mem = types.SimpleNamespace(device_bytes=3 << 30, host_bytes=75 << 30, gpu_cache_pages=1200)
     line = sizing.describe(types.SimpleNamespace(placement="hybrid"), mem, 1 << 29, 614400, 253)
     got = e2e.parse_startup("noise\n[x] " + line + "\nmore")

@@ -70,13 +70,15 @@ def max_requests_of(cfg: HybridConfig, mem: MemoryPlan, graph_pages: int = 0) ->
     return mem.device_pages - mem.gpu_cache_pages - 2 - graph_pages
 
 
-def plan(cfg: HybridConfig, model_config, device: str, max_tokens: Optional[int] = None
-         ) -> MemoryPlan:
-    """The runtime's memory plan for SGLang's model on `device` (the free HBM now on CUDA); with
-    `max_tokens` (SGLang's `--max-total-tokens`), the store holds no more than that."""
+def plan(cfg: HybridConfig, model_config, device: str, max_tokens: Optional[int] = None,
+         staging_bytes: int = 0) -> MemoryPlan:
+    """The runtime's memory plan for SGLang's model on `device` (the free HBM now on CUDA, less
+    `staging_bytes`: the prefill staging area, allocated after the runtime); with `max_tokens`
+    (SGLang's `--max-total-tokens`), the store holds no more than that."""
     L, hkv, D = (int(model_config.num_hidden_layers), int(model_config.num_key_value_heads),
                  int(model_config.head_dim))
-    gpu_free = torch.cuda.mem_get_info()[0] if str(device).startswith("cuda") else None
+    gpu_free = max(0, torch.cuda.mem_get_info()[0] - staging_bytes) \
+        if str(device).startswith("cuda") else None
     kw = dict(gpu_free_bytes=gpu_free, host_available_bytes=psutil.virtual_memory().available)
     mem = plan_memory(cfg, L, hkv, D, **kw)
     pages = None if not max_tokens else int(max_tokens) // cfg.page_size
@@ -107,9 +109,14 @@ def resolve_pool_config(original, self, *args, **kwargs):
         return config
     from .config import ConfigError
     cfg = from_text(self.server_args.vortex_hybrid_config)
+    mc = self.model_config
+    rows = int(getattr(config, "max_running_requests", 0) or 0) or None
+    staging = staging_tokens(self.server_args, int(mc.context_len), rows, cfg.page_size) * \
+        int(mc.num_hidden_layers) * int(mc.num_key_value_heads) * int(mc.head_dim) * 2 * \
+        torch.empty((), dtype=self.kv_cache_dtype).element_size()
     try:
-        mem = plan(cfg, self.model_config, self.device,
-                   getattr(self.server_args, "max_total_tokens", None))
+        mem = plan(cfg, mc, self.device, getattr(self.server_args, "max_total_tokens", None),
+                   staging_bytes=staging)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     scratch = graph_pages(self.server_args)
@@ -136,15 +143,17 @@ def holds_no_kv(pool) -> bool:
     return isinstance(pool, NoOpMHATokenToKVPool)
 
 
-def staging_tokens(server_args, context_len: int, rows: int, page_size: int) -> int:
+def staging_tokens(server_args, context_len: int, rows: Optional[int], page_size: int) -> int:
     """Slots of the prefill staging area: one extend batch's tokens, which are at most
     `--max-prefill-tokens` (or `--chunked-prefill-size` when larger) new tokens plus the earlier
     chunks of one chunked request (below the context length), each request's tokens starting on
-    a page of its own (at most one request per new token, and at most `rows`)."""
+    a page of its own (at most one request per new token, and at most `rows`; None: not known
+    yet, one per new token). The runtime's share of the free HBM leaves room for it (`plan`)."""
     new = max(int(getattr(server_args, "max_prefill_tokens", 0) or 0),
               int(getattr(server_args, "chunked_prefill_size", 0) or 0))
     P = page_size
-    return (-(-(new + context_len) // P) + min(rows, new + 1)) * P
+    starts = new + 1 if rows is None else min(rows, new + 1)
+    return (-(-(new + context_len) // P) + starts) * P
 
 
 class Staging:
