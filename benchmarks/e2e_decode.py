@@ -733,7 +733,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--micro-batches", type=int, default=1, metavar="N",
                     help="host placements in whole steps: the batch as N micro-batches staggered "
                          "by a layer, one runtime of 1/N of the memory each, their CPU parts on "
-                         "one worker, so the CPU attends one while the GPU runs another (1: off)")
+                         "one worker, so the CPU attends one while the GPU runs another (1: off; "
+                         "measured slower than one batch, docs/BENCHMARKS.md)")
     ap.add_argument("--fuse", choices=("on", "off"), default=None,
                     help="torch.compile the model's per-layer math (fused elementwise ops; the "
                          "same in every mode); default on with CUDA, off without")
