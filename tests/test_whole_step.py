@@ -324,7 +324,11 @@ def test_a_whole_step_whose_host_parts_are_empty_equals_an_ordinary_step():
     whole, eager = make("hybrid", slots=16), make("hybrid", slots=16)
     eager._graphs = None
     gen = torch.Generator().manual_seed(11)
-    ws, es = two_requests(whole, eager, gen)
-    ordinary_step_equals(whole, eager, ws, es, gen)
-    assert whole.stats()["last_step"]["cpu_pages"] == 0
-    assert whole.stats()["last_step"]["cpu_calls"] == 0
+    try:
+        ws, es = two_requests(whole, eager, gen)
+        ordinary_step_equals(whole, eager, ws, es, gen)
+        assert whole.stats()["last_step"]["cpu_pages"] == 0
+        assert whole.stats()["last_step"]["cpu_calls"] == 0
+    finally:                            # the hand-off worker's thread ends with the runtime
+        whole.close()
+        eager.close()
