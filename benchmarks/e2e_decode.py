@@ -53,7 +53,9 @@ it moved (weights / HBM bandwidth + `hybrid_step.lower_bound` of the attention b
 `cost_model.measure(quick=True)`) and the share of it reached, cache hit rate, the share of the step
 the driving thread waited for the CPU worker (per-layer graphs only: inside a whole-step graph the
 GPU waits, not the thread; the JSON then gives `cpu_part_ms`, the worker's time in the CPU parts),
-and plan()'s host time (`plan_ms`). --profile adds a profiled step's kernels by GPU time. Goal reported, not asserted: hybrid / dense >= 3.5x
+and plan()'s host time (`plan_ms`), and the OS threads that used CPU time during the timed steps
+(`busy_threads`: CPU seconds over wall seconds, from /proc; --cpu-replay adds the NUMA nodes of the
+host pool and the threads busy during its calls). --profile adds a profiled step's kernels by GPU time. Goal reported, not asserted: hybrid / dense >= 3.5x
 (the mark Vortex reports over full attention); the JSON also gives the ratio hybrid would reach at
 its own lower bound, which shows whether any schedule could meet it on this machine.
 
@@ -546,8 +548,11 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
         build_s = time.perf_counter() - t0
         tokens, rec, how, graphs = [], [], [], {}
         bounds = np.cumsum([0] + sizes)
+        cpu0 = t_timed = None
         for i in range(args.warmup + args.steps):
             sync(dev)
+            if i == args.warmup:                    # which OS threads ran during the timed steps
+                cpu0, t_timed = thread_cpu_s(), time.perf_counter()
             t1 = time.perf_counter()
             if mb is None:
                 ran = decode_step(attn, rids[0], steps[0], None if sels is None else sels[i], whole)
@@ -561,6 +566,10 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
             if i >= args.warmup:
                 rec.append((ms, attn.stats()["last_step"] if mb is None else mb.stats()))
                 how.append(ran)
+        busy = busy_threads(cpu0, thread_cpu_s(), time.perf_counter() - t_timed) \
+            if cpu0 is not None else []
+        print(f"  {mode}: threads busy during the timed steps (CPU s / wall s): "
+              + ", ".join(f"{b['thread']} {b['share']:.2f}" for b in busy), flush=True)
         if args.profile and mb is None:
             profile_step(attn, rids[0], steps[0], sels, whole, mode, args)
         replay = cpu_replay(attn, args.cpu_replay) if args.cpu_replay and host and whole else None
@@ -572,7 +581,8 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
                       graphs=attn._graphs is not None, micro_batches=sizes,
                       step_ran=sorted(set(how)),
                       plan_ms=statistics.median(steps[0].plan_s[args.warmup:]) * 1e3,
-                      cpu_attn_bw_live=attn.stats().get("cpu_attn_bw"), cpu_replay=replay)
+                      cpu_attn_bw_live=attn.stats().get("cpu_attn_bw"), cpu_replay=replay,
+                      busy_threads=busy)
     finally:
         if mb is not None:
             mb.close()
@@ -641,11 +651,17 @@ def cpu_replay(attn, reps: int) -> dict:
             _fork_join(x)
         return (time.perf_counter() - t0) / reps * 1e3
 
+    cpu0, t_start = thread_cpu_s(), time.perf_counter()
     out = dict(layer=layer, pages=pages,
                mb=pages * 2 * k_pool.shape[2] * k_pool.shape[3] * k_pool.element_size() / 1e6,
                threading_layer=numba.threading_layer(),
                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+               numa_nodes=len([n for n in os.listdir("/sys/devices/system/node")
+                               if n.startswith("node")])
+               if os.path.isdir("/sys/devices/system/node") else None,
+               host_pool_numa=numa_placement(attn.kv.host_pool.k),
                main_ms=calls()[0], main_gap1ms_ms=calls(1e-3)[0])
+    out["busy_threads_main"] = busy_threads(cpu0, thread_cpu_s(), time.perf_counter() - t_start)
     box = {}
     th = threading.Thread(target=lambda: box.update(ms=calls()[0], gap_ms=calls(1e-3)[0]))
     th.start()
@@ -663,12 +679,69 @@ def cpu_replay(attn, reps: int) -> dict:
     finally:
         kthreads.set_cpu_threads(before)
     out["by_threads"] = rows
+    print(f"cpu replay: NUMA nodes {out['numa_nodes']}, host pool K by node (GiB) "
+          f"{out['host_pool_numa']}; threads busy during the main-thread calls: "
+          f"{out['busy_threads_main']}", flush=True)
     print(f"cpu replay (layer {layer}, {pages} page-heads, {out['mb']:.2f} MB): " + ", ".join(
         f"{k} {v:.3f}" for k, v in out.items() if isinstance(v, float)), flush=True)
     for r in rows:
         print("cpu replay " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in r.items()), flush=True)
     return out
+
+
+def numa_placement(t: torch.Tensor) -> Optional[dict]:
+    """Linux: the NUMA nodes of a host tensor's memory, {"N0": GiB, ...}: the per-node pages of the
+    /proc/self/numa_maps mappings that hold it (the one its first byte lies in and those starting
+    inside it; a mapping shared with other data counts whole). None where unreadable."""
+    lo = t.data_ptr()
+    hi = lo + t.numel() * t.element_size()
+    maps = []
+    try:
+        with open("/proc/self/numa_maps") as fh:
+            for line in fh:
+                head, *fields = line.split()
+                maps.append((int(head, 16), fields))
+    except (OSError, ValueError):
+        return None
+    maps.sort(key=lambda m: m[0])
+    first = max((i for i, (start, _) in enumerate(maps) if start <= lo), default=None)
+    chosen = [m for i, m in enumerate(maps) if i == first or lo < m[0] < hi]
+    out: dict = {}
+    for _, fields in chosen:
+        page = 4096
+        for f in fields:
+            if f.startswith("kernelpagesize_kB="):
+                page = int(f.split("=")[1]) * 1024
+        for f in fields:
+            if f[:1] == "N" and "=" in f and f[1:f.index("=")].isdigit():
+                node, n = f.split("=")
+                out[node] = out.get(node, 0.0) + int(n) * page / GIB
+    return {k: round(v, 3) for k, v in sorted(out.items())} or None
+
+
+def thread_cpu_s() -> dict:
+    """Linux: CPU seconds (user + system) of each OS thread of this process, by "name/tid"."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/stat") as fh:
+                stat = fh.read()
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            rest = stat[stat.rindex(")") + 2:].split()
+            out[f"{name}/{tid}"] = (int(rest[11]) + int(rest[12])) / tick
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def busy_threads(before: dict, after: dict, wall_s: float, top: int = 8) -> list:
+    """The threads that ran during a window (CPU seconds over `wall_s`), busiest first."""
+    rows = [(k, after[k] - before.get(k, 0.0)) for k in after]
+    rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])[:top]
+    return [dict(thread=k, cpu_s=round(v, 3), share=round(v / max(wall_s, 1e-9), 2))
+            for k, v in rows]
 
 
 @numba.njit(parallel=True, nogil=True, cache=False)

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,21 @@ def test_micro_batches_decode_the_tokens_of_one_batch(tmp_path, locality):
         assert b["cpu_bytes_per_step"] == a["cpu_bytes_per_step"], b["mode"]
     assert two["modes"][1]["cpu_bytes_per_step"] > 0          # cpu: the CPU attended host pages
     assert "3 (2+1)" in (tmp_path / "two" / "e2e_decode.md").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/numa_maps").exists(), reason="Linux /proc only")
+def test_host_diagnostics_read_numa_placement_and_busy_threads():
+    """numa_placement counts a freshly zeroed 256 MiB tensor's pages on some node (at least its
+    size: its mapping may hold more); busy_threads finds this thread busy over a spin."""
+    mod = load()
+    t = torch.zeros(64 << 20)                           # 256 MiB of float32, touched
+    nodes = mod.numa_placement(t)
+    assert nodes and all(k.startswith("N") for k in nodes) and sum(nodes.values()) >= 0.24, nodes
+    before, t0 = mod.thread_cpu_s(), time.perf_counter()
+    while time.perf_counter() - t0 < 0.3:
+        pass
+    rows = mod.busy_threads(before, mod.thread_cpu_s(), time.perf_counter() - t0)
+    assert rows and rows[0]["share"] > 0.3 and rows == sorted(rows, key=lambda r: -r["cpu_s"]), rows
 
 
 def test_sparse_budget_reads_fewer_kv_bytes_than_dense(tmp_path):
