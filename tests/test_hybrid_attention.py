@@ -420,8 +420,11 @@ def test_hybrid_fetches_more_of_a_request_whose_selection_is_reused():
     copy serves later steps, so more misses go to the copy than with reuse 0; with reuse 0 the
     copy and the CPU's remaining work end together (the greedy's stop rule). Head-pages: a fetch
     copies what the CPU would read, one KV head of one page (seed 3)."""
+    import dataclasses
+
     from vortex_hybrid.scheduler.cost_model import DEFAULTS
-    attn = make("hybrid", slots=1000, costs=DEFAULTS)
+    costs = dataclasses.replace(DEFAULTS, cpu_call_s=1e-12)   # no fixed cost: bytes alone
+    attn = make("hybrid", slots=1000, costs=costs)
     gen = torch.Generator().manual_seed(3)
     misses = torch.rand(2 * HKV, 300, generator=gen).to(attn.device) < 0.7   # rows x selection
     wanted = misses.sum()
@@ -434,11 +437,41 @@ def test_hybrid_fetches_more_of_a_request_whose_selection_is_reused():
     print("head-pages fetched by reuse:", fetched)
     assert 0 < fetched[0.0] < fetched[0.5] < fetched[0.9] <= int(wanted), fetched
     f = attn._hybrid_fetch(misses, torch.zeros(2 * HKV, device=attn.device), wanted)
-    hb, costs = attn._head_bytes, DEFAULTS
+    hb = attn._head_bytes
     copy_s = int(f.sum()) * hb / costs.h2d_bw_concurrent
     cpu_s = int((misses & ~f).sum()) * hb / costs.cpu_attn_bw_concurrent
     assert abs(copy_s - cpu_s) <= hb / costs.h2d_bw_concurrent + hb / \
         costs.cpu_attn_bw_concurrent, (copy_s, cpu_s)
+    attn.close()
+
+
+@pytest.mark.parametrize("call_us", [20.0, 400.0])
+def test_hybrid_split_counts_the_cpu_calls_fixed_cost(call_us):
+    """With a fixed cost per CPU call, the copy takes what the CPU would do in that time too: a
+    host part whose copy ends within the call's cost is fetched whole (the CPU gets nothing), a
+    larger one splits so that the copy ends when the CPU's bytes plus its call would (seed 4)."""
+    import dataclasses
+
+    from vortex_hybrid.scheduler.cost_model import DEFAULTS
+    costs = dataclasses.replace(DEFAULTS, cpu_call_s=call_us * 1e-6)
+    attn = make("hybrid", slots=100000, costs=costs)
+    hb, gen = attn._head_bytes, torch.Generator().manual_seed(4)
+    zero = torch.zeros(2 * HKV, device=attn.device)
+    small = torch.zeros(2 * HKV, 300, dtype=torch.bool)
+    small[0, :3] = True                                   # 3 head-pages: far below one call
+    small = small.to(attn.device)
+    f = attn._hybrid_fetch(small, zero, small.sum())
+    assert torch.equal(f, small)                          # all fetched, the CPU gets none
+    per = hb / costs.h2d_bw_concurrent                    # seconds to copy one head-page
+    n_rows = int(4 * call_us * 1e-6 / per / 300) + 2      # rows enough for ~4 calls' copy time
+    big = (torch.rand(n_rows, 300, generator=gen) < 0.9).to(attn.device)
+    f = attn._hybrid_fetch(big, torch.zeros(n_rows, device=attn.device), big.sum())
+    assert not bool((f & ~big).any())
+    copy_s = int(f.sum()) * per
+    cpu_s = int((big & ~f).sum()) * hb / costs.cpu_attn_bw_concurrent
+    assert cpu_s > 0
+    row = 300 * (per + hb / costs.cpu_attn_bw_concurrent)   # a row's worth of either side
+    assert abs(copy_s - (cpu_s + costs.cpu_call_s)) <= row, (copy_s, cpu_s, costs.cpu_call_s)
     attn.close()
 
 

@@ -208,7 +208,9 @@ class SplitStep:
         rates apply (docs/hardware.md; the CPU's as the running steps measure it,
         `scheduler.live_rate`). Head-pages go to the copy in order of amortised cost (a
         row's share one cost: rows are ordered, not head-pages), until the copy would end after
-        the CPU's remaining work: the two then finish together. All on the device, no sync."""
+        the CPU's remaining work, the CPU call's fixed cost (`cpu_call_s`) included: the two then
+        finish together, and a host part too small to pay for a CPU call is fetched whole (the
+        CPU part then has nothing to attend). All on the device, no sync."""
         survive = (self._cache.num_slots / wanted.clamp_min(1).to(torch.float64)).clamp_max(1.0)
         factor = (1 - reuse.to(torch.float64) * survive).clamp_min(0.05)        # [R]
         rows = torch.argsort(factor, stable=True)         # a row's head-pages share its cost:
@@ -217,7 +219,9 @@ class SplitStep:
         cpu_s = self._head_bytes / self._live_cpu.tensor       # read at replay: the live rate
         copy = torch.cumsum(cost * n, 0) * (self._head_bytes / self._costs.h2d_bw_concurrent)
         cpu_after = (n.sum() - torch.cumsum(n, 0)) * cpu_s
-        stop = (copy > cpu_after) & (copy > cpu_after + n * cpu_s) & (n > 0)
+        # stop before a row whose fetch would end the copy after what the CPU would take with the
+        # row kept: its pages, the rows after it, and the call's fixed cost
+        stop = (copy > cpu_after + n * cpu_s + self._live_cpu.call_s) & (n > 0)
         keep = torch.cumprod((~stop).to(torch.int8), 0).bool() & (n > 0)  # up to the first stop
         out = torch.zeros_like(miss)
         out.index_copy_(0, rows, keep.view_as(miss))
