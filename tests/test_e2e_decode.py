@@ -47,15 +47,17 @@ def test_full_budget_gpu_and_hybrid_decode_the_same_tokens_and_logits_as_dense(t
 @pytest.mark.parametrize("locality", ["flow", "real"])
 def test_micro_batches_decode_the_tokens_of_one_batch(tmp_path, locality):
     """--micro-batches 2 (two runtimes, the step staggered by a layer, one CPU worker) decodes
-    token for token what one runtime decodes for the whole batch, and reads the same host bytes."""
+    token for token what one runtime decodes for the whole batch (at 50%: selections differ per
+    row), and in `cpu` reads the same host bytes (hybrid's two half caches split differently)."""
     common = ["--smoke", "--modes", "hybrid,cpu", "--batch", "3", "--steps", "3",
-              "--locality", locality]
+              "--locality", locality, "--budget", "0.5"]      # selections with choices per row
     one = load().main(common + ["--out", str(tmp_path / "one")])
     two = load().main(common + ["--micro-batches", "2", "--out", str(tmp_path / "two")])
     for a, b in zip(one["modes"], two["modes"]):
         assert b["micro_batches"] == [2, 1] and a["micro_batches"] == [3], b["mode"]
         assert b["tokens"] == a["tokens"], b["mode"]
-        assert b["cpu_bytes_per_step"] == a["cpu_bytes_per_step"], b["mode"]
+        if b["mode"] == "cpu":       # no page cache: the CPU reads every selected host page
+            assert b["cpu_bytes_per_step"] == a["cpu_bytes_per_step"]
     assert two["modes"][1]["cpu_bytes_per_step"] > 0          # cpu: the CPU attended host pages
     assert "3 (2+1)" in (tmp_path / "two" / "e2e_decode.md").read_text()
 
