@@ -266,15 +266,7 @@ class DecodeStep:
                       ) -> "torch.cuda.CUDAGraph":
         """One CUDA graph of the whole step for `key` (the runtime's whole-step key): capturing
         records it without running it, so the caller replays it next."""
-        g = torch.cuda.CUDAGraph()
-        gc.collect()
-        gc.disable()
-        try:
-            with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
-                self.whole(attn, key, sel)
-        finally:
-            gc.enable()
-        return g
+        return capture_graph(lambda: self.whole(attn, key, sel), self.pool)
 
     def start(self, ids: torch.Tensor, pos: torch.Tensor) -> None:
         self.ids.copy_(ids)
@@ -285,6 +277,21 @@ class DecodeStep:
 
     def boundary(self, layer: int) -> None:
         self.graphs[layer + 1].replay() if self.graphs else self._boundary(layer)
+
+
+def capture_graph(fn, pool) -> "torch.cuda.CUDAGraph":
+    """Record `fn` (a whole step) in a new CUDA graph in `pool` without running it; the garbage
+    collector is off meanwhile (a collection during capture could free another runtime's CUDA
+    memory and invalidate the capture)."""
+    g = torch.cuda.CUDAGraph()
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+            fn()
+    finally:
+        gc.enable()
+    return g
 
 
 def decode_step(attn: HybridAttention, rids: list, st: DecodeStep, sels=None,
@@ -360,15 +367,7 @@ def decode_step_micro(mb, rids: list, steps: list, graphs: dict, sels=None) -> s
         static = [st.sel for st in steps]
     g = graphs.get(key)
     if g is None and key in st0.seen and st0.pool is not None:
-        g = torch.cuda.CUDAGraph()
-        gc.collect()
-        gc.disable()
-        try:
-            with torch.cuda.graph(g, pool=st0.pool, capture_error_mode="thread_local"):
-                whole_micro(mb, steps, static)
-        finally:
-            gc.enable()
-        graphs[key] = g
+        g = graphs[key] = capture_graph(lambda: whole_micro(mb, steps, static), st0.pool)
     st0.seen.add(key)
     if g is not None:
         g.replay()

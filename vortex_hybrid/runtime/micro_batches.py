@@ -35,7 +35,6 @@ from typing import Sequence
 
 from .hybrid_attention import HybridAttention
 from .memory_model import HOST_PLACEMENTS
-from .whole_step import HANDOFF_SPIN_US, HANDOFF_TIMEOUT_S
 
 
 class MicroBatches:
@@ -66,18 +65,7 @@ class MicroBatches:
         if busy:
             raise ValueError(f"parts {busy} already have a hand-off of their own (a whole step ran): "
                              "share the worker before the first whole step")
-        from . import handoff
-        from .. import cpu_kernels
-        cpu_kernels.warmup()        # compile before the first step's bounded waits
-        # one core drives the GPU, one polls the hand-off; the CPU attention gets the rest
-        cpu_kernels.set_cpu_threads(first._cpu_threads(reserved=2))
-        fns = [p._whole_cpu_part for p in parts]
-        if first.device.type == "cuda":
-            self.handoff = handoff.GraphHandoff(first.num_layers, fns, device=first.device,
-                                                timeout_s=HANDOFF_TIMEOUT_S, spin_us=HANDOFF_SPIN_US)
-        else:
-            self.handoff = handoff.StandInHandoff(first.num_layers, fns,
-                                                  timeout_s=HANDOFF_TIMEOUT_S)
+        self.handoff = first._new_handoff([p._whole_cpu_part for p in parts])
         for channel, p in enumerate(parts):
             p._whole_handoff, p._handoff_ch, p._handoff_owned = self.handoff, channel, False
         self.parts = parts

@@ -57,7 +57,6 @@ class PendingLayer:
     layer: int
     out: Optional[torch.Tensor] = None
     state: Optional[tuple] = None
-    host: bool = False
     dtype: Optional[torch.dtype] = None
 
 
@@ -83,20 +82,23 @@ class WholeStep:
     def _handoff_channel(self):
         """The hand-off protocol's driver (made on first use: it starts the worker thread)."""
         if self._whole_handoff is None:
-            from . import handoff
-            from .. import cpu_kernels
-            cpu_kernels.warmup()            # compile before the first step's bounded waits
-            # Cores: one for the thread driving the GPU (its synchronisation spins), one for the
-            # hand-off worker's poll; the CPU attention gets the rest unless cfg sets it.
-            cpu_kernels.set_cpu_threads(self._cpu_threads(reserved=2))
-            if self.device.type == "cuda":
-                self._whole_handoff = handoff.GraphHandoff(
-                    self.num_layers, [self._whole_cpu_part], device=self.device,
-                    timeout_s=HANDOFF_TIMEOUT_S, spin_us=HANDOFF_SPIN_US)
-            else:
-                self._whole_handoff = handoff.StandInHandoff(
-                    self.num_layers, [self._whole_cpu_part], timeout_s=HANDOFF_TIMEOUT_S)
+            self._whole_handoff = self._new_handoff([self._whole_cpu_part])
         return self._whole_handoff
+
+    def _new_handoff(self, cpu_parts: list):
+        """A hand-off driver for this runtime's device with one channel per CPU part (several:
+        runtimes sharing one worker, `micro_batches`); compiles the CPU kernels first and gives
+        them the cores left."""
+        from . import handoff
+        from .. import cpu_kernels
+        cpu_kernels.warmup()                # compile before the first step's bounded waits
+        # Cores: one for the thread driving the GPU (its synchronisation spins), one for the
+        # hand-off worker's poll; the CPU attention gets the rest unless cfg sets it.
+        cpu_kernels.set_cpu_threads(self._cpu_threads(reserved=2))
+        if self.device.type == "cuda":
+            return handoff.GraphHandoff(self.num_layers, cpu_parts, device=self.device,
+                                        timeout_s=HANDOFF_TIMEOUT_S, spin_us=HANDOFF_SPIN_US)
+        return handoff.StandInHandoff(self.num_layers, cpu_parts, timeout_s=HANDOFF_TIMEOUT_S)
 
     def _begin_whole(self, step: StepPlan, layer: int, q, k_new, v_new, sel=None) -> PendingLayer:
         """One layer of a whole step over its static buffers up to the GPU's wait for the CPU (a
@@ -141,7 +143,7 @@ class WholeStep:
             io["lse"] = static.pinned.get("lse_cpu", (B, hq), torch.float32)
             self._whole_handoff.publish(layer, self._handoff_ch)
         o, lse = self._back(s, layer, q, gsel, table, src, dst)
-        return PendingLayer(layer, out=None, state=(o, lse), host=host)
+        return PendingLayer(layer, out=None, state=(o, lse))
 
     def _split_whole_end(self, static, layer: int, o, lse) -> torch.Tensor:
         """Wait (bounded, on the device) for the CPU's state of `layer`, and merge it into the
