@@ -94,6 +94,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hybrid_step import HEAD_PAGE_BYTES, SelStream, fmt, lower_bound, release_memory, table  # noqa: E402
 
 from vortex_hybrid import HybridAttention, HybridConfig  # noqa: E402
+from vortex_hybrid.config import SUMMARY_DTYPES  # noqa: E402
 from vortex_hybrid.kv.page_pool import GIB, pool_bytes  # noqa: E402
 from vortex_hybrid.runtime.memory_model import HOST_PLACEMENTS, HOST_SHARE, TAIL_PAGES  # noqa: E402
 from vortex_hybrid.runtime.micro_batches import MicroBatches  # noqa: E402
@@ -400,7 +401,7 @@ def device_need(mode: str, b: int, z: Sizes, s: Shape, args) -> int:
                       getattr(torch, args.dtype))
     if mode == "gpu":
         pool += summary_bytes(args.flow, s.layers, b * (z.pages + 1), s.kv_heads, args.page_size,
-                              s.head_dim)
+                              s.head_dim, getattr(torch, args.summary_dtype))
     return pool
 
 
@@ -820,8 +821,9 @@ def parse(argv=None) -> argparse.Namespace:
                     help="host placements in whole steps: after the timed steps, run the last "
                          "step's last CPU part N more times outside the step (from this thread, "
                          "with gaps, from a new thread) and report its time per call (0: off)")
-    ap.add_argument("--summary-dtype", default="float32", choices=("float32", "bfloat16"),
-                    help="page summaries' dtype (float32)")
+    ap.add_argument("--summary-dtype", default="float32", choices=SUMMARY_DTYPES,
+                    help="page summaries' dtype (float32; float8_e4m3fn leaves the most HBM to "
+                         "the GPU page cache)")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per mode (32)")
     ap.add_argument("--warmup", type=int, default=6,
                     help="untimed steps first (6: hybrid's step-shape choice measures 4)")

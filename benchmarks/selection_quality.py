@@ -57,12 +57,14 @@ class Variant:
     page_size: int = 16
     sink: int = 1
     recent: int = 2
+    summary_dtype: str = "float32"
 
     @property
     def label(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in self.options)
         return (f"{self.flow.rpartition(':')[2]}" + (f"[{opts}]" if opts else "") +
-                f" P{self.page_size} s{self.sink} r{self.recent}")
+                f" P{self.page_size} s{self.sink} r{self.recent}" +
+                ("" if self.summary_dtype == "float32" else f" {self.summary_dtype}"))
 
 
 LIBRARY = ("oracle", "quest", "centroid", "double_sparsity", "lowbit", "streaming")
@@ -78,6 +80,9 @@ def variants(groups: list[str], flows: list[str]) -> list[Variant]:
                 for g in ("max", "softmax", "union")]
     if "page" in groups:
         out += [Variant(f, page_size=p) for p in (8, 32) for f in (MASS, "quest", "centroid")]
+    if "summary" in groups:              # summaries stored smaller (HybridConfig.summary_dtype)
+        out += [Variant(f, summary_dtype=t) for t in ("float32", "bfloat16", "float8_e4m3fn")
+                for f in ("quest", "centroid")]
     if "recent" in groups:
         out += [Variant(f, recent=r) for r in (1, 4, 8) for f in (MASS, "quest", "centroid")]
     seen: set = set()
@@ -142,7 +147,8 @@ class Measurer:
                                           var.sink, var.recent)
                 else:
                     (mask,), scores = flow_masks(self.flows[var], q, k_pool, table, lens,
-                                                 [self.ratio], num_pages, var.sink, var.recent)
+                                                 [self.ratio], num_pages, var.sink, var.recent,
+                                                 getattr(torch, var.summary_dtype))
                 recall = (mass * mask).sum(-1)                              # [m, Hkv]
                 hit = mask[:, :, pages].all(-1)                             # [m, Hkv]
                 cand = (idx < n) & ~forced
@@ -253,7 +259,8 @@ def parse(argv) -> argparse.Namespace:
                     help="flows of the 'flows' group: names or path/to/file.py:name "
                          f"(default {','.join(LIBRARY)})")
     ap.add_argument("--groups", default="flows,gqa,page,recent",
-                    help="variant groups: flows, gqa, page, recent (all)")
+                    help="variant groups: flows, gqa, page, recent, summary (summaries stored "
+                         "as bfloat16 / float8_e4m3fn; default: all but summary)")
     ap.add_argument("--dense-layers", default="1,2",
                     help="comma list: also score each variant with its first n layers dense (1,2)")
     ap.add_argument("--threads", type=int, default=None)

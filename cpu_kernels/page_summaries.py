@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from vortex_hybrid.contracts import to_summary_dtype, write_summary_rows
+
 from .storage_decode import decode_into
 from .tensor_views import storage_bits
 from .threads import kernel_call
@@ -56,7 +58,8 @@ def _page_summary_kernel(k_bits, kind, hkv, page_size, head_dim, pages, rows, qu
 def launch_cache(k_pool: torch.Tensor, pages: torch.Tensor, rows: torch.Tensor, a: torch.Tensor,
                  b: torch.Tensor, quest: bool) -> None:
     """Unchecked launcher. a, b: summary stores [R, Hkv, 1, D] (quest: kmin, kmax; centroid: mean
-    twice). float32 stores are written in place; bfloat16 ones through a float32 tile of n rows."""
+    twice). float32 stores are written in place; bfloat16 / float8 ones through a float32 tile of n
+    rows (`contracts.to_summary_dtype`)."""
     n = pages.numel()
     _, hkv, page_size, head_dim = k_pool.shape
     if n == 0 or hkv == 0:
@@ -76,6 +79,6 @@ def launch_cache(k_pool: torch.Tensor, pages: torch.Tensor, rows: torch.Tensor, 
                              s1)
     if dst_a is not a:
         idx = rows.to(torch.int64)
-        a.index_copy_(0, idx, dst_a.to(a.dtype))
+        write_summary_rows(a, idx, to_summary_dtype(dst_a, a.dtype))
         if quest:
-            b.index_copy_(0, idx, dst_b.to(b.dtype))
+            write_summary_rows(b, idx, to_summary_dtype(dst_b, b.dtype))

@@ -1,4 +1,4 @@
-"""Exact bf16 / fp16 / fp32 bits -> float32 conversion inside Numba kernels.
+"""Exact bf16 / fp16 / fp32 (and float8_e4m3fn) bits -> float32 conversion inside Numba kernels.
 
 Kernels read KV storage as raw bits (`tensor_views.storage_bits`) and decode one tile (a page's
 `page_size x head_dim` slice, or a few gathered rows) at a time into a small float32 scratch that stays
@@ -17,7 +17,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from .float_bits import bits_to_f32, f32_to_bits
-from .tensor_views import BF16, FP16, float32_array, raw_bits
+from .tensor_views import BF16, FP8, FP16, float32_array, raw_bits
 
 _SHIFT16 = np.uint32(16)
 _SHIFT13 = np.uint32(13)
@@ -33,11 +33,20 @@ _QUIET32 = np.uint32(0x00400000)
 _ZERO32 = np.uint32(0)
 
 
+def _fp8_table() -> np.ndarray:
+    """float32 value of each float8_e4m3fn bit pattern (torch's own conversion: exact)."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn) \
+        .to(torch.float32).numpy().copy()
+
+
+_FP8 = _fp8_table()
+
+
 @njit(nogil=True, cache=True)
 def decode_into(src, kind, dst):
     """Decode the stored values `src` into float32 `dst` (same length).
 
-    src: 1-D uint16 (kind BF16 / FP16) or uint32 (kind FP32) raw bits; dst: float32. Pass slices:
+    src: 1-D uint16 (kind BF16 / FP16), uint32 (kind FP32) or uint8 (kind FP8) raw bits; dst: float32. Pass slices:
     plain 0..n loops let LLVM vectorise the conversion.
     """
     n = src.shape[0]
@@ -54,6 +63,9 @@ def decode_into(src, kind, dst):
             special = _EXP32 | (mant << _SHIFT13) | (_QUIET32 if mant != 0 else _ZERO32)
             mag = special if a >= _EXP16 else (normal if a >= _MIN_NORMAL16 else subnormal)
             dst[i] = bits_to_f32(np.uint32(mag | ((h & _SIGN16) << _SHIFT16)))
+    elif kind == FP8:
+        for i in range(n):
+            dst[i] = _FP8[src[i]]
     else:
         for i in range(n):
             dst[i] = bits_to_f32(np.uint32(src[i]))
@@ -61,7 +73,8 @@ def decode_into(src, kind, dst):
 
 def as_f32(x):
     """float32 value of one stored element inside kernels: a uint16 is bf16 bits, a uint32 fp32 bits,
-    a float32 itself. fp16 storage never comes here (it is decoded a tile at a time first)."""
+    a uint8 float8_e4m3fn bits (summary stores), a float32 itself. fp16 storage never comes here (it
+    is decoded a tile at a time first)."""
     raise NotImplementedError("as_f32 runs inside Numba kernels only")
 
 
@@ -71,6 +84,8 @@ def _as_f32(x):
         return lambda x: bits_to_f32(np.uint32(x) << _SHIFT16)
     if x == types.uint32:
         return lambda x: bits_to_f32(x)
+    if x == types.uint8:
+        return lambda x: _FP8[x]
     if x == types.float32:
         return lambda x: x
     return None

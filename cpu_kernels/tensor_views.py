@@ -18,12 +18,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-BF16, FP16, FP32 = 0, 1, 2
-"""Storage kinds of a KV pool, passed to kernels as a plain int."""
+BF16, FP16, FP32, FP8 = 0, 1, 2, 3
+"""Storage kinds of a KV pool (FP8, float8_e4m3fn: summary stores only), passed to kernels as a
+plain int."""
 
-_KIND = {torch.bfloat16: BF16, torch.float16: FP16, torch.float32: FP32}
-_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
-_UNSIGNED = {torch.int16: np.uint16, torch.int32: np.uint32}
+_KIND = {torch.bfloat16: BF16, torch.float16: FP16, torch.float32: FP32, torch.float8_e4m3fn: FP8}
+_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
+         torch.float8_e4m3fn: torch.int8}
+_UNSIGNED = {torch.int8: np.uint8, torch.int16: np.uint16, torch.int32: np.uint32}
 
 
 def _cpu(name: str, t: torch.Tensor) -> None:
@@ -46,8 +48,9 @@ made once (saves ~10 us of torch calls per kernel call); an entry goes when its 
 def storage_bits(name: str, pool: torch.Tensor) -> tuple[np.ndarray, int]:
     """(flat raw-bit array, storage kind) of a float pool, without a copy for bf16/fp16/fp32.
 
-    pool: any shape, bfloat16 / float16 / float32 (float64 is rounded to a float32 copy).
-    Returns a 1-D uint16 (bf16, fp16) or uint32 (fp32) array sharing the tensor's memory.
+    pool: any shape, bfloat16 / float16 / float32 (float64 is rounded to a float32 copy), or
+    float8_e4m3fn (summary stores). Returns a 1-D uint16 (bf16, fp16), uint32 (fp32) or uint8
+    (float8) array sharing the tensor's memory.
     """
     hit = _VIEWS.get(id(pool))
     if hit is not None and hit[0]() is pool and hit[1] == pool.data_ptr() and hit[2] == pool.shape:

@@ -8,7 +8,8 @@ once and accumulates in float32.
 Shapes (N physical pages, Hkv KV heads, P page_size, D head_dim, n listed pages, R summary rows):
     k_pool [N, Hkv, P, D] float16 / bfloat16 / float32      pages int64 [n] (physical, all full)
     rows int64 [n] (summary row of each page; default `pages`)
-    summaries[name] float32 or bfloat16 [R, Hkv, 1, D] on k_pool's device, written at `rows`
+    summaries[name] float32, bfloat16 or float8_e4m3fn [R, Hkv, 1, D] on k_pool's device, written
+    at `rows`
 The mirror of `cpu_kernels.page_summaries`.
 """
 
@@ -18,15 +19,35 @@ import torch
 import triton
 import triton.language as tl
 
+from vortex_hybrid.contracts import FP8_SUMMARY_MAX
+
 
 TILE_ELEMENTS = 16384                   # key elements per program: all KV heads of a page if they fit
 
 
 @triton.jit
+def _fp8_round(x, SAT: tl.constexpr):
+    """x (float32) clamped to +-SAT and rounded to float8_e4m3fn's grid, ties to even (as torch
+    rounds), so the store's conversion is exact: 3 mantissa bits for normals (|x| >= 2**-6, an
+    integer round of the float32 bits, its carry moving the exponent), multiples of 2**-9 below
+    (float32 addition of 2**14 rounds there). Rounding here rather than in the store's cast gives
+    the same bits natively and in Triton's interpreter (whose float8 cast loses that carry)."""
+    x = tl.clamp(x, -SAT, SAT, propagate_nan=tl.PropagateNan.ALL)
+    bits = x.to(tl.uint32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    normal = (mag + 0x7FFFF + ((mag >> 20) & 1)) & 0xFFF00000
+    ax = tl.abs(x)
+    small = ((ax + 16384.0) - 16384.0).to(tl.uint32, bitcast=True)
+    mag = tl.where(ax >= 0.015625, normal, small)
+    return (mag | (bits & 0x80000000)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _page_summary_kernel(k_ptr, pages_ptr, rows_ptr, a_ptr, b_ptr, stride_kn, stride_kh, stride_kp,
                          stride_sn, stride_sh, H, P, D, MEAN: tl.constexpr, BLOCK_H: tl.constexpr,
-                         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program: BLOCK_H KV heads of one listed page, keys [BLOCK_H, P, D] read once."""
+                         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, SAT: tl.constexpr):
+    """One program: BLOCK_H KV heads of one listed page, keys [BLOCK_H, P, D] read once. SAT > 0
+    (float8 stores): values clamped to +-SAT and rounded by `_fp8_round` before the store."""
     page = tl.load(pages_ptr + tl.program_id(0)).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_p = tl.arange(0, BLOCK_P)
@@ -39,16 +60,23 @@ def _page_summary_kernel(k_ptr, pages_ptr, rows_ptr, a_ptr, b_ptr, stride_kn, st
     dst = tl.load(rows_ptr + tl.program_id(0)).to(tl.int64)
     row = dst * stride_sn + offs_h[:, None] * stride_sh + offs_d[None, :]
     if MEAN:
-        tl.store(a_ptr + row, tl.sum(keys, axis=1) / P, mask=hd)
+        lo = tl.sum(keys, axis=1) / P
     else:
-        tl.store(a_ptr + row, tl.min(tl.where(mask, keys, float("inf")), axis=1), mask=hd)
-        tl.store(b_ptr + row, tl.max(tl.where(mask, keys, float("-inf")), axis=1), mask=hd)
+        lo = tl.min(tl.where(mask, keys, float("inf")), axis=1)
+        hi = tl.max(tl.where(mask, keys, float("-inf")), axis=1)
+        if SAT > 0:
+            hi = _fp8_round(hi, SAT)
+        tl.store(b_ptr + row, hi.to(b_ptr.dtype.element_ty), mask=hd)
+    if SAT > 0:
+        lo = _fp8_round(lo, SAT)
+    tl.store(a_ptr + row, lo.to(a_ptr.dtype.element_ty), mask=hd)
 
 
 def launch_cache(k_pool: torch.Tensor, pages: torch.Tensor, rows: torch.Tensor, a: torch.Tensor,
                  b: torch.Tensor, quest: bool) -> None:
     """Unchecked launcher. a, b: summary stores [R, Hkv, 1, D] (quest: kmin, kmax; centroid: mean
-    twice), written at `rows` in their own dtype (float32 accumulation)."""
+    twice), written at `rows` in their own dtype (float32 accumulation; float8 saturates as
+    `contracts.to_summary_dtype` does)."""
     n = pages.numel()
     _, hkv, P, d = k_pool.shape
     if n == 0 or hkv == 0:
@@ -60,4 +88,5 @@ def launch_cache(k_pool: torch.Tensor, pages: torch.Tensor, rows: torch.Tensor, 
     _page_summary_kernel[(n, triton.cdiv(hkv, block_h))](
         k_pool, pages, rows, a, b, k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         a.stride(0), a.stride(1), hkv, P, d, MEAN=not quest, BLOCK_H=block_h, BLOCK_P=block_p,
-        BLOCK_D=block_d, num_warps=8)
+        BLOCK_D=block_d, SAT=FP8_SUMMARY_MAX if a.dtype == torch.float8_e4m3fn else 0.0,
+        num_warps=8)

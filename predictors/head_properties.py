@@ -145,11 +145,12 @@ def page_mass(logits: torch.Tensor, num_kv_heads: int, page_size: int,
     return probs.new_zeros(m, num_kv_heads, num_pages).index_add_(2, tok_page, probs)
 
 
-def flow_masks(flow, q, k_pool, table, lens, ladder, num_pages, sink, recent):
+def flow_masks(flow, q, k_pool, table, lens, ladder, num_pages, sink, recent, summary_dtype=None):
     """Selections (bool [m, Hkv, S]) per ladder ratio, and the flow's page scores (None for a flow
-    that combines several scores: then each ratio runs the flow's own selection)."""
+    that combines several scores: then each ratio runs the flow's own selection). summary_dtype:
+    the summaries' storage dtype (`vflow.page_scores`; not for flows that combine scores)."""
     try:
-        scores = page_scores(flow, q, k_pool, table, lens)
+        scores = page_scores(flow, q, k_pool, table, lens, summary_dtype=summary_dtype)
     except ValueError:                           # ops.union: several scores, select each ratio
         scores = None
     masks = []

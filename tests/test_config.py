@@ -33,7 +33,7 @@ from vortex_hybrid.config import budget_fields
     (dict(gpu_cache_pages=-5), "gpu_cache_pages=-5 is invalid: a non-negative integer"),
     (dict(host_memory_gib=-1.0), "host_memory_gib=-1.0 is invalid: a positive finite number"),
     (dict(kv_dtype="int8"), "kv_dtype='int8' is invalid: one of"),
-    (dict(summary_dtype="float16"), "summary_dtype='float16' is invalid: one of \\[.float32., .bfloat16.\\]"),
+    (dict(summary_dtype="float16"), "summary_dtype='float16' is invalid: one of \\[.float32., .bfloat16., .float8_e4m3fn.\\]"),
     (dict(summary_location="gpu"), "summary_location='gpu' is invalid: one of"),
     (dict(step_shape="neo"), "step_shape='neo' is invalid: one of"),
     (dict(cpu_threads=0), "cpu_threads=0 is invalid: a positive integer, or None"),

@@ -43,8 +43,9 @@ class Shadow:
         self.attn.remove_request(rid)
         del self.kv[rid]
 
-    def step(self, rids: list[int]) -> float:
-        """One decode step through the runtime; returns the worst relative error vs the reference."""
+    def step(self, rids: list[int], reference=None) -> float:
+        """One decode step through the runtime; returns the worst relative error vs the reference
+        (`reference_output`, or a function of the same arguments)."""
         attn, cfg = self.attn, self.attn.cfg
         attn.plan(rids)
         worst, grown = 0.0, {r: ([], []) for r in rids}
@@ -57,7 +58,7 @@ class Shadow:
                 v = torch.cat([self.kv[rid][1][layer], vn[b:b + 1]])
                 grown[rid][0].append(k)
                 grown[rid][1].append(v)
-                want = reference_output(cfg, q[b:b + 1], k, v)
+                want = (reference or reference_output)(cfg, q[b:b + 1], k, v)
                 worst = max(worst, ((o[b] - want).norm() / want.norm().clamp_min(1e-30)).item())
         for rid, (ks, vs) in grown.items():
             self.kv[rid] = (torch.stack(ks), torch.stack(vs))

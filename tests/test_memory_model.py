@@ -55,6 +55,16 @@ def test_host_placements_fill_the_host_store_and_give_the_cache_the_rest_of_hbm(
     assert p.device_bytes + (PAGE + ROW) > budget or placement == "cpu"   # nothing left idle
 
 
+@pytest.mark.parametrize("dtype,share", [("bfloat16", 2), ("float8_e4m3fn", 4)])
+def test_smaller_summaries_leave_their_hbm_to_cache_slots(dtype, share):
+    free, avail = 4 * GIB + 40 * MIB, 10 * MIB
+    p = plan("hybrid", free, avail, summary_dtype=dtype)
+    host, row = int(HOST_SHARE * avail) // PAGE, ROW // share
+    slots = (40 * MIB - TAIL_PAGES * PAGE - (host + TAIL_PAGES + 1) * row) // (PAGE + row)
+    assert p.gpu_cache_pages == slots > plan("hybrid", free, avail).gpu_cache_pages
+    assert p.summary_bytes == (p.device_pages + host + 1) * row
+
+
 def test_a_cache_of_set_size_must_fit_and_explicit_pools_are_kept():
     p = plan("hybrid", 4 * GIB + 40 * MIB, 10 * MIB, gpu_cache_pages=100)
     assert p.gpu_cache_pages == 100 and p.device_pages == TAIL_PAGES + 100

@@ -37,8 +37,9 @@ sub-batch's host pages attended by the CPU while the other's are fetched and att
 SUMMARY_LOCATIONS = ("auto", "device", "host")
 
 KV_DTYPES = ("bfloat16", "float16", "float32")
-SUMMARY_DTYPES = ("float32", "bfloat16")
-"""Summary storage dtypes the cache and indexer kernels read and write (bf16 halves quest's bytes)."""
+SUMMARY_DTYPES = ("float32", "bfloat16", "float8_e4m3fn")
+"""Summary storage dtypes the cache and indexer kernels read and write (bf16 halves quest's bytes,
+float8_e4m3fn halves them again: 3 mantissa bits, saturating at +-448)."""
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -167,7 +168,10 @@ class HybridConfig:
     kv_dtype: str = "bfloat16"
     """Storage dtype of K and V pages; one of KV_DTYPES."""
     summary_dtype: str = "float32"
-    """Storage dtype of page summaries; one of SUMMARY_DTYPES."""
+    """Storage dtype of page summaries; one of SUMMARY_DTYPES. On the device, summaries of every
+    host page take HBM beside the GPU page cache: "bfloat16" halves and "float8_e4m3fn" quarters
+    float32's bytes, leaving that much more HBM to cache slots (selection quality measured in
+    docs/BENCHMARKS.md)."""
     summary_location: str = "auto"
     """Where summaries live: "device" (HBM), "host" (pinned memory; the CPU indexer scores them
     there), or "auto" (the device when they take at most a quarter of its free memory)."""

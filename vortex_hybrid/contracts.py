@@ -142,8 +142,30 @@ def check_topk_args(scores, k, num_pages, sink, recent, check_values: bool = Tru
               f"num_pages must lie in [0, {scores.shape[2]}] (scores' last dim), got {num_pages.tolist()}")
 
 
-SUMMARY_DTYPES = (torch.float32, torch.bfloat16)
-"""Storage dtypes of flow summaries the kernels read and write (they compute in float32)."""
+SUMMARY_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e4m3fn)
+"""Storage dtypes of flow summaries the kernels read and write (they compute in float32).
+float8_e4m3fn (one byte a value: a quarter of float32's bytes, half of bfloat16's) rounds to nearest
+with 3 mantissa bits and saturates at +-FP8_SUMMARY_MAX (`to_summary_dtype`)."""
+
+FP8_SUMMARY_MAX = 448.0
+"""The largest finite float8_e4m3fn value: summaries beyond it are stored as +-448."""
+
+
+def to_summary_dtype(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`value` rounded to a summary store's `dtype`; float8_e4m3fn saturates at +-FP8_SUMMARY_MAX
+    (a plain cast may give NaN out of range), NaN stays NaN."""
+    if dtype == torch.float8_e4m3fn:
+        value = value.clamp(-FP8_SUMMARY_MAX, FP8_SUMMARY_MAX)
+    return value.to(dtype)
+
+
+def write_summary_rows(store: torch.Tensor, rows: torch.Tensor, value: torch.Tensor) -> None:
+    """store[rows] = value along dim 0 (value already in store's dtype); float8 stores through byte
+    views, as torch has no float8 `index_copy_`."""
+    if store.dtype == torch.float8_e4m3fn:
+        store.view(torch.uint8).index_copy_(0, rows, value.view(torch.uint8))
+    else:
+        store.index_copy_(0, rows, value)
 
 
 def _summary_rows(summaries, names: tuple[str, ...], what: str) -> list[torch.Tensor]:

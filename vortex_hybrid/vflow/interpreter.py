@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import reference
-from ..contracts import pages_of
+from ..contracts import pages_of, to_summary_dtype, write_summary_rows
 from .compiler import KEYS, CompiledFlow
 from .graph import Graph, Node
 
@@ -213,8 +213,9 @@ def run_cache(compiled: CompiledFlow, k_pool: torch.Tensor, pages: torch.Tensor,
     for name, nid in graph.outputs.items():
         value, _ = run.value(nid)
         store = summaries[name]
-        value = value.expand(n, hkv, *store.shape[2:]).to(store.device, store.dtype)
-        store.index_copy_(0, rows.to(store.device, torch.int64), value)
+        value = to_summary_dtype(value.expand(n, hkv, *store.shape[2:]).to(store.device),
+                                 store.dtype)
+        write_summary_rows(store, rows.to(store.device, torch.int64), value)
 
 
 Keys = tuple[torch.Tensor, torch.Tensor]

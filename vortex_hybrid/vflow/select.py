@@ -22,7 +22,7 @@ interpreter: it is the ground truth.
 from __future__ import annotations
 
 import operator
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -46,14 +46,15 @@ def new_summaries(summaries: dict[str, tuple[int, int]], num_pages: int, num_kv_
             for name, (r, c) in summaries.items()}
 
 
-def _cache_stage(flow, q, k_pool, page_table, seq_lens, lower: bool):
-    """Validate, bind, and run the cache stage over every full page: (bound, summaries)."""
+def _cache_stage(flow, q, k_pool, page_table, seq_lens, lower: bool, summary_dtype=None):
+    """Validate, bind, and run the cache stage over every full page: (bound, summaries), stored in
+    `summary_dtype` (None: the compute dtype)."""
     check_attention_args(q, k_pool, k_pool, page_table, seq_lens)
     _, hq, d = q.shape
     N, hkv, P, _ = k_pool.shape
     cdt = compute_dtype(q, k_pool)
     bound = bind_flow(flow, P, d, hq // hkv, q.device, lower=lower and cdt == torch.float32)
-    summaries = new_summaries(bound.summaries, N, hkv, cdt, k_pool.device)
+    summaries = new_summaries(bound.summaries, N, hkv, summary_dtype or cdt, k_pool.device)
     if summaries:
         bound.cache(k_pool, full_pages(page_table, seq_lens, P), summaries)
     return bound, summaries
@@ -80,14 +81,16 @@ def select_pages(flow: Union[str, Flow], q: torch.Tensor, k_pool: torch.Tensor,
 
 def page_scores(flow: Union[str, Flow], q: torch.Tensor, k_pool: torch.Tensor,
                 page_table: torch.Tensor, seq_lens: torch.Tensor, *,
-                lower: bool = True) -> torch.Tensor:
+                lower: bool = True, summary_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The score the flow's `topk` ranks pages by: float [B, Hkv, max_pages] (float64 for float64
     inputs, else float32), -inf where a page has no score (past the request's pages, or the partial
     tail page of a summary-based flow). For research and for checking fused kernels; the indexer
     always runs in the interpreter here (`lower` applies to the cache stage). Flows ending in
-    `ops.union` have several scores: they raise ValueError.
+    `ops.union` have several scores: they raise ValueError. summary_dtype: the summaries' storage
+    dtype (one of `contracts.SUMMARY_DTYPES`, rounded as a store rounds them; None: the compute
+    dtype), to measure what a smaller store costs the ranking.
     """
-    bound, summaries = _cache_stage(flow, q, k_pool, page_table, seq_lens, lower)
+    bound, summaries = _cache_stage(flow, q, k_pool, page_table, seq_lens, lower, summary_dtype)
     parts = indexer_scores(bound.compiled, q, summaries, page_table, seq_lens, k_pool.shape[1],
                            (k_pool, page_table))
     if len(parts) != 1:

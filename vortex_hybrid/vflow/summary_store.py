@@ -17,7 +17,8 @@ Location (`location=`): "device" keeps summaries beside the device pool (HBM on 
 `AUTO_DEVICE_FRACTION` of the free device memory (quest's float32 kmin/kmax are 1/8 of bf16 KV bytes:
 68 GB for a 32-layer 8B model at batch 32 x 128K, more than HBM can spare). The indexer runs where
 the summaries are: on the CPU kernels for a host store (q goes there, sel comes back). Summaries are
-float32 or bfloat16 (`dtype=`); kernels compute in float32 either way.
+float32, bfloat16 or float8_e4m3fn (`dtype=`; float8 saturates at +-448); kernels compute in
+float32 either way.
 
 The cache stage runs on the device of the pool that holds the page (the fused kernel or the
 interpreter, resolved once by `bind_flow`); when the store lives elsewhere, the new rows are
@@ -32,7 +33,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..contracts import SUMMARY_DTYPES, check_counts
+from ..contracts import SUMMARY_DTYPES, check_counts, write_summary_rows
 from ..kv.page_allocator import PageAllocator
 from ..kv.paged_kv_cache import NOT_RESIDENT, PagedKVCache, padded_table
 from .bound_flow import BoundFlow, bind_flow
@@ -60,7 +61,7 @@ class SummaryStore:
 
     kv: the paged KV cache (the store registers its page-filled and request-freed listeners and
     summarises pages already full); flow: a registered name, `file.py:name` or a `Flow`; group:
-    query heads per KV head; location: one of LOCATIONS; dtype: float32 or bfloat16;
+    query heads per KV head; location: one of LOCATIONS; dtype: one of contracts.SUMMARY_DTYPES;
     lower=False runs the reference interpreter for both stages.
     """
 
@@ -220,7 +221,7 @@ class SummaryStore:
         bound.cache(k_pool, pages_t, scratch, torch.arange(n, device=dev), check=False)
         idx = torch.as_tensor(rows, dtype=torch.int64).to(self.device)
         for name, t in self._layers[layer].items():
-            t.index_copy_(0, idx, scratch[name].to(self.device))
+            write_summary_rows(t, idx, scratch[name].to(self.device))
 
     def free_request(self, rid: int) -> None:
         """Request-freed listener: return the request's rows."""
