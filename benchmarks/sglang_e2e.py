@@ -349,6 +349,8 @@ def engine_kwargs(run: str, context: int, kv: Optional[float], args, cuda: bool,
         placement, _, full = run.partition("@")
         cfg = {"placement": placement, "page_size": P, "flow": "quest",
                "budget_ratio": 1.0 if full == "full" else args.budget}
+        if placement != "dense" and args.summary_dtype != "float32":
+            cfg["summary_dtype"] = args.summary_dtype
         if legacy:
             pages = cap * -(-(context + args.new) // P)
             cfg["gpu_cache_pages"] = max(8, int(args.cache * pages))
@@ -726,6 +728,10 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, help="greedy tokens generated per request (tiny: 32, "
                                             "llama3-8b: 128)")
     ap.add_argument("--budget", type=float, default=0.05, help="sparse runs: share of pages")
+    ap.add_argument("--summary-dtype", default="bfloat16",
+                    choices=("float32", "bfloat16", "float8_e4m3fn"),
+                    help="sparse runs: page summaries' dtype (bfloat16; with KV limited to a few "
+                         "GiB of HBM, float32 summaries of the host store would take most of it)")
     ap.add_argument("--cache", type=float, default=0.1,
                     help="fixed --batch with --kv-gib all: GPU page cache of the host placements, "
                          "as a share of the batch's pages")

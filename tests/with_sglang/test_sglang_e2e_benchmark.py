@@ -155,7 +155,8 @@ def test_engine_keywords_of_each_memory_setting():
     geo = e2e.geometry(e2e.shape_config("llama3-8b"))
     args = types.SimpleNamespace(batch="auto", max_batch=64, new=128, model="/m", shape="llama3-8b",
                                  load_format="dummy", chunk=8192, no_overlap=False, budget=0.05,
-                                 cache=0.1, host_gib=None, sglang_graphs=True)
+                                 cache=0.1, host_gib=None, sglang_graphs=True,
+                                 summary_dtype="bfloat16")
     host = 100 << 30
     kw, cfg, n = e2e.engine_kwargs("triton", 32768, 12.0, args, True, geo, host)
     assert kw["max_total_tokens"] == 98304 and n == 2 and cfg is None
@@ -170,6 +171,7 @@ def test_engine_keywords_of_each_memory_setting():
     assert "gpu_reserve_gib" not in cfg and "gpu_memory_gib" not in cfg   # the plugin's sizing
     kw, cfg, n = e2e.engine_kwargs("hybrid", 32768, 12.0, args, True, geo, host)
     assert cfg["gpu_memory_gib"] == 12.0 and cfg["host_memory_gib"] == pytest.approx(75.0)
+    assert cfg["summary_dtype"] == "bfloat16"
     assert n == e2e.fit(e2e.kv_tokens(75.0, geo["bytes_per_token"]), 32913) == 18
     assert kw["max_running_requests"] == kw["cuda_graph_max_bs_decode"] == 18 + 1
     kw, cfg, n = e2e.engine_kwargs("hybrid@full", 8192, None, types.SimpleNamespace(
