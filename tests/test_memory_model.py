@@ -12,7 +12,7 @@ from test_hybrid_attention import HKV, HQ, L, D, P, Shadow
 from vortex_hybrid import HybridAttention, HybridConfig
 from vortex_hybrid.kv import OutOfPagesError
 from vortex_hybrid.kv.page_pool import GIB
-from vortex_hybrid.runtime.memory_model import HOST_SHARE, TAIL_PAGES, plan_memory
+from vortex_hybrid.runtime.memory_model import HOST_SHARE, TAIL_PAGES, plan_memory, summary_hint
 
 MIB = 1 << 20
 PAGE = 2 * L * HKV * P * D * 4                       # K + V, every layer, float32
@@ -132,3 +132,30 @@ def test_requests_up_to_capacity_work_and_one_more_is_refused(placement):
     for _ in range(2):
         assert shadow.step(rids) < 1e-5
     attn.close()
+
+
+def test_a_hint_names_float8_summaries_when_the_summaries_crowd_out_the_cache(caplog):
+    free, avail = 4 * GIB + 40 * MIB, 40 * MIB             # summaries of 30 MiB of host pages
+    p = plan("hybrid", free, avail)
+    assert p.summary_on_device and p.summary_bytes > 0.25 * p.gpu_budget_bytes
+    hint = summary_hint(cfg("hybrid"), p)
+    assert hint.startswith("summary_dtype='float32': the summaries of the host store take "
+                           f"{p.summary_bytes / GIB:.2f} of the 0.04 GiB of HBM")
+    saved = p.summary_bytes - p.summary_bytes // 4
+    assert f"would leave {saved / GIB:.2f} GiB more" in hint and f"about {saved // PAGE} pages" in hint
+    for quiet in (dict(summary_dtype="float8_e4m3fn"),):
+        assert summary_hint(cfg("hybrid", **quiet), plan("hybrid", free, avail, **quiet)) is None
+    assert summary_hint(cfg("gpu"), plan("gpu", free, avail)) is None
+    small = plan("hybrid", free, MIB)                       # summaries a small share: no hint
+    assert small.summary_bytes < 0.25 * small.gpu_budget_bytes
+    assert summary_hint(cfg("hybrid"), small) is None
+    moved = plan("hybrid", 4 * GIB + TAIL_PAGES * PAGE + 2 * MIB, 2 * GIB)
+    assert not moved.summary_on_device
+    assert "do not fit in the" in summary_hint(cfg("hybrid"), moved)
+    caplog.set_level("WARNING", logger="vortex_hybrid")
+    attn = HybridAttention(cfg("hybrid", gpu_memory_gib=0.004, host_memory_gib=0.004), L, HQ, HKV, D)
+    try:
+        assert any("summary_dtype='float8_e4m3fn' would leave" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        attn.close()

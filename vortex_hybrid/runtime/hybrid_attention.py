@@ -65,7 +65,7 @@ from ..vflow.summary_store import SummaryStore
 from .cpu_worker import CpuWorker, HostBuffers
 from .head_budgets import HeadBudgets
 from .layer_graphs import CaptureFailed, LayerGraphs
-from .memory_model import HOST_PLACEMENTS, plan_memory
+from .memory_model import HOST_PLACEMENTS, plan_memory, summary_hint
 from .requests import Requests
 from .resident_step import ResidentStep
 from .selection import Selection
@@ -215,6 +215,9 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         self._totals: dict = {}
         log.info("vortex_hybrid runtime: placement %s, %s; capacity %d tokens", self.placement,
                  self.memory.describe(), self.capacity()["tokens"])
+        hint = summary_hint(cfg, self.memory)
+        if hint:
+            log.warning("vortex_hybrid runtime: %s", hint)
 
     def _cpu_threads(self, reserved: int) -> int:
         """Threads of the CPU attention: `cfg.cpu_threads`, else the cores less `reserved` (the

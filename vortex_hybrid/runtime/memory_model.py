@@ -181,3 +181,33 @@ def plan_memory(cfg: HybridConfig, num_layers: int, num_kv_heads: int, head_dim:
         slots = room
     d = tail_pages + slots
     return MemoryPlan(d, h, slots, tail_pages, page, (d + h + 1) * row, on_device, gpu, hostb)
+
+
+SUMMARY_HINT_SHARE = 0.25
+"""`summary_hint` speaks when the summaries take more than this share of the HBM budget."""
+
+
+def summary_hint(cfg: HybridConfig, plan: MemoryPlan) -> Optional[str]:
+    """A line for the user when the summaries of a host placement's store crowd the GPU page cache
+    out of HBM (or were moved to host memory, where layers run eagerly) and float8 summaries
+    (`summary_dtype="float8_e4m3fn"`) would give that room back; None otherwise."""
+    if cfg.placement not in ("offload", "hybrid") or not plan.summary_bytes or \
+            cfg.summary_dtype == "float8_e4m3fn" or not plan.gpu_budget_bytes:
+        return None                 # explicit pool sizes (no HBM budget) are the caller's choice
+    shrink = torch.empty((), dtype=getattr(torch, cfg.summary_dtype)).element_size()
+    small = plan.summary_bytes // shrink
+    if not plan.summary_on_device:
+        if cfg.summary_location != "auto":
+            return None
+        return (f"summary_dtype={cfg.summary_dtype!r}: the summaries of the host store "
+                f"({plan.summary_bytes / GIB:.2f} GiB) do not fit in the {plan.gpu_budget_bytes / GIB:.2f}"
+                f" GiB of HBM beside the tail pages, so they live in host memory and layers run "
+                f"eagerly; summary_dtype='float8_e4m3fn' needs {small / GIB:.2f} GiB")
+    if plan.summary_bytes <= SUMMARY_HINT_SHARE * plan.gpu_budget_bytes:
+        return None
+    saved = plan.summary_bytes - small
+    return (f"summary_dtype={cfg.summary_dtype!r}: the summaries of the host store take "
+            f"{plan.summary_bytes / GIB:.2f} of the {plan.gpu_budget_bytes / GIB:.2f} GiB of HBM "
+            f"for KV; summary_dtype='float8_e4m3fn' would leave {saved / GIB:.2f} GiB more to the "
+            f"GPU page cache (about {saved // plan.page_bytes} pages; selection quality measured "
+            "unchanged, docs/BENCHMARKS.md)")
