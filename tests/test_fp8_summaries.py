@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_hybrid_attention import HKV, HQ, D, P, Shadow, make
+from test_hybrid_attention import HKV, HQ, D, P, Shadow, make, reference_output
 from test_summary_store import new_cache, split_batch
 
 from vortex_hybrid import cpu_kernels, gpu_kernels, reference, vflow
@@ -165,20 +165,15 @@ def test_a_runtime_with_float8_summaries_attends_what_the_reference_selects(plac
 
 def fp8_reference_output(cfg, q, k, v):
     """`test_hybrid_attention.reference_output` with the selection from float8 summaries."""
-    T = k.shape[0]
-    n = -(-T // P)
-    pad = n * P - T
-    kp = torch.cat([k, torch.zeros(pad, HKV, D)]).reshape(n, P, HKV, D).transpose(1, 2).contiguous()
-    vp = torch.cat([v, torch.zeros(pad, HKV, D)]).reshape(n, P, HKV, D).transpose(1, 2).contiguous()
-    table = torch.arange(n, dtype=torch.int32)[None]
-    lens = torch.tensor([T], dtype=torch.int32)
+    return reference_output(cfg, q, k, v, select=fp8_select)
+
+
+def fp8_select(cfg, q, kp, table, lens, n):
+    """The interpreter's selection over the pages' summaries stored as float8."""
     bound = vflow.bind_flow(cfg.flow, P, D, HQ // HKV, "cpu", lower=False)
     stores = {name: torch.zeros(n, HKV, r, c, dtype=FP8) for name, (r, c) in bound.summaries.items()}
-    full = T // P
-    bound.cache(kp.double(), torch.arange(full), stores)
-    sel = bound.indexer(q, stores, table, lens, cfg.budget_for(n), cfg.sink_pages, cfg.recent_pages)
-    return reference.sparse_decode_attention(q.double(), kp.double(), vp.double(), table, lens,
-                                             sel)[0][0]
+    bound.cache(kp.double(), torch.arange(int(lens[0]) // P), stores)
+    return bound.indexer(q, stores, table, lens, cfg.budget_for(n), cfg.sink_pages, cfg.recent_pages)
 
 
 def test_float8_summaries_take_a_quarter_of_float32_bytes():

@@ -65,8 +65,10 @@ class Shadow:
         return worst
 
 
-def reference_output(cfg: HybridConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """float64 attention of q [1, Hq, D] over the pages the flow selects from k, v [T, Hkv, D]."""
+def reference_output(cfg: HybridConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     select=None):
+    """float64 attention of q [1, Hq, D] over the pages the flow selects from k, v [T, Hkv, D]
+    (`select(cfg, q, k_pages, table, lens, num_pages)` instead of `vflow.select_pages` if given)."""
     T = k.shape[0]
     n = -(-T // P)
     pad = n * P - T
@@ -76,6 +78,8 @@ def reference_output(cfg: HybridConfig, q: torch.Tensor, k: torch.Tensor, v: tor
     lens = torch.tensor([T], dtype=torch.int32)
     if cfg.placement == "dense":
         sel = reference.all_pages_sel(lens, HKV, n, P)
+    elif select is not None:
+        sel = select(cfg, q, kp, table, lens, n)
     else:
         sel = vflow.select_pages(cfg.flow, q, kp, table, lens, cfg.budget_for(n), cfg.sink_pages,
                                  cfg.recent_pages)
