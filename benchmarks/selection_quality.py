@@ -36,6 +36,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from vortex_hybrid.config import SUMMARY_DTYPES
 from vortex_hybrid.eval import tasks as task_lib
 from vortex_hybrid.eval.models import add_model_argument, load_model
 from vortex_hybrid.profile import capture
@@ -81,8 +82,7 @@ def variants(groups: list[str], flows: list[str]) -> list[Variant]:
     if "page" in groups:
         out += [Variant(f, page_size=p) for p in (8, 32) for f in (MASS, "quest", "centroid")]
     if "summary" in groups:              # summaries stored smaller (HybridConfig.summary_dtype)
-        out += [Variant(f, summary_dtype=t) for t in ("float32", "bfloat16", "float8_e4m3fn")
-                for f in ("quest", "centroid")]
+        out += [Variant(f, summary_dtype=t) for t in SUMMARY_DTYPES for f in ("quest", "centroid")]
     if "recent" in groups:
         out += [Variant(f, recent=r) for r in (1, 4, 8) for f in (MASS, "quest", "centroid")]
     seen: set = set()

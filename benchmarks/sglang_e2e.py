@@ -728,8 +728,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, help="greedy tokens generated per request (tiny: 32, "
                                             "llama3-8b: 128)")
     ap.add_argument("--budget", type=float, default=0.05, help="sparse runs: share of pages")
-    ap.add_argument("--summary-dtype", default="bfloat16",
-                    choices=("float32", "bfloat16", "float8_e4m3fn"),
+    from vortex_hybrid.config import SUMMARY_DTYPES
+    ap.add_argument("--summary-dtype", default="bfloat16", choices=SUMMARY_DTYPES,
                     help="sparse runs: page summaries' dtype (bfloat16; with KV limited to a few "
                          "GiB of HBM, float32 summaries of the host store would take most of it)")
     ap.add_argument("--cache", type=float, default=0.1,
