@@ -724,7 +724,7 @@ def main(argv=None) -> int:
                                      "all; llama3-8b: all,12)")
     ap.add_argument("--host-gib", type=float,
                     help="host memory of the host placements, GiB (default: the KV of "
-                         f"--max-batch requests, at most {HOST_SHARE:.0%} of the available)")
+                         f"--max-batch requests, at most {HOST_SHARE * 100:.0f}%% of the available)")
     ap.add_argument("--new", type=int, help="greedy tokens generated per request (tiny: 32, "
                                             "llama3-8b: 128)")
     ap.add_argument("--budget", type=float, default=0.05, help="sparse runs: share of pages")
