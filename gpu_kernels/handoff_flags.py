@@ -8,17 +8,23 @@ the driver sets `base` outside the graph. Nothing is read on the host; both are 
 compiled (launch them once before capture).
 
 - publish: a system-scope release exchange of the sequence number into the channel's REQUEST word
-  (what the GPU wrote before it, in stream order, is visible to the CPU first).
+  (what the GPU wrote before it, in stream order, is visible to the CPU first); before it, the
+  layer's NEED word (a second pinned array, [channels, num_layers]): the number of items the CPU
+  part has, read from a device scalar, or -1 when the caller gives none. NEED 0 tells the worker to
+  answer without calling the CPU part.
 - wait: volatile loads of DONE and ERROR until DONE reaches the sequence number, or ERROR is set, or
   the bound passes: `timeout_ns` of the GPU's global timer (when `USE_CLOCK`) or `max_spins` loads.
   It never hangs. It writes a status code per (channel, layer) into a device int32 tensor
   (ANSWERED, CPU_FAILED, TIMED_OUT, ABANDONED) and, on its own time-out, sets ERROR = ERR_TIMEOUT so
   the step's later waits end at once. What the GPU reads after it (the CPU's outputs) is read after
-  the answer.
+  the answer. Given the layer's need scalar, a need of 0 does not wait at all (ANSWERED): the GPU
+  goes on while the worker answers the empty layer in its turn.
 Under TRITON_INTERPRET=1 (CPU tensors) there is no global timer: `max_spins` alone bounds the wait.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -46,19 +52,28 @@ MAX_SPINS = 2**31 - 1
 """Largest spin bound (the count is int32)."""
 
 
-@triton.jit(do_not_specialize=["channel", "layer"])
-def _publish_kernel(words, base, channel, layer):
-    """words: int64 flag words; base: int64 [channels] on the device."""
+@triton.jit(do_not_specialize=["channel", "layer", "num_layers"])
+def _publish_kernel(words, base, needs, need, channel, layer, num_layers, HAS_NEED: tl.constexpr):
+    """words: int64 flag words; base: int64 [channels] on the device; needs: int64 NEED words
+    [channels, num_layers] (pinned); need: int64 0-dim on the device (read when HAS_NEED)."""
     seq = tl.load(base + channel) + layer + 1
+    if HAS_NEED:
+        n = tl.load(need)
+    else:
+        n = seq * 0 - 1
+    tl.store(needs + channel * num_layers + layer, n)
     tl.atomic_xchg(words + channel * _ROW + _REQUEST, seq, sem="release", scope="sys")
 
 
 @triton.jit(do_not_specialize=["channel", "layer", "num_layers", "timeout_ns", "max_spins"])
-def _wait_kernel(words, base, status, channel, layer, num_layers, timeout_ns, max_spins,
-                 USE_CLOCK: tl.constexpr):
-    """words: int64 flag words; base: int64 [channels]; status: int32 [channels, num_layers]."""
+def _wait_kernel(words, base, status, need, channel, layer, num_layers, timeout_ns, max_spins,
+                 USE_CLOCK: tl.constexpr, HAS_NEED: tl.constexpr):
+    """words: int64 flag words; base: int64 [channels]; status: int32 [channels, num_layers];
+    need: int64 0-dim on the device (read when HAS_NEED: 0 means nothing to wait for)."""
     row = words + channel * _ROW
     seq = tl.load(base + channel) + layer + 1
+    if HAS_NEED:
+        seq = tl.where(tl.load(need) == 0, seq * 0, seq)     # DONE >= 0 always: no wait
     done = tl.load(row + _DONE, volatile=True)
     err = tl.load(row + _ERROR, volatile=True)
     spins = 0
@@ -89,18 +104,24 @@ def clock_available(device: torch.device) -> bool:
     return device.type == "cuda" and globaltimer is not None
 
 
-def launch_publish(words: torch.Tensor, base: torch.Tensor, channel: int, layer: int) -> None:
-    """Enqueue the publish of `base[channel] + layer + 1` into `channel`'s REQUEST (unchecked).
+def launch_publish(words: torch.Tensor, base: torch.Tensor, needs: torch.Tensor, channel: int,
+                   layer: int, need: Optional[torch.Tensor] = None) -> None:
+    """Enqueue the publish of `base[channel] + layer + 1` into `channel`'s REQUEST, after `need`
+    (-1 when None) into `needs[channel, layer]` (unchecked).
 
     words: int64 [(channels + 1) * ROW], pinned host memory (a CPU tensor under the interpreter);
-    base: int64 [channels] on the device. Asynchronous on the current stream; capturable.
+    base: int64 [channels] on the device; needs: int64 [channels, num_layers] contiguous, pinned;
+    need: int64 0-dim on the device. Asynchronous on the current stream; capturable.
     """
-    _publish_kernel[(1,)](words, base, channel, layer, num_warps=1)
+    _publish_kernel[(1,)](words, base, needs, base if need is None else need, channel, layer,
+                          needs.shape[1], HAS_NEED=need is not None, num_warps=1)
 
 
 def launch_wait(words: torch.Tensor, base: torch.Tensor, status: torch.Tensor, channel: int,
-                layer: int, timeout_ns: int, max_spins: int) -> None:
-    """Enqueue the bounded wait for `base[channel] + layer + 1` in `channel`'s DONE (unchecked).
+                layer: int, timeout_ns: int, max_spins: int,
+                need: Optional[torch.Tensor] = None) -> None:
+    """Enqueue the bounded wait for `base[channel] + layer + 1` in `channel`'s DONE (unchecked);
+    with `need` (int64 0-dim on the device) 0, no wait (ANSWERED).
 
     words, base as in `launch_publish`; status: int32 [channels, num_layers] contiguous on the
     device, `status[channel, layer]` set to the wait's code; timeout_ns: the bound in nanoseconds
@@ -108,5 +129,7 @@ def launch_wait(words: torch.Tensor, base: torch.Tensor, status: torch.Tensor, c
     Keep `timeout_ns` and `max_spins` the same across calls: their integer width is part of the
     compiled kernel, and a capture must not compile. Asynchronous on the current stream; capturable.
     """
-    _wait_kernel[(1,)](words, base, status, channel, layer, status.shape[1], timeout_ns, max_spins,
-                       USE_CLOCK=clock_available(status.device), num_warps=1)
+    _wait_kernel[(1,)](words, base, status, base if need is None else need, channel, layer,
+                       status.shape[1], timeout_ns, max_spins,
+                       USE_CLOCK=clock_available(status.device), HAS_NEED=need is not None,
+                       num_warps=1)

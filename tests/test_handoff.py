@@ -128,6 +128,59 @@ def test_channels_are_served_independently():
         assert [c[:2] for c in p.calls] == [(s, l) for s in range(3) for l in range(L)]
 
 
+def test_layers_with_nothing_to_do_skip_the_cpu_part_and_the_wait():
+    """need 0: the worker answers the layer without calling its CPU part and the wait returns at
+    once, even while the worker is still busy with an earlier layer; finish_step waits until the
+    worker served every layer, so the next step starts clean. need > 0 and no need behave as
+    before."""
+    L, steps = 6, 4
+    part = Doubler(L, stall_at=(1, 0))           # step 1: layer 0's CPU part sleeps 3 x TIMEOUT_S
+    h = StandInHandoff(L, [part], timeout_s=10 * TIMEOUT_S)     # which its wait outlasts
+    part.words = h.words
+    rng = np.random.default_rng(11)
+    needs = [1, 0, None, 0, 0, 2]                # layers 1, 3, 4: nothing for the CPU
+    with h:
+        for _ in range(steps):
+            step = h.begin_step()
+            x = rng.standard_normal(part.inp.shape).astype(np.float32)
+            for layer, n in enumerate(needs):
+                part.inp_np[layer] = x[layer]
+                h.publish(layer, need=None if n is None else torch.tensor(n))
+            start = time.perf_counter()
+            for layer in (1, 3, 4):              # published after a stalled layer 0 in step 1
+                h.wait(layer, need=torch.tensor(0))
+            assert time.perf_counter() - start < TIMEOUT_S / 2
+            for layer in (0, 2, 5):
+                h.wait(layer, need=None if needs[layer] is None else torch.tensor(needs[layer]))
+            h.finish_step()
+            assert not h.status().any()
+            assert h.worker.served(0) == (step + 1) * L == int(h.words[DONE])
+            for layer in (0, 2, 5):
+                np.testing.assert_array_equal(part.out_np[layer], 2 * x[layer] + step)
+            assert h.needs[0].tolist() == [1, 0, -1, 0, 0, 2]
+    assert [c[:2] for c in part.calls] == [(s, l) for s in range(steps) for l in (0, 2, 5)]
+
+
+def test_finish_step_reports_a_worker_that_does_not_serve_a_skipped_layer():
+    """A layer published with need 0 is not waited for; if the worker does not serve it in time
+    (here: stuck in the CPU part of a layer nobody waited for), finish_step times out instead of
+    letting the next step begin over it, and the step after that runs."""
+    L = 2
+    h, part = stand_in(L, stall_at=(0, 0))
+    with h:
+        h.begin_step()
+        h.publish(0, need=torch.tensor(1))       # no wait for it: the GPU's side moved on
+        h.publish(1, need=torch.tensor(0))
+        h.wait(1, need=torch.tensor(0))
+        assert not h.status().any()
+        with pytest.raises(HandoffTimeout, match="did not serve sequence 2"):
+            h.finish_step()
+        assert part.resumed.wait(5.0)
+        x, y, step = run_step(h, part, np.random.default_rng(13))
+        h.finish_step()
+        np.testing.assert_array_equal(y, 2 * x + step)
+
+
 def test_cpu_part_exception_surfaces_with_its_type_and_message():
     L = 5
     h, part = stand_in(L, fail_at=(1, 2))
@@ -285,6 +338,38 @@ def test_interpreted_kernels_publish_and_wait_each_layer():
 
 
 @interpreter_only
+def test_interpreted_kernels_skip_layers_with_nothing_to_do():
+    """The kernels with a need scalar: the publish writes it into the layer's NEED word (-1
+    without one), the wait with need 0 returns ANSWERED at once even with no worker to answer."""
+    L = 3
+    part = Doubler(L)
+    h = GraphHandoff(L, [part], device="cpu", timeout_s=TIMEOUT_S, max_spins=40)
+    part.words = h.words
+    rng = np.random.default_rng(9)
+    needs = [torch.tensor(4), torch.tensor(0), None]
+    with h:
+        step = h.begin_step()
+        x = rng.standard_normal(part.inp.shape).astype(np.float32)
+        for layer, n in enumerate(needs):
+            part.inp_np[layer] = x[layer]
+            h.publish(layer, need=n)
+            h.wait(layer, need=n)
+        h.finish_step()
+        assert h.needs[0].tolist() == [4, 0, -1]
+        assert [c[:2] for c in part.calls] == [(step, 0), (step, 2)]
+        np.testing.assert_array_equal(part.out_np[[0, 2]], 2 * x[[0, 2]] + step)
+        h.worker.close()                   # nobody answers now: need 0 still does not wait
+        h.begin_step()
+        h.publish(0, need=torch.tensor(0))
+        h.wait(0, need=torch.tensor(0))
+        h.publish(1, need=torch.tensor(3))
+        h.wait(1, need=torch.tensor(3))
+        assert h.status().tolist()[0][:2] == [ANSWERED, TIMED_OUT]
+        with pytest.raises(ValueError, match="one-element integer tensor"):
+            h.publish(2, need=torch.tensor(1.0))
+
+
+@interpreter_only
 def test_interpreted_wait_times_out_and_abandons_the_later_layers():
     L = 3
     part = Doubler(L)
@@ -313,18 +398,22 @@ spec = importlib.util.spec_from_file_location("handoff_flags", path)
 g = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(g)
 target = GPUTarget("cuda", 90, 32)
-ints = dict(channel="i32", layer="i32")
-publish = triton.compile(ASTSource(g._publish_kernel, dict(words="*i64", base="*i64", **ints)),
-                         target=target, options=dict(num_warps=1))
-assert "atom.global.sys.release.exch.b64" in publish.asm["ptx"]
-for clock in (True, False):
-    sig = dict(words="*i64", base="*i64", status="*i32", num_layers="i32", timeout_ns="i64",
-               max_spins="i32", USE_CLOCK="constexpr", **ints)
-    wait = triton.compile(ASTSource(g._wait_kernel, sig, constexprs=dict(USE_CLOCK=clock)),
-                          target=target, options=dict(num_warps=1))
-    ptx = wait.asm["ptx"]
-    assert "ld.volatile.global.b64" in ptx and "atom.global.relaxed.sys.cas.b64" in ptx
-    assert ("%globaltimer" in ptx) == clock
+ints = dict(channel="i32", layer="i32", num_layers="i32")
+for has_need in (True, False):
+    sig = dict(words="*i64", base="*i64", needs="*i64", need="*i64", HAS_NEED="constexpr", **ints)
+    publish = triton.compile(ASTSource(g._publish_kernel, sig,
+                                       constexprs=dict(HAS_NEED=has_need)),
+                             target=target, options=dict(num_warps=1))
+    assert "atom.global.sys.release.exch.b64" in publish.asm["ptx"]
+    for clock in (True, False):
+        sig = dict(words="*i64", base="*i64", status="*i32", need="*i64", timeout_ns="i64",
+                   max_spins="i32", USE_CLOCK="constexpr", HAS_NEED="constexpr", **ints)
+        wait = triton.compile(ASTSource(g._wait_kernel, sig,
+                                        constexprs=dict(USE_CLOCK=clock, HAS_NEED=has_need)),
+                              target=target, options=dict(num_warps=1))
+        ptx = wait.asm["ptx"]
+        assert "ld.volatile.global.b64" in ptx and "atom.global.relaxed.sys.cas.b64" in ptx
+        assert ("%globaltimer" in ptx) == clock
 print("compiled")
 """
 
@@ -383,6 +472,40 @@ def test_graph_replays_hand_off_every_layer():
             assert not h.status().any()
     assert [c[:2] for c in part.calls] == [(s, l) for s in range(5) for l in range(L)]
     assert h.worker.served(0) == 5 * L
+
+
+@gpu_only
+def test_graph_skips_layers_with_nothing_to_do():
+    """Inside one captured graph, layers whose need (a device tensor the replay reads) is 0 call no
+    CPU part and do not wait; the others are answered as before, over several replays with
+    different needs."""
+    L = 6
+    part = Doubler(L, width=64, pin=True)
+    h = GraphHandoff(L, [part], timeout_s=TIMEOUT_S)
+    part.words = h.words
+    need = torch.zeros(L, dtype=torch.int64, device="cuda")
+    x = torch.zeros(L, 64, device="cuda")
+    y = torch.zeros(L, 64, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for layer in range(L):
+            part.inp[layer].copy_(x[layer], non_blocking=True)
+            h.publish(layer, need=need[layer])
+            h.wait(layer, need=need[layer])
+            y[layer].copy_(part.out[layer], non_blocking=True)
+    rng = np.random.default_rng(12)
+    with h:
+        for _ in range(4):
+            want = torch.as_tensor(rng.integers(0, 2, L))
+            need.copy_(want)
+            calls = len(part.calls)
+            step = replay(h, g, x, y)
+            h.finish_step()
+            busy = want.bool()
+            torch.testing.assert_close(y[busy.cuda()], (2 * x + step)[busy.cuda()], rtol=0, atol=0)
+            assert [c[:2] for c in part.calls[calls:]] == \
+                [(step, int(l)) for l in torch.nonzero(busy).flatten()]
+            assert h.needs[0].tolist() == want.tolist()
 
 
 @gpu_only

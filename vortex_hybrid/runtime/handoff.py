@@ -21,6 +21,13 @@ Use (one channel; `channels` independent ones are served by the same worker):
         h.begin_step(); g.replay(); h.finish_step()   # finish_step synchronises the device
     h.close()
 
+A layer whose CPU part has nothing to do need not cost a round trip: `publish(layer, need=n)` and
+`wait(layer, need=n)` with `n` the number of items of the CPU part (a device scalar, written by the
+GPU's work before them) write it into the layer's NEED word; with 0 the GPU does not wait and the
+worker answers the layer without calling its CPU part (whose outputs the caller then ignores).
+`finish_step` first waits (bounded) until the worker has served every layer published, so the next
+step never begins while the worker is still behind.
+
 Sequence numbers are `step * num_layers + layer + 1` (the device reads `step * num_layers` from a
 tensor `begin_step` sets, so one graph serves every step). Faults end a step, never hang it: an
 exception in the CPU part sets ERROR, the GPU's remaining waits end at once, and `finish_step`
@@ -46,8 +53,8 @@ import numpy as np
 import torch
 
 from ..cpu_kernels import handoff_flags as cpu_flags
-from ..handoff_words import (ABANDONED, DONE, ERR_CPU, ERROR, ROW, SERVED, STATUS_NAMES, STOP,
-                             TIMED_OUT)
+from ..handoff_words import (ABANDONED, ANSWERED, DONE, ERR_CPU, ERROR, REQUEST, ROW, SERVED,
+                             STATUS_NAMES, STOP, TIMED_OUT)
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +95,15 @@ class HandoffWorker:
     answers. A CPU part that raises is recorded (channel, seq, exception) and ERROR is set; the
     thread goes on with the next step. `close()` stops it.
 
-    words: int64 [(channels + 1) * ROW] NumPy view of the pinned flags; cpu_parts: one per channel.
+    words: int64 [(channels + 1) * ROW] NumPy view of the pinned flags; needs: int64
+    [channels x num_layers] NumPy view of the pinned NEED words (0: answer without the CPU part);
+    cpu_parts: one per channel.
     """
 
-    def __init__(self, words: np.ndarray, cpu_parts: Sequence[CpuPart], num_layers: int,
-                 spin_us: float, max_sleep_us: int) -> None:
+    def __init__(self, words: np.ndarray, needs: np.ndarray, cpu_parts: Sequence[CpuPart],
+                 num_layers: int, spin_us: float, max_sleep_us: int) -> None:
         self.words, self.cpu_parts, self.num_layers = words, list(cpu_parts), num_layers
+        self.needs = needs
         self.spin_ns, self.max_sleep_us = int(spin_us * 1e3), max_sleep_us
         self.lock = threading.Lock()     # orders a failure's ERROR against the driver's abandon
         self._failures: list[tuple[int, int, BaseException]] = []
@@ -125,6 +135,9 @@ class HandoffWorker:
                 if channel < 0:
                     return
                 step, layer = divmod(seq - 1, self.num_layers)
+                if cpu_flags.get_word(self.needs, channel * self.num_layers + layer) == 0:
+                    cpu_flags.answer(self.words, channel, seq)      # nothing to attend
+                    continue
                 try:
                     self.cpu_parts[channel](layer, step)
                 except BaseException as exc:  # noqa: BLE001 - handed to the driver, re-raised there
@@ -175,12 +188,17 @@ class Handoff:
         self.num_layers, self.channels, self.timeout_s = num_layers, len(cpu_parts), timeout_s
         self.flags = torch.zeros((self.channels + 1) * ROW, dtype=torch.int64, pin_memory=pin)
         self.words = self.flags.numpy()
+        self.needs = torch.full((self.channels, num_layers), -1, dtype=torch.int64, pin_memory=pin)
+        """NEED words: per (channel, layer) the items of the layer's CPU part as last published
+        (-1: not given)."""
         self.steps = [-1] * self.channels
         """Each channel's current (or last) step."""
         self._open = [False] * self.channels
         self._kept: list[tuple[int, int, BaseException]] = []   # other channels' failures
         cpu_flags.compile_all()
-        self.worker = HandoffWorker(self.words, cpu_parts, num_layers, spin_us, max_sleep_us)
+        self._spin_ns, self._max_sleep_us = int(spin_us * 1e3), max_sleep_us
+        self.worker = HandoffWorker(self.words, self.needs.numpy().reshape(-1), cpu_parts,
+                                    num_layers, spin_us, max_sleep_us)
 
     @property
     def step(self) -> int:
@@ -219,15 +237,18 @@ class Handoff:
             self._set_base(c, self.steps[c] * self.num_layers)
         return self.steps[chans[0]]
 
-    def publish(self, layer: int, channel: int = 0) -> None:
-        """GPU side: `layer`'s inputs on `channel` are in the pinned buffers (stream-ordered)."""
+    def publish(self, layer: int, channel: int = 0, need: Optional[torch.Tensor] = None) -> None:
+        """GPU side: `layer`'s inputs on `channel` are in the pinned buffers (stream-ordered).
+        need: the number of items of the layer's CPU part (a 0-dim integer tensor on the device,
+        read when the publish runs): 0 answers the layer without calling its CPU part."""
         self._check_layer(layer, channel)
-        self._publish(layer, channel)
+        self._publish(layer, channel, need)
 
-    def wait(self, layer: int, channel: int = 0) -> None:
-        """GPU side: wait (bounded) until the worker answered `layer` on `channel`."""
+    def wait(self, layer: int, channel: int = 0, need: Optional[torch.Tensor] = None) -> None:
+        """GPU side: wait (bounded) until the worker answered `layer` on `channel`; with `need`
+        (the publish's) 0, no wait."""
         self._check_layer(layer, channel)
-        self._wait(layer, channel)
+        self._wait(layer, channel, need)
 
     def _check_layer(self, layer: int, channel: int) -> None:
         if not 0 <= layer < self.num_layers or not 0 <= channel < self.channels:
@@ -242,10 +263,10 @@ class Handoff:
     def _set_base(self, channel: int, base: int) -> None:
         raise NotImplementedError
 
-    def _publish(self, layer: int, channel: int) -> None:
+    def _publish(self, layer: int, channel: int, need) -> None:
         raise NotImplementedError
 
-    def _wait(self, layer: int, channel: int) -> None:
+    def _wait(self, layer: int, channel: int, need) -> None:
         raise NotImplementedError
 
     def finish_step(self, channel: Optional[int] = None) -> None:
@@ -286,6 +307,7 @@ class Handoff:
         the next step can run."""
         chans = self._channels(channel)
         codes = self.status()
+        late = self._drain(chans)
         failures = []
         for c, seq, exc in self._take_failures(chans):
             if self.seq(0, channel=c) <= seq <= self.seq(self.num_layers - 1, channel=c):
@@ -295,7 +317,7 @@ class Handoff:
                             "step ended: %s: %s", *divmod(seq - 1, self.num_layers), c,
                             type(exc).__name__, exc)
         bad = [c for c in chans if codes[c].any()]
-        if not failures and not bad and self.worker.crash is None:
+        if not failures and not bad and not late and self.worker.crash is None:
             return
         with self.worker.lock:
             for c in chans:
@@ -311,6 +333,12 @@ class Handoff:
             raise HandoffError(f"hand-off worker stopped in step {self.steps[chans[0]]}: "
                                f"{type(self.worker.crash).__name__}: {self.worker.crash}"
                                ) from self.worker.crash
+        if not bad:
+            c, seq = late[0]
+            raise HandoffTimeout(
+                f"hand-off of step {self.steps[c]}: the CPU worker did not serve sequence {seq} "
+                f"(channel {c}, layer {(seq - 1) % self.num_layers}) within {self.timeout_s} s "
+                f"of the step's end; it served through sequence {self.worker.served(c)}")
         c = bad[0]
         layer = int(np.nonzero(codes[c])[0][0])
         code = int(codes[c, layer])
@@ -321,6 +349,20 @@ class Handoff:
         raise error(f"hand-off of step {self.steps[c]} failed: {what} (channel {c}, sequence "
                     f"{self.seq(layer, channel=c)}); the CPU worker ({state}) served through "
                     f"sequence {self.worker.served(c)}")
+
+    def _drain(self, chans: list[int]) -> list[tuple[int, int]]:
+        """After the device's work: wait (bounded) until the worker has served every sequence
+        number published on `chans` (layers published with need 0 were not waited for); returns
+        (channel, seq) of those it did not serve in time. A failed channel (ERROR) ends at once."""
+        late = []
+        for c in chans:
+            req = int(cpu_flags.get_word(self.words, c * ROW + REQUEST))
+            if req > self.worker.served(c) and self.worker.alive:
+                code = cpu_flags.await_answer(self.words, c, req, int(self.timeout_s * 1e9),
+                                              self._spin_ns, self._max_sleep_us)
+                if code == TIMED_OUT:
+                    late.append((c, req))
+        return late
 
     def close(self) -> None:
         """Stop the worker (idempotent)."""
@@ -343,18 +385,22 @@ class StandInHandoff(Handoff):
         super().__init__(num_layers, cpu_parts, timeout_s=timeout_s, spin_us=spin_us,
                          max_sleep_us=max_sleep_us, pin=False)
         self._codes = np.zeros((self.channels, num_layers), dtype=np.int32)
-        self._spin_ns, self._max_sleep_us = int(spin_us * 1e3), max_sleep_us
 
     def _set_base(self, channel: int, base: int) -> None:
         self._codes[channel] = 0
 
-    def _publish(self, layer: int, channel: int) -> None:
-        cpu_flags.publish_request(self.words, channel, self.seq(layer))
+    def _publish(self, layer: int, channel: int, need) -> None:
+        n = -1 if need is None else int(need)
+        cpu_flags.set_word(self.worker.needs, channel * self.num_layers + layer, n)
+        cpu_flags.publish_request(self.words, channel, self.seq(layer, channel=channel))
 
-    def _wait(self, layer: int, channel: int) -> None:
+    def _wait(self, layer: int, channel: int, need) -> None:
+        if need is not None and int(need) == 0:
+            self._codes[channel, layer] = ANSWERED
+            return
         self._codes[channel, layer] = cpu_flags.await_answer(
-            self.words, channel, self.seq(layer), int(self.timeout_s * 1e9), self._spin_ns,
-            self._max_sleep_us)
+            self.words, channel, self.seq(layer, channel=channel), int(self.timeout_s * 1e9),
+            self._spin_ns, self._max_sleep_us)
 
     def status(self) -> np.ndarray:
         return self._codes.copy()
@@ -404,9 +450,13 @@ class GraphHandoff(Handoff):
         scratch_base = torch.zeros_like(self.base)
         scratch_status = torch.zeros_like(self.status_codes)
         scratch.view(-1, ROW)[:, DONE] = 1
-        self._gpu.launch_publish(scratch, scratch_base, 0, 0)
-        self._gpu.launch_wait(scratch, scratch_base, scratch_status, 0, 0, self.timeout_ns,
-                              self.max_spins)
+        scratch_needs = torch.zeros(self.needs.shape, dtype=self.needs.dtype,
+                                    pin_memory=self.needs.is_pinned())
+        need = torch.zeros((), dtype=torch.int64, device=self.device)
+        for n in (None, need):          # both variants: with and without a need scalar
+            self._gpu.launch_publish(scratch, scratch_base, scratch_needs, 0, 0, n)
+            self._gpu.launch_wait(scratch, scratch_base, scratch_status, 0, 0, self.timeout_ns,
+                                  self.max_spins, n)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -414,12 +464,24 @@ class GraphHandoff(Handoff):
         self.base[channel].fill_(base)
         self.status_codes[channel].zero_()
 
-    def _publish(self, layer: int, channel: int) -> None:
-        self._gpu.launch_publish(self.flags, self.base, channel, layer)
+    def _publish(self, layer: int, channel: int, need) -> None:
+        self._gpu.launch_publish(self.flags, self.base, self.needs, channel, layer,
+                                 self._need(need))
 
-    def _wait(self, layer: int, channel: int) -> None:
+    def _wait(self, layer: int, channel: int, need) -> None:
         self._gpu.launch_wait(self.flags, self.base, self.status_codes, channel, layer,
-                              self.timeout_ns, self.max_spins)
+                              self.timeout_ns, self.max_spins, self._need(need))
+
+    def _need(self, need) -> Optional[torch.Tensor]:
+        """A need scalar as the kernels take it: int64, 0-dim, on the device (a cast is one
+        capturable kernel)."""
+        if need is None:
+            return None
+        if not isinstance(need, torch.Tensor) or need.numel() != 1 or \
+                need.device.type != self.device.type or need.is_floating_point():
+            raise ValueError(f"need must be a one-element integer tensor on {self.device}, got "
+                             f"{need!r}")
+        return need.reshape(()).to(torch.int64)
 
     def status(self) -> np.ndarray:
         if self.device.type == "cuda":       # whichever stream replayed the step

@@ -44,7 +44,7 @@ class SplitStep:
             if front is None:               # the back part then runs eagerly too
                 graphs = None
                 front = self._front(step, layer, q, k_new, v_new, sel, self._pinned)
-        gsel, table, src, dst, counts, q_host, sel_host = front
+        gsel, table, src, dst, counts, q_host, sel_host, _ = front
         step.counts += counts
         ready = None
         if host and self.device.type == "cuda":
@@ -101,8 +101,8 @@ class SplitStep:
         """Append, select, partition (GPU page cache, hybrid split), and copy the host's part of
         the selection and q to pinned buffers for the CPU worker. No sync. Returns (the GPU's
         selection, its head table, fetch sources, fetch destinations (-1: none), counts [5], q and
-        the selection on the host). The page cache's layer is checkpointed first (for a failed
-        step's undo).
+        the selection on the host, the number of head-pages of that host part as a device scalar
+        (None in `gpu`)). The page cache's layer is checkpointed first (for a failed step's undo).
 
         The GPU side works per (request, KV head) row, in head-pages: the pools viewed as
         [pages x Hkv, 1, P, D], the head table [B x Hkv, W] maps each row's logical page to the
@@ -125,9 +125,11 @@ class SplitStep:
         on_gpu = chosen & (torch.gather(table, 1, idx) >= 0)
         counts = torch.stack([on_gpu.sum(), *cache_counts])
         on_gpu = on_gpu.view(B, H, K)
-        q_host = sel_host = None
+        q_host = sel_host = host_n = None
         if self.placement != "gpu":
-            host_sel = torch.where(chosen.view(B, H, K) & ~on_gpu, sel, -1)
+            on_host = chosen.view(B, H, K) & ~on_gpu
+            host_n = on_host.sum()
+            host_sel = torch.where(on_host, sel, -1)
             if self.device.type == "cuda":   # q as float32: the CPU side converts nothing (a
                 q_host = pinned.get("q", q.shape, torch.float32)   # torch op there would wake
                 sel_host = pinned.get("sel", host_sel.shape, host_sel.dtype)   # its thread pool)
@@ -135,7 +137,7 @@ class SplitStep:
                 sel_host.copy_(host_sel, non_blocking=True)
             else:
                 q_host, sel_host = q, host_sel
-        return torch.where(on_gpu, sel, -1), table, src, dst, counts, q_host, sel_host
+        return torch.where(on_gpu, sel, -1), table, src, dst, counts, q_host, sel_host, host_n
 
     def _dev_heads(self, step: StepPlan) -> torch.Tensor:
         """The step's device head table: built once by plan() in the host placements; for `gpu`

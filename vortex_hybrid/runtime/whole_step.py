@@ -58,6 +58,8 @@ class PendingLayer:
     out: Optional[torch.Tensor] = None
     state: Optional[tuple] = None
     dtype: Optional[torch.dtype] = None
+    need: Optional[torch.Tensor] = None
+    """Head-pages of the layer's host part (a device scalar; host placements in whole steps)."""
 
 
 class WholeStep:
@@ -122,7 +124,7 @@ class WholeStep:
         static = step.static
         o, lse = pending.state
         if lse is not None:
-            o = self._split_whole_end(static, pending.layer, o, lse)
+            o = self._split_whole_end(static, pending.layer, o, lse, pending.need)
         static.ran += 1
         return o if lse is None else o.to(pending.dtype)
 
@@ -131,7 +133,7 @@ class WholeStep:
         """A host-placement layer (or a given selection) with the hand-off on the device: the
         front, the host's share published to the CPU worker, the back (fetch, the GPU's own
         attention); the GPU's state waits in the returned layer for the CPU's."""
-        gsel, table, src, dst, counts, q_host, sel_host = self._front(
+        gsel, table, src, dst, counts, q_host, sel_host, host_n = self._front(
             s, layer, q, k_new, v_new, sel, static.pinned)
         s.counts += counts
         host = self.placement != "gpu"
@@ -141,19 +143,25 @@ class WholeStep:
             B, hq, D = q.shape
             io["o"] = static.pinned.get("o_cpu", (B, hq, D), torch.float32)
             io["lse"] = static.pinned.get("lse_cpu", (B, hq), torch.float32)
-            self._whole_handoff.publish(layer, self._handoff_ch)
+            self._whole_handoff.publish(layer, self._handoff_ch, need=host_n)
         o, lse = self._back(s, layer, q, gsel, table, src, dst)
-        return PendingLayer(layer, out=None, state=(o, lse))
+        return PendingLayer(layer, out=None, state=(o, lse), need=host_n)
 
-    def _split_whole_end(self, static, layer: int, o, lse) -> torch.Tensor:
+    def _split_whole_end(self, static, layer: int, o, lse, need=None) -> torch.Tensor:
         """Wait (bounded, on the device) for the CPU's state of `layer`, and merge it into the
-        GPU's (o, lse); without a host part, the GPU's o."""
+        GPU's (o, lse); without a host part, the GPU's o. A layer whose host part is empty (`need`
+        0 on the device) does not wait: the worker answers it without the CPU part, and the
+        pinned outputs (another layer's) are masked out of the merge."""
         if self.placement == "gpu":
             return o
-        self._whole_handoff.wait(layer, self._handoff_ch)
+        self._whole_handoff.wait(layer, self._handoff_ch, need=need)
         io = static.cpu_io
         o_c = io["o"].to(self.device, non_blocking=True)
         lse_c = io["lse"].to(self.device, non_blocking=True)
+        if need is not None:
+            empty = need == 0
+            o_c.masked_fill_(empty, 0.0)
+            lse_c.masked_fill_(empty, float("-inf"))
         o, _ = self._gpu.merge(o, lse, o_c, lse_c)
         return o
 
