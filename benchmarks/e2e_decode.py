@@ -509,7 +509,7 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
             cfg = HybridConfig(page_size=args.page_size, flow=args.flow, budget_ratio=args.budget,
                                sink_pages=SINK, recent_pages=RECENT, placement=mode,
                                gpu_cache_pages=slots, kv_dtype=args.dtype,
-                               summary_dtype=args.summary_dtype,
+                               summary_dtype=args.summary_dtype, fetch_share=args.fetch_share,
                                gpu_memory_gib=None if hbm is None else hbm / n_parts,
                                cpu_threads=args.cpu_threads,
                                gpu_reserve_gib=0.0)     # the reserve is already out of z.hbm_usable
@@ -824,6 +824,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--summary-dtype", default="float32", choices=SUMMARY_DTYPES,
                     help="page summaries' dtype (float32; float8_e4m3fn leaves the most HBM to "
                          "the GPU page cache)")
+    ap.add_argument("--fetch-share", type=float, default=1.0,
+                    help="hybrid: the most a layer's page cache fetches in a step, as a share of "
+                         "its selected head-pages (HybridConfig.fetch_share; 1.0)")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per mode (32)")
     ap.add_argument("--warmup", type=int, default=6,
                     help="untimed steps first (6: hybrid's step-shape choice measures 4)")

@@ -37,6 +37,10 @@ from vortex_hybrid.config import budget_fields
     (dict(summary_location="gpu"), "summary_location='gpu' is invalid: one of"),
     (dict(step_shape="neo"), "step_shape='neo' is invalid: one of"),
     (dict(cpu_threads=0), "cpu_threads=0 is invalid: a positive integer, or None"),
+    (dict(fetch_share=0.0), "fetch_share=0.0 is invalid: a fraction in \\(0, 1\\]"),
+    (dict(fetch_share=1.5), "fetch_share=1.5 is invalid"),
+    (dict(fetch_share=True), "fetch_share=True is invalid"),
+    (dict(fetch_share=float("nan")), "fetch_share=nan is invalid"),
     (dict(flow=""), "flow='' is invalid"),
 ])
 def test_bad_values_are_rejected_with_field_value_and_allowed(kwargs, message):

@@ -480,6 +480,46 @@ def test_hybrid_split_counts_the_cpu_calls_fixed_cost(call_us):
     attn.close()
 
 
+@pytest.mark.parametrize("share", [1.0, 0.5, 0.2])
+def test_fetch_share_caps_a_layers_fetches_and_the_cpu_attends_the_rest(share):
+    """`hybrid` with copies far cheaper than the CPU (so the split wants every miss fetched) and
+    a cold cache: each layer fetches at most ceil(share x selected head-pages), the CPU attends
+    the misses left, and the output is the reference over the selection in every case; `offload`
+    ignores the share (seed 23)."""
+    import dataclasses
+
+    from vortex_hybrid.scheduler.cost_model import DEFAULTS
+    costs = dataclasses.replace(DEFAULTS, h2d_bw=1e15, h2d_bw_concurrent=1e15,
+                                cpu_attn_bw_concurrent=1e3, cpu_call_s=1e-9)
+    gen = torch.Generator().manual_seed(23)
+    k, v = (torch.randn(L, 60, HKV, D, generator=gen) for _ in "kv")
+    sel = torch.tensor([[[0, 2, 5, 9, 11], [1, 3, 6, 10, 13]]], dtype=torch.int32)   # 15 full
+    selected = sel.numel()                                # head-pages a layer selects (all host)
+    for placement in ("hybrid", "offload"):
+        attn = make(placement, slots=64, budget=5, cache_prefill=False, fetch_share=share,
+                    step_shape="split", costs=costs)
+        rid = attn.add_request(k.to(attn.device), v.to(attn.device))
+        attn.plan([rid])
+        for layer in range(L):
+            q, kn, vn = (torch.randn(1, h, D, generator=gen) for h in (HQ, HKV, HKV))
+            o = attn.run(layer, *(t.to(attn.device) for t in (q, kn, vn)), sel=sel.to(attn.device))
+            kk, vv = torch.cat([k[layer], kn]), torch.cat([v[layer], vn])
+            n = -(-kk.shape[0] // P)
+            pad = n * P - kk.shape[0]
+            kp, vp = (torch.cat([t, torch.zeros(pad, HKV, D)]).reshape(n, P, HKV, D)
+                      .transpose(1, 2).contiguous().double() for t in (kk, vv))
+            want, _ = reference.sparse_decode_attention(
+                q.double(), kp, vp, torch.arange(n, dtype=torch.int32)[None],
+                torch.tensor([kk.shape[0]], dtype=torch.int32), sel)
+            err = ((o[0].cpu() - want[0]).norm() / want[0].norm()).item()
+            assert err < 1e-5, (placement, share, layer, err)
+        c = attn.stats()["last_step"]
+        cap = selected if placement == "offload" else -(-int(share * 100) * selected // 100)
+        assert c["fetched_pages"] == L * min(cap, selected), (placement, share, c)
+        assert c["cpu_pages"] == L * selected - c["fetched_pages"], (placement, share, c)
+        attn.close()
+
+
 def test_a_fetch_copies_only_the_kv_heads_that_selected_the_page():
     """Heads of one request select different pages: `offload` fetches each missing (page, KV head)
     once, so the bytes over the link equal the selected bytes that missed the cache, never every

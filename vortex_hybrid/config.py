@@ -158,6 +158,12 @@ class HybridConfig:
     KV at hand, most recent pages first), so a cache with room starts warm and, while HBM holds
     every page, no step reads host memory. False: pages enter the cache only when a step fetches
     them."""
+    fetch_share: float = 1.0
+    """`hybrid`: the most a layer's page cache may fetch in one step, as a share of the step's
+    selected head-pages (the cache's step works over that many entries and ranks
+    `WINDOW_FACTOR` times as many slots for eviction, so a smaller share makes every layer's
+    bookkeeping cheaper); misses beyond it are attended by the CPU. 1.0 (default): every miss may
+    be fetched. `offload` always may fetch every miss (it has no CPU path)."""
     host_memory_gib: Optional[float] = None
     """GiB of host memory for the host store of the host placements (`dense` and `gpu` have none):
     `HybridAttention` allocates as many pages as fit in it, all layers' K and V in `kv_dtype`
@@ -210,6 +216,11 @@ class HybridConfig:
                       (", or None" if name == "gpu_cache_pages" else ""))
         if not isinstance(self.cache_prefill, bool):
             _fail("cache_prefill", self.cache_prefill, "True or False")
+        f = self.fetch_share
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0.0 < f <= 1.0) \
+                or math.isnan(f):
+            _fail("fetch_share", f, "a fraction in (0, 1], e.g. 0.25 for a quarter of a step's "
+                  "selected head-pages")
         if self.recent_pages < 1:
             _fail("recent_pages", self.recent_pages,
                   "at least 1 (the partly filled last page is always attended)")

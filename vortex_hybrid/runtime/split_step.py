@@ -188,7 +188,7 @@ class SplitStep:
                 pick = self._hybrid_fetch(miss, reuse, host_sel.sum())
             to_fetch = torch.zeros(R, W, dtype=torch.int32, device=self.device)
             to_fetch = to_fetch.scatter_add_(1, idx, pick.to(torch.int32)) > 0
-        capacity = max(1, min(cache.num_slots, R * idx.shape[1]))            # <= selected entries
+        capacity = self._fetch_capacity(R * idx.shape[1])
         plan = cache.step(layer, rows, slots, wanted, to_fetch, capacity=capacity)
         ok = plan.slots >= 0
         src = torch.where(ok, step.host_heads[plan.rows.clamp_min(0), plan.pages.clamp_min(0)]
@@ -198,6 +198,15 @@ class SplitStep:
         in_cache = torch.where(slots >= 0, self._slot_heads[slots.clamp_min(0).to(torch.int64)], -1)
         table = torch.where(table >= 0, table, in_cache.to(table.dtype))
         return table, src, dst, [plan.count, plan.hits, plan.misses, plan.evictions]
+
+    def _fetch_capacity(self, selected: int) -> int:
+        """Entries of a layer's cache step (`GpuPageCache.step`'s capacity): no more than the
+        slots or the `selected` head-pages, and in `hybrid` no more than `cfg.fetch_share` of
+        them (the rest of the misses go to the CPU)."""
+        cap = min(self._cache.num_slots, selected)
+        if self.placement == "hybrid":
+            cap = min(cap, math.ceil(self.cfg.fetch_share * selected))
+        return max(1, cap)
 
     def _hybrid_fetch(self, miss: torch.Tensor, reuse: torch.Tensor,
                       wanted: torch.Tensor) -> torch.Tensor:
