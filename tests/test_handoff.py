@@ -433,9 +433,10 @@ def test_gpu_kernels_compile_for_sm90_without_a_gpu():
 gpu_only = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 
 
-def graph_setup(num_layers: int, **kw):
+def graph_setup(num_layers: int, need=None, **kw):
     """A graph of num_layers layers: copy x[l] to the pinned input, publish, wait, copy the pinned
-    output to y[l]. Returns (handoff, part, graph, x, y)."""
+    output to y[l]; with `need` (int64 [num_layers] on the GPU) each layer's publish and wait take
+    need[l]. Returns (handoff, part, graph, x, y)."""
     part = Doubler(num_layers, width=64, pin=True, **kw)
     h = GraphHandoff(num_layers, [part], timeout_s=TIMEOUT_S)
     part.words = h.words
@@ -445,8 +446,9 @@ def graph_setup(num_layers: int, **kw):
     with torch.cuda.graph(g):
         for layer in range(num_layers):
             part.inp[layer].copy_(x[layer], non_blocking=True)
-            h.publish(layer)
-            h.wait(layer)
+            n = None if need is None else need[layer]
+            h.publish(layer, need=n)
+            h.wait(layer, need=n)
             y[layer].copy_(part.out[layer], non_blocking=True)
     return h, part, g, x, y
 
@@ -480,19 +482,8 @@ def test_graph_skips_layers_with_nothing_to_do():
     CPU part and do not wait; the others are answered as before, over several replays with
     different needs."""
     L = 6
-    part = Doubler(L, width=64, pin=True)
-    h = GraphHandoff(L, [part], timeout_s=TIMEOUT_S)
-    part.words = h.words
     need = torch.zeros(L, dtype=torch.int64, device="cuda")
-    x = torch.zeros(L, 64, device="cuda")
-    y = torch.zeros(L, 64, device="cuda")
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for layer in range(L):
-            part.inp[layer].copy_(x[layer], non_blocking=True)
-            h.publish(layer, need=need[layer])
-            h.wait(layer, need=need[layer])
-            y[layer].copy_(part.out[layer], non_blocking=True)
+    h, part, g, x, y = graph_setup(L, need)
     rng = np.random.default_rng(12)
     with h:
         for _ in range(4):
