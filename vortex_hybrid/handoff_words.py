@@ -16,7 +16,10 @@ writes and the words the CPU writes never share a cache line:
     SKIP_THROUGH  driver            sequence numbers up to this one belong to an abandoned step
     SERVED        CPU worker        last sequence number the worker took (answered or failed)
 
-and in the control row, STOP (driver: the worker returns). Sequence numbers are
+and in the control row, STOP (driver: the worker returns). Beside the rows, a second pinned int64
+array of NEED words, [channels, num_layers]: the GPU's publish writes there, before REQUEST, how
+many items the layer's CPU part has (-1: not given); 0 tells the worker to answer without calling
+it. Sequence numbers are
 `step * num_layers + layer + 1`: they grow across steps and 0 means "none yet".
 """
 
