@@ -26,7 +26,7 @@ from numba import njit, prange
 from vortex_hybrid.contracts import check_attention_args
 from vortex_hybrid.reference import all_pages_sel
 
-from .online_softmax import attend_tile, empty_state, finish_row, new_parts, new_tiles
+from .online_softmax import NEG_INF, attend_tile, empty_state, finish_row, new_parts, new_tiles
 from .prefetch import prefetch_range
 from .storage_decode import decode_into, float32_of
 from .tensor_views import FP16, int32_array, out_tensor, storage_bits
@@ -38,11 +38,12 @@ MIN_CHUNK_PAGES = 4
 
 @njit(parallel=True, nogil=True, cache=True)
 def _sparse_attention_kernel(q, scale, k_bits, v_bits, kind, page_size, page_table, seq_lens, sel,
-                             chunk_slots, order, o, lse):
+                             chunk_slots, order, busy, o, lse):
     """q float32 [B*Hkv, G, D] queries, scale: sm_scale; k_bits, v_bits flat raw storage; sel int32
     [B, Hkv, K]; order int64 [n]: the work items (row * n_chunks + chunk) in the order the loop
-    takes them, -1 for none; every item appears once. Writes o float32 [B*Hkv, G, D] and lse
-    float32 [B*Hkv, G]."""
+    takes them, -1 for none: every item of a row that selects a page, once (`work_order`); busy
+    uint8 [B*Hkv]: the rows that select a page (`row_mask`); the others get the empty state
+    without a work item. Writes o float32 [B*Hkv, G, D] and lse float32 [B*Hkv, G]."""
     rows, G, D = q.shape
     hkv = sel.shape[1]
     K = sel.shape[2]
@@ -84,8 +85,11 @@ def _sparse_attention_kernel(q, scale, k_bits, v_bits, kind, page_size, page_tab
                             tile_max, m, l, acc)
         if n_chunks == 1:
             finish_row(part_m, part_l, part_acc, row, 1, o, lse)
-    if n_chunks > 1:
-        for row in prange(rows):
+    for row in prange(rows):
+        if busy[row] == 0:
+            o[row] = 0.0
+            lse[row] = NEG_INF
+        elif n_chunks > 1:
             finish_row(part_m, part_l, part_acc, row, n_chunks, o, lse)
 
 
@@ -128,6 +132,21 @@ def busy_rows(sel) -> int:
                     n += 1
                     break
     return n
+
+
+@njit(nogil=True, cache=True)
+def row_mask(sel):
+    """uint8 [B * Hkv]: 1 for each row (request, KV head) of `sel` int32 [B, Hkv, K] that selects a
+    page."""
+    B, H, K = sel.shape
+    out = np.zeros(B * H, np.uint8)
+    for b in range(B):
+        for h in range(H):
+            for j in range(K):
+                if sel[b, h, j] >= 0:
+                    out[b * H + h] = 1
+                    break
+    return out
 
 
 @njit(nogil=True, cache=True)
@@ -197,20 +216,38 @@ def most_per_thread(work, order, threads) -> int:
 
 @njit(nogil=True, cache=True)
 def _work_order(sel, chunk_slots, threads, balanced):
-    work = item_pages(sel, chunk_slots)
-    rows = np.arange(work.size)
+    work_all = item_pages(sel, chunk_slots)
+    busy = row_mask(sel)
+    n_chunks = work_all.size // max(1, busy.size)
+    n = 0
+    for i in range(work_all.size):
+        n += busy[i // n_chunks]
+    items = np.empty(n, np.int64)           # the items of rows that select a page, in row order
+    n = 0
+    for i in range(work_all.size):
+        if busy[i // n_chunks]:
+            items[n] = i
+            n += 1
     if not balanced or threads <= 1:
-        return rows
+        return items
+    work = work_all[items]
     order = balanced_order(work, threads)
-    if most_per_thread(work, order, threads) < most_per_thread(work, rows, threads):
-        return order
-    return rows
+    if most_per_thread(work, order, threads) < most_per_thread(work, np.arange(n), threads):
+        out = np.full(order.size, -1, np.int64)
+        for i in range(order.size):
+            if order[i] >= 0:
+                out[i] = items[order[i]]
+        return out
+    return items
 
 
 def work_order(sel: np.ndarray, chunk_slots: int, threads: int, schedule: str) -> np.ndarray:
-    """The kernel's loop order: row order ("static"), or for "balanced" `balanced_order` when it
-    gives the busiest thread fewer pages than row order does (row order keeps a thread's rows
-    together otherwise). sel int32 [B, Hkv, K]; returns int64."""
+    """The kernel's loop order over the work items of the rows that select a page (a row's chunks
+    without a page included: they give the merge its empty states; rows that select nothing get no
+    item, so a small host part costs work for its pages, not for the batch): row order
+    ("static"), or for "balanced" `balanced_order` when it gives the busiest thread fewer pages
+    than row order does (row order keeps a thread's rows together otherwise). sel int32
+    [B, Hkv, K]; returns int64 item indices (row * n_chunks + chunk), -1 padding."""
     return _work_order(sel, chunk_slots, threads, schedule == "balanced")
 
 
@@ -259,11 +296,12 @@ def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool
         slots = chunk_slots if chunk_slots is not None else chunk_slots_for(busy, s.shape[2], threads)
         slots = max(1, slots)
         order = work_order(s, slots, threads, schedule)
+        busy_mask = row_mask(s)
         if timings is not None:
             t1 = time.perf_counter()
             timings["prep"] = timings.get("prep", 0.0) + t1 - t0
         _sparse_attention_kernel(qf, scale, k_bits, v_bits, kind, page_size, pt, sl, s, slots,
-                                 order, o.numpy().reshape(B * hkv, group, d),
+                                 order, busy_mask, o.numpy().reshape(B * hkv, group, d),
                                  lse.numpy().reshape(B * hkv, group))
     if timings is not None:
         timings["kernel"] = timings.get("kernel", 0.0) + time.perf_counter() - t1
