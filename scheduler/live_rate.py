@@ -15,6 +15,13 @@ update (between steps, one small copy, no synchronisation) reaches every later r
 CPU part read less than `MIN_BYTES_PER_CALL` a call say little about bandwidth and are not counted;
 the rate stays within [FLOOR, CEILING] x the cost model's figure, so a slow step cannot drive the
 split to give the CPU nothing for good.
+
+The fixed cost of one CPU call (`call_s`) is followed the same way, from the steps the rate passes
+over: when a step's calls read little, their time is mostly that cost (the kernel time less the
+bytes at the current rate, per call), kept as a moving average within [0, CALL_MAX] in a second
+device tensor (`call_tensor`) that the split reads too. The cost model measures it with a call of
+one request; a step's call over a large batch costs more (an H100 machine: ~1 ms against 50 us), and
+a split that believes the smaller figure hands the CPU parts too small to pay for their call.
 """
 
 from __future__ import annotations
@@ -27,12 +34,15 @@ WEIGHT = 0.3
 """Weight of the newest step in the moving average."""
 FLOOR, CEILING = 0.1, 1.5
 """Bounds of the rate, as multiples of the cost model's figure."""
+CALL_MAX = 5e-3
+"""Largest fixed cost of a CPU call the split believes, in seconds."""
 
 
 class LiveCpuRate:
     """The CPU's concurrent attention rate in bytes/s: `value` (host float) and `tensor` (float64
     [1] on `device`, read by captured graphs). initial: the cost model's figure; call_s: its fixed
-    cost of one CPU kernel call."""
+    cost of one CPU kernel call, followed as `call_s` (host float) and `call_tensor` (float64 [1]
+    on `device`)."""
 
     def __init__(self, initial: float, call_s: float, device: torch.device) -> None:
         if not initial > 0 or call_s < 0:
@@ -40,14 +50,25 @@ class LiveCpuRate:
         self.initial, self.call_s = float(initial), float(call_s)
         self.value = self.initial
         self.tensor = torch.full((1,), self.initial, dtype=torch.float64, device=device)
+        self.call_tensor = torch.full((1,), self.call_s, dtype=torch.float64, device=device)
         self.steps = 0
         """Steps that moved the rate."""
+        self.call_steps = 0
+        """Steps that moved the fixed cost of a call."""
 
     def observe(self, nbytes: float, kernel_s: float, calls: int) -> bool:
         """A finished step's CPU part: `nbytes` read in `calls` kernel calls taking `kernel_s`
-        seconds in all. Returns whether the rate moved."""
-        if calls < 1 or nbytes < MIN_BYTES_PER_CALL * calls or kernel_s <= 0:
+        seconds in all. Returns whether the rate or the fixed cost of a call moved (the rate from
+        steps whose calls read at least MIN_BYTES_PER_CALL each, the call's cost from the
+        others)."""
+        if calls < 1 or kernel_s <= 0:
             return False
+        if nbytes < MIN_BYTES_PER_CALL * calls:
+            per_call = min(max((kernel_s - nbytes / self.value) / calls, 0.0), CALL_MAX)
+            self.call_s = (1 - WEIGHT) * self.call_s + WEIGHT * per_call
+            self.call_tensor.fill_(self.call_s)
+            self.call_steps += 1
+            return True
         busy = max(kernel_s - calls * self.call_s, kernel_s / 2)
         seen = min(max(nbytes / busy, FLOOR * self.initial), CEILING * self.initial)
         self.value = (1 - WEIGHT) * self.value + WEIGHT * seen

@@ -25,7 +25,7 @@ def test_moves_toward_the_measured_rate_and_keeps_its_tensor():
 def test_small_or_empty_parts_do_not_count_and_the_rate_stays_bounded():
     r = LiveCpuRate(40 * GB, 50e-6, torch.device("cpu"))
     assert not r.observe(0, 0.0, 0)
-    assert not r.observe(32 * (MIN_BYTES_PER_CALL - 1), 1.0, 32)     # too few bytes a call
+    r.observe(32 * (MIN_BYTES_PER_CALL - 1), 1e-3, 32)               # too few bytes a call
     assert r.value == 40 * GB and r.steps == 0
     for _ in range(60):
         r.observe(32 * 2e6, 32.0, 32)                                   # absurdly slow steps
@@ -65,4 +65,54 @@ def test_hybrid_steps_feed_the_rate_their_split_plans_with(monkeypatch, whole):
     assert last["cpu_pages"] > 0 and last["cpu_calls"] >= 1 and last["cpu_kernel_s"] > 0
     assert attn.stats()["cpu_attn_bw"] != before
     assert attn._live_cpu.tensor.item() == pytest.approx(attn.stats()["cpu_attn_bw"])
+    attn.close()
+
+
+def test_small_calls_teach_the_fixed_cost_of_a_call_and_big_ones_do_not():
+    """Steps whose calls read little move `call_s` (and its tensor) toward their time per call
+    less their bytes at the current rate, within [0, CALL_MAX]; steps of big calls leave it."""
+    from vortex_hybrid.scheduler.live_rate import CALL_MAX
+    r = LiveCpuRate(40 * GB, 50e-6, torch.device("cpu"))
+    t = r.call_tensor
+    # 32 calls of 0.4 MB taking 1 ms each: 1 ms - 0.4 MB / 40 GB/s = 0.99 ms a call
+    per_call = 1e-3 - 0.4e6 / (40 * GB)
+    assert r.observe(32 * 0.4e6, 32 * 1e-3, 32)
+    assert r.call_s == pytest.approx((1 - WEIGHT) * 50e-6 + WEIGHT * per_call)
+    assert r.value == 40 * GB and r.steps == 0 and r.call_steps == 1
+    for _ in range(40):
+        r.observe(32 * 0.4e6, 32 * 1e-3, 32)
+    assert r.call_s == pytest.approx(per_call, rel=1e-3)
+    assert r.call_tensor is t and t.item() == pytest.approx(r.call_s)   # graphs read this storage
+    before = r.call_s
+    r.observe(32 * 32e6, 32 * 1.6e-3, 32)                              # big calls: the rate moves
+    assert r.call_s == before and r.steps == 1
+    for _ in range(60):
+        r.observe(1000, 1.0, 1)                                        # absurdly slow calls
+    assert r.call_s == pytest.approx(CALL_MAX, rel=1e-3)
+    for _ in range(60):
+        r.observe(32 * 0.9e6, 1e-9, 32)                                # faster than their bytes
+    assert r.call_s == pytest.approx(0.0, abs=1e-9)
+
+
+def test_the_split_fetches_a_host_part_too_small_to_pay_for_the_learned_call_cost():
+    """Once steps taught it that a call costs 2 ms, `hybrid`'s split fetches a host part whose
+    copy takes less than that whole (the CPU then has nothing to do), one it split before (seed
+    5)."""
+    from test_hybrid_attention import HKV, make
+    attn = make("hybrid", slots=100000)
+    hb, costs = attn._head_bytes, attn._costs
+    rows = 2 * HKV
+    n = int(0.5e-3 * costs.h2d_bw_concurrent / hb)       # head-pages whose copy takes 0.5 ms
+    gen = torch.Generator().manual_seed(5)
+    miss = torch.zeros(rows, n, dtype=torch.bool)
+    miss[torch.randint(0, rows, (n,), generator=gen), torch.arange(n)] = True
+    miss = miss.to(attn.device)
+    zero = torch.zeros(rows, device=attn.device)
+    before = attn._hybrid_fetch(miss, zero, miss.sum())
+    assert int(before.sum()) < int(miss.sum())           # 50 us a call: the CPU gets a share
+    for _ in range(60):
+        attn._live_cpu.observe(1000, 2e-3, 1)
+    assert attn.stats()["cpu_call_s"] == pytest.approx(2e-3, rel=1e-3)
+    after = attn._hybrid_fetch(miss, zero, miss.sum())
+    assert torch.equal(after, miss)                       # all of it over the link
     attn.close()

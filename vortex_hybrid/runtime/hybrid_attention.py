@@ -675,11 +675,13 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         pages attended on GPU / CPU (page-heads), pages fetched, cache hits / misses (pages),
         evictions, bytes moved over PCIe and read by the CPU, time the GPU side waited for the CPU,
         host time of the step's run() calls; in `hybrid` also "cpu_attn_bw", the CPU attention
-        rate in bytes/s its split plans with (`scheduler.live_rate`: the cost model's figure,
-        then what whole steps measure)."""
+        rate in bytes/s its split plans with, and "cpu_call_s", the fixed cost of a CPU call in
+        seconds it plans with (`scheduler.live_rate`: the cost model's figures, then what the
+        steps measure)."""
         out = {"last_step": dict(self._last), "totals": dict(self._totals)}
-        if self.placement == "hybrid":      # the CPU rate its split now plans with
+        if self.placement == "hybrid":      # the CPU rate and call cost its split now plans with
             out["cpu_attn_bw"] = self._live_cpu.value
+            out["cpu_call_s"] = self._live_cpu.call_s
         return out
 
     def close(self) -> None:

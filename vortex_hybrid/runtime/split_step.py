@@ -216,8 +216,8 @@ class SplitStep:
         cached. So a fetch is charged its amortised cost: copy time x (1 - reuse x survival),
         reuse = the row's measured selection reuse (`GpuPageCache.reuse`), survival = min(1,
         slots / head-pages wanted this step). Both draw on host DRAM at once, so their concurrent
-        rates apply (docs/hardware.md; the CPU's as the running steps measure it,
-        `scheduler.live_rate`). Head-pages go to the copy in order of amortised cost (a
+        rates apply (docs/hardware.md; the CPU's rate and a call's fixed cost as the running steps
+        measure them, `scheduler.live_rate`). Head-pages go to the copy in order of amortised cost (a
         row's share one cost: rows are ordered, not head-pages), until the copy would end after
         the CPU's remaining work, the CPU call's fixed cost (`cpu_call_s`) included: the two then
         finish together, and a host part too small to pay for a CPU call is fetched whole (the
@@ -232,7 +232,7 @@ class SplitStep:
         cpu_after = (n.sum() - torch.cumsum(n, 0)) * cpu_s
         # stop before a row whose fetch would end the copy after what the CPU would take with the
         # row kept: its pages, the rows after it, and the call's fixed cost
-        stop = (copy > cpu_after + n * cpu_s + self._live_cpu.call_s) & (n > 0)
+        stop = (copy > cpu_after + n * cpu_s + self._live_cpu.call_tensor) & (n > 0)
         keep = torch.cumprod((~stop).to(torch.int8), 0).bool() & (n > 0)  # up to the first stop
         out = torch.zeros_like(miss)
         out.index_copy_(0, rows, keep.view_as(miss))
