@@ -14,7 +14,8 @@
 # SGLang's decode graphs with the backend, likewise: SGLANG_GRAPHS_ARGS); accuracy runs the accuracy grid,
 # scripts/dev/accuracy.sh, ACC_* there, writing accuracy.json/.md/.png)
 # e2e_grid: one benchmarks/e2e_decode.py per entry of E2E_GRID ("name=args;name=args"), each under
-# E2E_RUN_TIMEOUT, JSON under $OUT/<name>, log $OUT/e2e_<name>.log.
+# E2E_RUN_TIMEOUT (past it SIGABRT: faulthandler writes every thread's stack to the log), JSON under
+# $OUT/<name>, log $OUT/e2e_<name>.log.
 # omp_policy: hybrid at 12 GiB per context (OMP_CONTEXTS) under each OpenMP wait policy (OMP_POLICIES:
 # PASSIVE, ACTIVE, or spinN for GOMP_SPINCOUNT=N), each with --cpu-replay (a CPU part's cost per call).
 # tests: the whole suite natively (GPU kernels without the interpreter; the wheel-build test is
@@ -43,8 +44,8 @@ for step in "$@"; do
     e2e_grid)      IFS=';' read -ra runs <<< "${E2E_GRID:-}"     # "name=args;name=args": one e2e_decode each
                    for run in "${runs[@]}"; do
                      name=${run%%=*} args=${run#*=}
-                     timeout ${E2E_RUN_TIMEOUT:-200} python3 benchmarks/e2e_decode.py --out "$OUT/$name" $args \
-                       > "$OUT/e2e_$name.log" 2>&1
+                     timeout -s ABRT ${E2E_RUN_TIMEOUT:-200} python3 -X faulthandler benchmarks/e2e_decode.py \
+                       --out "$OUT/$name" $args > "$OUT/e2e_$name.log" 2>&1   # a hang dumps its stacks
                      echo "$name: exit $? ($args)"; grep -E "^\[|FAILED|Error" "$OUT/e2e_$name.log" | sed "s/^/$name /"
                    done ;;
     head_features) timeout 200 python3 benchmarks/head_features.py --out "$OUT" ;;
