@@ -581,7 +581,8 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
                       graphs=attn._graphs is not None, micro_batches=sizes,
                       step_ran=sorted(set(how)),
                       plan_ms=statistics.median(steps[0].plan_s[args.warmup:]) * 1e3,
-                      cpu_attn_bw_live=attn.stats().get("cpu_attn_bw"), cpu_replay=replay,
+                      cpu_attn_bw_live=attn.stats().get("cpu_attn_bw"),
+                      cpu_call_s_live=attn.stats().get("cpu_call_s"), cpu_replay=replay,
                       busy_threads=busy)
     finally:
         if mb is not None:
