@@ -88,6 +88,19 @@ class KVMachine(RuleBasedStateMachine):
         self.kv.evict(rid, both)
 
     @precondition(lambda self: self.data)
+    @rule(pick=st.integers(0, 99), frac=st.floats(0, 1))
+    def truncate(self, pick, frac):
+        rid = sorted(self.data)[pick % len(self.data)]
+        n = int(frac * self.kv.seq_len(rid))
+        tail = (n - 1) // P
+        if n % P and self.kv.residency(rid)[tail][0] == NOT_RESIDENT and \
+                self.kv.device_alloc.num_free == 0:
+            return                          # its partly filled tail would need a device page
+        self.kv.truncate(rid, n)
+        k, v = self.data[rid]
+        self.data[rid] = (k[:, :n], v[:, :n])
+
+    @precondition(lambda self: self.data)
     @rule(pick=st.integers(0, 99))
     def free(self, pick):
         rid = sorted(self.data)[pick % len(self.data)]
@@ -113,6 +126,23 @@ class KVMachine(RuleBasedStateMachine):
             for layer in range(L):
                 k1, v1 = self.kv.read(rid, layer)
                 assert torch.equal(k1, k[layer]) and torch.equal(v1, v[layer])
+
+    @invariant()
+    def page_tables_follow_the_residency(self):
+        """page_table (its per-request rows are kept between calls and rebuilt only from a
+        change on) equals the table written out from each page's residency."""
+        rids = sorted(self.data)
+        if not rids:
+            return
+        width = max(self.kv.num_pages(r) for r in rids) + 1
+        for column, where in ((0, "device"), (1, "host")):
+            got, lens = self.kv.page_table(rids, where, max_pages=width)
+            want = torch.full((len(rids), width), NOT_RESIDENT, dtype=torch.int32)
+            for b, rid in enumerate(rids):
+                for p, pair in enumerate(self.kv.residency(rid)):
+                    want[b, p] = pair[column]
+            assert torch.equal(got.cpu(), want), where
+            assert lens.cpu().tolist() == [self.kv.seq_len(r) for r in rids]
 
     @invariant()
     def filled_pages_were_reported(self):
