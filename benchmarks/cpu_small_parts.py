@@ -6,13 +6,14 @@ far is it from the kernel's rate on a large part?
 
 At Llama-3-8B shapes (32 q / 8 KV heads, D=128, bf16, page 16) and a decode batch of --batch
 requests of --context tokens at a 5% budget (the selection tensor a step hands the CPU: [batch, 8,
-K]), the host part holds N page-heads at random (request, KV head, slot) places, N from 1 up to
---max-heads; a call's time is the median over repetitions (>= 20 after 3 warm-up calls) per thread
+K]), the host part holds N page-heads at random (request, KV head, slot) places, or with --rows R in R
+(request, KV head) rows only (a step's split leaves the CPU whole rows: those whose pages are
+dearest to fetch), N from 1 up to --max-heads; a call's time is the median over repetitions (>= 20 after 3 warm-up calls) per thread
 count of --threads. The peer is the same kernel on a large part (--max-heads page-heads): its GB/s
 is the rate a small part's call is compared with ("of large" = small part's GB/s over it).
 
     python benchmarks/cpu_small_parts.py [--out DIR] [--threads 1,2] [--batch 26] [--context 32768]
-                                         [--max-heads 4096]
+                                         [--max-heads 4096] [--rows R]
 
 JSON goes to DIR/cpu_small_parts.json (DIR defaults to $OUT, else the current directory); the
 table is printed last.
@@ -56,9 +57,13 @@ def main() -> None:
     ap.add_argument("--max-heads", type=int, default=4096, help="page-heads of the large part")
     ap.add_argument("--pool-pages", type=int, default=8192, help="pages of the host pool")
     ap.add_argument("--reps", type=int, default=20, help="timed calls per cell")
+    ap.add_argument("--rows", type=int, default=0,
+                    help="put the page-heads in this many (request, KV head) rows (0: anywhere)")
     args = ap.parse_args()
-    if args.batch < 1 or args.context < P or args.max_heads < 1 or args.pool_pages < 1:
-        ap.error("--batch, --max-heads and --pool-pages must be >= 1 and --context >= 16")
+    if args.batch < 1 or args.context < P or args.max_heads < 1 or args.pool_pages < 1 \
+            or not 0 <= args.rows <= args.batch * HKV:
+        ap.error("--batch, --max-heads and --pool-pages must be >= 1, --context >= 16 and --rows "
+                 "in [0, batch x 8]")
     try:
         threads = [int(t) for t in args.threads.split(",")]
     except ValueError:
@@ -74,14 +79,18 @@ def main() -> None:
     lens = torch.full((B,), args.context, dtype=torch.int32)
     q = torch.randn(B, HQ, D, generator=gen)
     out = (torch.empty(B, HQ, D), torch.empty(B, HQ))
-    most = min(args.max_heads, B * HKV * K)
+    places = B * HKV * K if not args.rows else args.rows * K      # (row, slot) places to fill
+    row_ids = rng.choice(B * HKV, size=args.rows, replace=False) if args.rows else None
+    most = min(args.max_heads, places)
     sizes = sorted({n for n in (1, 8, 64, 256, most) if n <= most})
     rows = []
     for t in threads:
         cpu_kernels.set_cpu_threads(t)
         for n in sizes:
             sel = torch.full((B * HKV * K,), -1, dtype=torch.int32)
-            where = rng.choice(B * HKV * K, size=n, replace=False)
+            where = rng.choice(places, size=n, replace=False)
+            if row_ids is not None:                              # slot j of chosen row i
+                where = row_ids[where // K] * K + where % K
             sel[torch.as_tensor(where)] = torch.as_tensor(rng.integers(0, W - 1, size=n),
                                                           dtype=torch.int32)
             sel = sel.view(B, HKV, K)
@@ -106,7 +115,7 @@ def main() -> None:
         r["of_large"] = r["gb_s"] / large[0]["gb_s"]
     meta = dict(date=datetime.date.today().isoformat(), machine=platform.node(),
                 cpus=os.cpu_count(), batch=B, context=args.context, budget_pages=K,
-                pool_pages=args.pool_pages)
+                pool_pages=args.pool_pages, rows=args.rows)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "cpu_small_parts.json")
     with open(path, "w") as fh:
