@@ -121,20 +121,6 @@ SCHEDULES = ("balanced", "static")
 
 
 @njit(nogil=True, cache=True)
-def busy_rows(sel) -> int:
-    """Rows (request, KV head) of `sel` int32 [B, Hkv, K] that select at least one page."""
-    B, H, K = sel.shape
-    n = 0
-    for b in range(B):
-        for h in range(H):
-            for j in range(K):
-                if sel[b, h, j] >= 0:
-                    n += 1
-                    break
-    return n
-
-
-@njit(nogil=True, cache=True)
 def row_mask(sel):
     """uint8 [B * Hkv]: 1 for each row (request, KV head) of `sel` int32 [B, Hkv, K] that selects a
     page."""
@@ -215,19 +201,12 @@ def most_per_thread(work, order, threads) -> int:
 
 
 @njit(nogil=True, cache=True)
-def _work_order(sel, chunk_slots, threads, balanced):
+def _work_order(sel, busy, chunk_slots, threads, balanced):
     work_all = item_pages(sel, chunk_slots)
-    busy = row_mask(sel)
     n_chunks = work_all.size // max(1, busy.size)
-    n = 0
-    for i in range(work_all.size):
-        n += busy[i // n_chunks]
-    items = np.empty(n, np.int64)           # the items of rows that select a page, in row order
-    n = 0
-    for i in range(work_all.size):
-        if busy[i // n_chunks]:
-            items[n] = i
-            n += 1
+    # the items of rows that select a page, in row order
+    items = np.nonzero(np.repeat(busy, n_chunks))[0].astype(np.int64)
+    n = items.size
     if not balanced or threads <= 1:
         return items
     work = work_all[items]
@@ -241,14 +220,18 @@ def _work_order(sel, chunk_slots, threads, balanced):
     return items
 
 
-def work_order(sel: np.ndarray, chunk_slots: int, threads: int, schedule: str) -> np.ndarray:
+def work_order(sel: np.ndarray, chunk_slots: int, threads: int, schedule: str,
+               busy: Optional[np.ndarray] = None) -> np.ndarray:
     """The kernel's loop order over the work items of the rows that select a page (a row's chunks
     without a page included: they give the merge its empty states; rows that select nothing get no
     item, so a small host part costs work for its pages, not for the batch): row order
     ("static"), or for "balanced" `balanced_order` when it gives the busiest thread fewer pages
     than row order does (row order keeps a thread's rows together otherwise). sel int32
-    [B, Hkv, K]; returns int64 item indices (row * n_chunks + chunk), -1 padding."""
-    return _work_order(sel, chunk_slots, threads, schedule == "balanced")
+    [B, Hkv, K]; busy: its `row_mask` when the caller has it; returns int64 item indices
+    (row * n_chunks + chunk), -1 padding."""
+    if busy is None:
+        busy = row_mask(sel)
+    return _work_order(sel, busy, chunk_slots, threads, schedule == "balanced")
 
 
 def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -281,7 +264,8 @@ def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool
     if B == 0:
         return o, lse
     s = int32_array("sel", sel)
-    busy = busy_rows(s)
+    busy_mask = row_mask(s)
+    busy = int(busy_mask.sum())
     if busy == 0:
         o.numpy().fill(0.0)                 # NumPy: no torch op (an inference tensor may be out)
         lse.numpy().fill(-np.inf)
@@ -295,8 +279,7 @@ def launch_sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool
     with kernel_call() as threads:
         slots = chunk_slots if chunk_slots is not None else chunk_slots_for(busy, s.shape[2], threads)
         slots = max(1, slots)
-        order = work_order(s, slots, threads, schedule)
-        busy_mask = row_mask(s)
+        order = work_order(s, slots, threads, schedule, busy_mask)
         if timings is not None:
             t1 = time.perf_counter()
             timings["prep"] = timings.get("prep", 0.0) + t1 - t0
