@@ -232,6 +232,51 @@ class GpuPageCache:
         self.held[layer, rows[0]] += m
         return got, slots
 
+    def admit_all(self, rows: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+        """Take free slots, in every layer, for head-pages (row `rows[i]`, logical page
+        `pages[i]`; int64 [m] on the device, distinct, rows given out by `rows`) that a decode
+        step just filled: those not cached yet get the layer's first free slots, as many as it has.
+        Returns slots int64 [L, m], -1 where none was taken (cached already, or no free slot left);
+        the caller fills them before the next step. Stamped with the current step. No sync; the
+        free slots are found with one `topk` over every layer's slots (callers gate it: the
+        runtime admits only while its batch fits the cache)."""
+        L, S, m = self.num_layers, self.num_slots, rows.numel()
+        if m == 0 or S == 0:
+            return torch.full((L, m), -1, dtype=torch.int64, device=self.device)
+        k = min(m, S)
+        free = (self.owner[:, :S, 0] < 0).to(torch.int64)                      # [L, S]
+        first = free * (S - torch.arange(S, device=self.device))               # earliest first
+        val, idx = torch.topk(first, k, dim=1)                                  # [L, k]
+        new = self.slot_of[:, rows, pages] < 0                                  # [L, m]
+        order = torch.cumsum(new.to(torch.int64), 1) - 1                       # j-th new: slot j
+        inside = order.clamp(0, k - 1)
+        valid = new & (order < k) & (torch.gather(val, 1, inside) > 0)
+        slot = torch.where(valid, torch.gather(idx, 1, inside), S)             # spare: slot S
+        layer = torch.arange(L, device=self.device)[:, None].expand(L, m)
+        row = rows[None, :].expand(L, m)
+        self.slot_of[layer, row, torch.where(valid, pages, self.max_pages)] = \
+            torch.where(valid, slot, -1).to(torch.int32)                        # spare column
+        self.owner[layer, slot] = torch.stack([torch.where(valid, row, -1),
+                                               torch.where(valid, pages, -1).expand(L, m)],
+                                              2).to(torch.int32)
+        self.stamp[layer, slot] = torch.where(valid, self.now_t, -1)
+        spare = self.held.shape[1] - 1
+        self.held.scatter_add_(1, torch.where(valid, row, spare), valid.to(torch.int32))
+        self.held[:, spare] = 0
+        return torch.where(valid, slot, -1)
+
+    def covers(self, rows: torch.Tensor, pages: torch.Tensor) -> bool:
+        """Whether every layer caches logical pages [0, pages[i]) of row `rows[i]` (int64 [m],
+        device). Synchronises (between steps: `plan`)."""
+        W = int(pages.max()) if pages.numel() else 0
+        if W == 0:
+            return True
+        if W > self.max_pages:
+            return False
+        inside = torch.arange(W, device=self.device)[None, :] < pages[:, None]   # [m, W]
+        got = self.slot_of[:, :, :W].index_select(1, rows) >= 0                   # [L, m, W]
+        return bool((got | ~inside).all())
+
     def pages_of(self, rid: int, layer: int) -> torch.Tensor:
         """Logical pages of `rid` cached in `layer` (for tests and diagnostics)."""
         r = self._index.get(rid)

@@ -100,6 +100,31 @@ class CacheMachine(RuleBasedStateMachine):
         if n < int(missed.sum()):                     # the rest: no room, or no slot left
             assert n == k or int((cache.stamp[layer, window] < cache.now).sum()) == 0
 
+    @precondition(lambda self: self.cache is not None and self.live)
+    @rule(pick=st.integers(0, 9), pages=st.sets(st.integers(0, W - 1), max_size=6))
+    def admit_filled(self, pick, pages):
+        """`admit_all`: pages a step filled take the free slots, in every layer, in slot order;
+        those already cached keep theirs; no free slot left: -1."""
+        cache, rid = self.cache, self.live[pick % len(self.live)]
+        r = cache.index_of(rid)
+        pages = sorted(pages)
+        before = [cache.slot_of[layer, r, pages].cpu() for layer in range(L)]
+        free = [(cache.owner[layer, :self.slots, 0] < 0).nonzero().flatten().tolist()
+                for layer in range(L)]
+        got = cache.admit_all(torch.full((len(pages),), r, dtype=torch.int64, device=DEVICE),
+                              torch.tensor(pages, dtype=torch.int64, device=DEVICE)).cpu()
+        assert tuple(got.shape) == (L, len(pages))
+        for layer in range(L):
+            new = [i for i in range(len(pages)) if before[layer][i] < 0]
+            taken = free[layer][:len(new)]                   # the first free slots, in order
+            want = [-1] * len(pages)
+            for i, slot in zip(new, taken):
+                want[i] = slot
+            assert got[layer].tolist() == want, (layer, pages, free[layer])
+            for i, p in enumerate(pages):                    # mapped, cached ones unchanged
+                slot = want[i] if want[i] >= 0 else int(before[layer][i])
+                assert int(cache.slot_of[layer, r, p]) == slot
+
     @invariant()
     def maps_agree(self):
         if self.cache is None:

@@ -382,7 +382,7 @@ def test_subbatch_gives_the_cpu_whole_requests_and_auto_tries_both_shapes():
     last = attn.stats()["last_step"]
     assert last["step_shape"] == "subbatch" and last["cpu_pages"] > 0 and last["fetched_pages"] > 0
     attn.close()
-    auto = make("hybrid", slots=64, budget=6)
+    auto = make("hybrid", slots=64, budget=6, cached_steps=False)   # the cache holds them all
     shadow = Shadow(auto, 12)
     rids = [shadow.add(60) for _ in range(3)]
     shapes = []
@@ -576,6 +576,100 @@ def test_a_prefill_warms_the_cache_and_a_step_then_reads_no_host_page(placement)
     assert c["cache_misses"] == 0 and c["fetched_pages"] == 0 and c["cpu_pages"] == 0, c
     assert c["cache_hits"] > 0, c
     attn.close()
+
+
+@pytest.mark.parametrize("placement", ["offload", "hybrid"])
+@pytest.mark.parametrize("whole", [False, True])
+def test_a_batch_the_cache_holds_runs_cached_steps_as_its_pages_fill(placement, whole):
+    """While the GPU page cache holds every host page of the batch, each step runs `cached` (as
+    `gpu` over the cache: nothing fetched, nothing for the CPU) and equals the reference; the
+    pages the steps fill enter free slots as they are offloaded (copied on the device: each
+    cached head-page is the request's KV), so the steps stay cached across page boundaries; whole
+    steps (`plan(whole_step=True)`, run eagerly here) the same (seed 31)."""
+    attn = make(placement, slots=64, budget=4)
+    shadow = Shadow(attn, 31)
+    rids = [shadow.add(21), shadow.add(10)]
+    cache, pool = attn._cache, attn.kv.device_pool
+    for step in range(2 * P + 1):               # two pages of each request fill and go to host
+        if whole:
+            worst = _whole_step(attn, shadow, rids)
+        else:
+            worst = shadow.step(rids)
+        assert worst < 1e-5, (step, worst)
+        c = attn.stats()["last_step"]
+        assert c["step_shape"] == "cached", (step, c)
+        assert c["fetched_pages"] == c["cpu_pages"] == c["cache_misses"] == 0, c
+        assert c["cache_hits"] > 0 and c["gpu_pages"] >= c["cache_hits"], c
+    for rid in rids:
+        full = attn._offloaded[rid]
+        r = cache.index_of(rid)
+        for layer in range(L):
+            assert cache.pages_of(rid, layer).tolist() == list(range(full)), (rid, layer)
+            for h in range(HKV):
+                for page in range(full):
+                    hp = int(attn._slot_heads[int(cache.slot_of[layer, r * HKV + h, page])])
+                    want = shadow.kv[rid][0][layer, page * P:(page + 1) * P, h]
+                    assert torch.equal(pool.k[layer].view(-1, P, D)[hp].cpu(), want)
+    assert attn.stats()["totals"]["steps_cached"] == 2 * P + 1
+    attn.close()
+
+
+def _whole_step(attn, shadow, rids) -> float:
+    """One whole step (planned with whole_step=True, its layers run eagerly) checked like
+    `Shadow.step`: the worst relative error against the reference."""
+    grown = {r: ([], []) for r in rids}
+    attn.plan(rids, whole_step=True)
+    worst, outs = 0.0, []
+    for layer in range(L):
+        q, kn, vn = (shadow.rand(len(rids), h, D) for h in (HQ, HKV, HKV))
+        outs.append((layer, q, kn, vn, attn.run(layer, q, kn, vn).clone()))
+    attn.finish_step()
+    for layer, q, kn, vn, o in outs:
+        for b, rid in enumerate(rids):
+            k = torch.cat([shadow.kv[rid][0][layer], kn[b:b + 1]])
+            v = torch.cat([shadow.kv[rid][1][layer], vn[b:b + 1]])
+            grown[rid][0].append(k)
+            grown[rid][1].append(v)
+            want = reference_output(attn.cfg, q[b:b + 1], k, v)
+            worst = max(worst, ((o[b] - want).norm() / want.norm()).item())
+    for rid, (ks, vs) in grown.items():
+        shadow.kv[rid] = (torch.stack(ks), torch.stack(vs))
+    return worst
+
+
+def test_a_batch_past_the_cache_splits_and_cached_steps_off_split_always():
+    """A third request that the slots cannot hold with the others ends the cached steps (the
+    step splits, fetching and attending on the CPU, still exact); `cached_steps=False` splits
+    even while the cache holds the batch, and so does a cache with room for pages it was not
+    given (`cache_prefill=False`); a cancelled cached step leaves the cache as it was
+    (seed 33)."""
+    attn = make("hybrid", slots=12, budget=4)    # 24 head-page slots
+    shadow = Shadow(attn, 33)
+    rids = [shadow.add(21), shadow.add(17)]      # 5 + 4 full pages: 18 head-pages
+    assert shadow.step(rids) < 1e-5
+    assert attn.stats()["last_step"]["step_shape"] == "cached"
+    before = attn._cache.slot_of.clone()
+    attn.plan(rids)
+    attn.run(0, *(torch.randn(2, h, D) for h in (HQ, HKV, HKV)))
+    attn.cancel_step()                          # layer 0 ran: nothing of the cache changed
+    assert torch.equal(attn._cache.slot_of, before)
+    rids.append(shadow.add(25))                 # 6 more full pages: 30 head-pages > 24 slots
+    for _ in range(3):
+        assert shadow.step(rids) < 1e-5
+        assert attn.stats()["last_step"]["step_shape"] != "cached"
+    attn.close()
+    for kw in ({"cached_steps": False}, {"cache_prefill": False}):   # off; room, pages not in it
+        other = make("hybrid", slots=64, budget=4, **kw)
+        shadow = Shadow(other, 34)
+        rids = [shadow.add(21), shadow.add(10)]
+        assert shadow.step(rids) < 1e-5
+        assert other.stats()["last_step"]["step_shape"] != "cached", kw
+        other.close()
+
+
+def test_cached_steps_must_be_a_bool():
+    with pytest.raises(ValueError, match="cached_steps='yes' .*True or False"):
+        HybridConfig(cached_steps="yes")
 
 
 def test_a_prefill_larger_than_the_free_slots_caches_its_last_pages():

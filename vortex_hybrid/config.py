@@ -155,9 +155,16 @@ class HybridConfig:
     must fit)."""
     cache_prefill: bool = True
     """`offload` / `hybrid`: a prefill's pages also go into free GPU cache slots (copied from the
-    KV at hand, most recent pages first), so a cache with room starts warm and, while HBM holds
+    KV at hand, most recent pages first; while the batch fits the cache, the pages its decode
+    steps fill too, copied on the device), so a cache with room starts warm and, while HBM holds
     every page, no step reads host memory. False: pages enter the cache only when a step fetches
     them."""
+    cached_steps: bool = True
+    """`offload` / `hybrid`: a step whose requests' host pages are all in the GPU page cache, in
+    every layer, runs `cached`: each layer selects and attends over the cache's slots as `gpu`
+    attends its pool (one CUDA graph a layer; no cache bookkeeping, fetch or CPU part), so while
+    HBM holds the batch the host placements decode at `gpu`'s pace. With `cache_prefill`, the
+    pages decode steps fill enter free slots too while the batch fits. False: every step splits."""
     fetch_share: float = 1.0
     """`hybrid`: the most a layer's page cache may fetch in one step, as a share of the step's
     selected head-pages (the cache's step works over that many entries and ranks
@@ -214,8 +221,9 @@ class HybridConfig:
             if (value is not None or name != "gpu_cache_pages") and (not _is_int(value) or value < 0):
                 _fail(name, value, "a non-negative integer" +
                       (", or None" if name == "gpu_cache_pages" else ""))
-        if not isinstance(self.cache_prefill, bool):
-            _fail("cache_prefill", self.cache_prefill, "True or False")
+        for name in ("cache_prefill", "cached_steps"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "True or False")
         f = self.fetch_share
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0.0 < f <= 1.0) \
                 or math.isnan(f):

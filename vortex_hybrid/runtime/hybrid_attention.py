@@ -274,8 +274,9 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
             self._settle_whole(step)
         self._step = None
         if self._cache is not None and step.cache_rows is not None:
-            for layer in range(step.fronts):
-                self._cache.restore(layer)
+            if step.shape != "cached":      # a cached step's layers change no cache state
+                for layer in range(step.fronts):
+                    self._cache.restore(layer)
             self._cache.undo_step()
             for rid in step.cache_new:
                 self._cache.remove_request(rid)
@@ -329,8 +330,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         step = None
         try:
             if host:
-                for rid in rids:
-                    self._offload_full(rid)
+                self._offload_step(rids)
             for rid in rids:
                 self.kv.extend(rid, 1)
             shape, key = self._step_shape(len(rids))
@@ -359,6 +359,8 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
                 rows = cache.rows(rows.to(self.device))      # [B x Hkv]: one per KV head
                 cache.next_step()                     # last: cache_rows set = the clock moved
                 step.cache_rows = rows
+                if fixed is None and self._all_cached(rids, rows):
+                    step.shape = "cached"
             if fixed is not None:
                 step = fixed_step(self, step, fixed, positions, self._pad_page, pad_rows)
             key = self._plan_whole(step) if whole_step else None
@@ -374,6 +376,18 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         self._serial += 1
         self._step = step
         return key
+
+    def _all_cached(self, rids: list[int], rows: torch.Tensor) -> bool:
+        """Whether the step can run `cached` (`cfg.cached_steps`): every host page of its requests
+        is in the GPU page cache in every layer. A count first, then one check on the device
+        (`GpuPageCache.covers`: a synchronisation, once a step, only while the batch fits)."""
+        if not self.cfg.cached_steps:
+            return False
+        host = [self._offloaded.get(r, 0) for r in rids]
+        if sum(host) * self.num_kv_heads > self._cache.num_slots:
+            return False
+        pages = torch.as_tensor(host, dtype=torch.int64).repeat_interleave(self.num_kv_heads)
+        return self._cache.covers(rows, pages.to(self.device))
 
     def _check_step_room(self, rids: list[int]) -> None:
         """Refuse, before anything changes, a step whose new tokens the pools cannot take: a token
@@ -555,7 +569,8 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         if c["cpu_kernel_s"]:
             self._live_cpu.observe(c["bytes_cpu"], c["cpu_kernel_s"], c.get("cpu_calls", 0))
         c["steps_" + step.shape] = 1
-        if self._shape_mode == "auto" and self.placement == "hybrid" and not step.whole:
+        if self._shape_mode == "auto" and self.placement == "hybrid" and not step.whole and \
+                step.shape != "cached":
             self._shapes.record(step.shape_key, step.shape,
                                 (time.perf_counter() - step.t_start) / self.num_layers)
         step.counters = c
@@ -608,7 +623,21 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
 
     def _run_layer(self, step: StepPlan, layer: int, q, k_new, v_new, sel=None) -> torch.Tensor:
         graphs = self._graphs.bind(step, sel) if self._graphs is not None else None
-        if self.placement in ("dense", "gpu") and sel is None:
+        if step.shape == "cached":          # every host page cached: as `gpu` over the cache
+            out = None
+            if graphs is not None:
+                inputs = dict(q=q, k_new=k_new, v_new=v_new)
+                if sel is not None:
+                    inputs["sel"] = sel
+                with (self.trace or NO_TRACE).gpu(layer, "graph replay"):
+                    out = self._replay(graphs, layer, "cached", self._cached_part(layer), **inputs)
+            if out is None:
+                self._append(step, layer, k_new, v_new)
+                with (self.trace or NO_TRACE).gpu(layer, "select + attend"):
+                    out = self.attend_cached(step, layer, q, sel)
+            o = out[0].clone()
+            step.counts += out[1]
+        elif self.placement in ("dense", "gpu") and sel is None:
             out = None
             if graphs is not None:
                 with (self.trace or NO_TRACE).gpu(layer, "graph replay"):

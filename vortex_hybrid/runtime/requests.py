@@ -240,6 +240,47 @@ class Requests:
         if self._cache is not None:
             self._cache.remove_request(rid)
 
+    def _offload_step(self, rids: Sequence[int]) -> None:
+        """plan() in the host placements: offload the pages the requests filled since their last
+        step. While the batch's host pages fit the GPU page cache (and `cfg.cache_prefill`), those
+        pages first enter free cache slots in every layer, copied on the device from the pages they
+        leave (`GpuPageCache.admit_all`; no sync): a batch the cache holds stays wholly cached, so
+        its steps run `cached` (`HybridAttention.plan`)."""
+        cache, kv = self._cache, self.kv
+        if cache is not None and self.cfg.cache_prefill and \
+                sum(kv.num_full_pages(r) for r in rids) * self.num_kv_heads <= cache.num_slots:
+            self._admit_filled(rids)
+        for rid in rids:
+            self._offload_full(rid)
+
+    def _admit_filled(self, rids: Sequence[int]) -> None:
+        """Copy the full pages of `rids` not offloaded yet into free cache slots, every layer
+        (`_offload_step`)."""
+        cache, kv, H = self._cache, self.kv, self.num_kv_heads
+        found = []                                  # (request, logical page, device page)
+        for rid in rids:
+            start, full = self._offloaded.get(rid, 0), kv.num_full_pages(rid)
+            found += [(rid, start + i, d) for i, (d, _) in
+                      enumerate(kv.residency(rid, start, full)) if d >= 0]
+        if not found:
+            return
+        cache.reserve(max(p for _, p, _ in found) + 1)
+        dev = self.device
+        req = torch.as_tensor([cache.index_of(r) for r, _, _ in found], dtype=torch.int64)
+        heads = torch.arange(H, dtype=torch.int64)
+        rows = (req[:, None] * H + heads).flatten().to(dev)                # [m x H] head-minor
+        pages = torch.as_tensor([p for _, p, _ in found], dtype=torch.int64)
+        pages = pages.repeat_interleave(H).to(dev)
+        src = torch.as_tensor([d for _, _, d in found], dtype=torch.int64)
+        src = (src[:, None] * H + heads).flatten().to(dev)                 # device head-pages
+        slots = cache.admit_all(rows, pages)                                # [L, m x H]
+        dst = torch.where(slots >= 0, self._slot_heads[slots.clamp_min(0)], src)   # else: itself
+        layer = torch.arange(self.num_layers, device=dev)[:, None].expand_as(dst)
+        P, D = self.cfg.page_size, self.head_dim
+        for pool in (kv.device_pool.k, kv.device_pool.v):
+            heads_of = pool.view(self.num_layers, -1, P, D)
+            heads_of[layer, dst] = heads_of[layer, src[None, :].expand_as(dst)]
+
     def _offload_full(self, rid: int) -> None:
         """Move the request's full pages that are still device-only to host memory (pages below
         `_offloaded[rid]` already are: no scan of the whole request per step)."""

@@ -1,10 +1,13 @@
 """`ResidentStep`: a layer of `dense` and `gpu` (a mixin of `HybridAttention`): every page is in
-the device pool, so the layer is append, select (gpu), attend: one CUDA graph ("layer").
+the device pool, so the layer is append, select (gpu), attend: one CUDA graph ("layer"). A host
+placement's `cached` step (every host page of its batch in the GPU page cache, in every layer:
+`plan()` checks) runs the same way over the cache's slots ("cached"): no cache step, no fetch, no
+CPU part.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -22,6 +25,33 @@ class ResidentStep:
             self._append(step, layer, inp["k_new"], inp["v_new"])
             return (self.attend_resident(step, layer, inp["q"]),)
         return body
+
+    def _cached_part(self, layer: int):
+        def body(step: StepPlan, inp: dict) -> tuple:
+            self._append(step, layer, inp["k_new"], inp["v_new"])
+            return self.attend_cached(step, layer, inp["q"], inp.get("sel"))
+        return body
+
+    def attend_cached(self, step: StepPlan, layer: int, q: torch.Tensor,
+                      sel: Optional[torch.Tensor] = None) -> tuple:
+        """A host placement's layer in a `cached` step: select (or attend the given `sel`) and
+        attend over the step's device head table with the page cache's slots filled in, as `gpu`
+        attends its pool. The cache's state is read, never changed (no hits stamped, no reuse
+        measured: nothing can be evicted in such a step). Returns (o in q's dtype, counts [5]
+        (`COUNTS`): page-heads attended, 0 fetched, of them read from cache slots, 0, 0). Pure GPU
+        work on the step's tensors: what `layer_graphs` captures."""
+        if sel is None:
+            sel = self._select(step, layer, q)
+        B, H, K = sel.shape
+        sel_r = sel.reshape(B * H, K)
+        chosen = sel_r >= 0
+        idx = sel_r.clamp_min(0).to(torch.int64)
+        from_cache = chosen & (torch.gather(step.dev_heads, 1, idx) < 0)
+        zero = torch.zeros((), dtype=torch.int64, device=self.device)
+        counts = torch.stack([chosen.sum(), zero, from_cache.sum(), zero, zero])
+        table = self._with_cache(layer, step.cache_rows, step.dev_heads)
+        o, _ = self._back(step, layer, q, sel, table, None, None)
+        return o.to(q.dtype), counts
 
     def attend_resident(self, step: StepPlan, layer: int, q: torch.Tensor) -> torch.Tensor:
         """`dense` and `gpu`: every page is in the device pool; select (gpu) and attend. Pure GPU

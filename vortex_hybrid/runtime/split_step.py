@@ -194,10 +194,16 @@ class SplitStep:
         src = torch.where(ok, step.host_heads[plan.rows.clamp_min(0), plan.pages.clamp_min(0)]
                           .to(torch.int64), -1)
         dst = torch.where(ok, self._slot_heads[plan.slots.clamp_min(0)], -1)
-        slots = cache.table(layer, rows, W)                                   # with the fetches
-        in_cache = torch.where(slots >= 0, self._slot_heads[slots.clamp_min(0).to(torch.int64)], -1)
-        table = torch.where(table >= 0, table, in_cache.to(table.dtype))
+        table = self._with_cache(layer, rows, table)                         # with the fetches
         return table, src, dst, [plan.count, plan.hits, plan.misses, plan.evictions]
+
+    def _with_cache(self, layer: int, rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """The head table `table` [R, W] (device head-pages, -1 where a row's page has none) with
+        the page cache's slots of `layer` filled in for the pages it holds (`rows`: the cache's
+        rows of the table's rows). No sync."""
+        slots = self._cache.table(layer, rows, table.shape[1])
+        in_cache = torch.where(slots >= 0, self._slot_heads[slots.clamp_min(0).to(torch.int64)], -1)
+        return torch.where(table >= 0, table, in_cache.to(table.dtype))
 
     def _fetch_capacity(self, selected: int) -> int:
         """Entries of a layer's cache step (`GpuPageCache.step`'s capacity): no more than the

@@ -108,7 +108,12 @@ class WholeStep:
         static = step.static
         s = static.step
         static.split = not (self.placement in ("dense", "gpu") and sel is None)
-        if not static.split:
+        if s.shape == "cached":             # every host page cached: no hand-off (resident_step)
+            self._append(s, layer, k_new, v_new)
+            o, counts = self.attend_cached(s, layer, q, sel)
+            s.counts += counts
+            pending = PendingLayer(layer, out=None, state=(o, None))
+        elif not static.split:
             self._append(s, layer, k_new, v_new)
             pending = PendingLayer(layer, out=None, state=(self.attend_resident(s, layer, q), None))
         else:
@@ -222,7 +227,7 @@ class WholeStep:
             step.next_layer = step.fronts = self.num_layers
             step.finished = True
             c = step.counters
-            if not static.split:            # dense / gpu layers: what plan() counted, per layer
+            if not static.split and step.shape != "cached":   # dense / gpu: what plan() counted
                 c["gpu_pages"] += step.resident_pages * self.num_layers
             c["cpu_pages"] += static.cpu_pages
             c["cpu_part_s"] = static.cpu_s      # the hand-off worker's time in the CPU parts
