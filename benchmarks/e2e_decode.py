@@ -511,6 +511,7 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
                                gpu_cache_pages=slots, kv_dtype=args.dtype,
                                summary_dtype=args.summary_dtype, fetch_share=args.fetch_share,
                                cached_steps=not args.no_cached_steps,
+                               compile_cache_step=args.compile_cache_step,
                                gpu_memory_gib=None if hbm is None else hbm / n_parts,
                                cpu_threads=args.cpu_threads,
                                gpu_reserve_gib=0.0)     # the reserve is already out of z.hbm_usable
@@ -832,6 +833,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-cached-steps", action="store_true",
                     help="offload/hybrid: split every step, even while the GPU page cache holds "
                          "the whole batch (HybridConfig.cached_steps=False; for comparison)")
+    ap.add_argument("--compile-cache-step", action="store_true",
+                    help="offload/hybrid: the page cache's step compiled by torch.compile "
+                         "(HybridConfig.compile_cache_step; compiles during the warm-up)")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per mode (32)")
     ap.add_argument("--warmup", type=int, default=6,
                     help="untimed steps first (6: hybrid's step-shape choice measures 4)")

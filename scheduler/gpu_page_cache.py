@@ -81,7 +81,8 @@ class GpuPageCache:
 
     def __init__(self, num_layers: int, num_slots: int, device: torch.device,
                  max_requests: int = 8, max_pages: int = 64, quotas: bool = True,
-                 prior_reuse=None, heads: int = 1, window_min: int = WINDOW_MIN) -> None:
+                 prior_reuse=None, heads: int = 1, window_min: int = WINDOW_MIN,
+                 compiled: bool = False) -> None:
         if num_slots < 0 or num_layers < 1 or heads < 1:
             raise ValueError(f"num_slots={num_slots} must be >= 0, num_layers={num_layers} and "
                              f"heads={heads} >= 1")
@@ -113,6 +114,8 @@ class GpuPageCache:
         self.window_min = window_min
         """Slots each row holds, kept by `step` (its k entries; no scan over the slots); the spare
         last column absorbs masked-out entries."""
+        self._compiled = torch.compile(_layer_step, dynamic=False) if compiled else None
+        """`_layer_step` compiled (Inductor fuses its small kernels), or None: eager."""
         self.now = 0
         self.now_t = torch.zeros((), dtype=torch.int64, device=device)   # `now` on the device
         self.generation = 0                      # bumped when slot_of is reallocated
@@ -336,40 +339,19 @@ class GpuPageCache:
              fetch: torch.Tensor, capacity: int = 0) -> FetchPlan:
         """rows [B] dense request indices; slots [B, W] = `table(layer, rows, W)`; wanted, fetch
         bool [B, W]: pages this step reads from the cache or would like fetched. Updates the state
-        and returns what to copy, `capacity` entries (default `capacity(B, W)`). No sync."""
-        S, now = self.num_slots, self.now_t
+        and returns what to copy, `capacity` entries (default `capacity(B, W)`). No sync. The work
+        over the layer's state is one function of its tensors (`_layer_step`), compiled by
+        `torch.compile` when the cache was built with `compiled=True`."""
+        S = self.num_slots
         k = capacity or self.capacity(*wanted.shape)
         if not 1 <= k <= S:
             raise ValueError(f"capacity={k} must lie in [1, num_slots={S}]")
-        stamp = self.stamp[layer]
-        hit = wanted & (slots >= 0)
-        used = torch.where(hit, slots, S).flatten().to(torch.int64)
-        stamp.scatter_(0, used, now.expand(used.shape))           # (index_fill_ would sync)
-        want_new = fetch & (slots < 0)
-        misses = (wanted & (slots < 0)).sum()
         window = self._window(layer, k)                                 # the slots ranked
-        n = torch.minimum(want_new.sum(), (stamp[window] < now).sum()).clamp_max(k)  # wanted, room
-        valid = torch.arange(k, device=self.device) < n
-        bp = torch.nonzero_static(want_new, size=k, fill_value=-1)     # the first k, row-major
-        b, p = torch.where(valid[:, None], bp, -1).unbind(1)
-        rank = self._quota_rank(layer, rows, wanted, window) if self.quotas else stamp[window]
-        _, pos = torch.topk(rank, k, largest=False)
-        victims = torch.where(valid, window[pos], S)                    # masked: the spare slot
-        old = self.owner[layer, victims].to(torch.int64)                # [k, 2]; spare: (-1, -1)
-        taken = old[:, 0] >= 0
-        Wt = self.max_pages                                             # the spare column
-        self.slot_of[layer, old[:, 0].clamp_min(0), torch.where(taken, old[:, 1], Wt)] = \
-            self._none                              # a device scalar: a Python -1 would copy
-        req = torch.where(valid, rows[b.clamp_min(0)].to(torch.int64), -1)
-        self.slot_of[layer, req.clamp_min(0), torch.where(valid, p, Wt)] = \
-            torch.where(valid, victims, -1).to(torch.int32)
-        self.owner[layer, victims] = torch.stack([req, torch.where(valid, p, -1)], 1).to(torch.int32)
-        spare = self.held.shape[1] - 1                                  # masked entries land here
-        one = torch.ones_like(req, dtype=torch.int32)
-        self.held[layer].scatter_add_(0, torch.where(taken, old[:, 0], spare), -one)
-        self.held[layer].scatter_add_(0, torch.where(valid, req, spare), one)
-        stamp.scatter_(0, victims, now.expand(victims.shape))           # spare absorbs masked
-        return FetchPlan(b, p, torch.where(valid, victims, -1), hit.sum(), misses, taken.sum(), n)
+        core = _layer_step if self._compiled is None else self._compiled
+        out = core(self.slot_of[layer], self.owner[layer], self.stamp[layer], self.seen[layer],
+                   self.reuse[layer], self.held[layer], self.now_t, rows, slots, wanted, fetch,
+                   window, k, self.quotas)
+        return FetchPlan(*out)
 
     def _window(self, layer: int, k: int) -> torch.Tensor:
         """The slots this step may evict from (int64 [w]): every slot when the cache has at most
@@ -385,28 +367,71 @@ class GpuPageCache:
         hand.copy_((hand + w) % S)
         return window
 
-    def _quota_rank(self, layer: int, rows: torch.Tensor, wanted: torch.Tensor,
-                    window: torch.Tensor) -> torch.Tensor:
-        """Update the batch's reuse averages and rank the `window` slots for eviction: free slots first,
-        then slots of requests holding more than their quota (a request outside the batch has
-        none), then the rest, each group by stamp (LRU). Quota of a batch request = slots x its
-        reuse x its wanted pages / the batch's sum; slots used this step rank last and are never
-        taken (the caller takes only slots older than this step)."""
-        S, now, W = self.num_slots, self.now_t, wanted.shape[1]
-        seen = self.seen[layer].index_select(0, rows)[:, :W]             # [B, W]
-        n_want = wanted.sum(1)
-        again = (wanted & (seen == now - 1)).sum(1)
-        rate = again.float() / n_want.clamp_min(1).float()
-        old = self.reuse[layer].index_select(0, rows)
-        new = torch.where(n_want > 0, REUSE_ALPHA * rate + (1 - REUSE_ALPHA) * old, old)
-        self.reuse[layer].index_copy_(0, rows, new)
-        self.seen[layer, :, :W].index_copy_(0, rows, torch.where(wanted, now.to(torch.int32), seen))
-        weight = new * n_want.float()
-        quota = torch.zeros(self.reuse.shape[1], dtype=torch.float32, device=self.device)
-        quota.index_copy_(0, rows, S * weight / weight.sum().clamp_min(1e-9))
-        owner = self.owner[layer, window, 0].to(torch.int64)
-        held = self.held[layer, :-1]
-        stamp = self.stamp[layer, window]
-        over = (owner >= 0) & (held[owner.clamp_min(0)] > quota[owner.clamp_min(0)]) & \
-            (stamp < now)
-        return torch.where(owner < 0, -2 * OVER_QUOTA, torch.where(over, stamp - OVER_QUOTA, stamp))
+
+def _layer_step(slot_of: torch.Tensor, owner: torch.Tensor, stamp: torch.Tensor,
+                seen: torch.Tensor, reuse: torch.Tensor, held: torch.Tensor, now: torch.Tensor,
+                rows: torch.Tensor, slots: torch.Tensor, wanted: torch.Tensor, fetch: torch.Tensor,
+                window: torch.Tensor, k: int, quotas: bool) -> tuple:
+    """`GpuPageCache.step` over one layer's state (its tensors, changed in place: views of the
+    cache's [L, ...] state), the eviction `window` chosen and `k` the entries: the FetchPlan's
+    fields. A function of tensors only (no layer index), so one compiled graph serves every
+    layer."""
+    S = owner.shape[0] - 1
+    hit = wanted & (slots >= 0)
+    used = torch.where(hit, slots, S).flatten().to(torch.int64)
+    stamp.scatter_(0, used, now.expand(used.shape))               # (index_fill_ would sync)
+    want_new = fetch & (slots < 0)
+    misses = (wanted & (slots < 0)).sum()
+    n = torch.minimum(want_new.sum(), (stamp[window] < now).sum()).clamp_max(k)  # wanted, room
+    valid = torch.arange(k, device=slots.device) < n
+    bp = torch.nonzero_static(want_new, size=k, fill_value=-1)     # the first k, row-major
+    b, p = torch.where(valid[:, None], bp, -1).unbind(1)
+    if quotas:
+        rank = _quota_rank(owner, stamp, seen, reuse, held, now, rows, wanted, window)
+    else:
+        rank = stamp[window]
+    _, pos = torch.topk(rank, k, largest=False)
+    victims = torch.where(valid, window[pos], S)                    # masked: the spare slot
+    old = owner[victims].to(torch.int64)                            # [k, 2]; spare: (-1, -1)
+    taken = old[:, 0] >= 0
+    Wt = slot_of.shape[1] - 1                                       # the spare column
+    none = torch.full((), -1, dtype=torch.int32, device=slots.device)
+    slot_of[old[:, 0].clamp_min(0), torch.where(taken, old[:, 1], Wt)] = none
+    req = torch.where(valid, rows[b.clamp_min(0)].to(torch.int64), -1)
+    slot_of[req.clamp_min(0), torch.where(valid, p, Wt)] = torch.where(valid, victims, -1).to(
+        torch.int32)
+    owner[victims] = torch.stack([req, torch.where(valid, p, -1)], 1).to(torch.int32)
+    spare = held.shape[0] - 1                                       # masked entries land here
+    one = torch.ones_like(req, dtype=torch.int32)
+    held.scatter_add_(0, torch.where(taken, old[:, 0], spare), -one)
+    held.scatter_add_(0, torch.where(valid, req, spare), one)
+    stamp.scatter_(0, victims, now.expand(victims.shape))           # spare absorbs masked
+    return b, p, torch.where(valid, victims, -1), hit.sum(), misses, taken.sum(), n
+
+
+def _quota_rank(owner: torch.Tensor, stamp: torch.Tensor, seen: torch.Tensor, reuse: torch.Tensor,
+                held: torch.Tensor, now: torch.Tensor, rows: torch.Tensor, wanted: torch.Tensor,
+                window: torch.Tensor) -> torch.Tensor:
+    """Update the batch's reuse averages and rank the `window` slots for eviction: free slots first,
+    then slots of requests holding more than their quota (a request outside the batch has
+    none), then the rest, each group by stamp (LRU). Quota of a batch request = slots x its
+    reuse x its wanted pages / the batch's sum; slots used this step rank last and are never
+    taken (the caller takes only slots older than this step). One layer's tensors."""
+    S, W = owner.shape[0] - 1, wanted.shape[1]
+    seen_b = seen.index_select(0, rows)[:, :W]                      # [B, W]
+    n_want = wanted.sum(1)
+    again = (wanted & (seen_b == now - 1)).sum(1)
+    rate = again.float() / n_want.clamp_min(1).float()
+    old = reuse.index_select(0, rows)
+    new = torch.where(n_want > 0, REUSE_ALPHA * rate + (1 - REUSE_ALPHA) * old, old)
+    reuse.index_copy_(0, rows, new)
+    seen[:, :W].index_copy_(0, rows, torch.where(wanted, now.to(torch.int32), seen_b))
+    weight = new * n_want.float()
+    quota = torch.zeros(reuse.shape[0], dtype=torch.float32, device=reuse.device)
+    quota.index_copy_(0, rows, S * weight / weight.sum().clamp_min(1e-9))
+    owner_w = owner[window, 0].to(torch.int64)
+    stamp_w = stamp[window]
+    over = (owner_w >= 0) & (held[:-1][owner_w.clamp_min(0)] > quota[owner_w.clamp_min(0)]) & \
+        (stamp_w < now)
+    return torch.where(owner_w < 0, -2 * OVER_QUOTA,
+                       torch.where(over, stamp_w - OVER_QUOTA, stamp_w))

@@ -667,6 +667,30 @@ def test_a_batch_past_the_cache_splits_and_cached_steps_off_split_always():
         other.close()
 
 
+def test_a_compiled_cache_step_keeps_every_output_and_the_cache_state_of_the_eager_one():
+    """compile_cache_step: the page cache's layer step compiled (one graph for every layer) gives
+    the reference outputs, and the same cache state and counters as the eager step, over steps
+    with misses, fetches, CPU parts and evictions (seed 41)."""
+    runs = []
+    for compiled in (False, True):
+        attn = make("hybrid", slots=3, budget=4, compile_cache_step=compiled, cached_steps=False)
+        shadow = Shadow(attn, 41)
+        rids = [shadow.add(37), shadow.add(26)]
+        for _ in range(P + 1):
+            assert shadow.step(rids) < 1e-5
+        c = attn._cache
+        runs.append((attn.stats()["totals"], [t.clone() for t in (c.slot_of, c.owner, c.stamp,
+                                                                  c.held, c.reuse, c.seen)]))
+        attn.close()
+    (eager, state_e), (comp, state_c) = runs
+    assert eager["evictions"] > 0 and eager["fetched_pages"] > 0 and eager["cpu_pages"] > 0
+    timing = ("gpu_wait_s", "step_host_s", "cpu_kernel_s")
+    assert {k: v for k, v in eager.items() if k not in timing} == \
+        {k: v for k, v in comp.items() if k not in timing}
+    for a, b in zip(state_e, state_c):
+        assert torch.equal(a, b)
+
+
 def test_cached_steps_must_be_a_bool():
     with pytest.raises(ValueError, match="cached_steps='yes' .*True or False"):
         HybridConfig(cached_steps="yes")

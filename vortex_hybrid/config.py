@@ -165,6 +165,11 @@ class HybridConfig:
     attends its pool (one CUDA graph a layer; no cache bookkeeping, fetch or CPU part), so while
     HBM holds the batch the host placements decode at `gpu`'s pace. With `cache_prefill`, the
     pages decode steps fill enter free slots too while the batch fits. False: every step splits."""
+    compile_cache_step: bool = False
+    """`offload` / `hybrid`: run the GPU page cache's per-layer step (hits, LRU and quota ranking,
+    evictions: ~60 small kernels a layer) as one `torch.compile`d function, which Inductor fuses
+    into a few kernels; each batch shape compiles once (seconds) on its first step. Same
+    results as eager."""
     fetch_share: float = 1.0
     """`hybrid`: the most a layer's page cache may fetch in one step, as a share of the step's
     selected head-pages (the cache's step works over that many entries and ranks
@@ -221,7 +226,7 @@ class HybridConfig:
             if (value is not None or name != "gpu_cache_pages") and (not _is_int(value) or value < 0):
                 _fail(name, value, "a non-negative integer" +
                       (", or None" if name == "gpu_cache_pages" else ""))
-        for name in ("cache_prefill", "cached_steps"):
+        for name in ("cache_prefill", "cached_steps", "compile_cache_step"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")
         f = self.fetch_share

@@ -163,7 +163,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
                             page_size=cfg.page_size, flow=cfg.flow)
             self.head_budgets = HeadBudgets(cal, self.device, self.store.device)
         self._cache = GpuPageCache(L, slots * hkv, self.device, prior_reuse=self._prior_reuse(),
-                                   heads=hkv) if slots else None
+                                   heads=hkv, compiled=cfg.compile_cache_step) if slots else None
         """Per (page, KV head) slots: a slot holds one KV head of one page (`GpuPageCache`)."""
         self._slot_heads = (self._slot_pages[:, None] * hkv +
                             torch.arange(hkv, device=self.device)).flatten()
