@@ -48,11 +48,13 @@ def test_host_placements_fill_the_host_store_and_give_the_cache_the_rest_of_hbm(
     host = int(HOST_SHARE * avail) // PAGE
     assert p.host_pages == host
     budget = 40 * MIB
-    slots = (budget - TAIL_PAGES * PAGE - (host + TAIL_PAGES + 1) * ROW) // (PAGE + ROW)
+    # summary rows for the pages requests hold (host and tail pages), none for the slots (copies)
+    slots = (budget - TAIL_PAGES * PAGE - (host + TAIL_PAGES + 1) * ROW) // PAGE
     assert p.gpu_cache_pages == (0 if placement == "cpu" else slots)
     assert p.device_pages == TAIL_PAGES + p.gpu_cache_pages
+    assert p.summary_bytes == (host + TAIL_PAGES + 1) * ROW
     assert p.summary_on_device and p.device_bytes <= budget
-    assert p.device_bytes + (PAGE + ROW) > budget or placement == "cpu"   # nothing left idle
+    assert p.device_bytes + PAGE > budget or placement == "cpu"   # nothing left idle
 
 
 @pytest.mark.parametrize("dtype,share", [("bfloat16", 2), ("float8_e4m3fn", 4)])
@@ -60,9 +62,9 @@ def test_smaller_summaries_leave_their_hbm_to_cache_slots(dtype, share):
     free, avail = 4 * GIB + 40 * MIB, 10 * MIB
     p = plan("hybrid", free, avail, summary_dtype=dtype)
     host, row = int(HOST_SHARE * avail) // PAGE, ROW // share
-    slots = (40 * MIB - TAIL_PAGES * PAGE - (host + TAIL_PAGES + 1) * row) // (PAGE + row)
+    slots = (40 * MIB - TAIL_PAGES * PAGE - (host + TAIL_PAGES + 1) * row) // PAGE
     assert p.gpu_cache_pages == slots > plan("hybrid", free, avail).gpu_cache_pages
-    assert p.summary_bytes == (p.device_pages + host + 1) * row
+    assert p.summary_bytes == (TAIL_PAGES + host + 1) * row
 
 
 def test_a_cache_of_set_size_must_fit_and_explicit_pools_are_kept():
@@ -135,7 +137,7 @@ def test_requests_up_to_capacity_work_and_one_more_is_refused(placement):
 
 
 def test_a_hint_names_float8_summaries_when_the_summaries_crowd_out_the_cache(caplog):
-    free, avail = 4 * GIB + 40 * MIB, 40 * MIB             # summaries of 30 MiB of host pages
+    free, avail = 4 * GIB + 40 * MIB, 48 * MIB             # summaries of 43 MiB of host pages
     p = plan("hybrid", free, avail)
     assert p.summary_on_device and p.summary_bytes > 0.25 * p.gpu_budget_bytes
     hint = summary_hint(cfg("hybrid"), p)

@@ -148,7 +148,8 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
             flow = load_flow(cfg.flow, **dict(cfg.extra))
             self.store = SummaryStore(self.kv, flow, group=hq // hkv,
                                       location="device" if mem.summary_on_device else "host",
-                                      dtype=getattr(torch, cfg.summary_dtype))
+                                      dtype=getattr(torch, cfg.summary_dtype),
+                                      capacity=mem.device_pages - slots + mem.host_pages)
             if self.store.bound.reads_keys:
                 raise ValueError(f"flow {cfg.flow!r} reads page keys when it selects; the runtime "
                                  "selects from page summaries only (library flows that do: quest, "

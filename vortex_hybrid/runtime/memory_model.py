@@ -7,7 +7,8 @@ available memory):
 - `dense`: every page in the device pool, as many as the HBM budget holds.
 - `gpu`: the same, less the summaries of those pages (on the device).
 - host placements: the host pool holds every full page (as many as the host budget holds); the HBM
-  budget holds the summaries of every page (rows for both pools, on the device), the tail pages
+  budget holds the summaries of every page a request can hold (rows for the host pages and the tail
+  pages, on the device; a cache slot holds a copy of a host page and needs none), the tail pages
   (each request's partly filled page, and prefill chunks on their way to the host) and, in
   `offload` and `hybrid`, every page left as a GPU page-cache slot. `cpu` keeps no slots.
 When the summaries do not fit beside the tail pages, `summary_location="auto"` puts them in host
@@ -53,7 +54,7 @@ class MemoryPlan:
     gpu_cache_pages: int
     tail_pages: int
     page_bytes: int                 # K + V of one page, every layer
-    summary_bytes: int              # the summary store (rows for both pools)
+    summary_bytes: int              # the summary store (rows for the pages requests hold)
     summary_on_device: bool
     gpu_budget_bytes: int           # the HBM the runtime may take (gpu_memory_gib)
     host_budget_bytes: int          # the host memory it may take (host_memory_gib)
@@ -155,7 +156,8 @@ def plan_memory(cfg: HybridConfig, num_layers: int, num_kv_heads: int, head_dim:
             raise ValueError(f"device_pages={device_pages} must exceed the {slots} GPU cache "
                              "slots (tail pages need room too)")
         d = device_pages
-        return MemoryPlan(d, h, slots, d - slots, page, (d + h + 1) * row, on_device, gpu, hostb)
+        return MemoryPlan(d, h, slots, d - slots, page, (d - slots + h + 1) * row, on_device, gpu,
+                          hostb)
 
     def fixed(summaries_on_device: bool) -> int:      # HBM before any slot
         return tail_pages * page + ((h + tail_pages + 1) * row if summaries_on_device else 0)
@@ -168,8 +170,7 @@ def plan_memory(cfg: HybridConfig, num_layers: int, num_kv_heads: int, head_dim:
                                                        if on_device else "") +
                          f" take ({fixed(on_device) / GIB:.2f} GiB); raise gpu_memory_gib or lower "
                          "host_memory_gib")
-    per_slot = page + (row if on_device else 0)
-    room = (gpu - fixed(on_device)) // per_slot
+    room = (gpu - fixed(on_device)) // page       # a slot holds a copy: no summary row of its own
     if not caches:
         slots = 0
     elif cfg.gpu_cache_pages is not None:
@@ -180,7 +181,8 @@ def plan_memory(cfg: HybridConfig, num_layers: int, num_kv_heads: int, head_dim:
     else:
         slots = room
     d = tail_pages + slots
-    return MemoryPlan(d, h, slots, tail_pages, page, (d + h + 1) * row, on_device, gpu, hostb)
+    return MemoryPlan(d, h, slots, tail_pages, page, (tail_pages + h + 1) * row, on_device, gpu,
+                      hostb)
 
 
 SUMMARY_HINT_SHARE = 0.25

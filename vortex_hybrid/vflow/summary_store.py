@@ -67,7 +67,7 @@ class SummaryStore:
 
     def __init__(self, kv: PagedKVCache, flow: Union[str, Flow], *, group: int,
                  location: str = "auto", dtype: torch.dtype = torch.float32,
-                 lower: bool = True) -> None:
+                 lower: bool = True, capacity: Optional[int] = None) -> None:
         if not isinstance(kv, PagedKVCache):
             raise ValueError(f"kv must be a PagedKVCache, got {type(kv).__name__}")
         if location not in LOCATIONS:
@@ -80,6 +80,14 @@ class SummaryStore:
         self.flow = load_flow(flow)
         P, D, hkv, L = kv.page_size, kv.head_dim, kv.num_kv_heads, kv.num_layers
         self.capacity = kv.device_alloc.num_pages + kv.host_alloc.num_pages
+        """Rows: one per page the requests can hold at once (default: every page of both pools;
+        a runtime whose device pages are partly cache slots, which hold copies, passes fewer)."""
+        if capacity is not None:
+            if isinstance(capacity, bool) or not isinstance(capacity, int) or \
+                    not 0 <= capacity <= self.capacity:
+                raise ValueError(f"capacity={capacity!r} must be an integer in [0, "
+                                 f"{self.capacity}] (the pages of the two pools)")
+            self.capacity = capacity
         self.device = self._place(location)
         self._lower = lower
         self.bound: BoundFlow = bind_flow(self.flow, P, D, group, self.device, lower=lower)
