@@ -359,7 +359,8 @@ def test_cuda_graph_steps_equal_eager_steps(placement, replay):
             b = eager.run(layer, q, kn, vn, sel=sel)
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (step, layer)
         assert graphed.stats()["last_step"] == {**eager.stats()["last_step"], **{
-            k: graphed.stats()["last_step"][k] for k in ("gpu_wait_s", "step_host_s")}}, step
+            k: graphed.stats()["last_step"][k] for k in ("gpu_wait_s", "step_host_s",
+                                                         "cpu_kernel_s")}}, step
     assert len(graphed._graphs._sets) == 2
     assert graphed._graphs._sets[next(reversed(graphed._graphs._sets))].graphs    # captured
 
@@ -622,7 +623,8 @@ def _whole_step(attn, shadow, rids) -> float:
     worst, outs = 0.0, []
     for layer in range(L):
         q, kn, vn = (shadow.rand(len(rids), h, D) for h in (HQ, HKV, HKV))
-        outs.append((layer, q, kn, vn, attn.run(layer, q, kn, vn).clone()))
+        dev = attn.device
+        outs.append((layer, q, kn, vn, attn.run(layer, q.to(dev), kn.to(dev), vn.to(dev)).cpu()))
     attn.finish_step()
     for layer, q, kn, vn, o in outs:
         for b, rid in enumerate(rids):
@@ -650,7 +652,7 @@ def test_a_batch_past_the_cache_splits_and_cached_steps_off_split_always():
     assert attn.stats()["last_step"]["step_shape"] == "cached"
     before = attn._cache.slot_of.clone()
     attn.plan(rids)
-    attn.run(0, *(torch.randn(2, h, D) for h in (HQ, HKV, HKV)))
+    attn.run(0, *(torch.randn(2, h, D).to(attn.device) for h in (HQ, HKV, HKV)))
     attn.cancel_step()                          # layer 0 ran: nothing of the cache changed
     assert torch.equal(attn._cache.slot_of, before)
     rids.append(shadow.add(25))                 # 6 more full pages: 30 head-pages > 24 slots
