@@ -166,10 +166,10 @@ class HybridConfig:
     HBM holds the batch the host placements decode at `gpu`'s pace. With `cache_prefill`, the
     pages decode steps fill enter free slots too while the batch fits. False: every step splits."""
     compile_cache_step: bool = False
-    """`offload` / `hybrid`: run the GPU page cache's per-layer step (hits, LRU and quota ranking,
-    evictions: ~60 small kernels a layer) as one `torch.compile`d function, which Inductor fuses
-    into a few kernels; each batch shape compiles once (seconds) on its first step. Same
-    results as eager."""
+    """`offload` / `hybrid`: run a split layer's page-cache work (which misses to fetch, the
+    cache's step: hits, LRU and quota ranking, evictions; the head table with the fetches: ~100
+    small kernels a layer) as three `torch.compile`d functions, which Inductor fuses into a few
+    kernels; each batch shape compiles once (seconds) on its first step. Same results as eager."""
     fetch_share: float = 1.0
     """`hybrid`: the most a layer's page cache may fetch in one step, as a share of the step's
     selected head-pages (the cache's step works over that many entries and ranks

@@ -167,43 +167,44 @@ class SplitStep:
         head-pages, dst device head-pages, -1 where unused) is returned for the back part to copy;
         the rest stays with the CPU. chosen, idx [B x Hkv, K]: the selection per row; table: the
         device head table. All on the device, no sync; counts (fetched, hits, misses, evictions)
-        as device scalars, in head-pages."""
+        as device scalars, in head-pages. The work is three functions of the layer's tensors
+        (`fetch_wish`, `GpuPageCache.step`, `fetched_table`), `torch.compile`d with
+        `cfg.compile_cache_step`."""
         cache = self._cache
         R, W = table.shape
         rows = step.cache_rows
-        slots = cache.table(layer, rows, W)                                   # [R, W]
-        host_sel = chosen & (torch.gather(table, 1, idx) < 0)                # host head-pages
-        cached = torch.gather(slots, 1, idx) >= 0
-        wanted = torch.zeros(R, W, dtype=torch.int32, device=self.device)
-        wanted = wanted.scatter_add_(1, idx, host_sel.to(torch.int32)) > 0
-        if self.placement == "offload":
-            to_fetch = wanted
-        else:
-            miss = host_sel & ~cached                                         # [R, K]
-            if step.shape == "subbatch":        # the CPU's sub-batch fetches nothing
-                H = self.num_kv_heads
-                pick = miss & ~step.cpu_rows.repeat_interleave(H)[:, None]
-            else:
-                reuse = cache.reuse[layer].index_select(0, rows)              # last step's
-                pick = self._hybrid_fetch(miss, reuse, host_sel.sum())
-            to_fetch = torch.zeros(R, W, dtype=torch.int32, device=self.device)
-            to_fetch = to_fetch.scatter_add_(1, idx, pick.to(torch.int32)) > 0
+        mode = "all" if self.placement == "offload" else \
+            "cpu_rows" if step.shape == "subbatch" else "split"
+        cpu_rows = step.cpu_rows.repeat_interleave(self.num_kv_heads) if mode == "cpu_rows" \
+            else None
+        wish, fetched = self._cache_fns
+        slots, wanted, to_fetch = wish(
+            cache.slot_of[layer], cache.reuse[layer], rows, chosen, idx, table, cpu_rows,
+            self._live_cpu.tensor, self._live_cpu.call_tensor, mode, cache.num_slots,
+            self._head_bytes, self._costs.h2d_bw_concurrent)
         capacity = self._fetch_capacity(R * idx.shape[1])
         plan = cache.step(layer, rows, slots, wanted, to_fetch, capacity=capacity)
-        ok = plan.slots >= 0
-        src = torch.where(ok, step.host_heads[plan.rows.clamp_min(0), plan.pages.clamp_min(0)]
-                          .to(torch.int64), -1)
-        dst = torch.where(ok, self._slot_heads[plan.slots.clamp_min(0)], -1)
-        table = self._with_cache(layer, rows, table)                         # with the fetches
+        table, src, dst = fetched(cache.slot_of[layer], rows, table, plan.rows, plan.pages,
+                                  plan.slots, step.host_heads, self._slot_heads)
         return table, src, dst, [plan.count, plan.hits, plan.misses, plan.evictions]
+
+    @property
+    def _cache_fns(self) -> tuple:
+        """(`fetch_wish`, `fetched_table`), compiled once per runtime with
+        `cfg.compile_cache_step`."""
+        fns = self.__dict__.get("_cache_fns_made")
+        if fns is None:
+            fns = (fetch_wish, fetched_table)
+            if self.cfg.compile_cache_step:
+                fns = tuple(torch.compile(f, dynamic=False) for f in fns)
+            self.__dict__["_cache_fns_made"] = fns
+        return fns
 
     def _with_cache(self, layer: int, rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """The head table `table` [R, W] (device head-pages, -1 where a row's page has none) with
         the page cache's slots of `layer` filled in for the pages it holds (`rows`: the cache's
         rows of the table's rows). No sync."""
-        slots = self._cache.table(layer, rows, table.shape[1])
-        in_cache = torch.where(slots >= 0, self._slot_heads[slots.clamp_min(0).to(torch.int64)], -1)
-        return torch.where(table >= 0, table, in_cache.to(table.dtype))
+        return with_cache(self._cache.slot_of[layer], rows, table, self._slot_heads)
 
     def _fetch_capacity(self, selected: int) -> int:
         """Entries of a layer's cache step (`GpuPageCache.step`'s capacity): no more than the
@@ -216,33 +217,10 @@ class SplitStep:
 
     def _hybrid_fetch(self, miss: torch.Tensor, reuse: torch.Tensor,
                       wanted: torch.Tensor) -> torch.Tensor:
-        """Which missing head-pages to fetch (miss, the result: bool [B x Hkv, K] over the
-        selection). The CPU attends a missing head-page every step it is selected; a fetch
-        copies it once, and the copy serves the following steps too while it stays selected and
-        cached. So a fetch is charged its amortised cost: copy time x (1 - reuse x survival),
-        reuse = the row's measured selection reuse (`GpuPageCache.reuse`), survival = min(1,
-        slots / head-pages wanted this step). Both draw on host DRAM at once, so their concurrent
-        rates apply (docs/hardware.md; the CPU's rate and a call's fixed cost as the running steps
-        measure them, `scheduler.live_rate`). Head-pages go to the copy in order of amortised cost (a
-        row's share one cost: rows are ordered, not head-pages), until the copy would end after
-        the CPU's remaining work, the CPU call's fixed cost (`cpu_call_s`) included: the two then
-        finish together, and a host part too small to pay for a CPU call is fetched whole (the
-        CPU part then has nothing to attend). All on the device, no sync."""
-        survive = (self._cache.num_slots / wanted.clamp_min(1).to(torch.float64)).clamp_max(1.0)
-        factor = (1 - reuse.to(torch.float64) * survive).clamp_min(0.05)        # [R]
-        rows = torch.argsort(factor, stable=True)         # a row's head-pages share its cost:
-        n = miss.index_select(0, rows).flatten().to(torch.float64)  # rows cheap first, row-major
-        cost = factor.index_select(0, rows)[:, None].expand_as(miss).flatten()
-        cpu_s = self._head_bytes / self._live_cpu.tensor       # read at replay: the live rate
-        copy = torch.cumsum(cost * n, 0) * (self._head_bytes / self._costs.h2d_bw_concurrent)
-        cpu_after = (n.sum() - torch.cumsum(n, 0)) * cpu_s
-        # stop before a row whose fetch would end the copy after what the CPU would take with the
-        # row kept: its pages, the rows after it, and the call's fixed cost
-        stop = (copy > cpu_after + n * cpu_s + self._live_cpu.call_tensor) & (n > 0)
-        keep = torch.cumprod((~stop).to(torch.int8), 0).bool() & (n > 0)  # up to the first stop
-        out = torch.zeros_like(miss)
-        out.index_copy_(0, rows, keep.view_as(miss))
-        return out
+        """`hybrid_fetch` with this runtime's cache size, rates and costs."""
+        return hybrid_fetch(miss, reuse, wanted, self._live_cpu.tensor, self._live_cpu.call_tensor,
+                            self._cache.num_slots, self._head_bytes,
+                            self._costs.h2d_bw_concurrent)
 
     def _copy_pages(self, layer: int, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy head-pages `src` of the host pool into head-pages `dst` of the device pool (both
@@ -301,3 +279,82 @@ class SplitStep:
         o_t, lse_t, _ = cpu_kernels.launch_token_topk_attention(q, k_pool, v_pool, host_table,
                                                                 lens, cand, k_tokens)
         return cpu_kernels.merge_states(o, lse, o_t, lse_t)
+
+
+def with_cache(slot_of: torch.Tensor, rows: torch.Tensor, table: torch.Tensor,
+               slot_heads: torch.Tensor) -> torch.Tensor:
+    """`table` [R, W] with a layer's cached slots filled in where it has no device head-page:
+    slot_of [rows of the cache, W'] (one layer's), slot_heads: slot -> head-page."""
+    slots = slot_of.index_select(0, rows)[:, :table.shape[1]]
+    in_cache = torch.where(slots >= 0, slot_heads[slots.clamp_min(0).to(torch.int64)], -1)
+    return torch.where(table >= 0, table, in_cache.to(table.dtype))
+
+
+def fetch_wish(slot_of: torch.Tensor, reuse: torch.Tensor, rows: torch.Tensor,
+               chosen: torch.Tensor, idx: torch.Tensor, table: torch.Tensor,
+               cpu_rows: "torch.Tensor | None", cpu_rate: torch.Tensor, call_s: torch.Tensor,
+               mode: str, num_slots: int, head_bytes: int, h2d_bw: float) -> tuple:
+    """Before a layer's cache step: (its slots [R, W] of the batch's rows, the pages the step
+    reads from the cache or wants (wanted), those it would like fetched (to_fetch)). One layer's
+    `slot_of` and `reuse`; chosen, idx [R, K] the selection; table the device head table. mode:
+    "all" (`offload`: every host page wanted is fetched), "cpu_rows" (`subbatch`: rows of
+    `cpu_rows` fetch nothing, the rest every miss), "split" (`hybrid_fetch`). No sync."""
+    R, W = table.shape
+    slots = slot_of.index_select(0, rows)[:, :W]                            # [R, W]
+    host_sel = chosen & (torch.gather(table, 1, idx) < 0)                   # host head-pages
+    wanted = torch.zeros(R, W, dtype=torch.int32, device=table.device)
+    wanted = wanted.scatter_add_(1, idx, host_sel.to(torch.int32)) > 0
+    if mode == "all":
+        return slots, wanted, wanted
+    miss = host_sel & ~(torch.gather(slots, 1, idx) >= 0)                  # [R, K]
+    if mode == "cpu_rows":                  # the CPU's sub-batch fetches nothing
+        pick = miss & ~cpu_rows[:, None]
+    else:
+        pick = hybrid_fetch(miss, reuse.index_select(0, rows), host_sel.sum(), cpu_rate, call_s,
+                            num_slots, head_bytes, h2d_bw)
+    to_fetch = torch.zeros(R, W, dtype=torch.int32, device=table.device)
+    return slots, wanted, to_fetch.scatter_add_(1, idx, pick.to(torch.int32)) > 0
+
+
+def fetched_table(slot_of: torch.Tensor, rows: torch.Tensor, table: torch.Tensor,
+                  plan_rows: torch.Tensor, plan_pages: torch.Tensor, plan_slots: torch.Tensor,
+                  host_heads: torch.Tensor, slot_heads: torch.Tensor) -> tuple:
+    """After a layer's cache step: (the head table with the cache's slots, the fetches' sources
+    in the host pool's head-pages and destinations in the device pool's, -1 where unused)."""
+    ok = plan_slots >= 0
+    src = torch.where(ok, host_heads[plan_rows.clamp_min(0), plan_pages.clamp_min(0)]
+                      .to(torch.int64), -1)
+    dst = torch.where(ok, slot_heads[plan_slots.clamp_min(0)], -1)
+    return with_cache(slot_of, rows, table, slot_heads), src, dst
+
+
+def hybrid_fetch(miss: torch.Tensor, reuse: torch.Tensor, wanted: torch.Tensor,
+                 cpu_rate: torch.Tensor, call_s: torch.Tensor, num_slots: int, head_bytes: int,
+                 h2d_bw: float) -> torch.Tensor:
+    """Which missing head-pages to fetch (miss, the result: bool [B x Hkv, K] over the
+    selection). The CPU attends a missing head-page every step it is selected; a fetch
+    copies it once, and the copy serves the following steps too while it stays selected and
+    cached. So a fetch is charged its amortised cost: copy time x (1 - reuse x survival),
+    reuse = the row's measured selection reuse (`GpuPageCache.reuse`), survival = min(1,
+    slots / head-pages wanted this step). Both draw on host DRAM at once, so their concurrent
+    rates apply (docs/hardware.md; the CPU's rate `cpu_rate` and a call's fixed cost `call_s` as
+    the running steps measure them, `scheduler.live_rate`; `h2d_bw` the link's). Head-pages go to
+    the copy in order of amortised cost (a row's share one cost: rows are ordered, not
+    head-pages), until the copy would end after the CPU's remaining work, the CPU call's fixed
+    cost included: the two then finish together, and a host part too small to pay for a CPU call
+    is fetched whole (the CPU part then has nothing to attend). All on the device, no sync."""
+    survive = (num_slots / wanted.clamp_min(1).to(torch.float64)).clamp_max(1.0)
+    factor = (1 - reuse.to(torch.float64) * survive).clamp_min(0.05)        # [R]
+    rows = torch.argsort(factor, stable=True)         # a row's head-pages share its cost:
+    n = miss.index_select(0, rows).flatten().to(torch.float64)  # rows cheap first, row-major
+    cost = factor.index_select(0, rows)[:, None].expand_as(miss).flatten()
+    cpu_s = head_bytes / cpu_rate                     # read at replay: the live rate
+    copy = torch.cumsum(cost * n, 0) * (head_bytes / h2d_bw)
+    cpu_after = (n.sum() - torch.cumsum(n, 0)) * cpu_s
+    # stop before a row whose fetch would end the copy after what the CPU would take with the
+    # row kept: its pages, the rows after it, and the call's fixed cost
+    stop = (copy > cpu_after + n * cpu_s + call_s) & (n > 0)
+    keep = torch.cumprod((~stop).to(torch.int8), 0).bool() & (n > 0)  # up to the first stop
+    out = torch.zeros_like(miss)
+    out.index_copy_(0, rows, keep.view_as(miss))
+    return out
