@@ -122,10 +122,16 @@ class KVMachine(RuleBasedStateMachine):
 
     @invariant()
     def every_request_reads_exactly_its_own_tokens(self):
+        """Per layer (`read`), and every layer's token range at once (`read_tokens`: the
+        restaging read of a chunked prefill), whichever copy each page has."""
         for rid, (k, v) in self.data.items():
             for layer in range(L):
                 k1, v1 = self.kv.read(rid, layer)
                 assert torch.equal(k1, k[layer]) and torch.equal(v1, v[layer])
+            T = k.shape[1]
+            for start, end in ((0, T), (T // 3, T - T // 4), (T, T)):
+                k2, v2 = self.kv.read_tokens(rid, start, end)
+                assert torch.equal(k2, k[:, start:end]) and torch.equal(v2, v[:, start:end])
 
     @invariant()
     def page_tables_follow_the_residency(self):
@@ -170,6 +176,15 @@ def test_offload_then_load_is_bit_exact_in_every_dtype():
             k1, v1 = kv.read(rid, layer)
             assert torch.equal(k1.view(torch.uint8), k[layer].view(torch.uint8))
             assert torch.equal(v1.view(torch.uint8), v[layer].view(torch.uint8))
+
+
+def test_read_tokens_refuses_a_range_outside_the_request():
+    kv = new_cache()
+    rid = kv.create_request()
+    kv.append(rid, torch.randn(L, 6, H, D).bfloat16(), torch.randn(L, 6, H, D).bfloat16())
+    for start, end in ((-1, 3), (4, 3), (0, 7)):
+        with pytest.raises(ValueError, match=rf"tokens \[{start}, {end}\) outside request"):
+            kv.read_tokens(rid, start, end)
 
 
 def test_out_of_pages_raises_and_leaves_state_intact():

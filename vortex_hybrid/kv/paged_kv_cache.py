@@ -391,15 +391,56 @@ class PagedKVCache:
         """K and V of one layer as pages `[num_pages, num_kv_heads, page_size, head_dim]` on the
         CPU, each page from whichever copy it has; positions past `seq_len` hold whatever the tail
         page holds, as in the pools (for tests, debugging and research paths)."""
-        r = self._req(rid)
+        self._req(rid)
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer={layer} outside 0..{self.num_layers - 1}")
-        shape = (len(r.device_pages), self.num_kv_heads, self.page_size, self.head_dim)
-        k, v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
-        for i, (d, h) in enumerate(zip(r.device_pages, r.host_pages)):
-            pool, page = (self.device_pool, d) if d != NOT_RESIDENT else (self.host_pool, h)
-            k[i], v[i] = pool.k[layer, page].cpu(), pool.v[layer, page].cpu()
-        return k, v
+        k, v = self.gather(rid, layer, layer + 1, torch.device("cpu"))
+        return k[0], v[0]
+
+    def gather(self, rid: int, first_layer: int = 0, end_layer: Optional[int] = None,
+               device: Optional[torch.device] = None, pages: Optional[slice] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of layers [first_layer, end_layer) as pages `[layers, num_pages, num_kv_heads,
+        page_size, head_dim]` (the request's logical `pages`, default all) on `device` (default:
+        the device pool's), each page from the device copy when it has one, else the host copy:
+        one gather per pool, not a copy per page."""
+        r = self._req(rid)
+        end_layer = self.num_layers if end_layer is None else end_layer
+        if not 0 <= first_layer < end_layer <= self.num_layers:
+            raise ValueError(f"layers [{first_layer}, {end_layer}) outside 0..{self.num_layers}")
+        device = self.device if device is None else torch.device(device)
+        pages = slice(None) if pages is None else pages
+        dev = torch.as_tensor(r.device_pages[pages], dtype=torch.int64)
+        host = torch.as_tensor(r.host_pages[pages], dtype=torch.int64)
+        shape = (end_layer - first_layer, dev.numel(), self.num_kv_heads, self.page_size,
+                 self.head_dim)
+        out = tuple(torch.empty(shape, dtype=self.dtype, device=device) for _ in range(2))
+        on_dev = dev != NOT_RESIDENT
+        for pool, where_, on in ((self.device_pool, dev, on_dev), (self.host_pool, host, ~on_dev)):
+            at = on.nonzero().flatten()
+            if at.numel() == 0:
+                continue
+            src = where_[at].to(pool.k.device)
+            for o, t in zip(out, (pool.k, pool.v)):
+                o[:, at.to(device)] = t[first_layer:end_layer].index_select(1, src).to(device)
+        return out
+
+    def read_tokens(self, rid: int, start: int = 0, end: Optional[int] = None,
+                    device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of tokens [start, end) (default: all) of every layer, `[num_layers, end -
+        start, num_kv_heads, head_dim]` on `device` (default: the device pool's): `gather`'s
+        pages as token rows."""
+        n = self._req(rid).seq_len
+        end = n if end is None else end
+        if not 0 <= start <= end <= n:
+            raise ValueError(f"tokens [{start}, {end}) outside request {rid}'s 0..{n}")
+        P = self.page_size
+        first, last = start // P, -(-end // P)
+        k, v = self.gather(rid, device=device, pages=slice(first, last))
+        return tuple(t.transpose(2, 3).reshape(
+            self.num_layers, -1, self.num_kv_heads, self.head_dim)[:, start - first * P:
+                                                                   end - first * P]
+            for t in (k, v))
 
     def read(self, rid: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V `[seq_len, num_kv_heads, head_dim]` of one layer, on the CPU (`read_pages` as

@@ -232,9 +232,8 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
                     f"request-pool row {row} starts its extend at token {start} but the runtime "
                     "holds no such prefix (a prefix-cache hit: run with --disable-radix-cache)")
                 continue
-            kv = [self.runtime.kv.read(rid, layer) for layer in range(self.num_layers)]
-            staging.write(staging.slots(row, 0, start), torch.stack([k for k, _ in kv]),
-                          torch.stack([v for _, v in kv]))
+            k, v = self.runtime.kv.read_tokens(rid, 0, start, staging.pool.k_buffer[0].device)
+            staging.write(staging.slots(row, 0, start), k, v)
         batch = copy.copy(forward_batch)
         batch.out_cache_loc = new.to(forward_batch.out_cache_loc.device)
         batch.req_to_token_pool = staging.req_to_token_pool

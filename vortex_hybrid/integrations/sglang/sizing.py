@@ -208,11 +208,12 @@ class Staging:
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """K and V [num_layers, T, Hkv, D] of T tokens into `slots` (restaging earlier chunks)."""
         pool = self.pool
+        slots = slots.to(pool.k_buffer[0].device)
         for layer in range(pool.layer_num):
-            pool.k_buffer[layer][slots] = k[layer].to(pool.k_buffer[layer].dtype).to(
-                pool.k_buffer[layer].device)
-            pool.v_buffer[layer][slots] = v[layer].to(pool.v_buffer[layer].dtype).to(
-                pool.v_buffer[layer].device)
+            pool.k_buffer[layer][slots] = k[layer].to(pool.k_buffer[layer].device,
+                                                      pool.k_buffer[layer].dtype)
+            pool.v_buffer[layer][slots] = v[layer].to(pool.v_buffer[layer].device,
+                                                      pool.v_buffer[layer].dtype)
 
     def slots(self, row: int, start: int, end: int) -> torch.Tensor:
         return self.req_to_token_pool.req_to_token[row, start:end].to(torch.int64)
