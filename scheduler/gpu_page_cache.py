@@ -41,6 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vortex_hybrid.compiled import compiled as compile_fn
+
 
 @dataclass
 class FetchPlan:
@@ -114,7 +116,7 @@ class GpuPageCache:
         self.window_min = window_min
         """Slots each row holds, kept by `step` (its k entries; no scan over the slots); the spare
         last column absorbs masked-out entries."""
-        self._compiled = torch.compile(_layer_step, dynamic=False) if compiled else None
+        self._compiled = compile_fn(_layer_step) if compiled else None
         """`_layer_step` compiled (Inductor fuses its small kernels), or None: eager."""
         self.now = 0
         self.now_t = torch.zeros((), dtype=torch.int64, device=device)   # `now` on the device

@@ -169,7 +169,9 @@ class HybridConfig:
     """`offload` / `hybrid`: run a split layer's page-cache work (which misses to fetch, the
     cache's step: hits, LRU and quota ranking, evictions; the head table with the fetches: ~100
     small kernels a layer) as three `torch.compile`d functions, which Inductor fuses into a few
-    kernels; each batch shape compiles once (seconds) on its first step. Same results as eager."""
+    kernels; each batch shape compiles once (seconds) on its first step. Same results as eager;
+    a function whose compilation fails runs eagerly from then on, with a warning
+    (`vortex_hybrid.compiled`)."""
     fetch_share: float = 1.0
     """`hybrid`: the most a layer's page cache may fetch in one step, as a share of the step's
     selected head-pages (the cache's step works over that many entries and ranks

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..compiled import compiled
 from .step_plan import head_table
 from .step_trace import NO_TRACE
 
@@ -196,7 +197,7 @@ class SplitStep:
         if fns is None:
             fns = (fetch_wish, fetched_table)
             if self.cfg.compile_cache_step:
-                fns = tuple(torch.compile(f, dynamic=False) for f in fns)
+                fns = tuple(compiled(f) for f in fns)
             self.__dict__["_cache_fns_made"] = fns
         return fns
 
