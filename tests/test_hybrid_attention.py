@@ -615,6 +615,25 @@ def test_a_batch_the_cache_holds_runs_cached_steps_as_its_pages_fill(placement, 
     attn.close()
 
 
+@pytest.mark.parametrize("whole", [False, True])
+def test_a_cached_step_counts_what_the_same_step_split_counts(whole):
+    """plan() counts a cached step's page-heads (attended, read from slots) from the budgets,
+    without a kernel; the same steps split (`cached_steps=False`: the cache step counts its hits
+    on the device) give the same outputs and the same counts (seed 35)."""
+    twins = [make("hybrid", slots=64, budget=4, cached_steps=c) for c in (True, False)]
+    shadows = [Shadow(t, 35) for t in twins]
+    rids = [[s.add(n) for n in (21, 10, 6)] for s in shadows]
+    for step in range(P + 2):
+        for t, sh, r in zip(twins, shadows, rids):
+            assert (_whole_step(t, sh, r) if whole else sh.step(r)) < 1e-5
+        a, b = (t.stats()["last_step"] for t in twins)
+        assert a["step_shape"] == "cached" and b["step_shape"] != "cached"
+        assert b["fetched_pages"] == b["cpu_pages"] == 0, b
+        assert (a["gpu_pages"], a["cache_hits"]) == (b["gpu_pages"], b["cache_hits"]), (step, a, b)
+    for t in twins:
+        t.close()
+
+
 def _whole_step(attn, shadow, rids) -> float:
     """One whole step (planned with whole_step=True, its layers run eagerly) checked like
     `Shadow.step`: the worst relative error against the reference."""

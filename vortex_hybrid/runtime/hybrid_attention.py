@@ -361,7 +361,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
                 cache.next_step()                     # last: cache_rows set = the clock moved
                 step.cache_rows = rows
                 if fixed is None and self._all_cached(rids, rows):
-                    step.shape = "cached"
+                    self._plan_cached(step, rids)
             if fixed is not None:
                 step = fixed_step(self, step, fixed, positions, self._pad_page, pad_rows)
             key = self._plan_whole(step) if whole_step else None
@@ -389,6 +389,21 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
             return False
         pages = torch.as_tensor(host, dtype=torch.int64).repeat_interleave(self.num_kv_heads)
         return self._cache.covers(rows, pages.to(self.device))
+
+    def _plan_cached(self, step: StepPlan, rids: list[int]) -> None:
+        """Make `step` a `cached` one: every layer's head table with the cache's slots filled in,
+        at once (`cached_heads` [L, B x Hkv, W]: a cached layer then does no table work), and the
+        page-heads its layers read from slots: every selected page but each request's pages on the
+        device, which are its last ones, always among the `recent` pages the selection keeps."""
+        cache, H = self._cache, self.num_kv_heads
+        dev = step.dev_heads
+        slots = cache.slot_of[:, step.cache_rows, :dev.shape[1]]                  # [L, R, W]
+        in_cache = torch.where(slots >= 0, self._slot_heads[slots.clamp_min(0).to(torch.int64)],
+                               -1)
+        step.cached_heads = torch.where(dev[None] >= 0, dev[None], in_cache.to(dev.dtype))
+        on_device = sum(self.kv.num_pages(r) - self._offloaded.get(r, 0) for r in rids)
+        step.cached_hits = max(0, step.resident_pages - H * on_device)
+        step.shape = "cached"
 
     def _check_step_room(self, rids: list[int]) -> None:
         """Refuse, before anything changes, a step whose new tokens the pools cannot take: a token
@@ -637,7 +652,11 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
                 with (self.trace or NO_TRACE).gpu(layer, "select + attend"):
                     out = self.attend_cached(step, layer, q, sel)
             o = out[0].clone()
-            step.counts += out[1]
+            if len(out) > 1:                # a given selection: counted on the device
+                step.counts += out[1]
+            else:
+                step.counters["gpu_pages"] += step.resident_pages
+                step.counters["cache_hits"] += step.cached_hits
         elif self.placement in ("dense", "gpu") and sel is None:
             out = None
             if graphs is not None:

@@ -53,17 +53,18 @@ class CaptureFailed(RuntimeError):
 
 
 def _padded(t: Optional[torch.Tensor], width: int) -> Optional[torch.Tensor]:
+    """A table's copy `width` wide in its last dimension, -1 padded."""
     if t is None:
         return None
-    out = torch.full((t.shape[0], width), -1, dtype=t.dtype, device=t.device)
-    out[:, :t.shape[1]] = t
+    out = torch.full((*t.shape[:-1], width), -1, dtype=t.dtype, device=t.device)
+    out[..., :t.shape[-1]] = t
     return out
 
 
 def _load_padded(dst: Optional[torch.Tensor], src: Optional[torch.Tensor]) -> None:
     if dst is not None:
-        dst[:, :src.shape[1]].copy_(src)
-        dst[:, src.shape[1]:].fill_(-1)
+        dst[..., :src.shape[-1]].copy_(src)
+        dst[..., src.shape[-1]:].fill_(-1)
 
 
 class _GraphSet:
@@ -82,7 +83,8 @@ class _GraphSet:
             host_table=_padded(step.host_table, width), lens_cpu=step.lens_cpu.clone(),
             counts=step.counts.clone(), sum_rows=clone(step.sum_rows),
             dev_heads=_padded(step.dev_heads, width), host_heads=_padded(step.host_heads, width),
-            lens_heads=clone(step.lens_heads), budgets=clone(step.budgets))
+            lens_heads=clone(step.lens_heads), budgets=clone(step.budgets),
+            cached_heads=_padded(step.cached_heads, width))
         self.ran = torch.zeros(1, dtype=torch.int64, device=step.lens.device)
         """Layers of a whole step that ran (`whole_step`: each layer adds 1 on the device)."""
         self.cpu_io: dict[str, torch.Tensor] = {}
@@ -97,6 +99,8 @@ class _GraphSet:
         """CPU attention calls of the bound whole step (layers whose host part was not empty)."""
         self.split = False
         """Whether the whole step's layers ran split (host placements, or a given selection)."""
+        self.given = False
+        """Whether the whole step's layers attended a given selection (`run(sel=...)`)."""
         self.inputs: dict[str, torch.Tensor] = {}
         self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, str], tuple] = {}
@@ -109,7 +113,7 @@ class _GraphSet:
         """Copy a new step's tables into the static buffers (same shape)."""
         s = self.step
         for name in ("dev_table", "s_table", "host_table_dev", "host_table", "dev_heads",
-                     "host_heads"):
+                     "host_heads", "cached_heads"):
             _load_padded(getattr(s, name), getattr(step, name))
         for name in ("lens", "s_lens", "write_pages", "write_offs", "cache_rows", "cpu_rows",
                      "nonfinite", "lens_cpu", "counts", "sum_rows", "lens_heads", "budgets"):

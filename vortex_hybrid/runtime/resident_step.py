@@ -34,24 +34,26 @@ class ResidentStep:
 
     def attend_cached(self, step: StepPlan, layer: int, q: torch.Tensor,
                       sel: Optional[torch.Tensor] = None) -> tuple:
-        """A host placement's layer in a `cached` step: select (or attend the given `sel`) and
-        attend over the step's device head table with the page cache's slots filled in, as `gpu`
-        attends its pool. The cache's state is read, never changed (no hits stamped, no reuse
-        measured: nothing can be evicted in such a step). Returns (o in q's dtype, counts [5]
-        (`COUNTS`): page-heads attended, 0 fetched, of them read from cache slots, 0, 0). Pure GPU
-        work on the step's tensors: what `layer_graphs` captures."""
-        if sel is None:
+        """A host placement's layer in a `cached` step: select and attend over the layer's head
+        table with the page cache's slots filled in (`step.cached_heads`, made by plan()), as
+        `gpu` attends its pool. The cache's state is read, never changed (no hits stamped, no
+        reuse measured: nothing can be evicted in such a step). Returns (o in q's dtype,); with a
+        given `sel` (research), (o, counts [5] (`COUNTS`): page-heads attended, 0 fetched, of them
+        read from cache slots, 0, 0), counted on the device (plan() counts the flow's selection).
+        Pure GPU work on the step's tensors: what `layer_graphs` captures."""
+        table = step.cached_heads[layer]
+        given = sel is not None
+        if not given:
             sel = self._select(step, layer, q)
+        o, _ = self._back(step, layer, q, sel, table, None, None)
+        if not given:
+            return (o.to(q.dtype),)
         B, H, K = sel.shape
         sel_r = sel.reshape(B * H, K)
         chosen = sel_r >= 0
-        idx = sel_r.clamp_min(0).to(torch.int64)
-        from_cache = chosen & (torch.gather(step.dev_heads, 1, idx) < 0)
+        from_cache = chosen & (torch.gather(step.dev_heads, 1, sel_r.clamp_min(0).long()) < 0)
         zero = torch.zeros((), dtype=torch.int64, device=self.device)
-        counts = torch.stack([chosen.sum(), zero, from_cache.sum(), zero, zero])
-        table = self._with_cache(layer, step.cache_rows, step.dev_heads)
-        o, _ = self._back(step, layer, q, sel, table, None, None)
-        return o.to(q.dtype), counts
+        return o.to(q.dtype), torch.stack([chosen.sum(), zero, from_cache.sum(), zero, zero])
 
     def attend_resident(self, step: StepPlan, layer: int, q: torch.Tensor) -> torch.Tensor:
         """`dense` and `gpu`: every page is in the device pool; select (gpu) and attend. Pure GPU

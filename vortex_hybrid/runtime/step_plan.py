@@ -68,6 +68,9 @@ class StepPlan:
     dev_heads: Optional[torch.Tensor] = None         # int32 [B x Hkv, W] head tables of split
     host_heads: Optional[torch.Tensor] = None        # layers (device, host pools as head-pages)
     lens_heads: Optional[torch.Tensor] = None        # int32 [B x Hkv] lens per (request, KV head)
+    cached_heads: Optional[torch.Tensor] = None      # int32 [L, B x Hkv, W] a `cached` step's
+                                                     # head tables, every layer (plan())
+    cached_hits: int = 0                             # page-heads a cached layer reads from slots
     fixed: object = None                             # a fixed-shape step's FixedShape (rows past
                                                      # `rids` are padding: `fixed_shape`)
     budgets: Optional[torch.Tensor] = None           # int32 [L, B, Hkv] (store device): a fixed-

@@ -108,11 +108,13 @@ class WholeStep:
         static = step.static
         s = static.step
         static.split = not (self.placement in ("dense", "gpu") and sel is None)
+        static.given = sel is not None
         if s.shape == "cached":             # every host page cached: no hand-off (resident_step)
             self._append(s, layer, k_new, v_new)
-            o, counts = self.attend_cached(s, layer, q, sel)
-            s.counts += counts
-            pending = PendingLayer(layer, out=None, state=(o, None))
+            out = self.attend_cached(s, layer, q, sel)
+            if len(out) > 1:                # a given selection: counted on the device
+                s.counts += out[1]
+            pending = PendingLayer(layer, out=None, state=(out[0], None))
         elif not static.split:
             self._append(s, layer, k_new, v_new)
             pending = PendingLayer(layer, out=None, state=(self.attend_resident(s, layer, q), None))
@@ -227,7 +229,10 @@ class WholeStep:
             step.next_layer = step.fronts = self.num_layers
             step.finished = True
             c = step.counters
-            if not static.split and step.shape != "cached":   # dense / gpu: what plan() counted
+            if step.shape == "cached" and static.given is False:   # the flow's selection
+                c["gpu_pages"] += step.resident_pages * self.num_layers
+                c["cache_hits"] += step.cached_hits * self.num_layers
+            elif not static.split and step.shape != "cached":   # dense / gpu: plan() counted
                 c["gpu_pages"] += step.resident_pages * self.num_layers
             c["cpu_pages"] += static.cpu_pages
             c["cpu_part_s"] = static.cpu_s      # the hand-off worker's time in the CPU parts
