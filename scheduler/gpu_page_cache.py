@@ -249,8 +249,8 @@ class GpuPageCache:
         if m == 0 or S == 0:
             return torch.full((L, m), -1, dtype=torch.int64, device=self.device)
         k = min(m, S)
-        free = (self.owner[:, :S, 0] < 0).to(torch.int64)                      # [L, S]
-        first = free * (S - torch.arange(S, device=self.device))               # earliest first
+        free = (self.owner[:, :S, 0] < 0).to(torch.int32)                      # [L, S]
+        first = free * (S - torch.arange(S, dtype=torch.int32, device=self.device))  # earliest
         val, idx = torch.topk(first, k, dim=1)                                  # [L, k]
         new = self.slot_of[:, rows, pages] < 0                                  # [L, m]
         order = torch.cumsum(new.to(torch.int64), 1) - 1                       # j-th new: slot j
