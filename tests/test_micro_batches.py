@@ -112,6 +112,31 @@ def test_staggered_micro_batches_equal_ordinary_steps(monkeypatch, placement):
         close_all(mb, twins)
 
 
+def test_a_cached_part_beside_a_split_one_equals_ordinary_steps():
+    """Part A's cache holds its batch (its steps run `cached`: no layer published to the shared
+    worker), part B's does not (split, with CPU parts): staggered steps across filled pages equal
+    each twin's ordinary steps, outputs and counters (seed 13)."""
+    kw = dict(budget=4, step_shape="split")     # "auto" explores shapes in ordinary steps only
+    parts = [make("hybrid", slots=64, **kw), make("hybrid", slots=3, **kw)]
+    twins = [make("hybrid", slots=64, **kw), make("hybrid", slots=3, **kw)]
+    for t in twins:
+        t._graphs = None
+    mb = MicroBatches(parts)
+    gen = torch.Generator().manual_seed(13)
+    rids = add(parts, twins, [(21, 10), (17, 30, 45)], gen)
+    try:
+        for step in range(6):
+            staggered_step(mb, twins, rids, gen)
+            for p, t in zip(parts, twins):
+                same_stats(p, t)
+            a, b = (p.stats()["last_step"] for p in parts)
+            assert a["step_shape"] == "cached" and a["cpu_pages"] == 0, (step, a)
+            assert b["step_shape"] != "cached", (step, b)
+        assert parts[1].stats()["totals"]["cpu_pages"] > 0
+    finally:
+        close_all(mb, twins)
+
+
 def test_a_failed_cpu_part_undoes_only_its_own_runtime(monkeypatch):
     """Part B's CPU part raises in layer 0: finish_step() raises it (after finishing A), B's
     requests are as before plan(), A's step stands (its outputs equal its twin's), and the next
