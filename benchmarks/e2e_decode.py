@@ -905,17 +905,19 @@ def parse(argv=None) -> argparse.Namespace:
 
 def report(result: dict) -> str:
     """The markdown table of the modes, ratios first."""
-    head = ["mode", "x dense", "tokens/s", "batch", "context", "ms/step", "LB ms", "of LB",
-            "KV MB/token", "hit", "CPU wait", "CPU parts ms", "of which kernel", "PCIe GB", "CPU GB", "step ran",
-            "HBM GiB", "host GiB", "slots", "reuse", "build s"]
+    head = ["mode", "x dense", "tokens/s", "batch", "context", "ms/step", "plan ms", "LB ms",
+            "of LB", "KV MB/token", "hit", "CPU wait", "CPU parts ms", "of which kernel", "PCIe GB",
+            "CPU GB", "step ran", "shape", "HBM GiB", "host GiB", "slots", "reuse", "build s"]
     lines = [[r["mode"], fmt(r.get("vs_dense"), ".2f", "x"), f"{r['tokens_per_s']:.1f}",
               str(r["batch"]) + (" (" + "+".join(map(str, r["micro_batches"])) + ")"
                                  if len(r.get("micro_batches", [])) > 1 else ""),
-              str(result["context"]), f"{r['ms_per_step']:.2f}", f"{r['lower_bound_ms']:.2f}",
+              str(result["context"]), f"{r['ms_per_step']:.2f}", fmt(r.get("plan_ms"), ".2f"),
+              f"{r['lower_bound_ms']:.2f}",
               f"{r['of_lower_bound']:.0%}", f"{r['kv_bytes_per_token'] / 1e6:.2f}",
               fmt(r["hit_rate"]), fmt(r["cpu_wait_frac"]), f"{r.get('cpu_part_ms', 0):.1f}",
               f"{r.get('cpu_kernel_ms', 0):.1f}", f"{r['pcie_bytes_per_step'] / 1e9:.2f}", f"{r['cpu_bytes_per_step'] / 1e9:.2f}",
-              "/".join(r.get("step_ran", [])) or "-", f"{r['hbm_gib']:.1f}",
+              "/".join(r.get("step_ran", [])) or "-", r.get("step_shape") or "-",
+              f"{r['hbm_gib']:.1f}",
               f"{r['host_gib']:.1f}", str(r["gpu_cache_pages"]), fmt(r.get("reuse")),
               f"{r['build_s']:.0f}"] for r in result["modes"]]
     md = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
