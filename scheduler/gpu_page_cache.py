@@ -12,7 +12,7 @@ tensors per layer, on the runtime's device, so a step needs no host round trip a
 `step(layer, rows, slots, wanted, fetch)` (per layer, vectorised, no synchronisation): pages in
 `wanted` that are cached are hits and get this step's stamp (so nothing in use this step is
 evicted); pages in `fetch` that are not cached take the slots with the oldest stamps (LRU by step:
-a `topk` over the stamps, the GPU-friendly form of a bucketed LRU; exact in a cache of up to
+a counting sort of the slots by age in steps, exact up to `AGES` steps; exact in a cache of up to
 `WINDOW_MIN` slots, and in a larger one over a window of slots that a clock hand moves round, so a
 step's work grows with what it may fetch, not with the cache), whose old pages are evicted;
 when too few slots are older than this step, the rest stays with the CPU. Every output has a fixed
@@ -72,9 +72,6 @@ WINDOW_FACTOR = 4
 
 REUSE_ALPHA = 0.25
 """Weight of the newest step in each request's moving average of selection reuse."""
-OVER_QUOTA = 1 << 40
-"""Stamp offset that ranks a request's slots beyond its quota before every in-quota slot (free slots
-rank before both)."""
 
 
 class GpuPageCache:
@@ -389,10 +386,10 @@ def _layer_step(slot_of: torch.Tensor, owner: torch.Tensor, stamp: torch.Tensor,
     bp = torch.nonzero_static(want_new, size=k, fill_value=-1)     # the first k, row-major
     b, p = torch.where(valid[:, None], bp, -1).unbind(1)
     if quotas:
-        rank = _quota_rank(owner, stamp, seen, reuse, held, now, rows, wanted, window)
+        group = _quota_groups(owner, stamp, seen, reuse, held, now, rows, wanted, window)
     else:
-        rank = stamp[window]
-    _, pos = torch.topk(rank, k, largest=False)
+        group = torch.where(owner[window, 0] < 0, 0, 2)
+    pos = _oldest(group, stamp[window], now, n, k)
     victims = torch.where(valid, window[pos], S)                    # masked: the spare slot
     old = owner[victims].to(torch.int64)                            # [k, 2]; spare: (-1, -1)
     taken = old[:, 0] >= 0
@@ -411,14 +408,37 @@ def _layer_step(slot_of: torch.Tensor, owner: torch.Tensor, stamp: torch.Tensor,
     return b, p, torch.where(valid, victims, -1), hit.sum(), misses, taken.sum(), n
 
 
-def _quota_rank(owner: torch.Tensor, stamp: torch.Tensor, seen: torch.Tensor, reuse: torch.Tensor,
-                held: torch.Tensor, now: torch.Tensor, rows: torch.Tensor, wanted: torch.Tensor,
-                window: torch.Tensor) -> torch.Tensor:
-    """Update the batch's reuse averages and rank the `window` slots for eviction: free slots first,
-    then slots of requests holding more than their quota (a request outside the batch has
-    none), then the rest, each group by stamp (LRU). Quota of a batch request = slots x its
-    reuse x its wanted pages / the batch's sum; slots used this step rank last and are never
-    taken (the caller takes only slots older than this step). One layer's tensors."""
+AGES = 64
+"""Eviction ranks a group's slots by age in steps up to AGES - 1; older slots rank together."""
+
+
+def _oldest(group: torch.Tensor, stamp: torch.Tensor, now: torch.Tensor, n: torch.Tensor,
+            k: int) -> torch.Tensor:
+    """Positions (int64 [k], the first `n` valid, in position order) of the `n` slots that rank
+    first for eviction: by group (0 first), then by age (`now - stamp`, oldest first; ages from
+    AGES - 1 on rank together, as do slots of one age, by position). A counting sort over
+    3 x AGES buckets (a few passes over the slots) instead of a `topk` of `k`, which costs a
+    sort when `k` is near the number of slots. No sync; `n` (a device scalar) at most the slots
+    older than this step, which rank before every slot used in it."""
+    age = (now - stamp).clamp(0, AGES - 1)
+    bucket = group.to(torch.int64) * AGES + (AGES - 1 - age)                 # small: first
+    counts = torch.zeros(3 * AGES, dtype=torch.int64, device=stamp.device)
+    cum = torch.cumsum(counts.scatter_add_(0, bucket, torch.ones_like(bucket)), 0)
+    last = (cum < n).sum()                                 # the bucket of the n-th slot
+    before = torch.where(last > 0, cum.gather(0, (last - 1).clamp_min(0).view(1))[0], 0)
+    tie = bucket == last
+    take = (bucket < last) | (tie & (torch.cumsum(tie.to(torch.int64), 0) <= n - before))
+    return torch.nonzero_static(take, size=k, fill_value=0).flatten()
+
+
+def _quota_groups(owner: torch.Tensor, stamp: torch.Tensor, seen: torch.Tensor,
+                  reuse: torch.Tensor, held: torch.Tensor, now: torch.Tensor, rows: torch.Tensor,
+                  wanted: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Update the batch's reuse averages and group the `window` slots for eviction (`_oldest`
+    then ranks each group by stamp, LRU): 0 free slots, 1 slots of requests holding more than
+    their quota (a request outside the batch has none), 2 the rest. Quota of a batch request =
+    slots x its reuse x its wanted pages / the batch's sum; slots used this step rank last and
+    are never taken (the caller takes only slots older than this step). One layer's tensors."""
     S, W = owner.shape[0] - 1, wanted.shape[1]
     seen_b = seen.index_select(0, rows)[:, :W]                      # [B, W]
     n_want = wanted.sum(1)
@@ -435,5 +455,4 @@ def _quota_rank(owner: torch.Tensor, stamp: torch.Tensor, seen: torch.Tensor, re
     stamp_w = stamp[window]
     over = (owner_w >= 0) & (held[:-1][owner_w.clamp_min(0)] > quota[owner_w.clamp_min(0)]) & \
         (stamp_w < now)
-    return torch.where(owner_w < 0, -2 * OVER_QUOTA,
-                       torch.where(over, stamp_w - OVER_QUOTA, stamp_w))
+    return torch.where(owner_w < 0, 0, torch.where(over, 1, 2))

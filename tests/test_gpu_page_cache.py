@@ -328,3 +328,26 @@ def test_a_large_cache_ranks_a_moving_window_not_every_slot():
     plan = cache.step(0, rows, cache.table(0, rows, 64), want, want, capacity=5)
     assert int(plan.hits) == 5 and int(plan.count) == 5
     assert sorted(cache.pages_of(1, 0).tolist())[:5] == [0, 1, 2, 3, 4]   # in use: kept
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_eviction_takes_the_n_slots_that_rank_first(seed):
+    """`_oldest` (the counting sort that replaced a `topk`): the `n` positions it takes are `n`
+    distinct slots whose (group, age) keys are the `n` smallest, ages capped at AGES - 1; slots
+    used this step (age 0) are never among them while `n` counts only older ones (seed 0-5)."""
+    from vortex_hybrid.scheduler.gpu_page_cache import AGES, _oldest
+    gen = torch.Generator().manual_seed(seed)
+    w, now = 200, 100
+    group = torch.randint(0, 3, (w,), generator=gen)
+    stamp = torch.randint(-1, now + 1, (w,), generator=gen)
+    stamp[group == 0] = -1                                  # free slots
+    group[stamp == now] = 2                                 # used this step: never over quota
+    older = int((stamp < now).sum())
+    for n in sorted({0, 1, older // 3, older}):
+        k = max(1, older)
+        pos = _oldest(group.to(DEVICE), stamp.to(DEVICE), torch.tensor(now, device=DEVICE),
+                      torch.tensor(n, device=DEVICE), k).cpu()[:n]
+        assert len(set(pos.tolist())) == n
+        key = group * AGES + (AGES - 1 - (now - stamp).clamp(0, AGES - 1))
+        assert sorted(key[pos].tolist()) == sorted(key.tolist())[:n], (seed, n)
+        assert bool((stamp[pos] < now).all())
