@@ -71,6 +71,17 @@ def staggered_step(mb, twins, rids, gen) -> None:
     mb.finish_step()
 
 
+def steps_equal_twins(mb, twins, rids, gen, steps: int, check=None) -> None:
+    """`steps` staggered steps, each part's counters equal to its twin's after each, then
+    `check(step)`."""
+    for step in range(steps):
+        staggered_step(mb, twins, rids, gen)
+        for p, t in zip(mb.parts, twins):
+            same_stats(p, t)
+        if check is not None:
+            check(step)
+
+
 def close_all(mb, twins):
     mb.close()
     for t in twins:
@@ -94,13 +105,12 @@ def test_staggered_micro_batches_equal_ordinary_steps(monkeypatch, placement):
     gen = torch.Generator().manual_seed(3)
     rids = add(parts, twins, [(3, 40), (17, 30, 45)], gen)
     try:
-        for step in range(10):
-            staggered_step(mb, twins, rids, gen)
+        def same_cache(step):
             for p, t in zip(parts, twins):
-                same_stats(p, t)
                 if p._cache is not None:
                     for a, b in zip(p._cache.state(0), t._cache.state(0)):
                         assert torch.equal(a, b), step
+        steps_equal_twins(mb, twins, rids, gen, 10, same_cache)
         want = [(s, layer, i) for s in range(10) for layer in range(L) for i in range(2)]
         if placement == "cpu":          # every layer has a host part
             assert calls == want
@@ -125,13 +135,11 @@ def test_a_cached_part_beside_a_split_one_equals_ordinary_steps():
     gen = torch.Generator().manual_seed(13)
     rids = add(parts, twins, [(21, 10), (17, 30, 45)], gen)
     try:
-        for step in range(6):
-            staggered_step(mb, twins, rids, gen)
-            for p, t in zip(parts, twins):
-                same_stats(p, t)
+        def shapes(step):
             a, b = (p.stats()["last_step"] for p in parts)
             assert a["step_shape"] == "cached" and a["cpu_pages"] == 0, (step, a)
             assert b["step_shape"] != "cached", (step, b)
+        steps_equal_twins(mb, twins, rids, gen, 6, shapes)
         assert parts[1].stats()["totals"]["cpu_pages"] > 0
     finally:
         close_all(mb, twins)
