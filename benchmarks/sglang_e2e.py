@@ -206,12 +206,21 @@ def stream_timing(t_start: float, events: dict) -> dict:
     return r
 
 
-def estimate_s(done: list, context: int) -> float:
+def estimate_s(done: list, context: int, requests: Optional[int] = None) -> float:
     """Seconds a run at `context` is expected to take: the longest run of that context so far,
-    else the longest of another context scaled by the context ratio, else MIN_RUN_S."""
-    same = [r["wall_s"] for r in done if r.get("context") == context and r.get("wall_s")]
+    else the longest of another context scaled by the context ratio, else MIN_RUN_S; with the
+    run's predicted `requests`, at least the slowest engine start of that context plus its
+    slowest prefill per request times `requests` (a run that admits 22 requests where the
+    earlier ones admitted 2 prefills 11 times as long)."""
+    same = [r for r in done if r.get("context") == context and r.get("wall_s")]
     if same:
-        return max(MIN_RUN_S, max(same))
+        need = max(MIN_RUN_S, max(r["wall_s"] for r in same))
+        per = [r["prefill_s"] / r["admitted"] for r in same
+               if r.get("prefill_s") and r.get("admitted")]
+        if requests and per:
+            start = max(r.get("engine_start_s") or 0.0 for r in same)
+            need = max(need, start + max(per) * requests)
+        return need
     other = [r["wall_s"] * context / r["context"] for r in done
              if r.get("wall_s") and r.get("context")]
     return max([MIN_RUN_S] + other)
@@ -848,7 +857,7 @@ def main(argv=None) -> int:
                         r = {}
                     left = None if args.time_limit is None else \
                         args.time_limit - (time.monotonic() - t_begin)
-                    need = estimate_s(result["runs"], context)
+                    need = estimate_s(result["runs"], context, r.get("predicted_admission"))
                     if r.get("status") == "no_fit":   # the sizes say it: no engine needed
                         r["wall_s"] = 0.0
                     elif left is not None and left < need:

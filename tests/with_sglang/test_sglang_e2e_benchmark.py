@@ -226,6 +226,12 @@ def test_time_estimates_and_kv_settings():
     done = [{"context": 32768, "wall_s": 200.0}, {"context": 32768, "wall_s": 90.0}]
     assert e2e.estimate_s(done, 32768) == 200.0
     assert e2e.estimate_s(done, 131072) == 800.0
+    # the first Llama-3-8B run's numbers: 2 requests prefilled in 35 s after a 34 s start; a run
+    # admitting 22 needs their prefill too
+    done = [{"context": 32768, "wall_s": 102.0, "prefill_s": 35.0, "admitted": 2,
+             "engine_start_s": 34.0}]
+    assert e2e.estimate_s(done, 32768, 22) == pytest.approx(34.0 + 17.5 * 22)
+    assert e2e.estimate_s(done, 32768, 1) == 102.0 and e2e.estimate_s(done, 32768) == 102.0
     assert e2e.parse_kv("all,12") == [None, 12.0] and e2e.kv_label(12.0) == "12"
     with pytest.raises(ValueError):
         e2e.parse_kv("0")
