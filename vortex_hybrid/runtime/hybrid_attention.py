@@ -69,7 +69,7 @@ from .memory_model import HOST_PLACEMENTS, plan_memory, summary_hint
 from .requests import Requests
 from .resident_step import ResidentStep
 from .selection import Selection
-from .split_step import SplitStep
+from .split_step import SplitStep, cache_fns, with_cache
 from .step_plan import StepPlan, build_plan
 from .step_trace import NO_TRACE, StepTrace
 from .fixed_shape import PAD_OWNER, FixedShape, check_fixed, fixed_step
@@ -166,6 +166,8 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         self._cache = GpuPageCache(L, slots * hkv, self.device, prior_reuse=self._prior_reuse(),
                                    heads=hkv, compiled=cfg.compile_cache_step) if slots else None
         """Per (page, KV head) slots: a slot holds one KV head of one page (`GpuPageCache`)."""
+        self._cache_fns = cache_fns(cfg.compile_cache_step)
+        """A split layer's page-cache work before and after the cache's step (`split_step`)."""
         self._slot_heads = (self._slot_pages[:, None] * hkv +
                             torch.arange(hkv, device=self.device)).flatten()
         """Cache slot -> its head-page in the device pool viewed as [pages x Hkv, 1, P, D]."""
@@ -395,12 +397,9 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         at once (`cached_heads` [L, B x Hkv, W]: a cached layer then does no table work), and the
         page-heads its layers read from slots: every selected page but each request's pages on the
         device, which are its last ones, always among the `recent` pages the selection keeps."""
-        cache, H = self._cache, self.num_kv_heads
-        dev = step.dev_heads
-        slots = cache.slot_of[:, step.cache_rows, :dev.shape[1]]                  # [L, R, W]
-        in_cache = torch.where(slots >= 0, self._slot_heads[slots.clamp_min(0).to(torch.int64)],
-                               -1)
-        step.cached_heads = torch.where(dev[None] >= 0, dev[None], in_cache.to(dev.dtype))
+        step.cached_heads = with_cache(self._cache.slot_of, step.cache_rows, step.dev_heads,
+                                       self._slot_heads)                       # [L, R, W]
+        H = self.num_kv_heads
         on_device = sum(self.kv.num_pages(r) - self._offloaded.get(r, 0) for r in rids)
         step.cached_hits = max(0, step.resident_pages - H * on_device)
         step.shape = "cached"
@@ -639,36 +638,28 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
 
     def _run_layer(self, step: StepPlan, layer: int, q, k_new, v_new, sel=None) -> torch.Tensor:
         graphs = self._graphs.bind(step, sel) if self._graphs is not None else None
-        if step.shape == "cached":          # every host page cached: as `gpu` over the cache
+        cached = step.shape == "cached"     # every host page cached: as `gpu` over the cache
+        if cached or (self.placement in ("dense", "gpu") and sel is None):
+            inputs = dict(q=q, k_new=k_new, v_new=v_new)
+            if sel is not None:
+                inputs["sel"] = sel
             out = None
             if graphs is not None:
-                inputs = dict(q=q, k_new=k_new, v_new=v_new)
-                if sel is not None:
-                    inputs["sel"] = sel
                 with (self.trace or NO_TRACE).gpu(layer, "graph replay"):
-                    out = self._replay(graphs, layer, "cached", self._cached_part(layer), **inputs)
-            if out is None:
+                    out = self._replay(graphs, layer, "layer", self._resident_part(layer),
+                                       **inputs)
+            if out is not None:
+                out = (out[0].clone(),) + tuple(out[1:])    # the graph's static output
+            else:
                 self._append(step, layer, k_new, v_new)
                 with (self.trace or NO_TRACE).gpu(layer, "select + attend"):
-                    out = self.attend_cached(step, layer, q, sel)
-            o = out[0].clone()
+                    out = self.attend_whole(step, layer, q, sel)
+            o = out[0]
             if len(out) > 1:                # a given selection: counted on the device
                 step.counts += out[1]
             else:
                 step.counters["gpu_pages"] += step.resident_pages
                 step.counters["cache_hits"] += step.cached_hits
-        elif self.placement in ("dense", "gpu") and sel is None:
-            out = None
-            if graphs is not None:
-                with (self.trace or NO_TRACE).gpu(layer, "graph replay"):
-                    out = self._replay(graphs, layer, "layer", self._resident_part(layer),
-                                       q=q, k_new=k_new, v_new=v_new)
-            o = None if out is None else out[0].clone()
-            if o is None:
-                self._append(step, layer, k_new, v_new)
-                with (self.trace or NO_TRACE).gpu(layer, "select + attend"):
-                    o = self.attend_resident(step, layer, q)
-            step.counters["gpu_pages"] += step.resident_pages
         else:
             o = self._attend_split(step, layer, q, k_new, v_new, sel, graphs)
         self._summarize_filled(step, layer)

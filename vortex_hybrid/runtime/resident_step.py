@@ -1,8 +1,8 @@
 """`ResidentStep`: a layer of `dense` and `gpu` (a mixin of `HybridAttention`): every page is in
 the device pool, so the layer is append, select (gpu), attend: one CUDA graph ("layer"). A host
 placement's `cached` step (every host page of its batch in the GPU page cache, in every layer:
-`plan()` checks) runs the same way over the cache's slots ("cached"): no cache step, no fetch, no
-CPU part.
+`plan()` checks) runs the same way over the cache's slots (`attend_cached`; its own graph set, as
+the step shape is part of a set's key): no cache step, no fetch, no CPU part.
 """
 
 from __future__ import annotations
@@ -23,14 +23,16 @@ class ResidentStep:
     def _resident_part(self, layer: int):
         def body(step: StepPlan, inp: dict) -> tuple:
             self._append(step, layer, inp["k_new"], inp["v_new"])
-            return (self.attend_resident(step, layer, inp["q"]),)
+            return self.attend_whole(step, layer, inp["q"], inp.get("sel"))
         return body
 
-    def _cached_part(self, layer: int):
-        def body(step: StepPlan, inp: dict) -> tuple:
-            self._append(step, layer, inp["k_new"], inp["v_new"])
-            return self.attend_cached(step, layer, inp["q"], inp.get("sel"))
-        return body
+    def attend_whole(self, step: StepPlan, layer: int, q: torch.Tensor,
+                     sel: Optional[torch.Tensor] = None) -> tuple:
+        """A layer that runs whole (no CPU hand-off): `attend_cached` in a `cached` step, else
+        `dense` / `gpu`'s `attend_resident` as (o,)."""
+        if step.shape == "cached":
+            return self.attend_cached(step, layer, q, sel)
+        return (self.attend_resident(step, layer, q),)
 
     def attend_cached(self, step: StepPlan, layer: int, q: torch.Tensor,
                       sel: Optional[torch.Tensor] = None) -> tuple:

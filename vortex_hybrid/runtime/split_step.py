@@ -189,24 +189,6 @@ class SplitStep:
                                   plan.slots, step.host_heads, self._slot_heads)
         return table, src, dst, [plan.count, plan.hits, plan.misses, plan.evictions]
 
-    @property
-    def _cache_fns(self) -> tuple:
-        """(`fetch_wish`, `fetched_table`), compiled once per runtime with
-        `cfg.compile_cache_step`."""
-        fns = self.__dict__.get("_cache_fns_made")
-        if fns is None:
-            fns = (fetch_wish, fetched_table)
-            if self.cfg.compile_cache_step:
-                fns = tuple(compiled(f) for f in fns)
-            self.__dict__["_cache_fns_made"] = fns
-        return fns
-
-    def _with_cache(self, layer: int, rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """The head table `table` [R, W] (device head-pages, -1 where a row's page has none) with
-        the page cache's slots of `layer` filled in for the pages it holds (`rows`: the cache's
-        rows of the table's rows). No sync."""
-        return with_cache(self._cache.slot_of[layer], rows, table, self._slot_heads)
-
     def _fetch_capacity(self, selected: int) -> int:
         """Entries of a layer's cache step (`GpuPageCache.step`'s capacity): no more than the
         slots or the `selected` head-pages, and in `hybrid` no more than `cfg.fetch_share` of
@@ -282,11 +264,18 @@ class SplitStep:
         return cpu_kernels.merge_states(o, lse, o_t, lse_t)
 
 
+def cache_fns(compile_them: bool) -> tuple:
+    """(`fetch_wish`, `fetched_table`), `torch.compile`d when asked (`vortex_hybrid.compiled`)."""
+    fns = (fetch_wish, fetched_table)
+    return tuple(compiled(f) for f in fns) if compile_them else fns
+
+
 def with_cache(slot_of: torch.Tensor, rows: torch.Tensor, table: torch.Tensor,
                slot_heads: torch.Tensor) -> torch.Tensor:
-    """`table` [R, W] with a layer's cached slots filled in where it has no device head-page:
-    slot_of [rows of the cache, W'] (one layer's), slot_heads: slot -> head-page."""
-    slots = slot_of.index_select(0, rows)[:, :table.shape[1]]
+    """`table` [R, W] with the cached slots filled in where it has no device head-page: slot_of
+    [rows of the cache, W'] (one layer's; or [L, rows, W'] for every layer's tables at once,
+    [L, R, W]), slot_heads: slot -> head-page."""
+    slots = slot_of.index_select(-2, rows)[..., :table.shape[1]]
     in_cache = torch.where(slots >= 0, slot_heads[slots.clamp_min(0).to(torch.int64)], -1)
     return torch.where(table >= 0, table, in_cache.to(table.dtype))
 

@@ -109,15 +109,12 @@ class WholeStep:
         s = static.step
         static.split = not (self.placement in ("dense", "gpu") and sel is None)
         static.given = sel is not None
-        if s.shape == "cached":             # every host page cached: no hand-off (resident_step)
+        if s.shape == "cached" or not static.split:     # a whole layer: no hand-off
             self._append(s, layer, k_new, v_new)
-            out = self.attend_cached(s, layer, q, sel)
+            out = self.attend_whole(s, layer, q, sel)
             if len(out) > 1:                # a given selection: counted on the device
                 s.counts += out[1]
             pending = PendingLayer(layer, out=None, state=(out[0], None))
-        elif not static.split:
-            self._append(s, layer, k_new, v_new)
-            pending = PendingLayer(layer, out=None, state=(self.attend_resident(s, layer, q), None))
         else:
             pending = self._split_whole_begin(s, static, layer, q, k_new, v_new, sel)
         if self.store is not None and s.sum_rows is not None:
