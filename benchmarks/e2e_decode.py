@@ -599,17 +599,24 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
 
 
 def profile_step(attn, rids, st, sels, whole, mode, args) -> None:
-    """One more step under torch.profiler (a replay when whole; the step's selection is the last
-    timed one's); its kernels by GPU time in profile_<mode>.txt."""
+    """One more step under torch.profiler (the step's selection is the last timed one's); when
+    whole, two unprofiled steps first, so that a new key's eager run and capture (and any
+    recompiling) are done and the profiled step is a replay; its kernels by GPU time in
+    profile_<mode>.txt."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    for _ in range(2 if whole else 0):
+        decode_step(attn, rids, st, None if sels is None else sels[-1], whole)
+    sync(st.m.device)
     with profile(activities=acts) as prof:
         decode_step(attn, rids, st, None if sels is None else sels[-1], whole)
         sync(st.m.device)
     key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=40)
+    events = prof.key_averages()
     with open(os.path.join(args.out, f"profile_{mode}.txt"), "w") as fh:
-        fh.write(table + "\n")
+        fh.write(f"kernels by GPU time ({key}):\n{events.table(sort_by=key, row_limit=40)}\n")
+        fh.write("host time by op (self_cpu_time_total: plan(), launches, finish_step()):\n"
+                 f"{events.table(sort_by='self_cpu_time_total', row_limit=30)}\n")
 
 
 def cpu_replay(attn, reps: int) -> dict:

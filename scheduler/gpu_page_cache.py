@@ -74,6 +74,36 @@ REUSE_ALPHA = 0.25
 """Weight of the newest step in each request's moving average of selection reuse."""
 
 
+@dataclass
+class Coverage:
+    """What a caller knows of the cache without asking the device: a check
+    (`GpuPageCache.coverage`) found every layer caching the first `pages[rid]` logical pages of
+    each request, and at least `free` free slots in every layer; true while the cache's `version`
+    is `version` (no change since), or changed only by admissions this knowledge accounted for
+    (`admitted`)."""
+
+    version: int
+    free: int
+    pages: dict
+
+    def holds(self, cache: "GpuPageCache", rids, host) -> bool:
+        """Whether every request `rids[i]` has its first `host[i]` pages cached in every layer."""
+        return self.version == cache.version and \
+            all(self.pages.get(r, -1) >= n for r, n in zip(rids, host))
+
+    def admitted(self, cache: "GpuPageCache", version_before: int, head_pages: int,
+                 pages: dict) -> bool:
+        """After `cache.admit_all` of `head_pages` head-pages (per layer) made at `version_before`:
+        if they fit the known free slots, every one got a slot in every layer, so the knowledge
+        holds on, with `pages` (request -> its pages now known cached); else it is void. Returns
+        whether it holds."""
+        if self.version != version_before or head_pages > self.free:
+            return False
+        self.version, self.free = cache.version, self.free - head_pages
+        self.pages.update(pages)
+        return True
+
+
 class GpuPageCache:
     """Per-layer GPU page cache state (module docstring). quotas: size each request's share of the
     slots from its measured reuse (module docstring); False for plain LRU."""
@@ -118,9 +148,15 @@ class GpuPageCache:
         self.now = 0
         self.now_t = torch.zeros((), dtype=torch.int64, device=device)   # `now` on the device
         self.generation = 0                      # bumped when slot_of is reallocated
+        self.version = 0
+        """Bumped by every eager change of the state (admissions, removals, restores, growth, a
+        step called outside a graph). A graph's replay of `step` changes the state without
+        Python: a caller that keeps anything derived from the state across steps drops it after
+        any step whose layers may have run split (`HybridAttention.plan`)."""
         self._none = torch.full((), -1, dtype=torch.int32, device=device)
         self._index: dict[int, int] = {}         # request id -> dense index
         self._free = list(range(max_requests - 1, -1, -1))
+        self._last_rows: tuple | None = None     # (dense indices, their rows): `rows_of`
         self._backup: tuple[torch.Tensor, ...] = ()
         self._new_backup()
 
@@ -175,9 +211,20 @@ class GpuPageCache:
             return indices
         return (indices[:, None] * h + torch.arange(h, device=indices.device)).flatten()
 
+    def rows_of(self, rids) -> torch.Tensor:
+        """`rows` of requests `rids` (their dense indices given out if new), on the device; the
+        last batch's tensor again when the batch is the same (no new tensor per step). Callers
+        must not write into it."""
+        indices = tuple(self.index_of(r) for r in rids)
+        if self._last_rows is None or self._last_rows[0] != indices:
+            t = torch.as_tensor(indices, dtype=torch.int64).to(self.device)
+            self._last_rows = (indices, self.rows(t))
+        return self._last_rows[1]
+
     def _grow(self, requests: int = 0, pages: int = 0) -> None:
         L, R, W, h = self.slot_of.shape[0], self.max_requests, self.max_pages, self.heads
         R2, W2 = max(R, requests), max(W, pages)
+        self.version += 1
         grown = torch.full((L, R2 * h, W2 + 1), -1, dtype=torch.int32, device=self.device)
         grown[:, :R * h, :W] = self.slot_of[:, :, :W]
         self.slot_of = grown
@@ -199,6 +246,7 @@ class GpuPageCache:
         r = self._index.pop(rid, None)
         if r is None:
             return
+        self.version += 1
         h = self.heads
         mine = self.owner[:, :self.num_slots, 0].div(h, rounding_mode="floor") == r     # [L, S]
         self.owner[:, :self.num_slots][mine] = -1
@@ -221,6 +269,7 @@ class GpuPageCache:
         m = min(pages.numel(), free.numel() // h)
         if m == 0:
             return pages[:0], free[:0].view(0, h)
+        self.version += 1
         self.reserve(int(pages[-1]) + 1)
         r = self.index_of(rid)
         got = pages[pages.numel() - m:]
@@ -245,6 +294,7 @@ class GpuPageCache:
         L, S, m = self.num_layers, self.num_slots, rows.numel()
         if m == 0 or S == 0:
             return torch.full((L, m), -1, dtype=torch.int64, device=self.device)
+        self.version += 1
         k = min(m, S)
         free = (self.owner[:, :S, 0] < 0).to(torch.int32)                      # [L, S]
         first = free * (S - torch.arange(S, dtype=torch.int32, device=self.device))  # earliest
@@ -267,17 +317,20 @@ class GpuPageCache:
         self.held[:, spare] = 0
         return torch.where(valid, slot, -1)
 
-    def covers(self, rows: torch.Tensor, pages: torch.Tensor) -> bool:
+    def coverage(self, rows: torch.Tensor, pages: torch.Tensor, width: int) -> tuple[bool, int]:
         """Whether every layer caches logical pages [0, pages[i]) of row `rows[i]` (int64 [m],
-        device). Synchronises (between steps: `plan`)."""
-        W = int(pages.max()) if pages.numel() else 0
-        if W == 0:
-            return True
-        if W > self.max_pages:
-            return False
-        inside = torch.arange(W, device=self.device)[None, :] < pages[:, None]   # [m, W]
-        got = self.slot_of[:, :, :W].index_select(1, rows) >= 0                   # [L, m, W]
-        return bool((got | ~inside).all())
+        device; `width` = max(pages), known to the caller), and the fewest free slots of any
+        layer. One synchronisation (between steps: `plan`)."""
+        S = self.num_slots
+        if width > self.max_pages:
+            return False, 0
+        free = (self.owner[:, :S, 0] < 0).sum(1).min() if S else torch.zeros((), device=self.device)
+        if width == 0:
+            return True, int(free)
+        inside = torch.arange(width, device=self.device)[None, :] < pages[:, None]   # [m, W]
+        got = self.slot_of[:, :, :width].index_select(1, rows) >= 0                  # [L, m, W]
+        ok, free = torch.stack([(got | ~inside).all().to(free.dtype), free]).tolist()
+        return bool(ok), int(free)
 
     def pages_of(self, rid: int, layer: int) -> torch.Tensor:
         """Logical pages of `rid` cached in `layer` (for tests and diagnostics)."""
@@ -308,6 +361,7 @@ class GpuPageCache:
         """The layer's state as at its last `checkpoint`, except that slots that changed owner
         since are free: their pages were (or were about to be) overwritten by fetches."""
         S = self.num_slots
+        self.version += 1
         before = self._backup[1][layer, :S]
         changed = (self.owner[layer, :S] != before).any(1)
         for keep, t in zip(self._backup, self.state(layer)):
@@ -342,6 +396,7 @@ class GpuPageCache:
         over the layer's state is one function of its tensors (`_layer_step`), compiled by
         `torch.compile` when the cache was built with `compiled=True`."""
         S = self.num_slots
+        self.version += 1                   # at capture only, when a graph records this step
         k = capacity or self.capacity(*wanted.shape)
         if not 1 <= k <= S:
             raise ValueError(f"capacity={k} must lie in [1, num_slots={S}]")

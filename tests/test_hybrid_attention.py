@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 
 from vortex_hybrid import HybridAttention, HybridConfig, reference, vflow
+from vortex_hybrid.runtime.fixed_shape import FixedShape
 
 L, HQ, HKV, D, P = 2, 4, 2, 8, 4
 PLACEMENTS = ["dense", "gpu", "cpu", "offload", "hybrid"]
@@ -656,6 +657,61 @@ def _whole_step(attn, shadow, rids) -> float:
     for rid, (ks, vs) in grown.items():
         shadow.kv[rid] = (torch.stack(ks), torch.stack(vs))
     return worst
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_cached_steps_check_the_cache_on_the_device_only_when_the_runtime_cannot_know(whole):
+    """The runtime checks on the device (`GpuPageCache.coverage`, a synchronisation) whether the
+    cache holds the batch only when it cannot know: the first step, and after anything but cached
+    steps and admissions into slots it knows are free. Pages filling across steps enter such
+    slots, so 2P + 1 cached steps ask the device once; removing a request asks again (seed 37)."""
+    attn = make("hybrid", slots=64, budget=4)
+    shadow = Shadow(attn, 37)
+    rids = [shadow.add(21), shadow.add(10)]
+    cache, asked = attn._cache, []
+    check = cache.coverage
+    cache.coverage = lambda *a: asked.append(a) or check(*a)
+    for step in range(2 * P + 1):
+        worst = _whole_step(attn, shadow, rids) if whole else shadow.step(rids)
+        assert worst < 1e-5, (step, worst)
+        assert attn.stats()["last_step"]["step_shape"] == "cached", step
+    assert len(asked) == 1, len(asked)
+    if whole:                                   # a fixed-shape step never runs cached, and its
+        attn.plan(rids, whole_step=True, fixed=FixedShape(4, 16))   # layers' graph replays
+        assert attn._coverage is None           # would change the cache unseen: known void
+        attn.cancel_step()
+        assert shadow.step(rids) < 1e-5 and attn.stats()["last_step"]["step_shape"] == "cached"
+        assert len(asked) == 2
+        asked.pop()
+    gone = shadow.add(6)
+    assert len(asked) == 1                      # a prefill changed the cache: known void
+    shadow.remove(gone)
+    assert shadow.step(rids) < 1e-5 and attn.stats()["last_step"]["step_shape"] == "cached"
+    assert len(asked) == 2
+    attn.close()
+
+
+def test_a_filled_page_without_a_free_slot_ends_the_cached_steps():
+    """Slots taken by a request outside the batch: the batch's next filled page finds no free
+    slot, so the runtime may not assume it cached (the knowledge's free-slot count is 0): the
+    step after it splits (and fetches the page, so the next is cached again), every step equal
+    to the reference (seed 38)."""
+    attn = make("hybrid", slots=12, budget=4)    # 24 head-page slots
+    shadow = Shadow(attn, 38)
+    rids = [shadow.add(20), shadow.add(8)]       # 5 + 2 full pages: 14 head-pages
+    shadow.add(36)                               # 9 full pages: takes the 10 slots left
+    assert int((attn._cache.owner[:, :24, 0] < 0).sum()) == 0
+    shapes, host = [], []
+    for _ in range(6):                           # A's sixth page fills at its 24th token
+        assert shadow.step(rids) < 1e-5
+        c = attn.stats()["last_step"]
+        shapes.append(c["step_shape"])
+        host.append(c["fetched_pages"] + c["cpu_pages"])
+        if c["step_shape"] != "cached":         # graph replays of its layers would change the
+            assert attn._coverage is None        # cache unseen: plan() forgets what it knew
+    assert shapes[:4] == ["cached"] * 4 and shapes[4] != "cached", shapes
+    assert host[4] > 0, host                     # the new page came from the host
+    attn.close()
 
 
 def test_a_batch_past_the_cache_splits_and_cached_steps_off_split_always():

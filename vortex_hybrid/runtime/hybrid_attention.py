@@ -57,7 +57,7 @@ from ..config import STEP_SHAPES, HybridConfig
 from ..kv.errors import OutOfPagesError
 from ..kv.paged_kv_cache import PagedKVCache, default_device
 from ..scheduler import cost_model
-from ..scheduler.gpu_page_cache import GpuPageCache
+from ..scheduler.gpu_page_cache import Coverage, GpuPageCache
 from ..scheduler.live_rate import LiveCpuRate
 from ..scheduler.step_shape import ShapeChooser, launch_order
 from ..vflow.registry import load_flow
@@ -70,7 +70,7 @@ from .requests import Requests
 from .resident_step import ResidentStep
 from .selection import Selection
 from .split_step import SplitStep, cache_fns, with_cache
-from .step_plan import StepPlan, build_plan
+from .step_plan import StepPlan, build_plan, host_tables_on_device
 from .step_trace import NO_TRACE, StepTrace
 from .fixed_shape import PAD_OWNER, FixedShape, check_fixed, fixed_step
 from .whole_step import PendingLayer, WholeStep
@@ -212,6 +212,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         self.step_shape = cfg.step_shape
         self._cpu_share = self._cpu_row_share()
         self._offloaded: dict[int, int] = {}      # request -> full pages known to be on the host
+        self._coverage: Optional[Coverage] = None  # the page cache's coverage, known on the host
         self._nonfinite: set[int] = set()         # requests that ever wrote NaN / inf K/V
         self._nonfinite_step: set[int] = set()
         self._last: dict = {}
@@ -276,6 +277,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         if step.whole:
             self._settle_whole(step)
         self._step = None
+        self._coverage = None
         if self._cache is not None and step.cache_rows is not None:
             if step.shape != "cached":      # a cached step's layers change no cache state
                 for layer in range(step.fronts):
@@ -358,12 +360,15 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
                                                        device=self.device))
                 step.cache_new = [r for r in rids if not cache.has(r)]
                 cache.reserve(step.dev_table.shape[1])
-                rows = torch.as_tensor([cache.index_of(r) for r in rids], dtype=torch.int64)
-                rows = cache.rows(rows.to(self.device))      # [B x Hkv]: one per KV head
+                rows = cache.rows_of(rids)            # [B x Hkv]: one per KV head
                 cache.next_step()                     # last: cache_rows set = the clock moved
                 step.cache_rows = rows
                 if fixed is None and self._all_cached(rids, rows):
                     self._plan_cached(step, rids)
+            if step.shape != "cached":
+                self._coverage = None             # its layers may change the cache (replays)
+                if host:
+                    host_tables_on_device(self, step)
             if fixed is not None:
                 step = fixed_step(self, step, fixed, positions, self._pad_page, pad_rows)
             key = self._plan_whole(step) if whole_step else None
@@ -382,15 +387,23 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
 
     def _all_cached(self, rids: list[int], rows: torch.Tensor) -> bool:
         """Whether the step can run `cached` (`cfg.cached_steps`): every host page of its requests
-        is in the GPU page cache in every layer. A count first, then one check on the device
-        (`GpuPageCache.covers`: a synchronisation, once a step, only while the batch fits)."""
+        is in the GPU page cache in every layer. A count first; then what the runtime knows
+        (`Coverage`: what the last check found, still true while only cached steps and admissions
+        into known-free slots changed the cache), else one check on the device
+        (`GpuPageCache.coverage`: a synchronisation, only while the batch fits)."""
         if not self.cfg.cached_steps:
             return False
         host = [self._offloaded.get(r, 0) for r in rids]
         if sum(host) * self.num_kv_heads > self._cache.num_slots:
             return False
+        known = self._coverage
+        if known is not None and known.holds(self._cache, rids, host):
+            return True
         pages = torch.as_tensor(host, dtype=torch.int64).repeat_interleave(self.num_kv_heads)
-        return self._cache.covers(rows, pages.to(self.device))
+        ok, free = self._cache.coverage(rows, pages.to(self.device), max(host, default=0))
+        self._coverage = Coverage(self._cache.version, free, dict(zip(rids, host))) if ok \
+            else None
+        return ok
 
     def _plan_cached(self, step: StepPlan, rids: list[int]) -> None:
         """Make `step` a `cached` one: every layer's head table with the cache's slots filled in,

@@ -258,12 +258,17 @@ class Requests:
         (`_offload_step`)."""
         cache, kv, H = self._cache, self.kv, self.num_kv_heads
         found = []                                  # (request, logical page, device page)
+        whole = {}                                  # request -> pages, if all of them admitted
         for rid in rids:
             start, full = self._offloaded.get(rid, 0), kv.num_full_pages(rid)
-            found += [(rid, start + i, d) for i, (d, _) in
-                      enumerate(kv.residency(rid, start, full)) if d >= 0]
+            got = [(rid, start + i, d) for i, (d, _) in
+                   enumerate(kv.residency(rid, start, full)) if d >= 0]
+            found += got
+            if len(got) == full - start:
+                whole[rid] = full
         if not found:
             return
+        version = cache.version
         cache.reserve(max(p for _, p, _ in found) + 1)
         dev = self.device
         req = torch.as_tensor([cache.index_of(r) for r, _, _ in found], dtype=torch.int64)
@@ -274,6 +279,9 @@ class Requests:
         src = torch.as_tensor([d for _, _, d in found], dtype=torch.int64)
         src = (src[:, None] * H + heads).flatten().to(dev)                 # device head-pages
         slots = cache.admit_all(rows, pages)                                # [L, m x H]
+        if self._coverage is not None and \
+                not self._coverage.admitted(cache, version, len(found) * H, whole):
+            self._coverage = None
         dst = torch.where(slots >= 0, self._slot_heads[slots.clamp_min(0)], src)   # else: itself
         layer = torch.arange(self.num_layers, device=dev)[:, None].expand_as(dst)
         P, D = self.cfg.page_size, self.head_dim

@@ -38,7 +38,8 @@ class StepPlan:
     write_offs: torch.Tensor           # int64 [B] its slot in that page
     filled_pages: torch.Tensor         # int64 [n] device pages the new token fills (device)
     filled_rows: torch.Tensor          # int64 [n] their summary rows (store device)
-    host_table_dev: torch.Tensor       # host_table on the device (fetch sources)
+    host_table_dev: Optional[torch.Tensor]  # host_table on the device (fetch sources; None in
+                                            # a `cached` step: `host_tables_on_device`)
     cache_rows: Optional[torch.Tensor]  # int64 [B x Hkv] the page cache's rows (request, KV head)
     resident_pages: int = 0            # page-heads a dense / gpu layer attends
     serial: int = 0                    # counts plans
@@ -91,6 +92,15 @@ def head_table(table: torch.Tensor, heads: int) -> torch.Tensor:
     return torch.where(t >= 0, t * heads + h, -1).flatten(0, 1)
 
 
+def host_tables_on_device(attn: "HybridAttention", step: StepPlan) -> None:
+    """The host table on the device (`host_table_dev`) and, in the host placements, as a head
+    table (`host_heads`): the fetches' sources. Made once a step, but not for a `cached` step
+    (it fetches nothing: `HybridAttention.plan` decides first)."""
+    step.host_table_dev = step.host_table.to(attn.device)
+    if attn.placement in HOST_PLACEMENTS:
+        step.host_heads = head_table(step.host_table_dev, attn.num_kv_heads)
+
+
 def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial: int,
                shape: str = "split", shape_key: tuple = (), cpu_requests: int = 0) -> StepPlan:
     """The plan of a step whose requests `rids` (lengths `old` before the step) have already had
@@ -137,12 +147,13 @@ def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial:
         rids, old, dev_table, host_table, lens, lens_cpu, s_table, s_lens,
         {k: torch.as_tensor(v, dtype=torch.int64, device=sdev) for k, v in groups.items()},
         width, write_pages.to(dev), (positions % P).to(dev),
-        write_pages[filled].to(dev), filled_rows.to(sdev), host_table.to(dev), None)
+        write_pages[filled].to(dev), filled_rows.to(sdev), None, None)
     step.counts = torch.zeros(5, dtype=torch.int64, device=dev)     # COUNTS, on the device
-    if attn.placement in HOST_PLACEMENTS:   # split layers' head tables, once a step (`gpu` with
-        step.dev_heads = head_table(dev_table, attn.num_kv_heads)
-        step.host_heads = head_table(step.host_table_dev, attn.num_kv_heads)
-        step.lens_heads = lens.repeat_interleave(attn.num_kv_heads)   # a given sel: SplitStep)
+    if attn.placement in HOST_PLACEMENTS:   # head tables, once a step (`gpu` with a given sel:
+        step.dev_heads = head_table(dev_table, attn.num_kv_heads)          # SplitStep)
+        step.lens_heads = lens.repeat_interleave(attn.num_kv_heads)
+    else:
+        host_tables_on_device(attn, step)
     if sum_rows is not None:
         step.sum_rows = sum_rows.to(sdev)
     step.nonfinite = torch.zeros(len(rids), dtype=torch.bool, device=dev)
