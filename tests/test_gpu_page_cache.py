@@ -351,3 +351,36 @@ def test_eviction_takes_the_n_slots_that_rank_first(seed):
         key = group * AGES + (AGES - 1 - (now - stamp).clamp(0, AGES - 1))
         assert sorted(key[pos].tolist()) == sorted(key.tolist())[:n], (seed, n)
         assert bool((stamp[pos] < now).all())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_coverage_and_free_slots_match_a_count_over_the_state(seed):
+    """`coverage(rows, pages, width)`: whether every layer caches pages [0, pages[i]) of row
+    rows[i], and the fewest free slots of any layer, equal a plain loop over slot_of and owner
+    after admissions that differ per layer (random, seed printed), and `version` moves with every
+    eager change."""
+    g = torch.Generator().manual_seed(seed)
+    print(f"seed {seed}")
+    layers, heads, slots = 3, 2, 20
+    cache = GpuPageCache(layers, slots, DEVICE, heads=heads)
+    rids = [5, 6]
+    v = cache.version
+    for layer in range(layers):                   # layer-dependent page counts per request
+        for rid in rids:
+            n = int(torch.randint(0, 5, (1,), generator=g))
+            cache.admit(rid, layer, torch.arange(n, device=DEVICE))
+    assert cache.version > v
+    rows = cache.rows_of(rids)
+    assert cache.rows_of(rids) is rows            # the same batch: the same tensor
+    for _ in range(6):
+        pages = torch.randint(0, 5, (len(rids) * heads,), generator=g)
+        ok, free = cache.coverage(rows, pages.to(DEVICE), int(pages.max()))
+        want_free = min(int((cache.owner[layer, :slots, 0] < 0).sum()) for layer in range(layers))
+        want_ok = all(int(cache.slot_of[layer, int(r), p]) >= 0
+                      for layer in range(layers) for r, n in zip(rows.tolist(), pages.tolist())
+                      for p in range(n))
+        assert (ok, free) == (want_ok, want_free), (pages.tolist(), ok, free)
+    v = cache.version
+    cache.remove_request(5)
+    assert cache.version > v
+    assert cache.coverage(rows, torch.zeros_like(rows), cache.max_pages + 1) == (False, 0)
