@@ -13,6 +13,7 @@
 # time), until no run is skipped (sglang_graphs, the check of
 # SGLang's decode graphs with the backend, likewise: SGLANG_GRAPHS_ARGS); accuracy runs the accuracy grid,
 # scripts/dev/accuracy.sh, ACC_* there, writing accuracy.json/.md/.png)
+# BUNDLE=1: everything under $OUT in one archive at the end (a call returns only a few files).
 # e2e_grid: one benchmarks/e2e_decode.py per entry of E2E_GRID ("name=args;name=args"), each under
 # E2E_RUN_TIMEOUT (past it SIGABRT: faulthandler writes every thread's stack to the log), JSON under
 # $OUT/<name>, log $OUT/e2e_<name>.log.
@@ -46,7 +47,8 @@ for step in "$@"; do
                      name=${run%%=*} args=${run#*=}
                      timeout -s ABRT ${E2E_RUN_TIMEOUT:-200} python3 -X faulthandler benchmarks/e2e_decode.py \
                        --out "$OUT/$name" $args > "$OUT/e2e_$name.log" 2>&1   # a hang dumps its stacks
-                     echo "$name: exit $? ($args)"; grep -E "^\[|FAILED|Error" "$OUT/e2e_$name.log" | sed "s/^/$name /"
+                     echo "$name: exit $? ($args)"
+                     grep -E "^\[|^ *(dense|gpu|cpu|offload|hybrid) |FAILED|Error" "$OUT/e2e_$name.log" | sed "s/^/$name /"
                    done ;;
     head_features) timeout 200 python3 benchmarks/head_features.py --out "$OUT" ;;
     host_contention) timeout ${HOST_CONTENTION_TIMEOUT:-240} python3 benchmarks/host_contention.py --out "$OUT" ${HOST_CONTENTION_ARGS:-} ;;
@@ -86,3 +88,8 @@ for step in "$@"; do
   echo "step $step: exit $rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"
   tail -5 "$OUT/$step.log"
 done
+# Only a few files come back from a call: with BUNDLE=1 everything under $OUT goes into one
+# archive, $OUT/all.tgz (unpack it where the files land: tar xzf all.tgz).
+if [ "${BUNDLE:-0}" = 1 ]; then
+  tar czf /tmp/gpu_machine_run.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/gpu_machine_run.tgz "$OUT/all.tgz"
+fi
