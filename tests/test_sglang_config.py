@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from vortex_hybrid import HybridAttention, HybridConfig
-from vortex_hybrid.integrations.sglang.config import (ConfigError, build, check_model,
+from vortex_hybrid.integrations.sglang.config import (ConfigError, build, check_graph_flow,
+                                                      check_model,
                                                       check_server_args, load, resolve,
                                                       sglang_kv_dtype)
 from vortex_hybrid.integrations.sglang.request_map import RequestMap
@@ -223,3 +224,26 @@ def test_sglang_is_promised_one_page_less_when_its_decode_graphs_take_the_paddin
         assert (off[0] - on[0], off[1], on[1]) == (16, None, None)
     else:
         assert (off[0], off[1] - on[1]) == (on[0], 1)
+
+
+def test_a_flow_without_a_fused_indexer_is_refused_when_decode_graphs_are_on():
+    """At start-up (the backend, with its runtime built): a flow the interpreter runs (`lowbit`:
+    no fused indexer kernel) cannot run inside SGLang's decode CUDA graphs, so on CUDA with those
+    graphs on it is refused in one line naming the flow and --disable-cuda-graph; a flow with a
+    kernel (`quest`), graphs off, a CPU engine and `dense` pass. The kernels' presence is read
+    from the runtime's bound flow (here the CPU backend's, which mirrors the GPU one's)."""
+    bound = {}
+    for flow in ("quest", "lowbit"):
+        cfg = HybridConfig(page_size=16, flow=flow, placement="gpu", budget_ratio=0.05)
+        attn = HybridAttention(cfg, 2, 4, 2, 16, device_pages=16, device=torch.device("cpu"))
+        bound[flow] = attn.store.bound.indexer_kernel
+        attn.close()
+    assert bound["quest"] is not None and bound["lowbit"] is None
+    on = {"decode": "full"}
+    with pytest.raises(ConfigError, match=r"flow 'lowbit' has no fused indexer kernel on cuda.*"
+                                          r"--disable-cuda-graph"):
+        check_graph_flow(bound["lowbit"], "lowbit", "hybrid", on, "cuda")
+    check_graph_flow(bound["quest"], "quest", "hybrid", on, "cuda")
+    check_graph_flow(bound["lowbit"], "lowbit", "hybrid", {}, "cuda")          # graphs off
+    check_graph_flow(bound["lowbit"], "lowbit", "hybrid", on, "cpu")           # a CPU engine
+    check_graph_flow(None, "lowbit", "dense", on, "cuda")                      # selects nothing

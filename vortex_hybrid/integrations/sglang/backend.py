@@ -47,7 +47,7 @@ from ...runtime.hybrid_attention import HybridAttention
 from ...runtime.memory_model import HOST_PLACEMENTS, TAIL_PAGES
 from ...kv.errors import OutOfPagesError
 from . import sizing
-from .config import ConfigError, check_model
+from .config import ConfigError, check_graph_flow, check_model, cuda_graph_phases
 from .decode_graphs import DecodeGraphs
 from .request_map import RequestMap
 
@@ -129,6 +129,13 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
         self.dense = _prefill_backend(prefill_runner, self.device)
         self.runtime = HybridAttention(cfg, self.num_layers, self.num_q_heads, self.num_kv_heads,
                                        self.head_dim, device=self.device, **sizes)
+        store = self.runtime.store
+        try:
+            check_graph_flow(None if store is None else store.bound.indexer_kernel, cfg.flow,
+                             cfg.placement, cuda_graph_phases(server_args), self.device.type)
+        except ConfigError:
+            self.runtime.close()
+            raise
         self.requests = RequestMap(self.runtime)
         self._checked: set[int] = set()
         self._extend_batch = None              # the extend batch as the dense backend sees it

@@ -168,6 +168,20 @@ def graphs_allowed(phases: dict[str, str]) -> bool:
     return full and set(phases) == {"decode"}
 
 
+def check_graph_flow(indexer_kernel, flow: str, placement: str, phases: dict[str, str],
+                     device: str) -> None:
+    """Refuse, at start-up, a flow whose page selection cannot run inside SGLang's decode CUDA
+    graphs: one without a fused indexer kernel on the device (`indexer_kernel` None: the flow
+    interpreter runs it, and it synchronises), while those graphs are on (`phases`)."""
+    if device == "cpu" or "decode" not in phases or placement == "dense" or \
+            indexer_kernel is not None:
+        return
+    raise ConfigError(f"flow {flow!r} has no fused indexer kernel on {device}, so its page "
+                      "selection cannot run inside SGLang's decode CUDA graphs (the flow "
+                      "interpreter synchronises): pass --disable-cuda-graph, or pick a flow "
+                      "with one (quest, centroid)")
+
+
 def check_server_args(server_args) -> None:
     """Refuse SGLang settings the backend does not run with (one-line reasons naming the flag)."""
     device = str(getattr(server_args, "device", "cuda") or "cuda")
@@ -223,5 +237,5 @@ def from_text(text: str) -> HybridConfig:
 
 
 __all__ = ["BACKEND_NAME", "CUDA_GRAPH_REFUSAL", "ConfigError", "build", "check_calibration",
-           "check_model", "check_server_args", "from_text",
+           "check_graph_flow", "check_model", "check_server_args", "from_text",
            "load", "resolve", "to_text"]
