@@ -95,12 +95,15 @@ class Coverage:
                  pages: dict) -> bool:
         """After `cache.admit_all` of `head_pages` head-pages (per layer) made at `version_before`:
         if they fit the known free slots, every one got a slot in every layer, so the knowledge
-        holds on, with `pages` (request -> its pages now known cached); else it is void. Returns
-        whether it holds."""
+        holds on; `pages` (request -> (first, end): its pages [first, end) were all admitted)
+        extends a request's known pages to `end` where they already reached `first`. Else the
+        knowledge is void. Returns whether it holds."""
         if self.version != version_before or head_pages > self.free:
             return False
         self.version, self.free = cache.version, self.free - head_pages
-        self.pages.update(pages)
+        for rid, (first, end) in pages.items():
+            if self.pages.get(rid, -1) >= first:
+                self.pages[rid] = end
         return True
 
 

@@ -384,3 +384,22 @@ def test_coverage_and_free_slots_match_a_count_over_the_state(seed):
     cache.remove_request(5)
     assert cache.version > v
     assert cache.coverage(rows, torch.zeros_like(rows), cache.max_pages + 1) == (False, 0)
+
+
+def test_coverage_knowledge_extends_only_pages_that_join_what_it_knew():
+    """`Coverage.admitted`: admissions into known-free slots extend a request's known pages only
+    where they continue them (a gap of pages never admitted stays unknown), use up the free slots
+    they may take, and a change the knowledge did not see (another version), or more head-pages
+    than its free slots, voids it."""
+    from vortex_hybrid.scheduler.gpu_page_cache import Coverage
+    cache = GpuPageCache(2, 16, DEVICE, heads=2)
+    known = Coverage(cache.version, 6, {1: 4, 2: 2})
+    before = cache.version
+    cache.version += 1                            # what admit_all does
+    assert known.admitted(cache, before, 4, {1: (4, 6), 2: (3, 5)})
+    assert known.pages == {1: 6, 2: 2} and known.free == 2 and known.version == cache.version
+    assert known.holds(cache, [1, 2], [6, 2]) and not known.holds(cache, [1, 2], [6, 3])
+    before = cache.version
+    cache.version += 1
+    assert not known.admitted(cache, before, 4, {1: (6, 8)})        # 4 > 2 free slots
+    assert not Coverage(0, 99, {}).admitted(cache, cache.version - 1, 0, {})  # unseen change

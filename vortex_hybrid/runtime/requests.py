@@ -258,14 +258,14 @@ class Requests:
         (`_offload_step`)."""
         cache, kv, H = self._cache, self.kv, self.num_kv_heads
         found = []                                  # (request, logical page, device page)
-        whole = {}                                  # request -> pages, if all of them admitted
+        whole = {}                                  # request -> (start, full) if all admitted
         for rid in rids:
             start, full = self._offloaded.get(rid, 0), kv.num_full_pages(rid)
             got = [(rid, start + i, d) for i, (d, _) in
                    enumerate(kv.residency(rid, start, full)) if d >= 0]
             found += got
             if len(got) == full - start:
-                whole[rid] = full
+                whole[rid] = (start, full)
         if not found:
             return
         version = cache.version
