@@ -232,18 +232,20 @@ def test_a_flow_without_a_fused_indexer_is_refused_when_decode_graphs_are_on():
     graphs on it is refused in one line naming the flow and --disable-cuda-graph; a flow with a
     kernel (`quest`), graphs off, a CPU engine and `dense` pass. The kernels' presence is read
     from the runtime's bound flow (here the CPU backend's, which mirrors the GPU one's)."""
-    bound = {}
-    for flow in ("quest", "lowbit"):
-        cfg = HybridConfig(page_size=16, flow=flow, placement="gpu", budget_ratio=0.05)
+    bound, captures = {}, {}
+    for flow, placement in (("quest", "gpu"), ("lowbit", "gpu"), ("lowbit", "dense")):
+        cfg = HybridConfig(page_size=16, flow=flow, placement=placement, budget_ratio=0.05)
         attn = HybridAttention(cfg, 2, 4, 2, 16, device_pages=16, device=torch.device("cpu"))
-        bound[flow] = attn.store.bound.indexer_kernel
+        if placement == "gpu":
+            bound[flow] = attn.store.bound.indexer_kernel
+        captures[flow, placement] = attn.selection_captures
         attn.close()
     assert bound["quest"] is not None and bound["lowbit"] is None
     on = {"decode": "full"}
     with pytest.raises(ConfigError, match=r"flow 'lowbit' has no fused indexer kernel on cuda.*"
                                           r"--disable-cuda-graph"):
-        check_graph_flow(bound["lowbit"], "lowbit", "hybrid", on, "cuda")
-    check_graph_flow(bound["quest"], "quest", "hybrid", on, "cuda")
-    check_graph_flow(bound["lowbit"], "lowbit", "hybrid", {}, "cuda")          # graphs off
-    check_graph_flow(bound["lowbit"], "lowbit", "hybrid", on, "cpu")           # a CPU engine
-    check_graph_flow(None, "lowbit", "dense", on, "cuda")                      # selects nothing
+        check_graph_flow(captures["lowbit", "gpu"], "lowbit", on, "cuda")
+    check_graph_flow(captures["quest", "gpu"], "quest", on, "cuda")
+    check_graph_flow(captures["lowbit", "gpu"], "lowbit", {}, "cuda")          # graphs off
+    check_graph_flow(captures["lowbit", "gpu"], "lowbit", on, "cpu")           # a CPU engine
+    check_graph_flow(captures["lowbit", "dense"], "lowbit", on, "cuda")        # selects nothing

@@ -367,8 +367,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
                     self._plan_cached(step, rids)
             if step.shape != "cached":
                 self._coverage = None             # its layers may change the cache (replays)
-                if host:
-                    host_tables_on_device(self, step)
+                host_tables_on_device(self, step)
             if fixed is not None:
                 step = fixed_step(self, step, fixed, positions, self._pad_page, pad_rows)
             key = self._plan_whole(step) if whole_step else None
@@ -452,6 +451,12 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
                             fetch_bytes=last["bytes_h2d"] / L,
                             gpu_bytes=last["gpu_pages"] * self._head_bytes / L,
                             launch_s=self._costs.gpu_launch_s)
+
+    @property
+    def selection_captures(self) -> bool:
+        """Whether the step's page selection can run inside a CUDA graph: `dense` selects nothing;
+        the other placements need the flow's fused indexer kernel (its interpreter synchronises)."""
+        return self.placement == "dense" or self.store.bound.indexer_kernel is not None
 
     @property
     def step_shape(self) -> str:

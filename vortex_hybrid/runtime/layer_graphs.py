@@ -202,7 +202,7 @@ class LayerGraphs:
         """The graph set for this step's shape, holding this step's tables; None when the layer
         cannot be captured (a flow selecting without a fused kernel)."""
         attn = self.attn
-        if sel is None and attn.placement != "dense" and attn.store.bound.indexer_kernel is None:
+        if sel is None and not attn.selection_captures:
             return None
         sel_width = None if sel is None else sel.shape[-1]
         if self._bound is not None and self._bound[0] == (step.serial, sel_width):

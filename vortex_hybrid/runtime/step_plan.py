@@ -94,8 +94,8 @@ def head_table(table: torch.Tensor, heads: int) -> torch.Tensor:
 
 def host_tables_on_device(attn: "HybridAttention", step: StepPlan) -> None:
     """The host table on the device (`host_table_dev`) and, in the host placements, as a head
-    table (`host_heads`): the fetches' sources. Made once a step, but not for a `cached` step
-    (it fetches nothing: `HybridAttention.plan` decides first)."""
+    table (`host_heads`): the fetches' sources. Made once a step by `HybridAttention.plan` after
+    it decided the step's shape, but not for a `cached` step (it fetches nothing)."""
     step.host_table_dev = step.host_table.to(attn.device)
     if attn.placement in HOST_PLACEMENTS:
         step.host_heads = head_table(step.host_table_dev, attn.num_kv_heads)
@@ -152,8 +152,6 @@ def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial:
     if attn.placement in HOST_PLACEMENTS:   # head tables, once a step (`gpu` with a given sel:
         step.dev_heads = head_table(dev_table, attn.num_kv_heads)          # SplitStep)
         step.lens_heads = lens.repeat_interleave(attn.num_kv_heads)
-    else:
-        host_tables_on_device(attn, step)
     if sum_rows is not None:
         step.sum_rows = sum_rows.to(sdev)
     step.nonfinite = torch.zeros(len(rids), dtype=torch.bool, device=dev)

@@ -71,7 +71,7 @@ class WholeStep:
             raise ValueError("plan(whole_step=True) needs the summaries on the device (they are "
                              f"in host memory: summary_location={self.cfg.summary_location!r}, or "
                              "auto found no room); plan without whole_step")
-        if self.placement != "dense" and self.store.bound.indexer_kernel is None:
+        if not self.selection_captures:
             raise ValueError(f"plan(whole_step=True): flow {self.cfg.flow!r} has no fused indexer "
                              "kernel, so its selection synchronises and cannot be captured; plan "
                              "without whole_step")

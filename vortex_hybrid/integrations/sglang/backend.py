@@ -129,10 +129,9 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
         self.dense = _prefill_backend(prefill_runner, self.device)
         self.runtime = HybridAttention(cfg, self.num_layers, self.num_q_heads, self.num_kv_heads,
                                        self.head_dim, device=self.device, **sizes)
-        store = self.runtime.store
-        try:
-            check_graph_flow(None if store is None else store.bound.indexer_kernel, cfg.flow,
-                             cfg.placement, cuda_graph_phases(server_args), self.device.type)
+        try:                                   # the runtime's own answer, once it is built
+            check_graph_flow(self.runtime.selection_captures, cfg.flow,
+                             cuda_graph_phases(server_args), self.device.type)
         except ConfigError:
             self.runtime.close()
             raise

@@ -168,13 +168,11 @@ def graphs_allowed(phases: dict[str, str]) -> bool:
     return full and set(phases) == {"decode"}
 
 
-def check_graph_flow(indexer_kernel, flow: str, placement: str, phases: dict[str, str],
-                     device: str) -> None:
+def check_graph_flow(captures: bool, flow: str, phases: dict[str, str], device: str) -> None:
     """Refuse, at start-up, a flow whose page selection cannot run inside SGLang's decode CUDA
-    graphs: one without a fused indexer kernel on the device (`indexer_kernel` None: the flow
-    interpreter runs it, and it synchronises), while those graphs are on (`phases`)."""
-    if device == "cpu" or "decode" not in phases or placement == "dense" or \
-            indexer_kernel is not None:
+    graphs (`captures` False: `HybridAttention.selection_captures`, no fused indexer kernel on the
+    device), while those graphs are on (`phases`)."""
+    if device == "cpu" or "decode" not in phases or captures:
         return
     raise ConfigError(f"flow {flow!r} has no fused indexer kernel on {device}, so its page "
                       "selection cannot run inside SGLang's decode CUDA graphs (the flow "
