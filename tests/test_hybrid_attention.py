@@ -750,7 +750,8 @@ def test_a_compiled_cache_step_keeps_every_output_and_the_cache_state_of_the_eag
     with misses, fetches, CPU parts and evictions (seed 41)."""
     runs = []
     for compiled in (False, True):
-        attn = make("hybrid", slots=3, budget=4, compile_cache_step=compiled, cached_steps=False)
+        attn = make("hybrid", slots=3, budget=4, compile_cache_step=compiled, cached_steps=False,
+                    step_shape="split")          # "auto" picks shapes by measured time
         shadow = Shadow(attn, 41)
         rids = [shadow.add(37), shadow.add(26)]
         for _ in range(P + 1):
