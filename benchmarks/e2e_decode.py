@@ -55,7 +55,8 @@ the driving thread waited for the CPU worker (per-layer graphs only: inside a wh
 GPU waits, not the thread; the JSON then gives `cpu_part_ms`, the worker's time in the CPU parts),
 and plan()'s host time (`plan_ms`), and the OS threads that used CPU time during the timed steps
 (`busy_threads`: CPU seconds over wall seconds, from /proc; --cpu-replay adds the NUMA nodes of the
-host pool and the threads busy during its calls). --profile adds a profiled step's kernels by GPU time. Goal reported, not asserted: hybrid / dense >= 3.5x
+host pool and the threads busy during its calls). --profile adds a profiled step's kernels by GPU
+time and its timeline. Goal reported, not asserted: hybrid / dense >= 3.5x
 (the mark Vortex reports over full attention); the JSON also gives the ratio hybrid would reach at
 its own lower bound, which shows whether any schedule could meet it on this machine.
 
@@ -75,9 +76,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -602,7 +605,7 @@ def profile_step(attn, rids, st, sels, whole, mode, args) -> None:
     """One more step under torch.profiler (the step's selection is the last timed one's); when
     whole, two unprofiled steps first, so that a new key's eager run and capture (and any
     recompiling) are done and the profiled step is a replay; its kernels by GPU time in
-    profile_<mode>.txt."""
+    profile_<mode>.txt, its timeline in profile_<mode>.json.gz."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     for _ in range(2 if whole else 0):
@@ -612,6 +615,11 @@ def profile_step(attn, rids, st, sels, whole, mode, args) -> None:
         decode_step(attn, rids, st, None if sels is None else sels[-1], whole)
         sync(st.m.device)
     key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    trace = os.path.join(args.out, f"profile_{mode}.json")
+    prof.export_chrome_trace(trace)             # the step's timeline (chrome://tracing, Perfetto)
+    with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.remove(trace)
     events = prof.key_averages()
     with open(os.path.join(args.out, f"profile_{mode}.txt"), "w") as fh:
         fh.write(f"kernels by GPU time ({key}):\n{events.table(sort_by=key, row_limit=40)}\n")
