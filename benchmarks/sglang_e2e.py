@@ -20,7 +20,7 @@ shape (a smoke of the 8B path on a small machine).
 
 Grid: every --contexts value x every --kv-gib setting x every run (each cell's triton first):
 - memory: `all` (SGLang's default --mem-fraction-static for triton; the plugin's default sizing
-  for ours, its reserve raised by the prefill staging area so the runtime leaves room for it) or
+  for ours: the HBM SGLang would give its own pool, the prefill staging area included) or
   G GiB of HBM for KV (triton: SGLang's --max-total-tokens = G GiB / bytes per token of the shape,
   in whole pages, which is SGLang's KV pool exactly; ours: `gpu_memory_gib: G`, the prefill staging
   area on top of it and reported with it). The host placements take --host-gib of host memory (by

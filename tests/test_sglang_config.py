@@ -249,3 +249,23 @@ def test_a_flow_without_a_fused_indexer_is_refused_when_decode_graphs_are_on():
     check_graph_flow(captures["lowbit", "gpu"], "lowbit", {}, "cuda")          # graphs off
     check_graph_flow(captures["lowbit", "gpu"], "lowbit", on, "cpu")           # a CPU engine
     check_graph_flow(captures["lowbit", "dense"], "lowbit", on, "cuda")        # selects nothing
+
+
+def test_the_plugins_default_hbm_stays_within_sglangs_own_kv_budget():
+    """gpu_memory_gib None: the runtime and the staging area take no more HBM than SGLang would
+    have given its own pool (its activations keep their room); never more than the memory
+    model's default; a set gpu_memory_gib is kept; a budget that cannot hold the staging area is
+    one ConfigError naming both sizes."""
+    from vortex_hybrid.integrations.sglang.config import ConfigError
+    from vortex_hybrid.integrations.sglang.sizing import within_sglang
+    from vortex_hybrid.kv.page_pool import GIB
+    cfg = HybridConfig(placement="hybrid", gpu_reserve_gib=4.0)
+    free, staging = 60 * GIB, 5 * GIB                 # free: the staging area already out
+    got = within_sglang(cfg, free, 50 * GIB, staging)
+    assert got.gpu_memory_gib == 45.0 and got.placement == "hybrid"
+    assert within_sglang(cfg, free, 70 * GIB, staging) is cfg          # the default is smaller
+    assert within_sglang(cfg, free, None, staging) is cfg              # SGLang's size unknown
+    fixed = HybridConfig(placement="gpu", gpu_memory_gib=12.0)
+    assert within_sglang(fixed, free, 20 * GIB, staging) is fixed
+    with pytest.raises(ConfigError, match=r"KV budget \(4\.00 GiB.*staging area \(5\.00 GiB\)"):
+        within_sglang(cfg, free, 4 * GIB, staging)

@@ -3,7 +3,8 @@ that do not take the engine down. Imports sglang (used by the plugin's hooks and
 SGLang's processes only).
 
 - **Sizing** (`plan`, hooked on SGLang's `KVCacheConfigurator`): the runtime's memory plan
-  (`runtime.memory_model.plan_memory`) is made when SGLang sizes its KV pool, and SGLang's
+  (`runtime.memory_model.plan_memory`) is made when SGLang sizes its KV pool, within the HBM SGLang
+  would have given that pool unless `gpu_memory_gib` says otherwise (`within_sglang`), and SGLang's
   `max_total_num_tokens` becomes the runtime's token capacity (host placements: the host store;
   `dense`/`gpu`: the device pool; SGLang's `--max-total-tokens` caps it, and the store with it)
   and its
@@ -27,6 +28,7 @@ SGLang's processes only).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import types
 from typing import Optional
@@ -70,15 +72,39 @@ def max_requests_of(cfg: HybridConfig, mem: MemoryPlan, graph_pages: int = 0) ->
     return mem.device_pages - mem.gpu_cache_pages - 2 - graph_pages
 
 
+def within_sglang(cfg: HybridConfig, gpu_free: int, sglang_bytes: Optional[int],
+                  staging_bytes: int = 0) -> HybridConfig:
+    """`cfg` with, when `gpu_memory_gib` is None, the HBM SGLang would have given its own KV pool
+    (`sglang_bytes`, from its `--mem-fraction-static`) less the staging area, where that is less
+    than the memory model's default (free HBM `gpu_free`, staging already out, less
+    `gpu_reserve_gib`). SGLang leaves the rest of HBM to its activations and CUDA graphs; taking
+    it (the default alone) ran a Llama-3-8B engine out of memory in its first prefill."""
+    if cfg.gpu_memory_gib is not None or not sglang_bytes:
+        return cfg
+    share = int(sglang_bytes) - int(staging_bytes)
+    if share <= 0:
+        from .config import ConfigError
+        raise ConfigError(f"SGLang's KV budget ({sglang_bytes / GIB:.2f} GiB from "
+                          f"--mem-fraction-static) does not hold the prefill staging area "
+                          f"({staging_bytes / GIB:.2f} GiB): raise --mem-fraction-static, lower "
+                          "--chunked-prefill-size, or set gpu_memory_gib")
+    if share >= gpu_free - int(cfg.gpu_reserve_gib * GIB):
+        return cfg
+    return dataclasses.replace(cfg, gpu_memory_gib=share / GIB)
+
+
 def plan(cfg: HybridConfig, model_config, device: str, max_tokens: Optional[int] = None,
-         staging_bytes: int = 0) -> MemoryPlan:
+         staging_bytes: int = 0, sglang_bytes: Optional[int] = None) -> MemoryPlan:
     """The runtime's memory plan for SGLang's model on `device` (the free HBM now on CUDA, less
-    `staging_bytes`: the prefill staging area, allocated after the runtime); with `max_tokens`
+    `staging_bytes`: the prefill staging area, allocated after the runtime; with `gpu_memory_gib`
+    None, no more than `sglang_bytes` with the staging area: `within_sglang`); with `max_tokens`
     (SGLang's `--max-total-tokens`), the store holds no more than that."""
     L, hkv, D = (int(model_config.num_hidden_layers), int(model_config.num_key_value_heads),
                  int(model_config.head_dim))
     gpu_free = max(0, torch.cuda.mem_get_info()[0] - staging_bytes) \
         if str(device).startswith("cuda") else None
+    if gpu_free is not None:
+        cfg = within_sglang(cfg, gpu_free, sglang_bytes, staging_bytes)
     kw = dict(gpu_free_bytes=gpu_free, host_available_bytes=psutil.virtual_memory().available)
     mem = plan_memory(cfg, L, hkv, D, **kw)
     pages = None if not max_tokens else int(max_tokens) // cfg.page_size
@@ -111,12 +137,14 @@ def resolve_pool_config(original, self, *args, **kwargs):
     cfg = from_text(self.server_args.vortex_hybrid_config)
     mc = self.model_config
     rows = int(getattr(config, "max_running_requests", 0) or 0) or None
-    staging = staging_tokens(self.server_args, int(mc.context_len), rows, cfg.page_size) * \
-        int(mc.num_hidden_layers) * int(mc.num_key_value_heads) * int(mc.head_dim) * 2 * \
+    per_token = int(mc.num_hidden_layers) * int(mc.num_key_value_heads) * int(mc.head_dim) * 2 * \
         torch.empty((), dtype=self.kv_cache_dtype).element_size()
+    staging = staging_tokens(self.server_args, int(mc.context_len), rows, cfg.page_size) * \
+        per_token
+    sglang_bytes = int(getattr(config, "max_total_num_tokens", 0) or 0) * per_token
     try:
         mem = plan(cfg, mc, self.device, getattr(self.server_args, "max_total_tokens", None),
-                   staging_bytes=staging)
+                   staging_bytes=staging, sglang_bytes=sglang_bytes)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     scratch = graph_pages(self.server_args)
@@ -257,4 +285,4 @@ def describe(cfg: HybridConfig, mem: MemoryPlan, staging_bytes: int, tokens: int
 
 __all__ = ["FAILED", "Staging", "abort_failed", "build_mha_pool", "describe", "holds_no_kv",
            "max_requests_of", "plan", "planned", "resolve_pool_config", "staging_tokens",
-           "tokens_of", "TAIL_PAGES"]
+           "tokens_of", "TAIL_PAGES", "within_sglang"]
