@@ -141,10 +141,14 @@ def resolve_pool_config(original, self, *args, **kwargs):
         torch.empty((), dtype=self.kv_cache_dtype).element_size()
     staging = staging_tokens(self.server_args, int(mc.context_len), rows, cfg.page_size) * \
         per_token
-    sglang_bytes = int(getattr(config, "max_total_num_tokens", 0) or 0) * per_token
+    max_tokens = getattr(self.server_args, "max_total_tokens", None)
+    # SGLang's pool size from its memory profile; a --max-total-tokens caps that count and then
+    # says how many tokens to hold, not how much HBM to leave (it caps the store below)
+    sglang_bytes = None if max_tokens else \
+        int(getattr(config, "max_total_num_tokens", 0) or 0) * per_token
     try:
-        mem = plan(cfg, mc, self.device, getattr(self.server_args, "max_total_tokens", None),
-                   staging_bytes=staging, sglang_bytes=sglang_bytes)
+        mem = plan(cfg, mc, self.device, max_tokens, staging_bytes=staging,
+                   sglang_bytes=sglang_bytes)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     scratch = graph_pages(self.server_args)
