@@ -231,3 +231,27 @@ def test_lowbit_summaries_take_a_quarter_of_the_bf16_keys():
     assert summary_bytes("lowbit", 1, 1, 1, 16, 128, FP8) == 768
     assert summary_bytes("quest", 1, 1, 1, 16, 128, torch.bfloat16) == 512
     assert summary_bytes("lowbit", 2, 3, 4, 16, 128, torch.bfloat16) == 2 * 3 * 4 * 1024
+
+
+def test_code_declarations_are_checked_and_part_of_the_lowering_match():
+    """Codes(r, c, bits) with bits outside 1-8 is a FlowError naming it; a flow computing lowbit's
+    graphs but keeping its codes as float summaries is not served by lowbit's kernels (they write
+    and read the packed layout): the code widths are part of the structure lowerings match."""
+    class Wide(LowBit):
+        def create_cache(self, page_size, head_dim):
+            return {**super().create_cache(page_size, head_dim),
+                    "codes": vflow.Codes(page_size, head_dim, 9)}
+
+    with pytest.raises(vflow.FlowError, match=r"summary 'codes' declares Codes with bits=9"):
+        Wide().compiled(4, 8, 1)
+
+    class FloatCodes(LowBit):
+        def create_cache(self, page_size, head_dim):
+            return {**super().create_cache(page_size, head_dim), "codes": (page_size, head_dim)}
+
+    for device in ("cpu", "cuda"):
+        bound = vflow.bind_flow(FloatCodes(), 16, 64, 4, device)
+        assert bound.cache_kernel is None and bound.indexer_kernel is None
+    q, k_pool, table, lens = make_inputs(5, torch.float32, 2, 2, 2, 8, 4, 6)
+    assert torch.equal(vflow.select_pages(FloatCodes(), q, k_pool, table, lens, 4, 1, 2),
+                       vflow.select_pages("lowbit", q, k_pool, table, lens, 4, 1, 2, lower=False))
