@@ -46,18 +46,21 @@ class CompiledFlow:
     """Coded summaries (declared `Codes`): name -> bits a value, stored packed."""
 
     def stored(self, dtype: torch.dtype) -> dict[str, tuple[tuple[int, int], torch.dtype]]:
-        """How a store keeps each summary when its float summaries are `dtype`: name ->
-        ((r, width), storage dtype) per page and KV head: (r, c) in `dtype`, or for coded ones
-        (r, packed_width(c, bits)) bytes of `packed_codes.CODE_DTYPE`."""
-        out = {}
-        for name, (r, c) in self.summaries.items():
-            bits = self.codes.get(name)
-            out[name] = ((r, c), dtype) if bits is None else \
-                ((r, packed_width(c, bits)), CODE_DTYPE)
-        return out
+        """How a store keeps each summary when its float summaries are `dtype` (`stored_layout`)."""
+        return stored_layout(self.summaries, self.codes, dtype)
 
     def __str__(self) -> str:
         return f"{self.cache_graph}\n{self.indexer_graph}"
+
+
+def stored_layout(summaries: dict[str, tuple[int, int]], codes: dict[str, int],
+                  dtype: torch.dtype) -> dict[str, tuple[tuple[int, int], torch.dtype]]:
+    """name -> ((r, width), storage dtype) per page and KV head: (r, c) in `dtype` (float
+    summaries), or (r, packed_width(c, bits)) bytes of `packed_codes.CODE_DTYPE` for the ones
+    named in `codes` (name -> bits)."""
+    return {name: ((r, c), dtype) if name not in codes else
+            ((r, packed_width(c, codes[name])), CODE_DTYPE)
+            for name, (r, c) in summaries.items()}
 
 
 class _CacheWriter:

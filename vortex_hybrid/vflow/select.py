@@ -27,8 +27,8 @@ from typing import Optional, Union
 import torch
 
 from ..contracts import check_attention_args, check_counts
-from ..packed_codes import CODE_DTYPE, packed_width
 from .bound_flow import BoundFlow, bind_flow
+from .compiler import stored_layout
 from .flow import Flow
 from .interpreter import compute_dtype, indexer_scores
 
@@ -46,12 +46,8 @@ def new_summaries(summaries: dict[str, tuple[int, int]], num_pages: int, num_kv_
     """Zeroed summary store: name -> [num_pages, num_kv_heads, r, c] of `dtype`, rows by physical
     page; the summaries named in `codes` (name -> bits, `CompiledFlow.codes`) packed:
     uint8 [num_pages, num_kv_heads, r, packed_width(c, bits)]."""
-    codes = codes or {}
-    return {name: torch.zeros(num_pages, num_kv_heads, r, c, dtype=dtype, device=device)
-            if name not in codes else
-            torch.zeros(num_pages, num_kv_heads, r, packed_width(c, codes[name]),
-                        dtype=CODE_DTYPE, device=device)
-            for name, (r, c) in summaries.items()}
+    return {name: torch.zeros(num_pages, num_kv_heads, *shape, dtype=dt, device=device)
+            for name, (shape, dt) in stored_layout(summaries, codes or {}, dtype).items()}
 
 
 def _cache_stage(flow, q, k_pool, page_table, seq_lens, lower: bool, summary_dtype=None):
