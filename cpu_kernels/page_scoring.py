@@ -114,9 +114,9 @@ def _lowbit_scores_kernel(q, page_table, seq_lens, page_size, s0, s1, codes, bit
         b = row // hkv
         h = row - b * hkv
         n_full = np.int64(seq_lens[b]) // page_size
-        scaled = np.empty((G, D), np.float32)
+        scaled = np.zeros((G, 8 * width), np.float32)       # zero past D: padded channels
         base = np.empty(G, np.float32)
-        code = np.empty(D, np.float32)
+        tile = np.empty((page_size, 8 * width), np.float32)  # the page's codes, decoded
         p0 = c * chunk
         p1 = min(max_pages, (c + 1) * chunk)
         for p in range(p0, p1):
@@ -133,19 +133,22 @@ def _lowbit_scores_kernel(q, page_table, seq_lens, page_size, s0, s1, codes, bit
                     acc += q[b, h, g, d] * kmin
                     scaled[g, d] = q[b, h, g, d] * ((as_f32(hi[d]) - kmin) / levels)
                 base[g] = acc
-            best = NEG_INF
             page_codes = codes[phys, h]
             for t in range(page_size):
-                for d in range(D):
-                    code[d] = 0.0
-                for bit in range(bits):
-                    plane = page_codes[t, bit * width:(bit + 1) * width]
-                    for d in range(D):
-                        code[d] += np.float32(((plane[d >> 3] >> (d & 7)) & 1) << bit)
-                for g in range(G):
+                for w in range(width):
+                    for j in range(8):
+                        tile[t, 8 * w + j] = 0.0
+                    for bit in range(bits):
+                        byte = page_codes[t, bit * width + w]
+                        weight = np.float32(1 << bit)
+                        for j in range(8):
+                            tile[t, 8 * w + j] += weight * np.float32((byte >> j) & 1)
+            best = NEG_INF
+            for g in range(G):
+                for t in range(page_size):
                     acc = np.float32(0.0)
-                    for d in range(D):
-                        acc += scaled[g, d] * code[d]
+                    for d in range(8 * width):
+                        acc += scaled[g, d] * tile[t, d]
                     best = max(best, base[g] + acc)
             scores[b, h, p] = best
 

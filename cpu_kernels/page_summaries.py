@@ -43,18 +43,23 @@ def _store_codes(keys, lo, hi, bits, width, out):
     page_size, head_dim = keys.shape
     levels = (1 << bits) - 1
     scale = np.float32(levels)
-    out[:] = 0
+    span = np.empty(head_dim, np.float32)
+    for d in range(head_dim):
+        span[d] = max(hi[d] - lo[d], _TINY)
+    code = np.zeros(8 * width, np.uint8)                 # one token's codes, zero past head_dim
     for t in range(page_size):
         for d in range(head_dim):
-            span = max(hi[d] - lo[d], _TINY)
-            x = (keys[t, d] - lo[d]) / span * scale
-            code = 0
+            x = (keys[t, d] - lo[d]) / span[d] * scale
+            c = np.uint8(0)
             for level in range(1, levels + 1):
-                if x >= np.float32(level) - _HALF:
-                    code += 1
-            for b in range(bits):
-                if (code >> b) & 1:
-                    out[t, b * width + d // 8] |= np.uint8(1 << (d % 8))
+                c += np.uint8(x >= np.float32(level) - _HALF)
+            code[d] = c
+        for b in range(bits):
+            for w in range(width):
+                byte = np.uint8(0)
+                for j in range(8):
+                    byte |= ((code[8 * w + j] >> b) & np.uint8(1)) << np.uint8(j)
+                out[t, b * width + w] = byte
 
 
 @njit(parallel=True, nogil=True, cache=True)
