@@ -42,14 +42,15 @@ def warmup() -> float:
         o, lse = launch_sparse_decode_attention(q, k, v, page_table, seq_lens, sel)
         launch_sparse_decode_attention(q.to(dtype), k, v, page_table, seq_lens, sel)  # q decoded
         launch_token_topk_attention(q, k, v, page_table, seq_lens, sel, 2)
-        for quest in (True, False):
+        codes = torch.zeros(N, hkv, P, 2 * -(-D // 8), dtype=torch.uint8)      # lowbit, 2 bits
+        for quest, c in ((True, None), (False, None), (True, codes)):
             a, b = torch.zeros(N, hkv, 1, D), torch.zeros(N, hkv, 1, D)
-            launch_cache(k, torch.tensor([0]), torch.tensor([1]), a, b, quest)
+            launch_cache(k, torch.tensor([0]), torch.tensor([1]), a, b, quest, c)
     merge_states(o, lse, o, lse)
     for summary_dtype in (torch.float32, torch.bfloat16):
         a = torch.zeros(N, hkv, 1, D, dtype=summary_dtype)
-        for quest in (True, False):
-            scores = launch_page_scores(q, a, a, page_table, seq_lens, P, quest)
+        for quest, c in ((True, None), (False, None), (True, codes)):
+            scores = launch_page_scores(q, a, a, page_table, seq_lens, P, quest, c)
     launch_topk_pages(scores, 1, torch.tensor([2], dtype=torch.int32), 0, 1, split=False)
     launch_topk_pages(scores, 1, torch.tensor([2], dtype=torch.int32), 0, 1, split=True)
     seconds = time.perf_counter() - start

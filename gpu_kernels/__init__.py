@@ -15,7 +15,8 @@ if not _torch.cuda.is_available() and _os.environ.get("TRITON_INTERPRET") != "1"
 
 from .gather_pages import gather_pages, launch_gather_pages
 from .merge_states import merge_split_states, merge_states
-from .lowerings import centroid_cache, centroid_indexer, quest_cache, quest_indexer
+from .lowerings import (centroid_cache, centroid_indexer, lowbit_cache, lowbit_indexer, quest_cache,
+                        quest_indexer)
 from .sparse_decode_attention import (dense_decode_attention, launch_sparse_decode_attention,
                                       sparse_decode_attention)
 from .topk_pages import topk_pages

@@ -161,3 +161,22 @@ def test_a_hint_names_float8_summaries_when_the_summaries_crowd_out_the_cache(ca
                    for r in caplog.records)
     finally:
         attn.close()
+
+
+def test_lowbit_rows_count_packed_codes_and_the_hint_offers_float8_bounds_only():
+    """lowbit (2 bits) per page and KV head: kmin, kmax (D values each in the summary dtype) and
+    P x D codes of 2 bits (P * D / 4 bytes, whatever the dtype): the plan counts that, and the
+    float8 hint shrinks the bounds only (written out here: D = 8, P = 4)."""
+    free, avail = 4 * GIB + 40 * MIB, 48 * MIB
+    row = L * HKV * (2 * D * 4 + P * D // 4)                  # float32 bounds + packed codes
+    row8 = L * HKV * (2 * D * 1 + P * D // 4)
+    lowbit = dict(flow="lowbit")
+    c = HybridConfig(page_size=P, placement="hybrid", kv_dtype="float32", budget_pages=4,
+                     budget_ratio=None, **lowbit)
+    p = plan_memory(c, L, HKV, D, gpu_free_bytes=free, host_available_bytes=avail)
+    rows = p.summary_bytes // row
+    assert p.summary_bytes == rows * row and p.summary_float8_bytes == rows * row8
+    hint = summary_hint(c, p)
+    saved = p.summary_bytes - rows * row8
+    assert hint is not None and f"would leave {saved / GIB:.2f} GiB more" in hint
+    assert f"about {saved // PAGE} pages" in hint

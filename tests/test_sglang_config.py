@@ -227,28 +227,33 @@ def test_sglang_is_promised_one_page_less_when_its_decode_graphs_take_the_paddin
 
 
 def test_a_flow_without_a_fused_indexer_is_refused_when_decode_graphs_are_on():
-    """At start-up (the backend, with its runtime built): a flow the interpreter runs (`lowbit`:
-    no fused indexer kernel) cannot run inside SGLang's decode CUDA graphs, so on CUDA with those
-    graphs on it is refused in one line naming the flow and --disable-cuda-graph; a flow with a
-    kernel (`quest`), graphs off, a CPU engine and `dense` pass. The kernels' presence is read
-    from the runtime's bound flow (here the CPU backend's, which mirrors the GPU one's)."""
+    """At start-up (the backend, with its runtime built): a flow the interpreter runs (`lowbit`
+    with 3 bits: its fused kernels serve the default 2 bits only) cannot run inside SGLang's decode
+    CUDA graphs, so on CUDA with those graphs on it is refused in one line naming the flow and
+    --disable-cuda-graph; a flow with a kernel (`quest`, the default `lowbit`), graphs off, a CPU
+    engine and `dense` pass. The kernels' presence is read from the runtime's bound flow (here the
+    CPU backend's, which mirrors the GPU one's)."""
     bound, captures = {}, {}
-    for flow, placement in (("quest", "gpu"), ("lowbit", "gpu"), ("lowbit", "dense")):
-        cfg = HybridConfig(page_size=16, flow=flow, placement=placement, budget_ratio=0.05)
+    for flow, bits, placement in (("quest", None, "gpu"), ("lowbit", 2, "gpu"),
+                                  ("lowbit", 3, "gpu"), ("lowbit", 3, "dense")):
+        cfg = HybridConfig(page_size=16, flow=flow, placement=placement, budget_ratio=0.05,
+                           extra={} if bits is None else {"bits": bits})
         attn = HybridAttention(cfg, 2, 4, 2, 16, device_pages=16, device=torch.device("cpu"))
         if placement == "gpu":
-            bound[flow] = attn.store.bound.indexer_kernel
-        captures[flow, placement] = attn.selection_captures
+            bound[flow, bits] = attn.store.bound.indexer_kernel
+        captures[flow, bits, placement] = attn.selection_captures
         attn.close()
-    assert bound["quest"] is not None and bound["lowbit"] is None
+    assert bound["quest", None] is not None and bound["lowbit", 2] is not None
+    assert bound["lowbit", 3] is None
     on = {"decode": "full"}
     with pytest.raises(ConfigError, match=r"flow 'lowbit' has no fused indexer kernel on cuda.*"
                                           r"--disable-cuda-graph"):
-        check_graph_flow(captures["lowbit", "gpu"], "lowbit", on, "cuda")
-    check_graph_flow(captures["quest", "gpu"], "quest", on, "cuda")
-    check_graph_flow(captures["lowbit", "gpu"], "lowbit", {}, "cuda")          # graphs off
-    check_graph_flow(captures["lowbit", "gpu"], "lowbit", on, "cpu")           # a CPU engine
-    check_graph_flow(captures["lowbit", "dense"], "lowbit", on, "cuda")        # selects nothing
+        check_graph_flow(captures["lowbit", 3, "gpu"], "lowbit", on, "cuda")
+    check_graph_flow(captures["quest", None, "gpu"], "quest", on, "cuda")
+    check_graph_flow(captures["lowbit", 2, "gpu"], "lowbit", on, "cuda")      # its fused kernels
+    check_graph_flow(captures["lowbit", 3, "gpu"], "lowbit", {}, "cuda")      # graphs off
+    check_graph_flow(captures["lowbit", 3, "gpu"], "lowbit", on, "cpu")       # a CPU engine
+    check_graph_flow(captures["lowbit", 3, "dense"], "lowbit", on, "cuda")    # selects nothing
 
 
 def test_the_plugins_default_hbm_stays_within_sglangs_own_kv_budget():

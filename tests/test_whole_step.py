@@ -17,9 +17,10 @@ TIMING = ("gpu_wait_s", "step_host_s", "cpu_part_s", "cpu_kernel_s")
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def pair(placement: str):
+def pair(placement: str, flow: str = "quest"):
     placement, _, shape = placement.partition("/")       # a fixed shape: "auto" follows timings
     kw = {"step_shape": shape} if shape else {}
+    kw["flow"] = flow
     # Cold caches: the undo tests compare counters after an undone step with a twin's, and an
     # undo frees the slots the failed step took (their copies were being overwritten), so caches
     # warmed by the prefill would then differ in what they hold (never in outputs).
@@ -77,14 +78,16 @@ def same_stats(whole, eager, shape: bool = True) -> None:
         {k: v for k, v in b.items() if k not in skip}
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("placement,flow", [(p, "quest") for p in PLACEMENTS] +
+                         [(p, "lowbit") for p in ("gpu", "offload", "hybrid/split")])
 @pytest.mark.parametrize("replay", [False, True])
-def test_whole_steps_equal_ordinary_steps(placement, replay):
+def test_whole_steps_equal_ordinary_steps(placement, flow, replay):
     """Twelve steps (pages fill, are offloaded, cached and evicted; the batch shape changes and
-    comes back): the same outputs, the same counters, the same page-cache state (seed 7)."""
+    comes back): the same outputs, the same counters, the same page-cache state (seed 7); with
+    quest, and with lowbit (packed codes, its fused kernels)."""
     if replay and placement == "dense":
         pytest.skip("dense attends every page")
-    whole, eager = pair(placement)
+    whole, eager = pair(placement, flow)
     gen = torch.Generator().manual_seed(7)
     rids = three_requests(whole, eager, gen)
     keys = set()

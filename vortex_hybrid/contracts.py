@@ -11,8 +11,11 @@ the kernels' unchecked launchers (the runtime that does so comes in a later chan
 from __future__ import annotations
 
 import operator
+from typing import Optional
 
 import torch
+
+from .packed_codes import CODE_DTYPE, MAX_CODE_BITS
 
 MAX_PAGE_SIZE = 1024
 """Largest page size (tokens) the kernels take; page sizes are powers of two."""
@@ -180,10 +183,28 @@ def _summary_rows(summaries, names: tuple[str, ...], what: str) -> list[torch.Te
     return out
 
 
-def check_cache_args(k_pool, pages, summaries, names: tuple[str, ...], rows=None) -> None:
+def check_codes(name: str, t, n_rows: int, hkv: int, page_size: int, d: int, device) -> int:
+    """A packed code store (`packed_codes`): uint8 [n_rows, hkv, page_size, bits * ceil(d / 8)]
+    on `device`, rows contiguous, bits in [1, MAX_CODE_BITS]. Returns bits."""
+    w = -(-d // 8)
+    width = t.shape[-1] if isinstance(t, torch.Tensor) and t.dim() == 4 else 0
+    _need(isinstance(t, torch.Tensor) and t.dtype == CODE_DTYPE and t.dim() == 4
+          and tuple(t.shape[:3]) == (n_rows, hkv, page_size) and width % w == 0
+          and 1 <= width // w <= MAX_CODE_BITS and t.device == device and t.stride(-1) == 1
+          and t.stride(2) == width,
+          f"summaries[{name!r}] is {getattr(t, 'dtype', type(t).__name__)} "
+          f"{tuple(getattr(t, 'shape', ()))} on {getattr(t, 'device', None)}; expected packed "
+          f"codes {CODE_DTYPE} [{n_rows}, {hkv}, {page_size}, bits * {w}] (bits 1-"
+          f"{MAX_CODE_BITS}) on {device}, rows contiguous")
+    return width // w
+
+
+def check_cache_args(k_pool, pages, summaries, names: tuple[str, ...], rows=None,
+                     codes: Optional[str] = None) -> None:
     """Validate a cache-stage kernel call: k_pool [N, Hkv, P, D]; pages int [n] (full physical
     pages); summaries[name] [R, Hkv, 1, D] of SUMMARY_DTYPES on k_pool's device, rows contiguous;
-    rows int [n] (the summary row of each page; None: the page number itself)."""
+    rows int [n] (the summary row of each page; None: the page number itself); summaries[codes]
+    (when named) packed codes [R, Hkv, P, bits * ceil(D / 8)] (`check_codes`)."""
     _shape("k_pool", k_pool, 4, "[num_pages, num_kv_heads, page_size, head_dim]")
     _need(k_pool.dtype in FLOAT_DTYPES[:3], f"k_pool dtype {k_pool.dtype}; expected one of "
           f"{FLOAT_DTYPES[:3]}")
@@ -204,6 +225,9 @@ def check_cache_args(k_pool, pages, summaries, names: tuple[str, ...], rows=None
               f"{' or '.join(str(x) for x in SUMMARY_DTYPES)} [R, {hkv}, 1, {d}] on {k_pool.device}")
         _need(t.stride(-1) == 1 and t.stride(1) == d,
               f"summaries[{name!r}] must be contiguous per row, strides {t.stride()}")
+    if codes is not None:
+        check_codes(codes, _summary_rows(summaries, (codes,), "this cache stage")[0], n_rows, hkv,
+                    k_pool.shape[2], d, k_pool.device)
     if pages.numel():
         lo, hi = int(pages.min()), int(pages.max())
         _need(lo >= 0 and hi < N, f"pages holds {lo}..{hi}; the pool has pages 0..{N - 1}")
@@ -214,10 +238,11 @@ def check_cache_args(k_pool, pages, summaries, names: tuple[str, ...], rows=None
 
 
 def check_indexer_args(q, summaries, names: tuple[str, ...], page_table, seq_lens, budget, sink,
-                       recent, page_size) -> None:
+                       recent, page_size, codes: Optional[str] = None) -> None:
     """Validate a summary-based indexer call: q [B, Hq, D] float; summaries[name] [R, Hkv, 1, D] of
     SUMMARY_DTYPES on q's device; page_table int32 [B, max_pages] (logical page -> summary row, read
-    for full pages only); seq_lens int32 [B]; budget >= sink + recent, recent >= 1; page_size >= 1."""
+    for full pages only); seq_lens int32 [B]; budget >= sink + recent, recent >= 1; page_size >= 1;
+    summaries[codes] (when named) packed codes [R, Hkv, page_size, bits * ceil(D / 8)]."""
     _need(isinstance(q, torch.Tensor) and q.dim() == 3 and q.dtype in FLOAT_DTYPES[:3],
           f"q must be float16/bfloat16/float32 [B, Hq, D], got "
           f"{getattr(q, 'dtype', type(q).__name__)} {tuple(getattr(q, 'shape', ()))}")
@@ -237,6 +262,9 @@ def check_indexer_args(q, summaries, names: tuple[str, ...], page_table, seq_len
     _need(isinstance(page_size, int) and not isinstance(page_size, bool) and page_size >= 1,
           f"page_size={page_size!r} must be a positive integer: tokens per page of the pool the "
           "summaries describe")
+    if codes is not None:
+        check_codes(codes, _summary_rows(summaries, (codes,), "this indexer")[0], first.shape[0],
+                    hkv, page_size, d, q.device)
     check_counts(budget, sink, recent)
     for name, t, nd in (("page_table", page_table, 2), ("seq_lens", seq_lens, 1)):
         _need(isinstance(t, torch.Tensor) and t.dim() == nd and t.dtype in INDEX_DTYPES

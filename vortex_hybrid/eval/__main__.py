@@ -51,8 +51,8 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--flow", default="lowbit",
                     help="comma list of page selection flows for the sparse modes (default "
                          "lowbit: on smollm2-135m's needle tasks at 4K it scored 0.625-0.675 at "
-                         "2%%, 5%% and 512t against dense 0.65 and centroid 0.13-0.38; it runs "
-                         "on the flow interpreter, no fused kernel; docs/BENCHMARKS.md); 'mass': the pages of "
+                         "2%%, 5%% and 512t against dense 0.65 and centroid 0.13-0.38, measured "
+                         "on the flow interpreter; docs/BENCHMARKS.md); 'mass': the pages of "
                          "the most true attention mass, a diagnostic ceiling that reads every key")
     ap.add_argument("--budget", default=DEFAULT_BUDGETS,
                     help="comma list of budgets, each a fraction of a request's pages in (0, 1] "

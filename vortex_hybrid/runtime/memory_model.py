@@ -58,6 +58,8 @@ class MemoryPlan:
     summary_on_device: bool
     gpu_budget_bytes: int           # the HBM the runtime may take (gpu_memory_gib)
     host_budget_bytes: int          # the host memory it may take (host_memory_gib)
+    summary_float8_bytes: int = 0   # the same store with float8_e4m3fn summaries (packed codes
+                                    # keep their bytes): what `summary_hint` offers
 
     @property
     def device_bytes(self) -> int:
@@ -125,11 +127,11 @@ def plan_memory(cfg: HybridConfig, num_layers: int, num_kv_heads: int, head_dim:
     dtype = getattr(torch, cfg.kv_dtype)
     page = pool_bytes(num_layers, 1, num_kv_heads, cfg.page_size, head_dim, dtype)
     host = cfg.placement in HOST_PLACEMENTS
-    row = 0
+    row = row8 = 0
     if cfg.placement != "dense":
         flow = load_flow(cfg.flow, **dict(cfg.extra))
-        row = summary_bytes(flow, num_layers, 1, num_kv_heads, cfg.page_size, head_dim,
-                            getattr(torch, cfg.summary_dtype))
+        row, row8 = (summary_bytes(flow, num_layers, 1, num_kv_heads, cfg.page_size, head_dim, dt)
+                     for dt in (getattr(torch, cfg.summary_dtype), torch.float8_e4m3fn))
     gpu = gpu_budget(cfg, gpu_free_bytes) if device_pages is None else 0   # explicit: not used
     hostb = host_budget(cfg, host_available_bytes) if host and (
         host_pages is None or cfg.host_memory_gib is not None) else 0
@@ -140,7 +142,8 @@ def plan_memory(cfg: HybridConfig, num_layers: int, num_kv_heads: int, head_dim:
         if n < 1:
             raise ValueError(f"{gpu / GIB:.3f} GiB of HBM holds no page of {per_page} bytes "
                              "(raise gpu_memory_gib)")
-        return MemoryPlan(n, 0, 0, 0, page, (n + 1) * row if row else 0, on_device, gpu, 0)
+        return MemoryPlan(n, 0, 0, 0, page, (n + 1) * row if row else 0, on_device, gpu, 0,
+                          (n + 1) * row8 if row else 0)
     h = host_pages if host_pages is not None else hostb // page
     if host_pages is None and h < 1:
         raise ValueError(f"{hostb / GIB:.3f} GiB of host memory holds no page of {page} bytes "
@@ -157,7 +160,7 @@ def plan_memory(cfg: HybridConfig, num_layers: int, num_kv_heads: int, head_dim:
                              "slots (tail pages need room too)")
         d = device_pages
         return MemoryPlan(d, h, slots, d - slots, page, (d - slots + h + 1) * row, on_device, gpu,
-                          hostb)
+                          hostb, (d - slots + h + 1) * row8)
 
     def fixed(summaries_on_device: bool) -> int:      # HBM before any slot
         return tail_pages * page + ((h + tail_pages + 1) * row if summaries_on_device else 0)
@@ -182,7 +185,7 @@ def plan_memory(cfg: HybridConfig, num_layers: int, num_kv_heads: int, head_dim:
         slots = room
     d = tail_pages + slots
     return MemoryPlan(d, h, slots, tail_pages, page, (tail_pages + h + 1) * row, on_device, gpu,
-                      hostb)
+                      hostb, (tail_pages + h + 1) * row8)
 
 
 SUMMARY_HINT_SHARE = 0.25
@@ -196,8 +199,7 @@ def summary_hint(cfg: HybridConfig, plan: MemoryPlan) -> Optional[str]:
     if cfg.placement not in ("offload", "hybrid") or not plan.summary_bytes or \
             cfg.summary_dtype == "float8_e4m3fn" or not plan.gpu_budget_bytes:
         return None                 # explicit pool sizes (no HBM budget) are the caller's choice
-    shrink = torch.empty((), dtype=getattr(torch, cfg.summary_dtype)).element_size()
-    small = plan.summary_bytes // shrink
+    small = plan.summary_float8_bytes
     if not plan.summary_on_device:
         if cfg.summary_location != "auto":
             return None

@@ -17,13 +17,13 @@
 A flow is traced once per shape into a small IR (`graph`), checked (`compiler`, errors name the op
 and the flow's line), and run by the reference interpreter (`interpreter`) on any torch device, or by
 fused kernels registered through `lowering`. Library flows: streaming, quest, centroid, oracle,
-double_sparsity. See docs/vflow.md.
+double_sparsity, lowbit. See docs/vflow.md.
 """
 
 from . import ops
 from .compiler import CompiledFlow, compile_flow
 from .errors import FlowError
-from .flow import Flow
+from .flow import Codes, Flow
 from .graph import PAGES
 from .bound_flow import BoundFlow, bind_flow
 from .lowering import find_lowering, register_lowering, registered_lowerings, unregister_lowering
@@ -33,7 +33,7 @@ from .vtensor import Selection, VTensor
 
 from . import flows  # noqa: E402,F401  (registers the library flows: list_flows/load_flow see them)
 
-__all__ = ["BoundFlow", "CompiledFlow", "Flow", "FlowError", "PAGES", "Selection", "VTensor",
+__all__ = ["BoundFlow", "Codes", "CompiledFlow", "Flow", "FlowError", "PAGES", "Selection", "VTensor",
            "bind_flow", "compile_flow",
            "find_lowering", "list_flows", "load_flow", "ops", "page_scores", "register",
            "register_lowering", "registered_lowerings", "select_pages", "unregister_lowering"]

@@ -52,8 +52,13 @@ class BoundFlow:
 
     @property
     def summaries(self) -> dict[str, tuple[int, int]]:
-        """Summary name -> (r, c) per page and KV head."""
+        """Summary name -> (r, c) per page and KV head (logical: as the flow computes them)."""
         return self.compiled.summaries
+
+    @property
+    def codes(self) -> dict[str, int]:
+        """Coded summaries: name -> bits a value, stored packed (`CompiledFlow.codes`)."""
+        return self.compiled.codes
 
     @functools.cached_property
     def takes_budgets(self) -> bool:
@@ -70,7 +75,8 @@ class BoundFlow:
     def cache(self, k_pool: torch.Tensor, pages: torch.Tensor, summaries: dict[str, torch.Tensor],
               rows: Optional[torch.Tensor] = None, *, check: bool = True) -> None:
         """Summaries of full physical `pages` (int64 [n]) of k_pool [N, Hkv, P, D], written at
-        `rows` (int64 [n], default `pages`) of summaries[name] [R, Hkv, r, c]."""
+        `rows` (int64 [n], default `pages`) of summaries[name] [R, Hkv, r, c] (coded ones packed:
+        `CompiledFlow.stored`)."""
         if not self.compiled.summaries:
             return
         if self.cache_kernel is None:

@@ -3,21 +3,24 @@
 module attaches that method to `Flow`, so `flow` does not import the compiler).
 
 Checks, each a `FlowError` naming the op and the flow's line: page size a power of two, summary
-declarations well formed, every declared summary written once with its declared shape, no undeclared
-summary read, shapes and dtypes of every op (in `ops`), no torch op on a traced tensor (in
-`vtensor`), and an indexer that ends in `ops.topk` / `ops.union`.
+declarations well formed (`Codes` with bits 1-8), every declared summary written once with its
+declared shape, no undeclared summary read, shapes and dtypes of every op (in `ops`), no torch op on
+a traced tensor (in `vtensor`), and an indexer that ends in `ops.topk` / `ops.union`.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
+
 from ..contracts import MAX_PAGE_SIZE
+from ..packed_codes import CODE_DTYPE, MAX_CODE_BITS, packed_width
 from . import ops  # noqa: F401  (attaches the vTensor methods and operators that flows call)
 from .errors import FlowError, definition_location, flow_error, user_location
-from .flow import Flow
+from .flow import Codes, Flow
 from .graph import FLOAT, PAGES, Graph, format_shape, tracing
 from .vtensor import Selection, VTensor
 
@@ -29,7 +32,8 @@ KEYS = "k"
 
 @dataclass(frozen=True)
 class CompiledFlow:
-    """A flow traced for one (page_size, head_dim, group): its summaries and two graphs."""
+    """A flow traced for one (page_size, head_dim, group): its summaries (logical shapes, as the
+    flow computes and reads them), which of them are packed integer codes, and two graphs."""
 
     name: Optional[str]
     page_size: int
@@ -38,9 +42,25 @@ class CompiledFlow:
     summaries: dict[str, tuple[int, int]]
     cache_graph: Graph
     indexer_graph: Graph
+    codes: dict[str, int] = field(default_factory=dict)
+    """Coded summaries (declared `Codes`): name -> bits a value, stored packed."""
+
+    def stored(self, dtype: torch.dtype) -> dict[str, tuple[tuple[int, int], torch.dtype]]:
+        """How a store keeps each summary when its float summaries are `dtype` (`stored_layout`)."""
+        return stored_layout(self.summaries, self.codes, dtype)
 
     def __str__(self) -> str:
         return f"{self.cache_graph}\n{self.indexer_graph}"
+
+
+def stored_layout(summaries: dict[str, tuple[int, int]], codes: dict[str, int],
+                  dtype: torch.dtype) -> dict[str, tuple[tuple[int, int], torch.dtype]]:
+    """name -> ((r, width), storage dtype) per page and KV head: (r, c) in `dtype` (float
+    summaries), or (r, packed_width(c, bits)) bytes of `packed_codes.CODE_DTYPE` for the ones
+    named in `codes` (name -> bits)."""
+    return {name: ((r, c), dtype) if name not in codes else
+            ((r, packed_width(c, codes[name])), CODE_DTYPE)
+            for name, (r, c) in summaries.items()}
 
 
 class _CacheWriter:
@@ -112,25 +132,36 @@ class _CacheReader:
                                 "write them in forward_cache")
 
 
-def _declarations(flow: Flow, page_size: int, head_dim: int) -> dict[str, tuple[int, int]]:
+def _declarations(flow: Flow, page_size: int, head_dim: int
+                  ) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
+    """(name -> (r, c), name -> bits of the coded ones) from `create_cache`, checked."""
     where = definition_location(type(flow).create_cache)
     ctx = f"{flow.name or type(flow).__name__}.create_cache"
     decl = flow.create_cache(page_size, head_dim)
     if not isinstance(decl, dict):
         raise flow_error(ctx, "return", f"returned {type(decl).__name__}; return a dict "
                          "{name: (r, c)}", where)
-    out = {}
+    out, codes = {}, {}
     for name, shape in decl.items():
         if not isinstance(name, str) or not name.isidentifier() or name == KEYS:
             raise flow_error(ctx, "return", f"summary name {name!r} must be a Python identifier "
                              f"other than {KEYS!r} (reserved for the page keys)", where)
+        if isinstance(shape, Codes):
+            bits = shape.bits
+            if isinstance(bits, bool) or not isinstance(bits, int) or \
+                    not 1 <= bits <= MAX_CODE_BITS:
+                raise flow_error(ctx, "return", f"summary {name!r} declares Codes with bits="
+                                 f"{bits!r}; expected an int in [1, {MAX_CODE_BITS}]", where)
+            codes[name] = bits
+            shape = (shape.r, shape.c)
         ok = isinstance(shape, (tuple, list)) and len(shape) == 2 and all(
             isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
         if not ok:
             raise flow_error(ctx, "return", f"summary {name!r} has shape {shape!r}; expected two "
-                             "positive ints (r, c), e.g. (1, head_dim)", where)
+                             "positive ints (r, c), e.g. (1, head_dim), or Codes(r, c, bits)",
+                             where)
         out[name] = (int(shape[0]), int(shape[1]))
-    return out
+    return out, codes
 
 
 def compile_flow(flow: Flow, page_size: int, head_dim: int, group: int = 1) -> CompiledFlow:
@@ -152,7 +183,7 @@ def _compile(flow: Flow, page_size: int, head_dim: int, group: int) -> CompiledF
     if page_size & (page_size - 1):
         raise flow_error(name, "compile", f"page_size={page_size} is not a power of two; pages hold "
                          f"1, 2, 4, ... {MAX_PAGE_SIZE} tokens", definition_location(type(flow)))
-    declared = _declarations(flow, page_size, head_dim)
+    declared, codes = _declarations(flow, page_size, head_dim)
 
     cache_graph = Graph(name, "cache")
     with tracing(cache_graph):
@@ -183,7 +214,8 @@ def _compile(flow: Flow, page_size: int, head_dim: int, group: int) -> CompiledF
                          "end in `return ops.topk(score)` (or ops.union of topk selections)",
                          definition_location(type(flow).forward_indexer))
     indexer_graph.outputs["selection"] = out.node.id
-    return CompiledFlow(flow.name, page_size, head_dim, group, declared, cache_graph, indexer_graph)
+    return CompiledFlow(flow.name, page_size, head_dim, group, declared, cache_graph, indexer_graph,
+                        codes)
 
 
 def _compiled(self: Flow, page_size: int, head_dim: int, group: int) -> CompiledFlow:

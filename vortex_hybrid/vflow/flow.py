@@ -3,6 +3,7 @@
 A flow has three parts, each ordinary Python that is traced once per shape into the IR:
 
     create_cache(page_size, head_dim) -> {name: (r, c)}   summaries kept per page and KV head
+                                          (or Codes(r, c, bits): integer codes stored packed)
     forward_cache(keys, cache)          keys (page_size, D) of one full page; cache[name] = value
     forward_indexer(q, cache)           q (G, D), cache[name] (pages, r, c); return ops.topk(score)
 
@@ -11,11 +12,22 @@ A flow has three parts, each ordinary Python that is traced once per shape into 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 if TYPE_CHECKING:
     from .compiler import CompiledFlow
     from .vtensor import Selection, VTensor
+
+
+class Codes(NamedTuple):
+    """A summary declaration (in `create_cache`) for integer codes: shape (r, c), each value an
+    integer in [0, 2**bits - 1] (bits 1-8), stored packed in `bits` bits a value
+    (`vortex_hybrid.packed_codes`) instead of a float. The flow computes and reads it as floats;
+    the value written is rounded to the nearest integer and clamped to that range when stored."""
+
+    r: int
+    c: int
+    bits: int
 
 
 class Flow:
@@ -34,7 +46,8 @@ class Flow:
     traced once per shape and cached on the object. Attached by `compiler` (see compile_flow)."""
 
     def create_cache(self, page_size: int, head_dim: int) -> dict[str, tuple[int, int]]:
-        """Summaries this flow keeps: name -> (r, c), the shape per page and KV head."""
+        """Summaries this flow keeps: name -> (r, c), the shape per page and KV head, or
+        `Codes(r, c, bits)` for integer codes stored packed."""
         return {}
 
     def forward_cache(self, keys: "VTensor", cache: Any) -> None:

@@ -7,7 +7,9 @@ indexer has `max_pages` entries. Values carry an optional validity mask of the s
 and tokens past `seq_len` are invalid. Reductions, softmax and normalisation skip invalid entries,
 products treat them as zero, and `topk` ranks them last (the sink/recent rule covers the tail page).
 
-Precision: float64 when the inputs are float64, float32 otherwise.
+Precision: float64 when the inputs are float64, float32 otherwise. Coded summaries (`vflow.Codes`)
+are packed when written and unpacked to float codes when read (`vortex_hybrid.packed_codes`), so
+a flow computes with them as with any summary.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from .. import reference
 from ..contracts import pages_of, to_summary_dtype, write_summary_rows
+from ..packed_codes import pack_codes, unpack_codes
 from .compiler import KEYS, CompiledFlow
 from .graph import Graph, Node
 
@@ -199,7 +202,7 @@ def run_cache(compiled: CompiledFlow, k_pool: torch.Tensor, pages: torch.Tensor,
     each summary.
 
     k_pool: [N, Hkv, P, D]; summaries[name]: [R, Hkv, r, c] (float64 stores compute in float64,
-    others in float32).
+    others in float32), or packed uint8 [R, Hkv, r, width] for coded ones (`CompiledFlow.stored`).
     """
     graph = compiled.cache_graph
     if not graph.outputs or pages.numel() == 0:
@@ -213,8 +216,9 @@ def run_cache(compiled: CompiledFlow, k_pool: torch.Tensor, pages: torch.Tensor,
     for name, nid in graph.outputs.items():
         value, _ = run.value(nid)
         store = summaries[name]
-        value = to_summary_dtype(value.expand(n, hkv, *store.shape[2:]).to(store.device),
-                                 store.dtype)
+        bits = compiled.codes.get(name)
+        value = value.expand(n, hkv, *compiled.summaries[name]).to(store.device)
+        value = to_summary_dtype(value, store.dtype) if bits is None else pack_codes(value, bits)
         write_summary_rows(store, rows.to(store.device, torch.int64), value)
 
 
@@ -244,9 +248,13 @@ def indexer_scores(compiled: CompiledFlow, q: torch.Tensor, summaries: dict[str,
     inputs: dict[str, Value] = {"q": (q.to(cdt).reshape(B, hkv, hq // hkv, d), None)}
     for key in graph.inputs:
         if key.startswith("summary:"):
-            store = summaries[key.split(":", 1)[1]]
+            name = key.split(":", 1)[1]
+            store = summaries[name]
             rows = page_table.to(store.device, torch.int64).clamp(0, max(store.shape[0] - 1, 0))
-            value = store[rows].to(dev, cdt).transpose(1, 2)            # [B, Hkv, S, r, c]
+            value = store[rows]
+            if name in compiled.codes:
+                value = unpack_codes(value, compiled.codes[name], compiled.summaries[name][1])
+            value = value.to(dev, cdt).transpose(1, 2)                   # [B, Hkv, S, r, c]
             full = page_ids[None, :] < (lens // P)[:, None]             # pages with a summary
             inputs[key] = (value, full[:, None, :, None, None])
         elif key == KEYS:

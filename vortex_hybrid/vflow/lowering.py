@@ -2,9 +2,9 @@
 
 A kernel backend registers a function against a *pattern*: a library flow whose stage graph the
 kernel computes. A flow stage runs on that kernel when its traced graph has the same structure as
-the pattern's, traced at the same (page_size, head_dim, group) (`pattern.graph_signature`: ops,
-wiring, attributes, shapes, summary names; never the flow's name or class). So a user's flow that
-computes quest's score with the same ops gets quest's kernels, and `class NegQuest(Quest)` that
+the pattern's, traced at the same (page_size, head_dim, group) (`pattern.stage_signature`: ops,
+wiring, attributes, shapes, summary names, packed-code widths; never the flow's name or class). So
+a user's flow that computes quest's score with the same ops gets quest's kernels, and `class NegQuest(Quest)` that
 overrides `forward_indexer` runs its own program.
 
     register_lowering("quest", "indexer", "cuda", quest_indexer)     # pattern: the library's quest
@@ -20,8 +20,10 @@ R summary rows):
 
 cache fn:   fn(k_pool [N, Hkv, P, D], pages int64 [n] (physical pages, all full),
                summaries: dict[str, Tensor], rows int64 [n] | None = None, *, check=True) -> None
-            summaries[name] is float32 or bfloat16 [R, Hkv, *shape] on k_pool's device; fn writes
-            row rows[i] (default pages[i]) from page pages[i].
+            summaries[name] is float32, bfloat16 or float8_e4m3fn [R, Hkv, *shape] on k_pool's
+            device, or for a coded summary (`vflow.Codes`) uint8 [R, Hkv, r, packed width]
+            (`vortex_hybrid.packed_codes`); fn writes row rows[i] (default pages[i]) from page
+            pages[i].
 indexer fn: fn(q [B, Hq, D], summaries, page_table int32 [B, max_pages] (logical page -> summary
                row), seq_lens int32 [B], budget, sink, recent, *, page_size: int, check=True)
                -> sel int32 [B, Hkv, budget]
@@ -39,7 +41,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from .flow import Flow
-from .pattern import graph_signature, stage_graph
+from .pattern import stage_signature
 from .registry import load_flow
 
 log = logging.getLogger(__name__)
@@ -136,7 +138,7 @@ def _pattern_signature(pattern: str, stage: str, shape: Shape) -> Optional[tuple
             log.debug("lowering pattern %r does not trace at %s: %s", pattern, shape, exc)
             _signatures[key] = None
         else:
-            _signatures[key] = graph_signature(stage_graph(compiled, stage))
+            _signatures[key] = stage_signature(compiled, stage)
     return _signatures[key]
 
 
@@ -151,7 +153,7 @@ def find_lowering(flow: Union[str, Flow], stage: str, device: Union[str, torch.d
     _import_backend(kind)
     flow = load_flow(flow)
     shape = tuple(shape) if shape is not None else tuple(flow.probe_shape)
-    mine = graph_signature(stage_graph(flow.compiled(*shape), stage))
+    mine = stage_signature(flow.compiled(*shape), stage)
     for (pattern, st, k), fn in reversed(list(_lowerings.items())):
         if st == stage and k == kind and _pattern_signature(pattern, stage, shape) == mine:
             log.debug("%r.%s on %s has the structure of %r: using its lowering", flow, stage, kind,

@@ -1,7 +1,8 @@
 """Graph structure of a traced flow stage: what the lowering hook compares.
 
-Structure = the ops in order, their wiring, attributes, logical shapes and dtypes, and the stage's
-named inputs and outputs (summary names included); source locations and the flow's name are left
+Structure = the ops in order, their wiring, attributes, logical shapes and dtypes, the stage's
+named inputs and outputs (summary names included) and which summaries are packed codes of how many
+bits (a kernel reads and writes the store's layout); source locations and the flow's name are left
 out. Two flows whose stage graphs have equal signatures compute the same function, so one kernel
 serves both; a flow that differs in any op, attribute or summary name gets a different signature.
 """
@@ -31,6 +32,12 @@ def graph_signature(graph: Graph) -> tuple:
     """A hashable description of a stage graph's structure (no source lines, no flow name)."""
     nodes = tuple((n.op, n.inputs, _frozen(n.attrs), n.shape, n.dtype) for n in graph.nodes)
     return nodes, tuple(sorted(graph.inputs.items())), tuple(sorted(graph.outputs.items()))
+
+
+def stage_signature(compiled: CompiledFlow, stage: str) -> tuple:
+    """The structure `lowering` compares: `graph_signature` of the stage graph and the flow's coded
+    summaries (name -> bits)."""
+    return graph_signature(stage_graph(compiled, stage)), tuple(sorted(compiled.codes.items()))
 
 
 def stage_graph(compiled: CompiledFlow, stage: str) -> Graph:

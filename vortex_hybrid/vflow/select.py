@@ -28,6 +28,7 @@ import torch
 
 from ..contracts import check_attention_args, check_counts
 from .bound_flow import BoundFlow, bind_flow
+from .compiler import stored_layout
 from .flow import Flow
 from .interpreter import compute_dtype, indexer_scores
 
@@ -40,10 +41,13 @@ def full_pages(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int)
 
 
 def new_summaries(summaries: dict[str, tuple[int, int]], num_pages: int, num_kv_heads: int,
-                  dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """Zeroed summary store: name -> [num_pages, num_kv_heads, r, c], rows by physical page."""
-    return {name: torch.zeros(num_pages, num_kv_heads, r, c, dtype=dtype, device=device)
-            for name, (r, c) in summaries.items()}
+                  dtype: torch.dtype, device: torch.device,
+                  codes: Optional[dict[str, int]] = None) -> dict[str, torch.Tensor]:
+    """Zeroed summary store: name -> [num_pages, num_kv_heads, r, c] of `dtype`, rows by physical
+    page; the summaries named in `codes` (name -> bits, `CompiledFlow.codes`) packed:
+    uint8 [num_pages, num_kv_heads, r, packed_width(c, bits)]."""
+    return {name: torch.zeros(num_pages, num_kv_heads, *shape, dtype=dt, device=device)
+            for name, (shape, dt) in stored_layout(summaries, codes or {}, dtype).items()}
 
 
 def _cache_stage(flow, q, k_pool, page_table, seq_lens, lower: bool, summary_dtype=None):
@@ -54,7 +58,8 @@ def _cache_stage(flow, q, k_pool, page_table, seq_lens, lower: bool, summary_dty
     N, hkv, P, _ = k_pool.shape
     cdt = compute_dtype(q, k_pool)
     bound = bind_flow(flow, P, d, hq // hkv, q.device, lower=lower and cdt == torch.float32)
-    summaries = new_summaries(bound.summaries, N, hkv, summary_dtype or cdt, k_pool.device)
+    summaries = new_summaries(bound.summaries, N, hkv, summary_dtype or cdt, k_pool.device,
+                              bound.codes)
     if summaries:
         bound.cache(k_pool, full_pages(page_table, seq_lens, P), summaries)
     return bound, summaries

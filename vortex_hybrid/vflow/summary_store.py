@@ -16,9 +16,13 @@ Location (`location=`): "device" keeps summaries beside the device pool (HBM on 
 "host" in (pinned) host memory, "auto" picks the device when the store takes at most
 `AUTO_DEVICE_FRACTION` of the free device memory (quest's float32 kmin/kmax are 1/8 of bf16 KV bytes:
 68 GB for a 32-layer 8B model at batch 32 x 128K, more than HBM can spare). The indexer runs where
-the summaries are: on the CPU kernels for a host store (q goes there, sel comes back). Summaries are
+the summaries are: on the CPU kernels for a host store (q goes there, sel comes back). Float summaries are
 float32, bfloat16 or float8_e4m3fn (`dtype=`; float8 saturates at +-448); kernels compute in
-float32 either way.
+float32 either way. Coded summaries (a flow's `vflow.Codes`, e.g. lowbit's "codes") are stored
+packed whatever `dtype` is: uint8 `[R, Hkv, r, bits * ceil(c / 8)]`, `bits` bits a value
+(`vortex_hybrid.packed_codes`); so lowbit (2 bits, page 16, head_dim 128) keeps 512 bytes of codes
+plus kmin/kmax (512 bytes in bfloat16) per page and KV head: 1/4 of the page's bf16 keys.
+`summary_bytes` and `nbytes_for` count each summary in its own storage dtype.
 
 The cache stage runs on the device of the pool that holds the page (the fused kernel or the
 interpreter, resolved once by `bind_flow`); when the store lives elsewhere, the new rows are
@@ -50,10 +54,12 @@ AUTO_DEVICE_FRACTION = 0.25
 
 def summary_bytes(flow: Union[str, Flow], num_layers: int, num_pages: int, num_kv_heads: int,
                   page_size: int, head_dim: int, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes a store of `num_pages` rows takes for this flow and model shape."""
+    """Bytes a store of `num_pages` rows takes for this flow and model shape: float summaries in
+    `dtype`, coded ones packed (`CompiledFlow.stored`)."""
     compiled = load_flow(flow).compiled(page_size, head_dim, 1)
-    per_row = sum(r * c for r, c in compiled.summaries.values()) * num_kv_heads
-    return num_layers * num_pages * per_row * torch.empty((), dtype=dtype).element_size()
+    per_row = sum(r * c * torch.empty((), dtype=dt).element_size()
+                  for (r, c), dt in compiled.stored(dtype).values()) * num_kv_heads
+    return num_layers * num_pages * per_row
 
 
 class SummaryStore:
@@ -95,9 +101,9 @@ class SummaryStore:
         self.scratch_row = self.capacity
         """A row past the allocator's: what a static-shaped summarise writes for a page that is
         not full yet (whole-step CUDA graphs summarise every request's written page each step)."""
-        self._tensors = {name: torch.zeros(L, self.capacity + 1, hkv, r, c, dtype=dtype,
+        self._tensors = {name: torch.zeros(L, self.capacity + 1, hkv, r, c, dtype=dt,
                                            device=self.device, pin_memory=pin)
-                         for name, (r, c) in self.bound.summaries.items()}
+                         for name, ((r, c), dt) in self.bound.compiled.stored(dtype).items()}
         self._layers = [{name: t[layer] for name, t in self._tensors.items()} for layer in range(L)]
         self._alloc = PageAllocator(self.capacity, "summary store")
         self._rows: dict[int, list[int]] = {}
@@ -136,7 +142,8 @@ class SummaryStore:
 
     # ---- reading ----------------------------------------------------------------------------
     def layer(self, layer: int) -> dict[str, torch.Tensor]:
-        """Summaries of one layer: name -> [R, Hkv, r, c] (views of the store)."""
+        """Summaries of one layer: name -> [R, Hkv, r, c] (views of the store; coded summaries
+        packed: uint8 [R, Hkv, r, packed width])."""
         return self._layers[layer]
 
     def rows(self, rid: int) -> list[int]:
@@ -224,7 +231,7 @@ class SummaryStore:
                         torch.as_tensor(rows, dtype=torch.int64).to(dev), check=False)
             return
         n = len(pages_t)
-        scratch = {name: torch.empty(n, *t.shape[2:], dtype=self.dtype, device=dev)
+        scratch = {name: torch.empty(n, *t.shape[2:], dtype=t.dtype, device=dev)
                    for name, t in self._tensors.items()}
         bound.cache(k_pool, pages_t, scratch, torch.arange(n, device=dev), check=False)
         idx = torch.as_tensor(rows, dtype=torch.int64).to(self.device)

@@ -177,7 +177,7 @@ def check_graph_flow(captures: bool, flow: str, phases: dict[str, str], device: 
     raise ConfigError(f"flow {flow!r} has no fused indexer kernel on {device}, so its page "
                       "selection cannot run inside SGLang's decode CUDA graphs (the flow "
                       "interpreter synchronises): pass --disable-cuda-graph, or pick a flow "
-                      "with one (quest, centroid)")
+                      "with one (quest, centroid, lowbit with its default options)")
 
 
 def check_server_args(server_args) -> None:

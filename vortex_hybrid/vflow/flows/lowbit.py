@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .. import ops
-from ..flow import Flow
+from ..flow import Codes, Flow
 from ..registry import register
 from .gqa import check_gqa, gqa_topk
 
@@ -20,12 +20,18 @@ class LowBit(Flow):
     asymmetric per-channel grid of KIVI's key quantization, arXiv:2402.02750), and a page scores
     the best query-key product over its tokens, as the `oracle` does over exact keys.
 
-    Summaries per page and KV head: "kmin", "kmax" (1, D); "codes" (page_size, D), each key's
-    channel d coded as the integer c in [0, L] (L = 2 ** bits - 1) nearest to
-    L * (k_d - kmin_d) / (kmax_d - kmin_d) (halves round up; a channel of zero range codes 0).
-    Summaries hold codes as floats; packed, they are `bits` bits per key channel (2 bits: 1/8 of a
-    bf16 key). Indexer: the decoded key k^_d = kmin_d + c_d * (kmax_d - kmin_d) / L; score of
-    page p for query head j: max over the page's tokens t of q_j . k^_t.
+    Summaries per page and KV head: "kmin", "kmax" (1, D), in the store's dtype; "codes"
+    (page_size, D), each key's channel d coded as the integer c in [0, L] (L = 2 ** bits - 1)
+    nearest to L * (k_d - kmin_d) / (kmax_d - kmin_d), computed in float32 from the unrounded
+    kmin/kmax (halves round up; a channel of zero range codes 0), declared `Codes` so stores keep
+    it packed in `bits` bits per key channel (`vortex_hybrid.packed_codes`; 2 bits: 1/8 of a bf16
+    key, and with kmin/kmax in bf16 at page 16 a quarter of the page's key bytes). Indexer: the
+    decoded key k^_d = kmin_d + c_d * (kmax_d - kmin_d) / L; score of page p for query head j: max
+    over the page's tokens t of q_j . k^_t.
+
+    Fused kernels (`flow_kernels`: lowbit_cache, lowbit_indexer on both backends) serve the
+    default bits=2 with gqa "max"; other options run the reference interpreter (the kernels take
+    any code width, but lowerings match the library flow's traced graph, `vflow.lowering`).
 
     Options: `bits` (1-4, default 2); `gqa`, how the group's query heads combine (`flows.gqa`;
     default "max": the page of one query head's best key is not outvoted by the group's other
@@ -44,7 +50,8 @@ class LowBit(Flow):
         return 2 ** self.bits - 1
 
     def create_cache(self, page_size, head_dim):
-        return {"kmin": (1, head_dim), "kmax": (1, head_dim), "codes": (page_size, head_dim)}
+        return {"kmin": (1, head_dim), "kmax": (1, head_dim),
+                "codes": Codes(page_size, head_dim, self.bits)}
 
     def forward_cache(self, keys, cache):                                  # keys: (P, D)
         kmin = keys.min(0, keepdim=True)
