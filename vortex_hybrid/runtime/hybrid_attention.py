@@ -244,14 +244,17 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
     # ---- the open step: refused changes, undo ----------------------------------------------
     def _open(self, step: Optional[StepPlan]) -> bool:
         """Whether `step` is planned or running (layers still to run; a whole step: until
-        finish_step())."""
+        finish_step(), with or without wait)."""
         if step is None:
             return False
-        return not step.finished if step.whole else step.next_layer < self.num_layers
+        return not (step.finished or step.deferred) if step.whole else \
+            step.next_layer < self.num_layers
 
     def _check_between_steps(self, what: str) -> None:
         """Refuse a change of requests while a step is planned or running: the step's tables,
-        write targets and selections were fixed by plan() over the requests as they were."""
+        write targets and selections were fixed by plan() over the requests as they were. A step
+        ended with finish_step(wait=False) is completed first (its failure raises here)."""
+        self.complete_step()
         step = self._step
         if self._open(step):
             where = "planned (layer 0 not run yet)" if step.next_layer == 0 else \
@@ -265,7 +268,9 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
     def cancel_step(self) -> None:
         """Drop the planned or running step: its requests are as before plan() (their new token
         gone), and the GPU page cache as before it, except that slots the step fetched into are
-        free again. Nothing to do when no step is open."""
+        free again. Nothing to do when no step is open (a step ended with finish_step(wait=False)
+        is completed instead: it ran)."""
+        self.complete_step()
         step = self._step
         if self._open(step):
             self._abort(step)
@@ -302,8 +307,13 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         fixed: with whole_step, a `FixedShape(batch, max_pages)`: the step's tables have that
         shape whatever the requests, so every step with it has one key (`fixed_shape`); rids may
         then hold None (a padding row there; the rows past rids are padding too) or be empty (a
-        step of padding only)."""
+        step of padding only).
+
+        After `finish_step(wait=False)`, that step is completed here once this step's tables are
+        built (its host work overlaps the GPU's step) and before its buffers are bound; when it
+        failed, this step and then it are undone and its error raised."""
         step = self._step
+        prev = step if step is not None and step.deferred and not step.finished else None
         if self._open(step) and step.next_layer > 0 and not step.whole:
             self._check_between_steps("plan")
         rows = len(rids)
@@ -370,6 +380,9 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
                 host_tables_on_device(self, step)
             if fixed is not None:
                 step = fixed_step(self, step, fixed, positions, self._pad_page, pad_rows)
+            if prev is not None:                  # the step before, still on the GPU so far
+                self._finish_whole(prev, undo=False)
+                prev = None
             key = self._plan_whole(step) if whole_step else None
         except BaseException:
             if step is None:
@@ -379,6 +392,12 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
             if new_pad:
                 self.kv.device_alloc.free(PAD_OWNER, [self._pad_page])
                 self._pad_page = None
+            if prev is not None:                  # then the step before: undone if it failed,
+                self._step = prev                 # else completed (its failure raises there)
+                if prev.failed is not None:
+                    self._abort(prev)
+                else:
+                    self._finish_whole(prev)
             raise
         self._serial += 1
         self._step = step
@@ -736,6 +755,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         rate in bytes/s its split plans with, and "cpu_call_s", the fixed cost of a CPU call in
         seconds it plans with (`scheduler.live_rate`: the cost model's figures, then what the
         steps measure)."""
+        self.complete_step()                # a step ended with finish_step(wait=False)
         out = {"last_step": dict(self._last), "totals": dict(self._totals)}
         if self.placement == "hybrid":      # the CPU rate and call cost its split now plans with
             out["cpu_attn_bw"] = self._live_cpu.value
@@ -745,7 +765,12 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
     def close(self) -> None:
         """Stop the CPU worker and release the pools, summaries, page cache and graphs now (not
         when the garbage collector finds the object): a runtime built next gets this memory.
-        Nothing may be called on the runtime afterwards."""
+        Nothing may be called on the runtime afterwards. A step ended with finish_step(wait=False)
+        is waited for first (a failure of it is logged, not raised)."""
+        try:
+            self.complete_step()
+        except Exception as exc:            # noqa: BLE001 - closing anyway; the step is undone
+            log.warning("vortex_hybrid runtime: the last step failed while closing: %s", exc)
         if self._worker is not None:
             self._worker.close()
             self._worker = None

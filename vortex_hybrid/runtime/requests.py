@@ -226,7 +226,9 @@ class Requests:
     @torch.inference_mode()
     def remove_request(self, rid: int) -> None:
         """Free a request's device, host, cache and summary pages. Refused for a request of a step
-        that is planned or running (other requests may go: the step uses none of their pages)."""
+        that is planned or running (other requests may go: the step uses none of their pages). A
+        step ended with finish_step(wait=False) is completed first (its failure raises here)."""
+        self.complete_step()
         rid = self._live(rid)
         step = self._step
         if self._open(step) and rid in step.rids:

@@ -63,6 +63,8 @@ class StepPlan:
                                                      # store's scratch row (whole steps)
     whole: bool = False                              # planned with whole_step=True
     finished: bool = False                           # a whole step's finish_step() ran
+    deferred: bool = False                           # finish_step(wait=False): to complete
+    failed: Optional[BaseException] = None           # a deferred step's failure, not undone yet
     pending: object = None                           # a whole step's layer begun, not ended
                                                      # (whole_step.PendingLayer)
     static: object = None                            # a whole step's static set (layer_graphs)

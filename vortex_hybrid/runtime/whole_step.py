@@ -197,15 +197,37 @@ class WholeStep:
                 io["o"].copy_(o)
                 io["lse"].copy_(lse)
 
-    def finish_step(self) -> None:
+    def finish_step(self, wait: bool = True) -> None:
         """End a step planned with `plan(rids, whole_step=True)` after its layers ran (a replay, or
         run() of every layer): one synchronisation reads its counters and NaN flags; a failed CPU
         part (its exception re-raised), a hand-off time-out, or layers that did not run fail the
-        step, which is then undone (every request as before plan())."""
+        step, which is then undone (every request as before plan()).
+
+        wait=False returns at once and leaves that to the next call that needs the step done:
+        `plan()` does its own host work first and completes the step just before it binds the
+        new step's buffers (so the host prepares step t + 1 while the GPU runs step t); also
+        `complete_step()`, `stats()`, request changes and `close()`. A failed step then raises
+        from that call, with the step (and a `plan()`'s new step) undone."""
         step = self._step
-        if step is None or not step.whole or step.finished:
+        if step is None or not step.whole or step.finished or step.deferred:
             raise ValueError("finish_step() ends a step planned with plan(rids, whole_step=True) "
                              "whose layers ran; there is none open")
+        if wait:
+            self._finish_whole(step)
+        else:
+            step.deferred = True
+
+    def complete_step(self) -> None:
+        """Complete a step ended with `finish_step(wait=False)` (one synchronisation; its failure
+        raises here, the step undone); nothing to do when there is none."""
+        step = self._step
+        if step is not None and step.deferred and not step.finished:
+            self._finish_whole(step)
+
+    def _finish_whole(self, step: StepPlan, undo: bool = True) -> None:
+        """`finish_step`'s work: synchronise, validate, count. A failure is raised after the step
+        is undone, or with undo=False kept in `step.failed` and raised with nothing undone (the
+        caller undoes what it did since, then the step: `plan()`)."""
         with torch.inference_mode():
             static = step.static
             s = static.step
@@ -220,7 +242,10 @@ class WholeStep:
                 if self.placement in HOST_PLACEMENTS:
                     # a CPU part's exception, re-raised
                     self._whole_handoff.finish_step(self._handoff_ch)
-            except BaseException:
+            except BaseException as exc:
+                if not undo:
+                    step.failed = exc
+                    raise
                 self._abort(step)
                 raise
             step.next_layer = step.fronts = self.num_layers
