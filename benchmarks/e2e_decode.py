@@ -176,6 +176,8 @@ class DecodeStep:
         self.seen: set = set()                # keys that ran once eagerly (compiled, warm)
         self.sel: Optional[torch.Tensor] = None   # [L, B, Hkv, K]: the step's given selection
         self.plan_s: list = []                # host seconds of each step's plan()
+        self.defer = False                    # whole steps end with finish_step(wait=False)
+        self.prev_stats: Optional[dict] = None   # then: the step before's counters (plan() ends it)
         self.qkv_fn, self.mlp_fn = self._qkv_math, self._mlp_math     # `fuse` compiles them
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -307,8 +309,10 @@ def decode_step(attn: HybridAttention, rids: list, st: DecodeStep, sels=None,
     Returns how the step ran: "replay", "eager" or "layers"."""
     t0 = time.perf_counter()
     if whole:
-        key = attn.plan(rids, whole_step=True)
+        key = attn.plan(rids, whole_step=True)      # deferred: this completes the step before
         st.plan_s.append(time.perf_counter() - t0)
+        if st.defer:
+            st.prev_stats = attn.stats()["last_step"]
         if sels is not None:
             if st.sel is None or st.sel.shape != sels.shape:
                 st.sel = torch.empty_like(sels)
@@ -322,7 +326,7 @@ def decode_step(attn: HybridAttention, rids: list, st: DecodeStep, sels=None,
             g.replay()
         else:
             st.whole(attn, key, st.sel if sels is not None else None)
-        attn.finish_step()
+        attn.finish_step(wait=not st.defer)
         return "replay" if g is not None else "eager"
     attn.plan(rids)
     st.plan_s.append(time.perf_counter() - t0)
@@ -554,8 +558,14 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
         tokens, rec, how, graphs = [], [], [], {}
         bounds = np.cumsum([0] + sizes)
         cpu0 = t_timed = None
+        defer = args.defer_finish and whole and mb is None
+        steps[0].defer = defer
+        ids = []                                # deferred: each step's tokens, read at the end
         for i in range(args.warmup + args.steps):
-            sync(dev)
+            if not defer or i == args.warmup:
+                if defer:
+                    attn.complete_step()
+                sync(dev)
             if i == args.warmup:                    # which OS threads ran during the timed steps
                 cpu0, t_timed = thread_cpu_s(), time.perf_counter()
             t1 = time.perf_counter()
@@ -565,12 +575,26 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
                 sel_i = None if sels is None else [sels[i][:, lo:hi].contiguous()
                                                    for lo, hi in zip(bounds[:-1], bounds[1:])]
                 ran = decode_step_micro(mb, rids, steps, graphs, sel_i)
+            if defer:                           # no sync: the next plan() overlaps this step
+                ids.append(torch.cat([st.ids for st in steps]).clone())
+                if i > args.warmup:             # the step before, completed by this plan()
+                    rec.append((None, steps[0].prev_stats))
+                if i >= args.warmup:
+                    how.append(ran)
+                continue
             sync(dev)
             ms = (time.perf_counter() - t1) * 1e3
             tokens.append([t for st in steps for t in st.ids.tolist()])
             if i >= args.warmup:
                 rec.append((ms, attn.stats()["last_step"] if mb is None else mb.stats()))
                 how.append(ran)
+        if defer:                               # the last step: completed and waited for here
+            attn.complete_step()
+            sync(dev)
+            ms = (time.perf_counter() - t_timed) * 1e3 / args.steps     # the mean step
+            rec = [(ms, c) for _, c in rec] + [(ms, attn.stats()["last_step"])]
+            tokens = [t.tolist() for t in ids]
+            steps[0].defer = False
         busy = busy_threads(cpu0, thread_cpu_s(), time.perf_counter() - t_timed) \
             if cpu0 is not None else []
         print(f"  {mode}: threads busy during the timed steps (CPU s / wall s): "
@@ -608,6 +632,7 @@ def profile_step(attn, rids, st, sels, whole, mode, args) -> None:
     profile_<mode>.txt, its timeline in profile_<mode>.json.gz."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    attn.complete_step()
     for _ in range(2 if whole else 0):
         decode_step(attn, rids, st, None if sels is None else sels[-1], whole)
     sync(st.m.device)
@@ -832,6 +857,10 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--cpu-threads", type=int, default=None,
                     help="threads of the CPU attention (HybridConfig.cpu_threads; default: the "
                          "cores less the driving thread's and, in whole steps, the hand-off's)")
+    ap.add_argument("--defer-finish", action="store_true",
+                    help="whole steps end with finish_step(wait=False): the next step's plan() "
+                         "runs while the step runs, no synchronisation between timed steps "
+                         "(ms/step is then the timed steps' mean)")
     ap.add_argument("--profile", action="store_true",
                     help="profile one more step per mode after the timed ones (torch.profiler): "
                          "its kernels by GPU time, in profile_<mode>.txt under --out")

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from vortex_hybrid.compiled import compiled as compile_fn
+from vortex_hybrid.transfers import to_device
 
 
 @dataclass
@@ -220,7 +221,7 @@ class GpuPageCache:
         must not write into it."""
         indices = tuple(self.index_of(r) for r in rids)
         if self._last_rows is None or self._last_rows[0] != indices:
-            t = torch.as_tensor(indices, dtype=torch.int64).to(self.device)
+            t = to_device(torch.as_tensor(indices, dtype=torch.int64), self.device)
             self._last_rows = (indices, self.rows(t))
         return self._last_rows[1]
 

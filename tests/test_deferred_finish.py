@@ -169,3 +169,42 @@ def test_close_waits_for_a_deferred_step():
     step = attn._step
     attn.close()
     assert step.finished and attn.kv is None
+
+
+@pytest.mark.parametrize("placement", ["gpu", "hybrid/split"])
+def test_plan_after_a_deferred_step_does_not_wait_for_it_before_completing_it(monkeypatch,
+                                                                             placement):
+    """On a GPU, the next plan()'s own work (tables, budgets, the page cache's rows) makes no
+    synchronising call before it completes the deferred step, so it can run while that step does
+    (CUDA only: torch's sync detection; a step in which no page fills, seed 29)."""
+    if DEV.type != "cuda":
+        pytest.skip("needs CUDA (sync detection)")
+    name, _, shape = placement.partition("/")
+    kw = {"step_shape": shape} if shape else {}
+    whole = make(name, slots=3, cache_prefill=False, cached_steps=False, **kw)  # no device check
+    gen = torch.Generator().manual_seed(29)
+    a = whole.add_request(*(torch.randn(L, 37, HKV, D, generator=gen).to(DEV) for _ in "kv"))
+    b = whole.add_request(*(torch.randn(L, 21, HKV, D, generator=gen).to(DEV) for _ in "kv"))
+    real = whole._finish_whole
+    seen = {}
+
+    def finish(step, undo=True):
+        seen["completed"] = True
+        torch.cuda.set_sync_debug_mode("default")        # completing it synchronises, once
+        return real(step, undo)
+    try:
+        for step in range(3):
+            if step == 2:
+                torch.cuda.synchronize()
+                monkeypatch.setattr(whole, "_finish_whole", finish)
+                torch.cuda.set_sync_debug_mode("error")
+            whole.plan([a, b], whole_step=True)
+            torch.cuda.set_sync_debug_mode("default")
+            for layer in range(L):
+                whole.run(layer, *(torch.randn(2, h, D, generator=gen).to(DEV)
+                                   for h in (HQ, HKV, HKV)))
+            whole.finish_step(wait=False)
+        assert seen.get("completed")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        whole.close()

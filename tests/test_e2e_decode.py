@@ -157,3 +157,18 @@ def test_the_decoder_step_equals_transformers_llama_over_the_same_kv():
     torch.testing.assert_close(st.logits, out.logits[:, -1].float(), rtol=1e-4, atol=1e-4)
     assert st.ids.tolist() == out.logits[:, -1].argmax(-1).tolist()
     assert st.pos.tolist() == [T + 1] * B
+
+
+def test_deferred_finishes_decode_the_tokens_of_waiting_ones(tmp_path):
+    """--defer-finish (each step completed by the next one's plan(), no sync between steps) gives
+    the tokens and logits of steps that wait, in gpu and hybrid."""
+    common = ["--smoke", "--modes", "gpu,hybrid", "--steps", "3", "--budget", "0.5"]
+    wait = load().main(common + ["--out", str(tmp_path / "wait")])
+    defer = load().main(common + ["--defer-finish", "--out", str(tmp_path / "defer")])
+    by_wait = {r["mode"]: r for r in wait["modes"]}
+    by_defer = {r["mode"]: r for r in defer["modes"]}
+    for mode in ("gpu", "hybrid"):
+        a, b = by_wait[mode], by_defer[mode]
+        assert len(a["tokens"]) == len(b["tokens"]) == 4 and a["tokens"] == b["tokens"], mode
+        torch.testing.assert_close(a["logits"], b["logits"], rtol=0, atol=0)
+        assert a["step_ran"] == b["step_ran"]

@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from ..config import HybridConfig
+from ..transfers import to_device
 from .errors import KVCacheError, UnknownRequestError
 from .page_allocator import PageAllocator
 from .page_pool import GIB, PagePool
@@ -468,4 +469,4 @@ class PagedKVCache:
         table = padded_table(rows, max_pages)
         lens = torch.as_tensor([r.seq_len for r in reqs], dtype=torch.int32)
         dev = self.device if where == "device" else torch.device("cpu")
-        return table.to(dev), lens.to(dev)
+        return to_device(table, dev), to_device(lens, dev)       # never a stream sync

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from ..transfers import to_device
 from .memory_model import HOST_PLACEMENTS
 from .step_plan import StepPlan, head_table
 
@@ -141,7 +142,7 @@ def fixed_step(attn: "HybridAttention", step: StepPlan, shape: FixedShape,
             return None
         out = torch.full((N,) if t.dim() == 1 else (N, width), fill, dtype=t.dtype,
                          device=t.device)
-        where = pos.to(t.device)
+        where = to_device(pos, t.device)
         if t.dim() == 1:
             out[where] = t
         else:
@@ -155,7 +156,7 @@ def fixed_step(attn: "HybridAttention", step: StepPlan, shape: FixedShape,
     if cache_rows is not None:
         hkv = attn.num_kv_heads
         rows = pad_cache_rows.view(1, hkv).repeat(N, 1)
-        rows[pos.to(rows.device)] = cache_rows.view(-1, hkv)
+        rows[to_device(pos, rows.device)] = cache_rows.view(-1, hkv)
         cache_rows = rows.flatten()
     dev_table = pad_rows(step.dev_table, W, -1)
     host_dev = pad_rows(step.host_table_dev, W, -1)

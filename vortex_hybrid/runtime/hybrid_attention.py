@@ -60,6 +60,7 @@ from ..scheduler import cost_model
 from ..scheduler.gpu_page_cache import Coverage, GpuPageCache
 from ..scheduler.live_rate import LiveCpuRate
 from ..scheduler.step_shape import ShapeChooser, launch_order
+from ..transfers import to_device
 from ..vflow.registry import load_flow
 from ..vflow.summary_store import SummaryStore
 from .cpu_worker import CpuWorker, HostBuffers
@@ -366,8 +367,8 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
                         log.info("vortex_hybrid runtime: page cache state sized for %d requests "
                                  "of %d pages (fixed-shape steps): %.2f GiB", live + 1,
                                  cache.max_pages, cache.state_bytes() / 2**30)
-                    pad_rows = cache.rows(torch.tensor([cache.index_of(PAD_OWNER)],
-                                                       device=self.device))
+                    pad_rows = cache.rows(to_device(torch.tensor([cache.index_of(PAD_OWNER)]),
+                                                    self.device))
                 step.cache_new = [r for r in rids if not cache.has(r)]
                 cache.reserve(step.dev_table.shape[1])
                 rows = cache.rows_of(rids)            # [B x Hkv]: one per KV head

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from ..transfers import to_device
 from .memory_model import HOST_PLACEMENTS
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ def host_tables_on_device(attn: "HybridAttention", step: StepPlan) -> None:
     """The host table on the device (`host_table_dev`) and, in the host placements, as a head
     table (`host_heads`): the fetches' sources. Made once a step by `HybridAttention.plan` after
     it decided the step's shape, but not for a `cached` step (it fetches nothing)."""
-    step.host_table_dev = step.host_table.to(attn.device)
+    step.host_table_dev = to_device(step.host_table, attn.device)
     if attn.placement in HOST_PLACEMENTS:
         step.host_heads = head_table(step.host_table_dev, attn.num_kv_heads)
 
@@ -116,7 +117,8 @@ def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial:
     host_table, lens_cpu = attn.kv.page_table(rids, "host")
     dev = attn.device
     positions = torch.as_tensor(old, dtype=torch.int64)
-    write_pages = dev_table.cpu().to(torch.int64).gather(1, (positions // P)[:, None])[:, 0]
+    write_pages = torch.as_tensor([attn.kv.residency(rid, n // P, n // P + 1)[0][0]     # (host:
+                                   for rid, n in zip(rids, old)], dtype=torch.int64)  # no sync)
     filled = [b for b, n in enumerate(new) if n % P == 0]
     if attn.store is None or not attn.store.summarizes:
         filled = []                                  # nothing to summarise (dense, streaming)
@@ -147,22 +149,22 @@ def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial:
         attn.kv.device_alloc.check_owned(rid, [page])
     step = StepPlan(
         rids, old, dev_table, host_table, lens, lens_cpu, s_table, s_lens,
-        {k: torch.as_tensor(v, dtype=torch.int64, device=sdev) for k, v in groups.items()},
-        width, write_pages.to(dev), (positions % P).to(dev),
-        write_pages[filled].to(dev), filled_rows.to(sdev), None, None)
+        {k: to_device(torch.as_tensor(v, dtype=torch.int64), sdev) for k, v in groups.items()},
+        width, to_device(write_pages, dev), to_device(positions % P, dev),
+        to_device(write_pages[filled], dev), to_device(filled_rows, sdev), None, None)
     step.counts = torch.zeros(5, dtype=torch.int64, device=dev)     # COUNTS, on the device
     if attn.placement in HOST_PLACEMENTS:   # head tables, once a step (`gpu` with a given sel:
         step.dev_heads = head_table(dev_table, attn.num_kv_heads)          # SplitStep)
         step.lens_heads = lens.repeat_interleave(attn.num_kv_heads)
     if sum_rows is not None:
-        step.sum_rows = sum_rows.to(sdev)
+        step.sum_rows = to_device(sum_rows, sdev)
     step.nonfinite = torch.zeros(len(rids), dtype=torch.bool, device=dev)
     step.counters = dict.fromkeys(("gpu_pages", "cpu_pages", "fetched_pages", "cache_hits",
                                    "cache_misses", "evictions", "cpu_calls"), 0)
     step.counters.update(gpu_wait_s=0.0, step_host_s=0.0, cpu_kernel_s=0.0)
     step.serial = serial
     step.shape, step.shape_key = shape, shape_key
-    step.cpu_rows = (torch.arange(len(rids)) < cpu_requests).to(dev)
+    step.cpu_rows = to_device(torch.arange(len(rids)) < cpu_requests, dev)
     step.passes, step.budget_key = passes, budget_key
     n_pages = [-(-n // P) for n in new]                     # pages dense / gpu attend, exactly
     step.resident_pages = attended if attended is not None else attn.num_kv_heads * sum(

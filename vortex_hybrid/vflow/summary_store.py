@@ -40,6 +40,7 @@ import torch
 from ..contracts import SUMMARY_DTYPES, check_counts, write_summary_rows
 from ..kv.page_allocator import PageAllocator
 from ..kv.paged_kv_cache import NOT_RESIDENT, PagedKVCache, padded_table
+from ..transfers import to_device
 from .bound_flow import BoundFlow, bind_flow
 from .flow import Flow
 from .interpreter import Keys
@@ -165,7 +166,7 @@ class SummaryStore:
         width = max([self.kv.num_pages(rid) for rid in rids], default=0)
         table = padded_table(rows, width if max_pages is None else max_pages)
         lens = torch.as_tensor([self.kv.seq_len(rid) for rid in rids], dtype=torch.int32)
-        return table.to(self.device), lens.to(self.device)
+        return to_device(table, self.device), to_device(lens, self.device)
 
     # ---- writing ----------------------------------------------------------------------------
     def _assign(self, rid: int, pages: list[int]) -> list[int]:
