@@ -88,8 +88,9 @@ def test_a_failed_deferred_step_raises_from_the_next_plan_with_both_steps_undone
             q, kn, vn = (torch.randn(2, h, D, generator=gen).to(DEV) for h in (HQ, HKV, HKV))
             whole.run(layer, q, kn, vn)
         whole.finish_step(wait=False)                   # nothing raised yet
-        with pytest.raises(Boom, match="injected"):
+        with pytest.raises(Boom, match="injected") as info:
             whole.plan(ws, whole_step=True)
+        assert whole.deferred_failure is info.value          # the step before, not this plan
         assert calls["n"] >= 1
         assert whole._step is None
         assert_same(before, state(whole))
@@ -118,6 +119,7 @@ def test_a_plan_that_fails_itself_still_completes_the_deferred_step(monkeypatch)
         monkeypatch.setattr(hybrid_attention, "build_plan", broken)
         with pytest.raises(Boom, match="build_plan"):
             whole.plan(ws, whole_step=True)
+        assert whole.deferred_failure is None                # this plan's own failure
         monkeypatch.undo()
         assert whole._step is not None and whole._step.finished
         same_stats(whole, eager)

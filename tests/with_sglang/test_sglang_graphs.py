@@ -209,3 +209,47 @@ def test_a_graph_step_whose_cpu_part_fails_aborts_its_requests_not_the_engine(mo
         sizing.FAILED.clear()
         world.ours.runtime.close()
 
+
+
+def test_a_failure_found_by_the_next_replay_aborts_the_step_before_and_plans_the_batch_again(
+        monkeypatch):
+    """A replayed step ends without waiting and its CPU part raised: the next replay's plan()
+    finds it; its rows are marked for the scheduler to abort (the error named), that batch is
+    planned again with them as padding (they return zeros), and a request that joins later is
+    served as the oracle serves it."""
+    world = World(cfg_for("cpu", budget=4), 8)
+    print("seed 8")
+    try:
+        a, b = world.new_row(), world.new_row()
+        world.step([a, b], [21, 30])
+        static = capture(world)
+        runtime = world.ours.runtime
+        real = runtime._cpu_state
+        calls = {"n": 0}
+
+        def boom(*args, **kw):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("injected in the CPU part")
+            return real(*args, **kw)
+        monkeypatch.setattr(runtime, "_cpu_state", boom)
+        ends, finish = [], runtime.finish_step
+
+        def finish_step(wait=True):
+            ends.append(wait)
+            return finish(wait=wait)
+        monkeypatch.setattr(runtime, "finish_step", finish_step)
+        replay(world, static, [a, b])                  # ended at the next call, without waiting
+        replay(world, static, [a, b], fail=(a, b))     # whose plan() finds the failure
+        assert ends == [False]
+        failed = {key: msg for key, msg in sizing.FAILED.items() if key[0] in (a, b)}
+        assert len(failed) == 2 and all("injected in the CPU part" in m for m in failed.values())
+        assert len(world.ours.requests) == 0
+        c = world.new_row()
+        world.step([c], [6])
+        _, want, got = replay(world, static, [a, b, c], fail=(a, b))
+        for layer in range(L):
+            torch.testing.assert_close(got[layer][2], want[layer][2], rtol=1e-4, atol=1e-5)
+    finally:
+        sizing.FAILED.clear()
+        world.ours.runtime.close()

@@ -184,6 +184,9 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
             self._worker = CpuWorker()
         self._gpu = self._gpu_backend()
         self._step: Optional[StepPlan] = None
+        self.deferred_failure: Optional[BaseException] = None
+        """Set when the last plan() raised because the step before it (ended with
+        finish_step(wait=False)) had failed, and both were undone; None otherwise."""
         self.trace: Optional[StepTrace] = None
         """Set to a `StepTrace` to record a timeline of the steps that follow (docs/runtime.md)."""
         self._serial = 0
@@ -315,6 +318,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         failed, this step and then it are undone and its error raised."""
         step = self._step
         prev = step if step is not None and step.deferred and not step.finished else None
+        self.deferred_failure = None
         if self._open(step) and step.next_layer > 0 and not step.whole:
             self._check_between_steps("plan")
         rows = len(rids)
@@ -396,6 +400,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
             if prev is not None:                  # then the step before: undone if it failed,
                 self._step = prev                 # else completed (its failure raises there)
                 if prev.failed is not None:
+                    self.deferred_failure = prev.failed
                     self._abort(prev)
                 else:
                     self._finish_whole(prev)

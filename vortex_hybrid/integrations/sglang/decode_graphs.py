@@ -14,8 +14,11 @@ SGLang's context length)`, so every step of a bucket has the key captured for it
   rows, plans them (the dummy rows, and a row the runtime refused, are padding rows) and checks
   the key against the captured one (a differing key raises before the replay);
 - the replayed step is finished (`HybridAttention.finish_step`, one synchronisation) at the
-  backend's next call, before anything else; a step that fails there is undone and its requests
-  are marked for the scheduler to abort (`sizing.FAILED`), never the engine.
+  backend's next call, before anything else; when that call is the next replay, without waiting
+  (`finish_step(wait=False)`): the runtime's `plan()` builds the new step's tables while the step
+  runs and completes it before binding. A step that fails is undone and its requests are marked
+  for the scheduler to abort (`sizing.FAILED`), never the engine; found by the next replay's
+  `plan()`, that batch is planned again without them.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class DecodeGraphs:
         self._capture: Optional[FixedShape] = None  # the bucket being captured
         self._open_graph_step: Optional[list] = None
         """A replayed step's (row, generation)s, until it is finished at the next call."""
+        self._deferred_keys: Optional[list] = None
+        """Those of a step ended with finish_step(wait=False), until the runtime completes it."""
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         """Before the captures: every bucket's tables are as wide as SGLang's longest request
@@ -55,8 +60,11 @@ class DecodeGraphs:
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         """Outside the graph, before a capture (`in_capture`: a step of padding only for the
         bucket) or a replay (the batch's real rows planned, padded to the bucket); the runtime's
-        key must be the one captured for the bucket."""
-        self._end_graph_step()
+        key must be the one captured for the bucket. A replay's step before is ended without
+        waiting: the runtime's plan() builds this step's tables while it runs and completes it
+        before binding (a failure of it aborts its requests, and this batch is planned again
+        without them)."""
+        self._end_graph_step(defer=not in_capture)
         self._decode_live = None                    # graphs: every row runs, padding included
         bs = int(forward_batch.batch_size)
         shape = self._graph_shape(bs)
@@ -77,7 +85,18 @@ class DecodeGraphs:
                 continue
             rids.append(self.requests.sync(rows[i], gens[i], lens[i] - 1, self._reader(rows[i])))
             keys.append((rows[i], gens[i]))
-        key = self.runtime.plan(rids, whole_step=True, fixed=shape)
+        try:
+            key = self.runtime.plan(rids, whole_step=True, fixed=shape)
+        except Exception as exc:
+            before, self._deferred_keys = self._deferred_keys, None
+            if before is None or self.runtime.deferred_failure is None:
+                raise
+            self._fail_rows(before, exc)            # the step before failed and was undone
+            rids = [None if (rows[i], gens[i]) in sizing.FAILED else rid
+                    for i, rid in enumerate(rids)]
+            keys = [k for k in keys if k not in sizing.FAILED]
+            key = self.runtime.plan(rids, whole_step=True, fixed=shape)
+        self._deferred_keys = None
         if key != self.graph_keys.get(bs):
             self.runtime.cancel_step()
             raise RuntimeError(f"vortex_hybrid: the runtime's step key {key} for batch size {bs} "
@@ -91,20 +110,35 @@ class DecodeGraphs:
         if self._capture is not None:
             self.runtime.plan([], whole_step=True, fixed=self._capture)
 
-    def _end_graph_step(self) -> None:
+    def _end_graph_step(self, defer: bool = False) -> None:
         """Finish a replayed step (one sync: its counters, NaN flags, the CPU side's errors), or
-        drop a capture's padding step; a step that failed aborts its requests."""
+        drop a capture's padding step; a step that failed aborts its requests. defer: end it
+        with finish_step(wait=False) (the next replay's plan() completes it); otherwise a step
+        ended so earlier is completed here."""
         keys, self._open_graph_step = self._open_graph_step, None
         if self._capture is not None:
             self._capture = None
             self.runtime.cancel_step()
-        if keys is None:
+        if keys is not None:                        # the step just replayed
+            if defer:
+                self.runtime.finish_step(wait=False)
+                self._deferred_keys = keys
+                return
+            end = self.runtime.finish_step
+        elif self._deferred_keys is not None and not defer:     # one ended without waiting
+            keys, self._deferred_keys = self._deferred_keys, None
+            end = self.runtime.complete_step
+        else:
             return
         try:
-            self.runtime.finish_step()
+            end()
         except Exception as exc:                    # the step is undone: its requests end
-            log.error("vortex_hybrid: a decode step in SGLang's CUDA graph failed, aborting its "
-                      "%d requests: %s", len(keys), exc)
-            for row, gen in keys:
-                sizing.FAILED[(row, gen)] = f"decode step failed: {exc}"
-                self.requests.drop(row)
+            self._fail_rows(keys, exc)
+
+    def _fail_rows(self, keys: list, exc: BaseException) -> None:
+        """A failed (and undone) step's requests: marked for the scheduler to abort, dropped."""
+        log.error("vortex_hybrid: a decode step in SGLang's CUDA graph failed, aborting its "
+                  "%d requests: %s", len(keys), exc)
+        for row, gen in keys:
+            sizing.FAILED[(row, gen)] = f"decode step failed: {exc}"
+            self.requests.drop(row)
