@@ -305,6 +305,8 @@ def test_a_given_selection_is_attended_exactly(placement):
                 sel[b:b + 1])
             err = ((o[b].cpu() - want[0]).norm() / want[0].norm()).item()
             assert err < 1e-5, (placement, layer, b, err)
+    last = attn.stats()["last_step"]                # every selected page-head counted once
+    assert last["gpu_pages"] + last["cpu_pages"] == 9 * L, last
     attn.close()
 
 

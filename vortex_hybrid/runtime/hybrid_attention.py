@@ -682,7 +682,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
     def _run_layer(self, step: StepPlan, layer: int, q, k_new, v_new, sel=None) -> torch.Tensor:
         graphs = self._graphs.bind(step, sel) if self._graphs is not None else None
         cached = step.shape == "cached"     # every host page cached: as `gpu` over the cache
-        if cached or (self.placement in ("dense", "gpu") and sel is None):
+        if cached or self.placement == "gpu" or (self.placement == "dense" and sel is None):
             inputs = dict(q=q, k_new=k_new, v_new=v_new)
             if sel is not None:
                 inputs["sel"] = sel

@@ -29,10 +29,10 @@ class ResidentStep:
     def attend_whole(self, step: StepPlan, layer: int, q: torch.Tensor,
                      sel: Optional[torch.Tensor] = None) -> tuple:
         """A layer that runs whole (no CPU hand-off): `attend_cached` in a `cached` step, else
-        `dense` / `gpu`'s `attend_resident` as (o,)."""
+        `dense` / `gpu`'s `attend_resident`: (o,), or with a given `sel` (`gpu`) (o, counts)."""
         if step.shape == "cached":
             return self.attend_cached(step, layer, q, sel)
-        return (self.attend_resident(step, layer, q),)
+        return self.attend_resident(step, layer, q, sel)
 
     def attend_cached(self, step: StepPlan, layer: int, q: torch.Tensor,
                       sel: Optional[torch.Tensor] = None) -> tuple:
@@ -57,14 +57,21 @@ class ResidentStep:
         zero = torch.zeros((), dtype=torch.int64, device=self.device)
         return o.to(q.dtype), torch.stack([chosen.sum(), zero, from_cache.sum(), zero, zero])
 
-    def attend_resident(self, step: StepPlan, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """`dense` and `gpu`: every page is in the device pool; select (gpu) and attend. Pure GPU
-        work on the step's tensors: what `layer_graphs` captures."""
+    def attend_resident(self, step: StepPlan, layer: int, q: torch.Tensor,
+                        sel: Optional[torch.Tensor] = None) -> tuple:
+        """`dense` and `gpu`: every page is in the device pool; select (gpu) and attend: (o in
+        q's dtype,); with a given `sel` (`gpu`, research), (o, counts [5] (`COUNTS`): page-heads
+        attended, then zeros), counted on the device (plan() counts the flow's selection). Pure
+        GPU work on the step's tensors: what `layer_graphs` captures."""
         k_pool, v_pool = self.kv.device_pool.k[layer], self.kv.device_pool.v[layer]
+        given = sel is not None
         if self.placement == "dense":
             sel = reference.all_pages_sel(step.lens, self.num_kv_heads, step.dev_table.shape[1],
                                           self.cfg.page_size)
-        else:
+        elif not given:
             sel = self._select(step, layer, q)
         o, _ = self._gpu.attend(q, k_pool, v_pool, step.dev_table, step.lens, sel)
-        return o.to(q.dtype)
+        if not given:
+            return (o.to(q.dtype),)
+        zero = torch.zeros(4, dtype=torch.int64, device=self.device)
+        return o.to(q.dtype), torch.cat([(sel >= 0).sum().view(1), zero])

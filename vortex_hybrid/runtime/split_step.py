@@ -141,7 +141,7 @@ class SplitStep:
         return torch.where(on_gpu, sel, -1), table, src, dst, counts, q_host, sel_host, host_n
 
     def _dev_heads(self, step: StepPlan) -> torch.Tensor:
-        """The step's device head table: built once by plan() in the host placements; for `gpu`
+        """The step's device head table: built once by plan() in the host placements; for `dense`
         with a given selection (research), from its page table here."""
         if step.dev_heads is not None:
             return step.dev_heads

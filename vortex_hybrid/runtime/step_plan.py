@@ -153,7 +153,7 @@ def build_plan(attn: "HybridAttention", rids: list[int], old: list[int], serial:
         width, to_device(write_pages, dev), to_device(positions % P, dev),
         to_device(write_pages[filled], dev), to_device(filled_rows, sdev), None, None)
     step.counts = torch.zeros(5, dtype=torch.int64, device=dev)     # COUNTS, on the device
-    if attn.placement in HOST_PLACEMENTS:   # head tables, once a step (`gpu` with a given sel:
+    if attn.placement in HOST_PLACEMENTS:   # head tables, once a step (`dense` with a given sel:
         step.dev_heads = head_table(dev_table, attn.num_kv_heads)          # SplitStep)
         step.lens_heads = lens.repeat_interleave(attn.num_kv_heads)
     if sum_rows is not None:

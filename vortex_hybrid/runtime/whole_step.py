@@ -107,7 +107,7 @@ class WholeStep:
         host placement's; other layers run whole); no synchronisation."""
         static = step.static
         s = static.step
-        static.split = not (self.placement in ("dense", "gpu") and sel is None)
+        static.split = not (self.placement == "gpu" or (self.placement == "dense" and sel is None))
         static.given = sel is not None
         if s.shape == "cached" or not static.split:     # a whole layer: no hand-off
             self._append(s, layer, k_new, v_new)
@@ -254,7 +254,8 @@ class WholeStep:
             if step.shape == "cached" and static.given is False:   # the flow's selection
                 c["gpu_pages"] += step.resident_pages * self.num_layers
                 c["cache_hits"] += step.cached_hits * self.num_layers
-            elif not static.split and step.shape != "cached":   # dense / gpu: plan() counted
+            elif not static.split and step.shape != "cached" and static.given is False:
+                # dense / gpu with the flow's selection: plan() counted
                 c["gpu_pages"] += step.resident_pages * self.num_layers
             c["cpu_pages"] += static.cpu_pages
             c["cpu_part_s"] = static.cpu_s      # the hand-off worker's time in the CPU parts
