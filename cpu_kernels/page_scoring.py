@@ -43,6 +43,16 @@ MIN_SCORE_CHUNK = 64
 """Fewest pages per scoring work item when rows are split to give every thread work."""
 
 
+@njit(cache=True, inline="always")
+def _work_item(item, n_chunks, hkv):
+    """A scoring loop's work item as (request, KV head, chunk of pages): items run row-major over
+    the (request, KV head) rows, each row's chunks in order."""
+    row = item // n_chunks
+    c = item - row * n_chunks
+    b = row // hkv
+    return b, row - b * hkv, c
+
+
 @njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
 def _page_scores_kernel(q, page_table, seq_lens, page_size, quest, s0, s1, chunk, scores):
     """Page scores float32 [B, Hkv, max_pages]: q float32 [B, Hkv, G, D]; s0, s1 [R, Hkv, D] float32,
@@ -57,10 +67,7 @@ def _page_scores_kernel(q, page_table, seq_lens, page_size, quest, s0, s1, chunk
     max_pages = scores.shape[2]
     n_chunks = (max_pages + chunk - 1) // chunk
     for item in prange(B * hkv * n_chunks):
-        row = item // n_chunks
-        c = item - row * n_chunks
-        b = row // hkv
-        h = row - b * hkv
+        b, h, c = _work_item(item, n_chunks, hkv)
         n_full = np.int64(seq_lens[b]) // page_size
         pos = np.zeros(D, np.float32)
         neg = np.zeros(D, np.float32)
@@ -109,10 +116,7 @@ def _lowbit_scores_kernel(q, page_table, seq_lens, page_size, s0, s1, codes, bit
     levels = np.float32((1 << bits) - 1)
     n_chunks = (max_pages + chunk - 1) // chunk
     for item in prange(B * hkv * n_chunks):
-        row = item // n_chunks
-        c = item - row * n_chunks
-        b = row // hkv
-        h = row - b * hkv
+        b, h, c = _work_item(item, n_chunks, hkv)
         n_full = np.int64(seq_lens[b]) // page_size
         scaled = np.zeros((G, 8 * width), np.float32)       # zero past D: padded channels
         base = np.empty(G, np.float32)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_hybrid_attention import HKV, HQ, L, D, make
-from test_runtime_transactions import Boom, assert_same, state
+from test_runtime_transactions import Boom, assert_same, fail_on_call, state
 from test_whole_step import DEV, ordinary_step_equals, pair, same_stats, three_requests, \
     two_requests
 
@@ -75,20 +75,13 @@ def test_a_failed_deferred_step_raises_from_the_next_plan_with_both_steps_undone
     ws, es = two_requests(whole, eager, gen)
     try:
         before = state(whole)
-        real, calls = whole._cpu_state, {"n": 0}
-
-        def boom(*args, **kw):
-            calls["n"] += 1
-            if calls["n"] == 1:
-                raise Boom("injected in the CPU part")
-            return real(*args, **kw)
-        monkeypatch.setattr(whole, "_cpu_state", boom)
+        calls = fail_on_call(monkeypatch, whole, "_cpu_state", 1)
         whole.plan(ws, whole_step=True)
         for layer in range(L):
             q, kn, vn = (torch.randn(2, h, D, generator=gen).to(DEV) for h in (HQ, HKV, HKV))
             whole.run(layer, q, kn, vn)
         whole.finish_step(wait=False)                   # nothing raised yet
-        with pytest.raises(Boom, match="injected") as info:
+        with pytest.raises(Boom, match="_cpu_state call 1") as info:
             whole.plan(ws, whole_step=True)
         assert whole.deferred_failure is info.value          # the step before, not this plan
         assert calls["n"] >= 1

@@ -176,6 +176,19 @@ def test_cuda_graph_state_is_taken_without_any_opt_in():
         world.ours.runtime.close()
 
 
+def fail_first_cpu_part(monkeypatch, runtime) -> None:
+    """The runtime's next CPU part raises RuntimeError("injected in the CPU part"); later ones
+    run."""
+    real, calls = runtime._cpu_state, {"n": 0}
+
+    def boom(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected in the CPU part")
+        return real(*args, **kw)
+    monkeypatch.setattr(runtime, "_cpu_state", boom)
+
+
 def test_a_graph_step_whose_cpu_part_fails_aborts_its_requests_not_the_engine(monkeypatch):
     """The CPU part of a replayed step raises: at the backend's next call the step is undone and
     its rows are marked for the scheduler to abort (`sizing.FAILED`, the error named); the next
@@ -187,15 +200,7 @@ def test_a_graph_step_whose_cpu_part_fails_aborts_its_requests_not_the_engine(mo
         world.step([a, b], [21, 30])
         static = capture(world)
         runtime = world.ours.runtime
-        real = runtime._cpu_state
-        calls = {"n": 0}
-
-        def boom(*args, **kw):
-            calls["n"] += 1
-            if calls["n"] == 1:
-                raise RuntimeError("injected in the CPU part")
-            return real(*args, **kw)
-        monkeypatch.setattr(runtime, "_cpu_state", boom)
+        fail_first_cpu_part(monkeypatch, runtime)
         replay(world, static, [a, b])
         c = world.new_row()
         world.step([c], [6])                     # the next call: the failed step is finished
@@ -224,15 +229,7 @@ def test_a_failure_found_by_the_next_replay_aborts_the_step_before_and_plans_the
         world.step([a, b], [21, 30])
         static = capture(world)
         runtime = world.ours.runtime
-        real = runtime._cpu_state
-        calls = {"n": 0}
-
-        def boom(*args, **kw):
-            calls["n"] += 1
-            if calls["n"] == 1:
-                raise RuntimeError("injected in the CPU part")
-            return real(*args, **kw)
-        monkeypatch.setattr(runtime, "_cpu_state", boom)
+        fail_first_cpu_part(monkeypatch, runtime)
         ends, finish = [], runtime.finish_step
 
         def finish_step(wait=True):
