@@ -10,7 +10,8 @@ least sink + recent + 1), sink 1, recent 2; peer: torch.topk over scores with fo
 (digit_bits, num_warps, block) per row size first.
 Indexers: Llama-3-8B shapes (32 query / 8 KV heads, D=128), page 16, contexts 32K / 128K, batch
 1 / 8 / 32, budgets 1/2/5/10%; ours (scoring grid + top-k kernel) vs a torch peer (gathered
-summaries, einsum scores, the same torch top-k). Cache kernels: quest_cache / centroid_cache over
+summaries, einsum scores, the same torch top-k); lowbit (2-bit codes, gqa max) ours only, read
+against quest's row (a torch peer would decode every code of the batch). Cache kernels: quest_cache / centroid_cache over
 64K full pages of a bf16 pool.
 `triton.testing.do_bench` medians (L2 flushed before every call; launch overhead shows where the
 GPU work is shorter than the host's launch path), and "graph": medians of CUDA-graph replays
@@ -42,7 +43,8 @@ import triton  # noqa: E402
 
 from gpu_attention import bench, hbm_copy_bandwidth  # noqa: E402  (sibling script: same timing)
 from vortex_hybrid.gpu_kernels.page_scoring import launch_indexer  # noqa: E402
-from vortex_hybrid.gpu_kernels import centroid_cache, quest_cache  # noqa: E402
+from vortex_hybrid.gpu_kernels import centroid_cache, lowbit_indexer, quest_cache  # noqa: E402
+from vortex_hybrid.packed_codes import packed_width  # noqa: E402
 from vortex_hybrid.gpu_kernels.topk_pages import launch_topk_pages  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,10 +140,15 @@ class IndexerSetup:
         self.q = torch.randn(B, HQ, D, device=DEV, dtype=torch.bfloat16)
         kmin = torch.randn(N, HKV, 1, D, device=DEV)
         self.summaries = {"kmin": kmin, "kmax": kmin + torch.rand_like(kmin),
-                          "mean": torch.randn(N, HKV, 1, D, device=DEV)}
+                          "mean": torch.randn(N, HKV, 1, D, device=DEV),
+                          "codes": torch.randint(0, 256, (N, HKV, PAGE, packed_width(D, 2)),
+                                                 dtype=torch.uint8, device=DEV)}
 
     def ours(self, flow: str, budget: int):
         s = self.summaries
+        if flow == "lowbit":                        # 2-bit codes, gqa max: the checked entry
+            return lambda: lowbit_indexer(self.q, s, self.table, self.lens, budget, SINK, RECENT,
+                                          page_size=PAGE, check=False)
         a, b = (s["kmax"], s["kmin"]) if flow == "quest" else (s["mean"], s["mean"])
         return lambda: launch_indexer(self.q, a, b, self.table, self.lens, budget, SINK, RECENT,
                                       PAGE, quest=flow == "quest")
@@ -164,7 +171,8 @@ class IndexerSetup:
         return run
 
     def min_bytes(self, flow: str, budget: int) -> int:
-        per_page = (2 if flow == "quest" else 1) * D * 4
+        per_page = (2 if flow in ("quest", "lowbit") else 1) * D * 4 + \
+            (PAGE * packed_width(D, 2) if flow == "lowbit" else 0)
         return self.B * (HKV * self.pages * per_page + self.pages * 4 + HKV * budget * 4)
 
 
@@ -173,18 +181,23 @@ def indexer_section(bw: float, contexts, batches) -> list:
     for ctx in contexts:
         for B in batches:
             setup = IndexerSetup(B, ctx)
-            for flow in ("quest", "centroid"):
+            for flow in ("quest", "centroid", "lowbit"):
                 for frac in BUDGETS:
                     budget = budget_pages(setup.pages, frac)
                     ours = bench(setup.ours(flow, budget))
                     graph = bench_graph(setup.ours(flow, budget))
-                    peer = bench(setup.torch_peer(flow, budget))
+                    # lowbit's torch peer would decode every code of the batch (GBs): none; its
+                    # row is read against quest's at the same shape
+                    peer = bench(setup.torch_peer(flow, budget)) if flow != "lowbit" else None
                     nbytes = setup.min_bytes(flow, budget)
                     rows.append(dict(flow=flow, ctx=ctx, B=B, budget=budget, ours_us=ours * 1e3,
-                                     ours_graph_us=graph * 1e3, torch_us=peer * 1e3,
-                                     speedup=peer / ours, hbm_frac=nbytes / (ours * 1e-3) / 1e9 / bw))
+                                     ours_graph_us=graph * 1e3,
+                                     torch_us=None if peer is None else peer * 1e3,
+                                     speedup=None if peer is None else peer / ours,
+                                     hbm_frac=nbytes / (ours * 1e-3) / 1e9 / bw))
                     print(f"{flow} ctx={ctx} B={B} budget={budget}: ours {ours * 1e3:.1f} us "
-                          f"(graph {graph * 1e3:.1f}), torch {peer * 1e3:.1f} us", flush=True)
+                          f"(graph {graph * 1e3:.1f}), torch "
+                          f"{'-' if peer is None else f'{peer * 1e3:.1f}'} us", flush=True)
             del setup
             torch.cuda.empty_cache() if DEV.type == "cuda" else None
     return rows
@@ -243,8 +256,9 @@ def main() -> None:
     print("\n| flow | ctx | B | budget | ours us | ours graph us | torch us | speedup | HBM frac |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in idx_rows:
+        peer = "- | -" if r["torch_us"] is None else f"{r['torch_us']:.1f} | {r['speedup']:.1f}x"
         print(f"| {r['flow']} | {r['ctx'] // 1024}K | {r['B']} | {r['budget']} | {r['ours_us']:.1f} | "
-              f"{r['ours_graph_us']:.1f} | {r['torch_us']:.1f} | {r['speedup']:.1f}x | {r['hbm_frac']:.2f} |")
+              f"{r['ours_graph_us']:.1f} | {peer} | {r['hbm_frac']:.2f} |")
 
 
 if __name__ == "__main__":
