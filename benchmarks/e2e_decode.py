@@ -860,7 +860,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--defer-finish", action="store_true",
                     help="whole steps end with finish_step(wait=False): the next step's plan() "
                          "runs while the step runs, no synchronisation between timed steps "
-                         "(ms/step is then the timed steps' mean)")
+                         "(ms/step is then the timed steps' mean, and plan ms includes plan()'s "
+                         "wait for the step before)")
     ap.add_argument("--profile", action="store_true",
                     help="profile one more step per mode after the timed ones (torch.profiler): "
                          "its kernels by GPU time, in profile_<mode>.txt under --out")
