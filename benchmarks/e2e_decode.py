@@ -562,9 +562,8 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
         steps[0].defer = defer
         ids = []                                # deferred: each step's tokens, read at the end
         for i in range(args.warmup + args.steps):
-            if not defer or i == args.warmup:
-                if defer:
-                    attn.complete_step()
+            if not defer or i == args.warmup:   # deferred: waits only before the timed steps
+                attn.complete_step()            # (a no-op unless a step was deferred)
                 sync(dev)
             if i == args.warmup:                    # which OS threads ran during the timed steps
                 cpu0, t_timed = thread_cpu_s(), time.perf_counter()

@@ -176,9 +176,16 @@ def test_cuda_graph_state_is_taken_without_any_opt_in():
         world.ours.runtime.close()
 
 
-def fail_first_cpu_part(monkeypatch, runtime) -> None:
-    """The runtime's next CPU part raises RuntimeError("injected in the CPU part"); later ones
+def world_whose_next_cpu_part_fails(monkeypatch, seed: int) -> tuple:
+    """(world, its captured buckets, rows a and b of 21 and 30 tokens) with the `cpu` placement,
+    whose runtime's next CPU part raises RuntimeError("injected in the CPU part"); later ones
     run."""
+    world = World(cfg_for("cpu", budget=4), seed)
+    print(f"seed {seed}")
+    a, b = world.new_row(), world.new_row()
+    world.step([a, b], [21, 30])
+    static = capture(world)
+    runtime = world.ours.runtime
     real, calls = runtime._cpu_state, {"n": 0}
 
     def boom(*args, **kw):
@@ -187,20 +194,15 @@ def fail_first_cpu_part(monkeypatch, runtime) -> None:
             raise RuntimeError("injected in the CPU part")
         return real(*args, **kw)
     monkeypatch.setattr(runtime, "_cpu_state", boom)
+    return world, static, a, b
 
 
 def test_a_graph_step_whose_cpu_part_fails_aborts_its_requests_not_the_engine(monkeypatch):
     """The CPU part of a replayed step raises: at the backend's next call the step is undone and
     its rows are marked for the scheduler to abort (`sizing.FAILED`, the error named); the next
     replay treats them as padding and serves a request that joins later."""
-    world = World(cfg_for("cpu", budget=4), 6)
-    print("seed 6")
+    world, static, a, b = world_whose_next_cpu_part_fails(monkeypatch, 6)
     try:
-        a, b = world.new_row(), world.new_row()
-        world.step([a, b], [21, 30])
-        static = capture(world)
-        runtime = world.ours.runtime
-        fail_first_cpu_part(monkeypatch, runtime)
         replay(world, static, [a, b])
         c = world.new_row()
         world.step([c], [6])                     # the next call: the failed step is finished
@@ -222,14 +224,9 @@ def test_a_failure_found_by_the_next_replay_aborts_the_step_before_and_plans_the
     finds it; its rows are marked for the scheduler to abort (the error named), that batch is
     planned again with them as padding (they return zeros), and a request that joins later is
     served as the oracle serves it."""
-    world = World(cfg_for("cpu", budget=4), 8)
-    print("seed 8")
+    world, static, a, b = world_whose_next_cpu_part_fails(monkeypatch, 8)
+    runtime = world.ours.runtime
     try:
-        a, b = world.new_row(), world.new_row()
-        world.step([a, b], [21, 30])
-        static = capture(world)
-        runtime = world.ours.runtime
-        fail_first_cpu_part(monkeypatch, runtime)
         ends, finish = [], runtime.finish_step
 
         def finish_step(wait=True):

@@ -317,7 +317,7 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         built (its host work overlaps the GPU's step) and before its buffers are bound; when it
         failed, this step and then it are undone and its error raised."""
         step = self._step
-        prev = step if step is not None and step.deferred and not step.finished else None
+        prev = step if step is not None and step.awaiting else None
         self.deferred_failure = None
         if self._open(step) and step.next_layer > 0 and not step.whole:
             self._check_between_steps("plan")

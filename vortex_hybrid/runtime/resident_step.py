@@ -54,8 +54,7 @@ class ResidentStep:
         sel_r = sel.reshape(B * H, K)
         chosen = sel_r >= 0
         from_cache = chosen & (torch.gather(step.dev_heads, 1, sel_r.clamp_min(0).long()) < 0)
-        zero = torch.zeros((), dtype=torch.int64, device=self.device)
-        return o.to(q.dtype), torch.stack([chosen.sum(), zero, from_cache.sum(), zero, zero])
+        return o.to(q.dtype), self._given_counts(chosen, from_cache)
 
     def attend_resident(self, step: StepPlan, layer: int, q: torch.Tensor,
                         sel: Optional[torch.Tensor] = None) -> tuple:
@@ -73,5 +72,13 @@ class ResidentStep:
         o, _ = self._gpu.attend(q, k_pool, v_pool, step.dev_table, step.lens, sel)
         if not given:
             return (o.to(q.dtype),)
-        zero = torch.zeros(4, dtype=torch.int64, device=self.device)
-        return o.to(q.dtype), torch.cat([(sel >= 0).sum().view(1), zero])
+        return o.to(q.dtype), self._given_counts(sel >= 0)
+
+    def _given_counts(self, chosen: torch.Tensor,
+                      from_cache: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A whole layer's counts of a given selection (`COUNTS`, on the device): the page-heads
+        it attends, none fetched, those of them read from cache slots (`from_cache`), no misses,
+        no evictions."""
+        zero = torch.zeros((), dtype=torch.int64, device=self.device)
+        cached = zero if from_cache is None else from_cache.sum()
+        return torch.stack([chosen.sum(), zero, cached, zero, zero])

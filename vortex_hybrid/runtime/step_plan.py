@@ -82,6 +82,11 @@ class StepPlan:
     positions: Optional[list] = None                 # a fixed-shape step: the row of each rid
 
     @property
+    def awaiting(self) -> bool:
+        """Ended with finish_step(wait=False) and not completed yet."""
+        return self.deferred and not self.finished
+
+    @property
     def batch(self) -> int:
         """Rows of the step's tables: its requests, and a fixed-shape step's padding rows."""
         return self.lens.shape[0]

@@ -221,7 +221,7 @@ class WholeStep:
         """Complete a step ended with `finish_step(wait=False)` (one synchronisation; its failure
         raises here, the step undone); nothing to do when there is none."""
         step = self._step
-        if step is not None and step.deferred and not step.finished:
+        if step is not None and step.awaiting:
             self._finish_whole(step)
 
     def _finish_whole(self, step: StepPlan, undo: bool = True) -> None:
