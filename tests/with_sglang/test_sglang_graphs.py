@@ -197,6 +197,19 @@ def world_whose_next_cpu_part_fails(monkeypatch, seed: int) -> tuple:
     return world, static, a, b
 
 
+def assert_aborted_by_the_injected_error(a: int, b: int) -> None:
+    """Rows a and b are marked for the scheduler to abort, the injected error named."""
+    failed = {key: msg for key, msg in sizing.FAILED.items() if key[0] in (a, b)}
+    assert len(failed) == 2 and all("injected in the CPU part" in m for m in failed.values())
+
+
+def assert_the_joined_row_is_served(world, static, a: int, b: int, c: int) -> None:
+    """A replay of a, b (aborted: padding) and c (joined since): c's outputs are the oracle's."""
+    _, want, got = replay(world, static, [a, b, c], fail=(a, b))
+    for layer in range(L):
+        torch.testing.assert_close(got[layer][2], want[layer][2], rtol=1e-4, atol=1e-5)
+
+
 def test_a_graph_step_whose_cpu_part_fails_aborts_its_requests_not_the_engine(monkeypatch):
     """The CPU part of a replayed step raises: at the backend's next call the step is undone and
     its rows are marked for the scheduler to abort (`sizing.FAILED`, the error named); the next
@@ -206,16 +219,12 @@ def test_a_graph_step_whose_cpu_part_fails_aborts_its_requests_not_the_engine(mo
         replay(world, static, [a, b])
         c = world.new_row()
         world.step([c], [6])                     # the next call: the failed step is finished
-        failed = {key: msg for key, msg in sizing.FAILED.items() if key[0] in (a, b)}
-        assert len(failed) == 2 and all("injected in the CPU part" in m for m in failed.values())
+        assert_aborted_by_the_injected_error(a, b)
         assert len(world.ours.requests) == 1     # a's and b's runtime requests are gone
-        _, want, got = replay(world, static, [a, b, c], fail=(a, b))
-        for layer in range(L):
-            torch.testing.assert_close(got[layer][2], want[layer][2], rtol=1e-4, atol=1e-5)
+        assert_the_joined_row_is_served(world, static, a, b, c)
     finally:
         sizing.FAILED.clear()
         world.ours.runtime.close()
-
 
 
 def test_a_failure_found_by_the_next_replay_aborts_the_step_before_and_plans_the_batch_again(
@@ -236,14 +245,11 @@ def test_a_failure_found_by_the_next_replay_aborts_the_step_before_and_plans_the
         replay(world, static, [a, b])                  # ended at the next call, without waiting
         replay(world, static, [a, b], fail=(a, b))     # whose plan() finds the failure
         assert ends == [False]
-        failed = {key: msg for key, msg in sizing.FAILED.items() if key[0] in (a, b)}
-        assert len(failed) == 2 and all("injected in the CPU part" in m for m in failed.values())
+        assert_aborted_by_the_injected_error(a, b)
         assert len(world.ours.requests) == 0
         c = world.new_row()
         world.step([c], [6])
-        _, want, got = replay(world, static, [a, b, c], fail=(a, b))
-        for layer in range(L):
-            torch.testing.assert_close(got[layer][2], want[layer][2], rtol=1e-4, atol=1e-5)
+        assert_the_joined_row_is_served(world, static, a, b, c)
     finally:
         sizing.FAILED.clear()
         world.ours.runtime.close()
