@@ -34,8 +34,19 @@ def kernels(backend: str):
     return lowerings
 
 
-def stores(compiled, n: int, hkv: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return new_summaries(compiled.summaries, n, hkv, dtype, torch.device("cpu"), compiled.codes)
+def device_of(backend: str) -> torch.device:
+    """Where a backend's kernels take their tensors: the GPU backend's on CUDA when there is one
+    (natively), else on the CPU (Triton's interpreter)."""
+    return torch.device("cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu")
+
+
+def on(device: torch.device, tensors: dict) -> dict:
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def stores(compiled, n: int, hkv: int, dtype: torch.dtype,
+           device: torch.device = torch.device("cpu")) -> dict[str, torch.Tensor]:
+    return new_summaries(compiled.summaries, n, hkv, dtype, device, compiled.codes)
 
 
 # ---- packed codes ---------------------------------------------------------------------------------
@@ -75,9 +86,11 @@ def test_fused_cache_writes_the_reference_summaries(backend, dtype, bits, seed):
         torch.bfloat16 if seed == 2 else torch.float32)
     compiled = LowBit(bits=bits).compiled(4, 12, 1)
     pages, rows = torch.tensor([0, 2, 5, 3]), torch.tensor([3, 0, 1, 4])
-    want, got = stores(compiled, 5, 3, dtype), stores(compiled, 5, 3, dtype)
+    dev = device_of(backend)
+    want, got = stores(compiled, 5, 3, dtype), stores(compiled, 5, 3, dtype, dev)
     run_cache(compiled, k_pool, pages, want, rows)
-    kernels(backend).lowbit_cache(k_pool, pages, got, rows)
+    kernels(backend).lowbit_cache(k_pool.to(dev), pages.to(dev), got, rows.to(dev))
+    got = on(torch.device("cpu"), got)
     assert torch.equal(got["codes"], want["codes"])
     for name in ("kmin", "kmax"):
         if backend == "gpu" and dtype == torch.bfloat16:    # Triton's interpreter casts to bf16
@@ -102,8 +115,10 @@ def test_halves_round_up_in_the_fused_cache(backend):
     col = torch.tensor([0.0, 3.0, 0.5, 1.5, 2.5, below, 1.0, 2.0])
     k_pool = col.reshape(1, 1, 8, 1).expand(1, 1, 8, 8).contiguous()
     compiled = vflow.load_flow("lowbit").compiled(8, 8, 1)
-    got = stores(compiled, 1, 1, torch.float32)
-    kernels(backend).lowbit_cache(k_pool, torch.tensor([0]), got)
+    dev = device_of(backend)
+    got = stores(compiled, 1, 1, torch.float32, dev)
+    kernels(backend).lowbit_cache(k_pool.to(dev), torch.tensor([0], device=dev), got)
+    got = on(torch.device("cpu"), got)
     codes = unpack_codes(got["codes"], 2, 8)[0, 0, :, 0]
     assert codes.tolist() == [0, 3, 1, 2, 3, 0, 1, 2]
 
@@ -112,11 +127,14 @@ def test_halves_round_up_in_the_fused_cache(backend):
 def fused_selection(backend, q, k_pool, table, lens, budget, sink, recent, budgets=None):
     P, D = k_pool.shape[2], k_pool.shape[3]
     compiled = vflow.load_flow("lowbit").compiled(P, D, q.shape[1] // k_pool.shape[1])
-    s = stores(compiled, k_pool.shape[0], k_pool.shape[1], torch.float32)
+    dev = device_of(backend)
+    s = stores(compiled, k_pool.shape[0], k_pool.shape[1], torch.float32, dev)
     kern = kernels(backend)
-    kern.lowbit_cache(k_pool, torch.arange(k_pool.shape[0]), s)
-    extra = {} if budgets is None else {"budgets": budgets}
-    return kern.lowbit_indexer(q, s, table, lens, budget, sink, recent, page_size=P, **extra), s
+    kern.lowbit_cache(k_pool.to(dev), torch.arange(k_pool.shape[0], device=dev), s)
+    extra = {} if budgets is None else {"budgets": budgets.to(dev)}
+    sel = kern.lowbit_indexer(q.to(dev), s, table.to(dev), lens.to(dev), budget, sink, recent,
+                              page_size=P, **extra)
+    return sel.cpu(), on(torch.device("cpu"), s)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -146,7 +164,9 @@ def test_fused_scores_equal_the_reference_up_to_float32_rounding(backend, seed):
         from vortex_hybrid.cpu_kernels.page_scoring import launch_page_scores
     else:
         from vortex_hybrid.gpu_kernels.page_scoring import launch_page_scores
-    got = launch_page_scores(q, s["kmax"], s["kmin"], table, lens, 4, True, codes=s["codes"])
+    d = on(device_of(backend), dict(q=q, table=table, lens=lens, **s))
+    got = launch_page_scores(d["q"], d["kmax"], d["kmin"], d["table"], d["lens"], 4, True,
+                             codes=d["codes"]).cpu()
     compiled = vflow.load_flow("lowbit").compiled(4, 16, 3)
     ref = indexer_scores(compiled, q.double(), s, table, lens, 2)[0][0]   # float64, same codes
     formula = combined(head_scores(2, q, k_pool, table, lens), "max", 0.25)
@@ -175,13 +195,15 @@ def test_fused_indexer_takes_per_row_budgets(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_code_stores_are_rejected_by_name(backend):
-    q, k_pool, table, lens = make_inputs(1, torch.float32, 1, 2, 2, 16, 4, 5)
+    dev = device_of(backend)
+    q, k_pool, table, lens = (t.to(dev) for t in make_inputs(1, torch.float32, 1, 2, 2, 16, 4, 5))
     compiled = vflow.load_flow("lowbit").compiled(4, 16, 2)
-    s = stores(compiled, k_pool.shape[0], 2, torch.float32)
+    s = stores(compiled, k_pool.shape[0], 2, torch.float32, dev)
     kern = kernels(backend)
     for bad in (s["codes"].float(), s["codes"][..., :3], s["codes"][:, :, :2]):
         with pytest.raises(ValueError, match=r"summaries\['codes'\].*expected packed codes"):
-            kern.lowbit_cache(k_pool, torch.arange(k_pool.shape[0]), {**s, "codes": bad})
+            kern.lowbit_cache(k_pool, torch.arange(k_pool.shape[0], device=dev),
+                              {**s, "codes": bad})
         with pytest.raises(ValueError, match=r"summaries\['codes'\].*expected packed codes"):
             kern.lowbit_indexer(q, {**s, "codes": bad}, table, lens, 3, 1, 2, page_size=4)
 

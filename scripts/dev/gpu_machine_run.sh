@@ -31,11 +31,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 for step in "$@"; do
   start=$(date +%s)
   case "$step" in
-    tests)         timeout 480 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests} ;;
+    tests)         timeout ${TESTS_TIMEOUT:-480} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests} ;;
     demo)          for i in 1 2 3; do timeout 60 python3 -m vortex_hybrid.demo --batch 4 --context 32768 --repeats 5; done ;;
     gpu_topk)      timeout 200 python3 benchmarks/gpu_topk.py --out "$OUT" ;;
     gpu_attention) timeout 300 python3 benchmarks/gpu_attention.py --out "$OUT" ;;
     cpu_attention) timeout 300 python3 benchmarks/cpu_attention.py --out "$OUT" ;;
+    cpu_small_parts) timeout 240 python3 benchmarks/cpu_small_parts.py --out "$OUT" ${CPU_SMALL_ARGS:-} ;;
     summary_store) timeout 240 python3 benchmarks/summary_store.py --out "$OUT" ;;
     step_trace)    for p in ${TRACE_PLACEMENTS:-hybrid}; do
                      timeout 200 python3 benchmarks/step_trace.py --out "$OUT" --placement $p ${TRACE_ARGS:-}
