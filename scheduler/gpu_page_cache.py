@@ -355,11 +355,13 @@ class GpuPageCache:
         self.now -= 1
         self.now_t.fill_(self.now)
 
-    def checkpoint(self, layer: int) -> None:
-        """Keep the layer's state as it is now (before its step; device copies, no sync, fine
-        inside a CUDA graph), for `restore` if the step fails."""
-        for keep, t in zip(self._backup, self.state(layer)):
-            keep[layer].copy_(t)
+    def checkpoint(self, layer: "int | None" = None) -> None:
+        """Keep the layer's state (every layer's with None) as it is now (before its step; device
+        copies, no sync, fine inside a CUDA graph), for `restore` if the step fails."""
+        state = self.state(layer) if layer is not None else \
+            (self.slot_of, self.owner, self.stamp, self.seen, self.reuse, self.held, self.hand)
+        for keep, t in zip(self._backup, state):
+            (keep[layer] if layer is not None else keep).copy_(t)
 
     def restore(self, layer: int) -> None:
         """The layer's state as at its last `checkpoint`, except that slots that changed owner
@@ -393,22 +395,30 @@ class GpuPageCache:
                 self.reuse[layer], self.held[layer], self.hand[layer])
 
     def step(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, wanted: torch.Tensor,
-             fetch: torch.Tensor, capacity: int = 0) -> FetchPlan:
+             fetch: torch.Tensor, capacity: int = 0,
+             pages: "torch.Tensor | None" = None) -> FetchPlan:
         """rows [B] dense request indices; slots [B, W] = `table(layer, rows, W)`; wanted, fetch
-        bool [B, W]: pages this step reads from the cache or would like fetched. Updates the state
-        and returns what to copy, `capacity` entries (default `capacity(B, W)`). No sync. The work
-        over the layer's state is one function of its tensors (`_layer_step`), compiled by
-        `torch.compile` when the cache was built with `compiled=True`."""
+        bool [B, W]: pages this step reads from the cache or would like fetched. Or, with `pages`
+        (int64 [B, K], e.g. a step's selection), the same over those pages only: slots, wanted,
+        fetch [B, K] for the pages `pages` names (the pages an entry with wanted or fetch set
+        names are distinct within its row; the others are ignored), so the step's work follows
+        the selection, not every page of the batch. Updates the state and returns what to copy,
+        `capacity` entries (default `capacity(B, W)`): the first that want a slot, row-major over
+        the entries. No sync. The work over the layer's state is one function of its tensors
+        (`_layer_step`), compiled by `torch.compile` when the cache was built with
+        `compiled=True`."""
         S = self.num_slots
         self.version += 1                   # at capture only, when a graph records this step
         k = capacity or self.capacity(*wanted.shape)
         if not 1 <= k <= S:
             raise ValueError(f"capacity={k} must lie in [1, num_slots={S}]")
+        if pages is None:
+            pages = torch.arange(wanted.shape[1], device=wanted.device).expand(wanted.shape)
         window = self._window(layer, k)                                 # the slots ranked
         core = _layer_step if self._compiled is None else self._compiled
         out = core(self.slot_of[layer], self.owner[layer], self.stamp[layer], self.seen[layer],
-                   self.reuse[layer], self.held[layer], self.now_t, rows, slots, wanted, fetch,
-                   window, k, self.quotas)
+                   self.reuse[layer], self.held[layer], self.now_t, rows, pages, slots, wanted,
+                   fetch, window, k, self.quotas)
         return FetchPlan(*out)
 
     def _window(self, layer: int, k: int) -> torch.Tensor:
@@ -428,43 +438,73 @@ class GpuPageCache:
 
 def _layer_step(slot_of: torch.Tensor, owner: torch.Tensor, stamp: torch.Tensor,
                 seen: torch.Tensor, reuse: torch.Tensor, held: torch.Tensor, now: torch.Tensor,
-                rows: torch.Tensor, slots: torch.Tensor, wanted: torch.Tensor, fetch: torch.Tensor,
-                window: torch.Tensor, k: int, quotas: bool) -> tuple:
+                rows: torch.Tensor, pages: torch.Tensor, slots: torch.Tensor,
+                wanted: torch.Tensor, fetch: torch.Tensor, window: torch.Tensor, k: int,
+                quotas: bool) -> tuple:
     """`GpuPageCache.step` over one layer's state (its tensors, changed in place: views of the
-    cache's [L, ...] state), the eviction `window` chosen and `k` the entries: the FetchPlan's
-    fields. A function of tensors only (no layer index), so one compiled graph serves every
-    layer."""
+    cache's [L, ...] state), the entries' pages [B, K], the eviction `window` chosen and `k` the
+    entries: the FetchPlan's fields. A function of tensors only (no layer index), so one compiled
+    graph serves every layer.
+
+    Masked-out entries never write: updates go through `_put` (an add of 0 spread over real
+    cells), so no cell takes the writes of every masked entry (one cell taking thousands of
+    writes serialises them on the GPU)."""
     S = owner.shape[0] - 1
     hit = wanted & (slots >= 0)
-    used = torch.where(hit, slots, S).flatten().to(torch.int64)
-    stamp.scatter_(0, used, now.expand(used.shape))               # (index_fill_ would sync)
+    _stamp(stamp, slots.flatten(), hit.flatten(), now, S)
     want_new = fetch & (slots < 0)
     misses = (wanted & (slots < 0)).sum()
     n = torch.minimum(want_new.sum(), (stamp[window] < now).sum()).clamp_max(k)  # wanted, room
     valid = torch.arange(k, device=slots.device) < n
-    bp = torch.nonzero_static(want_new, size=k, fill_value=-1)     # the first k, row-major
-    b, p = torch.where(valid[:, None], bp, -1).unbind(1)
+    bj = torch.nonzero_static(want_new, size=k, fill_value=0)      # the first k, row-major
+    b = torch.where(valid, bj[:, 0], -1)
+    p = torch.where(valid, pages[bj[:, 0], bj[:, 1]], -1)
     if quotas:
-        group = _quota_groups(owner, stamp, seen, reuse, held, now, rows, wanted, window)
+        group = _quota_groups(owner, stamp, seen, reuse, held, now, rows, pages, wanted, window)
     else:
         group = torch.where(owner[window, 0] < 0, 0, 2)
     pos = _oldest(group, stamp[window], now, n, k)
     victims = torch.where(valid, window[pos], S)                    # masked: the spare slot
     old = owner[victims].to(torch.int64)                            # [k, 2]; spare: (-1, -1)
     taken = old[:, 0] >= 0
-    Wt = slot_of.shape[1] - 1                                       # the spare column
-    none = torch.full((), -1, dtype=torch.int32, device=slots.device)
-    slot_of[old[:, 0].clamp_min(0), torch.where(taken, old[:, 1], Wt)] = none
     req = torch.where(valid, rows[b.clamp_min(0)].to(torch.int64), -1)
-    slot_of[req.clamp_min(0), torch.where(valid, p, Wt)] = torch.where(valid, victims, -1).to(
-        torch.int32)
-    owner[victims] = torch.stack([req, torch.where(valid, p, -1)], 1).to(torch.int32)
-    spare = held.shape[0] - 1                                       # masked entries land here
-    one = torch.ones_like(req, dtype=torch.int32)
-    held.scatter_add_(0, torch.where(taken, old[:, 0], spare), -one)
-    held.scatter_add_(0, torch.where(valid, req, spare), one)
-    stamp.scatter_(0, victims, now.expand(victims.shape))           # spare absorbs masked
+    spread = torch.arange(k, device=slots.device)
+    # slot_of: the evicted pages' cells to -1, the fetched pages' cells to their slots (the two
+    # sets of cells are apart: one holds cached pages, the other pages not cached)
+    cells = slot_of.view(-1)
+    Wc, R = slot_of.shape[1], slot_of.shape[0]
+    gone = old[:, 0].clamp_min(0) * Wc + old[:, 1].clamp_min(0)
+    _put(cells, gone, taken, -1 - cells[gone].to(torch.int64), spread % R * Wc + (Wc - 1))
+    into = req.clamp_min(0) * Wc + p.clamp_min(0)
+    _put(cells, into, valid, victims - cells[into].to(torch.int64), spread % R * Wc + (Wc - 1))
+    # owner: each victim slot (distinct) its new (request, page)
+    new_owner = torch.stack([req, torch.where(valid, p, -1)], 1)
+    flat = owner.view(-1)
+    two = torch.arange(2, device=slots.device)
+    at = (victims[:, None] * 2 + two).flatten()
+    _put(flat, at, valid[:, None].expand(k, 2).flatten(), (new_owner - old).flatten(),
+         ((spread % S)[:, None] * 2 + two).flatten())
+    _put(held, old[:, 0].clamp_min(0), taken, torch.full_like(req, -1), spread % R)
+    _put(held, req.clamp_min(0), valid, torch.ones_like(req), spread % R)
+    _stamp(stamp, victims, valid, now, S)
     return b, p, torch.where(valid, victims, -1), hit.sum(), misses, taken.sum(), n
+
+
+def _put(flat: torch.Tensor, index: torch.Tensor, keep: torch.Tensor, delta: torch.Tensor,
+         elsewhere: torch.Tensor) -> None:
+    """flat[index[i]] += delta[i] where keep[i] (those cells distinct); the other entries add 0
+    to cells `elsewhere[i]` (spread, so no cell takes many of them). No sync."""
+    flat.scatter_add_(0, torch.where(keep, index, elsewhere),
+                      torch.where(keep, delta, 0).to(flat.dtype))
+
+
+def _stamp(stamp: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor, now: torch.Tensor,
+           S: int) -> None:
+    """stamp[slots[i]] = now where keep[i] (a stamp only grows to `now`); the other entries are
+    a max with -1 (no change) at spread slots. No sync."""
+    spread = torch.arange(slots.numel(), device=slots.device) % max(S, 1)
+    stamp.scatter_reduce_(0, torch.where(keep, slots.to(torch.int64), spread),
+                          torch.where(keep, now, -1).expand(slots.shape), "amax")
 
 
 AGES = 64
@@ -492,21 +532,26 @@ def _oldest(group: torch.Tensor, stamp: torch.Tensor, now: torch.Tensor, n: torc
 
 def _quota_groups(owner: torch.Tensor, stamp: torch.Tensor, seen: torch.Tensor,
                   reuse: torch.Tensor, held: torch.Tensor, now: torch.Tensor, rows: torch.Tensor,
-                  wanted: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+                  pages: torch.Tensor, wanted: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """Update the batch's reuse averages and group the `window` slots for eviction (`_oldest`
     then ranks each group by stamp, LRU): 0 free slots, 1 slots of requests holding more than
     their quota (a request outside the batch has none), 2 the rest. Quota of a batch request =
     slots x its reuse x its wanted pages / the batch's sum; slots used this step rank last and
-    are never taken (the caller takes only slots older than this step). One layer's tensors."""
-    S, W = owner.shape[0] - 1, wanted.shape[1]
-    seen_b = seen.index_select(0, rows)[:, :W]                      # [B, W]
+    are never taken (the caller takes only slots older than this step). One layer's tensors;
+    `pages` [B, K] the entries' pages (distinct where wanted)."""
+    S = owner.shape[0] - 1
+    Wc = seen.shape[1]
+    cell = rows[:, None] * Wc + pages                                # [B, K]
+    seen_b = seen.view(-1)[cell]
     n_want = wanted.sum(1)
     again = (wanted & (seen_b == now - 1)).sum(1)
     rate = again.float() / n_want.clamp_min(1).float()
     old = reuse.index_select(0, rows)
     new = torch.where(n_want > 0, REUSE_ALPHA * rate + (1 - REUSE_ALPHA) * old, old)
     reuse.index_copy_(0, rows, new)
-    seen[:, :W].index_copy_(0, rows, torch.where(wanted, now.to(torch.int32), seen_b))
+    # seen[row, page] = now where wanted (seen only grows to now; the rest: a max with -1)
+    seen.view(-1).scatter_reduce_(0, cell.flatten(), torch.where(wanted, now.to(seen.dtype), -1)
+                                  .flatten(), "amax")
     weight = new * n_want.float()
     quota = torch.zeros(reuse.shape[0], dtype=torch.float32, device=reuse.device)
     quota.index_copy_(0, rows, S * weight / weight.sum().clamp_min(1e-9))

@@ -171,6 +171,53 @@ def test_least_recently_used_slot_is_evicted_first():
     assert plan.valid()[1].tolist() == [3, 4] and int(plan.count) == 2
 
 
+@pytest.mark.parametrize("quotas", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_step_over_the_selection_equals_the_step_over_every_page(seed, quotas):
+    """`step(..., pages=sel)` (entries [B, K] of the selection) changes the state and plans the
+    fetches exactly as the step over every page [B, W] with the same pages wanted, when each row
+    lists its pages in ascending order (padding last): row-major order is the same then. Several
+    windowed steps, slots shared by three requests of 2 KV heads, and a masked tail."""
+    gen = torch.Generator().manual_seed(seed)
+    B, H, Wp, K, S = 3, 2, 40, 9, 23
+    caches = [GpuPageCache(2, S, DEVICE, max_requests=B, max_pages=Wp, quotas=quotas, heads=H,
+                           window_min=8) for _ in range(2)]
+    rows = caches[0].rows(torch.tensor([caches[0].index_of(r) for r in range(B)], device=DEVICE))
+    assert torch.equal(rows, caches[1].rows(torch.tensor([caches[1].index_of(r) for r in range(B)],
+                                                         device=DEVICE)))
+    R = B * H
+    for t in range(12):
+        layer = t % 2
+        n = torch.randint(0, K + 1, (R,), generator=gen)
+        sel = torch.full((R, K), -1, dtype=torch.int64)
+        for r in range(R):      # ascending pages, padding last; recent pages more often
+            pool = torch.cat([torch.arange(Wp - 12, Wp), torch.randperm(Wp, generator=gen)[:16]])
+            pages = torch.unique(pool)[torch.randperm(torch.unique(pool).numel(), generator=gen)]
+            sel[r, :int(n[r])] = pages[:int(n[r])].sort().values
+        chosen = sel >= 0
+        wanted = chosen & (torch.rand(R, K, generator=gen) < 0.9)
+        fetch = wanted & (torch.rand(R, K, generator=gen) < 0.8)
+        idx = sel.clamp_min(0)
+        dense_want = torch.zeros(R, Wp, dtype=torch.int64).scatter_add_(1, idx, wanted.long()) > 0
+        dense_fetch = torch.zeros(R, Wp, dtype=torch.int64).scatter_add_(1, idx, fetch.long()) > 0
+        cap = int(torch.randint(1, S + 1, (), generator=gen))
+        plans = []
+        for c, form in zip(caches, ("dense", "selection")):
+            c.next_step()
+            if form == "dense":
+                plans.append(c.step(layer, rows, c.table(layer, rows, Wp), dense_want.to(DEVICE),
+                                    dense_fetch.to(DEVICE), capacity=cap))
+            else:
+                slots = c.table(layer, rows, Wp).gather(1, idx.to(DEVICE))
+                plans.append(c.step(layer, rows, slots, wanted.to(DEVICE), fetch.to(DEVICE),
+                                    capacity=cap, pages=idx.to(DEVICE)))
+        a, b = plans
+        for f in ("rows", "pages", "slots", "hits", "misses", "evictions", "count"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), (t, f)
+        for x, y in zip(caches[0].state(layer), caches[1].state(layer)):
+            assert torch.equal(x, y), t
+
+
 def test_growing_requests_and_pages_keeps_the_maps():
     cache = GpuPageCache(2, 3, DEVICE, max_requests=1, max_pages=2)
     rows = torch.tensor([cache.index_of(r) for r in (1, 2, 3)], device=DEVICE)

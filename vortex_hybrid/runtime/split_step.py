@@ -98,19 +98,25 @@ class SplitStep:
             return self._back(step, layer, inp["q"], *front[:4])
         return body
 
-    def _front(self, step: StepPlan, layer: int, q, k_new, v_new, sel, pinned) -> tuple:
+    def _front(self, step: StepPlan, layer: int, q, k_new, v_new, sel, pinned,
+               whole: bool = False) -> tuple:
         """Append, select, partition (GPU page cache, hybrid split), and copy the host's part of
         the selection and q to pinned buffers for the CPU worker. No sync. Returns (the GPU's
         selection, its head table, fetch sources, fetch destinations (-1: none), counts [5], q and
         the selection on the host, the number of head-pages of that host part as a device scalar
-        (None in `gpu`)). The page cache's layer is checkpointed first (for a failed step's undo).
+        (None in `gpu`)). The page cache's layer is checkpointed first (for a failed step's undo;
+        a whole step's (`whole`) first front checkpoints every layer at once: seven copies, not
+        seven a layer).
 
         The GPU side works per (request, KV head) row, in head-pages: the pools viewed as
         [pages x Hkv, 1, P, D], the head table [B x Hkv, W] maps each row's logical page to the
         head-page holding that head of it (its device page, or a cache slot), so a cache slot is
         one KV head of one page and a fetch copies only the heads that selected the page."""
-        if self._cache is not None:
-            self._cache.checkpoint(layer)
+        if self._cache is not None:         # a whole step keeps every layer at its first front
+            if not whole:
+                self._cache.checkpoint(layer)
+            elif layer == 0:
+                self._cache.checkpoint()
         self._append(step, layer, k_new, v_new)
         if sel is None:
             sel = self._select(step, layer, q)
@@ -184,7 +190,7 @@ class SplitStep:
             self._live_cpu.tensor, self._live_cpu.call_tensor, mode, cache.num_slots,
             self._head_bytes, self._costs.h2d_bw_concurrent)
         capacity = self._fetch_capacity(R * idx.shape[1])
-        plan = cache.step(layer, rows, slots, wanted, to_fetch, capacity=capacity)
+        plan = cache.step(layer, rows, slots, wanted, to_fetch, capacity=capacity, pages=idx)
         table, src, dst = fetched(cache.slot_of[layer], rows, table, plan.rows, plan.pages,
                                   plan.slots, step.host_heads, self._slot_heads)
         return table, src, dst, [plan.count, plan.hits, plan.misses, plan.evictions]
@@ -284,26 +290,24 @@ def fetch_wish(slot_of: torch.Tensor, reuse: torch.Tensor, rows: torch.Tensor,
                chosen: torch.Tensor, idx: torch.Tensor, table: torch.Tensor,
                cpu_rows: "torch.Tensor | None", cpu_rate: torch.Tensor, call_s: torch.Tensor,
                mode: str, num_slots: int, head_bytes: int, h2d_bw: float) -> tuple:
-    """Before a layer's cache step: (its slots [R, W] of the batch's rows, the pages the step
-    reads from the cache or wants (wanted), those it would like fetched (to_fetch)). One layer's
-    `slot_of` and `reuse`; chosen, idx [R, K] the selection; table the device head table. mode:
-    "all" (`offload`: every host page wanted is fetched), "cpu_rows" (`subbatch`: rows of
-    `cpu_rows` fetch nothing, the rest every miss), "split" (`hybrid_fetch`). No sync."""
-    R, W = table.shape
-    slots = slot_of.index_select(0, rows)[:, :W]                            # [R, W]
-    host_sel = chosen & (torch.gather(table, 1, idx) < 0)                   # host head-pages
-    wanted = torch.zeros(R, W, dtype=torch.int32, device=table.device)
-    wanted = wanted.scatter_add_(1, idx, host_sel.to(torch.int32)) > 0
+    """Before a layer's cache step, over the selection's entries [R, K] (`GpuPageCache.step`
+    with pages=idx): (their slots, the entries the step reads from the cache or wants (wanted),
+    those it would like fetched (to_fetch)). One layer's `slot_of` and `reuse`; chosen, idx [R, K]
+    the selection; table the device head table. mode: "all" (`offload`: every host page wanted
+    is fetched), "cpu_rows" (`subbatch`: rows of `cpu_rows` fetch nothing, the rest every miss),
+    "split" (`hybrid_fetch`). No sync."""
+    Wc = slot_of.shape[1]
+    slots = slot_of.view(-1)[rows[:, None] * Wc + idx]                     # [R, K]
+    wanted = chosen & (torch.gather(table, 1, idx) < 0)                     # host head-pages
     if mode == "all":
         return slots, wanted, wanted
-    miss = host_sel & ~(torch.gather(slots, 1, idx) >= 0)                  # [R, K]
+    miss = wanted & (slots < 0)                                             # [R, K]
     if mode == "cpu_rows":                  # the CPU's sub-batch fetches nothing
         pick = miss & ~cpu_rows[:, None]
     else:
-        pick = hybrid_fetch(miss, reuse.index_select(0, rows), host_sel.sum(), cpu_rate, call_s,
+        pick = hybrid_fetch(miss, reuse.index_select(0, rows), wanted.sum(), cpu_rate, call_s,
                             num_slots, head_bytes, h2d_bw)
-    to_fetch = torch.zeros(R, W, dtype=torch.int32, device=table.device)
-    return slots, wanted, to_fetch.scatter_add_(1, idx, pick.to(torch.int32)) > 0
+    return slots, wanted, pick
 
 
 def fetched_table(slot_of: torch.Tensor, rows: torch.Tensor, table: torch.Tensor,

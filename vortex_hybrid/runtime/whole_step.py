@@ -138,7 +138,7 @@ class WholeStep:
         front, the host's share published to the CPU worker, the back (fetch, the GPU's own
         attention); the GPU's state waits in the returned layer for the CPU's."""
         gsel, table, src, dst, counts, q_host, sel_host, host_n = self._front(
-            s, layer, q, k_new, v_new, sel, static.pinned)
+            s, layer, q, k_new, v_new, sel, static.pinned, whole=True)
         s.counts += counts
         host = self.placement != "gpu"
         if host:
