@@ -5,6 +5,7 @@ summarised, offloaded, cached and evicted; request isolation; the fault cases.""
 from __future__ import annotations
 
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -452,6 +453,45 @@ def test_hybrid_fetches_more_of_a_request_whose_selection_is_reused():
     assert abs(copy_s - cpu_s) <= hb / costs.h2d_bw_concurrent + hb / \
         costs.cpu_attn_bw_concurrent, (copy_s, cpu_s)
     attn.close()
+
+
+def _hybrid_fetch_loop(miss, reuse, wanted, cpu_rate, call_s, slots, hb, bw):
+    """hybrid_fetch's rule as a float64 loop: rows by amortised cost (stable), their head-pages
+    in row order, fetched until the first whose copy would end after the CPU's remaining work
+    with it kept plus one call."""
+    miss, reuse = miss.cpu().numpy(), reuse.double().cpu().numpy()
+    survive = min(1.0, slots / max(1, int(wanted)))
+    factor = np.maximum(1 - reuse * survive, 0.05)
+    order = sorted(range(miss.shape[0]), key=lambda r: (factor[r], r))
+    entries = [(r, j) for r in order for j in range(miss.shape[1]) if miss[r, j]]
+    cpu_s, total = hb / cpu_rate, len(entries)
+    out = np.zeros_like(miss)
+    copy = 0.0
+    for i, (r, j) in enumerate(entries):
+        copy += factor[r] * hb / bw
+        if copy > (total - i - 1) * cpu_s + cpu_s + call_s:
+            break
+        out[r, j] = True
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_hybrid_fetch_follows_its_rule_written_as_a_loop(seed):
+    """`hybrid_fetch` (ranks without a sort, scans per row) picks exactly the head-pages of its
+    rule written as a plain float64 loop: rows of random reuse (ties included), misses at random,
+    CPU rates and call costs that stop it early, late or never."""
+    from vortex_hybrid.runtime.split_step import hybrid_fetch
+    gen = torch.Generator().manual_seed(seed)
+    R, K = int(torch.randint(1, 40, (), generator=gen)), int(torch.randint(1, 30, (), generator=gen))
+    miss = torch.rand(R, K, generator=gen) < float(torch.rand((), generator=gen))
+    reuse = (torch.rand(R, generator=gen) * 4).round() / 4          # ties between rows
+    wanted = miss.sum() + int(torch.randint(0, 50, (), generator=gen))
+    hb, bw = 8192, 50e9
+    for cpu_rate, call_s in ((17e9, 1e-4), (5e9, 0.0), (40e9, 1e-3), (1e12, 0.0)):
+        got = hybrid_fetch(miss, reuse, wanted, torch.tensor(cpu_rate, dtype=torch.float64),
+                           torch.tensor(call_s, dtype=torch.float64), 64, hb, bw)
+        want = _hybrid_fetch_loop(miss, reuse, wanted, cpu_rate, call_s, 64, hb, bw)
+        assert torch.equal(got, want), (seed, cpu_rate, call_s)
 
 
 @pytest.mark.parametrize("call_us", [20.0, 400.0])

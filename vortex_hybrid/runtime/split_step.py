@@ -339,16 +339,40 @@ def hybrid_fetch(miss: torch.Tensor, reuse: torch.Tensor, wanted: torch.Tensor,
     is fetched whole (the CPU part then has nothing to attend). All on the device, no sync."""
     survive = (num_slots / wanted.clamp_min(1).to(torch.float64)).clamp_max(1.0)
     factor = (1 - reuse.to(torch.float64) * survive).clamp_min(0.05)        # [R]
-    rows = torch.argsort(factor, stable=True)         # a row's head-pages share its cost:
-    n = miss.index_select(0, rows).flatten().to(torch.float64)  # rows cheap first, row-major
-    cost = factor.index_select(0, rows)[:, None].expand_as(miss).flatten()
+    R, K = miss.shape
+    rank = _rank(factor)                              # each row's place, cheap rows first
+    rows = torch.empty_like(rank).scatter_(0, rank, torch.arange(R, device=miss.device))
+    m = miss.to(torch.float64)
+    n_row = m.sum(1)                                  # a row's head-pages share its cost:
+    n_before = _before(n_row, rows, rank)             # rows are ordered, head-pages follow
+    cost_before = _before(factor * n_row, rows, rank)  # their row (row-major in that order)
+    inside = torch.cumsum(m, 1)                       # [R, K], this row's up to each one
     cpu_s = head_bytes / cpu_rate                     # read at replay: the live rate
-    copy = torch.cumsum(cost * n, 0) * (head_bytes / h2d_bw)
-    cpu_after = (n.sum() - torch.cumsum(n, 0)) * cpu_s
-    # stop before a row whose fetch would end the copy after what the CPU would take with the
-    # row kept: its pages, the rows after it, and the call's fixed cost
-    stop = (copy > cpu_after + n * cpu_s + call_s) & (n > 0)
-    keep = torch.cumprod((~stop).to(torch.int8), 0).bool() & (n > 0)  # up to the first stop
-    out = torch.zeros_like(miss)
-    out.index_copy_(0, rows, keep.view_as(miss))
-    return out
+    copy = (cost_before[:, None] + factor[:, None] * inside) * (head_bytes / h2d_bw)
+    cpu_after = (n_row.sum() - n_before[:, None] - inside) * cpu_s
+    # stop before the first head-page whose fetch would end the copy after what the CPU would
+    # take with it kept: its pages, the rest after it, and the call's fixed cost
+    stop = (copy > cpu_after + m * cpu_s + call_s) & miss
+    pos = rank[:, None] * K + torch.arange(K, device=miss.device)  # place in the fetch order
+    first = torch.where(stop, pos, R * K).min()
+    return (pos < first) & miss
+
+
+def _rank(x: torch.Tensor) -> torch.Tensor:
+    """Each element's place in `x` [R] sorted ascending, ties in index order (a stable
+    argsort's inverse): by R x R comparisons, one fused kernel on the GPU (a compiled sort of a
+    few hundred values is one slow kernel); `argsort` for large R."""
+    R = x.shape[0]
+    if R > 4096:
+        order = torch.argsort(x, stable=True)
+        return torch.empty_like(order).scatter_(0, order, torch.arange(R, device=x.device))
+    i = torch.arange(R, device=x.device)
+    before = (x[None, :] < x[:, None]) | ((x[None, :] == x[:, None]) & (i[None, :] < i[:, None]))
+    return before.sum(1)
+
+
+def _before(v: torch.Tensor, order: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """For each element of `v` [R], the sum of the elements before it in `order` (`rank` its
+    inverse)."""
+    s = v.index_select(0, order)
+    return (torch.cumsum(s, 0) - s).index_select(0, rank)
