@@ -48,5 +48,5 @@ def test_a_runtime_whose_compiler_fails_still_returns_the_reference(monkeypatch,
     assert attn.stats()["totals"]["fetched_pages"] > 0
     names = {r.getMessage().split("torch.compile of ")[1].split(" ")[0] for r in caplog.records
              if "torch.compile of" in r.getMessage()}
-    assert names == {"_layer_step", "fetch_wish", "fetched_table"}, names
+    assert names == {"_layer_step", "fetch_wish", "fetched_table", "partition"}, names
     attn.close()

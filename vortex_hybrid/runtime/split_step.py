@@ -120,23 +120,16 @@ class SplitStep:
         self._append(step, layer, k_new, v_new)
         if sel is None:
             sel = self._select(step, layer, q)
-        B, H, K = sel.shape
-        sel_r = sel.reshape(B * H, K)
-        chosen = sel_r >= 0
-        idx = sel_r.clamp_min(0).to(torch.int64)                             # [B x Hkv, K]
         table, src, dst = self._dev_heads(step), None, None
-        zero = torch.zeros((), dtype=torch.int64, device=self.device)
-        cache_counts = [zero] * 4                 # fetched, hits, misses, evictions
         if self._cache is not None:
-            table, src, dst, cache_counts = self._cache_table(step, layer, chosen, idx, table)
-        on_gpu = chosen & (torch.gather(table, 1, idx) >= 0)
-        counts = torch.stack([on_gpu.sum(), *cache_counts])
-        on_gpu = on_gpu.view(B, H, K)
-        q_host = sel_host = host_n = None
-        if self.placement != "gpu":
-            on_host = chosen.view(B, H, K) & ~on_gpu
-            host_n = on_host.sum()
-            host_sel = torch.where(on_host, sel, -1)
+            table, src, dst, cache_counts = self._cache_table(step, layer, sel, table)
+        else:                                       # fetched, hits, misses, evictions
+            cache_counts = torch.zeros(4, dtype=torch.int64, device=self.device)
+        host = self.placement != "gpu"
+        split = self._cache_fns[2]                  # `partition`
+        gsel, host_sel, counts, host_n = split(table, sel, cache_counts, host)
+        q_host = sel_host = None
+        if host:
             if self.device.type == "cuda":   # q as float32: the CPU side converts nothing (a
                 q_host = pinned.get("q", q.shape, torch.float32)   # torch op there would wake
                 sel_host = pinned.get("sel", host_sel.shape, host_sel.dtype)   # its thread pool)
@@ -144,7 +137,7 @@ class SplitStep:
                 sel_host.copy_(host_sel, non_blocking=True)
             else:
                 q_host, sel_host = q, host_sel
-        return torch.where(on_gpu, sel, -1), table, src, dst, counts, q_host, sel_host, host_n
+        return gsel, table, src, dst, counts, q_host, sel_host, host_n
 
     def _dev_heads(self, step: StepPlan) -> torch.Tensor:
         """The step's device head table: built once by plan() in the host placements; for `dense`
@@ -168,15 +161,14 @@ class SplitStep:
                                   gsel.reshape(B * H, 1, K))
         return o.view(B, hq, D), lse.view(B, hq)
 
-    def _cache_table(self, step: StepPlan, layer: int, chosen, idx, table) -> tuple:
+    def _cache_table(self, step: StepPlan, layer: int, sel, table) -> tuple:
         """This layer's head table with the GPU page cache, and the copy to make: host head-pages
         that are cached map to their slots; misses chosen for fetching get slots, and (src host
         head-pages, dst device head-pages, -1 where unused) is returned for the back part to copy;
-        the rest stays with the CPU. chosen, idx [B x Hkv, K]: the selection per row; table: the
-        device head table. All on the device, no sync; counts (fetched, hits, misses, evictions)
-        as device scalars, in head-pages. The work is three functions of the layer's tensors
-        (`fetch_wish`, `GpuPageCache.step`, `fetched_table`), `torch.compile`d with
-        `cfg.compile_cache_step`."""
+        the rest stays with the CPU. sel [B, Hkv, K]: the selection; table: the device head
+        table. All on the device, no sync; counts (fetched, hits, misses, evictions) [4], in
+        head-pages. The work is three functions of the layer's tensors (`fetch_wish`,
+        `GpuPageCache.step`, `fetched_table`), `torch.compile`d with `cfg.compile_cache_step`."""
         cache = self._cache
         R, W = table.shape
         rows = step.cache_rows
@@ -184,16 +176,16 @@ class SplitStep:
             "cpu_rows" if step.shape == "subbatch" else "split"
         cpu_rows = step.cpu_rows.repeat_interleave(self.num_kv_heads) if mode == "cpu_rows" \
             else None
-        wish, fetched = self._cache_fns
-        slots, wanted, to_fetch = wish(
-            cache.slot_of[layer], cache.reuse[layer], rows, chosen, idx, table, cpu_rows,
+        wish, fetched, _ = self._cache_fns
+        slots, wanted, to_fetch, idx = wish(
+            cache.slot_of[layer], cache.reuse[layer], rows, sel, table, cpu_rows,
             self._live_cpu.tensor, self._live_cpu.call_tensor, mode, cache.num_slots,
             self._head_bytes, self._costs.h2d_bw_concurrent)
-        capacity = self._fetch_capacity(R * idx.shape[1])
+        capacity = self._fetch_capacity(R * sel.shape[2])
         plan = cache.step(layer, rows, slots, wanted, to_fetch, capacity=capacity, pages=idx)
         table, src, dst = fetched(cache.slot_of[layer], rows, table, plan.rows, plan.pages,
                                   plan.slots, step.host_heads, self._slot_heads)
-        return table, src, dst, [plan.count, plan.hits, plan.misses, plan.evictions]
+        return table, src, dst, torch.stack([plan.count, plan.hits, plan.misses, plan.evictions])
 
     def _fetch_capacity(self, selected: int) -> int:
         """Entries of a layer's cache step (`GpuPageCache.step`'s capacity): no more than the
@@ -271,8 +263,9 @@ class SplitStep:
 
 
 def cache_fns(compile_them: bool) -> tuple:
-    """(`fetch_wish`, `fetched_table`), `torch.compile`d when asked (`vortex_hybrid.compiled`)."""
-    fns = (fetch_wish, fetched_table)
+    """(`fetch_wish`, `fetched_table`, `partition`), `torch.compile`d when asked
+    (`vortex_hybrid.compiled`)."""
+    fns = (fetch_wish, fetched_table, partition)
     return tuple(compiled(f) for f in fns) if compile_them else fns
 
 
@@ -286,28 +279,52 @@ def with_cache(slot_of: torch.Tensor, rows: torch.Tensor, table: torch.Tensor,
     return torch.where(table >= 0, table, in_cache.to(table.dtype))
 
 
+def _entries(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A selection [B, Hkv, K] as rows [B x Hkv, K]: (which entries hold a page, their pages
+    (int64; 0 where none))."""
+    sel_r = sel.reshape(-1, sel.shape[-1])
+    return sel_r >= 0, sel_r.clamp_min(0).to(torch.int64)
+
+
+def partition(table: torch.Tensor, sel: torch.Tensor, cache_counts: torch.Tensor,
+              host: bool) -> tuple:
+    """A layer's selection [B, Hkv, K] split by the head table [B x Hkv, W] (with the cache's
+    slots): (the GPU's part, the host's part (None without a host), counts [5]: head-pages on the
+    GPU then `cache_counts`, the host part's head-pages (None without a host)), each -1 where
+    the other side has the page. No sync."""
+    chosen, idx = _entries(sel)
+    on_gpu = (chosen & (torch.gather(table, 1, idx) >= 0)).view(sel.shape)
+    counts = torch.cat([on_gpu.sum().view(1), cache_counts])
+    gsel = torch.where(on_gpu, sel, -1)
+    if not host:
+        return gsel, None, counts, None
+    on_host = chosen.view(sel.shape) & ~on_gpu
+    return gsel, torch.where(on_host, sel, -1), counts, on_host.sum()
+
+
 def fetch_wish(slot_of: torch.Tensor, reuse: torch.Tensor, rows: torch.Tensor,
-               chosen: torch.Tensor, idx: torch.Tensor, table: torch.Tensor,
+               sel: torch.Tensor, table: torch.Tensor,
                cpu_rows: "torch.Tensor | None", cpu_rate: torch.Tensor, call_s: torch.Tensor,
                mode: str, num_slots: int, head_bytes: int, h2d_bw: float) -> tuple:
     """Before a layer's cache step, over the selection's entries [R, K] (`GpuPageCache.step`
     with pages=idx): (their slots, the entries the step reads from the cache or wants (wanted),
-    those it would like fetched (to_fetch)). One layer's `slot_of` and `reuse`; chosen, idx [R, K]
-    the selection; table the device head table. mode: "all" (`offload`: every host page wanted
-    is fetched), "cpu_rows" (`subbatch`: rows of `cpu_rows` fetch nothing, the rest every miss),
-    "split" (`hybrid_fetch`). No sync."""
+    those it would like fetched (to_fetch), idx the entries' pages). One layer's `slot_of` and
+    `reuse`; sel [B, Hkv, K] the selection (R = B x Hkv); table the device head table. mode:
+    "all" (`offload`: every host page wanted is fetched), "cpu_rows" (`subbatch`: rows of
+    `cpu_rows` fetch nothing, the rest every miss), "split" (`hybrid_fetch`). No sync."""
+    chosen, idx = _entries(sel)
     Wc = slot_of.shape[1]
     slots = slot_of.view(-1)[rows[:, None] * Wc + idx]                     # [R, K]
     wanted = chosen & (torch.gather(table, 1, idx) < 0)                     # host head-pages
     if mode == "all":
-        return slots, wanted, wanted
+        return slots, wanted, wanted, idx
     miss = wanted & (slots < 0)                                             # [R, K]
     if mode == "cpu_rows":                  # the CPU's sub-batch fetches nothing
         pick = miss & ~cpu_rows[:, None]
     else:
         pick = hybrid_fetch(miss, reuse.index_select(0, rows), wanted.sum(), cpu_rate, call_s,
                             num_slots, head_bytes, h2d_bw)
-    return slots, wanted, pick
+    return slots, wanted, pick, idx
 
 
 def fetched_table(slot_of: torch.Tensor, rows: torch.Tensor, table: torch.Tensor,
