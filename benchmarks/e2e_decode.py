@@ -612,16 +612,22 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
                       cpu_attn_bw_live=attn.stats().get("cpu_attn_bw"),
                       cpu_call_s_live=attn.stats().get("cpu_call_s"), cpu_replay=replay,
                       busy_threads=busy)
+        head_bytes = 2 * args.page_size * s.head_dim * m.embed.element_size()
+        out = dict(mode=mode, batch=batch, build_s=build_s, tokens=tokens, logits=last_logits,
+                   locality=args.locality, reuse=stream.measured() if sels is not None else None,
+                   **memory, **summarize(rec, m, batch, costs, head_bytes))
+        print(f"  {mode}: {out['tokens_per_s']:.1f} tokens/s, {out['ms_per_step']:.2f} ms/step; "
+              "releasing the runtime", flush=True)     # a slow release still leaves the figure
     finally:
+        t_release = time.perf_counter()
         if mb is not None:
             mb.close()
         else:
             for p in parts:
                 p.close()
-    head_bytes = 2 * args.page_size * s.head_dim * m.embed.element_size()
-    return dict(mode=mode, batch=batch, build_s=build_s, tokens=tokens, logits=last_logits,
-                locality=args.locality, reuse=stream.measured() if sels is not None else None,
-                **memory, **summarize(rec, m, batch, costs, head_bytes))
+    out["release_s"] = time.perf_counter() - t_release   # the pools' unpinning, mostly
+    print(f"  {mode}: released in {out['release_s']:.1f} s", flush=True)
+    return out
 
 
 def profile_step(attn, rids, st, sels, whole, mode, args) -> None:
