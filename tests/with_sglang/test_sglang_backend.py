@@ -51,6 +51,8 @@ class World:
                                       num_kv_heads=HKV, layer_id=i) for i in range(L)]
         self.next_page = 1
         self.kv: dict[int, list] = {}             # row -> [k [L, T, Hkv, D], v] as written
+        self.rid: dict[int, str] = {}             # row -> its request's id (SGLang's `rids`)
+        self.requests = 0
 
     def new_row(self) -> int:
         """A row for a new request, as SGLang's scheduler takes one (its generation bumped)."""
@@ -61,6 +63,8 @@ class World:
                                         kv_committed_len=0)
             row, = self.req_pool.alloc([req])
         self.kv[row] = [torch.zeros(L, 0, HKV, D), torch.zeros(L, 0, HKV, D)]
+        self.requests += 1
+        self.rid[row] = f"req-{self.requests}"
         return row
 
     def free_row(self, row: int, seen: bool = True) -> None:
@@ -98,7 +102,8 @@ class World:
                           req_pool_indices=torch.tensor(rows), seq_lens=torch.tensor(seq),
                           out_cache_loc=loc, seq_lens_sum=sum(seq),
                           extend_prefix_lens=torch.tensor([s - n for s, n in zip(seq, new)]),
-                          extend_seq_lens=torch.tensor(new), seq_lens_cpu=torch.tensor(seq))
+                          extend_seq_lens=torch.tensor(new), seq_lens_cpu=torch.tensor(seq),
+                          rids=[self.rid[r] for r in rows])
         backend.init_forward_metadata(fb)
         outs = []
         with forward_context(ForwardContext(attn_backend=backend)):
@@ -232,6 +237,45 @@ def test_a_recycled_row_never_reads_the_finished_requests_kv(seen):
     for layer in range(L):
         torch.testing.assert_close(got[layer], want[layer], rtol=1e-5, atol=1e-5)
     assert world.ours.stats()["requests"] == 1 and len(held) == 3
+
+
+def test_decode_batches_take_their_rows_from_the_requests_seen_in_extends():
+    """A decode batch whose requests were all seen in an extend batch takes their rows from the
+    backend's record (no read of the device's `req_pool_indices`, which would wait for the GPU's
+    running step); an unknown request, a row handed to another request since (its generation
+    moved) or a batch without `rids` reads the device tensor; the outputs equal torch_native's
+    throughout (seed 5)."""
+    world = World(cfg_for("gpu"), 5)
+    print("seed 5")
+    ours = world.ours
+
+    def check(rows, new, mode):
+        _, want, got = world.step(rows, new, mode)
+        for layer in range(L):
+            torch.testing.assert_close(got[layer], want[layer], rtol=1e-5, atol=1e-5)
+
+    a, b = world.new_row(), world.new_row()
+    check([a, b], [9, 5], ForwardMode.EXTEND)
+    reads = ours.device_row_reads
+    for _ in range(3):
+        check([a, b], [1, 1], ForwardMode.DECODE)
+    assert ours.device_row_reads == reads                  # rows from the extend's record
+    world.rid[b] = "never-seen"                            # a request no extend showed
+    check([a, b], [1, 1], ForwardMode.DECODE)
+    assert ours.device_row_reads == reads + 1
+    check([a, b], [1, 1], ForwardMode.DECODE)              # recorded by that read
+    assert ours.device_row_reads == reads + 1
+    old = world.rid[a]
+    held = [world.new_row() for _ in range(2)]             # the pool full: a's row comes back
+    world.free_row(a)                                      # a finishes; its row goes to c
+    c = world.new_row()
+    assert len(held) == 2
+    assert c == a
+    check([c], [4], ForwardMode.EXTEND)
+    world.rid[c] = old                                     # the finished request's id, row moved on
+    before = ours.device_row_reads
+    check([c, b], [1, 1], ForwardMode.DECODE)              # its generation tells: device read
+    assert ours.device_row_reads == before + 1
 
 
 def test_a_layer_with_another_scaling_is_refused():

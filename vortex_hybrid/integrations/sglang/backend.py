@@ -139,6 +139,8 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
         self._checked: set[int] = set()
         self._extend_batch = None              # the extend batch as the dense backend sees it
         self._decode_live = None               # decode: batch positions the runtime serves
+        self._row_of_rid: dict[str, tuple[int, int]] = {}   # SGLang rid -> (row, generation)
+        self.device_row_reads = 0              # batches whose rows were read from the device
         self._init_graphs()
         self._watch_frees(self.req_to_token_pool)
         cap = self.runtime.capacity()
@@ -204,7 +206,7 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
         elif mode.is_decode():
             lens = forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None \
                 else forward_batch.seq_lens
-            rows, gens = self._rows(forward_batch)
+            rows, gens = self._rows(forward_batch, decode=True)
             live = [i for i, key in enumerate(zip(rows, gens)) if key not in sizing.FAILED]
             self._decode_live = None if len(live) == len(rows) else live
             if live:
@@ -213,11 +215,30 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
                         for i in live]
                 self.runtime.plan(rids)
 
-    def _rows(self, forward_batch) -> tuple[list[int], list[int]]:
-        """The batch's request-pool rows and their generations."""
-        rows = forward_batch.req_pool_indices.tolist()
+    def _rows(self, forward_batch, decode: bool = False) -> tuple[list[int], list[int]]:
+        """The batch's request-pool rows and their generations. A decode batch whose requests
+        (SGLang's `rids`, host strings) were all seen in an extend batch, with their rows' host
+        generations unchanged since, takes its rows from there: reading `req_pool_indices` (a
+        device tensor) would wait for the step still running on the GPU, which the backend's
+        deferred step end lets the next step's planning overlap. Any other batch reads the device
+        tensor and records its requests' rows (`device_row_reads` counts those reads)."""
         generation = getattr(self.req_to_token_pool, "req_generation", None)
+        rids = getattr(forward_batch, "rids", None)
+        real = int(forward_batch.batch_size) - int(getattr(forward_batch, "num_padding", 0) or 0)
+        if decode and generation is not None and rids and len(rids) == real:
+            known = [self._row_of_rid.get(r) for r in rids]
+            if all(k is not None for k in known):
+                rows, gens = [k[0] for k in known], [k[1] for k in known]
+                if generation[rows].tolist() == gens:    # no row handed to another request
+                    return rows, gens
+        self.device_row_reads += 1
+        rows = forward_batch.req_pool_indices.tolist()
         gens = generation[rows].tolist() if generation is not None else [0] * len(rows)
+        if rids and generation is not None:
+            if len(self._row_of_rid) > 4 * max(64, len(rows)):     # finished requests' entries
+                self._row_of_rid = {r: (row, g) for r, (row, g) in self._row_of_rid.items()
+                                    if int(generation[row]) == g}
+            self._row_of_rid.update(zip(rids, zip(rows[:len(rids)], gens[:len(rids)])))
         return rows, gens
 
     def _stage(self, forward_batch):

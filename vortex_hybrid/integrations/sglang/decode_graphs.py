@@ -75,7 +75,7 @@ class DecodeGraphs:
         self.requests.drop_freed()
         self._capture = None
         real = bs - int(getattr(forward_batch, "num_padding", 0) or 0)
-        rows, gens = self._rows(forward_batch)
+        rows, gens = self._rows(forward_batch, decode=True)   # rows [:real] (padding after)
         lens = (forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None
                 else forward_batch.seq_lens).tolist()
         rids, keys = [], []
