@@ -4,10 +4,10 @@ Each layer has `num_slots` slots (HBM pages holding copies of host pages). The s
 tensors per layer, on the runtime's device, so a step needs no host round trip at all:
 
     slot_of   int32 [L, R, W + 1]  request index r, logical page p -> slot, -1 when not cached; the
-                                   spare last column absorbs masked-out writes and stays -1
+                                   spare last column stays -1 (masked entries add 0 to it)
     owner     int32 [L, S + 1, 2]  slot -> (request index, page), -1 when free; spare last row
-    stamp     int64 [L, S + 1]     the last step that used the slot (-1: free, the oldest); the
-                                   spare last column absorbs writes of masked-out entries
+                                   (-1, -1), the slot a masked entry names
+    stamp     int64 [L, S + 1]     the last step that used the slot (-1: free, the oldest)
 
 `step(layer, rows, slots, wanted, fetch)` (per layer, vectorised, no synchronisation): pages in
 `wanted` that are cached are hits and get this step's stamp (so nothing in use this step is

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 
@@ -126,8 +126,7 @@ class SplitStep:
         else:                                       # fetched, hits, misses, evictions
             cache_counts = torch.zeros(4, dtype=torch.int64, device=self.device)
         host = self.placement != "gpu"
-        split = self._cache_fns[2]                  # `partition`
-        gsel, host_sel, counts, host_n = split(table, sel, cache_counts, host)
+        gsel, host_sel, counts, host_n = self._cache_fns.partition(table, sel, cache_counts, host)
         q_host = sel_host = None
         if host:
             if self.device.type == "cuda":   # q as float32: the CPU side converts nothing (a
@@ -176,15 +175,15 @@ class SplitStep:
             "cpu_rows" if step.shape == "subbatch" else "split"
         cpu_rows = step.cpu_rows.repeat_interleave(self.num_kv_heads) if mode == "cpu_rows" \
             else None
-        wish, fetched, _ = self._cache_fns
-        slots, wanted, to_fetch, idx = wish(
+        fns = self._cache_fns
+        slots, wanted, to_fetch, idx = fns.wish(
             cache.slot_of[layer], cache.reuse[layer], rows, sel, table, cpu_rows,
             self._live_cpu.tensor, self._live_cpu.call_tensor, mode, cache.num_slots,
             self._head_bytes, self._costs.h2d_bw_concurrent)
         capacity = self._fetch_capacity(R * sel.shape[2])
         plan = cache.step(layer, rows, slots, wanted, to_fetch, capacity=capacity, pages=idx)
-        table, src, dst = fetched(cache.slot_of[layer], rows, table, plan.rows, plan.pages,
-                                  plan.slots, step.host_heads, self._slot_heads)
+        table, src, dst = fns.fetched(cache.slot_of[layer], rows, table, plan.rows, plan.pages,
+                                      plan.slots, step.host_heads, self._slot_heads)
         return table, src, dst, torch.stack([plan.count, plan.hits, plan.misses, plan.evictions])
 
     def _fetch_capacity(self, selected: int) -> int:
@@ -262,11 +261,18 @@ class SplitStep:
         return cpu_kernels.merge_states(o, lse, o_t, lse_t)
 
 
-def cache_fns(compile_them: bool) -> tuple:
-    """(`fetch_wish`, `fetched_table`, `partition`), `torch.compile`d when asked
+class CacheFns(NamedTuple):
+    """A split layer's functions of tensors, each `torch.compile`d or not (`cache_fns`)."""
+    wish: Callable          # `fetch_wish`
+    fetched: Callable       # `fetched_table`
+    partition: Callable     # `partition`
+
+
+def cache_fns(compile_them: bool) -> CacheFns:
+    """`fetch_wish`, `fetched_table` and `partition`, `torch.compile`d when asked
     (`vortex_hybrid.compiled`)."""
     fns = (fetch_wish, fetched_table, partition)
-    return tuple(compiled(f) for f in fns) if compile_them else fns
+    return CacheFns(*(compiled(f) for f in fns) if compile_them else fns)
 
 
 def with_cache(slot_of: torch.Tensor, rows: torch.Tensor, table: torch.Tensor,
