@@ -5,6 +5,9 @@ still equal the float64 reference afterwards."""
 
 from __future__ import annotations
 
+import math
+import os
+
 import pytest
 import torch
 from test_hybrid_attention import HKV, HQ, L, D, P, Shadow
@@ -180,3 +183,55 @@ def test_lowbit_rows_count_packed_codes_and_the_hint_offers_float8_bounds_only()
     saved = p.summary_bytes - rows * row8
     assert hint is not None and f"would leave {saved / GIB:.2f} GiB more" in hint
     assert f"about {saved // PAGE} pages" in hint
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_host_pools_are_zeroed_mappings_of_their_own_released_with_the_tensor(dtype):
+    """`host_zeros`: from HUGE_MIN_BYTES up a pool is an anonymous mapping (zero, writable,
+    contiguous, the exact size), advised for huge pages where the kernel offers them (its
+    smaps entry says so), and its memory goes back when the last view of it is freed; below
+    that, an ordinary tensor. A CPU PagePool's pools are made so."""
+    import gc
+    import re
+
+    import psutil
+
+    from vortex_hybrid.kv.page_pool import HUGE_MIN_BYTES, PagePool, host_zeros
+    elem = torch.empty((), dtype=dtype).element_size()
+    shape = (HUGE_MIN_BYTES // elem // (16 * 128) + 3, 16, 128)
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    t = host_zeros(shape, dtype)
+    assert t.shape == shape and t.dtype == dtype and t.is_contiguous()
+    assert t.untyped_storage().nbytes() == math.prod(shape) * elem
+    assert not bool(t.any())
+    t[-1, -1, -1] = 2.0
+    t[0].fill_(1.0)
+    assert float(t[-1, -1, -1]) == 2.0 and float(t[0].sum()) == 16 * 128
+    advise = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if os.path.exists(advise) and "[never]" not in open(advise).read():
+        start = t.data_ptr()
+        maps = open("/proc/self/smaps").read().split("\n")
+        for i, line in enumerate(maps):
+            m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+            if m and int(m.group(1), 16) <= start < int(m.group(2), 16):
+                flags = next(x for x in maps[i:] if x.startswith("VmFlags:"))
+                assert " hg" in flags, flags        # MADV_HUGEPAGE took
+                break
+        else:
+            raise AssertionError("the pool's mapping is not in /proc/self/smaps")
+    t.fill_(1.0)                                    # every page touched
+    touched = proc.memory_info().rss
+    view = t[1]
+    del t
+    gc.collect()
+    assert float(view.sum()) == 16 * 128            # a view keeps the mapping
+    del view
+    gc.collect()
+    after = proc.memory_info().rss
+    print(f"rss: +{(touched - before) >> 20} MiB touched, +{(after - before) >> 20} MiB after")
+    assert touched - after > HUGE_MIN_BYTES // 2
+    small = host_zeros((3, 4), dtype)
+    assert not bool(small.any()) and small.shape == (3, 4)
+    pool = PagePool(1, shape[0] // 8, 8, 16, 128, dtype, "cpu", pin=False)
+    assert not bool(pool.k.any()) and pool.k.is_contiguous() and pool.k.shape[1] == shape[0] // 8

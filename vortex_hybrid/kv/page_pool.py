@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import mmap
 import weakref
 from typing import Optional, Sequence
 
@@ -18,13 +20,36 @@ def pool_bytes(num_layers: int, num_pages: int, num_kv_heads: int, page_size: in
     return 2 * num_layers * num_pages * num_kv_heads * page_size * head_dim * elem
 
 
+HUGE_MIN_BYTES = 64 << 20
+"""Host tensors from this size up are mapped on their own, advised for transparent huge pages."""
+
+
+def host_zeros(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed host tensor. From `HUGE_MIN_BYTES` up, an anonymous mapping of its own (zero
+    pages from the kernel: no pass of writes over a pool of tens of GiB) advised for transparent
+    huge pages (`MADV_HUGEPAGE`, where the kernel offers it): 2 MiB pages instead of 4 KiB ones for
+    the page tables, the TLB, and the pinning and unpinning of `pinned_zeros`. The mapping is
+    released when the tensor is freed."""
+    shape = tuple(shape)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes < HUGE_MIN_BYTES:
+        return torch.zeros(shape, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:                     # no transparent huge pages here: 4 KiB pages
+            pass
+    return torch.frombuffer(buf, dtype=dtype).view(shape)   # holds `buf` while it lives
+
+
 def pinned_zeros(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed host tensor page-locked for the GPU at its exact size: plain memory registered with
-    `cudaHostRegister` (torch's pinned allocator would round each block up to a power of two, so
-    96 GiB of usable memory held only 2 x 32 GiB pools). Unregistered when the tensor is freed.
-    Registered memory is mapped for the device (UVA), so kernels read it by its host pointer, as
-    they read torch's pinned tensors."""
-    t = torch.zeros(tuple(shape), dtype=dtype)
+    """A zeroed host tensor page-locked for the GPU at its exact size: plain memory
+    (`host_zeros`) registered with `cudaHostRegister` (torch's pinned allocator would round each
+    block up to a power of two, so 96 GiB of usable memory held only 2 x 32 GiB pools).
+    Unregistered when the tensor is freed. Registered memory is mapped for the device (UVA), so
+    kernels read it by its host pointer, as they read torch's pinned tensors."""
+    t = host_zeros(shape, dtype)
     nbytes = t.numel() * t.element_size()
     if nbytes == 0:
         return t
@@ -61,7 +86,8 @@ class PagePool:
             pin = self.device.type == "cpu" and torch.cuda.is_available()
         self._check_memory(need, memory_cap_bytes)
         shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
-        make = pinned_zeros if pin else (lambda s, d: torch.zeros(s, dtype=d, device=self.device))
+        make = pinned_zeros if pin else host_zeros if self.device.type == "cpu" else \
+            (lambda s, d: torch.zeros(s, dtype=d, device=self.device))
         self.k = make(shape, dtype)
         self.v = make(shape, dtype)
         self.pinned = pin
