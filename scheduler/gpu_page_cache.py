@@ -164,11 +164,13 @@ class GpuPageCache:
         self._backup: tuple[torch.Tensor, ...] = ()
         self._new_backup()
 
+    def _state(self) -> tuple[torch.Tensor, ...]:
+        """Every layer's state that a step changes ([L, ...] each; `state` gives one layer's)."""
+        return (self.slot_of, self.owner, self.stamp, self.seen, self.reuse, self.held, self.hand)
+
     def _new_backup(self) -> None:
         """Room for every layer's state as it was before the current step (`checkpoint`)."""
-        self._backup = tuple(torch.empty_like(t) for t in
-                             (self.slot_of, self.owner, self.stamp, self.seen, self.reuse,
-                              self.held, self.hand))
+        self._backup = tuple(torch.empty_like(t) for t in self._state())
 
     # ---- requests ---------------------------------------------------------------------------
     def index_of(self, rid: int) -> int:
@@ -358,10 +360,8 @@ class GpuPageCache:
     def checkpoint(self, layer: "int | None" = None) -> None:
         """Keep the layer's state (every layer's with None) as it is now (before its step; device
         copies, no sync, fine inside a CUDA graph), for `restore` if the step fails."""
-        state = self.state(layer) if layer is not None else \
-            (self.slot_of, self.owner, self.stamp, self.seen, self.reuse, self.held, self.hand)
-        for keep, t in zip(self._backup, state):
-            (keep[layer] if layer is not None else keep).copy_(t)
+        for keep, t in zip(self._backup, self._state()):
+            (keep if layer is None else keep[layer]).copy_(t if layer is None else t[layer])
 
     def restore(self, layer: int) -> None:
         """The layer's state as at its last `checkpoint`, except that slots that changed owner
@@ -391,8 +391,7 @@ class GpuPageCache:
 
     def state(self, layer: int) -> tuple[torch.Tensor, ...]:
         """Every tensor `step(layer, ...)` changes (views), e.g. to restore them."""
-        return (self.slot_of[layer], self.owner[layer], self.stamp[layer], self.seen[layer],
-                self.reuse[layer], self.held[layer], self.hand[layer])
+        return tuple(t[layer] for t in self._state())
 
     def step(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, wanted: torch.Tensor,
              fetch: torch.Tensor, capacity: int = 0,
@@ -469,14 +468,15 @@ def _layer_step(slot_of: torch.Tensor, owner: torch.Tensor, stamp: torch.Tensor,
     taken = old[:, 0] >= 0
     req = torch.where(valid, rows[b.clamp_min(0)].to(torch.int64), -1)
     spread = torch.arange(k, device=slots.device)
+    spare_cells = spread % slot_of.shape[0] * slot_of.shape[1] + (slot_of.shape[1] - 1)
     # slot_of: the evicted pages' cells to -1, the fetched pages' cells to their slots (the two
     # sets of cells are apart: one holds cached pages, the other pages not cached)
     cells = slot_of.view(-1)
     Wc, R = slot_of.shape[1], slot_of.shape[0]
     gone = old[:, 0].clamp_min(0) * Wc + old[:, 1].clamp_min(0)
-    _put(cells, gone, taken, -1 - cells[gone].to(torch.int64), spread % R * Wc + (Wc - 1))
+    _put(cells, gone, taken, -1 - cells[gone].to(torch.int64), spare_cells)
     into = req.clamp_min(0) * Wc + p.clamp_min(0)
-    _put(cells, into, valid, victims - cells[into].to(torch.int64), spread % R * Wc + (Wc - 1))
+    _put(cells, into, valid, victims - cells[into].to(torch.int64), spare_cells)
     # owner: each victim slot (distinct) its new (request, page)
     new_owner = torch.stack([req, torch.where(valid, p, -1)], 1)
     flat = owner.view(-1)

@@ -139,7 +139,6 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
         self._checked: set[int] = set()
         self._extend_batch = None              # the extend batch as the dense backend sees it
         self._decode_live = None               # decode: batch positions the runtime serves
-        self._row_of_rid: dict[str, tuple[int, int]] = {}   # SGLang rid -> (row, generation)
         self.device_row_reads = 0              # batches whose rows were read from the device
         self._init_graphs()
         self._watch_frees(self.req_to_token_pool)
@@ -226,19 +225,14 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
         rids = getattr(forward_batch, "rids", None)
         real = int(forward_batch.batch_size) - int(getattr(forward_batch, "num_padding", 0) or 0)
         if decode and generation is not None and rids and len(rids) == real:
-            known = [self._row_of_rid.get(r) for r in rids]
-            if all(k is not None for k in known):
-                rows, gens = [k[0] for k in known], [k[1] for k in known]
-                if generation[rows].tolist() == gens:    # no row handed to another request
-                    return rows, gens
+            known = self.requests.known_rows(rids, generation)
+            if known is not None:
+                return known
         self.device_row_reads += 1
         rows = forward_batch.req_pool_indices.tolist()
         gens = generation[rows].tolist() if generation is not None else [0] * len(rows)
         if rids and generation is not None:
-            if len(self._row_of_rid) > 4 * max(64, len(rows)):     # finished requests' entries
-                self._row_of_rid = {r: (row, g) for r, (row, g) in self._row_of_rid.items()
-                                    if int(generation[row]) == g}
-            self._row_of_rid.update(zip(rids, zip(rows[:len(rids)], gens[:len(rids)])))
+            self.requests.record(rids, rows[:len(rids)], gens[:len(rids)], generation)
         return rows, gens
 
     def _stage(self, forward_batch):

@@ -15,6 +15,9 @@ appended when it holds fewer (the next prefill chunk, or a prefill whose last la
 a fresh request from SGLang's KV pool otherwise (a new request, a prefix-cache hit, or anything the
 map cannot vouch for). `read(start, end)` returns the tokens' K and V of every layer,
 [num_layers, end - start, Hkv, D] each, from SGLang's KV pool.
+
+`record` / `known_rows` keep SGLang's request ids (host strings) -> (row, generation) as batches
+read them from the device, so a decode batch of known requests finds its rows on the host.
 """
 
 from __future__ import annotations
@@ -35,6 +38,25 @@ class RequestMap:
         self.runtime = runtime
         self._rows: dict[int, tuple[int, int]] = {}     # row -> (runtime request id, generation)
         self._freed: list[int] = []
+        self._seen: dict[str, tuple[int, int]] = {}     # SGLang request id -> (row, generation)
+
+    def record(self, sglang_rids, rows: list[int], gens: list[int], generation) -> None:
+        """Requests' rows as a batch read them from the device (`known_rows` answers from
+        here); entries whose row went to another request since (`generation`, SGLang's host
+        tensor of row generations) are dropped when the record grows."""
+        if len(self._seen) > 4 * max(64, len(rows)):      # finished requests' entries
+            self._seen = {r: (row, g) for r, (row, g) in self._seen.items()
+                          if int(generation[row]) == g}
+        self._seen.update(zip(sglang_rids, zip(rows, gens)))
+
+    def known_rows(self, sglang_rids, generation):
+        """(rows, generations) of requests all `record`ed, with their rows' generations
+        unchanged since (no row handed to another request), else None."""
+        known = [self._seen.get(r) for r in sglang_rids]
+        if any(k is None for k in known):
+            return None
+        rows, gens = [k[0] for k in known], [k[1] for k in known]
+        return (rows, gens) if generation[rows].tolist() == gens else None
 
     def __len__(self) -> int:
         return len(self._rows)
