@@ -32,7 +32,8 @@ Selections (--locality): `flow`, the flow's own choice on the random model (the 
 locality, reuse ~0 between steps); `real`, a synthetic stream (`hybrid_step.SelStream`, drawn before
 the timed steps) with --reuse (0.8: what real models reuse step to step) of each (request, KV head)'s
 non-forced pages kept from the step before, attended exactly through `run(..., sel=)` (dense keeps
-full attention).
+full attention); the flow's indexer still runs on every layer (`index_given`) and its choice is
+dropped, so these steps pay what selecting costs.
 
 Memory (the runtime's memory model, `runtime.memory_model`): every mode gets the same HBM for KV,
 --gpu-memory-gib (default: the free HBM after the weights, less the largest synthetic prompt tensor
@@ -554,6 +555,8 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
             stream = SelStream(s.layers, batch, K, args.reuse, args.seed, dev, kv_heads=s.kv_heads)
             sels = [torch.stack([stream.next(layer, n[i]) for layer in range(s.layers)])
                     for i in range(len(n))]
+            for part in parts:              # the flow's indexer still runs: its cost is paid
+                part.index_given = True
         build_s = time.perf_counter() - t0
         tokens, rec, how, graphs = [], [], [], {}
         bounds = np.cumsum([0] + sizes)

@@ -277,10 +277,17 @@ def test_requests_never_read_each_others_pages():
     attn.close()
 
 
+@pytest.mark.parametrize("index_given", [False, True])
 @pytest.mark.parametrize("placement", ["gpu", "cpu", "offload", "hybrid"])
-def test_a_given_selection_is_attended_exactly(placement):
-    """run(..., sel=) replays a selection (benchmarks): the output is the reference over it."""
+def test_a_given_selection_is_attended_exactly(placement, index_given):
+    """run(..., sel=) replays a selection (benchmarks): the output is the reference over it; with
+    `index_given` the flow's indexer still runs on every layer (its cost paid) and its choice is
+    dropped."""
     attn = make(placement, slots=2)
+    attn.index_given = index_given
+    indexed = []
+    index = attn.store.index
+    attn.store.index = lambda layer, *a, **kw: indexed.append(layer) or index(layer, *a, **kw)
     gen = torch.Generator().manual_seed(21)
     lens = (29, 12)
     kv = [(torch.randn(L, n, HKV, D, generator=gen), torch.randn(L, n, HKV, D, generator=gen))
@@ -308,6 +315,7 @@ def test_a_given_selection_is_attended_exactly(placement):
             assert err < 1e-5, (placement, layer, b, err)
     last = attn.stats()["last_step"]                # every selected page-head counted once
     assert last["gpu_pages"] + last["cpu_pages"] == 9 * L, last
+    assert indexed == (list(range(L)) if index_given else []), indexed
     attn.close()
 
 

@@ -45,8 +45,7 @@ class ResidentStep:
         Pure GPU work on the step's tensors: what `layer_graphs` captures."""
         table = step.cached_heads[layer]
         given = sel is not None
-        if not given:
-            sel = self._select(step, layer, q)
+        sel = self._chosen(step, layer, q, sel)
         o, _ = self._back(step, layer, q, sel, table, None, None)
         if not given:
             return (o.to(q.dtype),)
@@ -67,8 +66,8 @@ class ResidentStep:
         if self.placement == "dense":
             sel = reference.all_pages_sel(step.lens, self.num_kv_heads, step.dev_table.shape[1],
                                           self.cfg.page_size)
-        elif not given:
-            sel = self._select(step, layer, q)
+        else:
+            sel = self._chosen(step, layer, q, sel)
         o, _ = self._gpu.attend(q, k_pool, v_pool, step.dev_table, step.lens, sel)
         if not given:
             return (o.to(q.dtype),)

@@ -18,6 +18,20 @@ if TYPE_CHECKING:
 class Selection:
     """Selection of a layer's pages (module docstring)."""
 
+    index_given: bool = False
+    """Benchmarks replaying selections (`run(..., sel=)`): when True the flow's indexer still runs
+    on every layer and its choice is dropped, so a step that attends a replayed selection also
+    pays what selecting costs (the indexer's kernels are captured in the step's graphs alike)."""
+
+    def _chosen(self, step: StepPlan, layer: int, q: torch.Tensor, sel) -> torch.Tensor:
+        """The pages a layer attends: a given `sel`, else the flow's (`_select`); with
+        `index_given`, a given sel after the flow's indexer ran for its cost."""
+        if sel is None or self.index_given:
+            chosen = self._select(step, layer, q)
+            if sel is None:
+                return chosen
+        return sel
+
     def _select(self, step: StepPlan, layer: int, q: torch.Tensor) -> torch.Tensor:
         """sel int32 [B, Hkv, width]: each row at its own budget (-1 padded to the widest); with a
         calibration, each (row, KV head) at its own (`head_budgets`)."""

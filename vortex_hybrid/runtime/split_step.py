@@ -118,8 +118,7 @@ class SplitStep:
             elif layer == 0:
                 self._cache.checkpoint()
         self._append(step, layer, k_new, v_new)
-        if sel is None:
-            sel = self._select(step, layer, q)
+        sel = self._chosen(step, layer, q, sel)
         table, src, dst = self._dev_heads(step), None, None
         if self._cache is not None:
             table, src, dst, cache_counts = self._cache_table(step, layer, sel, table)
