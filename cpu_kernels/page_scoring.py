@@ -102,59 +102,182 @@ def _page_scores_kernel(q, page_table, seq_lens, page_size, quest, s0, s1, chunk
             scores[b, h, p] = s
 
 
+_SPREAD = np.array([sum(((v >> j) & 1) << (8 * j) for j in range(8)) for v in range(256)],
+                   dtype=np.uint64)
+"""Byte v -> the uint64 whose byte j is bit j of v (0 or 1): one byte of a code plane spread over
+the eight channels it holds, in channel order in memory (little-endian)."""
+
+
+@njit(nogil=True, cache=True)
+def _unpack_page(codes, row, h, bits, words):
+    """The codes of summary row `row`, KV head h, one uint8 per channel: words uint64 [P, width]
+    (a view of a uint8 [P, 8 * width] tile) from codes uint8 [R, Hkv, P, bits * width]
+    (`vortex_hybrid.packed_codes`), so that byte 8w + j of token t's row is
+    sum_b (bit j of plane b's byte w) << b. Eight channels per uint64: each plane byte spread by
+    `_SPREAD`, shifted to its plane's bit and or-ed in (bits=2, the default, in one expression)."""
+    P, width = words.shape
+    if bits == 2:
+        for t in range(P):
+            for w in range(width):
+                words[t, w] = _SPREAD[codes[row, h, t, w]] | \
+                    (_SPREAD[codes[row, h, t, width + w]] << np.uint64(1))
+        return
+    for t in range(P):
+        for w in range(width):
+            words[t, w] = _SPREAD[codes[row, h, t, w]]
+        for bit in range(1, bits):
+            shift = np.uint64(bit)
+            o = bit * width
+            for w in range(width):
+                words[t, w] |= _SPREAD[codes[row, h, t, o + w]] << shift
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _best_code_dot(scaled, base, tile):
+    """max over query heads g and tokens t of base[g] + scaled[g] . tile[t]: scaled float32 [G, C],
+    base float32 [G], tile uint8 codes [P, C]. Query heads go four at a time and tokens two at a
+    time (eight running sums over C, so each loaded code and query element feeds several
+    products); the remaining heads one at a time, four tokens a pass."""
+    G, C = scaled.shape
+    P = tile.shape[0]
+    best = NEG_INF
+    g = 0
+    while g + 4 <= G:
+        m0 = NEG_INF
+        m1 = NEG_INF
+        m2 = NEG_INF
+        m3 = NEG_INF
+        t = 0
+        while t + 2 <= P:
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            b0 = np.float32(0.0)
+            b1 = np.float32(0.0)
+            b2 = np.float32(0.0)
+            b3 = np.float32(0.0)
+            for d in range(C):
+                k0 = np.float32(tile[t, d])
+                k1 = np.float32(tile[t + 1, d])
+                q0 = scaled[g, d]
+                q1 = scaled[g + 1, d]
+                q2 = scaled[g + 2, d]
+                q3 = scaled[g + 3, d]
+                a0 += q0 * k0
+                a1 += q1 * k0
+                a2 += q2 * k0
+                a3 += q3 * k0
+                b0 += q0 * k1
+                b1 += q1 * k1
+                b2 += q2 * k1
+                b3 += q3 * k1
+            m0 = max(m0, a0, b0)
+            m1 = max(m1, a1, b1)
+            m2 = max(m2, a2, b2)
+            m3 = max(m3, a3, b3)
+            t += 2
+        if t < P:                                       # an odd page size's last token
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for d in range(C):
+                k0 = np.float32(tile[t, d])
+                a0 += scaled[g, d] * k0
+                a1 += scaled[g + 1, d] * k0
+                a2 += scaled[g + 2, d] * k0
+                a3 += scaled[g + 3, d] * k0
+            m0 = max(m0, a0)
+            m1 = max(m1, a1)
+            m2 = max(m2, a2)
+            m3 = max(m3, a3)
+        best = max(best, base[g] + m0, base[g + 1] + m1, base[g + 2] + m2, base[g + 3] + m3)
+        g += 4
+    for h in range(g, G):
+        m = NEG_INF
+        t = 0
+        while t + 4 <= P:
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for d in range(C):
+                qv = scaled[h, d]
+                a0 += qv * np.float32(tile[t, d])
+                a1 += qv * np.float32(tile[t + 1, d])
+                a2 += qv * np.float32(tile[t + 2, d])
+                a3 += qv * np.float32(tile[t + 3, d])
+            m = max(m, a0, a1, a2, a3)
+            t += 4
+        for u in range(t, P):
+            a0 = np.float32(0.0)
+            for d in range(C):
+                a0 += scaled[h, d] * np.float32(tile[u, d])
+            m = max(m, a0)
+        best = max(best, base[h] + m)
+    return best
+
+
 @njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
 def _lowbit_scores_kernel(q, page_table, seq_lens, page_size, s0, s1, codes, bits, chunk, scores):
     """lowbit page scores float32 [B, Hkv, max_pages] (gqa "max"): q float32 [B, Hkv, G, D]; s0,
     s1 [R, Hkv, D] kmin, kmax (float32, or bf16 / fp32 / fp8 raw bits); codes uint8
-    [R, Hkv, P, bits * ceil(D / 8)]. score = max_j (q_j . kmin + max_t sum_d (q_jd step_d) c_td),
-    step = (kmax - kmin) / L, L = 2**bits - 1: per page, G D multiply-adds for the scaled queries,
-    then each token's codes (decoded from their bit planes) against them. -inf for the unscored
-    tail page and past the end."""
+    [R, Hkv, P, bits * ceil(D / 8)] (each page's rows contiguous). -inf for the unscored tail page
+    and past the end.
+
+    score = max_j (q_j . kmin + max_t sum_d (q_jd step_d) c_td), step = (kmax - kmin) / L,
+    L = 2**bits - 1. A work item scales its queries by 1 / L once; per page, kmin and
+    kmax - kmin are decoded once, the bases q_j . kmin take G D multiply-adds and the scaled
+    queries (q_jd / L) (kmax_d - kmin_d) G D products, the codes are unpacked eight channels at a
+    time into a uint8 tile (`_unpack_page`), and every token's codes are dotted with every scaled
+    query (`_best_code_dot`: G P ceil(D / 8) 8-wide multiply-adds); the summary rows and codes of
+    the page two ahead are prefetched. Any code width of `packed_codes` (1-8 bits)."""
     B, hkv, G, D = q.shape
     max_pages = scores.shape[2]
     width = (D + 7) // 8
-    levels = np.float32((1 << bits) - 1)
+    page_bytes = page_size * codes.shape[3]
+    inv_levels = np.float32(1.0) / np.float32((1 << bits) - 1)
     n_chunks = (max_pages + chunk - 1) // chunk
     for item in prange(B * hkv * n_chunks):
         b, h, c = _work_item(item, n_chunks, hkv)
         n_full = np.int64(seq_lens[b]) // page_size
+        qs = np.empty((G, D), np.float32)                   # q / L
+        for g in range(G):
+            for d in range(D):
+                qs[g, d] = q[b, h, g, d] * inv_levels
         scaled = np.zeros((G, 8 * width), np.float32)       # zero past D: padded channels
         base = np.empty(G, np.float32)
-        tile = np.empty((page_size, 8 * width), np.float32)  # the page's codes, decoded
+        kmin = np.empty(D, np.float32)
+        step = np.empty(D, np.float32)                      # kmax - kmin (the 1 / L is in qs)
+        tile = np.empty((page_size, 8 * width), np.uint8)   # the page's codes, unpacked
+        words = tile.view(np.uint64)
         p0 = c * chunk
         p1 = min(max_pages, (c + 1) * chunk)
         for p in range(p0, p1):
             if p >= n_full:
                 scores[b, h, p] = NEG_INF
                 continue
+            if p + 2 < min(p1, n_full):
+                ahead = np.int64(page_table[b, p + 2])
+                prefetch_range(s0[ahead, h], 0, D)
+                prefetch_range(s1[ahead, h], 0, D)
+                # a page's P code rows are contiguous (`contracts.check_codes`): prefetched from
+                # its first row on (past that row's slice: a prefetch cannot fault)
+                prefetch_range(codes[ahead, h, 0], 0, page_bytes)
             phys = np.int64(page_table[b, p])
-            lo = s0[phys, h]
-            hi = s1[phys, h]
+            for d in range(D):
+                lo = as_f32(s0[phys, h, d])
+                kmin[d] = lo
+                step[d] = as_f32(s1[phys, h, d]) - lo
             for g in range(G):
                 acc = np.float32(0.0)
                 for d in range(D):
-                    kmin = as_f32(lo[d])
-                    acc += q[b, h, g, d] * kmin
-                    scaled[g, d] = q[b, h, g, d] * ((as_f32(hi[d]) - kmin) / levels)
+                    acc += q[b, h, g, d] * kmin[d]
+                    scaled[g, d] = qs[g, d] * step[d]
                 base[g] = acc
-            page_codes = codes[phys, h]
-            for t in range(page_size):
-                for w in range(width):
-                    for j in range(8):
-                        tile[t, 8 * w + j] = 0.0
-                    for bit in range(bits):
-                        byte = page_codes[t, bit * width + w]
-                        weight = np.float32(1 << bit)
-                        for j in range(8):
-                            tile[t, 8 * w + j] += weight * np.float32((byte >> j) & 1)
-            best = NEG_INF
-            for g in range(G):
-                for t in range(page_size):
-                    acc = np.float32(0.0)
-                    for d in range(8 * width):
-                        acc += scaled[g, d] * tile[t, d]
-                    best = max(best, base[g] + acc)
-            scores[b, h, p] = best
+            _unpack_page(codes, phys, h, bits, words)
+            scores[b, h, p] = _best_code_dot(scaled, base, tile)
 
 
 def _rows(name: str, t: torch.Tensor) -> np.ndarray:

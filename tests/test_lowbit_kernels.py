@@ -180,6 +180,58 @@ def test_fused_scores_equal_the_reference_up_to_float32_rounding(backend, seed):
                                        rtol=1e-4, atol=1e-4)
 
 
+def lowbit_formula(q, s, table, lens, bits, P) -> np.ndarray:
+    """float64 [B, Hkv, max_pages]: max over the KV head's query heads j and a full page's tokens t
+    of q_j . (kmin + c_t (kmax - kmin) / L), L = 2**bits - 1, from the store's bounds and codes as
+    stored (q as given, in float64); -inf for the partial tail page and past the request."""
+    B, hq, D = q.shape
+    hkv = s["kmin"].shape[1]
+    out = np.full((B, hkv, table.shape[1]), -np.inf)
+    for b in range(B):
+        qg = q[b].double().reshape(hkv, hq // hkv, D)
+        for p in range(int(lens[b]) // P):
+            row = int(table[b, p])
+            lo, hi = s["kmin"][row, :, 0].double(), s["kmax"][row, :, 0].double()   # [Hkv, D]
+            c = unpack_codes(s["codes"][row], bits, D).double()                   # [Hkv, P, D]
+            keys = lo[:, None] + c * ((hi - lo) / (2 ** bits - 1))[:, None]
+            out[b, :, p] = torch.einsum("hgd,htd->hgt", qg, keys).amax((1, 2)).numpy()
+    return out
+
+
+# (head_dim, page_size, group, summary dtype): the served shape; head_dim not a multiple of 8 (a
+# partial last byte in each plane); a page of one token and odd page sizes (flows take powers of
+# two, the kernel any size: it takes tokens two at a time); groups below, above and between
+# multiples of 4 (it takes query heads four at a time)
+SCORE_SHAPES = [(128, 16, 4, torch.bfloat16), (12, 3, 3, torch.float32), (20, 1, 5, FP8),
+                (24, 5, 5, FP8), (40, 8, 8, torch.float32), (9, 2, 1, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("D,P,group,dtype", SCORE_SHAPES)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_cpu_scores_equal_the_float64_formula_for_every_code_width(bits, D, P, group, dtype):
+    """The CPU kernel's scores (its bits=2 path and the general one, up to packed_codes' widest
+    codes) against the float64 formula over the same stored bounds and codes: the pages' key
+    ranges in the store's dtype with the keys' codes on them, then random bounds and random code
+    bytes (every code value, a range even for pages of one token, and padding bits past head_dim
+    set, which must not count)."""
+    from vortex_hybrid.cpu_kernels.page_scoring import launch_page_scores
+    q, k_pool, table, lens = make_inputs(700 + bits * 10 + D, torch.float32, 2, 2, group, D, P, 7)
+    lo, hi = k_pool.amin(2, keepdim=True), k_pool.amax(2, keepdim=True)
+    levels = 2 ** bits - 1
+    coded = {"kmin": lo.to(dtype), "kmax": hi.to(dtype),
+             "codes": pack_codes((k_pool - lo) / (hi - lo).clamp_min(1e-20) * levels, bits)}
+    gen = torch.Generator().manual_seed(bits * 100 + D)
+    lo = torch.randn(lo.shape, generator=gen)
+    rand = {"kmin": lo.to(dtype), "kmax": (lo + torch.rand(lo.shape, generator=gen) * 3).to(dtype),
+            "codes": torch.randint(0, 256, coded["codes"].shape, dtype=torch.uint8,
+                                   generator=gen)}
+    for s in (coded, rand):
+        got = launch_page_scores(q, s["kmax"], s["kmin"], table, lens, P, True, codes=s["codes"])
+        want = lowbit_formula(q, s, table, lens, bits, P)
+        scale = float(np.abs(want[np.isfinite(want)]).max())
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5 * (scale + 1))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_indexer_takes_per_row_budgets(backend):
     """budgets= [B, Hkv]: each row is exactly the selection of a call at its own budget."""
