@@ -41,7 +41,7 @@ def calibration(model_dir, tmp_path_factory):
 def test_profile_writes_a_valid_calibration_and_its_pictures(calibration):
     cal = Calibration.load(calibration)
     assert (cal.num_layers, cal.num_kv_heads) == (2, 2)            # the tiny Llama's shape
-    assert cal.flow == HybridConfig().flow and cal.page_size == 16     # the runtime's defaults
+    assert cal.flow == "centroid" and cal.page_size == 16
     assert np.all((cal.budgets > 0) & (cal.budgets <= 1))
     s = cal.extra["summary"]
     assert s["calibration_prompts"] == 3 and s["heldout_prompts"] == 2
@@ -66,11 +66,11 @@ def test_the_calibration_drives_the_runtime_through_the_eval_cli(model_dir, cali
                       "passkey", "--modes", "dense,gpu", "--max-new-tokens", "3", "--out",
                       str(out), "--device", "cpu", "--calibration", str(calibration)]) == 0
     runs = json.loads((out / "eval.json").read_text())["runs"]
-    calibrated = [r for r in runs if r["flow"] == f"{HybridConfig().flow}@calib"]
+    calibrated = [r for r in runs if r["flow"] == "centroid@calib"]
     assert len(calibrated) == 1 and calibrated[0]["decode_tokens"] >= 1
     cal = Calibration.load(calibration)
     assert float(calibrated[0]["budget"]) == pytest.approx(cal.budgets.mean())
-    cfg = HybridConfig(calibration=str(calibration))
+    cfg = HybridConfig(flow="centroid", calibration=str(calibration))
     assert cfg.load_calibration().budgets.tolist() == cal.budgets.tolist()
 
 
@@ -162,7 +162,7 @@ def test_a_calibration_for_another_model_name_is_refused_by_eval_and_hybrid_cach
     err = capsys.readouterr().err.strip()
     assert "was made with model='llama', but the evaluation has model='other-llama'; re-run " \
            "python -m vortex_hybrid.profile for this model" in err and "\n" not in err
-    cfg = HybridConfig(placement="gpu", calibration=str(calibration))
+    cfg = HybridConfig(placement="gpu", flow="centroid", calibration=str(calibration))
     HybridCache(AutoModelForCausalLM.from_pretrained(model_dir), cfg, device_pages=64, host_pages=64).close()
     with pytest.raises(ValueError, match="was made with model='llama', but the HybridCache has "
                                          "model='other-llama'"):
@@ -227,11 +227,11 @@ def test_the_eval_runs_one_calibration_per_flow_and_refuses_two_for_one_flow(
     quest.write_text(json.dumps(data))
     out = tmp_path / "eval"
     assert eval_main(["--model", str(model_dir), "--context", "512", "--samples", "1", "--tasks",
-                      "passkey", "--modes", "gpu", "--flow", "quest,lowbit", "--budget", "0.05",
+                      "passkey", "--modes", "gpu", "--flow", "quest,centroid", "--budget", "0.05",
                       "--max-new-tokens", "3", "--out", str(out), "--device", "cpu", "--no-warmup",
                       "--calibration", f"{calibration},{quest}"]) == 0
     runs = json.loads((out / "eval.json").read_text())["runs"]
-    assert sorted(r["flow"] for r in runs) == ["lowbit", "lowbit@calib", "quest", "quest@calib"]
+    assert sorted(r["flow"] for r in runs) == ["centroid", "centroid@calib", "quest", "quest@calib"]
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         eval_main(["--model", str(model_dir), "--out", str(tmp_path / "e"), "--calibration",

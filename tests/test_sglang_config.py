@@ -151,7 +151,7 @@ def test_a_calibration_for_another_model_is_refused_at_start_up(tmp_path, kw, pa
     from vortex_hybrid.predictors.calibration import FORMAT, VERSION
     path = tmp_path / "calib.json"
     path.write_text(json.dumps({
-        "format": FORMAT, "version": VERSION, "flow": HybridConfig().flow, "page_size": 16, "sink_pages": 1,
+        "format": FORMAT, "version": VERSION, "flow": "quest", "page_size": 16, "sink_pages": 1,
         "recent_pages": 2, "error_target": 0.1, "budgets": [[0.1, 0.2]] * 2,
         "granularity": [["page"] * 2] * 2, "model": {"name": "Llama-3.1-8B", "num_layers": 2,
                                                      "num_q_heads": 8, "num_kv_heads": 2,

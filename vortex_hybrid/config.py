@@ -120,12 +120,9 @@ class HybridConfig:
 
     page_size: int = 16
     """Tokens per page; a power of two in [1, 1024]."""
-    flow: str = "lowbit"
+    flow: str = "quest"
     """A registered flow name, or `path/to/file.py:name` for a user's flow (loaded and checked at
-    construction). The default, `lowbit` (2-bit keys per page, scored token by token), is the
-    library flow that kept dense attention's accuracy at 5% of the pages in the measured needle
-    tasks, where `quest` and `centroid` lost most of it (docs/BENCHMARKS.md); its summaries take
-    twice quest's bytes."""
+    construction)."""
     budget_pages: Optional[int] = None
     """Pages per (request, KV head) per step, sink and recent included; an integer >= sink_pages +
     recent_pages, or None (another budget field is used)."""
@@ -209,7 +206,7 @@ class HybridConfig:
     (layer, KV head) that replaces the budget field (`budget_ratio`, `budget_pages` or
     `budget_tokens`) for sparse selection (a head attends max(sink + recent, ceil(ratio * pages))).
     Its flow, page_size, sink_pages and recent_pages must equal this config's (the budgets were
-    measured under them; the profile's defaults are this config's), and its
+    measured under them; the profile's default flow is "centroid", this config's "quest"), and its
     model's shape the runtime's
     (`Calibration.check_model`). None: uniform budgets."""
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)

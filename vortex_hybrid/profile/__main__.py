@@ -2,7 +2,7 @@
 
     python -m vortex_hybrid.profile --model smollm2-135m --context 4096 --out calib.json
     python -m vortex_hybrid.eval --calibration calib.json           # use it (or HybridConfig(
-                                                                    #   calibration="calib.json"))
+                                                                    #   flow="centroid", calibration="calib.json"))
     python -m vortex_hybrid.profile --check calib.json              # validate and summarise one
 
 Runs long-context task prompts (`vortex_hybrid.eval.tasks`) through the model with dense attention,
@@ -51,8 +51,8 @@ def parse(argv) -> argparse.Namespace:
                     help="auto: each head at page or token granularity (page then token on the CPU), "
                          "whichever meets the target with fewer bytes; page: page granularity only "
                          "(auto)")
-    ap.add_argument("--flow", default="lowbit", help="the flow the runtime will select with "
-                                                     "(lowbit, the runtime's default)")
+    ap.add_argument("--flow", default="centroid", help="the flow the runtime will select with "
+                                                       "(centroid)")
     ap.add_argument("--page-size", type=int, default=16, help="tokens per page (16)")
     ap.add_argument("--sink", type=int, default=1, help="sink pages, always attended (1)")
     ap.add_argument("--recent", type=int, default=2, help="recent pages, always attended (2)")
