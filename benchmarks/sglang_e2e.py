@@ -6,7 +6,7 @@ One `sgl.Engine` per run, each in a process of its own (this script with --one-r
 fails to start, hangs or crashes fails its run alone; --run-timeout ends it), on the same
 Llama-shaped model, radix cache off so every run prefills every request. A run is `triton`
 (SGLang's own backend, its CUDA graphs on), `PLACEMENT` (`vortex_hybrid`, sparse: --budget of the
-pages, flow quest) or `PLACEMENT@full` (budget_ratio 1.0: every page; its output must equal
+pages, flow --flow) or `PLACEMENT@full` (budget_ratio 1.0: every page; its output must equal
 triton's). `vortex_hybrid` runs with SGLang's decode CUDA graphs on over the backend's graph hooks
 (prefill graphs off); --no-sglang-graphs turns SGLang's graphs off (the runtime then captures its
 own per-layer graphs).
@@ -356,7 +356,7 @@ def engine_kwargs(run: str, context: int, kv: Optional[float], args, cuda: bool,
         cfg = None
     else:
         placement, _, full = run.partition("@")
-        cfg = {"placement": placement, "page_size": P, "flow": "quest",
+        cfg = {"placement": placement, "page_size": P, "flow": args.flow,
                "budget_ratio": 1.0 if full == "full" else args.budget}
         if placement != "dense" and args.summary_dtype != "float32":
             cfg["summary_dtype"] = args.summary_dtype
@@ -619,8 +619,8 @@ def table(result: dict) -> list:
         if lines:
             lines.append("")
         lines.append(f"sglang_e2e on {result['device']}, {a['shape']}, {batch} x {context} tokens, "
-                     f"{a['new']} new, {mem}, sparse budget {a['budget']} (vs triton: output "
-                     f"tokens/s; TPOT vs triton: >1 is faster than triton)")
+                     f"{a['new']} new, {mem}, sparse {a.get('flow', 'quest')} at {a['budget']} "
+                     f"(vs triton: output tokens/s; TPOT vs triton: >1 is faster than triton)")
         lines.append(f"{'run':<13}{'requests':>9}{'tok/s':>10}{'vs triton':>10}{'TPOT ms':>9}"
                      f"{'TPOT vs triton':>15}{'prefill s':>10}{'HBM GiB':>9}{'host GiB':>9}"
                      f"{'SGLang tokens':>14}{'start s':>8}{'same as triton':>16}")
@@ -703,7 +703,7 @@ def plot(result: dict, path: Path) -> Optional[str]:
 
 def same_setup(old: dict, args) -> bool:
     a = old.get("args", {})
-    keys = ("shape", "new", "budget", "batch", "max_batch", "layers", "hidden", "intermediate",
+    keys = ("shape", "new", "budget", "flow", "batch", "max_batch", "layers", "hidden", "intermediate",
             "chunk", "sglang_graphs", "no_overlap", "host_gib", "load_format", "seed")
     return all(a.get(k) == getattr(args, k) for k in keys)
 
@@ -737,6 +737,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, help="greedy tokens generated per request (tiny: 32, "
                                             "llama3-8b: 128)")
     ap.add_argument("--budget", type=float, default=0.05, help="sparse runs: share of pages")
+    ap.add_argument("--flow", default="quest",
+                    help="sparse runs: the flow (quest, HybridConfig's default)")
     from vortex_hybrid.config import SUMMARY_DTYPES
     ap.add_argument("--summary-dtype", default="bfloat16", choices=SUMMARY_DTYPES,
                     help="sparse runs: page summaries' dtype (bfloat16; with KV limited to a few "

@@ -156,7 +156,7 @@ def test_engine_keywords_of_each_memory_setting():
     args = types.SimpleNamespace(batch="auto", max_batch=64, new=128, model="/m", shape="llama3-8b",
                                  load_format="dummy", chunk=8192, no_overlap=False, budget=0.05,
                                  cache=0.1, host_gib=None, sglang_graphs=True,
-                                 summary_dtype="bfloat16")
+                                 summary_dtype="bfloat16", flow="lowbit")
     host = 100 << 30
     kw, cfg, n = e2e.engine_kwargs("triton", 32768, 12.0, args, True, geo, host)
     assert kw["max_total_tokens"] == 98304 and n == 2 and cfg is None
@@ -166,7 +166,7 @@ def test_engine_keywords_of_each_memory_setting():
     assert "max_total_tokens" not in kw and "mem_fraction_static" not in kw and n is None
     kw, cfg, n = e2e.engine_kwargs("gpu", 32768, 12.0, args, True, geo, host)
     assert cfg["gpu_memory_gib"] == 12.0 and n == 2 and kw["disable_prefill_cuda_graph"]
-    assert json.loads(kw["vortex_hybrid_config"]) == cfg
+    assert json.loads(kw["vortex_hybrid_config"]) == cfg and cfg["flow"] == "lowbit"
     kw, cfg, n = e2e.engine_kwargs("gpu", 131072, None, args, True, geo, host)
     assert "gpu_reserve_gib" not in cfg and "gpu_memory_gib" not in cfg   # the plugin's sizing
     kw, cfg, n = e2e.engine_kwargs("hybrid", 32768, 12.0, args, True, geo, host)
