@@ -558,6 +558,7 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
             for part in parts:              # the flow's indexer still runs: its cost is paid
                 part.index_given = True
         build_s = time.perf_counter() - t0
+        print(f"  {mode}: batch {batch} built in {build_s:.0f} s", flush=True)
         tokens, rec, how, graphs = [], [], [], {}
         bounds = np.cumsum([0] + sizes)
         cpu0 = t_timed = None
@@ -577,6 +578,10 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
                 sel_i = None if sels is None else [sels[i][:, lo:hi].contiguous()
                                                    for lo, hi in zip(bounds[:-1], bounds[1:])]
                 ran = decode_step_micro(mb, rids, steps, graphs, sel_i)
+            if i < args.warmup:                 # progress: the first steps compile and capture
+                sync(dev)
+                print(f"  {mode}: warm-up step {i + 1} of {args.warmup} in "
+                      f"{time.perf_counter() - t1:.1f} s", flush=True)
             if defer:                           # no sync: the next plan() overlaps this step
                 ids.append(torch.cat([st.ids for st in steps]).clone())
                 if i > args.warmup:             # the step before, completed by this plan()
