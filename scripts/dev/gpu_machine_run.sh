@@ -37,6 +37,7 @@ for step in "$@"; do
     gpu_attention) timeout 300 python3 benchmarks/gpu_attention.py --out "$OUT" ;;
     cpu_attention) timeout 300 python3 benchmarks/cpu_attention.py --out "$OUT" ;;
     cpu_small_parts) timeout 240 python3 benchmarks/cpu_small_parts.py --out "$OUT" ${CPU_SMALL_ARGS:-} ;;
+    cpu_indexer)   timeout 200 python3 benchmarks/cpu_indexer.py --threads 1,4,15 --out "$OUT" ${CPU_INDEXER_ARGS:-} ;;
     summary_store) timeout 240 python3 benchmarks/summary_store.py --out "$OUT" ;;
     step_trace)    for p in ${TRACE_PLACEMENTS:-hybrid}; do
                      timeout 200 python3 benchmarks/step_trace.py --out "$OUT" --placement $p ${TRACE_ARGS:-}
