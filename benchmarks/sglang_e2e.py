@@ -703,8 +703,9 @@ def plot(result: dict, path: Path) -> Optional[str]:
 
 def same_setup(old: dict, args) -> bool:
     a = old.get("args", {})
-    keys = ("shape", "new", "budget", "flow", "batch", "max_batch", "layers", "hidden", "intermediate",
-            "chunk", "sglang_graphs", "no_overlap", "host_gib", "load_format", "seed")
+    keys = ("shape", "new", "budget", "flow", "batch", "max_batch", "layers", "hidden",
+            "intermediate", "chunk", "sglang_graphs", "no_overlap", "host_gib", "load_format",
+            "seed")
     return all(a.get(k) == getattr(args, k) for k in keys)
 
 

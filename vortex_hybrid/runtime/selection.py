@@ -26,10 +26,10 @@ class Selection:
     def _chosen(self, step: StepPlan, layer: int, q: torch.Tensor, sel) -> torch.Tensor:
         """The pages a layer attends: a given `sel`, else the flow's (`_select`); with
         `index_given`, a given sel after the flow's indexer ran for its cost."""
-        if sel is None or self.index_given:
-            chosen = self._select(step, layer, q)
-            if sel is None:
-                return chosen
+        if sel is None:
+            return self._select(step, layer, q)
+        if self.index_given:
+            self._select(step, layer, q)        # its cost paid, its choice dropped
         return sel
 
     def _select(self, step: StepPlan, layer: int, q: torch.Tensor) -> torch.Tensor:
