@@ -5,7 +5,7 @@
               (equal because kmax >= kmin elementwise: two multiply-adds per d instead of 3 G)
     centroid: score[b, h, p] = sum_{j in group(h)} q_j . mean_p = (sum_j q_j) . mean_p
     lowbit:   score[b, h, p] = max_{j in group(h)} max_t q_j . (kmin_p + c_pt * step_p)
-                             = max_j (q_j . kmin_p + max_t sum_d (q_jd step_pd) c_ptd),
+                             = max_j (q_j . kmin_p + max_t sum_d q_jd (c_ptd step_pd)),
               step = (kmax - kmin) / (2**bits - 1), c_pt token t's codes (gqa "max")
 
 The selection is `vortex_hybrid.reference.topk_pages` applied to those scores (first `sink` and last
@@ -13,9 +13,18 @@ The selection is `vortex_hybrid.reference.topk_pages` applied to those scores (f
 `budget >= num_pages`), computed by the `topk_pages` kernel. The partly filled last page has no
 summary yet: its row is not read (score 0), and the `recent >= 1` forced pages include it.
 
-lowbit decodes each page's packed codes (`vortex_hybrid.packed_codes`) in registers, LOWBIT_TILE
-code elements at a time: per page and key channel it reads page_size * bits / 8 bytes of codes
-and the two bounds.
+lowbit scores on tensor cores, one page at a time: a program walks BLOCK_PAGES pages of one
+(request, KV head) row; per page and chunk of 32 channels it reads each token's code word of each
+bit plane once (32 bits, bit i channel i of the chunk: an int32 load when a plane's bytes are a
+multiple of 4, else 4 byte loads), spreads the bits into codes [BLOCK_T, 32] (BLOCK_T: the page's
+tokens, at least 16 rows), scales them by the page's steps (khat = c * step) and accumulates
+khat @ q^T into [BLOCK_T, 16+] float32 (one column per query head of the group, padded to at least
+16) with tf32x3 dots (float32-level products); q_j . kmin is summed on the side. The max over
+tokens, plus that, max over the group, gives the score. Measured on an H100 (13 requests x 32K,
+Llama-3-8B heads, docs/BENCHMARKS.md): 614 us a layer against 1,196 us for the earlier kernel that
+decoded [pages, tokens, D] tiles on CUDA cores, and against 973 us for the same dots over 8 pages'
+rows at once (their [pages, tokens] -> rows reshapes cost more than the larger tiles gain). The
+bit spreading, not the bytes, bounds it (a bfloat16 dot instead of tf32x3: 426 us).
 
 Two launches: a scoring grid over (row, block of BLOCK_PAGES pages) writes float32 score rows, so
 every SM streams summaries even at B = 1; then the top-k kernel runs one program per row. The score
@@ -95,12 +104,17 @@ def _page_scores_kernel(q_ptr, a_ptr, b_ptr, table_ptr, lens_ptr, scores_ptr, H,
 def _lowbit_scores_kernel(q_ptr, hi_ptr, lo_ptr, c_ptr, table_ptr, lens_ptr, scores_ptr, H,
                           page_size, D, W, stride_qb, stride_qh, stride_sn, stride_sh, stride_cn,
                           stride_ch, stride_tb, stride_ob, stride_oh, G: tl.constexpr,
-                          BITS: tl.constexpr, ITERS: tl.constexpr, BLOCK_PP: tl.constexpr,
-                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """lowbit scores of ITERS x BLOCK_PP pages of one (request, KV head) row, BLOCK_PP at a time:
-    score = max_j max_t (q_j . kmin + sum_d (q_jd * step_d) * c_td), step = (kmax - kmin) / L, the
-    codes c [BLOCK_PP, page_size, D] decoded from their bit planes (`packed_codes`); 0 for pages at
-    or past the full ones."""
+                          BITS: tl.constexpr, BLOCK_PAGES: tl.constexpr, BLOCK_T: tl.constexpr,
+                          GP: tl.constexpr, CHUNKS: tl.constexpr, WORDS: tl.constexpr):
+    """lowbit scores of BLOCK_PAGES pages of one (request, KV head) row, one page at a time:
+    score = max_j (q_j . kmin + max_t sum_d q_jd khat_td), khat_td = c_td * step_d,
+    step = (kmax - kmin) / L; 0 for pages at or past the full ones (not written past n).
+
+    Per chunk of 32 channels and bit plane, one 32-bit word per token (WORDS: c_ptr is the int32
+    view of the codes, a plane W // 4 words; else W bytes a plane, 4 byte loads a word, bytes past
+    W masked), its bits spread over the chunk's channels; acc [BLOCK_T, GP] += khat @ q_chunk^T
+    (tf32x3). Channels past D have bounds 0, so step 0 (their code bits count for nothing); query
+    heads past G are zero columns, masked at the end; tokens past page_size -inf."""
     LEVELS: tl.constexpr = 2 ** BITS - 1
     row = tl.program_id(0)
     b = row // H
@@ -111,38 +125,59 @@ def _lowbit_scores_kernel(q_ptr, hi_ptr, lo_ptr, c_ptr, table_ptr, lens_ptr, sco
     q_row = q_ptr + b.to(tl.int64) * stride_qb + (h * G) * stride_qh
     table_row = table_ptr + b.to(tl.int64) * stride_tb
     out = scores_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
     t = tl.arange(0, BLOCK_T)
     tm = t < page_size
-    for it in range(ITERS):
-        p_offs = (tl.program_id(1) * ITERS + it) * BLOCK_PP + tl.arange(0, BLOCK_PP)
-        valid = p_offs < n_full
-        phys = tl.load(table_row + p_offs, mask=valid, other=0).to(tl.int64)
-        m2 = valid[:, None] & dm[None, :]
-        rows = phys[:, None] * stride_sn + h * stride_sh + d[None, :]
-        kmax = tl.load(hi_ptr + rows, mask=m2, other=0.0).to(tl.float32)
-        kmin = tl.load(lo_ptr + rows, mask=m2, other=0.0).to(tl.float32)
-        step = (kmax - kmin) / LEVELS
-        m3 = valid[:, None, None] & tm[None, :, None] & dm[None, None, :]
-        byte_at = c_ptr + phys[:, None, None] * stride_cn + h * stride_ch \
-            + t[None, :, None] * (BITS * W) + (d // 8)[None, None, :]
-        code = tl.zeros([BLOCK_PP, BLOCK_T, BLOCK_D], tl.int32)
-        for bit in tl.static_range(BITS):
-            byte = tl.load(byte_at + bit * W, mask=m3, other=0).to(tl.int32)
-            code += ((byte >> (d % 8)[None, None, :]) & 1) << bit
-        codes = code.to(tl.float32)
-        best = tl.full([BLOCK_PP], float("-inf"), tl.float32)
-        for j in tl.static_range(G):
-            qj = tl.load(q_row + j * stride_qh + d, mask=dm, other=0.0).to(tl.float32)
-            dots = tl.sum((qj[None, :] * step)[:, None, :] * codes, axis=2)       # [PP, T]
-            dots = tl.where(tm[None, :], dots, float("-inf"))
-            best = tl.maximum(best, tl.sum(qj[None, :] * kmin, axis=1) + tl.max(dots, axis=1))
-        tl.store(out + p_offs, tl.where(valid, best, 0.0), mask=p_offs < n)
+    i = tl.arange(0, 32)
+    jc = tl.arange(0, GP)
+    for k in range(BLOCK_PAGES):
+        p = tl.program_id(1) * BLOCK_PAGES + k
+        if p < n_full:
+            phys = tl.load(table_row + p).to(tl.int64)
+            if WORDS:
+                tok = c_ptr + phys * stride_cn + h * stride_ch + t * (BITS * (W // 4))
+            else:
+                tok = c_ptr + phys * stride_cn + h * stride_ch + t * (BITS * W)
+            acc = tl.zeros([BLOCK_T, GP], tl.float32)
+            base = tl.zeros([GP], tl.float32)
+            for c in tl.static_range(CHUNKS):
+                d = c * 32 + i
+                dm = d < D
+                srow = phys * stride_sn + h * stride_sh + d
+                kmax = tl.load(hi_ptr + srow, mask=dm, other=0.0).to(tl.float32)
+                kmin = tl.load(lo_ptr + srow, mask=dm, other=0.0).to(tl.float32)
+                code = tl.zeros([BLOCK_T, 32], tl.int32)
+                for bit in tl.static_range(BITS):
+                    if WORDS:
+                        word = tl.load(tok + bit * (W // 4) + c, mask=tm, other=0)
+                    else:
+                        word = tl.zeros([BLOCK_T], tl.int32)
+                        for y in tl.static_range(4):                    # byte 4 c + y of the plane
+                            ok = tm & ((t * 0 + 4 * c + y) < W)       # a tensor: the interpreter
+                            byte = tl.load(tok + bit * W + 4 * c + y,  # mis-types scalar masks
+                                           mask=ok, other=0)
+                            word |= byte.to(tl.int32) << (8 * y)
+                    # bit i is channel 32 c + i (bit 31 sign-extends under >>; & 1 drops it)
+                    code += ((word[:, None] >> i[None, :]) & 1) << bit
+                khat = code.to(tl.float32) * ((kmax - kmin) / LEVELS)[None, :]
+                qc = tl.load(q_row + jc[None, :] * stride_qh + d[:, None],
+                             mask=(jc[None, :] < G) & dm[:, None], other=0.0).to(tl.float32)
+                acc = tl.dot(khat, qc, acc, input_precision="tf32x3")          # [BLOCK_T, GP]
+                base += tl.sum(qc * kmin[:, None], axis=0)
+            heads = tl.max(tl.where(tm[:, None], acc, float("-inf")), axis=0) + base
+            tl.store(out + p, tl.max(tl.where(jc < G, heads, float("-inf")), axis=0))
+        elif p < n:
+            tl.store(out + p, 0.0)
 
 
-LOWBIT_TILE = 4096
-"""Code elements (pages x page_size x head_dim) a lowbit scoring program decodes at a time."""
+def lowbit_config(page_size: int, group: int) -> dict:
+    """The lowbit scoring kernel's launch choices, all made here. BLOCK_T: page_size rounded up to
+    a power of two, at least 16 (tl.dot's least M). GP: the group's query heads rounded up to a
+    power of two, at least 16 (tl.dot's least N). num_warps: one warp up to 64 rows (a page's
+    [BLOCK_T, 32] code tile is 16-64 values a thread), more for longer pages (measured at 16
+    tokens: one warp 614 us, two 857 us)."""
+    block_t = max(16, triton.next_power_of_2(page_size))
+    return dict(BLOCK_T=block_t, GP=max(16, triton.next_power_of_2(group)),
+                num_warps=max(1, block_t // 64))
 
 
 def launch_page_scores(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, page_table: torch.Tensor,
@@ -164,18 +199,22 @@ def launch_page_scores(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, page_t
     if page_table.dtype != torch.int32 or page_table.stride(-1) != 1:
         page_table = page_table.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32)
-    block_d = triton.next_power_of_2(d)
     if codes is not None:
-        block_t = triton.next_power_of_2(page_size)
-        block_pp = max(1, min(block_pages, LOWBIT_TILE // (block_t * block_d)))
-        iters = max(1, block_pages // block_pp)
-        _lowbit_scores_kernel[(B * hkv, triton.cdiv(max_pages, block_pp * iters))](
-            q, a, b, codes, page_table, lens, scores, hkv, page_size, d, -(-d // 8), q.stride(0),
-            q.stride(1), a.stride(0), a.stride(1), codes.stride(0), codes.stride(1),
+        cfg = lowbit_config(page_size, hq // hkv)
+        words = -(-d // 8) % 4 == 0 and codes.stride(-1) == 1 and codes.stride(-2) % 4 == 0 \
+            and codes.stride(0) % 4 == 0 and codes.stride(1) % 4 == 0 \
+            and codes.storage_offset() % 4 == 0 and codes.data_ptr() % 4 == 0
+        c = codes.view(torch.int32) if words else codes
+        stride_cn, stride_ch = (codes.stride(0) // 4, codes.stride(1) // 4) if words else \
+            (codes.stride(0), codes.stride(1))
+        _lowbit_scores_kernel[(B * hkv, triton.cdiv(max_pages, block_pages))](
+            q, a, b, c, page_table, lens, scores, hkv, page_size, d, -(-d // 8), q.stride(0),
+            q.stride(1), a.stride(0), a.stride(1), stride_cn, stride_ch,
             page_table.stride(0), scores.stride(0), scores.stride(1), G=hq // hkv,
-            BITS=code_bits(codes.shape[-1], d), ITERS=iters, BLOCK_PP=block_pp, BLOCK_T=block_t,
-            BLOCK_D=block_d, num_warps=4)
+            BITS=code_bits(codes.shape[-1], d), BLOCK_PAGES=block_pages,
+            CHUNKS=triton.cdiv(d, 32), WORDS=words, **cfg)                   # 32: a word
         return scores
+    block_d = triton.next_power_of_2(d)
     _page_scores_kernel[(B * hkv, triton.cdiv(max_pages, block_pages))](
         q, a, b, page_table, lens, scores, hkv, page_size, d, q.stride(0), q.stride(1), a.stride(0),
         a.stride(1), page_table.stride(0), scores.stride(0), scores.stride(1), G=hq // hkv,

@@ -206,15 +206,11 @@ SCORE_SHAPES = [(128, 16, 4, torch.bfloat16), (12, 3, 3, torch.float32), (20, 1,
                 (24, 5, 5, FP8), (40, 8, 8, torch.float32), (9, 2, 1, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("D,P,group,dtype", SCORE_SHAPES)
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
-def test_cpu_scores_equal_the_float64_formula_for_every_code_width(bits, D, P, group, dtype):
-    """The CPU kernel's scores (its bits=2 path and the general one, up to packed_codes' widest
-    codes) against the float64 formula over the same stored bounds and codes: the pages' key
-    ranges in the store's dtype with the keys' codes on them, then random bounds and random code
-    bytes (every code value, a range even for pages of one token, and padding bits past head_dim
-    set, which must not count)."""
-    from vortex_hybrid.cpu_kernels.page_scoring import launch_page_scores
+def score_cases(bits, D, P, group, dtype):
+    """q, table, lens and two stores of the same shape: the pages' key ranges in the store's dtype
+    with the keys' codes on them, then random bounds and random code bytes (every code value, a
+    range even for pages of one token, and padding bits past head_dim set, which must not
+    count)."""
     q, k_pool, table, lens = make_inputs(700 + bits * 10 + D, torch.float32, 2, 2, group, D, P, 7)
     lo, hi = k_pool.amin(2, keepdim=True), k_pool.amax(2, keepdim=True)
     levels = 2 ** bits - 1
@@ -225,11 +221,70 @@ def test_cpu_scores_equal_the_float64_formula_for_every_code_width(bits, D, P, g
     rand = {"kmin": lo.to(dtype), "kmax": (lo + torch.rand(lo.shape, generator=gen) * 3).to(dtype),
             "codes": torch.randint(0, 256, coded["codes"].shape, dtype=torch.uint8,
                                    generator=gen)}
-    for s in (coded, rand):
+    return q, table, lens, (coded, rand)
+
+
+@pytest.mark.parametrize("D,P,group,dtype", SCORE_SHAPES)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_cpu_scores_equal_the_float64_formula_for_every_code_width(bits, D, P, group, dtype):
+    """The CPU kernel's scores (its bits=2 path and the general one, up to packed_codes' widest
+    codes) against the float64 formula over the same stored bounds and codes (`score_cases`)."""
+    from vortex_hybrid.cpu_kernels.page_scoring import launch_page_scores
+    q, table, lens, cases = score_cases(bits, D, P, group, dtype)
+    for s in cases:
         got = launch_page_scores(q, s["kmax"], s["kmin"], table, lens, P, True, codes=s["codes"])
         want = lowbit_formula(q, s, table, lens, bits, P)
         scale = float(np.abs(want[np.isfinite(want)]).max())
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5 * (scale + 1))
+
+
+# (head_dim, page_size, group, summary dtype, block_pages) of the GPU kernel, which takes one
+# page at a time through tensor-core dots over chunks of 32 channels (`page_scoring.lowbit_config`):
+# the served shape (4 chunks, int32 code words); head_dims whose planes are a multiple of 4 bytes
+# (int32 words: 64, 96) and ones that are not (4 byte loads a word, masked bytes and channels in
+# the last chunk: 12, 20, 36, 40, 72); pages of one token and page sizes not a power of two
+# (tokens padded to 16 rows); a page past 128 tokens (256 rows, 4 warps); block_pages that do not
+# divide the pages (programs ending past the last page); groups 1, 3, 5, 8 (query heads padded to
+# 16 columns)
+GPU_SCORE_SHAPES = [(128, 16, 4, torch.bfloat16, 32), (12, 3, 3, torch.float32, 32),
+                    (40, 1, 5, FP8, 32), (72, 5, 8, torch.float32, 2),
+                    (20, 1, 1, torch.bfloat16, 1), (36, 130, 3, torch.float32, 4),
+                    (64, 7, 3, FP8, 3), (96, 16, 8, torch.float32, 5)]
+
+
+@pytest.mark.parametrize("D,P,group,dtype,block_pages", GPU_SCORE_SHAPES)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_gpu_scores_equal_the_float64_formula_for_every_code_width(bits, D, P, group, dtype,
+                                                                   block_pages):
+    """The GPU kernel's scores against the float64 formula over the same stored bounds and codes
+    (`score_cases`) on every full page; the partly filled tail page scores 0."""
+    from vortex_hybrid.gpu_kernels.page_scoring import launch_page_scores
+    dev = device_of("gpu")
+    q, table, lens, cases = score_cases(bits, D, P, group, dtype)
+    for s in cases:
+        d = on(dev, dict(q=q, table=table, lens=lens, **s))
+        got = launch_page_scores(d["q"], d["kmax"], d["kmin"], d["table"], d["lens"], P, True,
+                                 block_pages, codes=d["codes"]).cpu().numpy()
+        want = lowbit_formula(q, s, table, lens, bits, P)
+        full = np.isfinite(want)
+        scale = float(np.abs(want[full]).max())
+        np.testing.assert_allclose(got[full], want[full], rtol=1e-5, atol=1e-5 * (scale + 1))
+        for b in range(len(lens)):
+            if int(lens[b]) % P:
+                assert (got[b, :, int(lens[b]) // P] == 0).all()
+
+
+def test_gpu_lowbit_launch_choices_fit_the_tensor_core_dots():
+    """Every page size gives dots of BLOCK_T rows, a power of two of at least 16 and the page's
+    tokens; GP columns a power of two of at least 16 and the group; one warp up to 64 rows."""
+    from vortex_hybrid.gpu_kernels.page_scoring import lowbit_config
+    for P in (*range(1, 40), 64, 65, 100, 128, 129, 200, 256):
+        for group in (1, 3, 4, 8, 16, 17):
+            cfg = lowbit_config(P, group)
+            t = cfg["BLOCK_T"]
+            assert t >= max(16, P) and t & (t - 1) == 0 and t < 2 * max(16, P)
+            assert cfg["GP"] >= max(16, group) and cfg["GP"] & (cfg["GP"] - 1) == 0
+            assert cfg["num_warps"] == (1 if t <= 64 else t // 64)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
