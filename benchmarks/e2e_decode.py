@@ -529,7 +529,7 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
                 host_pages=size * z.pages if host else None, device=dev, costs=costs))
         attn = parts[0]
         if n_parts > 1:
-            mb = MicroBatches(parts)
+            mb = MicroBatches(parts, overlap_back=args.overlap_back)
         rids, steps, first = [], [], 0
         for p, size in zip(parts, sizes):
             part = []
@@ -864,6 +864,10 @@ def parse(argv=None) -> argparse.Namespace:
                          "by a layer, one runtime of 1/N of the memory each, their CPU parts on "
                          "one worker, so the CPU attends one while the GPU runs another (1: off; "
                          "measured slower than one batch, docs/BENCHMARKS.md)")
+    ap.add_argument("--overlap-back", action="store_true",
+                    help="with --micro-batches: each part's fetches and GPU attention on a stream "
+                         "of its own, overlapping the other part's GPU work (MicroBatches "
+                         "overlap_back)")
     ap.add_argument("--fuse", choices=("on", "off"), default=None,
                     help="torch.compile the model's per-layer math (fused elementwise ops; the "
                          "same in every mode); default on with CUDA, off without")

@@ -291,13 +291,16 @@ def test_micro_batches_refuse_what_cannot_share_a_worker(placements, msg):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("overlap_back", [False, True])
 @pytest.mark.parametrize("placement", ["cpu", "hybrid/split", "offload"])
-def test_staggered_step_captured_in_one_cuda_graph_equals_ordinary_steps(placement):
+def test_staggered_step_captured_in_one_cuda_graph_equals_ordinary_steps(placement, overlap_back):
     """Both micro-batches' layers, staggered, captured in one CUDA graph (the two hand-offs inside
     it), replayed step after step with new inputs: each part's outputs and counters equal its
-    twin's ordinary steps (seed 13)."""
+    twin's ordinary steps (seed 13). overlap_back: each part's back parts (fetches, its own
+    attention) on a stream of its own inside the graph, joined at run_end."""
     parts, twins = build(placement)
-    mb = MicroBatches(parts)
+    mb = MicroBatches(parts, overlap_back=overlap_back)
+    assert all((p._back_stream is not None) == overlap_back for p in parts)
     gen = torch.Generator().manual_seed(13)
     rids = add(parts, twins, [(3, 40), (17, 30, 45)], gen)
     graphs = {}

@@ -205,6 +205,10 @@ class HybridAttention(Requests, Selection, ResidentStep, SplitStep, WholeStep):
         """This runtime's channel of the hand-off (several when runtimes share its worker)."""
         self._handoff_owned = True
         """Whether close() stops the hand-off (False: a `MicroBatches` owns it)."""
+        self._back_stream = None
+        """A CUDA stream for a captured whole step's back parts (fetch, the GPU's attention), so
+        work enqueued between run_begin and run_end overlaps them (set by `MicroBatches` with
+        overlap_back; None: they run on the caller's stream)."""
         self._step_done = None
         """A blocking CUDA event the driving thread sleeps on at a host placement's finish_step."""
         self._pinned = HostBuffers(pin=self.device.type == "cuda")

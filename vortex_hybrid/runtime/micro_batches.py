@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
 from .hybrid_attention import HybridAttention
 from .memory_model import HOST_PLACEMENTS
 
@@ -42,9 +44,12 @@ class MicroBatches:
 
     parts: two or more `HybridAttention` of one host placement, one device, the same model shape,
     none of which has run a whole step yet (its own hand-off would exist). The parts stay usable
-    one by one (plan, run, finish_step); `close()` closes them and the shared worker."""
+    one by one (plan, run, finish_step); `close()` closes them and the shared worker.
+    overlap_back (CUDA, captured steps): each part's back parts (fetches over PCIe, its own
+    attention) run on a stream of its own, forked after the front and joined in run_end, so the
+    other micro-batch's GPU work overlaps a part's fetches too, not only its CPU part."""
 
-    def __init__(self, parts: Sequence[HybridAttention]) -> None:
+    def __init__(self, parts: Sequence[HybridAttention], overlap_back: bool = False) -> None:
         parts = list(parts)
         if len(parts) < 2 or not all(isinstance(p, HybridAttention) for p in parts):
             raise ValueError(f"parts must be two or more HybridAttention runtimes, got "
@@ -68,6 +73,8 @@ class MicroBatches:
         self.handoff = first._new_handoff([p._whole_cpu_part for p in parts])
         for channel, p in enumerate(parts):
             p._whole_handoff, p._handoff_ch, p._handoff_owned = self.handoff, channel, False
+            if overlap_back and p.device.type == "cuda":
+                p._back_stream = torch.cuda.Stream(device=p.device)
         self.parts = parts
 
     def plan(self, rids: Sequence[Sequence[int]], fixed=None) -> tuple:

@@ -60,6 +60,9 @@ class PendingLayer:
     dtype: Optional[torch.dtype] = None
     need: Optional[torch.Tensor] = None
     """Head-pages of the layer's host part (a device scalar; host placements in whole steps)."""
+    joined: Optional[object] = None
+    """A CUDA event after the layer's back part when it ran on the runtime's back stream: the
+    caller's stream waits for it in run_end."""
 
 
 class WholeStep:
@@ -127,6 +130,8 @@ class WholeStep:
         counts as run (the step's device counter)."""
         static = step.static
         o, lse = pending.state
+        if pending.joined is not None:
+            torch.cuda.current_stream().wait_event(pending.joined)
         if lse is not None:
             o = self._split_whole_end(static, pending.layer, o, lse, pending.need)
         static.ran += 1
@@ -148,8 +153,18 @@ class WholeStep:
             io["o"] = static.pinned.get("o_cpu", (B, hq, D), torch.float32)
             io["lse"] = static.pinned.get("lse_cpu", (B, hq), torch.float32)
             self._whole_handoff.publish(layer, self._handoff_ch, need=host_n)
-        o, lse = self._back(s, layer, q, gsel, table, src, dst)
-        return PendingLayer(layer, out=None, state=(o, lse), need=host_n)
+        side = self._back_stream
+        if side is None or not torch.cuda.is_current_stream_capturing():
+            o, lse = self._back(s, layer, q, gsel, table, src, dst)
+            return PendingLayer(layer, out=None, state=(o, lse), need=host_n)
+        # captured only: forked from the caller's stream and joined in run_end, inside the graph
+        # (eager runs would need record_stream on every tensor crossing the streams)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            o, lse = self._back(s, layer, q, gsel, table, src, dst)
+            joined = torch.cuda.Event()
+            joined.record(side)
+        return PendingLayer(layer, out=None, state=(o, lse), need=host_n, joined=joined)
 
     def _split_whole_end(self, static, layer: int, o, lse, need=None) -> torch.Tensor:
         """Wait (bounded, on the device) for the CPU's state of `layer`, and merge it into the
