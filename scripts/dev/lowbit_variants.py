@@ -1,5 +1,8 @@
 """Development only: candidate GPU kernels for lowbit page scoring, each checked against a float64
-torch formula and timed (CUDA-graph medians) in one run. Not part of the package.
+torch formula (at B <= 2) or the shipped kernel and timed (CUDA-graph medians) beside the shipped
+kernel (`gpu_kernels.page_scoring`) in one run. Not part of the package. The candidates measured
+so far, and the one shipped, are in docs/BENCHMARKS.md ("lowbit's GPU indexer one page at a
+time"); their code is in this file's history (commit d635456).
 
     python3 scripts/dev/lowbit_variants.py [--smoke]
 """
@@ -17,121 +20,6 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from vortex_hybrid.packed_codes import pack_codes  # noqa: E402
-
-
-@triton.jit
-def _page_dot_kernel(q_ptr, hi_ptr, lo_ptr, cw_ptr, table_ptr, lens_ptr, scores_ptr, H,
-                     stride_qb, stride_qh, stride_sn, stride_sh, stride_cn, stride_ch, stride_tb,
-                     stride_ob, stride_oh, G: tl.constexpr, BITS: tl.constexpr, PS: tl.constexpr,
-                     W4: tl.constexpr, CHUNKS: tl.constexpr, GP: tl.constexpr, PPB: tl.constexpr,
-                     DOT: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
-    """One page at a time (M = PS token rows), PPB pages a program; per 32-channel chunk one int32
-    word per (token, bit plane); khat = code * step; dots [PS, GP] by tl.dot (DOT) or by FMA."""
-    LEVELS: tl.constexpr = 2 ** BITS - 1
-    row = tl.program_id(0)
-    b = row // H
-    h = row % H
-    seq_len = tl.load(lens_ptr + b)
-    n = tl.cdiv(seq_len, PS)
-    n_full = seq_len // PS
-    q_row = q_ptr + b.to(tl.int64) * stride_qb + (h * G) * stride_qh
-    table_row = table_ptr + b.to(tl.int64) * stride_tb
-    out = scores_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    t = tl.arange(0, PS)
-    i = tl.arange(0, 32)
-    jc = tl.arange(0, GP)
-    p0 = tl.program_id(1) * PPB
-    for pp in range(PPB):
-        p = p0 + pp
-        if p < n:
-            if p < n_full:
-                phys = tl.load(table_row + p).to(tl.int64)
-                tok = cw_ptr + phys * stride_cn + h * stride_ch + t * (BITS * W4)
-                acc = tl.zeros([PS, GP], tl.float32)
-                base = tl.zeros([GP], tl.float32)
-                for c in tl.static_range(CHUNKS):
-                    d = c * 32 + i
-                    srow = phys * stride_sn + h * stride_sh + d
-                    kmax = tl.load(hi_ptr + srow).to(tl.float32)
-                    kmin = tl.load(lo_ptr + srow).to(tl.float32)
-                    step = (kmax - kmin) / LEVELS
-                    code = tl.zeros([PS, 32], tl.int32)
-                    for bit in tl.static_range(BITS):
-                        w = tl.load(tok + bit * W4 + c)
-                        code += ((w[:, None] >> i[None, :]) & 1) << bit
-                    khat = code.to(tl.float32) * step[None, :]
-                    qc = tl.load(q_row + jc[None, :] * stride_qh + d[:, None],
-                                 mask=jc[None, :] < G, other=0.0).to(tl.float32)     # [32, GP]
-                    if LOWP:
-                        acc = tl.dot(khat.to(tl.bfloat16), qc.to(tl.bfloat16), acc)
-                    elif DOT:
-                        acc = tl.dot(khat, qc, acc, input_precision=PREC)
-                    else:
-                        for j in tl.static_range(G):
-                            col = tl.sum(khat * tl.sum(tl.where(jc[None, :] == j, qc, 0.0), 1)[None, :], 1)
-                            acc += tl.where(jc[None, :] == j, col[:, None], 0.0)
-                    base += tl.sum(qc * kmin[:, None], axis=0)
-                heads = tl.max(acc, axis=0) + base
-                tl.store(out + p, tl.max(tl.where(jc < G, heads, float("-inf")), axis=0))
-            else:
-                tl.store(out + p, 0.0)
-
-
-@triton.jit
-def _rows_kernel(q_ptr, hi_ptr, lo_ptr, cw_ptr, table_ptr, lens_ptr, scores_ptr, H,
-                 stride_qb, stride_qh, stride_sn, stride_sh, stride_cn, stride_ch, stride_tb,
-                 stride_ob, stride_oh, G: tl.constexpr, BITS: tl.constexpr, PS: tl.constexpr,
-                 W4: tl.constexpr, CHUNKS: tl.constexpr, GP: tl.constexpr, PP: tl.constexpr,
-                 ITERS: tl.constexpr, PREC: tl.constexpr):
-    """M = PP * PS (page, token) rows as one flat axis (no 3D tiles): per row its page's table
-    entry, words and step gathered (the step rows are L1 hits); acc [M, GP] by tl.dot; one reshape
-    at the end of each step for the max over tokens."""
-    LEVELS: tl.constexpr = 2 ** BITS - 1
-    M: tl.constexpr = PP * PS
-    row = tl.program_id(0)
-    b = row // H
-    h = row % H
-    seq_len = tl.load(lens_ptr + b)
-    n = tl.cdiv(seq_len, PS)
-    n_full = seq_len // PS
-    q_row = q_ptr + b.to(tl.int64) * stride_qb + (h * G) * stride_qh
-    table_row = table_ptr + b.to(tl.int64) * stride_tb
-    out = scores_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    r = tl.arange(0, M)
-    t = r % PS
-    i = tl.arange(0, 32)
-    jc = tl.arange(0, GP)
-    pl = tl.arange(0, PP)
-    for it in range(ITERS):
-        p_first = (tl.program_id(1) * ITERS + it) * PP
-        pr = p_first + r // PS
-        vr = pr < n_full
-        phys_r = tl.load(table_row + pr, mask=vr, other=0).to(tl.int64)
-        tok = cw_ptr + phys_r * stride_cn + h * stride_ch + t * (BITS * W4)
-        p_offs = p_first + pl
-        valid = p_offs < n_full
-        phys = tl.load(table_row + p_offs, mask=valid, other=0).to(tl.int64)
-        acc = tl.zeros([M, GP], tl.float32)
-        base = tl.zeros([PP, GP], tl.float32)
-        for c in tl.static_range(CHUNKS):
-            d = c * 32 + i
-            code = tl.zeros([M, 32], tl.int32)
-            for bit in tl.static_range(BITS):
-                w = tl.load(tok + bit * W4 + c, mask=vr, other=0)
-                code += ((w[:, None] >> i[None, :]) & 1) << bit
-            srow = phys_r[:, None] * stride_sn + h * stride_sh + d[None, :]
-            kmax = tl.load(hi_ptr + srow, mask=vr[:, None], other=0.0).to(tl.float32)
-            kmin_r = tl.load(lo_ptr + srow, mask=vr[:, None], other=0.0).to(tl.float32)
-            khat = code.to(tl.float32) * ((kmax - kmin_r) / LEVELS)
-            qc = tl.load(q_row + jc[None, :] * stride_qh + d[:, None],
-                         mask=jc[None, :] < G, other=0.0).to(tl.float32)             # [32, GP]
-            acc = tl.dot(khat, qc, acc, input_precision=PREC)
-            prow = phys[:, None] * stride_sn + h * stride_sh + d[None, :]
-            kmin = tl.load(lo_ptr + prow, mask=valid[:, None], other=0.0).to(tl.float32)
-            base += tl.dot(kmin, qc, input_precision=PREC)
-        dots = tl.max(tl.reshape(acc, [PP, PS, GP]), axis=1) + base
-        best = tl.max(tl.where(jc[None, :] < G, dots, float("-inf")), axis=1)
-        tl.store(out + p_offs, tl.where(valid, best, 0.0), mask=p_offs < n)
 
 
 @triton.jit
@@ -242,13 +130,7 @@ def launch(kind, q, hi, lo, codes, table, lens, ps, bits, **kw):
               hi.stride(1), cw.stride(0), cw.stride(1), table.stride(0), scores.stride(0),
               scores.stride(1))
     GP = max(16, triton.next_power_of_2(G))
-    if kind == "page":
-        ppb = kw.get("ppb", 32)
-        _page_dot_kernel[(B * hkv, triton.cdiv(mp, ppb))](
-            *common, G=G, BITS=bits, PS=ps, W4=W4, CHUNKS=D // 32, GP=GP, PPB=ppb,
-            DOT=kw.get("dot", True), PREC=kw.get("prec", "tf32x3"), LOWP=kw.get("lowp", False),
-            num_warps=kw.get("warps", 1))
-    elif kind == "trick":
+    if kind == "trick":
         npg, ppb = kw.get("np", 4), kw.get("ppb", 32)
         gp = triton.next_power_of_2(G) if npg > 1 else GP
         while npg * gp < 16:
@@ -256,11 +138,6 @@ def launch(kind, q, hi, lo, codes, table, lens, ps, bits, **kw):
         _trick_kernel[(B * hkv, triton.cdiv(mp, ppb))](
             *common, G=G, BITS=bits, PS=ps, W4=W4, CHUNKS=D // 32, GP=gp, NP=npg, PPB=ppb,
             INTERP=SMOKE, num_warps=kw.get("warps", 4))
-    else:
-        pp, iters = kw.get("pp", 8), kw.get("iters", 4)
-        _rows_kernel[(B * hkv, triton.cdiv(mp, pp * iters))](
-            *common, G=G, BITS=bits, PS=ps, W4=W4, CHUNKS=D // 32, GP=GP, PP=pp, ITERS=iters,
-            PREC=kw.get("prec", "tf32x3"), num_warps=kw.get("warps", 4))
     return scores
 
 
@@ -300,22 +177,10 @@ def main():
     hi = (lo.float() + torch.rand(R, hkv, 1, D, device=dev) * 2).to(torch.bfloat16)
     cu = torch.randint(0, 2 ** bits, (R, hkv, ps, D), dtype=torch.uint8, device=dev)
     codes = pack_codes(cu, bits).contiguous()
-    cases = [("page dot tf32x3 w1", "page", dict(dot=True, prec="tf32x3", warps=1)),
-             ("page dot tf32x3 w2", "page", dict(dot=True, prec="tf32x3", warps=2)),
-             ("page dot tf32 w1", "page", dict(dot=True, prec="tf32", warps=1)),
-             ("page dot bf16 w1 (inexact)", "page", dict(lowp=True, warps=1)),
-             ("page dot tf32x3 w1 ppb64", "page", dict(dot=True, prec="tf32x3", warps=1, ppb=64)),
-             ("page fma w1", "page", dict(dot=False, warps=1)),
-             ("page fma w2", "page", dict(dot=False, warps=2)),
-             ("trick 1 page w1", "trick", dict(np=1, warps=1)),
+    cases = [("trick 1 page w1", "trick", dict(np=1, warps=1)),
              ("trick 4 pages w2", "trick", dict(np=4, warps=2)),
              ("trick 4 pages w4", "trick", dict(np=4, warps=4)),
-             ("trick 8 pages w4", "trick", dict(np=8, warps=4)),
-             ("rows pp8 tf32x3 w4", "rows", dict(pp=8, iters=4, prec="tf32x3", warps=4)),
-             ("rows pp4 tf32x3 w2", "rows", dict(pp=4, iters=8, prec="tf32x3", warps=2)),
-             ("rows pp8 ieee w4", "rows", dict(pp=8, iters=4, prec="ieee", warps=4))]
-    if SMOKE:
-        cases = [c for c in cases if "trick" in c[0] or "tf32x3 w1" == c[0][-9:]]
+             ("trick 8 pages w4", "trick", dict(np=8, warps=4))]
     want = formula(q, hi, lo, cu, table, lens, ps, bits) if (SMOKE or B <= 2) else None
     old = None
     if not SMOKE:
@@ -324,10 +189,10 @@ def main():
         t_old = triton.testing.do_bench_cudagraph(
             lambda: launch_page_scores(q, hi, lo, table, lens, ps, False, codes=codes), rep=100,
             return_mode="median")
-        print(f"main kernel: {t_old * 1e3:9.1f} us  (B={B} ctx={ctx})", flush=True)
+        print(f"shipped kernel: {t_old * 1e3:9.1f} us  (B={B} ctx={ctx})", flush=True)
         if want is not None:
             err = (old.double().cpu() - want).abs().max().item()
-            print(f"  main vs float64 max abs err {err:.3g}")
+            print(f"  shipped vs float64 max abs err {err:.3g}")
     byts = B * pages * hkv * (ps * bits * D // 8 + 2 * D * 2)
     for name, kind, kw in cases:
         try:
