@@ -285,3 +285,28 @@ def test_a_layer_with_another_scaling_is_refused():
     a = world.new_row()
     with pytest.raises(ConfigError, match=r"layer 0: scaling 0.5 is not head_dim \*\* -0.5"):
         world.step([a], [4])
+
+
+def test_prefill_times_log_one_line_per_extend_batch_and_change_no_output(monkeypatch, caplog):
+    """VORTEX_HYBRID_PREFILL_TIMES=1: each extend batch logs one line with its phases (staging,
+    the model's forward, the sync into the runtime) and its size; decode batches log none; the
+    outputs still equal SGLang's torch-native backend (seed 1200)."""
+    from vortex_hybrid.integrations.sglang.backend import PREFILL_TIMES_ENV
+    monkeypatch.setenv(PREFILL_TIMES_ENV, "1")
+    world = World(cfg_for("hybrid"), 1200)
+    a, b = world.new_row(), world.new_row()
+    with caplog.at_level("INFO", logger="vortex_hybrid.integrations.sglang.backend"):
+        for rows, new, mode in (([a, b], [13, 6], ForwardMode.EXTEND),
+                                ([a, b], [1, 1], ForwardMode.DECODE),
+                                ([b], [7], ForwardMode.EXTEND)):
+            _, want, got = world.step(rows, new, mode)
+            for layer in range(L):
+                torch.testing.assert_close(got[layer], want[layer], rtol=1e-5, atol=1e-5)
+    lines = [r.getMessage() for r in caplog.records if "prefill batch" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("vortex_hybrid prefill batch: 2 rows, 19 new tokens, 0 read back")
+    assert lines[1].startswith("vortex_hybrid prefill batch: 1 rows, 7 new tokens"), lines[1]
+    for line in lines:
+        assert all(f"{phase} " in line and " ms" in line
+                   for phase in ("staging", "model", "sync into the runtime")), line
+    world.ours.runtime.close()

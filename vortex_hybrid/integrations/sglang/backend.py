@@ -36,6 +36,7 @@ import copy
 import logging
 import math
 import os
+import time
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -79,6 +80,27 @@ def pool_sizes(cfg: HybridConfig, tokens: int, requests: int) -> dict:
 PREFILL_ENV = "VORTEX_HYBRID_SGLANG_PREFILL"
 """Overrides the prefill backend: `triton` or `torch_native` (default: SGLang's `triton` backend on
 CUDA, the one SGLang itself defaults to there, `torch_native` elsewhere)."""
+
+PREFILL_TIMES_ENV = "VORTEX_HYBRID_PREFILL_TIMES"
+"""Set to 1: log each extend batch's phases (staging, the model's forward, the sync into the
+runtime), each timed after a device synchronisation (so the prefill runs slower while it is on)."""
+
+
+class _PrefillTimes:
+    """Wall times of one extend batch's phases, each phase ended by a device synchronisation."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.marks, self.read_back = device, [], 0
+
+    def mark(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.marks.append((name, time.perf_counter()))
+
+    def line(self, rows: int, new_tokens: int) -> str:
+        parts = [f"{b[0]} {1e3 * (b[1] - a[1]):.1f} ms" for a, b in zip(self.marks, self.marks[1:])]
+        return (f"vortex_hybrid prefill batch: {rows} rows, {new_tokens} new tokens, "
+                f"{self.read_back} read back from the runtime: " + ", ".join(parts))
 
 
 def _prefill_backend(model_runner, device: torch.device):
@@ -138,6 +160,7 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
         self.requests = RequestMap(self.runtime)
         self._checked: set[int] = set()
         self._extend_batch = None              # the extend batch as the dense backend sees it
+        self._times = None                     # an extend batch's phase times (PREFILL_TIMES_ENV)
         self._decode_live = None               # decode: batch positions the runtime serves
         self.device_row_reads = 0              # batches whose rows were read from the device
         self._init_graphs()
@@ -199,7 +222,12 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
         self._end_graph_step()
         self.requests.drop_freed()
         if mode.is_extend():
+            if os.environ.get(PREFILL_TIMES_ENV) == "1":
+                self._times = _PrefillTimes(self.device)
+                self._times.mark("start")
             batch = forward_batch if self.staging is None else self._stage(forward_batch)
+            if self._times is not None:
+                self._times.mark("staging")
             self._extend_batch = batch
             self.dense.init_forward_metadata(batch)
         elif mode.is_decode():
@@ -255,6 +283,8 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
                 continue
             k, v = self.runtime.kv.read_tokens(rid, 0, start, staging.pool.k_buffer[0].device)
             staging.write(staging.slots(row, 0, start), k, v)
+            if self._times is not None:
+                self._times.read_back += start
         batch = copy.copy(forward_batch)
         batch.out_cache_loc = new.to(forward_batch.out_cache_loc.device)
         batch.req_to_token_pool = staging.req_to_token_pool
@@ -306,8 +336,16 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
         batch = self._extend_batch if self._extend_batch is not None else forward_batch
         o = self.dense.forward_extend(q, k, v, layer, batch, save_kv_cache)
         if layer.layer_id == self.num_layers - 1:
+            times, self._times = self._times, None
+            if times is not None:
+                times.mark("model")
             self._sync_extend(forward_batch)
             self._extend_batch = None
+            if times is not None:
+                times.mark("sync into the runtime")
+                lens = getattr(forward_batch, "extend_seq_lens_cpu", None)
+                new = sum(lens) if lens is not None else int(forward_batch.extend_seq_lens.sum())
+                log.info(times.line(int(forward_batch.batch_size), int(new)))
         return o
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
