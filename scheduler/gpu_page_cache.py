@@ -289,6 +289,54 @@ class GpuPageCache:
         self.held[layer, rows[0]] += m
         return got, slots
 
+    def admit_layers(self, rid: int, pages: range) -> tuple[list[int], torch.Tensor]:
+        """`admit(rid, layer, pages)` for every layer at once (the same slots, state and version
+        as those calls one layer after another), `pages` given as a host range of logical pages:
+        one synchronisation (the free slots of every layer, counted together), not two a layer,
+        and the state written by one op per tensor. Returns (m, slots): per layer how many pages
+        it admitted (its last m[layer] pages), and slots int64 [L, max(m), heads] whose first
+        m[layer] rows are that layer's (the rest is not meaningful). Between steps only."""
+        L, S, h, n = self.num_layers, self.num_slots, self.heads, len(pages)
+        if n == 0 or S == 0 or pages.step != 1:
+            if n == 0 or S == 0:
+                return [0] * L, torch.zeros(L, 0, h, dtype=torch.int64, device=self.device)
+            raise ValueError(f"pages must be consecutive, got {pages}")
+        dev = self.device
+        free = self.owner[:, :S, 0] < 0                                          # [L, S]
+        counts = free.sum(1).tolist()                                           # the one sync
+        m = [min(n, c // h) for c in counts]
+        M = max(m)
+        if M == 0:
+            return m, torch.zeros(L, 0, h, dtype=torch.int64, device=dev)
+        self.version += sum(1 for x in m if x)                  # as one admit() call a layer
+        self.reserve(pages[-1] + 1)
+        r = self.index_of(rid)
+        # each layer's first free slots in ascending order (what `nonzero` lists first): the
+        # largest of S - slot over the free ones
+        rank = free.to(torch.int32) * (S - torch.arange(S, dtype=torch.int32, device=dev))
+        slots = torch.topk(rank, M * h, dim=1).indices.view(L, M, h)             # [L, M, h]
+        j = torch.arange(M, device=dev)
+        m_t = to_device(torch.as_tensor(m, dtype=torch.int64), dev)
+        page = (pages.start + n - m_t)[:, None] + j[None, :]                    # [L, M]
+        rows = (r * h + torch.arange(h, device=dev))[None, None, :].expand(L, M, h)
+        layer = torch.arange(L, device=dev)[:, None, None].expand(L, M, h)
+        page = page[:, :, None].expand(L, M, h)
+        if min(m) == M:                                         # every layer admits M pages
+            self.slot_of[layer, rows, page] = slots.to(torch.int32)
+            self.owner[layer, slots, 0] = rows.to(torch.int32)
+            self.owner[layer, slots, 1] = page.to(torch.int32)
+            self.stamp[layer, slots] = self.now
+        else:       # masked entries write -1 into the spare column / spare slot S (stay -1)
+            valid = (j[None, :] < m_t[:, None])[:, :, None].expand(L, M, h)
+            at = torch.where(valid, slots, S)
+            self.slot_of[layer, rows, torch.where(valid, page, self.max_pages)] = \
+                torch.where(valid, slots, -1).to(torch.int32)
+            self.owner[layer, at, 0] = torch.where(valid, rows, -1).to(torch.int32)
+            self.owner[layer, at, 1] = torch.where(valid, page, -1).to(torch.int32)
+            self.stamp[layer, at] = torch.where(valid, self.now, -1)
+        self.held[:, r * h:(r + 1) * h] += m_t.to(torch.int32)[:, None]
+        return m, slots
+
     def admit_all(self, rows: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
         """Take free slots, in every layer, for head-pages (row `rows[i]`, logical page
         `pages[i]`; int64 [m] on the device, distinct, rows given out by `rows`) that a decode

@@ -450,3 +450,30 @@ def test_coverage_knowledge_extends_only_pages_that_join_what_it_knew():
     cache.version += 1
     assert not known.admitted(cache, before, 4, {1: (6, 8)})        # 4 > 2 free slots
     assert not Coverage(0, 99, {}).admitted(cache, cache.version - 1, 0, {})  # unseen change
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_admit_layers_is_admit_layer_by_layer(seed):
+    """`admit_layers` (one sync for every layer) leaves the state, version and slots exactly as
+    `admit` called layer after layer, also where the layers have different free slots."""
+    gen = torch.Generator().manual_seed(seed)
+    L, S, h = 3, 24, 2
+    caches = [GpuPageCache(L, S, DEVICE, heads=h, max_requests=2, max_pages=4) for _ in "ab"]
+    for cache in caches:                      # the same history: other requests' slots per layer
+        g = torch.Generator().manual_seed(seed)
+        for layer in range(L):
+            n = int(torch.randint(0, 8, (1,), generator=g))
+            cache.admit(7, layer, torch.arange(n, dtype=torch.int64, device=DEVICE))
+    first = int(torch.randint(0, 5, (1,), generator=gen))
+    n = int(torch.randint(0, 12, (1,), generator=gen))
+    a, b = caches
+    want = [a.admit(3, layer, torch.arange(first, first + n, dtype=torch.int64, device=DEVICE))
+            for layer in range(L)]
+    m, slots = b.admit_layers(3, range(first, first + n))
+    assert m == [got.numel() for got, _ in want]
+    for layer, (got, s) in enumerate(want):
+        assert torch.equal(slots[layer, :m[layer]], s)
+    assert a.version == b.version
+    for x, y in zip(a._state(), b._state()):
+        assert torch.equal(x, y)
+    assert a._index == b._index

@@ -43,6 +43,11 @@ PageFilledListener = Callable[[int, int, list[int], list[int]], None]
 page whose last token that write stored (a prefill chunk fills many at once, a decode token at most
 one)."""
 
+PagesFilledAllLayers = Callable[[int, range, list[int], list[int]], None]
+"""`fn(request_id, layers, logical_pages, device_pages)`: the same for a write of several layers at
+once (`append`), called once for all of them; a listener registered without one is called per
+layer instead."""
+
 RequestFreedListener = Callable[[int], None]
 """`fn(request_id)`: called when a request is freed, before its id is forgotten."""
 
@@ -70,6 +75,17 @@ class _Request:
     host_pages: list[int] = field(default_factory=list)     # logical -> host page or -1
     rows: dict = field(default_factory=dict)                # "device"/"host" -> int32 tensor row,
                                                             # dropped whenever a page list changes
+
+
+@dataclass(frozen=True)
+class _Positions:
+    """Where a write's tokens go (`PagedKVCache._positions`): device pages and slots per token
+    (device int64 [n]), and the logical pages it fills with their device pages."""
+
+    pages: torch.Tensor
+    slots: torch.Tensor
+    filled: list[int]
+    device_pages: list[int]
 
 
 def padded_table(rows: Sequence[torch.Tensor], max_pages: Optional[int] = None) -> torch.Tensor:
@@ -115,7 +131,7 @@ class PagedKVCache:
         self.host_alloc = PageAllocator(host_pages, "host pool")
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count()
-        self._listeners: list[PageFilledListener] = []
+        self._listeners: list[tuple[PageFilledListener, Optional[PagesFilledAllLayers]]] = []
         self._freed_listeners: list[RequestFreedListener] = []
         self._truncated_listeners: list[TruncatedListener] = []
 
@@ -178,10 +194,13 @@ class PagedKVCache:
         del self._requests[rid]
 
     # ---- writing ----------------------------------------------------------------------------
-    def add_page_filled_listener(self, fn: PageFilledListener) -> None:
+    def add_page_filled_listener(self, fn: PageFilledListener,
+                                 all_layers: Optional[PagesFilledAllLayers] = None) -> None:
         """Call `fn(rid, layer, logical_pages, device_pages)` after each write of a layer that filled
-        pages (a `SummaryStore` computes their summaries there)."""
-        self._listeners.append(fn)
+        pages (a `SummaryStore` computes their summaries there). With `all_layers`, a write of
+        every layer at once (`append`) calls `all_layers(rid, range(num_layers), logical_pages,
+        device_pages)` once instead of `fn` per layer."""
+        self._listeners.append((fn, all_layers))
 
     def add_request_freed_listener(self, fn: RequestFreedListener) -> None:
         """Call `fn(rid)` when a request is freed (a `SummaryStore` frees its rows there)."""
@@ -269,12 +288,15 @@ class PagedKVCache:
                 r.host_pages[p] = NOT_RESIDENT
                 r.rows.clear()
 
-    def write(self, rid: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, rid: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, *,
+              _at: Optional["_Positions"] = None) -> None:
         """Write `k`, `v` `[T, num_kv_heads, head_dim]` of one layer at positions `[start, start+T)`.
 
         The positions must have been reserved by `extend` and their pages must be on the device.
+        (`_at`: `append`'s positions, found once for every layer; the listeners are then told by
+        `append`, once the last layer is written.)
         """
-        r = self._req(rid)
+        self._req(rid)
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer={layer} outside 0..{self.num_layers - 1}")
         shape = (self.num_kv_heads, self.head_dim)
@@ -284,12 +306,26 @@ class PagedKVCache:
                                  f"{shape[1]}]")
         if k.shape[0] != v.shape[0]:
             raise ValueError(f"k has {k.shape[0]} tokens but v has {v.shape[0]}")
-        n = k.shape[0]
+        at = self._positions(rid, start, k.shape[0]) if _at is None else _at
+        if at is None:
+            return
+        pool = self.device_pool
+        pool.k[layer, at.pages, :, at.slots] = k.to(device=self.device, dtype=self.dtype)
+        pool.v[layer, at.pages, :, at.slots] = v.to(device=self.device, dtype=self.dtype)
+        if _at is None:
+            self._filled(rid, range(layer, layer + 1), at)
+
+    def _positions(self, rid: int, start: int, n: int) -> Optional["_Positions"]:
+        """Where tokens [start, start + n) of a request go in the device pool (checked: reserved,
+        on the device, owned), or None for n == 0: the pages and slots as device tensors, made
+        with one small host -> device copy of the pages they touch (not of the request's whole
+        page list), and the pages the tokens fill."""
+        r = self._req(rid)
         if start < 0 or start + n > r.seq_len:
             raise ValueError(f"request {rid}: positions [{start}, {start + n}) are outside the "
                              f"reserved [0, {r.seq_len}); call extend first")
         if n == 0:
-            return
+            return None
         ps = self.page_size
         first, last = start // ps, (start + n - 1) // ps
         dev = r.device_pages[first:last + 1]
@@ -297,22 +333,30 @@ class PagedKVCache:
             raise KVCacheError(f"request {rid}: a page of positions [{start}, {start + n}) is not "
                                f"on the device (offloaded pages are read-only)")
         self.device_alloc.check_owned(rid, dev)
-        pos = torch.arange(start, start + n, device=self.device)
-        pages = torch.as_tensor(r.device_pages, device=self.device)[pos // ps]
-        slots = pos % ps
-        pool = self.device_pool
-        pool.k[layer, pages, :, slots] = k.to(device=self.device, dtype=self.dtype)
-        pool.v[layer, pages, :, slots] = v.to(device=self.device, dtype=self.dtype)
+        off = start - first * ps
+        pos = torch.arange(off, off + n, device=self.device)
+        pages = to_device(torch.as_tensor(dev, dtype=torch.int64), self.device)[pos // ps]
         filled = [p for p in range(first, last + 1) if start <= (p + 1) * ps - 1 < start + n]
-        if filled:
-            dev_pages = [r.device_pages[p] for p in filled]
-            for fn in self._listeners:
-                fn(rid, layer, filled, dev_pages)
+        return _Positions(pages, pos % ps, filled, [r.device_pages[p] for p in filled])
+
+    def _filled(self, rid: int, layers: range, at: "_Positions") -> None:
+        """Tell the page-filled listeners that `layers` were written at `at`: per layer, or once
+        for every layer through a listener's `all_layers`."""
+        if not at.filled:
+            return
+        whole = len(layers) == self.num_layers
+        for fn, all_layers in self._listeners:
+            if whole and all_layers is not None:
+                all_layers(rid, layers, at.filled, at.device_pages)
+            else:
+                for layer in layers:
+                    fn(rid, layer, at.filled, at.device_pages)
 
     def append(self, rid: int, k: torch.Tensor, v: torch.Tensor) -> int:
         """Append tokens of every layer: `k`, `v` `[num_layers, T, num_kv_heads, head_dim]`.
 
-        A prefill chunk or one decode token; returns the first new position.
+        A prefill chunk or one decode token; returns the first new position. The positions are
+        found once for every layer; the page-filled listeners are told after the last layer.
         """
         expect = (self.num_layers, self.num_kv_heads, self.head_dim)
         for name, t in (("k", k), ("v", v)):
@@ -322,8 +366,12 @@ class PagedKVCache:
         if k.shape != v.shape:
             raise ValueError(f"k shape {tuple(k.shape)} differs from v shape {tuple(v.shape)}")
         start = self.extend(rid, k.shape[1])
+        at = self._positions(rid, start, k.shape[1])
+        if at is None:
+            return start
         for layer in range(self.num_layers):
-            self.write(rid, layer, start, k[layer], v[layer])
+            self.write(rid, layer, start, k[layer], v[layer], _at=at)
+        self._filled(rid, range(self.num_layers), at)
         return start
 
     # ---- moving pages -----------------------------------------------------------------------
@@ -411,19 +459,28 @@ class PagedKVCache:
             raise ValueError(f"layers [{first_layer}, {end_layer}) outside 0..{self.num_layers}")
         device = self.device if device is None else torch.device(device)
         pages = slice(None) if pages is None else pages
-        dev = torch.as_tensor(r.device_pages[pages], dtype=torch.int64)
-        host = torch.as_tensor(r.host_pages[pages], dtype=torch.int64)
-        shape = (end_layer - first_layer, dev.numel(), self.num_kv_heads, self.page_size,
+        dev, host = r.device_pages[pages], r.host_pages[pages]
+        shape = (end_layer - first_layer, len(dev), self.num_kv_heads, self.page_size,
                  self.head_dim)
         out = tuple(torch.empty(shape, dtype=self.dtype, device=device) for _ in range(2))
-        on_dev = dev != NOT_RESIDENT
-        for pool, where_, on in ((self.device_pool, dev, on_dev), (self.host_pool, host, ~on_dev)):
-            at = on.nonzero().flatten()
-            if at.numel() == 0:
+        on_dev = [i for i, d in enumerate(dev) if d != NOT_RESIDENT]     # host lists: no sync
+        on_host = [i for i, d in enumerate(dev) if d == NOT_RESIDENT]
+        for pool, where_, at in ((self.device_pool, dev, on_dev), (self.host_pool, host, on_host)):
+            if not at:
                 continue
-            src = where_[at].to(pool.k.device)
+            src = torch.as_tensor([where_[i] for i in at], dtype=torch.int64)
+            at_t = to_device(torch.as_tensor(at, dtype=torch.int64), device)
+            if device.type == "cuda" and pool.device.type == "cpu" and pool.pinned:
+                # the GPU reads the pinned pages itself, K and V of every layer in one launch:
+                # no gather on the CPU and no pageable copy (as `PagePool.copy_pages_from`)
+                from vortex_hybrid.gpu_kernels.gather_pages import launch_gather_pages
+
+                launch_gather_pages(pool.k[first_layer:end_layer], pool.v[first_layer:end_layer],
+                                    to_device(src, device), out[0], out[1], at_t)
+                continue
+            src = to_device(src, pool.k.device)
             for o, t in zip(out, (pool.k, pool.v)):
-                o[:, at.to(device)] = t[first_layer:end_layer].index_select(1, src).to(device)
+                o[:, at_t] = t[first_layer:end_layer].index_select(1, src).to(device)
         return out
 
     def read_tokens(self, rid: int, start: int = 0, end: Optional[int] = None,

@@ -166,11 +166,18 @@ class Requests:
                                  f"{tuple(getattr(t, 'shape', ()))}")
         if k.shape != v.shape:
             raise ValueError(f"k shape {tuple(k.shape)} differs from v shape {tuple(v.shape)}")
+        if not k.numel():
+            return
+        # amin / amax are reductions (no prompt-sized mask) that carry NaN and inf: one sync per
+        # prefill for k and v together, never per decode step; the mask is built only to name a
+        # bad value
+        # (float32 ends, on k's device: a value out of float32's range shows as inf here and is
+        # judged by the exact check per tensor below)
+        ends = torch.stack([t.float().to(k.device) for t in (k.amin(), k.amax(), v.amin(),
+                                                             v.amax())])
+        if bool(torch.isfinite(ends).all()):
+            return
         for name, t in (("k", k), ("v", v)):
-            if not t.numel():
-                continue
-            # amin / amax are reductions (no prompt-sized mask) that carry NaN and inf: one sync
-            # per prefill, never per decode step; the mask is built only to name a bad value
             if bool(torch.isfinite(torch.stack([t.amin(), t.amax()])).all()):
                 continue
             layer, pos, head, _ = (int(i) for i in (~torch.isfinite(t)).nonzero()[0])
@@ -209,15 +216,25 @@ class Requests:
         first, last = -(-start // P), self._offloaded.get(rid, 0)   # pages wholly in this prefill
         if last <= first:
             return
-        pages = torch.arange(first, last, dtype=torch.int64, device=self.device)
-        pool = self.kv.device_pool
-        for layer in range(self.num_layers):
-            got, slots = cache.admit(rid, layer, pages)
-            m = got.numel()
+        ms, slots = cache.admit_layers(rid, range(first, last))     # one sync, every layer
+        M = max(ms)
+        if M == 0:
+            return
+        pool, L, D = self.kv.device_pool, self.num_layers, self.head_dim
+        if min(ms) == M:            # every layer took its last M pages: one copy each for K, V
+            lo = (last - M) * P - start                     # the admitted pages' first token
+            dst = self._slot_heads[slots]                   # [L, M, H] head-pages
+            layer = torch.arange(L, device=self.device)[:, None, None]
+            for src, kv_pool in ((k, pool.k), (v, pool.v)):
+                part = src[:, lo:lo + M * P].to(self.device)              # [L, M x P, H, D]
+                heads = part.view(L, M, P, H, D).transpose(2, 3)           # [L, M, H, P, D]
+                kv_pool.view(L, -1, P, D)[layer, dst] = heads.to(kv_pool.dtype)
+            return
+        for layer, m in enumerate(ms):
             if m == 0:
                 continue
             lo = (last - m) * P - start                     # the admitted pages' first token
-            dst = self._slot_heads[slots.flatten()]          # head-pages, page-major
+            dst = self._slot_heads[slots[layer, :m].flatten()]           # head-pages, page-major
             for src, kv_pool in ((k, pool.k), (v, pool.v)):
                 part = src[layer, lo:lo + m * P].to(self.device)         # [m x P, H, D]
                 heads = part.view(m, P, H, -1).transpose(1, 2).reshape(m * H, P, -1)

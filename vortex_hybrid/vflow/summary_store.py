@@ -110,7 +110,7 @@ class SummaryStore:
         self._rows: dict[int, list[int]] = {}
         self._row_tensors: dict[int, torch.Tensor] = {}      # request -> int32 rows, cached
         self._done: dict[int, int] = {}                       # request -> pages 0..n-1 have rows
-        kv.add_page_filled_listener(self.on_pages_filled)
+        kv.add_page_filled_listener(self.on_pages_filled, all_layers=self.on_pages_filled_layers)
         kv.add_request_freed_listener(self.free_request)
         kv.add_truncated_listener(self.truncate_request)
         for rid in kv.request_ids:
@@ -200,6 +200,19 @@ class SummaryStore:
             return
         rows = self._assign(rid, pages)
         self.compute_rows(layer, self.kv.device_pool.k[layer], device_pages, rows)
+
+    def on_pages_filled_layers(self, rid: int, layers: range, pages: list[int],
+                               device_pages: list[int]) -> None:
+        """Page-filled listener of a write of every layer at once (`PagedKVCache.append`): the
+        rows assigned and the page and row indices made device tensors once, not per layer."""
+        if not self._tensors:
+            return
+        rows = self._assign(rid, pages)
+        pool = self.kv.device_pool.k
+        pages_t = to_device(torch.as_tensor(device_pages, dtype=torch.int64), pool.device)
+        rows_t = to_device(torch.as_tensor(rows, dtype=torch.int64), self.device)
+        for layer in layers:                # one launch a layer, the indices copied once
+            self.compute_rows(layer, pool[layer], pages_t, rows_t)
 
     def summarize(self, rid: int, pages: Optional[Sequence[int]] = None) -> None:
         """Bulk path (prefill written elsewhere, a store attached late): summarise the full `pages`
