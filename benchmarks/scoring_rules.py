@@ -50,6 +50,10 @@ from vortex_hybrid.profile import capture
 
 P, SINK, RECENT = 16, 1, 2
 NEEDLE_MASS = 0.1
+LOWBIT = "lowbit (bits=2, gqa=max)"
+TWO_STAGE = [("quest", 4), ("quest", 8), ("quest gqa=max", 4), ("quest gqa=max", 8)]
+"""Two-stage rules: the first rule's best c x (the budget's free pages) candidates, re-ranked by
+lowbit (what a lowbit indexer that scores only those pages would select)."""
 PROBE_HEAD = (7, 2)
 """(layer, KV head) counted separately (`L7H2`)."""
 
@@ -168,17 +172,33 @@ def measure(tr: dict, ratios: list[float], stats: dict) -> None:
         forced = (idx[None] < SINK) | (idx[None] >= n[:, None] - RECENT)
         cand = (idx[None] < n[:, None]) & ~forced                              # [m, S]
         retrieval = mass[:, :, npg].sum(-1) >= NEEDLE_MASS                     # [m, H]
+        ranks = {}
         for name, s in scores.items():
             s = torch.where(cand[:, None], s.float(), torch.full_like(s.float(), -math.inf))
             order = torch.sort(s, dim=-1, descending=True, stable=True).indices
-            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(S).expand_as(order))
-            worst = rank[:, :, npg].amax(-1)                                   # [m, H]
+            ranks[name] = torch.empty_like(order).scatter_(-1, order,
+                                                           torch.arange(S).expand_as(order))
+        for first, c in TWO_STAGE:                      # per budget: first's top c x free pages
+            for r in ratios:                            # re-ranked by lowbit
+                free = (torch.ceil(r * n.double() - 1e-9).long().clamp(min=SINK + RECENT)
+                        - SINK - RECENT)[:, None, None]
+                keep = (ranks[first] < c * free) & cand[:, None]
+                s = torch.where(keep, scores[LOWBIT].float(), -math.inf)
+                order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+                ranks[(f"{first} top {c}x budget, then lowbit", r)] = torch.empty_like(
+                    order).scatter_(-1, order, torch.arange(S).expand_as(order))
+        for name, rank_of in ranks.items():
+            if isinstance(name, tuple) and name[1] != ratios[0]:
+                continue                                # a two-stage rule: one entry a ratio
             for r in ratios:
+                rank = rank_of if not isinstance(name, tuple) else ranks[(name[0], r)]
+                worst = rank[:, :, npg].amax(-1)                               # [m, H]
                 free = (torch.ceil(r * n.double() - 1e-9).long().clamp(min=SINK + RECENT)
                         - SINK - RECENT)[:, None]
                 hit = worst < free
                 sel = ((rank < free[..., None]) & cand[:, None]) | forced[:, None]
-                st = stats.setdefault(name, {}).setdefault(r, dict(
+                key = name[0] if isinstance(name, tuple) else name
+                st = stats.setdefault(key, {}).setdefault(r, dict(
                     hit=0, triples=0, recall=0.0, n=0, probe_hit=0, probe_triples=0, clean=0,
                     prompts=0, ranks=[]))
                 st["hit"] += int(hit[retrieval].sum())
@@ -191,7 +211,7 @@ def measure(tr: dict, ratios: list[float], stats: dict) -> None:
                     st["probe_triples"] += int(w.sum())
                 if r == ratios[0]:
                     st["ranks"] += worst[retrieval].tolist()
-                lost[(name, r)] = lost.get((name, r), 0) + int((retrieval & ~hit).sum())
+                lost[(key, r)] = lost.get((key, r), 0) + int((retrieval & ~hit).sum())
     for (name, r), count in lost.items():
         stats[name][r]["clean"] += int(count == 0)
         stats[name][r]["prompts"] += 1

@@ -48,11 +48,17 @@ def test_full_budget_gpu_and_hybrid_decode_the_same_tokens_and_logits_as_dense(t
 def test_micro_batches_decode_the_tokens_of_one_batch(tmp_path, locality):
     """--micro-batches 2 (two runtimes, the step staggered by a layer, one CPU worker) decodes
     token for token what one runtime decodes for the whole batch (at 50%: selections differ per
-    row), and in `cpu` reads the same host bytes (hybrid's two half caches split differently)."""
+    row), with --overlap-back too, and in `cpu` reads the same host bytes (hybrid's two half
+    caches split differently)."""
     common = ["--smoke", "--modes", "hybrid,cpu", "--batch", "3", "--steps", "3",
               "--locality", locality, "--budget", "0.5"]      # selections with choices per row
     one = load().main(common + ["--out", str(tmp_path / "one")])
     two = load().main(common + ["--micro-batches", "2", "--out", str(tmp_path / "two")])
+    over = load().main(common + ["--micro-batches", "2", "--overlap-back",     # CUDA: the back
+                                 "--out", str(tmp_path / "over")])            # parts on streams
+    assert over["args"]["overlap_back"] and not two["args"]["overlap_back"]
+    for a, b in zip(one["modes"], over["modes"]):
+        assert b["tokens"] == a["tokens"], b["mode"]
     for a, b in zip(one["modes"], two["modes"]):
         assert b["micro_batches"] == [2, 1] and a["micro_batches"] == [3], b["mode"]
         assert b["tokens"] == a["tokens"], b["mode"]
