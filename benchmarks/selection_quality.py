@@ -82,7 +82,7 @@ def variants(groups: list[str], flows: list[str]) -> list[Variant]:
     if "page" in groups:
         out += [Variant(f, page_size=p) for p in (8, 32) for f in (MASS, "quest", "centroid")]
     if "summary" in groups:              # summaries stored smaller (HybridConfig.summary_dtype)
-        out += [Variant(f, summary_dtype=t) for t in SUMMARY_DTYPES for f in ("quest", "centroid")]
+        out += [Variant(f, summary_dtype=t) for t in SUMMARY_DTYPES for f in ("quest", "centroid", "lowbit")]
     if "recent" in groups:
         out += [Variant(f, recent=r) for r in (1, 4, 8) for f in (MASS, "quest", "centroid")]
     seen: set = set()
