@@ -32,7 +32,6 @@ def make(placement: str, **kw) -> HybridAttention:
     placement, _, shape = placement.partition("/")
     if shape:
         kw["step_shape"] = shape
-    kw.setdefault("summary_dtype", "float32")       # the float64 reference's selection
     cfg = HybridConfig(page_size=P, flow="quest", budget_ratio=0.4, sink_pages=1, recent_pages=2,
                        placement=placement, kv_dtype="float32", cache_prefill=False,
                        gpu_cache_pages=3 if placement in ("offload", "hybrid") else 256, **kw)

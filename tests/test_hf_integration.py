@@ -33,7 +33,6 @@ def tiny_llama(impl: str, seed: int):
 def config(placement: str, budget: int = 64) -> HybridConfig:
     return HybridConfig(page_size=P, flow="quest", budget_pages=budget, budget_ratio=None,
                         sink_pages=1, recent_pages=2, placement=placement, kv_dtype="float32",
-                        summary_dtype="float32",        # the float64 reference's selection
                         gpu_cache_pages=8 if placement in ("offload", "hybrid") else 256)
 
 
