@@ -196,15 +196,12 @@ class SummaryStore:
 
     def on_pages_filled(self, rid: int, layer: int, pages: list[int], device_pages: list[int]) -> None:
         """Page-filled listener: summarise `pages` of `layer` from the device pool."""
-        if not self._tensors:
-            return
-        rows = self._assign(rid, pages)
-        self.compute_rows(layer, self.kv.device_pool.k[layer], device_pages, rows)
+        self.on_pages_filled_layers(rid, range(layer, layer + 1), pages, device_pages)
 
     def on_pages_filled_layers(self, rid: int, layers: range, pages: list[int],
                                device_pages: list[int]) -> None:
-        """Page-filled listener of a write of every layer at once (`PagedKVCache.append`): the
-        rows assigned and the page and row indices made device tensors once, not per layer."""
+        """Page-filled listener of a write of `layers` at once (every layer: `PagedKVCache.append`):
+        the rows assigned and the page and row indices made device tensors once, not per layer."""
         if not self._tensors:
             return
         rows = self._assign(rid, pages)
