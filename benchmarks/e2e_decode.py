@@ -886,8 +886,9 @@ def parse(argv=None) -> argparse.Namespace:
                     help="host placements in whole steps: after the timed steps, run the last "
                          "step's last CPU part N more times outside the step (from this thread, "
                          "with gaps, from a new thread) and report its time per call (0: off)")
-    ap.add_argument("--summary-dtype", default="float32", choices=SUMMARY_DTYPES,
-                    help="page summaries' dtype (float32; float8_e4m3fn leaves the most HBM to "
+    ap.add_argument("--summary-dtype", default="bfloat16", choices=SUMMARY_DTYPES,
+                    help="page summaries' dtype (bfloat16, the runtime's default; float8_e4m3fn "
+                         "leaves the most HBM to "
                          "the GPU page cache)")
     ap.add_argument("--fetch-share", type=float, default=1.0,
                     help="hybrid: the most a layer's page cache fetches in a step, as a share of "

@@ -55,7 +55,7 @@ def selected_attention(cfg: HybridConfig, q: torch.Tensor, k: torch.Tensor, v: t
         sel = torch.as_tensor(select(q64[0], k.double()), dtype=torch.int32)[None]
     else:
         sel = vflow.select_pages(cfg.flow, q64, kp, table, lens, cfg.budget_for(n), cfg.sink_pages,
-                                 cfg.recent_pages)
+                                 cfg.recent_pages, summary_dtype=getattr(torch, cfg.summary_dtype))
     o, _ = reference.sparse_decode_attention(q64, kp, vp, table, lens, sel, sm_scale)
     return o[0], sel[0]
 

@@ -84,7 +84,7 @@ def reference_output(cfg: HybridConfig, q: torch.Tensor, k: torch.Tensor, v: tor
         sel = select(cfg, q, kp, table, lens, n)
     else:
         sel = vflow.select_pages(cfg.flow, q, kp, table, lens, cfg.budget_for(n), cfg.sink_pages,
-                                 cfg.recent_pages)
+                                 cfg.recent_pages, summary_dtype=getattr(torch, cfg.summary_dtype))
     o, _ = reference.sparse_decode_attention(q.double(), kp.double(), vp.double(), table, lens, sel)
     return o[0].float()
 

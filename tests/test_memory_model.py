@@ -23,6 +23,7 @@ ROW = L * HKV * 2 * D * 4                            # quest: kmin and kmax per 
 
 
 def cfg(placement, **kw):
+    kw.setdefault("summary_dtype", "float32")       # the sizes below are float32's
     return HybridConfig(page_size=P, placement=placement, flow="quest", kv_dtype="float32",
                         budget_pages=4, budget_ratio=None, **kw)
 
@@ -175,7 +176,7 @@ def test_lowbit_rows_count_packed_codes_and_the_hint_offers_float8_bounds_only()
     row8 = L * HKV * (2 * D * 1 + P * D // 4)
     lowbit = dict(flow="lowbit")
     c = HybridConfig(page_size=P, placement="hybrid", kv_dtype="float32", budget_pages=4,
-                     budget_ratio=None, **lowbit)
+                     budget_ratio=None, summary_dtype="float32", **lowbit)
     p = plan_memory(c, L, HKV, D, gpu_free_bytes=free, host_available_bytes=avail)
     rows = p.summary_bytes // row
     assert p.summary_bytes == rows * row and p.summary_float8_bytes == rows * row8

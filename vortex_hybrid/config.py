@@ -187,11 +187,13 @@ class HybridConfig:
     sizes the pool for every page of SGLang's KV pool unless this is set."""
     kv_dtype: str = "bfloat16"
     """Storage dtype of K and V pages; one of KV_DTYPES."""
-    summary_dtype: str = "float32"
-    """Storage dtype of page summaries; one of SUMMARY_DTYPES. On the device, summaries of every
-    host page take HBM beside the GPU page cache: "bfloat16" halves and "float8_e4m3fn" quarters
-    float32's bytes, leaving that much more HBM to cache slots (selection quality measured in
-    docs/BENCHMARKS.md)."""
+    summary_dtype: str = "bfloat16"
+    """Storage dtype of page summaries; one of SUMMARY_DTYPES (kernels compute in float32 either
+    way). On the device, summaries of every host page take HBM beside the GPU page cache:
+    "bfloat16" (default) halves and "float8_e4m3fn" quarters float32's bytes, leaving that much
+    more HBM to cache slots, and the indexers read that many fewer bytes a step; selection quality
+    measured unchanged (docs/BENCHMARKS.md). "float32" keeps the summaries exact (quest's score
+    then bounds the page's products)."""
     summary_location: str = "auto"
     """Where summaries live: "device" (HBM), "host" (pinned memory; the CPU indexer scores them
     there), or "auto" (the device when they take at most a quarter of its free memory)."""

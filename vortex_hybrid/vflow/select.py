@@ -67,7 +67,8 @@ def _cache_stage(flow, q, k_pool, page_table, seq_lens, lower: bool, summary_dty
 
 def select_pages(flow: Union[str, Flow], q: torch.Tensor, k_pool: torch.Tensor,
                  page_table: torch.Tensor, seq_lens: torch.Tensor, budget: int, sink: int,
-                 recent: int, *, lower: bool = True) -> torch.Tensor:
+                 recent: int, *, lower: bool = True,
+                 summary_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Pages each (request, KV head) attends, chosen by `flow`.
 
     flow: a registered name, `path/to/file.py:name`, or a `Flow`.
@@ -76,10 +77,13 @@ def select_pages(flow: Union[str, Flow], q: torch.Tensor, k_pool: torch.Tensor,
     pages, any integral numbers (budget >= sink + recent, recent >= 1). Returns sel int32
     [B, Hkv, budget], unique logical pages padded with -1.
     lower=False forces the reference interpreter even where a lowering is registered.
+    summary_dtype: the summaries' storage dtype (one of `contracts.SUMMARY_DTYPES`, rounded as a
+    store rounds them, so a reference selects from the values a runtime's store holds; None: the
+    compute dtype).
     """
     check_counts(budget, sink, recent)
     budget, sink, recent = (operator.index(x) for x in (budget, sink, recent))
-    bound, summaries = _cache_stage(flow, q, k_pool, page_table, seq_lens, lower)
+    bound, summaries = _cache_stage(flow, q, k_pool, page_table, seq_lens, lower, summary_dtype)
     return bound.indexer(q, summaries, page_table, seq_lens, budget, sink, recent,
                          num_kv_heads=k_pool.shape[1], keys=(k_pool, page_table))
 
