@@ -518,6 +518,7 @@ def run_mode(mode: str, batch: int, m: Decoder, z: Sizes, args, costs, dev) -> d
                                sink_pages=SINK, recent_pages=RECENT, placement=mode,
                                gpu_cache_pages=slots, kv_dtype=args.dtype,
                                summary_dtype=args.summary_dtype, fetch_share=args.fetch_share,
+                               fetch_programs=args.fetch_programs,
                                cached_steps=not args.no_cached_steps,
                                compile_cache_step=args.compile_cache_step,
                                gpu_memory_gib=None if hbm is None else hbm / n_parts,
@@ -890,6 +891,9 @@ def parse(argv=None) -> argparse.Namespace:
                     help="page summaries' dtype (bfloat16, the runtime's default; float8_e4m3fn "
                          "leaves the most HBM to "
                          "the GPU page cache)")
+    ap.add_argument("--fetch-programs", type=int, default=None, metavar="N",
+                    help="host placements: the most GPU programs a layer's fetch uses for each "
+                         "of K and V (HybridConfig.fetch_programs; default one per head-page)")
     ap.add_argument("--fetch-share", type=float, default=1.0,
                     help="hybrid: the most a layer's page cache fetches in a step, as a share of "
                          "its selected head-pages (HybridConfig.fetch_share; 1.0)")

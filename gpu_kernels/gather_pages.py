@@ -13,7 +13,7 @@ N. `src_pages`, `dst_slots`: int [n]. Copies are bit-exact.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import triton
@@ -24,25 +24,26 @@ BLOCK = 2048
 
 
 @triton.jit
-def _gather_kernel(src_k, src_v, dst_k, dst_v, src_pages, dst_slots, page_elems,
+def _gather_kernel(src_k, src_v, dst_k, dst_v, src_pages, dst_slots, n, page_elems,
                    src_lead_stride, src_page_stride, dst_lead_stride, dst_page_stride,
                    BLOCK: tl.constexpr):
-    """Program (i, lead * 2 + kv, chunk) copies BLOCK elements of page i of one layer's K or V."""
-    i = tl.program_id(0)
+    """Program (p, lead * 2 + kv, chunk) copies BLOCK elements of one layer's K or V for pages
+    p, p + programs, p + 2 * programs, ... (programs = the grid's first size)."""
     lead_kv = tl.program_id(1)
     chunk = tl.program_id(2)
     lead = (lead_kv // 2).to(tl.int64)
-    sp = tl.load(src_pages + i).to(tl.int64)
-    dp = tl.load(dst_slots + i).to(tl.int64)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
-    limit = tl.where((sp >= 0) & (dp >= 0), page_elems, 0)    # -1 entries: nothing to copy
-    mask = offs < limit
-    src_off = lead * src_lead_stride + sp * src_page_stride + offs
-    dst_off = lead * dst_lead_stride + dp * dst_page_stride + offs
-    if lead_kv % 2 == 0:
-        tl.store(dst_k + dst_off, tl.load(src_k + src_off, mask=mask), mask=mask)
-    else:
-        tl.store(dst_v + dst_off, tl.load(src_v + src_off, mask=mask), mask=mask)
+    for i in range(tl.program_id(0), n, tl.num_programs(0)):
+        sp = tl.load(src_pages + i).to(tl.int64)
+        dp = tl.load(dst_slots + i).to(tl.int64)
+        limit = tl.where((sp >= 0) & (dp >= 0), page_elems, 0)    # -1 entries: nothing to copy
+        mask = offs < limit
+        src_off = lead * src_lead_stride + sp * src_page_stride + offs
+        dst_off = lead * dst_lead_stride + dp * dst_page_stride + offs
+        if lead_kv % 2 == 0:
+            tl.store(dst_k + dst_off, tl.load(src_k + src_off, mask=mask), mask=mask)
+        else:
+            tl.store(dst_v + dst_off, tl.load(src_v + src_off, mask=mask), mask=mask)
 
 
 def _as_index(name: str, idx: Indices, device: torch.device) -> torch.Tensor:
@@ -83,31 +84,42 @@ def _check_pools(src_k, src_v, dst_k, dst_v) -> None:
 
 
 def launch_gather_pages(src_k: torch.Tensor, src_v: torch.Tensor, src_pages: torch.Tensor,
-                        dst_k: torch.Tensor, dst_v: torch.Tensor, dst_slots: torch.Tensor) -> None:
+                        dst_k: torch.Tensor, dst_v: torch.Tensor, dst_slots: torch.Tensor,
+                        programs: Optional[int] = None) -> None:
     """Unchecked launcher of `gather_pages`: index tensors int64 [n] already on dst's device; an
-    entry whose src or dst is -1 copies nothing (fixed-size plans from the GPU page cache)."""
+    entry whose src or dst is -1 copies nothing (fixed-size plans from the GPU page cache).
+    programs: at most this many programs per (layer, K/V, chunk), each looping over every
+    programs-th page (None: one program per page). A few programs leave the other SMs to kernels
+    running beside the copy on another stream."""
     n = src_pages.shape[0]
     if n == 0:
         return
     page_elems = dst_k.shape[-3] * dst_k.shape[-2] * dst_k.shape[-1]
     num_lead = dst_k.shape[0] if dst_k.dim() == 5 else 1
     lead_s = (src_k.stride(0), dst_k.stride(0)) if dst_k.dim() == 5 else (0, 0)
-    grid = (n, 2 * num_lead, triton.cdiv(page_elems, BLOCK))
-    _gather_kernel[grid](src_k, src_v, dst_k, dst_v, src_pages, dst_slots, page_elems,
+    grid = (n if programs is None else max(1, min(n, programs)), 2 * num_lead,
+            triton.cdiv(page_elems, BLOCK))
+    _gather_kernel[grid](src_k, src_v, dst_k, dst_v, src_pages, dst_slots, n, page_elems,
                          lead_s[0], src_k.stride(-4), lead_s[1], dst_k.stride(-4),
                          BLOCK=BLOCK, num_warps=4)
 
 
 def gather_pages(src_k: torch.Tensor, src_v: torch.Tensor, src_pages: Indices,
-                 dst_k: torch.Tensor, dst_v: torch.Tensor, dst_slots: Indices) -> None:
+                 dst_k: torch.Tensor, dst_v: torch.Tensor, dst_slots: Indices,
+                 programs: Optional[int] = None) -> None:
     """Copy pages `src_pages[i]` of (src_k, src_v) into slots `dst_slots[i]` of (dst_k, dst_v).
 
     src_k, src_v: [*lead, N_src, Hkv, P, D], pinned host memory (or on dst's device);
     dst_k, dst_v: [*lead, N_dst, Hkv, P, D] on the GPU (CPU tensors run under the interpreter);
     src_pages, dst_slots: int [n] (tensors or lists), destination slots distinct.
+    programs: None (one program per page) or a positive int, the most programs the copy uses per
+    (layer, K/V) (each loops over pages; `launch_gather_pages`).
     One kernel launch, asynchronous on the current stream; bit-exact.
     """
     _check_pools(src_k, src_v, dst_k, dst_v)
+    if programs is not None and (isinstance(programs, bool) or not isinstance(programs, int)
+                                 or programs < 1):
+        raise ValueError(f"programs={programs!r} must be None or a positive int")
     s = _as_index("src_pages", src_pages, torch.device("cpu"))
     d = _as_index("dst_slots", dst_slots, torch.device("cpu"))
     if s.shape != d.shape:
@@ -121,4 +133,4 @@ def gather_pages(src_k: torch.Tensor, src_v: torch.Tensor, src_pages: Indices,
         if torch.unique(d).numel() != d.numel():
             raise ValueError(f"dst_slots {d.tolist()} name a slot twice")
     launch_gather_pages(src_k, src_v, s.to(dst_k.device, non_blocking=True), dst_k, dst_v,
-                        d.to(dst_k.device, non_blocking=True))
+                        d.to(dst_k.device, non_blocking=True), programs)

@@ -88,9 +88,10 @@ def _host_pool(shape, dtype, g):
     return t.pin_memory() if ON_GPU else t
 
 
+@pytest.mark.parametrize("programs", [None, 1, 3])
 @pytest.mark.parametrize("layers", [None, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gather_pages_copies_selected_pages_bit_exactly(layers, dtype):
+def test_gather_pages_copies_selected_pages_bit_exactly(layers, dtype, programs):
     seed, g = _gen()
     lead = () if layers is None else (layers,)
     page = (2, 4, 64)                                       # Hkv, P, D
@@ -99,9 +100,9 @@ def test_gather_pages_copies_selected_pages_bit_exactly(layers, dtype):
     dst_k = torch.randn(*lead, 7, *page, generator=g).to(dtype).to(DEVICE)
     dst_v = torch.randn(*lead, 7, *page, generator=g).to(dtype).to(DEVICE)
     before_k, before_v = dst_k.clone(), dst_v.clone()
-    src_pages = torch.randperm(11, generator=g)[:4]
-    dst_slots = torch.randperm(7, generator=g)[:4]
-    gather_pages(src_k, src_v, src_pages, dst_k, dst_v, dst_slots.tolist())
+    src_pages = torch.randperm(11, generator=g)[:5]
+    dst_slots = torch.randperm(7, generator=g)[:5]          # 5 pages: programs=3 loops twice
+    gather_pages(src_k, src_v, src_pages, dst_k, dst_v, dst_slots.tolist(), programs=programs)
     if ON_GPU:
         torch.cuda.synchronize()
     want_k, want_v = before_k.cpu(), before_v.cpu()
@@ -121,7 +122,8 @@ def test_gather_pages_with_no_pages_changes_nothing():
     assert torch.equal(dst, before)
 
 
-def test_launch_gather_pages_skips_entries_marked_minus_one():
+@pytest.mark.parametrize("programs", [None, 1, 2])
+def test_launch_gather_pages_skips_entries_marked_minus_one(programs):
     """The cache's fixed-size plans pad with -1: those entries copy nothing, the rest copy."""
     from vortex_hybrid.gpu_kernels.gather_pages import launch_gather_pages
     seed, g = _gen()
@@ -131,7 +133,7 @@ def test_launch_gather_pages_skips_entries_marked_minus_one():
     want = dst_k.cpu().clone()
     want[1] = src[3]
     idx = (lambda *v: torch.tensor(v, dtype=torch.int64, device=DEVICE))
-    launch_gather_pages(src, src, idx(-1, 3, 2, -1), dst_k, dst_v, idx(0, 1, -1, -1))
+    launch_gather_pages(src, src, idx(-1, 3, 2, -1), dst_k, dst_v, idx(0, 1, -1, -1), programs)
     assert torch.equal(dst_k.cpu(), want) and torch.equal(dst_v.cpu(), want), f"seed {seed}"
 
 
@@ -152,6 +154,9 @@ def test_gather_pages_rejects_bad_requests():
         gather_pages(src, src, [0], short, short.clone(), [0])
     with pytest.raises(ValueError, match="contiguous"):
         gather_pages(src, src, [0], dst[:, :, :2], dst_v[:, :, :2], [0])
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match=f"programs={bad!r} must be None or a positive int"):
+            gather_pages(src, src, [0], dst, dst_v, [0], programs=bad)
     if ON_GPU:
         pageable = torch.zeros(4, 1, 4, 16)
         with pytest.raises(ValueError, match="pinned"):

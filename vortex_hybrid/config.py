@@ -178,6 +178,11 @@ class HybridConfig:
     `WINDOW_FACTOR` times as many slots for eviction, so a smaller share makes every layer's
     bookkeeping cheaper); misses beyond it are attended by the CPU. 1.0 (default): every miss may
     be fetched. `offload` always may fetch every miss (it has no CPU path)."""
+    fetch_programs: Optional[int] = None
+    """Host placements on CUDA: the most GPU programs a layer's fetch (`gpu_kernels.gather_pages`,
+    reading pinned host pages over PCIe) uses for each of K and V, each looping over pages. None
+    (default): one program per head-page of the step's fetch plan. A few hundred leave most SMs to
+    the GPU work that runs beside the fetch (micro-batches with `overlap_back`)."""
     host_memory_gib: Optional[float] = None
     """GiB of host memory for the host store of the host placements (`dense` and `gpu` have none):
     `HybridAttention` allocates as many pages as fit in it, all layers' K and V in `kv_dtype`
@@ -233,6 +238,9 @@ class HybridConfig:
         for name in ("cache_prefill", "cached_steps", "compile_cache_step"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")
+        fp = self.fetch_programs
+        if fp is not None and (not _is_int(fp) or fp < 1):
+            _fail("fetch_programs", fp, "a positive integer (e.g. 256), or None")
         f = self.fetch_share
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0.0 < f <= 1.0) \
                 or math.isnan(f):

@@ -210,7 +210,7 @@ class SplitStep:
                                                         self.kv.device_pool.v))
         if self.device.type == "cuda":
             from ..gpu_kernels.gather_pages import launch_gather_pages
-            launch_gather_pages(hk, hv, src, dk, dv, dst)
+            launch_gather_pages(hk, hv, src, dk, dv, dst, self.cfg.fetch_programs)
         else:                           # the torch stand-in (no CUDA): a sync is free here
             keep = src >= 0
             src, dst = src[keep], dst[keep]
