@@ -157,9 +157,14 @@ class WholeStep:
         if side is None or not torch.cuda.is_current_stream_capturing():
             o, lse = self._back(s, layer, q, gsel, table, src, dst)
             return PendingLayer(layer, out=None, state=(o, lse), need=host_n)
-        # captured only: forked from the caller's stream and joined in run_end, inside the graph
-        # (eager runs would need record_stream on every tensor crossing the streams)
+        # captured only: forked from the caller's stream and joined in run_end, inside the graph.
+        # The front's tensors the back reads are marked used by the side stream: the allocator
+        # then keeps their blocks until the capture ends, so no later node of the caller's
+        # stream is given (and writes) memory the side stream still reads.
         side.wait_stream(torch.cuda.current_stream())
+        for t in (q, gsel, table, src, dst):
+            if t is not None:
+                t.record_stream(side)
         with torch.cuda.stream(side):
             o, lse = self._back(s, layer, q, gsel, table, src, dst)
             joined = torch.cuda.Event()
