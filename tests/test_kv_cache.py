@@ -132,6 +132,10 @@ class KVMachine(RuleBasedStateMachine):
             for start, end in ((0, T), (T // 3, T - T // 4), (T, T)):
                 k2, v2 = self.kv.read_tokens(rid, start, end)
                 assert torch.equal(k2, k[:, start:end]) and torch.equal(v2, v[:, start:end])
+            layer = T % L                   # one layer's range (the prefill's per-layer restaging)
+            k3, v3 = self.kv.read_tokens(rid, T // 2, T, first_layer=layer, end_layer=layer + 1)
+            assert torch.equal(k3, k[layer:layer + 1, T // 2:]) and \
+                torch.equal(v3, v[layer:layer + 1, T // 2:])
 
     @invariant()
     def page_tables_follow_the_residency(self):

@@ -188,8 +188,12 @@ def test_the_plugin_leaves_room_for_the_staging_area_and_the_startup_line_parses
     from vortex_hybrid.config import HybridConfig
     from vortex_hybrid.integrations.sglang import sizing
     sa = types.SimpleNamespace(max_prefill_tokens=8192, chunked_prefill_size=8192)
-    assert sizing.staging_tokens(sa, 131216, 20, 16) == (-(-(8192 + 131216) // 16) + 20) * 16
-    assert sizing.staging_tokens(sa, 500, None, 16) == (-(-(8192 + 500) // 16) + 8193) * 16
+    # per layer: the padding page, 8192 new tokens in pages and two pages per row; the earlier
+    # chunks of one request in whole pages, one region for every layer
+    assert sizing.staging_slots(sa, 131216, 20, 16) == ((512 + 40 + 1) * 16, 8201 * 16)
+    assert sizing.staging_slots(sa, 500, None, 16) == ((512 + 2 * 8193 + 1) * 16, 32 * 16)
+    assert sizing.staging_bytes(sa, 131216, 20, 16, 32, 4096) == \
+        (32 * 553 * 16 + 8201 * 16) * 4096
     free = 60 << 30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free, 80 << 30))
     mc = types.SimpleNamespace(num_hidden_layers=32, num_key_value_heads=8, head_dim=128)

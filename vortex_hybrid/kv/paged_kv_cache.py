@@ -484,20 +484,21 @@ class PagedKVCache:
         return out
 
     def read_tokens(self, rid: int, start: int = 0, end: Optional[int] = None,
-                    device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of tokens [start, end) (default: all) of every layer, `[num_layers, end -
-        start, num_kv_heads, head_dim]` on `device` (default: the device pool's): `gather`'s
-        pages as token rows."""
+                    device: Optional[torch.device] = None, first_layer: int = 0,
+                    end_layer: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of tokens [start, end) (default: all) of layers [first_layer, end_layer)
+        (default: every layer), `[layers, end - start, num_kv_heads, head_dim]` on `device`
+        (default: the device pool's): `gather`'s pages as token rows."""
         n = self._req(rid).seq_len
         end = n if end is None else end
         if not 0 <= start <= end <= n:
             raise ValueError(f"tokens [{start}, {end}) outside request {rid}'s 0..{n}")
         P = self.page_size
         first, last = start // P, -(-end // P)
-        k, v = self.gather(rid, device=device, pages=slice(first, last))
+        k, v = self.gather(rid, first_layer, end_layer, device=device, pages=slice(first, last))
         return tuple(t.transpose(2, 3).reshape(
-            self.num_layers, -1, self.num_kv_heads, self.head_dim)[:, start - first * P:
-                                                                   end - first * P]
+            t.shape[0], -1, self.num_kv_heads, self.head_dim)[:, start - first * P:
+                                                              end - first * P]
             for t in (k, v))
 
     def read(self, rid: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

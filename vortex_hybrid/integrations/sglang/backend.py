@@ -141,7 +141,7 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
                                   "starts (sglang.srt.plugins.load_plugins())")
             mem = stash[1]
             sizes = {"device_pages": mem.device_pages, "host_pages": mem.host_pages}
-            self.staging = sizing.Staging(model_runner, sizing.staging_tokens(
+            self.staging = sizing.Staging(model_runner, *sizing.staging_slots(
                 server_args, int(mc.context_len), int(self.req_to_token_pool.size),
                 cfg.page_size))
             prefill_runner = self.staging.runner(model_runner)
@@ -160,6 +160,7 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
         self.requests = RequestMap(self.runtime)
         self._checked: set[int] = set()
         self._extend_batch = None              # the extend batch as the dense backend sees it
+        self._restage: list = []               # (runtime request, row, start): earlier chunks
         self._times = None                     # an extend batch's phase times (PREFILL_TIMES_ENV)
         self._decode_live = None               # decode: batch positions the runtime serves
         self.device_row_reads = 0              # batches whose rows were read from the device
@@ -265,13 +266,14 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
 
     def _stage(self, forward_batch):
         """The extend batch as the dense backend sees it over the staging area: every row's tokens
-        [0, seq_len) placed there (the earlier chunks of a chunked prefill read back from the
-        runtime), the new tokens' slots as `out_cache_loc`."""
+        [0, seq_len) placed there (the earlier chunks of a chunked prefill are read back from the
+        runtime layer by layer, `_restage_layer`), the new tokens' slots as `out_cache_loc`."""
         staging = self.staging
         rows, gens = self._rows(forward_batch)
         ends = forward_batch.seq_lens.tolist()
         starts = [e - n for e, n in zip(ends, forward_batch.extend_seq_lens.tolist())]
         new = staging.place(rows, starts, ends)
+        self._restage = []
         for row, gen, start in zip(rows, gens, starts):
             if start == 0 or (row, gen) in sizing.FAILED:
                 continue
@@ -281,8 +283,7 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
                     f"request-pool row {row} starts its extend at token {start} but the runtime "
                     "holds no such prefix (a prefix-cache hit: run with --disable-radix-cache)")
                 continue
-            k, v = self.runtime.kv.read_tokens(rid, 0, start, staging.pool.k_buffer[0].device)
-            staging.write(staging.slots(row, 0, start), k, v)
+            self._restage.append((rid, row, start))
             if self._times is not None:
                 self._times.read_back += start
         batch = copy.copy(forward_batch)
@@ -334,8 +335,11 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
         batch's new tokens go into the runtime. q [T, Hq * D] (or [T, Hq, D]); out [T, Hq * D]."""
         self._check_layer(layer)
         batch = self._extend_batch if self._extend_batch is not None else forward_batch
+        if self._restage:
+            self._restage_layer(layer.layer_id)
         o = self.dense.forward_extend(q, k, v, layer, batch, save_kv_cache)
         if layer.layer_id == self.num_layers - 1:
+            self._restage = []
             times, self._times = self._times, None
             if times is not None:
                 times.mark("model")
@@ -347,6 +351,16 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
                 new = sum(lens) if lens is not None else int(forward_batch.extend_seq_lens.sum())
                 log.info(times.line(int(forward_batch.batch_size), int(new)))
         return o
+
+    def _restage_layer(self, layer: int) -> None:
+        """One layer's earlier chunks of the batch's chunked requests, read back from the runtime
+        into the staging area's prefix region (which every layer shares), before it attends."""
+        staging = self.staging
+        device = staging.pool.k_buffer[layer].device
+        for rid, row, start in self._restage:
+            k, v = self.runtime.kv.read_tokens(rid, 0, start, device, first_layer=layer,
+                                               end_layer=layer + 1)
+            staging.write_layer(layer, staging.slots(row, 0, start), k[0], v[0])
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
         """One token per request: the runtime's layer step (and, when SGLang's pool holds the KV

@@ -11,11 +11,11 @@ SGLang's processes only).
   `max_running_requests` at most what the runtime's tail pages serve. SGLang's allocator and
   scheduler admit by that count; SGLang's own pool is built as its `NoOpMHATokenToKVPool` of that
   size: slot ids for the scheduler, no K/V storage (any read or write of it raises).
-- **Staging** (`Staging`): prefill runs SGLang's dense backend over a small pool of its own,
-  `staging_tokens(...)` slots in HBM. Per extend batch, each request's tokens are placed there (the
-  earlier chunks of a chunked prefill read back from the runtime), the dense backend writes the
-  new tokens and attends, the backend syncs the new tokens into the runtime, and the staging area
-  is empty again. Decode reads the runtime only. SGLang's radix (prefix) cache would hand a new
+- **Staging** (`Staging`): prefill runs SGLang's dense backend over a small pool of its own in
+  HBM (`staging_bytes`). Per extend batch, each request's tokens are placed there; the earlier
+  chunks of a chunked prefill are read back from the runtime one layer at a time, just before
+  that layer attends, into a region the layers share; the dense backend writes the new tokens and
+  attends, the backend syncs the new tokens into the runtime, and the staging area is empty again. Decode reads the runtime only. SGLang's radix (prefix) cache would hand a new
   request slots whose K/V no pool holds, so the plugin turns it off (`--disable-radix-cache`).
 - **Refusals** (`FAILED`, `abort_failed`, hooked on `Scheduler.process_batch_result`): a request
   whose K/V the runtime cannot take (`OutOfPagesError` at the post-prefill sync) is marked; the
@@ -139,8 +139,8 @@ def resolve_pool_config(original, self, *args, **kwargs):
     rows = int(getattr(config, "max_running_requests", 0) or 0) or None
     per_token = int(mc.num_hidden_layers) * int(mc.num_key_value_heads) * int(mc.head_dim) * 2 * \
         torch.empty((), dtype=self.kv_cache_dtype).element_size()
-    staging = staging_tokens(self.server_args, int(mc.context_len), rows, cfg.page_size) * \
-        per_token
+    staging = staging_bytes(self.server_args, int(mc.context_len), rows, cfg.page_size,
+                            int(mc.num_hidden_layers), per_token // int(mc.num_hidden_layers))
     max_tokens = getattr(self.server_args, "max_total_tokens", None)
     # SGLang's pool size from its memory profile; a --max-total-tokens caps that count and then
     # says how many tokens to hold, not how much HBM to leave (it caps the store below)
@@ -175,41 +175,94 @@ def holds_no_kv(pool) -> bool:
     return isinstance(pool, NoOpMHATokenToKVPool)
 
 
-def staging_tokens(server_args, context_len: int, rows: Optional[int], page_size: int) -> int:
-    """Slots of the prefill staging area: one extend batch's tokens, which are at most
-    `--max-prefill-tokens` (or `--chunked-prefill-size` when larger) new tokens plus the earlier
-    chunks of one chunked request (below the context length), each request's tokens starting on
-    a page of its own (at most one request per new token, and at most `rows`; None: not known
-    yet, one per new token). The runtime's share of the free HBM leaves room for it (`plan`)."""
+def staging_slots(server_args, context_len: int, rows: Optional[int],
+                  page_size: int) -> tuple[int, int]:
+    """Slots of one layer of the prefill staging area: (own, prefix). own: the padding page
+    (slot 0's) and one extend batch's own tokens, which are at most `--max-prefill-tokens` (or
+    `--chunked-prefill-size` when larger) new tokens, each row's from the page holding its first
+    new token (so up to a page of earlier tokens more) and starting on a page of its own (at most
+    one request per new token, and at most `rows`; None: not known yet, one per new token).
+    prefix: the earlier whole pages of one chunked request (below the context length), restaged
+    layer by layer into one region every layer shares (`Staging`)."""
     new = max(int(getattr(server_args, "max_prefill_tokens", 0) or 0),
               int(getattr(server_args, "chunked_prefill_size", 0) or 0))
     P = page_size
     starts = new + 1 if rows is None else min(rows, new + 1)
-    return (-(-(new + context_len) // P) + starts) * P
+    return (-(-new // P) + 2 * starts + 1) * P, -(-context_len // P) * P
+
+
+def staging_bytes(server_args, context_len: int, rows: Optional[int], page_size: int,
+                  num_layers: int, token_bytes: int) -> int:
+    """HBM of the prefill staging area (`Staging`): every layer's own slots and one shared
+    prefix region; token_bytes: K and V of one token in one layer."""
+    own, prefix = staging_slots(server_args, context_len, rows, page_size)
+    return (num_layers * own + prefix) * token_bytes
+
+
+_LAYERED = None
+
+
+def _layered_pool_class():
+    """SGLang's `MHATokenToKVPool` whose per-layer buffers overlap (`Staging`); built on first
+    use (sglang is imported in SGLang's processes only)."""
+    global _LAYERED
+    if _LAYERED is None:
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+        class LayeredStagingPool(MHATokenToKVPool):
+            """Layer l's buffer is rows [l * own, l * own + own + prefix) of one tensor: its own
+            slots, then a prefix region that overlaps the own slots of the layers after it, which
+            they write only later, in their own forward (NHD layout; any other layout gets a
+            whole buffer per layer)."""
+
+            def __init__(self, own: int, prefix: int, **kw) -> None:
+                self._own, self._prefix = own, prefix
+                super().__init__(own + prefix - kw["page_size"], **kw)
+
+            def _create_buffers_normal(self):
+                if self.kv_cache_layout != "nhd":
+                    return super()._create_buffers_normal()
+                L, A, B = self.layer_num, self._own, self._prefix
+
+                def views(head_dim: int) -> list:
+                    base = torch.zeros((L * A + B, self.head_num, head_dim),
+                                       dtype=self.store_dtype, device=self.device)
+                    return [base[layer * A:layer * A + A + B] for layer in range(L)]
+                self.k_buffer, self.v_buffer = views(self.head_dim), views(self.v_head_dim)
+
+        _LAYERED = LayeredStagingPool
+    return _LAYERED
 
 
 class Staging:
-    """The prefill staging area (module docstring): a real `MHATokenToKVPool` of `tokens` slots
-    and a request-to-slot table of SGLang's shape, seen by the dense prefill backend instead of
-    SGLang's pools."""
+    """The prefill staging area (module docstring): a pool of SGLang's class, each layer's buffer
+    `own + prefix` slots, and a request-to-slot table of SGLang's shape, seen by the dense prefill
+    backend instead of SGLang's pools. Per extend batch (`place`), each row's own tokens (from the
+    page holding its first new token) take slots of the own region (from slot page_size on: slot
+    0's page absorbs padded writes) and its earlier whole pages slots of the prefix region. The
+    backend writes a layer's earlier tokens there just before that layer attends (`write_layer`):
+    the layers' prefix regions share memory, so the area holds one layer's earlier chunks, not
+    every layer's, and the new tokens of every layer (which the backend syncs into the runtime
+    after the last layer)."""
 
-    def __init__(self, model_runner, tokens: int) -> None:
-        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    def __init__(self, model_runner, own: int, prefix: int) -> None:
         src = model_runner.token_to_kv_pool
         self.page_size = int(src.page_size)
-        self.pool = MHATokenToKVPool(tokens, page_size=self.page_size, dtype=src.dtype,
-                                     head_num=src.head_num, head_dim=src.head_dim,
-                                     layer_num=src.layer_num, device=src.device,
-                                     enable_memory_saver=False)
+        self.own, self.prefix = own, prefix
+        self.pool = _layered_pool_class()(
+            own, prefix, page_size=self.page_size, dtype=src.dtype, head_num=src.head_num,
+            head_dim=src.head_dim, layer_num=src.layer_num, device=src.device,
+            enable_memory_saver=False)
         rtt = model_runner.req_to_token_pool.req_to_token
         self.req_to_token_pool = types.SimpleNamespace(
             req_to_token=torch.zeros_like(rtt), size=model_runner.req_to_token_pool.size)
-        self.tokens = tokens
 
     @property
     def bytes(self) -> int:
-        k, v = self.pool.get_kv_size_bytes()
-        return int(k) + int(v)
+        """HBM the area takes (its buffers' storages, each counted once)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in (*self.pool.k_buffer, *self.pool.v_buffer)}
+        return sum(storages.values())
 
     def runner(self, model_runner):
         """A view of `model_runner` whose pools are the staging area's (for the dense backend)."""
@@ -219,33 +272,38 @@ class Staging:
         return view
 
     def place(self, rows: list[int], starts: list[int], ends: list[int]) -> torch.Tensor:
-        """Slots for tokens [0, end) of each row (pages from slot page_size on, in row order);
-        returns the staging slots of the new tokens [start, end), concatenated."""
+        """Slots for tokens [0, end) of each row (above); returns the staging slots of the new
+        tokens [start, end), concatenated."""
         P, table = self.page_size, self.req_to_token_pool.req_to_token
-        need = sum(-(-e // P) for e in ends) * P
-        if need > self.tokens:
+        firsts = [s // P * P for s in starts]
+        own = P + sum(-(-(e - f) // P) for f, e in zip(firsts, ends)) * P
+        prefix = sum(firsts)
+        if own > self.own or prefix > self.prefix:
             from ...kv.errors import OutOfPagesError
             raise OutOfPagesError(f"an extend batch of {sum(ends)} tokens (rows {rows}, lengths "
-                                  f"{ends}) needs {need} staging slots; the staging area has "
-                                  f"{self.tokens} (raise --max-prefill-tokens)")
-        nxt, new = P, []
-        for row, start, end in zip(rows, starts, ends):
-            n = -(-end // P) * P
-            slots = torch.arange(nxt, nxt + n, dtype=table.dtype, device=table.device)
-            table[row, :n] = slots
-            new.append(slots[start:end].to(torch.int64))
+                                  f"{ends}) needs {own} staging slots for its own pages and "
+                                  f"{prefix} for earlier chunks; the staging area has {self.own} "
+                                  f"and {self.prefix} (raise --max-prefill-tokens)")
+        nxt, pre, new = P, self.own, []
+        arange = (lambda a, b: torch.arange(a, b, dtype=table.dtype, device=table.device))
+        for row, first, start, end in zip(rows, firsts, starts, ends):
+            if first:
+                table[row, :first] = arange(pre, pre + first)
+                pre += first
+            n = -(-(end - first) // P) * P
+            slots = arange(nxt, nxt + n)
+            table[row, first:first + n] = slots
+            new.append(slots[start - first:end - first].to(torch.int64))
             nxt += n
         return torch.cat(new) if new else torch.zeros(0, dtype=torch.int64)
 
-    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """K and V [num_layers, T, Hkv, D] of T tokens into `slots` (restaging earlier chunks)."""
-        pool = self.pool
-        slots = slots.to(pool.k_buffer[0].device)
-        for layer in range(pool.layer_num):
-            pool.k_buffer[layer][slots] = k[layer].to(pool.k_buffer[layer].device,
-                                                      pool.k_buffer[layer].dtype)
-            pool.v_buffer[layer][slots] = v[layer].to(pool.v_buffer[layer].device,
-                                                      pool.v_buffer[layer].dtype)
+    def write_layer(self, layer: int, slots: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> None:
+        """K and V [T, Hkv, D] of T tokens of one layer into `slots` (restaging earlier chunks)."""
+        kb, vb = self.pool.k_buffer[layer], self.pool.v_buffer[layer]
+        slots = slots.to(kb.device)
+        kb[slots] = k.to(kb.device, kb.dtype)
+        vb[slots] = v.to(vb.device, vb.dtype)
 
     def slots(self, row: int, start: int, end: int) -> torch.Tensor:
         return self.req_to_token_pool.req_to_token[row, start:end].to(torch.int64)
@@ -288,5 +346,6 @@ def describe(cfg: HybridConfig, mem: MemoryPlan, staging_bytes: int, tokens: int
 
 
 __all__ = ["FAILED", "Staging", "abort_failed", "build_mha_pool", "describe", "holds_no_kv",
-           "max_requests_of", "plan", "planned", "resolve_pool_config", "staging_tokens",
+           "max_requests_of", "plan", "planned", "resolve_pool_config", "staging_bytes",
+           "staging_slots",
            "tokens_of", "TAIL_PAGES", "within_sglang"]
