@@ -90,3 +90,12 @@ def test_a_batch_beyond_the_area_is_refused_with_its_sizes():
     with pytest.raises(OutOfPagesError, match=r"and 12 for earlier chunks; the staging area has "
                                               r"12 and 8"):
         s.place([0], [12], [13])
+
+
+def test_another_kv_layout_is_refused_with_a_line(monkeypatch):
+    from sglang.srt import environ
+
+    from vortex_hybrid.integrations.sglang.config import ConfigError
+    monkeypatch.setattr(environ.envs.SGLANG_USE_HND_KVCACHE, "get", lambda: True)
+    with pytest.raises(ConfigError, match="layout 'hnd' .*needs SGLang's default 'nhd' layout"):
+        staging(own=3 * P, prefix=2 * P)

@@ -212,8 +212,8 @@ def _layered_pool_class():
         class LayeredStagingPool(MHATokenToKVPool):
             """Layer l's buffer is rows [l * own, l * own + own + prefix) of one tensor: its own
             slots, then a prefix region that overlaps the own slots of the layers after it, which
-            they write only later, in their own forward (NHD layout; any other layout gets a
-            whole buffer per layer)."""
+            they write only later, in their own forward (SGLang's default NHD layout: a buffer
+            is [slots, heads, head_dim]; other layouts are refused)."""
 
             def __init__(self, own: int, prefix: int, **kw) -> None:
                 self._own, self._prefix = own, prefix
@@ -221,7 +221,10 @@ def _layered_pool_class():
 
             def _create_buffers_normal(self):
                 if self.kv_cache_layout != "nhd":
-                    return super()._create_buffers_normal()
+                    from .config import ConfigError
+                    raise ConfigError(f"KV cache layout {self.kv_cache_layout!r} (e.g. "
+                                      "SGLANG_USE_HND_KVCACHE=1): the plugin's prefill staging "
+                                      "area needs SGLang's default 'nhd' layout; unset it")
                 L, A, B = self.layer_num, self._own, self._prefix
 
                 def views(head_dim: int) -> list:
