@@ -22,8 +22,8 @@ Grid: every --contexts value x every --kv-gib setting x every run (each cell's t
 - memory: `all` (SGLang's default --mem-fraction-static for triton; the plugin's default sizing
   for ours: the HBM SGLang would give its own pool, the prefill staging area included) or
   G GiB of HBM for KV (triton: SGLang's --max-total-tokens = G GiB / bytes per token of the shape,
-  in whole pages, which is SGLang's KV pool exactly; ours: `gpu_memory_gib: G`, the prefill staging
-  area on top of it and reported with it). The host placements take --host-gib of host memory (by
+  in whole pages, which is SGLang's KV pool exactly; ours on CUDA: the same G GiB, the prefill staging
+  area (`sizing.staging_bytes`) within it: `gpu_memory_gib` is G less that area). The host placements take --host-gib of host memory (by
   default the KV of --max-batch requests, at most 75% of the available host memory).
 - admission (--batch auto, the default of the 8B shape): after the engine starts, SGLang's
   `max_total_num_tokens` (from `Engine.get_server_info()`; with the plugin it is the runtime's
@@ -364,9 +364,16 @@ def engine_kwargs(run: str, context: int, kv: Optional[float], args, cuda: bool,
             pages = cap * -(-(context + args.new) // P)
             cfg["gpu_cache_pages"] = max(8, int(args.cache * pages))
         elif kv is not None:
-            cfg["gpu_memory_gib"] = kv
+            # on CUDA the same HBM as triton's: the prefill staging area within the G GiB (for at
+            # most the request-pool rows of cap requests), the rest the runtime's
+            staging = staging_gib(kw, geo, rows=kw["max_running_requests"] + 8) if cuda else 0.0
+            if staging >= kv:
+                raise SystemExit(f"--kv-gib {kv}: the plugin's prefill staging area alone takes "
+                                 f"{staging:.2f} GiB; give more HBM or a smaller --chunk")
+            cfg["gpu_memory_gib"] = round(kv - staging, 6)
             if placement in ("dense", "gpu"):
-                predicted = fit(kv_tokens(kv, geo["bytes_per_token"]), per_req, cap)
+                predicted = fit(kv_tokens(cfg["gpu_memory_gib"], geo["bytes_per_token"]),
+                                per_req, cap)
         if placement in ("offload", "cpu", "hybrid") and not legacy:
             host = args.host_gib if args.host_gib else host_gib_for(
                 cap, per_req, geo["bytes_per_token"], host_available)
@@ -384,6 +391,18 @@ def engine_kwargs(run: str, context: int, kv: Optional[float], args, cuda: bool,
     else:
         kw["disable_cuda_graph"] = True
     return kw, cfg, predicted
+
+
+def staging_gib(kw: dict, geo: dict, rows: int) -> float:
+    """GiB of the plugin's prefill staging area for an engine of keywords `kw` (its chunk sizes
+    and context length; `rows`: at least SGLang's request-pool rows), as the plugin sizes it."""
+    import types
+
+    from vortex_hybrid.integrations.sglang.sizing import staging_bytes
+    sa = types.SimpleNamespace(max_prefill_tokens=kw.get("max_prefill_tokens"),
+                               chunked_prefill_size=kw.get("chunked_prefill_size"))
+    return staging_bytes(sa, int(kw["context_length"]), rows, P, geo["layers"],
+                         geo["bytes_per_token"] // geo["layers"]) / GIB
 
 
 def plan_run(run: str, context: int, kv: Optional[float], args, cuda: bool,

@@ -164,13 +164,20 @@ def test_engine_keywords_of_each_memory_setting():
     assert kw["context_length"] == 32768 + 128 + 16 and kw["load_format"] == "dummy"
     kw, cfg, n = e2e.engine_kwargs("triton", 32768, None, args, True, geo, host)
     assert "max_total_tokens" not in kw and "mem_fraction_static" not in kw and n is None
+    # ours on CUDA: the same 12 GiB, the prefill staging area inside them (65 + 8 rows: 8192 new
+    # tokens and two pages a row for each of 32 layers, one 32,912-token prefix; 4 KiB a token
+    # and layer)
+    staging = (32 * (512 + 2 * 73 + 1) * 16 + 2057 * 16) * 4096 / 2 ** 30
+    assert staging == pytest.approx(1.4127, abs=1e-4)
     kw, cfg, n = e2e.engine_kwargs("gpu", 32768, 12.0, args, True, geo, host)
-    assert cfg["gpu_memory_gib"] == 12.0 and n == 2 and kw["disable_prefill_cuda_graph"]
+    assert cfg["gpu_memory_gib"] == round(12.0 - staging, 6) and n == 2
+    assert kw["disable_prefill_cuda_graph"]
     assert json.loads(kw["vortex_hybrid_config"]) == cfg and cfg["flow"] == "lowbit"
     kw, cfg, n = e2e.engine_kwargs("gpu", 131072, None, args, True, geo, host)
     assert "gpu_reserve_gib" not in cfg and "gpu_memory_gib" not in cfg   # the plugin's sizing
     kw, cfg, n = e2e.engine_kwargs("hybrid", 32768, 12.0, args, True, geo, host)
-    assert cfg["gpu_memory_gib"] == 12.0 and cfg["host_memory_gib"] == pytest.approx(75.0)
+    assert cfg["gpu_memory_gib"] == round(12.0 - staging, 6)
+    assert cfg["host_memory_gib"] == pytest.approx(75.0)
     assert cfg["summary_dtype"] == "bfloat16"
     assert n == e2e.fit(e2e.kv_tokens(75.0, geo["bytes_per_token"]), 32913) == 18
     assert kw["max_running_requests"] == kw["cuda_graph_max_bs_decode"] == 18 + 1
@@ -178,6 +185,8 @@ def test_engine_keywords_of_each_memory_setting():
         **{**vars(args), "batch": "4", "shape": "tiny"}), False, geo, host)
     assert cfg["budget_ratio"] == 1.0 and "gpu_cache_pages" in cfg and kw["disable_cuda_graph"]
     assert kw["max_total_tokens"] == 4 * (8192 + 128) + 64 * 16 and kw["device"] == "cpu"
+    with pytest.raises(SystemExit, match="staging area alone takes 1.41 GiB"):
+        e2e.engine_kwargs("hybrid", 32768, 1.0, args, True, geo, host)
 
 
 def test_the_plugin_leaves_room_for_the_staging_area_and_the_startup_line_parses(monkeypatch):
