@@ -35,6 +35,7 @@ def test_the_layers_share_one_prefix_region_and_the_area_counts_it_once():
     row = H * D * 4
     assert [t.data_ptr() - base for t in k] == [layer * 6 * P * row for layer in range(L)]
     assert s.bytes == 2 * (L * 6 * P + 5 * P) * row
+    assert s.pool.get_kv_size_bytes() == ((L * 6 * P + 5 * P) * row,) * 2   # SGLang's log line
 
 
 @pytest.mark.parametrize("tight", [False, True])

@@ -233,6 +233,12 @@ def _layered_pool_class():
                     return [base[layer * A:layer * A + A + B] for layer in range(L)]
                 self.k_buffer, self.v_buffer = views(self.head_dim), views(self.v_head_dim)
 
+            def get_kv_size_bytes(self):
+                """(K, V) bytes, each storage counted once (the layers' buffers overlap)."""
+                return tuple(sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                                  for t in buffers}.values())
+                             for buffers in (self.k_buffer, self.v_buffer))
+
         _LAYERED = LayeredStagingPool
     return _LAYERED
 
@@ -255,7 +261,7 @@ class Staging:
         self.pool = _layered_pool_class()(
             own, prefix, page_size=self.page_size, dtype=src.dtype, head_num=src.head_num,
             head_dim=src.head_dim, layer_num=src.layer_num, device=src.device,
-            enable_memory_saver=False)
+            enable_memory_saver=False, allocation_label="vortex_hybrid prefill staging")
         rtt = model_runner.req_to_token_pool.req_to_token
         self.req_to_token_pool = types.SimpleNamespace(
             req_to_token=torch.zeros_like(rtt), size=model_runner.req_to_token_pool.size)
@@ -263,9 +269,7 @@ class Staging:
     @property
     def bytes(self) -> int:
         """HBM the area takes (its buffers' storages, each counted once)."""
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                    for t in (*self.pool.k_buffer, *self.pool.v_buffer)}
-        return sum(storages.values())
+        return sum(self.pool.get_kv_size_bytes())
 
     def runner(self, model_runner):
         """A view of `model_runner` whose pools are the staging area's (for the dense backend)."""
