@@ -310,3 +310,52 @@ def test_prefill_times_log_one_line_per_extend_batch_and_change_no_output(monkey
         assert all(f"{phase} " in line and " ms" in line
                    for phase in ("staging", "model", "sync into the runtime")), line
     world.ours.runtime.close()
+
+
+def test_prefill_times_profile_logs_the_syncs_top_ops_for_the_first_batches_only(monkeypatch,
+                                                                                 caplog):
+    """VORTEX_HYBRID_PREFILL_TIMES=profile: the first PROFILED_SYNCS extend batches log their
+    line and then a table of the sync's top ops (the runtime's own ops among them); later ones
+    only their line; the outputs still equal SGLang's torch-native backend (seed 1201)."""
+    from vortex_hybrid.integrations.sglang import backend as backend_mod
+    monkeypatch.setenv(backend_mod.PREFILL_TIMES_ENV, "profile")
+    monkeypatch.setattr(backend_mod, "PROFILED_SYNCS", 2)
+    world = World(cfg_for("hybrid"), 1201)
+    a, b, c = world.new_row(), world.new_row(), world.new_row()
+    with caplog.at_level("INFO", logger="vortex_hybrid.integrations.sglang.backend"):
+        for rows, new in (([a], [9]), ([b], [5]), ([c], [6])):
+            _, want, got = world.step(rows, new, ForwardMode.EXTEND)
+            for layer in range(L):
+                torch.testing.assert_close(got[layer], want[layer], rtol=1e-5, atol=1e-5)
+    msgs = [r.getMessage() for r in caplog.records]
+    lines = [m for m in msgs if m.startswith("vortex_hybrid prefill batch")]
+    tables = [m for m in msgs if m.startswith("vortex_hybrid prefill sync into the runtime, top")]
+    assert len(lines) == 3 and len(tables) == 2, msgs
+    assert msgs.index(tables[0]) == msgs.index(lines[0]) + 1       # each after its batch's line
+    assert all("Self CPU" in t and "aten::" in t for t in tables), tables[0]
+    world.ours.runtime.close()
+
+
+def test_prefill_times_line_counts_the_restaging_inside_the_models_phase():
+    """A batch that read earlier chunks back: the model's phase names the share of it spent
+    restaging (the spans timed by `restage()`, summed); a batch that read none says nothing of
+    it."""
+    import time as _time
+
+    from vortex_hybrid.integrations.sglang.backend import _PrefillTimes
+    times = _PrefillTimes(torch.device("cpu"))
+    times.mark("start")
+    times.mark("staging")
+    for _ in range(2):
+        with times.restage():
+            _time.sleep(0.02)
+    times.mark("model")
+    times.mark("sync into the runtime")
+    times.read_back = 24
+    line = times.line(1, 8)
+    assert line.startswith("vortex_hybrid prefill batch: 1 rows, 8 new tokens, 24 read back")
+    restaged = float(line.split("restaging earlier chunks ")[1].split(" ms")[0])
+    model = float(line.split("model ")[1].split(" ms")[0])
+    assert 40.0 <= restaged <= model, line
+    times.read_back = 0
+    assert "restaging" not in times.line(1, 8)

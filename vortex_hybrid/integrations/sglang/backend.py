@@ -32,6 +32,7 @@ cross-attention.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -82,25 +83,59 @@ PREFILL_ENV = "VORTEX_HYBRID_SGLANG_PREFILL"
 CUDA, the one SGLang itself defaults to there, `torch_native` elsewhere)."""
 
 PREFILL_TIMES_ENV = "VORTEX_HYBRID_PREFILL_TIMES"
-"""Set to 1: log each extend batch's phases (staging, the model's forward, the sync into the
-runtime), each timed after a device synchronisation (so the prefill runs slower while it is on)."""
+"""Set to 1: log each extend batch's phases (staging, the model's forward with the restaging of
+earlier chunks inside it, the sync into the runtime), each timed after a device synchronisation
+(so the prefill runs slower while it is on). Set to `profile`: the same, and the sync into the
+runtime of the first PROFILED_SYNCS extend batches also runs under `torch.profiler`, whose top
+ops (by device time on CUDA, else host time) are logged after the batch's line."""
+PROFILED_SYNCS = 3
+PROFILE_ROWS = 15
 
 
 class _PrefillTimes:
-    """Wall times of one extend batch's phases, each phase ended by a device synchronisation."""
+    """Wall times of one extend batch's phases, each phase ended by a device synchronisation;
+    `restage` (a context manager) adds a span inside a phase to the restaging time."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.marks, self.read_back = device, [], 0
+        self.device, self.marks, self.read_back, self.restage_s = device, [], 0, 0.0
 
-    def mark(self, name: str) -> None:
+    def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def mark(self, name: str) -> None:
+        self._sync()
         self.marks.append((name, time.perf_counter()))
+
+    @contextlib.contextmanager
+    def restage(self):
+        self._sync()
+        t0 = time.perf_counter()
+        yield
+        self._sync()
+        self.restage_s += time.perf_counter() - t0
 
     def line(self, rows: int, new_tokens: int) -> str:
         parts = [f"{b[0]} {1e3 * (b[1] - a[1]):.1f} ms" for a, b in zip(self.marks, self.marks[1:])]
+        if self.read_back:
+            parts = [p + (f" (restaging earlier chunks {1e3 * self.restage_s:.1f} ms of it)"
+                          if p.startswith("model ") else "") for p in parts]
         return (f"vortex_hybrid prefill batch: {rows} rows, {new_tokens} new tokens, "
                 f"{self.read_back} read back from the runtime: " + ", ".join(parts))
+
+
+def _profiled(fn, device: torch.device) -> str:
+    """Run fn() under torch.profiler; its top PROFILE_ROWS ops as a table (by self device time on
+    CUDA, else self host time)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=PROFILE_ROWS)
 
 
 def _prefill_backend(model_runner, device: torch.device):
@@ -162,6 +197,7 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
         self._extend_batch = None              # the extend batch as the dense backend sees it
         self._restage: list = []               # (runtime request, row, start): earlier chunks
         self._times = None                     # an extend batch's phase times (PREFILL_TIMES_ENV)
+        self._profiled_syncs = 0               # extend batches whose sync ran under the profiler
         self._decode_live = None               # decode: batch positions the runtime serves
         self.device_row_reads = 0              # batches whose rows were read from the device
         self._init_graphs()
@@ -223,7 +259,7 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
         self._end_graph_step()
         self.requests.drop_freed()
         if mode.is_extend():
-            if os.environ.get(PREFILL_TIMES_ENV) == "1":
+            if os.environ.get(PREFILL_TIMES_ENV) in ("1", "profile"):
                 self._times = _PrefillTimes(self.device)
                 self._times.mark("start")
             batch = forward_batch if self.staging is None else self._stage(forward_batch)
@@ -343,18 +379,33 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
             times, self._times = self._times, None
             if times is not None:
                 times.mark("model")
-            self._sync_extend(forward_batch)
+            table = None
+            if times is not None and os.environ.get(PREFILL_TIMES_ENV) == "profile" and \
+                    self._profiled_syncs < PROFILED_SYNCS:
+                self._profiled_syncs += 1
+                table = _profiled(lambda: self._sync_extend(forward_batch), self.device)
+            else:
+                self._sync_extend(forward_batch)
             self._extend_batch = None
             if times is not None:
                 times.mark("sync into the runtime")
                 lens = getattr(forward_batch, "extend_seq_lens_cpu", None)
                 new = sum(lens) if lens is not None else int(forward_batch.extend_seq_lens.sum())
                 log.info(times.line(int(forward_batch.batch_size), int(new)))
+                if table is not None:
+                    log.info("vortex_hybrid prefill sync into the runtime, top ops:\n%s", table)
         return o
 
     def _restage_layer(self, layer: int) -> None:
         """One layer's earlier chunks of the batch's chunked requests, read back from the runtime
         into the staging area's prefix region (which every layer shares), before it attends."""
+        if self._times is not None:
+            with self._times.restage():
+                self._restage_rows(layer)
+        else:
+            self._restage_rows(layer)
+
+    def _restage_rows(self, layer: int) -> None:
         staging = self.staging
         device = staging.pool.k_buffer[layer].device
         for rid, row, start in self._restage:
