@@ -39,6 +39,10 @@ Grid: every --contexts value x every --kv-gib setting x every run (each cell's t
   tokens/s (prefill included). The best of --repeats timed generates.
 - memory used for KV: triton's KV pool (SGLang's `memory_usage.kvcache`); ours from the plugin's
   start-up line in the engine's log (HBM: runtime + prefill staging; host memory).
+- prefill phases (ours, with VORTEX_HYBRID_PREFILL_TIMES=1 or profile in the environment): the
+  backend's per-batch lines in the engine's log summed (`prefill_phases`: staging, model with the
+  restaging of earlier chunks, sync into the runtime); the timing lines synchronise the device,
+  so such a run's prefill is slower.
 
 Writes sglang_e2e.json under --out after every run (a killed invocation keeps what finished;
 --resume FILE carries a previous invocation's finished runs over, so a grid can span several
@@ -95,6 +99,12 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 LINE = re.compile(r"vortex_hybrid: placement (\w+); KV in HBM ([\d.]+) GiB \(runtime ([\d.]+) GiB, "
                   r"prefill staging ([\d.]+) GiB\), in host memory ([\d.]+) GiB; capacity (\d+) "
                   r"tokens(?:, (\d+) requests)?; GPU cache (\d+) pages")
+
+PREFILL = re.compile(r"vortex_hybrid prefill batch: (\d+) rows, (\d+) new tokens, (\d+) read back "
+                     r"from the runtime: staging ([\d.]+) ms, model ([\d.]+) ms"
+                     r"(?: \(restaging earlier chunks ([\d.]+) ms of it\))?, "
+                     r"sync into the runtime ([\d.]+) ms")
+"""The backend's line per extend batch when VORTEX_HYBRID_PREFILL_TIMES is set."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +246,24 @@ def parse_startup(log: str) -> Optional[dict]:
             "staging_hbm_gib": float(staging), "kv_host_gib": float(host),
             "capacity_tokens": int(cap), "capacity_requests": int(reqs) if reqs else None,
             "gpu_cache_pages": int(cache)}
+
+
+def parse_prefill_times(log: str) -> Optional[dict]:
+    """The backend's prefill phase lines in `log` (VORTEX_HYBRID_PREFILL_TIMES set in the
+    engine's environment), summed: extend batches, new tokens, tokens read back, and seconds of
+    staging, model (restaging included), restaging, sync into the runtime; None without lines."""
+    found = PREFILL.findall(log)
+    if not found:
+        return None
+    tot = dict(batches=len(found), new_tokens=0, read_back_tokens=0, staging_s=0.0, model_s=0.0,
+               restage_s=0.0, sync_s=0.0)
+    for rows, new, back, staging, model, restage, sync in found:
+        tot["new_tokens"] += int(new)
+        tot["read_back_tokens"] += int(back)
+        for key, ms in (("staging_s", staging), ("model_s", model), ("restage_s", restage),
+                        ("sync_s", sync)):
+            tot[key] += float(ms or 0) / 1e3
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in tot.items()}
 
 
 def agreement(outs: list, ref: list) -> tuple:
@@ -588,6 +616,13 @@ def child_run(run: str, context: int, kv: Optional[float], model: Path, args, ar
         if line is not None:
             r["startup"] = line
             r["kv_hbm_gib"], r["kv_host_gib"] = line["kv_hbm_gib"], line["kv_host_gib"]
+        phases = parse_prefill_times(text)
+        if phases is not None:
+            r["prefill_phases"] = phases
+            print(f"{run}: prefill phases over {phases['batches']} extend batches: "
+                  f"staging {phases['staging_s']} s, model {phases['model_s']} s (restaging "
+                  f"{phases['restage_s']} s of it), sync into the runtime {phases['sync_s']} s",
+                  flush=True)
         if timed_out:
             r.update(status="error", error=f"no answer within {timeout:.0f} s (--run-timeout or "
                                            "--time-limit); the engine was ended")

@@ -221,6 +221,31 @@ def test_the_plugin_leaves_room_for_the_staging_area_and_the_startup_line_parses
     assert e2e.parse_startup("nothing") is None
 
 
+def test_the_backends_prefill_time_lines_are_summed():
+    """Lines made by the backend's own `_PrefillTimes` (with and without restaging), among other
+    log lines, sum to the phases' totals; a log without them gives None."""
+    import torch
+
+    from vortex_hybrid.integrations.sglang.backend import _PrefillTimes
+
+    def line(read_back: int, ms: tuple) -> str:
+        t = _PrefillTimes(torch.device("cpu"))
+        t.read_back = read_back
+        t.restage_s = ms[1] / 1e3
+        marks = ("start", "staging", "model", "sync into the runtime")
+        at = [0.0, ms[0], ms[0] + ms[2], ms[0] + ms[2] + ms[3]]
+        t.marks = [(name, a / 1e3) for name, a in zip(marks, at)]
+        return t.line(1, 8192)
+
+    first = line(0, (2.0, 0.0, 1500.0, 300.0))
+    second = line(8192, (1.0, 250.0, 2000.0, 400.0))
+    assert "restaging" not in first and "restaging earlier chunks 250.0 ms" in second
+    got = e2e.parse_prefill_times(f"[t] {first}\nother line\n[t] {second}\n")
+    assert got == {"batches": 2, "new_tokens": 16384, "read_back_tokens": 8192,
+                   "staging_s": 0.003, "model_s": 3.5, "restage_s": 0.25, "sync_s": 0.7}
+    assert e2e.parse_prefill_times("nothing") is None
+
+
 def test_stream_timing_separates_prefill_from_the_decode_window():
     # two requests: first tokens at 1.0 and 2.0 (prefill), then lockstep steps of 0.1 s
     ev = {0: [(1.0, 1)] + [(2.0 + 0.1 * k, 1 + k) for k in range(1, 5)],
