@@ -60,14 +60,27 @@ def _masked_bits(cw_row, bit_stride, c, i, rmask, BITS: tl.constexpr):
 
 
 @triton.jit
+def _selected_bits(cw_row, bit_stride, c, i, rmask, BITS: tl.constexpr):
+    """A [rows, 32] float32: sum_b 2**b where bit i of word_b is set (the codes exactly): a
+    compare and a select per element and plane instead of an int-to-float conversion."""
+    m = (i * 0 + 1) << i                                           # int32; 1 << 31 is -2**31
+    a = tl.zeros([cw_row.shape[0], 32], tl.float32)
+    for bit in tl.static_range(BITS):
+        w = tl.load(cw_row + bit * bit_stride + c, mask=rmask, other=0)
+        a += tl.where((w[:, None] & m[None, :]) != 0, 2.0 ** bit, 0.0)
+    return a
+
+
+@triton.jit
 def _trick_kernel(q_ptr, hi_ptr, lo_ptr, cw_ptr, table_ptr, lens_ptr, scores_ptr, H,
                   stride_qb, stride_qh, stride_sn, stride_sh, stride_cn, stride_ch, stride_tb,
                   stride_ob, stride_oh, G: tl.constexpr, BITS: tl.constexpr, PS: tl.constexpr,
                   W4: tl.constexpr, CHUNKS: tl.constexpr, GP: tl.constexpr, NP: tl.constexpr,
-                  PPB: tl.constexpr, INTERP: tl.constexpr):
+                  PPB: tl.constexpr, INTERP: tl.constexpr, SELECT: tl.constexpr):
     """NP pages per dot: rows M = NP * PS (page, token), columns NP * GP (page, query head); A the
     codes times 2**i exactly (`_masked_bits`), B = q * step / float(1 << i) per (page, head)
-    column split in three bfloat16 pieces; the diagonal (page == page) blocks kept."""
+    column split in three bfloat16 pieces; the diagonal (page == page) blocks kept. SELECT: A the
+    codes themselves (`_selected_bits`) and B = q * step, no 2**-i."""
     LEVELS: tl.constexpr = 2 ** BITS - 1
     M: tl.constexpr = NP * PS
     N: tl.constexpr = NP * GP
@@ -100,13 +113,19 @@ def _trick_kernel(q_ptr, hi_ptr, lo_ptr, cw_ptr, table_ptr, lens_ptr, scores_ptr
         base = tl.zeros([N], tl.float32)
         for c in tl.static_range(CHUNKS):
             d = c * 32 + i
-            a = _masked_bits(cw_row, W4, c, i, vr, BITS)
+            if SELECT:
+                a = _selected_bits(cw_row, W4, c, i, vr, BITS)
+            else:
+                a = _masked_bits(cw_row, W4, c, i, vr, BITS)
             srow = phys_c[None, :] * stride_sn + h * stride_sh + d[:, None]          # [32, N]
             kmax = tl.load(hi_ptr + srow, mask=vc[None, :], other=0.0).to(tl.float32)
             kmin = tl.load(lo_ptr + srow, mask=vc[None, :], other=0.0).to(tl.float32)
             qc = tl.load(q_row + cj[None, :] * stride_qh + d[:, None],
                          mask=(cj[None, :] < G), other=0.0).to(tl.float32)           # [32, N]
-            bmat = qc * (kmax - kmin) * (inv / LEVELS)[:, None]
+            if SELECT:
+                bmat = qc * (kmax - kmin) * (1.0 / LEVELS)
+            else:
+                bmat = qc * (kmax - kmin) * (inv / LEVELS)[:, None]
             b_hi, b_mid, b_lo = _split3(bmat)
             acc = _dot3(a, b_hi, b_mid, b_lo, acc, INTERP)
             base += tl.sum(qc * kmin, axis=0)
@@ -137,7 +156,7 @@ def launch(kind, q, hi, lo, codes, table, lens, ps, bits, **kw):
             gp *= 2
         _trick_kernel[(B * hkv, triton.cdiv(mp, ppb))](
             *common, G=G, BITS=bits, PS=ps, W4=W4, CHUNKS=D // 32, GP=gp, NP=npg, PPB=ppb,
-            INTERP=SMOKE, num_warps=kw.get("warps", 4))
+            INTERP=SMOKE, SELECT=kw.get("select", False), num_warps=kw.get("warps", 4))
     return scores
 
 
@@ -180,7 +199,10 @@ def main():
     cases = [("trick 1 page w1", "trick", dict(np=1, warps=1)),
              ("trick 4 pages w2", "trick", dict(np=4, warps=2)),
              ("trick 4 pages w4", "trick", dict(np=4, warps=4)),
-             ("trick 8 pages w4", "trick", dict(np=8, warps=4))]
+             ("trick 8 pages w4", "trick", dict(np=8, warps=4)),
+             ("select 1 page w1", "trick", dict(np=1, warps=1, select=True)),
+             ("select 4 pages w2", "trick", dict(np=4, warps=2, select=True)),
+             ("select 4 pages w4", "trick", dict(np=4, warps=4, select=True))]
     want = formula(q, hi, lo, cu, table, lens, ps, bits) if (SMOKE or B <= 2) else None
     old = None
     if not SMOKE:
