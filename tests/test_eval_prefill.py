@@ -148,3 +148,21 @@ def test_layers_prefilled_by_chunks_equal_sdpa_over_the_whole_prompt(monkeypatch
             assert n == (len(x) if i == 1 else 95)
             assert torch.allclose(keys[i][b, :, -n:], layer.keys[0], atol=1e-5)
             assert torch.allclose(values[i][b, :, -n:], layer.values[0], atol=1e-5)
+
+
+def test_progress_names_each_prompts_prefill_before_the_batchs_runs(model_and_tokenizer):
+    """`evaluate(progress=...)`: before each prompt's prefill a call that completes no run
+    (`done=False`, naming the prompt), then one completing call per run; the prefill calls of a
+    batch all come before its runs."""
+    from vortex_hybrid.eval.run import EvalSpec, evaluate
+    model, tok = model_and_tokenizer
+    calls = []
+    spec = EvalSpec(tasks=["passkey"], context=512, samples=3, modes=["dense", "gpu"],
+                    flows=["quest"], budgets=["0.25"], max_new_tokens=2, batch=2, warmup=False)
+    runs = evaluate(model, tok, spec, chat=True,
+                    progress=lambda what, done=True: calls.append((what, done)))["runs"]
+    assert sum(done for _, done in calls) == len(runs) == 3 * 2
+    prefills = [what for what, done in calls if not done]
+    assert prefills == [f"prefill {i}/3 (passkey)" for i in (1, 2, 3)]
+    order = [what.split()[0] if not done else "run" for what, done in calls]
+    assert order == ["prefill", "prefill"] + ["run"] * 4 + ["prefill"] + ["run"] * 2

@@ -219,9 +219,10 @@ def main(argv=None) -> int:
     note_cost_figures(spec.modes)
     bar = tqdm(total=n, desc="eval", unit="run")
 
-    def progress(what: str) -> None:
+    def progress(what: str, done: bool = True) -> None:
         bar.set_postfix_str(what)
-        bar.update()
+        if done:
+            bar.update()
 
     t0 = time.perf_counter()
     try:

@@ -236,12 +236,15 @@ def _register_prefill_attention() -> None:
 
 
 @torch.inference_mode()
-def prefill_batch(model, seqs: list[list[int]]) -> tuple[tuple, torch.Tensor, list[float]]:
+def prefill_batch(model, seqs: list[list[int]],
+                  on_prompt: Optional[Callable[[int], None]] = None
+                  ) -> tuple[tuple, torch.Tensor, list[float]]:
     """Prefill each prompt of `seqs` alone (SDPA, by chunks of query rows: `windowed_prefill_attention`; a `DynamicCache`, no padding, the last position's logits only) at the positions it holds in a batch left-padded to the longest prompt, and pack
     the caches into that batch: ((keys, values per layer [B, Hkv, T_layer, D], zeros where padded;
     mask [B, T]), first greedy tokens [B, 1], prefill seconds per prompt). Equal, up to the
     rounding of batched kernels, to one left-padded batched prefill; a lone prompt needs neither a
-    padding mask nor the batch's T x T attention mask (which at 32K tokens would not fit)."""
+    padding mask nor the batch's T x T attention mask (which at 32K tokens would not fit).
+    `on_prompt(i)` is called before prompt i's forward (progress)."""
     from transformers import DynamicCache
     device = model.device
     T = max(map(len, seqs))
@@ -249,7 +252,9 @@ def prefill_batch(model, seqs: list[list[int]]) -> tuple[tuple, torch.Tensor, li
     _register_prefill_attention()
     model.config._attn_implementation = PREFILL_ATTENTION
     try:
-        for x in seqs:
+        for i, x in enumerate(seqs):
+            if on_prompt is not None:
+                on_prompt(i)
             ids = torch.tensor([x], device=device)
             pos = torch.arange(T - len(x), T, device=device)[None]
             dyn = DynamicCache(config=model.config)
@@ -299,11 +304,13 @@ def decode_run(model, cfg: HybridConfig, prefill: tuple, first: torch.Tensor, ma
 
 
 def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
-             progress: Optional[Callable[[str], None]] = None) -> dict:
+             progress: Optional[Callable[..., None]] = None) -> dict:
     """Run every (sample, mode, flow, budget), `spec.batch` samples at a time (left-padded), each
     (mode, flow, budget) after an untimed warm-up (`WARMUP_TOKENS` on the first batch; none
     without `spec.warmup`), all from one prefill per sample (`prefill_batch`); returns
-    {"runs": [...], "summary": [...]}. A run's decode_s is its share of its batch's decode time."""
+    {"runs": [...], "summary": [...]}. A run's decode_s is its share of its batch's decode time.
+    `progress(what)` is called after each run; `progress(what, False)` before each prompt's
+    prefill (no run done: a long prompt's prefill takes minutes on a CPU)."""
     kv_dtype = str(model.dtype).removeprefix("torch.")
     suite = task_lib.make_suite(spec.tasks, tokenizer, spec.context, spec.samples, spec.seed, chat,
                                 haystack=spec.haystack)
@@ -325,7 +332,11 @@ def evaluate(model, tokenizer, spec: EvalSpec, chat: bool,
         group = suite[start:start + spec.batch]
         seqs = [task_lib.render(s, tokenizer, chat) for s in group]
         B = len(seqs)
-        prefill, first, prefill_times = prefill_batch(model, seqs)
+        note = None
+        if progress:
+            def note(i, start=start, group=group):
+                progress(f"prefill {start + i + 1}/{len(suite)} ({group[i].task})", False)
+        prefill, first, prefill_times = prefill_batch(model, seqs, note)
         keys = prefill[0]
         head_page_bytes = 2 * PAGE_SIZE * keys[0].shape[-1] * keys[0].element_size()
         for combo in combos:
