@@ -359,3 +359,31 @@ def test_prefill_times_line_counts_the_restaging_inside_the_models_phase():
     assert 40.0 <= restaged <= model, line
     times.read_back = 0
     assert "restaging" not in times.line(1, 8)
+
+
+def test_a_profiler_that_cannot_start_leaves_the_sync_to_run_unprofiled(monkeypatch):
+    """`_profiled` when the profiler cannot start (e.g. another one holds the device's profiling):
+    fn runs once, unprofiled, and the table names why; otherwise the table lists fn's ops."""
+    import torch.profiler
+
+    from vortex_hybrid.integrations.sglang.backend import _profiled
+    ran = []
+
+    def fn():
+        ran.append(1)
+        torch.ones(64).cumsum(0)
+
+    table = _profiled(fn, torch.device("cpu"))
+    assert ran == [1] and "aten::cumsum" in table, table
+
+    class Busy:
+        def __init__(self, **kw):
+            pass
+
+        def __enter__(self):
+            raise RuntimeError("Profiler is already enabled")
+
+    monkeypatch.setattr(torch.profiler, "profile", Busy)
+    inner = _profiled(fn, torch.device("cpu"))
+    assert ran == [1, 1], ran
+    assert inner == "(not profiled: RuntimeError: Profiler is already enabled)", inner

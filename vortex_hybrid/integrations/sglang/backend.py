@@ -126,14 +126,23 @@ class _PrefillTimes:
 
 def _profiled(fn, device: torch.device) -> str:
     """Run fn() under torch.profiler; its top PROFILE_ROWS ops as a table (by self device time on
-    CUDA, else self host time)."""
+    CUDA, else self host time). A profiler that cannot start (another one running) leaves fn()
+    to run unprofiled, and the table says why."""
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
+    prof = profile(activities=acts)
+    try:
+        prof.__enter__()
+    except Exception as exc:                            # noqa: BLE001 - reported, fn still runs
+        fn()
+        return f"(not profiled: {type(exc).__name__}: {exc})"
+    try:
         fn()
         if cuda:
             torch.cuda.synchronize(device)
+    finally:
+        prof.__exit__(None, None, None)
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=PROFILE_ROWS)
 
