@@ -38,6 +38,17 @@ def _dot3(a, b_hi, b_mid, b_lo, acc, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _dot2(a, b_hi, b_mid, acc, INTERP: tl.constexpr):
+    """acc + a @ (b_hi + b_mid): `_dot3` with two bfloat16 pieces (one tensor-core dot fewer)."""
+    if INTERP:
+        acc = tl.dot(a, b_hi.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b_mid.to(tl.float32), acc, input_precision="ieee")
+    a16 = a.to(tl.bfloat16)
+    acc = tl.dot(a16, b_hi, acc)
+    return tl.dot(a16, b_mid, acc)
+
+
+@triton.jit
 def _split3(b):
     """b float32 as three bfloat16 pieces whose sum is b to about 2**-21 relative."""
     hi = b.to(tl.bfloat16)
@@ -76,7 +87,8 @@ def _trick_kernel(q_ptr, hi_ptr, lo_ptr, cw_ptr, table_ptr, lens_ptr, scores_ptr
                   stride_qb, stride_qh, stride_sn, stride_sh, stride_cn, stride_ch, stride_tb,
                   stride_ob, stride_oh, G: tl.constexpr, BITS: tl.constexpr, PS: tl.constexpr,
                   W4: tl.constexpr, CHUNKS: tl.constexpr, GP: tl.constexpr, NP: tl.constexpr,
-                  PPB: tl.constexpr, INTERP: tl.constexpr, SELECT: tl.constexpr):
+                  PPB: tl.constexpr, INTERP: tl.constexpr, SELECT: tl.constexpr,
+                  PIECES: tl.constexpr):
     """NP pages per dot: rows M = NP * PS (page, token), columns NP * GP (page, query head); A the
     codes times 2**i exactly (`_masked_bits`), B = q * step / float(1 << i) per (page, head)
     column split in three bfloat16 pieces; the diagonal (page == page) blocks kept. SELECT: A the
@@ -127,7 +139,11 @@ def _trick_kernel(q_ptr, hi_ptr, lo_ptr, cw_ptr, table_ptr, lens_ptr, scores_ptr
             else:
                 bmat = qc * (kmax - kmin) * (inv / LEVELS)[:, None]
             b_hi, b_mid, b_lo = _split3(bmat)
-            acc = _dot3(a, b_hi, b_mid, b_lo, acc, INTERP)
+            if PIECES == 2:                     # hi + (mid + lo) rounded: about 2**-16 relative
+                b_mid = (b_mid.to(tl.float32) + b_lo.to(tl.float32)).to(tl.bfloat16)
+                b_lo = tl.zeros_like(b_lo)
+            acc = _dot3(a, b_hi, b_mid, b_lo, acc, INTERP) if PIECES == 3 else \
+                _dot2(a, b_hi, b_mid, acc, INTERP)
             base += tl.sum(qc * kmin, axis=0)
         diag = (rp[:, None] == cp[None, :]) & (t < PS)[:, None]
         colbest = tl.max(tl.where(diag, acc, float("-inf")), axis=0) + base           # [N]
@@ -156,7 +172,8 @@ def launch(kind, q, hi, lo, codes, table, lens, ps, bits, **kw):
             gp *= 2
         _trick_kernel[(B * hkv, triton.cdiv(mp, ppb))](
             *common, G=G, BITS=bits, PS=ps, W4=W4, CHUNKS=D // 32, GP=gp, NP=npg, PPB=ppb,
-            INTERP=SMOKE, SELECT=kw.get("select", False), num_warps=kw.get("warps", 4))
+            INTERP=SMOKE, SELECT=kw.get("select", False), PIECES=kw.get("pieces", 3),
+            num_warps=kw.get("warps", 4))
     return scores
 
 
@@ -202,7 +219,9 @@ def main():
              ("trick 8 pages w4", "trick", dict(np=8, warps=4)),
              ("select 1 page w1", "trick", dict(np=1, warps=1, select=True)),
              ("select 4 pages w2", "trick", dict(np=4, warps=2, select=True)),
-             ("select 4 pages w4", "trick", dict(np=4, warps=4, select=True))]
+             ("select 4 pages w4", "trick", dict(np=4, warps=4, select=True)),
+             ("select 1 page w1, 2 pieces", "trick", dict(np=1, warps=1, select=True, pieces=2)),
+             ("select 4 pages w2, 2 pieces", "trick", dict(np=4, warps=2, select=True, pieces=2))]
     want = formula(q, hi, lo, cu, table, lens, ps, bits) if (SMOKE or B <= 2) else None
     old = None
     if not SMOKE:
