@@ -141,7 +141,6 @@ def _trick_kernel(q_ptr, hi_ptr, lo_ptr, cw_ptr, table_ptr, lens_ptr, scores_ptr
             b_hi, b_mid, b_lo = _split3(bmat)
             if PIECES == 2:                     # hi + (mid + lo) rounded: about 2**-16 relative
                 b_mid = (b_mid.to(tl.float32) + b_lo.to(tl.float32)).to(tl.bfloat16)
-                b_lo = tl.zeros_like(b_lo)
             acc = _dot3(a, b_hi, b_mid, b_lo, acc, INTERP) if PIECES == 3 else \
                 _dot2(a, b_hi, b_mid, acc, INTERP)
             base += tl.sum(qc * kmin, axis=0)

@@ -94,10 +94,12 @@ PROFILE_ROWS = 15
 
 class _PrefillTimes:
     """Wall times of one extend batch's phases, each phase ended by a device synchronisation;
-    `restage` (a context manager) adds a span inside a phase to the restaging time."""
+    `restage` (a context manager) adds a span inside a phase to the restaging time. `profile`:
+    PREFILL_TIMES_ENV asked for the profiler too."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, profile: bool = False) -> None:
         self.device, self.marks, self.read_back, self.restage_s = device, [], 0, 0.0
+        self.profile = profile
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -268,8 +270,9 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
         self._end_graph_step()
         self.requests.drop_freed()
         if mode.is_extend():
-            if os.environ.get(PREFILL_TIMES_ENV) in ("1", "profile"):
-                self._times = _PrefillTimes(self.device)
+            timing = os.environ.get(PREFILL_TIMES_ENV)
+            if timing in ("1", "profile"):
+                self._times = _PrefillTimes(self.device, profile=timing == "profile")
                 self._times.mark("start")
             batch = forward_batch if self.staging is None else self._stage(forward_batch)
             if self._times is not None:
@@ -389,8 +392,7 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
             if times is not None:
                 times.mark("model")
             table = None
-            if times is not None and os.environ.get(PREFILL_TIMES_ENV) == "profile" and \
-                    self._profiled_syncs < PROFILED_SYNCS:
+            if times is not None and times.profile and self._profiled_syncs < PROFILED_SYNCS:
                 self._profiled_syncs += 1
                 table = _profiled(lambda: self._sync_extend(forward_batch), self.device)
             else:
@@ -408,19 +410,14 @@ class VortexHybridBackend(DecodeGraphs, AttentionBackend):
     def _restage_layer(self, layer: int) -> None:
         """One layer's earlier chunks of the batch's chunked requests, read back from the runtime
         into the staging area's prefix region (which every layer shares), before it attends."""
-        if self._times is not None:
-            with self._times.restage():
-                self._restage_rows(layer)
-        else:
-            self._restage_rows(layer)
-
-    def _restage_rows(self, layer: int) -> None:
         staging = self.staging
         device = staging.pool.k_buffer[layer].device
-        for rid, row, start in self._restage:
-            k, v = self.runtime.kv.read_tokens(rid, 0, start, device, first_layer=layer,
-                                               end_layer=layer + 1)
-            staging.write_layer(layer, staging.slots(row, 0, start), k[0], v[0])
+        timed = self._times.restage() if self._times is not None else contextlib.nullcontext()
+        with timed:
+            for rid, row, start in self._restage:
+                k, v = self.runtime.kv.read_tokens(rid, 0, start, device, first_layer=layer,
+                                                   end_layer=layer + 1)
+                staging.write_layer(layer, staging.slots(row, 0, start), k[0], v[0])
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
         """One token per request: the runtime's layer step (and, when SGLang's pool holds the KV
